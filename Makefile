@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv (once), install pinned dependencies (once) and build the extension.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP_DEPS  := $(VENV)/.deps-stamp
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
+STAMP_BUILD := $(VENV)/.build-stamp
+
+.PHONY: setup test demo bench report clean
+
+setup: $(STAMP_BUILD)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned (an open range would pull the CUDA build); it is skipped when already importable.
+$(STAMP_DEPS): $(PY) requirements-dev.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) $(EXT_SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q -e . --no-build-isolation --no-deps
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m incseg_fast demo
+
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+report: setup
+	$(PY) -m benchmarks.report
+
+clean:
+	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)

@@ -1,0 +1,8 @@
+#pragma once
+// Shared by the CPU (.cpp) and CUDA (.cu) translation units: per-pixel math is written once
+// as HOST_DEVICE inline functions so the CPU tests exercise the arithmetic the GPU runs.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define HOST_DEVICE inline
+#endif

@@ -1,0 +1,33 @@
+"""incseg_fast: fused losses for continual (class-incremental) semantic segmentation.
+
+    import incseg_fast as isf
+    ce, kd = isf.incremental_loss(logits, labels, old_logits, old_classes=16)
+    loss = ce + 10 * kd
+
+Backends: "reference" (plain PyTorch, always there), "cpu" and "cuda" (the compiled extension),
+"triton". ``isf.available_backends()`` lists those that can run here.
+"""
+from ._backends import BackendUnavailableError, available_backends
+from .api import (
+    attentive_distillation,
+    balanced_knowledge_distillation,
+    incremental_loss,
+    knowledge_distillation,
+    structured_attention,
+    unbiased_cross_entropy,
+    unbiased_knowledge_distillation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "attentive_distillation",
+    "available_backends",
+    "balanced_knowledge_distillation",
+    "incremental_loss",
+    "knowledge_distillation",
+    "structured_attention",
+    "unbiased_cross_entropy",
+    "unbiased_knowledge_distillation",
+]

@@ -1,0 +1,86 @@
+"""Backend registry: which implementations exist here, and which one a call gets.
+
+A backend is a module exposing the three functions of the contract in DEVELOPERS.md
+(``logit_losses``, ``attentive_distillation``, ``structured_attention``). Modules are imported
+lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
+"""
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (never silently replaced by another)."""
+
+
+def _extension():
+    from incseg_fast import ops
+
+    return ops
+
+
+def triton_interpreter():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unavailable_reason(name):
+    """None when ``name`` can run in this process, else a sentence saying why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        ops = _extension()
+        return None if ops.HAS_EXTENSION else f"the compiled extension incseg_fast._C is not built ({ops.IMPORT_ERROR})"
+    if name == "cuda":
+        ops = _extension()
+        if not ops.HAS_EXTENSION:
+            return f"the compiled extension incseg_fast._C is not built ({ops.IMPORT_ERROR})"
+        if not ops.HAS_CUDA_KERNELS:
+            return "incseg_fast._C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not (torch.cuda.is_available() or triton_interpreter()):
+            return "triton needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
+        return None
+    raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+
+
+def available_backends():
+    """The backends that can run here, in preference order (a subset of cuda, triton, cpu, reference)."""
+    return [name for name in BACKENDS if _unavailable_reason(name) is None]
+
+
+def _module(name):
+    if name == "reference":
+        return importlib.import_module("incseg_fast.reference")
+    if name in ("cpu", "cuda"):
+        return _extension()
+    return importlib.import_module("incseg_fast.triton")
+
+
+def resolve(backend, device):
+    """The backend module for a call whose tensors live on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        name = next(n for n in order if _unavailable_reason(n) is None)
+        return _module(name)
+
+    reason = _unavailable_reason(backend)  # raises ValueError for unknown names
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
+    return _module(backend)

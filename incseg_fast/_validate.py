@@ -1,0 +1,168 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
+device) with a message naming the argument, before any kernel runs.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+REDUCTIONS = ("mean", "sum", "none")
+CE_MODES = ("unbiased", "plain")
+KD_MODES = ("unbiased", "balanced", "plain", "none")
+
+
+def tensor(value, name):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def float_tensor(value, name, ndim):
+    tensor(value, name)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def same_device_dtype(value, name, ref, ref_name):
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def same_device(value, name, ref, ref_name):
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+
+
+def integer(value, name, minimum=None, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def finite_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def choice(value, name, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def logits(x, name="x"):
+    return float_tensor(x, name, 4)
+
+
+def teacher(y, x, name="y"):
+    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant."""
+    float_tensor(y, name, 4)
+    same_device_dtype(y, name, x, "x")
+    B, C, H, W = x.shape
+    if y.shape[0] != B or y.shape[2:] != x.shape[2:]:
+        raise ValueError(f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like x, got {tuple(y.shape)}")
+    if not 1 <= y.shape[1] <= C:
+        raise ValueError(f"{name} has Co={y.shape[1]} channels; need 1 <= Co <= C={C} (Co > C is not allowed)")
+    if y.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} (the old model's logits) must not require grad: compute it under "
+                         "torch.no_grad() or pass y.detach(); distillation treats it as a constant")
+    return y
+
+
+def old_classes(value, x, name="old_classes"):
+    return integer(value, name, minimum=1, maximum=x.shape[1])
+
+
+def labels(t, x, ignore_index, name="t"):
+    """Labels (B, H, W) of an integer dtype, each in [0, C) or equal to ignore_index."""
+    tensor(t, name)
+    if t.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an int64, int32 or uint8 tensor of class indices, got {t.dtype}")
+    B, C, H, W = x.shape
+    if t.shape != (B, H, W):
+        raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(t.shape)}")
+    same_device(t, name, x, "x")
+    out_of_range = ((t < 0) | (t >= C)) & (t != ignore_index)
+    if bool(out_of_range.any()):
+        bad = t[out_of_range][0].item()
+        raise ValueError(f"{name} has label {bad} outside [0, {C}) that is not ignore_index={ignore_index}")
+    return t
+
+
+def mask(m, x, name="mask"):
+    """Optional per-pixel weight (B, H, W), bool or float; returned as contiguous float32."""
+    if m is None:
+        return None
+    tensor(m, name)
+    if m.dtype != torch.bool and m.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a bool or floating tensor, got {m.dtype}")
+    B, _, H, W = x.shape
+    if m.shape != (B, H, W):
+        raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(m.shape)}")
+    same_device(m, name, x, "x")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return m.detach().to(dtype).contiguous()
+
+
+def gamma(g, x, name="gamma"):
+    """Optional precomputed balanced-KD weight (B,); returned as float32 (float64 for float64 x)."""
+    if g is None:
+        return None
+    tensor(g, name)
+    if g.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {g.dtype}")
+    if g.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(g.shape)}")
+    same_device(g, name, x, "x")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return g.detach().to(dtype).contiguous()
+
+
+def feature_pair(f, g, a, b):
+    """SPEC 3.1: f, g (B, C, H, W); a, b (B, C); one dtype and device."""
+    float_tensor(f, "f", 4)
+    float_tensor(g, "g", 4)
+    same_device_dtype(g, "g", f, "f")
+    if g.shape != f.shape:
+        raise ValueError(f"g must have the same shape as f {tuple(f.shape)}, got {tuple(g.shape)}")
+    for value, name in ((a, "a"), (b, "b")):
+        float_tensor(value, name, 2)
+        same_device_dtype(value, name, f, "f")
+        if value.shape != f.shape[:2]:
+            raise ValueError(f"{name} must have shape (B, C) = {tuple(f.shape[:2])}, got {tuple(value.shape)}")
+
+
+def structured_attention_args(v, a_ch, a_sp):
+    """SPEC 3.2: v (B, C, H, W), a_ch (B, C), a_sp (B, H, W) or (B, 1, H, W). Returns a_sp as (B, H, W)."""
+    float_tensor(v, "v", 4)
+    B, C, H, W = v.shape
+    float_tensor(a_ch, "a_ch", 2)
+    same_device_dtype(a_ch, "a_ch", v, "v")
+    if a_ch.shape != (B, C):
+        raise ValueError(f"a_ch must have shape (B, C) = ({B}, {C}), got {tuple(a_ch.shape)}")
+    tensor(a_sp, "a_sp")
+    if a_sp.dim() == 4 and a_sp.shape[1] == 1:
+        a_sp = a_sp.squeeze(1)
+    float_tensor(a_sp, "a_sp", 3)
+    same_device_dtype(a_sp, "a_sp", v, "v")
+    if a_sp.shape != (B, H, W):
+        raise ValueError(f"a_sp must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(a_sp.shape)}")
+    return a_sp

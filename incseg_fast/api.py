@@ -1,0 +1,124 @@
+"""The public functions: validate once, pick the backend, call it.
+
+Every logit loss (SPEC §2) goes through one backend function, ``logit_losses``, whose canonical
+arguments are described in DEVELOPERS.md; the attention ops (SPEC §3) have one each.
+"""
+from . import _validate as check
+from ._backends import available_backends, resolve
+from .reference import balanced_gamma
+
+__all__ = [
+    "unbiased_cross_entropy",
+    "knowledge_distillation",
+    "unbiased_knowledge_distillation",
+    "balanced_knowledge_distillation",
+    "incremental_loss",
+    "attentive_distillation",
+    "structured_attention",
+    "available_backends",
+]
+
+
+def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend):
+    """Validate the arguments of any logit loss and run the chosen backend."""
+    check.logits(x)
+    ignore_index = check.integer(ignore_index, "ignore_index")
+    reduction = check.choice(reduction, "reduction", check.REDUCTIONS)
+    alpha = check.finite_float(alpha, "alpha")
+    if kd != "none":
+        check.teacher(y, x)
+    old_classes = check.old_classes(old_classes, x)
+    if ce != "none":
+        check.labels(t, x, ignore_index)
+    if kd != "none" and y.shape[1] != old_classes:
+        raise ValueError(f"old_classes={old_classes} but y has {y.shape[1]} channels; they must be equal")
+    mask = check.mask(mask, x)
+    if kd == "balanced":
+        gamma = check.gamma(gamma, x)
+        if gamma is None:
+            gamma = balanced_gamma(y)  # float32 (float64 for float64 y), like a checked gamma
+    else:
+        gamma = None
+    implementation = resolve(backend, x.device)
+    return implementation.logit_losses(
+        x, t if ce != "none" else None, y if kd != "none" else None, gamma, mask,
+        old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+    )
+
+
+def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean", backend="auto"):
+    """SPEC 2.1 (MiB's unbiased cross-entropy): old classes and background share the background label.
+
+    ``x`` (B, C, H, W) logits, ``t`` (B, H, W) labels, ``old_classes`` = Co. With Co == 1 this is
+    ordinary cross-entropy. ``reduction="mean"`` divides by the non-ignored pixels (0 if none).
+    """
+    return _logit_losses(x, t, None, old_classes=old_classes, ce="unbiased", kd="none", alpha=1.0, mask=None,
+                         gamma=None, ignore_index=ignore_index, reduction=reduction, backend=backend)[0]
+
+
+def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
+    check.logits(x)
+    check.float_tensor(y, "y", 4)
+    return _logit_losses(x, None, y, old_classes=y.shape[1], ce="none", kd=kd, alpha=alpha, mask=mask,
+                         gamma=gamma, ignore_index=255, reduction=reduction, backend=backend)[1]
+
+
+def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
+    """SPEC 2.2 (LwF / ILT's output distillation, as MiB implements it).
+
+    ``y`` (B, Co, H, W) old-model logits; the new logits are narrowed to their first Co channels.
+    ``mask`` (B, H, W) bool or float weights the per-pixel loss; ``"mean"`` is over all pixels.
+    """
+    return _distillation("plain", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, backend=backend)
+
+
+def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
+    """SPEC 2.3 (MiB's unbiased distillation): the old background matches background + new classes."""
+    return _distillation("unbiased", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, backend=backend)
+
+
+def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, backend="auto"):
+    """SPEC 2.4 (CAF's balanced distillation): the background term weighted per image by gamma.
+
+    ``gamma`` (B,) may be given; otherwise it is computed from ``y`` (no gradient).
+    """
+    return _distillation("balanced", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, backend=backend)
+
+
+def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
+                     ignore_index=255, backend="auto"):
+    """SPEC 2.6: the classification and distillation terms in one fused op, each reduced with "mean".
+
+    Returns ``(ce, kd)``, two differentiable scalars: write ``loss = ce + lambda_kd * kd``.
+    ``ce`` in {"unbiased", "plain"}; ``kd`` in {"unbiased", "balanced", "plain", "none"} (``y`` may be
+    None only with "none", and kd is then a zero scalar). ``mask`` weights the distillation term only.
+    """
+    ce = check.choice(ce, "ce", check.CE_MODES)
+    kd = check.choice(kd, "kd", check.KD_MODES)
+    if kd != "none" and y is None:
+        raise ValueError(f"y (the old model's logits) is required with kd={kd!r}")
+    return _logit_losses(x, t, y, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, mask=mask, gamma=None,
+                         ignore_index=ignore_index, reduction="mean", backend=backend)
+
+
+def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False, backend="auto"):
+    """SPEC 3.1 (CAF's attentive distillation) for one feature pair.
+
+    ``f``, ``g`` (B, C, H, W) new and old features; ``a``, ``b`` (B, C) their channel attentions.
+    Returns mean (or sum) of ``((a ⊗ Ŝ_f + 1) f - (b ⊗ Ŝ_g + 1) g)^2``.
+    """
+    check.feature_pair(f, g, a, b)
+    reduction = check.choice(reduction, "reduction", ("mean", "sum"))
+    if not isinstance(detach_spatial, bool):
+        raise TypeError(f"detach_spatial must be a bool, got {type(detach_spatial).__name__}")
+    return resolve(backend, f.device).attentive_distillation(f, g, a, b, reduction=reduction,
+                                                             detach_spatial=detach_spatial)
+
+
+def structured_attention(v, a_ch, a_sp, *, backend="auto"):
+    """SPEC 3.2 (CAF's structured attention block): ``(1 + a_ch ⊗ a_sp) * v``.
+
+    ``v`` (B, C, H, W), ``a_ch`` (B, C), ``a_sp`` (B, H, W) or (B, 1, H, W); output like ``v``.
+    """
+    a_sp = check.structured_attention_args(v, a_ch, a_sp)
+    return resolve(backend, v.device).structured_attention(v, a_ch, a_sp)

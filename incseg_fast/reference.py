@@ -1,0 +1,219 @@
+"""The reference path: SPEC §2–3 in plain PyTorch, differentiated by autograd.
+
+This module defines the math. Every other backend is tested against it, run on float64
+copies of the inputs. It favours clarity over speed and materialises what it needs.
+
+Computation happens in the input dtype promoted to at least float32 (float64 stays float64);
+losses come back in that computation dtype, ``structured_attention`` in the input's dtype.
+The functions here do not validate their arguments: the public API (``incseg_fast.api``) does.
+"""
+import torch
+
+__all__ = [
+    "unbiased_cross_entropy",
+    "knowledge_distillation",
+    "unbiased_knowledge_distillation",
+    "balanced_knowledge_distillation",
+    "balanced_gamma",
+    "incremental_loss",
+    "attentive_distillation",
+    "structured_attention",
+    "logit_losses",
+]
+
+
+def _upcast(t):
+    """Promote to at least float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-pixel terms (SPEC §2). Each returns a (B, H, W) map.
+# ---------------------------------------------------------------------------------------------
+
+
+def _background_set_lse(x, old_classes):
+    """lse over bgset = {0} ∪ [Co, C): background plus the classes added at this step."""
+    bgset = torch.cat([x[:, :1], x[:, old_classes:]], dim=1)
+    return torch.logsumexp(bgset, dim=1)
+
+
+def _cross_entropy_map(x, target, old_classes, ignore_index, unbiased):
+    """SPEC 2.1 (unbiased) or plain cross-entropy; 0 at ignored pixels."""
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    lse = torch.logsumexp(x, dim=1)
+    x_target = x.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    loss = lse - x_target
+    if unbiased:
+        lse_old = torch.logsumexp(x[:, :old_classes], dim=1)
+        loss = torch.where(safe_target < old_classes, lse - lse_old, loss)
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+def _teacher_probabilities(y, alpha):
+    return torch.softmax(alpha * y, dim=1)
+
+
+def _kd_map(x, y, alpha):
+    """SPEC 2.2: -(1/Co) sum_{c<Co} q_c log softmax(x_{<Co})_c."""
+    old_classes = y.shape[1]
+    log_s = torch.log_softmax(x[:, :old_classes], dim=1)
+    q = _teacher_probabilities(y, alpha)
+    return -(q * log_s).sum(dim=1) / old_classes
+
+
+def _unbiased_kd_map(x, y, alpha, gamma=None):
+    """SPEC 2.3, and 2.4 when ``gamma`` (B,) weights the background term."""
+    old_classes = y.shape[1]
+    q = _teacher_probabilities(y, alpha)
+    lse = torch.logsumexp(x, dim=1)
+    background_term = q[:, 0] * (_background_set_lse(x, old_classes) - lse)
+    if gamma is not None:
+        background_term = gamma.to(background_term.dtype).view(-1, 1, 1) * background_term
+    old_terms = (q[:, 1:] * (x[:, 1:old_classes] - lse.unsqueeze(1))).sum(dim=1)
+    return -(background_term + old_terms) / old_classes
+
+
+def balanced_gamma(y):
+    """SPEC 2.4: gamma_b = (sum_{c>=1} g_c) / g_0 with g = softmax_c(mean_{h,w} y[b, c]).
+
+    Uses the raw teacher logits (no alpha). Carries no gradient. Returns (B,) in the
+    computation dtype of ``y``.
+    """
+    with torch.no_grad():
+        pooled = _upcast(y).mean(dim=(2, 3))
+        g = torch.softmax(pooled, dim=1)
+        return g[:, 1:].sum(dim=1) / g[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions (SPEC 2.1 and 2.5).
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce_cross_entropy(loss_map, valid, reduction):
+    """'mean' divides by the number of non-ignored pixels; all ignored gives 0 with zero grad."""
+    if reduction == "none":
+        return loss_map
+    total = loss_map.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def _reduce_distillation(loss_map, mask, reduction):
+    """'mean' is over all B·H·W pixels: masked pixels count in the denominator, as in MiB."""
+    if mask is not None:
+        loss_map = loss_map * mask.to(loss_map.dtype)
+    if reduction == "none":
+        return loss_map
+    if reduction == "sum":
+        return loss_map.sum()
+    return loss_map.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend contract (DEVELOPERS.md): one function for every logit loss.
+# ---------------------------------------------------------------------------------------------
+
+
+def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    """Both terms of SPEC 2 in one call; see DEVELOPERS.md for the canonical arguments."""
+    x = _upcast(x)
+    B, _, H, W = x.shape
+    zeros = x.new_zeros((B, H, W)) if reduction == "none" else x.new_zeros(())
+
+    if ce == "none":
+        ce_loss = zeros
+    else:
+        loss_map, valid = _cross_entropy_map(x, target, old_classes, ignore_index, ce == "unbiased")
+        ce_loss = _reduce_cross_entropy(loss_map, valid, reduction)
+
+    if kd == "none":
+        kd_loss = zeros.clone()
+    else:
+        y = _upcast(y).to(x.dtype)
+        if kd == "plain":
+            loss_map = _kd_map(x, y, alpha)
+        elif kd == "unbiased":
+            loss_map = _unbiased_kd_map(x, y, alpha)
+        else:  # balanced
+            loss_map = _unbiased_kd_map(x, y, alpha, gamma=gamma)
+        kd_loss = _reduce_distillation(loss_map, mask, reduction)
+    return ce_loss, kd_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Convenience forms with the public signatures (no backend, no validation).
+# ---------------------------------------------------------------------------------------------
+
+
+def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean"):
+    return logit_losses(x, t, None, None, None, old_classes=old_classes, ce="unbiased", kd="none",
+                        alpha=1.0, ignore_index=ignore_index, reduction=reduction)[0]
+
+
+def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None):
+    return logit_losses(x, None, y, gamma, mask, old_classes=y.shape[1], ce="none", kd=kd,
+                        alpha=alpha, ignore_index=255, reduction=reduction)[1]
+
+
+def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean"):
+    return _distillation(x, y, "plain", alpha=alpha, mask=mask, reduction=reduction)
+
+
+def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean"):
+    return _distillation(x, y, "unbiased", alpha=alpha, mask=mask, reduction=reduction)
+
+
+def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None):
+    if gamma is None:
+        gamma = balanced_gamma(y)
+    return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, gamma=gamma)
+
+
+def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
+                     ignore_index=255):
+    """SPEC 2.6: (ce, kd), both reduced with 'mean'."""
+    gamma = balanced_gamma(y) if kd == "balanced" else None
+    return logit_losses(x, t, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
+                        ignore_index=ignore_index, reduction="mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attentive spatial/channel weighting (SPEC §3).
+# ---------------------------------------------------------------------------------------------
+
+
+def spatial_attention(m):
+    """SPEC 3.1 / CAF eq. 6: Ŝ = S / ||S||_F with S = sum_c m_c^2, and Ŝ = 0 where the norm is 0.
+
+    Written so that an all-zero map has finite (zero) gradients.
+    """
+    s = (m * m).sum(dim=1)
+    sq_norm = (s * s).sum(dim=(1, 2))
+    nonzero = sq_norm > 0
+    norm = torch.sqrt(torch.where(nonzero, sq_norm, torch.ones_like(sq_norm)))
+    return torch.where(nonzero.view(-1, 1, 1), s / norm.view(-1, 1, 1), torch.zeros_like(s))
+
+
+def _attend(m, channel_attention, detach_spatial):
+    s_hat = spatial_attention(m)
+    if detach_spatial:
+        s_hat = s_hat.detach()
+    return (channel_attention[:, :, None, None] * s_hat[:, None] + 1) * m
+
+
+def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False):
+    """SPEC 3.1 / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2."""
+    f, g, a, b = (_upcast(t) for t in (f, g, a, b))
+    diff = _attend(f, a, detach_spatial) - _attend(g, b, detach_spatial)
+    squared = diff * diff
+    return squared.mean() if reduction == "mean" else squared.sum()
+
+
+def structured_attention(v, a_ch, a_sp):
+    """SPEC 3.2: (1 + a_ch ⊗ a_sp) * v, returned in v's dtype."""
+    out = (1 + _upcast(a_ch)[:, :, None, None] * _upcast(a_sp)[:, None]) * _upcast(v)
+    return out.to(v.dtype)

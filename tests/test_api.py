@@ -1,0 +1,141 @@
+"""The public API: exact names, backend selection, the MiB drop-in modules."""
+import importlib
+import inspect
+import os
+
+import pytest
+import torch
+
+import incseg_fast as isf
+from incseg_fast import _backends, losses
+from incseg_fast import reference as ref
+
+
+def test_public_signatures():
+    expected = {
+        "unbiased_cross_entropy": "(x, t, old_classes, *, ignore_index=255, reduction='mean', backend='auto')",
+        "knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
+        "unbiased_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
+        "balanced_knowledge_distillation":
+            "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, backend='auto')",
+        "incremental_loss": "(x, t, y, *, old_classes, ce='unbiased', kd='unbiased', alpha=1.0, mask=None, "
+                            "ignore_index=255, backend='auto')",
+        "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
+        "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
+        "available_backends": "()",
+    }
+    for name, signature in expected.items():
+        assert str(inspect.signature(getattr(isf, name))) == signature, name
+
+
+def test_available_backends_order_and_reference():
+    names = isf.available_backends()
+    assert "reference" in names
+    assert names == [b for b in ("cuda", "triton", "cpu", "reference") if b in names]
+
+
+def test_auto_picks_compiled_cpu_backend_for_cpu_tensors():
+    module = _backends.resolve("auto", torch.device("cpu"))
+    expected = "incseg_fast.ops" if "cpu" in isf.available_backends() else "incseg_fast.reference"
+    assert module.__name__ == expected
+
+
+def test_triton_availability_follows_interpreter_flag(monkeypatch):
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        pytest.skip("needs triton installed and no CUDA device")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in isf.available_backends()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in isf.available_backends()
+    x, t = torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)
+    with pytest.raises(isf.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        isf.unbiased_cross_entropy(x, t, 1, backend="triton")
+
+
+def test_backend_requires_matching_device():
+    if "cpu" not in isf.available_backends():
+        pytest.skip("the compiled extension is not built")
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        _backends.resolve("cpu", torch.device("meta"))
+
+
+@pytest.fixture
+def batch(generator):
+    x = torch.randn(2, 6, 5, 7, generator=generator) * 2
+    y = torch.randn(2, 4, 5, 7, generator=generator) * 2
+    t = torch.randint(0, 6, (2, 5, 7), generator=generator)
+    t[0, 0] = 255
+    return x, t, y
+
+
+def test_incremental_loss_returns_two_float32_scalars(batch):
+    x, t, y = batch
+    ce, kd = isf.incremental_loss(x.requires_grad_(), t, y, old_classes=4, backend="reference")
+    assert ce.shape == () and kd.shape == () and ce.dtype == kd.dtype == torch.float32
+    (ce + 10 * kd).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_incremental_loss_without_distillation(batch):
+    x, t, _ = batch
+    ce, kd = isf.incremental_loss(x, t, None, old_classes=4, kd="none", backend="reference")
+    torch.testing.assert_close(ce, ref.unbiased_cross_entropy(x, t, 4))
+    assert kd.item() == 0.0
+
+
+def test_bool_and_float_masks_agree(batch):
+    x, _, y = batch
+    mask = torch.rand(2, 5, 7) > 0.5
+    torch.testing.assert_close(isf.knowledge_distillation(x, y, mask=mask, backend="reference"),
+                               isf.knowledge_distillation(x, y, mask=mask.float(), backend="reference"))
+
+
+# ---------------------------------------------------------------------------------------------
+# MiB drop-in modules.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mib_modules_match_functions(batch):
+    x, t, y = batch
+    torch.testing.assert_close(losses.UnbiasedCrossEntropy(old_cl=4)(x, t), isf.unbiased_cross_entropy(x, t, 4))
+    mask = torch.rand(2, 5, 7)
+    for module, function in [
+        (losses.KnowledgeDistillationLoss, isf.knowledge_distillation),
+        (losses.UnbiasedKnowledgeDistillationLoss, isf.unbiased_knowledge_distillation),
+        (losses.BalancedKnowledgeDistillationLoss, isf.balanced_knowledge_distillation),
+    ]:
+        loss = module(reduction="sum", alpha=0.5)(x, y, mask=mask)
+        torch.testing.assert_close(loss, function(x, y, alpha=0.5, mask=mask, reduction="sum"))
+
+
+def test_unbiased_ce_module_mask_ignores_pixels_like_plop(batch):
+    x, t, _ = batch
+    mask = torch.rand(2, 5, 7) > 0.6
+    expected = isf.unbiased_cross_entropy(x, t.masked_fill(mask, 255), 4)
+    torch.testing.assert_close(losses.UnbiasedCrossEntropy(old_cl=4)(x, t, mask=mask), expected)
+
+
+def test_unbiased_ce_module_without_old_classes_is_cross_entropy(batch):
+    x, t, _ = batch
+    torch.testing.assert_close(losses.UnbiasedCrossEntropy()(x, t),
+                               torch.nn.functional.cross_entropy(x, t, ignore_index=255))
+
+
+def test_attentive_distillation_module_uses_two_se_blocks(generator):
+    f = torch.randn(2, 32, 4, 5, generator=generator, requires_grad=True)
+    g = torch.randn(2, 32, 4, 5, generator=generator)
+    module = losses.AttentiveDistillationLoss(32, backend="reference")
+    loss = module(f, g)
+    a, b = module.new_attention(f), module.old_attention(g)
+    torch.testing.assert_close(loss, ref.attentive_distillation(f, g, a, b))
+    loss.backward()
+    assert module.new_attention.fc1.weight.grad is not None
+    assert module.old_attention.fc1.weight.grad is not None
+    assert f.grad is not None
+
+
+def test_import_does_not_load_triton():
+    """`import incseg_fast` must not decide Triton's interpreter mode for the user."""
+    code = "import sys, incseg_fast; print('triton' in sys.modules)"
+    out = os.popen(f'"{os.sys.executable}" -c "{code}"').read().strip()
+    assert out == "False"
