@@ -30,14 +30,14 @@ def _extensions():
         _flag("INCSEG_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     )
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-std=c++20", "-fopenmp"]
     extra = {"cxx": cxx}
     macros = []
     ext_cls = CppExtension
     if use_cuda:
         sources += cuda_sources
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]) + [
-            "-std=c++17"
+            "-std=c++20"
         ]
         macros.append(("INCSEG_WITH_CUDA", None))
         ext_cls = CUDAExtension

@@ -14,8 +14,37 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(incseg_fast, m) {
   // ---- logit losses (SPEC 2): owned by csrc/cpu/logit_losses_cpu.cpp ----
+  // Modes are strings: ce in {unbiased, plain, none}, kd in {unbiased, balanced, plain, none},
+  // reduction in {mean, sum, none}. Returns (ce_loss, kd_loss) in float32 (float64 for float64 x),
+  // 0-dim or (B, H, W), plus what the backward needs: stats (B, 4, H, W) = per-pixel
+  // (lse, lse_old, lse_bg, lse of alpha*y) and valid_count, the int64 number of non-ignored pixels.
+  m.def(
+      "logit_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? gamma, Tensor? mask, *, int old_classes, "
+      "str ce, str kd, float alpha, int ignore_index, str reduction) "
+      "-> (Tensor ce_loss, Tensor kd_loss, Tensor stats, Tensor valid_count)");
+  // dL/dx (x's dtype, contiguous) for upstream gradients grad_ce, grad_kd shaped like the losses.
+  m.def(
+      "logit_losses_bwd(Tensor grad_ce, Tensor grad_kd, Tensor x, Tensor? target, Tensor? y, Tensor? gamma, "
+      "Tensor? mask, Tensor stats, Tensor valid_count, *, int old_classes, str ce, str kd, float alpha, "
+      "int ignore_index, str reduction) -> Tensor");
   // ---- end logit losses ----
 
   // ---- attentive distillation and structured attention (SPEC 3): owned by csrc/cpu/attention_cpu.cpp ----
+  // Forward returns (loss, spatial (3, B, H, W) = Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g, 1/N (2, B) for f then g,
+  // P (2, B, H, W) = sum_c D a f and sum_c D b g, or an empty tensor unless save_spatial_grad);
+  // the last three are saved for the backward.
+  m.def(
+      "attentive_distillation_forward(Tensor f, Tensor g, Tensor a, Tensor b, str reduction, "
+      "bool save_spatial_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (df, dg, da, db); an output whose output_mask entry is false comes back empty.
+  m.def(
+      "attentive_distillation_backward(Tensor grad_loss, Tensor f, Tensor g, Tensor a, Tensor b, "
+      "Tensor spatial, Tensor inv_norm, Tensor pixel_grad, str reduction, bool spatial_chain, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("structured_attention(Tensor v, Tensor a_ch, Tensor a_sp) -> Tensor");
+  // (dv, da_ch, da_sp); an output whose output_mask entry is false comes back empty.
+  m.def(
+      "structured_attention_backward(Tensor grad_out, Tensor v, Tensor a_ch, Tensor a_sp, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // ---- end attention ----
 }

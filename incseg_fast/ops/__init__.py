@@ -28,12 +28,6 @@ def _has_kernels_for(dispatch_key):
 
 HAS_CUDA_KERNELS = HAS_EXTENSION and _has_kernels_for("CUDA")
 
-if HAS_EXTENSION:  # INTEGRATION-TEMP: tolerant while the two op families are written in parallel
-    try:
-        from .attention import attentive_distillation, structured_attention  # noqa: E402,F401
-    except ModuleNotFoundError:
-        pass
-    try:
-        from .logit_losses import logit_losses  # noqa: E402,F401
-    except ModuleNotFoundError:
-        pass
+if HAS_EXTENSION:
+    from .attention import attentive_distillation, structured_attention  # noqa: E402,F401
+    from .logit_losses import logit_losses  # noqa: E402,F401

@@ -1,0 +1,924 @@
+// Fused CPU kernels for the logit losses (SPEC 2): incseg_fast::logit_losses_fwd / logit_losses_bwd.
+// One op covers ce in {unbiased, plain, none} x kd in {unbiased, balanced, plain, none} x
+// reduction in {mean, sum, none}; the per-pixel math lives in common/logit_math.h.
+//
+// Layout and tiling. Inputs are NCHW contiguous (anything else is made contiguous first, one
+// copy of that tensor). For a fixed pixel the C channels are H*W apart, so the kernels work on a
+// tile of kTile contiguous pixels of one image and loop over channels outside a loop over the
+// tile's pixels: the pixel loop is what the compiler vectorises, and the per-pixel accumulators
+// (a few arrays of kTile values) live in L1. A tile's C*kTile logits (42 KiB at C=21, 300 KiB at
+// C=151 in float32) stay in L1/L2 between the two passes below, so each logit is fetched from
+// memory once. Each channel pass also prefetches the next tile's row (see prefetch_next_tile).
+// Threads take chunks of tiles from a shared counter (for_each_tile_chunk); per-tile partial sums
+// are kept in double and added up in tile order afterwards, so results do not depend on threading.
+//
+// Forward, per tile:
+//   pass 1  maxima: max_old over [0, Co), max_new over [Co, C), max_y of alpha*y over [0, Co).
+//   pass 2  shifted exp-sums of x over both ranges and of alpha*y, plus the teacher-weighted
+//           sum of x (TeacherSums); one exp per logit and per teacher logit.
+//   finish  per pixel: lse, lse_old, lse_bg, lse_q and the two losses.
+// Scheme: the backward recomputes from saved per-pixel statistics. The forward saves
+// stats (B, 4, H, W) = (lse, lse_old, lse_bg, lse_q) in the accumulation dtype (16 bytes per
+// pixel in float32, vs 4*C for the logits) and the number of non-ignored pixels; the backward
+// then needs one pass: it reads x, y, t, mask once and writes dL/dx once, computing
+// p_c = exp(x_c - lse) and the other exponentials directly from the statistics. No
+// logits-sized temporary exists besides dL/dx itself.
+//
+// Backward, per tile: per-pixel gradient coefficients (logit_math.h grad_coefs, which has the
+// derivation), then one pass over the channels evaluating logit_grad. The old-set and
+// background-set exponentials are folded into the coefficient of p_c (the "factored" form, see
+// backward_tile) unless a pixel's probability mass there is too small for that to be exact; the
+// direct form computes only the exponentials the modes need (template flags kOld, kBg, kTeacher).
+//
+// Vectorisation. The hot loops are plain C++ over the tile's pixels calling inline functions,
+// and exp is logit_math.h's polynomial, so GCC vectorises them at -O3 without -ffast-math. They
+// are compiled three times, for baseline x86-64, AVX2+FMA and AVX-512 (GCC target attributes),
+// and the widest the CPU supports runs (__builtin_cpu_supports); no -march flag is needed.
+// The environment variable INCSEG_CPU_ISA=baseline|avx2 (read once) caps the choice, for tests.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/logit_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LOGIT_X86_VARIANTS 1
+#define LOGIT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LOGIT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define LOGIT_X86_VARIANTS 0
+#endif
+#if defined(__GNUC__)
+#define LOGIT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LOGIT_ALWAYS_INLINE inline
+#endif
+
+namespace incseg {
+namespace {
+
+using logit::CeMode;
+using logit::KdMode;
+using logit::Reduction;
+
+// Pixels per tile: 2 KiB channel rows (float32) give the memory system runs long enough to stream,
+// while the dozen per-pixel arrays of a tile (24 KiB) still sit in L1 and the tile itself in L2.
+constexpr int64_t kTile = 512;
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#if LOGIT_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+#endif
+    if (const char* cap = std::getenv("INCSEG_CPU_ISA")) {
+      if (std::strcmp(cap, "baseline") == 0) best = Isa::kBaseline;
+      if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+CeMode parse_ce(c10::string_view s) {
+  if (s == "unbiased") return CeMode::kUnbiased;
+  if (s == "plain") return CeMode::kPlain;
+  if (s == "none") return CeMode::kNone;
+  TORCH_CHECK_VALUE(false, "ce must be one of 'unbiased', 'plain', 'none', got '", s, "'");
+}
+
+KdMode parse_kd(c10::string_view s) {
+  if (s == "unbiased") return KdMode::kUnbiased;
+  if (s == "balanced") return KdMode::kBalanced;
+  if (s == "plain") return KdMode::kPlain;
+  if (s == "none") return KdMode::kNone;
+  TORCH_CHECK_VALUE(false, "kd must be one of 'unbiased', 'balanced', 'plain', 'none', got '", s, "'");
+}
+
+Reduction parse_reduction(c10::string_view s) {
+  if (s == "mean") return Reduction::kMean;
+  if (s == "sum") return Reduction::kSum;
+  if (s == "none") return Reduction::kNone;
+  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", s, "'");
+}
+
+// The checked, contiguous inputs of either op.
+struct Inputs {
+  at::Tensor x, target, y, gamma, mask;
+  int64_t B = 0, C = 0, Co = 0, HW = 0;
+  CeMode ce = CeMode::kNone;
+  KdMode kd = KdMode::kNone;
+  Reduction reduction = Reduction::kMean;
+  at::ScalarType acc_dtype = at::kFloat;
+};
+
+Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
+                    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
+                    c10::string_view ce, c10::string_view kd, c10::string_view reduction) {
+  Inputs in;
+  in.ce = parse_ce(ce);
+  in.kd = parse_kd(kd);
+  in.reduction = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be (B, C, H, W), got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                   "x must be float16, bfloat16, float32 or float64, got ", dt);
+  in.acc_dtype = dt == at::kDouble ? at::kDouble : at::kFloat;
+  in.B = x.size(0);
+  in.C = x.size(1);
+  in.HW = x.size(2) * x.size(3);
+  in.Co = old_classes;
+  TORCH_CHECK_VALUE(1 <= old_classes && old_classes <= in.C, "old_classes must be in [1, C=", in.C, "], got ",
+                    old_classes);
+  const auto pixel_shape = std::vector<int64_t>{in.B, x.size(2), x.size(3)};
+  in.x = x.contiguous();
+  if (in.ce != CeMode::kNone) {
+    TORCH_CHECK_VALUE(target.has_value(), "target is required when ce != 'none'");
+    const auto lt = target->scalar_type();
+    TORCH_CHECK_TYPE(lt == at::kLong || lt == at::kInt || lt == at::kByte, "target must be int64, int32 or uint8, got ",
+                     lt);
+    TORCH_CHECK_VALUE(target->sizes() == at::IntArrayRef(pixel_shape), "target must be (B, H, W) = ",
+                      at::IntArrayRef(pixel_shape), ", got ", target->sizes());
+    TORCH_CHECK_VALUE(target->device() == x.device(), "target must be on x's device");
+    in.target = target->contiguous();
+  }
+  if (in.kd != KdMode::kNone) {
+    TORCH_CHECK_VALUE(y.has_value(), "y is required when kd != 'none'");
+    TORCH_CHECK_VALUE(y->dim() == 4 && y->size(0) == in.B && y->size(1) == old_classes && y->size(2) == x.size(2) &&
+                          y->size(3) == x.size(3),
+                      "y must be (B, old_classes, H, W) = (", in.B, ", ", old_classes, ", ", x.size(2), ", ",
+                      x.size(3), "), got ", y->sizes());
+    TORCH_CHECK_TYPE(y->scalar_type() == dt, "y must have x's dtype ", dt, ", got ", y->scalar_type());
+    TORCH_CHECK_VALUE(y->device() == x.device(), "y must be on x's device");
+    in.y = y->contiguous();
+    if (mask.has_value()) {
+      TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(pixel_shape), "mask must be (B, H, W) = ",
+                        at::IntArrayRef(pixel_shape), ", got ", mask->sizes());
+      TORCH_CHECK_TYPE(at::isFloatingType(mask->scalar_type()), "mask must be floating, got ", mask->scalar_type());
+      TORCH_CHECK_VALUE(mask->device() == x.device(), "mask must be on x's device");
+      in.mask = mask->to(in.acc_dtype).contiguous();
+    }
+  }
+  if (in.kd == KdMode::kBalanced) {
+    TORCH_CHECK_VALUE(gamma.has_value(), "gamma is required when kd == 'balanced'");
+    TORCH_CHECK_VALUE(gamma->dim() == 1 && gamma->size(0) == in.B, "gamma must be (B,) = (", in.B, "), got ",
+                      gamma->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(gamma->scalar_type()), "gamma must be floating, got ", gamma->scalar_type());
+    TORCH_CHECK_VALUE(gamma->device() == x.device(), "gamma must be on x's device");
+    in.gamma = gamma->to(in.acc_dtype).contiguous();
+  }
+  return in;
+}
+
+// Labels of one tile as int64, whatever the stored label dtype (per pixel, not per logit).
+void read_labels(const at::Tensor& target, int64_t offset, int64_t n, int64_t* out) {
+  switch (target.scalar_type()) {
+    case at::kLong: {
+      const int64_t* t = target.const_data_ptr<int64_t>() + offset;
+      for (int64_t p = 0; p < n; ++p) out[p] = t[p];
+      break;
+    }
+    case at::kInt: {
+      const int32_t* t = target.const_data_ptr<int32_t>() + offset;
+      for (int64_t p = 0; p < n; ++p) out[p] = t[p];
+      break;
+    }
+    default: {
+      const uint8_t* t = target.const_data_ptr<uint8_t>() + offset;
+      for (int64_t p = 0; p < n; ++p) out[p] = t[p];
+      break;
+    }
+  }
+}
+
+[[noreturn]] C10_NOINLINE void fail_label(int64_t t, int64_t C) {
+  TORCH_CHECK_VALUE(false, "target has label ", t, " outside [0, ", C, ") that is not ignore_index");
+}
+
+inline void check_label(int64_t t, int64_t C) {
+  if (C10_UNLIKELY(t < 0 || t >= C)) fail_label(t, C);
+}
+
+// Channel rows of a tile are H*W apart, so each tile touches C short runs of memory that the
+// hardware prefetcher barely learns; every pass over a channel row therefore also prefetches the
+// same row of the next tile (the kTile values right after it). Prefetches never fault.
+template <typename T>
+LOGIT_ALWAYS_INLINE void prefetch_next_tile(const T* row, bool for_write = false) {
+#if defined(__GNUC__)
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = kTile; i < 2 * kTile; i += kLine) {
+    if (for_write) {
+      __builtin_prefetch(row + i, 1);
+    } else {
+      __builtin_prefetch(row + i, 0);
+    }
+  }
+#endif
+}
+
+LOGIT_ALWAYS_INLINE uint32_t float_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+LOGIT_ALWAYS_INLINE float bits_float(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// float16 <-> float32 with integer selects only: c10::Half's conversions branch, which keeps the
+// loops that load or store float16 from vectorising. Round to nearest even, like c10.
+LOGIT_ALWAYS_INLINE float half_to_float(uint16_t h) {
+  const uint32_t magnitude = h & 0x7fffu;
+  // Rebias the exponent by a multiply (handles subnormals), then force inf/NaN's exponent.
+  float v = bits_float(magnitude << 13) * bits_float((254u - 15u) << 23);
+  uint32_t b = float_bits(v) | (magnitude >= 0x7c00u ? 0x7f800000u : 0u);
+  return bits_float(b | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+LOGIT_ALWAYS_INLINE uint16_t float_to_half(float v) {
+  const uint32_t b = float_bits(v);
+  const uint32_t sign = (b & 0x80000000u) >> 16;
+  const uint32_t a = b & 0x7fffffffu;  // |v|
+  // Subnormal half: adding 0.5 (2^-1) aligns the 10 result bits at the bottom, rounding RNE.
+  const float denorm_magic = bits_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const uint32_t subnormal = float_bits(bits_float(a) + denorm_magic) - float_bits(denorm_magic);
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
+  uint32_t out = a < (113u << 23) ? subnormal : normal;
+  out = a >= ((127u + 16u) << 23) ? special : out;
+  return static_cast<uint16_t>(out | sign);
+}
+
+template <typename acc_t, typename scalar_t>
+LOGIT_ALWAYS_INLINE acc_t load(const scalar_t* p, int64_t i) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return half_to_float(p[i].x);
+  } else {
+    return static_cast<acc_t>(p[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+LOGIT_ALWAYS_INLINE scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(float_to_half(v), c10::Half::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
+// a == b ? v : 0 by masking v's bits: GCC turns a select (or a bool-to-float factor) feeding
+// float arithmetic into a branch it then will not vectorise under -ftrapping-math.
+template <typename T>
+LOGIT_ALWAYS_INLINE T keep_if_equal(int32_t a, int32_t b, T v) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= Bits(0) - static_cast<Bits>(a == b);
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct FwdArgs {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Inputs* in;
+  const scalar_t* x;
+  const scalar_t* y;
+  const acc_t* gamma;
+  const acc_t* mask;
+  acc_t alpha;
+  int64_t ignore_index;
+  int64_t tiles_per_image;
+  acc_t* stats;
+  acc_t* ce_map;  // per-pixel losses for reduction "none", else null
+  acc_t* kd_map;
+  double* tile_ce;
+  double* tile_kd;
+  int64_t* tile_valid;
+};
+
+template <typename scalar_t, bool kWithKd>
+LOGIT_ALWAYS_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Inputs& in = *a.in;
+  const int64_t C = in.C, Co = in.Co, HW = in.HW;
+  const int64_t b = tile / a.tiles_per_image;
+  const int64_t p0 = (tile % a.tiles_per_image) * kTile;
+  const int64_t n = std::min(kTile, HW - p0);
+  const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
+  const scalar_t* __restrict__ yb = kWithKd ? a.y + b * Co * HW + p0 : nullptr;
+  const acc_t alpha = a.alpha;
+  const acc_t plain_kd = in.kd == KdMode::kPlain ? acc_t(1) : acc_t(0);
+
+  acc_t max_old[kTile], max_new[kTile], sum_old[kTile], sum_new[kTile];
+  acc_t max_y[kTile], e0[kTile], sum_rest[kTile], weighted[kTile];
+
+  // Pass 1: maxima.
+  prefetch_next_tile(xb);
+  for (int64_t p = 0; p < n; ++p) max_old[p] = load<acc_t>(xb, p);
+  for (int64_t c = 1; c < Co; ++c) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    prefetch_next_tile(xc);
+    for (int64_t p = 0; p < n; ++p) max_old[p] = logit::lm_max(max_old[p], load<acc_t>(xc, p));
+  }
+  for (int64_t p = 0; p < n; ++p) max_new[p] = logit::neg_inf<acc_t>();
+  for (int64_t c = Co; c < C; ++c) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    prefetch_next_tile(xc);
+    for (int64_t p = 0; p < n; ++p) max_new[p] = logit::lm_max(max_new[p], load<acc_t>(xc, p));
+  }
+  if (kWithKd) {
+    prefetch_next_tile(yb);
+    for (int64_t p = 0; p < n; ++p) max_y[p] = alpha * load<acc_t>(yb, p);
+    for (int64_t c = 1; c < Co; ++c) {
+      const scalar_t* __restrict__ yc = yb + c * HW;
+      prefetch_next_tile(yc);
+      for (int64_t p = 0; p < n; ++p) max_y[p] = logit::lm_max(max_y[p], alpha * load<acc_t>(yc, p));
+    }
+  }
+
+  // Pass 2: shifted exp-sums (channel 0 starts the old-range sums).
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t x0 = load<acc_t>(xb, p);
+    sum_old[p] = logit::lm_exp(x0 - max_old[p]);
+    if (kWithKd) {
+      const acc_t e = logit::lm_exp(alpha * load<acc_t>(yb, p) - max_y[p]);
+      e0[p] = e;
+      sum_rest[p] = acc_t(0);
+      weighted[p] = plain_kd * e * (x0 - max_old[p]);
+    }
+  }
+  // Channels go in pairs: one update of the per-pixel accumulators per two rows.
+  int64_t c = 1;
+  for (; c + 1 < Co; c += 2) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    const scalar_t* __restrict__ xd = xc + HW;
+    if (kWithKd) {
+      const scalar_t* __restrict__ yc = yb + c * HW;
+      const scalar_t* __restrict__ yd = yc + HW;
+      for (int64_t p = 0; p < n; ++p) {
+        const acc_t xv = load<acc_t>(xc, p) - max_old[p];
+        const acc_t xw = load<acc_t>(xd, p) - max_old[p];
+        sum_old[p] += logit::lm_exp(xv) + logit::lm_exp(xw);
+        const acc_t e = logit::lm_exp(alpha * load<acc_t>(yc, p) - max_y[p]);
+        const acc_t f = logit::lm_exp(alpha * load<acc_t>(yd, p) - max_y[p]);
+        sum_rest[p] += e + f;
+        weighted[p] += e * xv + f * xw;
+      }
+    } else {
+      for (int64_t p = 0; p < n; ++p) {
+        sum_old[p] += logit::lm_exp(load<acc_t>(xc, p) - max_old[p]) + logit::lm_exp(load<acc_t>(xd, p) - max_old[p]);
+      }
+    }
+  }
+  if (c < Co) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    if (kWithKd) {
+      const scalar_t* __restrict__ yc = yb + c * HW;
+      for (int64_t p = 0; p < n; ++p) {
+        const acc_t xv = load<acc_t>(xc, p) - max_old[p];
+        sum_old[p] += logit::lm_exp(xv);
+        const acc_t e = logit::lm_exp(alpha * load<acc_t>(yc, p) - max_y[p]);
+        sum_rest[p] += e;
+        weighted[p] += e * xv;
+      }
+    } else {
+      for (int64_t p = 0; p < n; ++p) sum_old[p] += logit::lm_exp(load<acc_t>(xc, p) - max_old[p]);
+    }
+  }
+  for (int64_t p = 0; p < n; ++p) sum_new[p] = acc_t(0);
+  for (c = Co; c + 1 < C; c += 2) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    const scalar_t* __restrict__ xd = xc + HW;
+    for (int64_t p = 0; p < n; ++p) {
+      sum_new[p] += logit::lm_exp(load<acc_t>(xc, p) - max_new[p]) + logit::lm_exp(load<acc_t>(xd, p) - max_new[p]);
+    }
+  }
+  if (c < C) {
+    const scalar_t* __restrict__ xc = xb + c * HW;
+    for (int64_t p = 0; p < n; ++p) sum_new[p] += logit::lm_exp(load<acc_t>(xc, p) - max_new[p]);
+  }
+
+  // Finish: per-pixel statistics (vectorised; a few logs and exps per pixel, not per logit).
+  acc_t* __restrict__ stats = a.stats + b * logit::kNumStats * HW + p0;
+  acc_t* __restrict__ lse = stats + logit::kStatLse * HW;
+  acc_t* __restrict__ lse_old = stats + logit::kStatLseOld * HW;
+  acc_t* __restrict__ lse_bg = stats + logit::kStatLseBg * HW;
+  acc_t* __restrict__ lse_q = stats + logit::kStatLseTeacher * HW;
+  for (int64_t p = 0; p < n; ++p) {
+    const auto s = logit::finish_student(max_old[p], sum_old[p], max_new[p], sum_new[p], load<acc_t>(xb, p));
+    lse[p] = s.lse;
+    lse_old[p] = s.lse_old;
+    lse_bg[p] = s.lse_bg;
+  }
+  acc_t kd_loss[kTile];
+  if (kWithKd) {
+    const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.gamma[b] : acc_t(1));
+    for (int64_t p = 0; p < n; ++p) {
+      const logit::TeacherSums<acc_t> ts{max_y[p], e0[p], sum_rest[p], weighted[p]};
+      const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
+      lse_q[p] = logit::teacher_lse(ts);
+      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, ts, max_old[p]);
+    }
+    if (a.mask) {
+      const acc_t* __restrict__ mask = a.mask + b * HW + p0;
+      for (int64_t p = 0; p < n; ++p) kd_loss[p] *= mask[p];
+    }
+  } else {
+    for (int64_t p = 0; p < n; ++p) {
+      lse_q[p] = acc_t(0);
+      kd_loss[p] = acc_t(0);
+    }
+  }
+
+  // Cross-entropy: labels and a gather of x_t (scalar, per pixel).
+  acc_t ce_loss[kTile];
+  int64_t valid = 0;
+  if (in.ce != CeMode::kNone) {
+    int64_t labels[kTile];
+    read_labels(in.target, b * HW + p0, n, labels);
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t t = labels[p];
+      ce_loss[p] = acc_t(0);
+      if (t != a.ignore_index) {
+        check_label(t, C);
+        const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
+        ce_loss[p] = logit::ce_pixel_loss(in.ce, t, Co, s, load<acc_t>(xb + t * HW, p));
+        ++valid;
+      }
+    }
+  } else {
+    for (int64_t p = 0; p < n; ++p) ce_loss[p] = acc_t(0);
+  }
+
+  if (a.ce_map) {
+    std::copy(ce_loss, ce_loss + n, a.ce_map + b * HW + p0);
+    std::copy(kd_loss, kd_loss + n, a.kd_map + b * HW + p0);
+  }
+  double ce_total = 0.0, kd_total = 0.0;
+  for (int64_t p = 0; p < n; ++p) {
+    ce_total += static_cast<double>(ce_loss[p]);
+    kd_total += static_cast<double>(kd_loss[p]);
+  }
+  a.tile_ce[tile] = ce_total;
+  a.tile_kd[tile] = kd_total;
+  a.tile_valid[tile] = valid;
+}
+
+template <typename scalar_t, bool kWithKd>
+LOGIT_ALWAYS_INLINE void forward_tiles(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  for (int64_t tile = begin; tile < end; ++tile) forward_tile<scalar_t, kWithKd>(a, tile);
+}
+
+template <typename scalar_t, bool kWithKd>
+void forward_tiles_baseline(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_tiles<scalar_t, kWithKd>(a, begin, end);
+}
+#if LOGIT_X86_VARIANTS
+template <typename scalar_t, bool kWithKd>
+LOGIT_TARGET_AVX2 void forward_tiles_avx2(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_tiles<scalar_t, kWithKd>(a, begin, end);
+}
+template <typename scalar_t, bool kWithKd>
+LOGIT_TARGET_AVX512 void forward_tiles_avx512(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_tiles<scalar_t, kWithKd>(a, begin, end);
+}
+#endif
+
+template <typename scalar_t, bool kWithKd>
+auto forward_variant() -> void (*)(const FwdArgs<scalar_t>&, int64_t, int64_t) {
+#if LOGIT_X86_VARIANTS
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &forward_tiles_avx512<scalar_t, kWithKd>;
+    case Isa::kAvx2:
+      return &forward_tiles_avx2<scalar_t, kWithKd>;
+    default:
+      break;
+  }
+#endif
+  return &forward_tiles_baseline<scalar_t, kWithKd>;
+}
+
+// Runs run_tiles(begin, end) over [0, num_tiles) on the intra-op threads. Threads take chunks of
+// tiles from a shared counter instead of one fixed share each: on cores shared with other jobs a
+// descheduled thread then delays the op by one chunk, not by half of it. Each tile writes only
+// its own outputs, so the results do not depend on which thread ran it.
+template <typename F>
+void for_each_tile_chunk(int64_t num_tiles, int64_t channels, const F& run_tiles) {
+  // A chunk holds at least ~64k logits, so small inputs stay on one thread.
+  const int64_t chunk = std::max<int64_t>(1, 65536 / (channels * kTile));
+  const int64_t num_chunks = (num_tiles + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  if (workers <= 1) {
+    run_tiles(int64_t(0), num_tiles);
+    return;
+  }
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next_chunk.fetch_add(1); i < num_chunks; i = next_chunk.fetch_add(1)) {
+      run_tiles(i * chunk, std::min(num_tiles, (i + 1) * chunk));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  const auto acc_opts = x.options().dtype(in.acc_dtype);
+  at::Tensor stats = at::empty({in.B, logit::kNumStats, x.size(2), x.size(3)}, acc_opts);
+  const bool per_pixel = in.reduction == Reduction::kNone;
+  at::Tensor ce_map, kd_map;
+  if (per_pixel) {
+    ce_map = at::empty({in.B, x.size(2), x.size(3)}, acc_opts);
+    kd_map = at::empty({in.B, x.size(2), x.size(3)}, acc_opts);
+  }
+  const int64_t tiles_per_image = (in.HW + kTile - 1) / kTile;
+  const int64_t num_tiles = in.B * tiles_per_image;
+  std::vector<double> tile_ce(num_tiles), tile_kd(num_tiles);
+  std::vector<int64_t> tile_valid(num_tiles);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    FwdArgs<scalar_t> a;
+    a.in = &in;
+    a.x = in.x.const_data_ptr<scalar_t>();
+    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
+    a.gamma = in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr;
+    a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
+    a.alpha = static_cast<acc_t>(alpha);
+    a.ignore_index = ignore_index;
+    a.tiles_per_image = tiles_per_image;
+    a.stats = stats.mutable_data_ptr<acc_t>();
+    a.ce_map = per_pixel ? ce_map.mutable_data_ptr<acc_t>() : nullptr;
+    a.kd_map = per_pixel ? kd_map.mutable_data_ptr<acc_t>() : nullptr;
+    a.tile_ce = tile_ce.data();
+    a.tile_kd = tile_kd.data();
+    a.tile_valid = tile_valid.data();
+    const auto run = in.kd != KdMode::kNone ? forward_variant<scalar_t, true>() : forward_variant<scalar_t, false>();
+    for_each_tile_chunk(num_tiles, in.C + in.Co, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+  });
+
+  double ce_total = 0.0, kd_total = 0.0;
+  int64_t valid = 0;
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    ce_total += tile_ce[i];
+    kd_total += tile_kd[i];
+    valid += tile_valid[i];
+  }
+  at::Tensor valid_count = at::scalar_tensor(valid, x.options().dtype(at::kLong));
+  if (per_pixel) return {ce_map, kd_map, stats, valid_count};
+  if (in.reduction == Reduction::kMean) {
+    ce_total = valid > 0 ? ce_total / static_cast<double>(valid) : 0.0;
+    kd_total = kd_total / static_cast<double>(in.B * in.HW);
+  }
+  return {at::scalar_tensor(ce_total, acc_opts), at::scalar_tensor(kd_total, acc_opts), stats, valid_count};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct BwdArgs {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Inputs* in;
+  const scalar_t* x;
+  const scalar_t* y;
+  const acc_t* gamma;
+  const acc_t* mask;
+  const acc_t* stats;
+  const acc_t* grad_ce;  // upstream gradients, already scaled for "mean"
+  const acc_t* grad_kd;
+  int64_t grad_ce_stride;  // 1 for a (B, H, W) map, 0 for a scalar
+  int64_t grad_kd_stride;
+  acc_t alpha;
+  int64_t ignore_index;
+  int64_t tiles_per_image;
+  scalar_t* grad_x;
+};
+
+// What the channel passes of one backward tile read: the tile's rows and its per-pixel arrays.
+template <typename scalar_t>
+struct BwdTileView {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* xb;
+  const scalar_t* yb;
+  scalar_t* gb;
+  const acc_t *lse, *lse_old, *lse_bg, *lse_q;
+  const acc_t *full, *old_set, *bg_set, *teacher, *target, *extra0;
+  const acc_t *full0, *full_old, *full_new;  // factored coefficients of p_c per channel range
+  const int32_t* label;
+  int64_t n, C, Co, HW;
+  acc_t alpha;
+};
+
+// dL/dx_c at pixel p of a tile (see logit_math.h grad_coefs / logit_grad). Direct form: the
+// old-set and background-set exponentials computed from x; factored form: folded into
+// factored_full (the coefficient of p_c for this channel's range).
+template <bool kFactored, bool kOld, bool kBg, typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+LOGIT_ALWAYS_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p, acc_t xv, acc_t q, bool in_old,
+                                       bool in_bg, int32_t c, const acc_t* __restrict__ factored_full) {
+  const acc_t p_full = logit::lm_exp(xv - v.lse[p]);
+  acc_t g;
+  if (kFactored) {
+    g = factored_full[p] * p_full + v.teacher[p] * q;
+  } else {
+    const logit::GradCoefs<acc_t> k{v.full[p], v.old_set[p], v.bg_set[p], v.teacher[p], acc_t(0), v.target[p]};
+    const acc_t p_old = kOld && in_old ? logit::lm_exp(xv - v.lse_old[p]) : acc_t(0);
+    const acc_t p_bg = kBg && in_bg ? logit::lm_exp(xv - v.lse_bg[p]) : acc_t(0);
+    g = logit::logit_grad(k, p_full, p_old, p_bg, q);
+  }
+  return g + keep_if_equal(v.label[p], c, v.target[p]);
+}
+
+// One pass over the tile's channels writing dL/dx: channel 0, the old channels [1, Co) (with the
+// teacher term), the new channels [Co, C).
+template <bool kFactored, bool kOld, bool kBg, bool kTeacher, typename scalar_t>
+LOGIT_ALWAYS_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t n = v.n, HW = v.HW;
+  const acc_t* __restrict__ lse_q = v.lse_q;
+  const acc_t* __restrict__ extra0 = v.extra0;
+  prefetch_next_tile(v.xb);
+  prefetch_next_tile(v.gb, true);
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t g = channel_grad<kFactored, kOld, kBg>(v, p, load<acc_t>(v.xb, p), acc_t(0), true, true, 0, v.full0);
+    v.gb[p] = to_storage<scalar_t>(g + extra0[p]);
+  }
+  for (int64_t c = 1; c < v.Co; ++c) {
+    const scalar_t* __restrict__ xc = v.xb + c * HW;
+    scalar_t* __restrict__ gc = v.gb + c * HW;
+    prefetch_next_tile(xc);
+    prefetch_next_tile(gc, true);
+    const int32_t cf = static_cast<int32_t>(c);
+    if (kTeacher) {
+      const scalar_t* __restrict__ yc = v.yb + c * HW;
+      prefetch_next_tile(yc);
+      for (int64_t p = 0; p < n; ++p) {
+        const acc_t q = logit::lm_exp(v.alpha * load<acc_t>(yc, p) - lse_q[p]);
+        gc[p] = to_storage<scalar_t>(
+            channel_grad<kFactored, kOld, kBg>(v, p, load<acc_t>(xc, p), q, true, false, cf, v.full_old));
+      }
+    } else {
+      for (int64_t p = 0; p < n; ++p) {
+        gc[p] = to_storage<scalar_t>(
+            channel_grad<kFactored, kOld, kBg>(v, p, load<acc_t>(xc, p), acc_t(0), true, false, cf, v.full_old));
+      }
+    }
+  }
+  for (int64_t c = v.Co; c < v.C; ++c) {
+    const scalar_t* __restrict__ xc = v.xb + c * HW;
+    scalar_t* __restrict__ gc = v.gb + c * HW;
+    prefetch_next_tile(xc);
+    prefetch_next_tile(gc, true);
+    const int32_t cf = static_cast<int32_t>(c);
+    for (int64_t p = 0; p < n; ++p) {
+      gc[p] = to_storage<scalar_t>(
+          channel_grad<kFactored, kOld, kBg>(v, p, load<acc_t>(xc, p), acc_t(0), false, true, cf, v.full_new));
+    }
+  }
+}
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+LOGIT_ALWAYS_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Inputs& in = *a.in;
+  const int64_t C = in.C, Co = in.Co, HW = in.HW;
+  const int64_t b = tile / a.tiles_per_image;
+  const int64_t p0 = (tile % a.tiles_per_image) * kTile;
+  const int64_t n = std::min(kTile, HW - p0);
+  const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
+  const scalar_t* __restrict__ yb = kTeacher ? a.y + b * Co * HW + p0 : nullptr;
+  scalar_t* __restrict__ gb = a.grad_x + b * C * HW + p0;
+  const acc_t* __restrict__ stats = a.stats + b * logit::kNumStats * HW + p0;
+  const acc_t* __restrict__ lse = stats + logit::kStatLse * HW;
+  const acc_t* __restrict__ lse_old = stats + logit::kStatLseOld * HW;
+  const acc_t* __restrict__ lse_bg = stats + logit::kStatLseBg * HW;
+  const acc_t* __restrict__ lse_q = stats + logit::kStatLseTeacher * HW;
+  const acc_t alpha = a.alpha;
+
+  // Per-pixel coefficients: labels, checks and the CE upstream gradient per pixel (scalar),
+  // then q_0 and grad_coefs (vectorised).
+  acc_t full[kTile], old_set[kTile], bg_set[kTile], teacher[kTile], target[kTile], extra0[kTile];
+  acc_t g_ce[kTile], old_label[kTile], g_kd[kTile];
+  int32_t label[kTile];
+  if (in.ce != CeMode::kNone) {
+    int64_t labels[kTile];
+    read_labels(in.target, b * HW + p0, n, labels);
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t t = labels[p];
+      const bool valid = t != a.ignore_index;
+      if (valid) check_label(t, C);
+      label[p] = valid ? static_cast<int32_t>(t) : -1;  // -1 never equals a channel
+      g_ce[p] = valid ? a.grad_ce[(b * HW + p0 + p) * a.grad_ce_stride] : acc_t(0);
+      old_label[p] = in.ce == CeMode::kUnbiased && valid && t < Co ? acc_t(1) : acc_t(0);
+    }
+  } else {
+    for (int64_t p = 0; p < n; ++p) {
+      label[p] = -1;
+      g_ce[p] = acc_t(0);
+      old_label[p] = acc_t(0);
+    }
+  }
+  if (kTeacher) {
+    for (int64_t p = 0; p < n; ++p) g_kd[p] = a.grad_kd[(b * HW + p0 + p) * a.grad_kd_stride];
+    if (a.mask) {
+      const acc_t* __restrict__ mask = a.mask + b * HW + p0;
+      for (int64_t p = 0; p < n; ++p) g_kd[p] *= mask[p];
+    }
+  } else {
+    for (int64_t p = 0; p < n; ++p) g_kd[p] = acc_t(0);
+  }
+  const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.gamma[b] : acc_t(1));
+  for (const acc_t* row : {lse, lse_old, lse_bg, lse_q}) prefetch_next_tile(row);
+  if (kTeacher) prefetch_next_tile(yb);
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t q0 = kTeacher ? logit::lm_exp(alpha * load<acc_t>(yb, p) - lse_q[p]) : acc_t(0);
+    const auto k = logit::grad_coefs(factors, Co, old_label[p], g_ce[p], g_kd[p], q0);
+    full[p] = k.full;
+    old_set[p] = k.old_set;
+    bg_set[p] = k.bg_set;
+    teacher[p] = k.teacher;
+    target[p] = k.target;
+    extra0[p] = k.teacher0 * q0;  // plain KD's q_0 term at channel 0
+  }
+
+  // Factored form: exp(x_c - lse_old) = p_c exp(lse - lse_old) and likewise for lse_bg, so the
+  // per-pixel factors fold into one coefficient of p_c per channel range and each logit needs one
+  // exp (plus one per teacher logit) instead of up to three. It needs p_c to be a normal float
+  // wherever those terms matter; a tile whose old or background set holds less than e^-kMaxLogRatio
+  // of some pixel's probability mass takes the direct form instead.
+  constexpr acc_t kMaxLogRatio = 40;
+  acc_t full0[kTile], full_old[kTile], full_new[kTile];
+  int32_t too_far = 0;  // an integer OR: GCC does not vectorise a float max reduction
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t log_ratio_old = kOld ? lse[p] - lse_old[p] : acc_t(0);
+    const acc_t log_ratio_bg = kBg ? lse[p] - lse_bg[p] : acc_t(0);
+    too_far |= static_cast<int32_t>(!(log_ratio_old <= kMaxLogRatio && log_ratio_bg <= kMaxLogRatio));
+    const acc_t old_term = kOld ? old_set[p] * logit::lm_exp(log_ratio_old) : acc_t(0);
+    const acc_t bg_term = kBg ? bg_set[p] * logit::lm_exp(log_ratio_bg) : acc_t(0);
+    full0[p] = full[p] + old_term + bg_term;
+    full_old[p] = full[p] + old_term;
+    full_new[p] = full[p] + bg_term;
+  }
+  const BwdTileView<scalar_t> view{xb, yb, gb, lse, lse_old, lse_bg, lse_q, full, old_set, bg_set, teacher, target,
+                                   extra0, full0, full_old, full_new, label, n, C, Co, HW, alpha};
+  // The form is chosen per tile, outside the pixel loops (which must stay branch-free to vectorise).
+  if (!too_far) {
+    backward_channels<true, kOld, kBg, kTeacher>(view);
+  } else {
+    backward_channels<false, kOld, kBg, kTeacher>(view);
+  }
+}
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+LOGIT_ALWAYS_INLINE void backward_tiles(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, kOld, kBg, kTeacher>(a, tile);
+}
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+void backward_tiles_baseline(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
+}
+#if LOGIT_X86_VARIANTS
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+LOGIT_TARGET_AVX2 void backward_tiles_avx2(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
+}
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+LOGIT_TARGET_AVX512 void backward_tiles_avx512(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
+}
+#endif
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+auto backward_variant() -> void (*)(const BwdArgs<scalar_t>&, int64_t, int64_t) {
+#if LOGIT_X86_VARIANTS
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &backward_tiles_avx512<scalar_t, kOld, kBg, kTeacher>;
+    case Isa::kAvx2:
+      return &backward_tiles_avx2<scalar_t, kOld, kBg, kTeacher>;
+    default:
+      break;
+  }
+#endif
+  return &backward_tiles_baseline<scalar_t, kOld, kBg, kTeacher>;
+}
+
+// The exponential families the modes need (see grad_coefs): exp(x - lse_old) for unbiased CE
+// and plain KD, exp(x - lse_bg) and q for unbiased/balanced KD, q for plain KD.
+template <typename scalar_t>
+auto pick_backward(const Inputs& in) -> void (*)(const BwdArgs<scalar_t>&, int64_t, int64_t) {
+  const bool old_set = in.ce == CeMode::kUnbiased || in.kd == KdMode::kPlain;
+  const bool bg_set = in.kd == KdMode::kUnbiased || in.kd == KdMode::kBalanced;
+  const bool teacher = in.kd != KdMode::kNone;
+  if (bg_set) {
+    return old_set ? backward_variant<scalar_t, true, true, true>() : backward_variant<scalar_t, false, true, true>();
+  }
+  if (teacher) return backward_variant<scalar_t, true, false, true>();  // plain KD (always with old_set)
+  return old_set ? backward_variant<scalar_t, true, false, false>() : backward_variant<scalar_t, false, false, false>();
+}
+
+at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
+                                const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
+                                const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
+                                const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
+                                c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
+                                c10::string_view reduction) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  const bool per_pixel = in.reduction == Reduction::kNone;
+  const std::vector<int64_t> loss_shape =
+      per_pixel ? std::vector<int64_t>{in.B, x.size(2), x.size(3)} : std::vector<int64_t>{};
+  TORCH_CHECK_VALUE(grad_ce.sizes() == at::IntArrayRef(loss_shape) && grad_kd.sizes() == at::IntArrayRef(loss_shape),
+                    "grad_ce and grad_kd must have the loss shape ", at::IntArrayRef(loss_shape), ", got ",
+                    grad_ce.sizes(), " and ", grad_kd.sizes());
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({in.B, logit::kNumStats, x.size(2), x.size(3)}) &&
+                        stats.scalar_type() == in.acc_dtype,
+                    "stats must be the (B, ", logit::kNumStats, ", H, W) ", in.acc_dtype,
+                    " statistics saved by logit_losses_fwd, got ", stats.sizes(), " ", stats.scalar_type());
+  TORCH_CHECK_VALUE(valid_count.numel() == 1, "valid_count must be the scalar saved by logit_losses_fwd");
+
+  double ce_scale = 1.0, kd_scale = 1.0;
+  if (in.reduction == Reduction::kMean) {
+    const int64_t valid = valid_count.item<int64_t>();
+    ce_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
+    kd_scale = 1.0 / static_cast<double>(in.B * in.HW);
+  }
+  // Upstream gradients are per-pixel sized at most; scaling them here keeps the kernel's loop simple.
+  const at::Tensor g_ce = (grad_ce.to(in.acc_dtype) * ce_scale).contiguous();
+  const at::Tensor g_kd = (grad_kd.to(in.acc_dtype) * kd_scale).contiguous();
+  const at::Tensor stats_c = stats.contiguous();
+  at::Tensor grad_x = at::empty_like(in.x, at::MemoryFormat::Contiguous);
+  const int64_t tiles_per_image = (in.HW + kTile - 1) / kTile;
+  const int64_t num_tiles = in.B * tiles_per_image;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    if (in.ce == CeMode::kNone && in.kd == KdMode::kNone) {
+      grad_x.zero_();
+      return;
+    }
+    BwdArgs<scalar_t> a;
+    a.in = &in;
+    a.x = in.x.const_data_ptr<scalar_t>();
+    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
+    a.gamma = in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr;
+    a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
+    a.stats = stats_c.const_data_ptr<acc_t>();
+    a.grad_ce = g_ce.const_data_ptr<acc_t>();
+    a.grad_kd = g_kd.const_data_ptr<acc_t>();
+    a.grad_ce_stride = per_pixel ? 1 : 0;
+    a.grad_kd_stride = per_pixel ? 1 : 0;
+    a.alpha = static_cast<acc_t>(alpha);
+    a.ignore_index = ignore_index;
+    a.tiles_per_image = tiles_per_image;
+    a.grad_x = grad_x.mutable_data_ptr<scalar_t>();
+    const auto run = pick_backward<scalar_t>(in);
+    for_each_tile_chunk(num_tiles, in.C + in.Co, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+  });
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace incseg
+
+TORCH_LIBRARY_IMPL(incseg_fast, CPU, m) {
+  m.impl("logit_losses_fwd", &incseg::logit_losses_fwd_cpu);
+  m.impl("logit_losses_bwd", &incseg::logit_losses_bwd_cpu);
+}

@@ -1,0 +1,79 @@
+"""Python side of the compiled logit-loss ops (SPEC 2): fake kernels, autograd, the contract wrapper.
+
+``torch.ops.incseg_fast.logit_losses_fwd`` returns ``(ce_loss, kd_loss, stats, valid_count)``;
+the last two are what ``logit_losses_bwd`` needs (per-pixel log-normalisers and the number of
+non-ignored pixels), so the backward is one fused pass over the logits.
+"""
+import torch
+
+__all__ = ["logit_losses"]
+
+_NUM_STATS = 4  # rows of the saved per-pixel statistics: lse, lse_old, lse_bg, lse of alpha*y
+
+
+def _loss_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _loss_shape(x, reduction):
+    return (x.shape[0], x.shape[2], x.shape[3]) if reduction == "none" else ()
+
+
+@torch.library.register_fake("incseg_fast::logit_losses_fwd")
+def _logit_losses_fwd_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    dtype = _loss_dtype(x)
+    shape = _loss_shape(x, reduction)
+    B, _, H, W = x.shape
+    return (
+        x.new_empty(shape, dtype=dtype),
+        x.new_empty(shape, dtype=dtype),
+        x.new_empty((B, _NUM_STATS, H, W), dtype=dtype),
+        x.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("incseg_fast::logit_losses_bwd")
+def _logit_losses_bwd_fake(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd,
+                           alpha, ignore_index, reduction):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_MODE_KEYS = ("old_classes", "ce", "kd", "alpha", "ignore_index", "reduction")
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, target, y, gamma, mask = inputs
+    ce_loss, _, stats, valid_count = output
+    ctx.save_for_backward(x, target, y, gamma, mask, stats, valid_count)
+    ctx.modes = {key: keyword_only_inputs[key] for key in _MODE_KEYS}
+    ctx.loss_shape = ce_loss.shape
+    # The statistics are internal: no gradient flows to them, and none should be materialised
+    # (a zero (B, 4, H, W) tensor per backward otherwise). An unused loss then arrives as None.
+    ctx.mark_non_differentiable(stats, valid_count)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_valid_count):
+    x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (grad_ce is None and grad_kd is None):
+        return None, None, None, None, None
+    zeros = None
+    if grad_ce is None or grad_kd is None:
+        zeros = torch.zeros(ctx.loss_shape, dtype=_loss_dtype(x), device=x.device)
+    grad_x = torch.ops.incseg_fast.logit_losses_bwd(
+        zeros if grad_ce is None else grad_ce, zeros if grad_kd is None else grad_kd,
+        x, target, y, gamma, mask, stats, valid_count, **ctx.modes,
+    )
+    return grad_x, None, None, None, None
+
+
+torch.library.register_autograd("incseg_fast::logit_losses_fwd", _backward, setup_context=_setup_context)
+
+
+def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    """The backend contract of DEVELOPERS.md on the compiled kernels; returns ``(ce_loss, kd_loss)``."""
+    ce_loss, kd_loss, _, _ = torch.ops.incseg_fast.logit_losses_fwd(
+        x, target, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    return ce_loss, kd_loss

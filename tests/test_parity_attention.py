@@ -1,0 +1,224 @@
+"""Parity of every non-reference backend with incseg_fast.reference for the attention ops (SPEC 3).
+
+Each backend runs through the public API on fresh random inputs; the reference runs on float64
+copies of the same values. Triton without a GPU runs in its interpreter on CPU tensors, which is
+slow, so it gets tiny shapes only; "cuda" and Triton on a GPU use CUDA tensors.
+"""
+import itertools
+
+import pytest
+import torch
+
+import incseg_fast as isf
+from incseg_fast import reference
+
+BACKENDS = ("cpu", "cuda", "triton")
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+INPUT_NAMES = ("f", "g", "a", "b")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param not in isf.available_backends():
+        pytest.skip(f"backend {request.param!r} is not available here")
+    return request.param
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def _interpreted(backend):
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def _shape(backend, batch, channels, height, width):
+    """The requested (B, C, H, W), shrunk for the Triton interpreter."""
+    if _interpreted(backend):
+        return min(batch, 2), min(channels, 8), min(height, 7), min(width, 7)
+    return batch, channels, height, width
+
+
+def _features(generator, shape, dtype, device):
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _channel_attention(generator, shape, dtype, device):
+    """Squeeze-excitation outputs: in (0, 1), never constant."""
+    return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def _feature_pair(generator, shape, dtype, device):
+    batch, channels = shape[:2]
+    return (_features(generator, shape, dtype, device), _features(generator, shape, dtype, device),
+            _channel_attention(generator, (batch, channels), dtype, device),
+            _channel_attention(generator, (batch, channels), dtype, device))
+
+
+def _random_upstream(generator):
+    """A random upstream gradient for a scalar loss: magnitude in [0.5, 3), either sign."""
+    magnitude = 0.5 + 2.5 * torch.rand((), generator=generator).item()
+    return magnitude if torch.rand((), generator=generator).item() < 0.5 else -magnitude
+
+
+def _assert_close(actual, expected, rtol, what):
+    """|actual - expected| <= rtol * max|expected| (relative to the reference's scale)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().to(device="cpu", dtype=torch.float64)
+    expected = expected.detach().to(device="cpu", dtype=torch.float64)
+    scale = expected.abs().max().item()
+    assert scale > 0, f"{what}: the reference is all zeros, the comparison would prove nothing"
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * scale, f"{what}: max error {error:.3e} > {rtol:.0e} * scale {scale:.3e}"
+
+
+def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial, wanted, upstream, rtol):
+    """Loss and gradients of `backend` against the float64 reference, gradients for the `wanted` inputs only."""
+    leaves = [x.detach().clone().requires_grad_(name in wanted) for name, x in zip(INPUT_NAMES, inputs)]
+    loss = isf.attentive_distillation(*leaves, reduction=reduction, detach_spatial=detach_spatial, backend=backend)
+    expected_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype and loss.dim() == 0
+
+    ref_leaves = [x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
+                  for name, x in zip(INPUT_NAMES, inputs)]
+    ref_loss = reference.attentive_distillation(*ref_leaves, reduction=reduction, detach_spatial=detach_spatial)
+    _assert_close(loss, ref_loss, rtol, "loss")
+    if not wanted:
+        assert not loss.requires_grad
+        return
+    (loss * upstream).backward()
+    (ref_loss * upstream).backward()
+    for name, leaf, ref_leaf in zip(INPUT_NAMES, leaves, ref_leaves):
+        if name in wanted:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"d{name}"
+            _assert_close(leaf.grad, ref_leaf.grad, rtol, f"d{name}")
+        else:
+            assert leaf.grad is None, f"d{name} computed although {name} does not require grad"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
+def test_attentive_distillation_dtypes(backend, generator, dtype, reduction, detach_spatial):
+    shape = _shape(backend, 3, 19, 13, 11)
+    inputs = _feature_pair(generator, shape, dtype, _device(backend))
+    _check_attentive_distillation(backend, inputs, reduction=reduction, detach_spatial=detach_spatial,
+                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
+
+
+GRAD_SUBSETS = [subset for k in range(len(INPUT_NAMES) + 1) for subset in itertools.combinations(INPUT_NAMES, k)]
+
+
+@pytest.mark.parametrize("wanted", GRAD_SUBSETS, ids=lambda s: "+".join(s) or "no_grad")
+@pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
+def test_attentive_distillation_gradient_subsets(backend, generator, wanted, detach_spatial):
+    shape = _shape(backend, 2, 7, 9, 5)
+    inputs = _feature_pair(generator, shape, torch.float32, _device(backend))
+    _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=detach_spatial, wanted=wanted,
+                                  upstream=_random_upstream(generator), rtol=RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("zero_map", ("f", "g", "both"))
+@pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
+def test_attentive_distillation_zero_feature_map(backend, generator, zero_map, detach_spatial):
+    """An all-zero feature map of one image has N == 0: Ŝ = 0 there and the other images are unaffected."""
+    shape = _shape(backend, 3, 6, 7, 5)
+    f, g, a, b = _feature_pair(generator, shape, torch.float64, _device(backend))
+    if zero_map == "f":
+        f[0] = 0
+    elif zero_map == "g":
+        g[-1] = 0
+    else:  # both maps of the same image
+        f[-1] = 0
+        g[-1] = 0
+    _check_attentive_distillation(backend, (f, g, a, b), reduction="sum", detach_spatial=detach_spatial,
+                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_attentive_distillation_nearly_identical_pair(backend, generator, dtype):
+    """The old and new models nearly agree (as right after a step starts): D is small against AD(f)."""
+    shape = _shape(backend, 2, 16, 9, 7)
+    f, _, a, _ = _feature_pair(generator, shape, dtype, _device(backend))
+    g = f + 1e-3 * _features(generator, shape, dtype, _device(backend))
+    b = a * (1 + 1e-3 * _features(generator, a.shape, dtype, _device(backend)))
+    _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False,
+                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
+
+
+def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generator):
+    """A copied old model (f == g, a == b) gives a loss and gradients of exactly zero."""
+    f, _, a, _ = _feature_pair(generator, _shape(backend, 2, 16, 9, 7), torch.float32, _device(backend))
+    leaves = [x.clone().requires_grad_() for x in (f, f, a, a)]
+    loss = isf.attentive_distillation(*leaves, backend=backend)
+    loss.backward()
+    assert loss.item() == 0
+    for name, leaf in zip(INPUT_NAMES, leaves):
+        assert torch.count_nonzero(leaf.grad) == 0, f"d{name}"
+
+
+@pytest.mark.parametrize("shape", [(2, 2048, 5, 7), (1, 3, 37, 41), (1, 5, 15, 13), (5, 1, 1, 1), (2, 33, 1, 67)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_attentive_distillation_shapes(backend, generator, shape, dtype):
+    """Many channels, images larger than one pixel chunk, chunk tails, single pixels and channels."""
+    if _interpreted(backend) and shape[1] > 8:
+        pytest.skip("too large for the Triton interpreter")
+    inputs = _feature_pair(generator, _shape(backend, *shape), dtype, _device(backend))
+    _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
+                                  upstream=_random_upstream(generator), rtol=RTOL[dtype])
+
+
+def test_attentive_distillation_non_contiguous(backend, generator):
+    shape = _shape(backend, 2, 6, 9, 7)
+    f, g, a, b = _feature_pair(generator, shape, torch.float32, _device(backend))
+    f = f.to(memory_format=torch.channels_last)
+    g = g.transpose(2, 3).contiguous().transpose(2, 3)
+    _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
+                                  upstream=_random_upstream(generator), rtol=RTOL[torch.float32])
+
+
+def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
+    leaves = [x.detach().clone().requires_grad_(name in wanted) for name, x in zip(("v", "a_ch", "a_sp"),
+                                                                                 (v, a_ch, a_sp))]
+    out = isf.structured_attention(*leaves, backend=backend)
+    assert out.dtype == v.dtype and out.shape == v.shape
+    ref_leaves = [x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
+                  for name, x in zip(("v", "a_ch", "a_sp"), (v, a_ch, a_sp))]
+    ref_v, ref_a_ch, ref_a_sp = ref_leaves
+    ref_out = reference.structured_attention(ref_v, ref_a_ch, ref_a_sp.reshape(ref_v.shape[0], *ref_v.shape[2:]))
+    _assert_close(out, ref_out, rtol, "out")
+    out.backward(grad_out)
+    ref_out.backward(grad_out.to(device="cpu", dtype=torch.float64))
+    for name, leaf, ref_leaf in zip(("v", "a_ch", "a_sp"), leaves, ref_leaves):
+        if name in wanted:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"d{name}"
+            _assert_close(leaf.grad, ref_leaf.grad, rtol, f"d{name}")
+        else:
+            assert leaf.grad is None, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41)], ids=lambda s: "x".join(map(str, s)))
+def test_structured_attention(backend, generator, dtype, shape):
+    if _interpreted(backend) and shape[1] > 8:
+        pytest.skip("too large for the Triton interpreter")
+    batch, channels, height, width = _shape(backend, *shape)
+    device = _device(backend)
+    v = _features(generator, (batch, channels, height, width), dtype, device)
+    a_ch = _features(generator, (batch, channels), dtype, device)
+    a_sp = _features(generator, (batch, height, width), dtype, device)
+    grad_out = _features(generator, (batch, channels, height, width), dtype, device)
+    _check_structured_attention(backend, v, a_ch, a_sp, ("v", "a_ch", "a_sp"), grad_out, RTOL[dtype])
+
+
+@pytest.mark.parametrize("wanted", [("v",), ("a_ch",), ("a_sp",), ("a_ch", "a_sp")], ids="+".join)
+def test_structured_attention_gradient_subsets(backend, generator, wanted):
+    batch, channels, height, width = _shape(backend, 2, 5, 7, 9)
+    device = _device(backend)
+    v = _features(generator, (batch, channels, height, width), torch.float32, device)
+    a_ch = _features(generator, (batch, channels), torch.float32, device)
+    a_sp = _features(generator, (batch, 1, height, width), torch.float32, device)  # the (B, 1, H, W) form
+    grad_out = _features(generator, (batch, channels, height, width), torch.float32, device)
+    _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, RTOL[torch.float32])
