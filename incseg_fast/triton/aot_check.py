@@ -1,0 +1,155 @@
+"""Compile the Triton kernels of this package for a CUDA GPU, on a machine without one.
+
+    python -m incseg_fast.triton.aot_check [--arch 90] [--quick]
+
+Triton ships ptxas, so this runs the real (non-interpreter) compiler on every kernel variant the
+wrappers launch, catching what the interpreter does not check (types, layouts, constexpr branches),
+and prints each kernel's registers and spill stack from the cubin (cuobjdump -res-usage). Pointer
+arguments and H*W are compiled as 16-divisible, the specialisation Triton's JIT picks for
+contiguous maps with H*W % 16 == 0. Run it without TRITON_INTERPRET (the interpreter replaces the
+kernels at import). Exit status 1 if any kernel fails to compile.
+"""
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _launch, attention
+from .logit_losses import (
+    CE_MODES, KD_MODES, _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel,
+    _saved_statistics,
+)
+
+_TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_FLOAT_SCALARS = {"alpha_high", "alpha_low"}
+_ATTENTION_ACC_POINTERS = {
+    "spatial_part_ptr", "spatial_ptr", "norms_ptr", "loss_part_ptr", "grad_ptr", "r_part_ptr", "r_ptr", "t_ptr",
+    "grad_a_part_ptr", "grad_b_part_ptr", "grad_a_ch_part_ptr", "grad_a_sp_part_ptr",
+}
+
+
+def _resources(cubin):
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([cuobjdump, "-res-usage", handle.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", report)
+    return "registers {} stack {} shared {}".format(*match.groups()) if match else "resources unknown"
+
+
+def _compile(kernel, pointer_types, constexprs, arch, num_warps):
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointer_types.get(name, "fp32")
+        else:
+            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+    aligned = [name for name in names if name not in constexprs and (name.endswith("_ptr") or name == "HW")]
+    source = ASTSource(
+        kernel, signature,
+        constexprs={(names.index(name),): value for name, value in constexprs.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return _resources(compiled.asm["cubin"])
+
+
+# The default pixel block and warps, and the halved ones _launch.tiles picks for small maps.
+_GPU_PIXEL_BLOCKS = ((_launch.GPU_BLOCK_P, _launch.GPU_NUM_WARPS), (256, 2), (128, 1))
+
+
+def _logit_loss_variants(quick):
+    """(ce, kd, reduction, dtype, target type, (BLOCK_P, num_warps))."""
+    default = _GPU_PIXEL_BLOCKS[0]
+    modes = [(ce, kd) for ce in CE_MODES for kd in KD_MODES if (ce, kd) != ("none", "none")]
+    if quick:
+        modes = [("unbiased", "balanced"), ("plain", "plain"), ("none", "unbiased")]
+    for ce, kd in modes:
+        for reduction in (("mean",) if quick else ("mean", "none")):
+            yield ce, kd, reduction, torch.float32, "i64", default
+    yield "unbiased", "unbiased", "mean", torch.bfloat16, "i64", default
+    if not quick:
+        yield "unbiased", "balanced", "sum", torch.float16, "u8", default
+        yield "plain", "unbiased", "mean", torch.float32, "i32", default
+        yield "unbiased", "balanced", "mean", torch.float64, "i64", (_launch.GPU_BLOCK_P // 2, _launch.GPU_NUM_WARPS)
+        for pixel_block in _GPU_PIXEL_BLOCKS[1:]:
+            yield "unbiased", "balanced", "mean", torch.float32, "i64", pixel_block
+
+
+def _kernels(quick):
+    """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
+    for ce, kd, reduction, dtype, target_type, (block_p, num_warps) in _logit_loss_variants(quick):
+        _, acc = _launch.accumulator_dtype(dtype)
+        block_c = _launch.GPU_BLOCK_C
+        need = _saved_statistics(ce, kd)
+        acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
+        pointers = {name: acc_name for name in ("ce_ptr", "kd_ptr", "lse_ptr", "lse_old_ptr", "lse_bg_ptr",
+                                                "lse_teacher_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr",
+                                                "mask_ptr")}
+        pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype],
+                        target_ptr=target_type)
+        constexprs = dict(CE=ce, KD=kd, HAS_MASK=kd != "none", PER_PIXEL=reduction == "none", SAVE_LSE=need[0],
+                          SAVE_OLD=need[1], SAVE_BG=need[2], ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p)
+        label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} {block_c}x{block_p}"
+        yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"),
+               constexprs, num_warps)
+        yield (f"{label} backward", _logit_losses_bwd_kernel, dict(pointers, count_ptr="i64"),
+               dict(constexprs, MEAN=reduction == "mean"), num_warps)
+
+    for reduce in (True, False):
+        yield (f"_finish_reduction_kernel REDUCE={reduce}", _finish_reduction_kernel,
+               {"count_part_ptr": "i32", "count_ptr": "i64"},
+               dict(REDUCE=reduce, MEAN=reduce, ACC=tl.float32, BLOCK=1024), _launch.GPU_NUM_WARPS)
+
+    for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
+        pointers = {name: "fp32" for name in _ATTENTION_ACC_POINTERS}
+        for name in ("v_ptr", "a_ch_ptr", "a_sp_ptr", "out_ptr", "grad_out_ptr", "grad_v_ptr", "f_ptr", "g_ptr",
+                     "a_ptr", "b_ptr", "grad_f_ptr", "grad_g_ptr"):
+            pointers[name] = _TL_NAMES[dtype]
+        pixel_blocks = _GPU_PIXEL_BLOCKS[:1] if quick or dtype != torch.float32 else _GPU_PIXEL_BLOCKS
+        for (block_p, num_warps), (kernel, flags) in itertools.product(pixel_blocks, (
+            (attention._structured_attention_fwd_kernel, {}),
+            (attention._structured_attention_bwd_kernel, {}),
+            (attention._ad_spatial_kernel, {}),
+            (attention._ad_loss_kernel, {}),
+            (attention._ad_bwd_spatial_kernel, dict(NEED_OLD=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_OLD=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_OLD=False)),
+        )):
+            tiles = dict(ACC=tl.float32, BLOCK_C=_launch.GPU_BLOCK_C, BLOCK_P=block_p)
+            label = f"{kernel.fn.__name__} {flags or ''} {dtype} {_launch.GPU_BLOCK_C}x{block_p}"
+            yield label, kernel, pointers, dict(tiles, **flags), num_warps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--quick", action="store_true", help="a representative subset of the variants")
+    args = parser.parse_args(argv)
+    if _launch.interpreter():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels at import")
+    failures = 0
+    for label, kernel, pointers, constexprs, num_warps in _kernels(args.quick):
+        try:
+            print(f"ok   {label}: {_compile(kernel, pointers, constexprs, args.arch, num_warps)}", flush=True)
+        except Exception as error:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {label}: {type(error).__name__}: {error}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

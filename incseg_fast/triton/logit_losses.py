@@ -1,0 +1,510 @@
+"""Triton kernels for the logit losses of SPEC §2 (UNCE / CE and KD / UNKD / BKD), fused.
+
+One forward pass reads x, y and t once and writes the two loss terms (per-pixel maps, or one
+partial sum per program that a one-program kernel adds up in a fixed order) plus the per-pixel
+logsumexps the backward needs (B, H, W each). One backward pass reads x, y, t and those statistics
+once and writes dL/dx once, combining both upstream gradients. No logits-sized temporary is created.
+The gradient derivations are written beside the kernels.
+
+Registered as torch.library custom ops in the namespace ``incseg_fast_triton`` so that autograd,
+``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see opaque, well-typed ops.
+"""
+import struct
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+__all__ = ["logit_losses"]
+
+CE_MODES = ("unbiased", "plain", "none")
+KD_MODES = ("unbiased", "balanced", "plain", "none")
+REDUCTIONS = ("mean", "sum", "none")
+
+# Stands in for -inf in running maxima so that exp(old_max - new_max) never computes inf - inf.
+_NEG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    high = tl.maximum(a, b)
+    return high + tl.log(1.0 + tl.exp(tl.minimum(a, b) - high))
+
+
+# Forward, per pixel (b, p). The channels split into old = [0, Co) and new = [Co, C); each has its own
+# online logsumexp (running max and rescaled sum), so every logit costs one exp, taken against the
+# max of its own set (no underflow of one set against the other's max):
+#   lse_old = logsumexp_old x,  lse_new = logsumexp_new x (-inf when Co == C),
+#   lse = logaddexp(lse_old, lse_new),  lse_bg = logaddexp(x_0, lse_new)   (bgset = {0} U new).
+# Teacher: lse_t = logsumexp_{c<Co} alpha y_c and W = sum_{1<=c<Co} exp(alpha y_c - lse_t) x_c, W
+# accumulated against the teacher's running max and rescaled with it (q is never materialised);
+# q_0 = exp(alpha y_0 - lse_t). Then, since sum_c q_c = 1:
+#   UNCE = lse - (t < Co ? lse_old : x_t);  CE = lse - x_t;  both 0 where t == ignore_index
+#   KD   = -(q_0 x_0 + W - lse_old) / Co
+#   UNKD/BKD = -(gamma q_0 (lse_bg - lse) + W - (1 - q_0) lse) / Co   (gamma = 1 for UNKD)
+# KD terms are multiplied by the mask.
+@triton.jit
+def _logit_losses_fwd_kernel(
+    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,
+    ce_ptr, kd_ptr, count_ptr,
+    lse_ptr, lse_old_ptr, lse_bg_ptr, lse_teacher_ptr,
+    C, Co, HW, alpha_high, alpha_low, ignore_index,
+    CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr,
+    SAVE_LSE: tl.constexpr, SAVE_OLD: tl.constexpr, SAVE_BG: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_image = p < HW
+    pix = b * HW + p
+    ch = tl.arange(0, BLOCK_C)
+    zeros = tl.zeros([BLOCK_P], dtype=ACC)
+    alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
+
+    max_old = zeros + _NEG
+    sum_old = zeros
+    max_new = zeros + _NEG
+    sum_new = zeros
+    max_teacher = zeros + _NEG
+    sum_teacher = zeros
+    weighted_x = zeros  # sum_{1<=c<Co} exp(alpha y_c - max_teacher) x_c
+    x_target = zeros
+
+    if CE != "none":
+        target = tl.load(target_ptr + pix, mask=in_image, other=ignore_index).to(tl.int64)
+        valid = in_image & (target != ignore_index)
+    else:
+        target = tl.zeros([BLOCK_P], dtype=tl.int64)
+        valid = tl.zeros([BLOCK_P], dtype=tl.int1)
+
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + ch
+        # Channel-only lane masks: out-of-image pixels load as 0 and give finite, unused statistics.
+        old_lane = (c < Co)[:, None]
+        new_lane = ((c >= Co) & (c < C))[:, None]
+        xs = tl.load(x_ptr + (b * C + c[:, None]) * HW + p[None, :],
+                     mask=(c < C)[:, None] & in_image[None, :], other=0.0).to(ACC)
+        new_max_old = tl.maximum(max_old, tl.max(tl.where(old_lane, xs, _NEG), axis=0))
+        new_max_new = tl.maximum(max_new, tl.max(tl.where(new_lane, xs, _NEG), axis=0))
+        shifted = tl.where(old_lane, xs - new_max_old[None, :], tl.where(new_lane, xs - new_max_new[None, :], _NEG))
+        e = tl.exp(shifted)  # 0 on lanes beyond C
+        sum_old = sum_old * tl.exp(max_old - new_max_old) + tl.sum(tl.where(old_lane, e, 0.0), axis=0)
+        sum_new = sum_new * tl.exp(max_new - new_max_new) + tl.sum(tl.where(new_lane, e, 0.0), axis=0)
+        max_old = new_max_old
+        max_new = new_max_new
+        if CE != "none":
+            x_target += tl.sum(tl.where(c[:, None] == target[None, :], xs, 0.0), axis=0)
+        if KD != "none":
+            if c0 < Co:
+                ys = tl.load(y_ptr + (b * Co + c[:, None]) * HW + p[None, :],
+                             mask=old_lane & in_image[None, :], other=0.0).to(ACC)
+                scaled = tl.where(old_lane, alpha * ys, _NEG)
+                new_max = tl.maximum(max_teacher, tl.max(scaled, axis=0))
+                rescale = tl.exp(max_teacher - new_max)
+                e_teacher = tl.exp(scaled - new_max[None, :])  # 0 on lanes beyond Co
+                sum_teacher = sum_teacher * rescale + tl.sum(e_teacher, axis=0)
+                weighted_x = weighted_x * rescale + tl.sum(tl.where((c >= 1)[:, None], e_teacher * xs, 0.0), axis=0)
+                max_teacher = new_max
+
+    lse_old = max_old + tl.log(sum_old)
+    has_new = sum_new > 0
+    lse_new = tl.where(has_new, max_new + tl.log(tl.where(has_new, sum_new, 1.0)), _NEG)
+    lse = _logaddexp(lse_old, lse_new)
+
+    ce_map = zeros
+    if CE == "unbiased":
+        ce_map = tl.where(valid, lse - tl.where(target < Co, lse_old, x_target), 0.0)
+    elif CE == "plain":
+        ce_map = tl.where(valid, lse - x_target, 0.0)
+
+    kd_map = zeros
+    lse_bg = zeros
+    if KD != "none":
+        x_0 = tl.load(x_ptr + b * C * HW + p, mask=in_image, other=0.0).to(ACC)
+        y_0 = tl.load(y_ptr + b * Co * HW + p, mask=in_image, other=0.0).to(ACC)
+        lse_teacher = max_teacher + tl.log(sum_teacher)
+        q_0 = tl.exp(alpha * y_0 - lse_teacher)
+        old_term = weighted_x / sum_teacher  # sum_{1<=c<Co} q_c x_c
+        if KD == "plain":
+            kd_map = -(q_0 * x_0 + old_term - lse_old) / Co
+        else:
+            gamma = 1.0
+            if KD == "balanced":
+                gamma = tl.load(gamma_ptr + b).to(ACC)
+            lse_bg = _logaddexp(x_0, lse_new)
+            kd_map = -(gamma * q_0 * (lse_bg - lse) + old_term - (1.0 - q_0) * lse) / Co
+        if HAS_MASK:
+            kd_map *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
+        kd_map = tl.where(in_image, kd_map, 0.0)
+        tl.store(lse_teacher_ptr + pix, lse_teacher, mask=in_image)
+
+    if SAVE_LSE:
+        tl.store(lse_ptr + pix, lse, mask=in_image)
+    if SAVE_OLD:
+        tl.store(lse_old_ptr + pix, lse_old, mask=in_image)
+    if SAVE_BG:
+        tl.store(lse_bg_ptr + pix, lse_bg, mask=in_image)
+
+    if PER_PIXEL:
+        tl.store(ce_ptr + pix, ce_map, mask=in_image)
+        tl.store(kd_ptr + pix, kd_map, mask=in_image)
+    else:
+        part = b * tl.num_programs(0) + pid_p
+        tl.store(ce_ptr + part, tl.sum(ce_map, axis=0))
+        tl.store(kd_ptr + part, tl.sum(kd_map, axis=0))
+    tl.store(count_ptr + b * tl.num_programs(0) + pid_p, tl.sum(valid.to(tl.int32), axis=0))
+
+
+# Backward, per pixel, with e(s)_c = exp(x_c - s) (a softmax over the set whose lse is s):
+#   d UNCE/dx_c = e(lse)_c - [t<Co][c<Co] e(lse_old)_c - [t>=Co][c==t]
+#   d CE/dx_c   = e(lse)_c - [c==t]
+#   d KD/dx_c   = (m/Co) [c<Co] (e(lse_old)_c - q_c)
+#   d BKD/dx_c  = (m/Co) ((gamma q_0 + 1 - q_0) e(lse)_c - gamma q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
+#                 (UNKD: gamma = 1, which is SPEC's p_c - q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
+# with q_c = exp(alpha y_c - lse_t). Scaled by the upstream gradients w_ce and w_kd (divided by the
+# number of valid pixels, resp. B*H*W, for "mean"), dL/dx is a sum of per-pixel coefficients times
+#   coef_p e(lse) + coef_old [c<Co] e(lse_old) + coef_bg [c in bg] e(lse_bg) - w_target [c==t] - w_kd' q_c.
+# One exp per logit: e(lse)_c = e(s)_c exp(s - lse) for either s, so a lane 1 <= c < Co uses
+# s = lse_old and a lane c >= Co uses s = lse_bg (both exps <= 1, nothing overflows); lane 0, in
+# both sets, is computed per pixel from x_0.
+@triton.jit
+def _logit_losses_bwd_kernel(
+    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,
+    lse_ptr, lse_old_ptr, lse_bg_ptr, lse_teacher_ptr, count_ptr,
+    grad_ce_ptr, grad_kd_ptr, grad_x_ptr,
+    C, Co, HW, alpha_high, alpha_low, ignore_index, kd_divisor,
+    CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr, MEAN: tl.constexpr,
+    SAVE_LSE: tl.constexpr, SAVE_OLD: tl.constexpr, SAVE_BG: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_image = p < HW
+    pix = b * HW + p
+    ch = tl.arange(0, BLOCK_C)
+    zeros = tl.zeros([BLOCK_P], dtype=ACC)
+    alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
+
+    # SAVE_LSE: some term has coef_p; SAVE_OLD: coef_old; SAVE_BG: coef_bg (see _saved_statistics).
+    lse = zeros
+    lse_old = zeros
+    lse_bg = zeros
+    lse_teacher = zeros
+    if SAVE_LSE:
+        lse = tl.load(lse_ptr + pix, mask=in_image, other=0.0)
+    if SAVE_OLD:
+        lse_old = tl.load(lse_old_ptr + pix, mask=in_image, other=0.0)
+    if SAVE_BG:
+        lse_bg = tl.load(lse_bg_ptr + pix, mask=in_image, other=0.0)
+
+    coef_p = zeros
+    coef_old = zeros
+    coef_bg = zeros
+    w_target = zeros
+    w_teacher = zeros
+    target = tl.zeros([BLOCK_P], dtype=tl.int64)
+
+    if CE != "none":
+        target = tl.load(target_ptr + pix, mask=in_image, other=ignore_index).to(tl.int64)
+        valid = in_image & (target != ignore_index)
+        if PER_PIXEL:
+            w_ce = tl.load(grad_ce_ptr + pix, mask=in_image, other=0.0).to(ACC)
+        else:
+            w_ce = tl.load(grad_ce_ptr).to(ACC) + zeros
+            if MEAN:
+                w_ce = w_ce / tl.maximum(tl.load(count_ptr).to(ACC), 1.0)
+        w_ce = tl.where(valid, w_ce, 0.0)
+        coef_p += w_ce
+        if CE == "unbiased":
+            coef_old -= tl.where(target < Co, w_ce, 0.0)
+            w_target = tl.where(target >= Co, w_ce, 0.0)
+        else:
+            w_target = w_ce
+
+    if KD != "none":
+        if PER_PIXEL:
+            w_kd = tl.load(grad_kd_ptr + pix, mask=in_image, other=0.0).to(ACC)
+        else:
+            w_kd = tl.load(grad_kd_ptr).to(ACC) / kd_divisor + zeros
+        w_kd = w_kd / Co
+        if HAS_MASK:
+            w_kd *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
+        w_kd = tl.where(in_image, w_kd, 0.0)
+        w_teacher = w_kd
+        lse_teacher = tl.load(lse_teacher_ptr + pix, mask=in_image, other=0.0)
+        if KD == "plain":
+            coef_old += w_kd
+        else:
+            gamma = 1.0
+            if KD == "balanced":
+                gamma = tl.load(gamma_ptr + b).to(ACC)
+            y_0 = tl.load(y_ptr + b * Co * HW + p, mask=in_image, other=0.0).to(ACC)
+            q_0 = tl.exp(alpha * y_0 - lse_teacher)
+            coef_p += w_kd * (gamma * q_0 + 1.0 - q_0)
+            coef_bg = -w_kd * gamma * q_0
+
+    # Per-lane shift s and factor such that the exp terms of lane c are factor * exp(x_c - s).
+    x_0 = tl.load(x_ptr + b * C * HW + p, mask=in_image, other=0.0).to(ACC)
+    grad_0 = zeros
+    shift_old = lse
+    factor_old = coef_old
+    shift_new = lse
+    factor_new = coef_p
+    if SAVE_LSE:
+        grad_0 += coef_p * tl.exp(x_0 - lse)
+    if SAVE_OLD:
+        grad_0 += coef_old * tl.exp(x_0 - lse_old)
+        shift_old = lse_old
+        if SAVE_LSE:
+            factor_old += coef_p * tl.exp(lse_old - lse)
+    else:
+        factor_old += coef_p
+    if SAVE_BG:
+        grad_0 += coef_bg * tl.exp(x_0 - lse_bg)
+        shift_new = lse_bg
+        factor_new = coef_bg + coef_p * tl.exp(lse_bg - lse)
+
+    # Plain KD distils all Co channels; UNKD/BKD distil channels 1..Co-1 (channel 0 is in coef_bg).
+    first_teacher_channel = 0 if KD == "plain" else 1
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + ch
+        old_lane = (c < Co)[:, None]
+        load_mask = (c < C)[:, None] & in_image[None, :]
+        offsets = (b * C + c[:, None]) * HW + p[None, :]
+        xs = tl.load(x_ptr + offsets, mask=load_mask, other=0.0).to(ACC)
+        if SAVE_LSE:
+            shifted = tl.where(old_lane, xs - shift_old[None, :], xs - shift_new[None, :])
+            factor = tl.where(old_lane, factor_old[None, :], factor_new[None, :])
+        else:  # plain KD alone: lanes >= Co get no gradient
+            shifted = tl.where(old_lane, xs - shift_old[None, :], _NEG)
+            factor = factor_old[None, :]
+        grad = tl.where((c == 0)[:, None], grad_0[None, :], factor * tl.exp(shifted))
+        if CE != "none":
+            grad -= tl.where(c[:, None] == target[None, :], w_target[None, :], 0.0)
+        if KD != "none":
+            if c0 < Co:
+                in_teacher = ((c >= first_teacher_channel) & (c < Co))[:, None]
+                ys = tl.load(y_ptr + (b * Co + c[:, None]) * HW + p[None, :],
+                             mask=in_teacher & in_image[None, :], other=0.0).to(ACC)
+                q = tl.exp(alpha * ys - lse_teacher[None, :])
+                grad -= tl.where(in_teacher, w_teacher[None, :] * q, 0.0)
+        tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=load_mask)
+
+
+# The forward's per-program partials (loss sums, valid-pixel counts) added up in a fixed order by
+# one program: deterministic, and one launch instead of a chain of small torch reductions.
+@triton.jit
+def _finish_reduction_kernel(
+    ce_part_ptr, kd_part_ptr, count_part_ptr, ce_ptr, kd_ptr, count_ptr, num_parts, kd_divisor,
+    REDUCE: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    ce_total = tl.zeros([BLOCK], dtype=ACC)
+    kd_total = tl.zeros([BLOCK], dtype=ACC)
+    count_total = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, num_parts, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        in_range = index < num_parts
+        count_total += tl.load(count_part_ptr + index, mask=in_range, other=0).to(tl.int64)
+        if REDUCE:
+            ce_total += tl.load(ce_part_ptr + index, mask=in_range, other=0.0)
+            kd_total += tl.load(kd_part_ptr + index, mask=in_range, other=0.0)
+    count = tl.sum(count_total, axis=0)
+    tl.store(count_ptr, count)
+    if REDUCE:
+        ce = tl.sum(ce_total, axis=0)
+        kd = tl.sum(kd_total, axis=0)
+        if MEAN:
+            ce = ce / tl.maximum(count, 1).to(ACC)
+            kd = kd / kd_divisor
+        tl.store(ce_ptr, ce)
+        tl.store(kd_ptr, kd)
+
+
+def _saved_statistics(ce, kd):
+    """Which per-pixel logsumexps the backward needs: (lse, lse_old, lse_bg, lse_teacher)."""
+    need_old = ce == "unbiased" or kd == "plain"
+    need_bg = kd in ("unbiased", "balanced")
+    need_lse = ce != "none" or need_bg
+    return need_lse, need_old, need_bg, kd != "none"
+
+
+def _check_modes(ce, kd, reduction):
+    if ce not in CE_MODES:
+        raise ValueError(f"ce must be one of {CE_MODES}, got {ce!r}")
+    if kd not in KD_MODES:
+        raise ValueError(f"kd must be one of {KD_MODES}, got {kd!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd):
+    """The kernels index with these shapes: a direct op call must not read out of bounds."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if not 1 <= old_classes <= C:
+        raise ValueError(f"old_classes must be in [1, C={C}], got {old_classes}")
+    if (target is None) != (ce == "none"):
+        raise ValueError(f"target must be given exactly when ce != 'none' (ce={ce!r})")
+    if target is not None and tuple(target.shape) != (B, H, W):
+        raise ValueError(f"target must have shape {(B, H, W)}, got {tuple(target.shape)}")
+    if (y is None) != (kd == "none"):
+        raise ValueError(f"y must be given exactly when kd != 'none' (kd={kd!r})")
+    if y is not None and tuple(y.shape) != (B, old_classes, H, W):
+        raise ValueError(f"y must have shape {(B, old_classes, H, W)}, got {tuple(y.shape)}")
+    if (gamma is None) != (kd != "balanced"):
+        raise ValueError(f"gamma must be given exactly when kd == 'balanced' (kd={kd!r})")
+    if gamma is not None and tuple(gamma.shape) != (B,):
+        raise ValueError(f"gamma must have shape {(B,)}, got {tuple(gamma.shape)}")
+    if mask is not None and tuple(mask.shape) != (B, H, W):
+        raise ValueError(f"mask must have shape {(B, H, W)}, got {tuple(mask.shape)}")
+
+
+def _split_float(value):
+    """Triton passes Python floats as float32: (high, low) float32 parts whose float64 sum is ``value``
+    to ~48 bits, so float64 runs see alpha at (almost) full precision without a device tensor."""
+    high = struct.unpack("f", struct.pack("f", value))[0]
+    return high, value - high
+
+
+def _contiguous(tensor):
+    return None if tensor is None else tensor.contiguous()
+
+
+@torch.library.custom_op("incseg_fast_triton::logit_losses_forward", mutates_args=())
+def logit_losses_forward(
+    x: torch.Tensor, target: Optional[torch.Tensor], y: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], old_classes: int, ce: str, kd: str, alpha: float, ignore_index: int,
+    reduction: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_loss, kd_loss, saved per-pixel logsumexps (R, B, H, W), number of non-ignored pixels)."""
+    _check_modes(ce, kd, reduction)
+    _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
+    _launch.check_device(x, target, y, gamma, mask)
+    x, target, y, gamma, mask = (_contiguous(t) for t in (x, target, y, gamma, mask))
+    B, C, H, W = x.shape
+    HW = H * W
+    acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
+    block_c, block_p, num_warps = _launch.tiles(C, HW, B, x.dtype, x.device)
+    grid = (triton.cdiv(HW, block_p), B)
+    programs = grid[0] * grid[1]
+
+    need = _saved_statistics(ce, kd)
+    stats = x.new_empty((sum(need), B, H, W), dtype=acc_torch)
+    rows = iter(stats.unbind(0))
+    lse, lse_old, lse_bg, lse_teacher = (next(rows) if needed else x for needed in need)
+
+    per_pixel = reduction == "none"
+    loss_shape = (B, H, W) if per_pixel else (programs,)
+    ce_out = x.new_empty(loss_shape, dtype=acc_torch)
+    kd_out = x.new_empty(loss_shape, dtype=acc_torch)
+    counts = x.new_empty((programs,), dtype=torch.int32)
+    _logit_losses_fwd_kernel[grid](
+        x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
+        x if mask is None else mask,
+        ce_out, kd_out, counts, lse, lse_old, lse_bg, lse_teacher,
+        C, old_classes, HW, *_split_float(alpha), int(ignore_index),
+        CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=per_pixel,
+        SAVE_LSE=need[0], SAVE_OLD=need[1], SAVE_BG=need[2],
+        ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )
+    valid_count = x.new_empty((), dtype=torch.int64)
+    ce_loss, kd_loss = (ce_out, kd_out) if per_pixel else (x.new_empty((), dtype=acc_torch) for _ in range(2))
+    _finish_reduction_kernel[(1,)](
+        ce_out, kd_out, counts, ce_loss, kd_loss, valid_count, programs, B * HW,
+        REDUCE=not per_pixel, MEAN=reduction == "mean", ACC=acc_tl, BLOCK=_launch.reduction_block(programs),
+    )
+    return ce_loss, kd_loss, stats, valid_count
+
+
+@logit_losses_forward.register_fake
+def _logit_losses_forward_fake(x, target, y, gamma, mask, old_classes, ce, kd, alpha, ignore_index, reduction):
+    _check_modes(ce, kd, reduction)
+    B, _, H, W = x.shape
+    acc_torch, _ = _launch.accumulator_dtype(x.dtype)
+    loss_shape = (B, H, W) if reduction == "none" else ()
+    return (
+        x.new_empty(loss_shape, dtype=acc_torch),
+        x.new_empty(loss_shape, dtype=acc_torch),
+        x.new_empty((sum(_saved_statistics(ce, kd)), B, H, W), dtype=acc_torch),
+        x.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("incseg_fast_triton::logit_losses_backward", mutates_args=())
+def logit_losses_backward(
+    grad_ce: torch.Tensor, grad_kd: torch.Tensor, x: torch.Tensor, target: Optional[torch.Tensor],
+    y: Optional[torch.Tensor], gamma: Optional[torch.Tensor], mask: Optional[torch.Tensor], stats: torch.Tensor,
+    valid_count: torch.Tensor, old_classes: int, ce: str, kd: str, alpha: float, ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
+    """dL/dx from the upstream gradients of both terms and the forward's saved statistics."""
+    _check_modes(ce, kd, reduction)
+    _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
+    B, C, H, W = x.shape
+    need = _saved_statistics(ce, kd)
+    if tuple(stats.shape) != (sum(need), B, H, W):
+        raise ValueError(f"stats must have shape {(sum(need), B, H, W)}, got {tuple(stats.shape)}")
+    loss_shape = (B, H, W) if reduction == "none" else ()
+    for name, grad in (("grad_ce", grad_ce), ("grad_kd", grad_kd)):
+        if tuple(grad.shape) != loss_shape:
+            raise ValueError(f"{name} must have shape {loss_shape}, got {tuple(grad.shape)}")
+    _launch.check_device(x, target, y, gamma, mask, stats, grad_ce, grad_kd)
+    acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
+    x, target, y, gamma, mask = (_contiguous(t) for t in (x, target, y, gamma, mask))
+    stats = stats.to(acc_torch).contiguous()
+    grad_ce = grad_ce.to(acc_torch).contiguous()
+    grad_kd = grad_kd.to(acc_torch).contiguous()
+    rows = iter(stats.unbind(0))
+    lse, lse_old, lse_bg, lse_teacher = (next(rows) if needed else x for needed in need)
+
+    HW = H * W
+    block_c, block_p, num_warps = _launch.tiles(C, HW, B, x.dtype, x.device)
+    grid = (triton.cdiv(HW, block_p), B)
+    grad_x = torch.empty_like(x)
+    _logit_losses_bwd_kernel[grid](
+        x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
+        x if mask is None else mask,
+        lse, lse_old, lse_bg, lse_teacher, valid_count,
+        grad_ce, grad_kd, grad_x,
+        C, old_classes, HW, *_split_float(alpha), int(ignore_index), B * HW if reduction == "mean" else 1,
+        CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=reduction == "none", MEAN=reduction == "mean",
+        SAVE_LSE=need[0], SAVE_OLD=need[1], SAVE_BG=need[2],
+        ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )
+    return grad_x
+
+
+@logit_losses_backward.register_fake
+def _logit_losses_backward_fake(grad_ce, grad_kd, x, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _forward_setup_context(ctx, inputs, output):
+    x, target, y, gamma, mask, old_classes, ce, kd, alpha, ignore_index, reduction = inputs
+    _, _, stats, valid_count = output
+    ctx.save_for_backward(x, target, y, gamma, mask, stats, valid_count)
+    ctx.mark_non_differentiable(stats, valid_count)
+    ctx.options = (old_classes, ce, kd, alpha, ignore_index, reduction)
+
+
+def _forward_backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_count):
+    x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
+    grad_x = logit_losses_backward(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *ctx.options)
+    return (grad_x,) + (None,) * 10
+
+
+logit_losses_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    """The backend contract of DEVELOPERS.md: (ce_loss, kd_loss), differentiable with respect to x."""
+    ce_loss, kd_loss, _, _ = logit_losses_forward(
+        x, target, y, gamma, mask, int(old_classes), ce, kd, float(alpha), int(ignore_index), reduction
+    )
+    return ce_loss, kd_loss
