@@ -1,0 +1,56 @@
+"""Pascal VOC 2012 with the SBD-augmented training set (10,582 images), as MiB uses it.
+
+Expected layout under `root`:
+
+    VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+    VOCdevkit/VOC2012/SegmentationClass/<id>.png          (palette PNGs: ids 0-20, 255 ignore)
+    VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+    SegmentationClassAug/<id>.png                         (SBD + VOC labels, greyscale or palette)
+    train_aug.txt                                         (one <id> per line; MiB's
+                                                           "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
+                                                           lines are read too)
+"""
+import os
+
+from ._files import FileSegmentation, require_path
+
+__all__ = ["VOCSegmentation", "VOC_CLASS_NAMES"]
+
+VOC_CLASS_NAMES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+
+
+def _read_ids(path):
+    ids = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                # the first token is either "<id>" or a path ending in "<id>.jpg"
+                ids.append(os.path.splitext(os.path.basename(line.split()[0]))[0])
+    return ids
+
+
+class VOCSegmentation(FileSegmentation):
+    num_classes = 21
+    class_names = VOC_CLASS_NAMES
+
+    def __init__(self, root, split="train", transform=None, augmented=True, normalize=True):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        voc = require_path(os.path.join(root, "VOCdevkit", "VOC2012"), "VOC 2012 directory")
+        image_dir = require_path(os.path.join(voc, "JPEGImages"), "VOC image directory")
+        if split == "train" and augmented:
+            list_file = os.path.join(root, "train_aug.txt")
+            label_dir = os.path.join(root, "SegmentationClassAug")
+        else:
+            list_file = os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt")
+            label_dir = os.path.join(voc, "SegmentationClass")
+        ids = _read_ids(require_path(list_file, f"VOC {split} image list"))
+        require_path(label_dir, "VOC label directory")
+        pairs = [(os.path.join(image_dir, f"{i}.jpg"), os.path.join(label_dir, f"{i}.png")) for i in ids]
+        for pair in pairs[:1] + pairs[-1:]:  # a cheap check that the list matches the files
+            require_path(pair[0], "VOC image")
+            require_path(pair[1], "VOC label")
+        super().__init__(pairs, f"voc-{split}{'-aug' if split == 'train' and augmented else ''}", transform, normalize)
