@@ -1,0 +1,199 @@
+"""``incseg-fast`` (= ``python -m incseg_fast``): train, eval, demo, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="synthetic", choices=sorted(DATASET_DEFAULTS),
+                   help="dataset (default: synthetic, generated in memory; voc/ade need --root)")
+    p.add_argument("--root", default=None, help="dataset folder for voc / ade")
+    p.add_argument("--task", default="15-5",
+                   help="task: voc/synthetic 19-1, 15-5, 15-1 (=15-5s), 10-1, offline; "
+                        "ade 100-50, 100-10, 50-50, 100-5, offline (default: 15-5)")
+    p.add_argument("--mode", default="disjoint", choices=("disjoint", "overlapped"),
+                   help="image selection per step (default: disjoint)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="training crop (voc/ade, default 512) or image side (synthetic, default 48)")
+    p.add_argument("--train-images", type=int, default=600, help="synthetic: number of training images (default 600)")
+    p.add_argument("--val-images", type=int, default=200, help="synthetic: number of validation images (default 200)")
+    p.add_argument("--data-seed", type=int, default=0, help="synthetic: seed of the generated scenes (default 0)")
+    p.add_argument("--eval-protocol", default="mib", choices=("mib", "plop"),
+                   help="unseen classes at evaluation: ignored (mib, default) or background (plop)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+                   help="mixed precision: auto = bf16 (fp16 without bf16 support) on CUDA, off on CPU; "
+                        "bf16 also works on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: voc/ade 24, synthetic 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--loss-backend", default="auto", choices=BACKENDS,
+                   help="implementation of the losses: auto (fused kernel for the device), reference, "
+                        "cpu, cuda, triton (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--method", default="mib", choices=sorted(METHODS),
+                   help="ft, lwf, ilt, mib, caf, or joint (all classes at once, the upper bound); default mib")
+    p.add_argument("--step", default="all",
+                   help="step to train (its previous step's checkpoint must exist in --out) or 'all' (default)")
+    p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    p.add_argument("--backbone", default=None,
+                   choices=("resnet18", "resnet50", "resnet101", "tiny", "small"),
+                   help="encoder (default: voc/ade resnet101, synthetic tiny)")
+    p.add_argument("--output-stride", type=int, default=None, choices=(4, 8, 16),
+                   help="encoder output stride via dilation (default: voc/ade 16, synthetic 4; "
+                        "4 only for the tiny/small backbones)")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="torchvision ResNet ImageNet state dict file (torch.save(model.state_dict())); "
+                        "nothing is downloaded")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of step 0 (default: voc 30, ade 60, synthetic 12)")
+    p.add_argument("--epochs-incremental", type=int, default=None,
+                   help="epochs of each later step (default: same as --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="step-0 learning rate (default: voc/ade 0.01, synthetic 0.1)")
+    p.add_argument("--lr-incremental", type=float, default=None,
+                   help="learning rate of later steps (default: voc/ade 0.001, synthetic 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)")
+    p.add_argument("--lambda-kd", type=float, default=None,
+                   help="logit distillation weight (default: lwf/ilt 100, mib/caf 10)")
+    p.add_argument("--alpha", type=float, default=1.0, help="teacher logit scale of the distillation (default 1)")
+    p.add_argument("--lambda-fd", type=float, default=None,
+                   help="ilt: L2 distillation weight of the encoder output (default 100)")
+    p.add_argument("--freeze-encoder", action="store_true", help="ilt: freeze the encoder in steps > 0 (E_F)")
+    p.add_argument("--lambda-ad", type=float, default=None, help="caf: attentive distillation weight (default 1000)")
+    p.add_argument("--step0-checkpoint", default=None, metavar="PATH",
+                   help="reuse this trained step-0 checkpoint (same architecture) instead of training step 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset, task=args.task, method=args.method, mode=args.mode, root=args.root, out=args.out,
+        backbone=args.backbone, output_stride=args.output_stride, pretrained=args.pretrained, lr=args.lr,
+        lr_incremental=args.lr_incremental, epochs=args.epochs, epochs_incremental=args.epochs_incremental,
+        batch_size=args.batch_size, image_size=args.image_size, momentum=args.momentum,
+        weight_decay=args.weight_decay, lambda_kd=args.lambda_kd, lambda_fd=args.lambda_fd,
+        lambda_ad=args.lambda_ad, alpha=args.alpha, freeze_encoder=args.freeze_encoder,
+        train_images=args.train_images, val_images=args.val_images, data_seed=args.data_seed,
+        eval_protocol=args.eval_protocol, amp=args.amp, loss_backend=args.loss_backend, device=args.device,
+        workers=args.workers, seed=args.seed, step0_checkpoint=args.step0_checkpoint,
+        progress=not args.no_progress)
+
+
+def _set_threads(threads) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _cmd_train(args) -> int:
+    from .train import run, write_reports
+    from .train.trainer import StepPlan
+
+    _set_threads(args.threads)
+    cfg = _config(args).resolved()
+    steps = None
+    if args.step != "all":
+        try:
+            steps = [int(args.step)]
+        except ValueError:
+            raise SystemExit(f"--step must be an integer or 'all', got {args.step!r}")
+    run(cfg, steps)
+    report = write_reports(Path(cfg.out), StepPlan(cfg, 0).task_steps)
+    print(report["table"])
+    if report["plot_message"]:
+        print(report["plot_message"])
+    print(f"results in {Path(cfg.out).resolve()} (results.json, results.csv, results.md, miou.png)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.trainer import evaluate_checkpoint
+
+    _set_threads(args.threads)
+    metrics = evaluate_checkpoint(args.checkpoint, root=args.root, device=args.device, amp=args.amp,
+                                  batch_size=args.batch_size, workers=args.workers,
+                                  eval_protocol=args.eval_protocol)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .train.demo import run_demo
+
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, methods=args.methods.split(","),
+             loss_backend=args.loss_backend, progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def _cmd_bench(rest) -> int:
+    try:
+        from benchmarks.report import main as report_main
+    except ImportError as exc:
+        raise SystemExit(f"bench needs the repository's benchmarks package (run from the repository root): {exc}")
+    return report_main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="incseg-fast",
+        description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,bench}")
+
+    _add_train(sub.add_parser("train", help="train one step or every step of a task",
+                              description="Train one step (--step K) or all steps of a task; writes checkpoints, "
+                                          "results.json/.csv/.md and miou.png to --out. Rerunning resumes."))
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a final step checkpoint "
+                       "(OUT/<method>/stepK.pt) on the validation split it was trained for.")
+    p.add_argument("checkpoint", help="a stepK.pt file written by train")
+    p.add_argument("--root", default=None, help="dataset folder for voc / ade (default: the one used in training)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: as trained)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--eval-protocol", default=None, choices=("mib", "plop"),
+                   help="unseen classes ignored (mib) or background (plop); default: as trained")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    p = sub.add_parser("demo", help="synthetic 15-5 disjoint: ft vs mib (vs caf) vs joint on CPU",
+                       description="Runs the synthetic 15-5 disjoint task with the methods below and the "
+                                   "joint upper bound, prints the old/new/all mIoU table and writes "
+                                   "results.json, results.csv, results.md and miou.png.")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and scenes (default 0)")
+    p.add_argument("--methods", default="ft,mib,caf",
+                   help="comma-separated incremental methods (joint is always added; default ft,mib,caf)")
+    p.add_argument("--loss-backend", default="auto", choices=BACKENDS, help="loss implementation (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: robust when other jobs share the cores)")
+
+    sub.add_parser("bench", help="benchmark report (benchmarks.report); options after 'bench' go to it",
+                   description="Runs python -m benchmarks.report with the remaining arguments.", add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    return {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)

@@ -1,0 +1,213 @@
+"""DeepLabV3 (ASPP head) with MiB's incremental classifier, and the CAF modules.
+
+``IncrementalSegmenter.forward`` returns a dict:
+``logits`` (B, C, H, W) at the input resolution, ``encoder`` the backbone output (ILT's
+feature-distillation target; with CAF the attended ``z-bar``), ``features`` the pre-classifier
+head output (CAF's ``h``), and with CAF ``projected`` (the input of the next step's fusion).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import incseg_fast as isf
+
+from .resnet import build_backbone
+
+
+def _conv_bn_relu(cin, cout, kernel=1, dilation=1):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, dilated 3x3 branches and image pooling."""
+
+    def __init__(self, in_channels: int, channels: int, rates):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, channels)] +
+            [_conv_bn_relu(in_channels, channels, 3, r) for r in rates])
+        # no BatchNorm on the pooled 1x1 branch: it would fail on a training batch of one image
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
+                                  nn.ReLU(inplace=True))
+        self.project = _conv_bn_relu(channels * (len(rates) + 2), channels)
+
+    def forward(self, x):
+        outs = [b(x) for b in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, x.shape[2], x.shape[3]))
+        return self.project(torch.cat(outs, 1))
+
+
+class DeepLabV3Head(nn.Module):
+    """ASPP followed by a 3x3 conv (MiB's head), ``channels`` output features."""
+
+    def __init__(self, in_channels: int, channels: int, rates):
+        super().__init__()
+        self.aspp = ASPP(in_channels, channels, rates)
+        self.last = _conv_bn_relu(channels, channels, 3)
+
+    def forward(self, x):
+        return self.last(self.aspp(x))
+
+
+class IncrementalClassifier(nn.Module):
+    """One 1x1 convolution per step; the logits of all steps are concatenated (MiB)."""
+
+    def __init__(self, in_channels: int, classes_per_step):
+        super().__init__()
+        self.in_channels = in_channels
+        self.heads = nn.ModuleList(nn.Conv2d(in_channels, n, 1) for n in classes_per_step)
+
+    @property
+    def classes_per_step(self) -> list[int]:
+        return [h.out_channels for h in self.heads]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.classes_per_step)
+
+    def add_step(self, n_new: int) -> nn.Conv2d:
+        head = nn.Conv2d(self.in_channels, n_new, 1).to(self.heads[0].weight.device)
+        self.heads.append(head)
+        return head
+
+    @torch.no_grad()
+    def balanced_init(self) -> None:
+        """MiB's initialisation of the newest head from the background classifier.
+
+        The background probability is split evenly between the background and the ``n``
+        new classes: new weights = background weights, new bias = background bias - log(n+1),
+        and the background bias itself is lowered by log(n+1).
+        """
+        if len(self.heads) < 2:
+            raise ValueError("balanced_init needs a step > 0 (at least two classifier heads)")
+        new, background = self.heads[-1], self.heads[0]
+        shift = math.log(new.out_channels + 1)
+        new.weight.copy_(background.weight[0:1].expand_as(new.weight))
+        new.bias.fill_(float(background.bias[0]) - shift)
+        background.bias[0] -= shift
+
+    def forward(self, x):
+        return torch.cat([h(x) for h in self.heads], 1)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention of CAF eq. 5: sigmoid(W2 relu(W1 GAP(m))), shape (B, C)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, m):
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(m.float().mean((2, 3)))))).to(m.dtype)
+
+
+class NonLocalProjection(nn.Module):
+    """CAF's feature projection (Fig. 3): an embedded-Gaussian non-local block, ``z + W(attention(z))``.
+
+    The output BatchNorm's scale starts at zero, so the block starts as the identity (the usual
+    non-local initialisation: a pretrained encoder's features first pass through unchanged).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        inner = max(channels // 2, 1)
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.out[1].weight)
+        self.scale = inner ** -0.5
+
+    def forward(self, z):
+        b, _, h, w = z.shape
+        query = self.theta(z).flatten(2).transpose(1, 2)           # (B, N, C')
+        key = self.phi(z).flatten(2)                                # (B, C', N)
+        value = self.g(z).flatten(2).transpose(1, 2)               # (B, N, C')
+        attention = torch.softmax((query @ key) * self.scale, dim=-1)  # (B, N, N)
+        context = (attention @ value).transpose(1, 2).reshape(b, -1, h, w)
+        return z + self.out(context)
+
+
+class ContinualAttentiveFusion(nn.Module):
+    """CAF's module (SPEC 3.2): project the new (and, while training, the old) encoder
+    features with a non-local block, fuse them with a 1x1 conv, and reweight the result with
+    the structured attention ``(1 + A_CH (x) A_SP) * v``.
+
+    Without old features (step 0, evaluation) the fusion is skipped, the paper's "skip"
+    strategy. A_SP and A_CH use SPEC 3.2's collapsed form: a one-output 1x1 conv and a
+    matrix-vector product on the pooled features.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.project = NonLocalProjection(channels)
+        self.fuse = nn.Conv2d(2 * channels, channels, 1)
+        # starts as "keep the new projection": the step-0 head sees the same input at step 1
+        with torch.no_grad():
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
+            self.fuse.bias.zero_()
+        self.spatial = nn.Conv2d(channels, 1, 1)   # mean over the outputs of w_sp * v
+        self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v)
+
+    def forward(self, z, old_projected=None, *, backend="auto"):
+        """Returns (the attended features z-bar, this model's projection of z)."""
+        projected = self.project(z)
+        v = projected if old_projected is None else self.fuse(torch.cat([projected, old_projected], 1))
+        a_sp = self.spatial(v)[:, 0]
+        a_ch = self.channel(v.mean((2, 3)))
+        out = isf.structured_attention(v, a_ch.to(v.dtype), a_sp.to(v.dtype), backend=backend)
+        return out, projected
+
+
+class IncrementalSegmenter(nn.Module):
+    def __init__(self, backbone: str, classes_per_step, *, output_stride=16, head_channels=None,
+                 aspp_rates=None, caf=False):
+        super().__init__()
+        self.backbone_name = backbone
+        self.encoder = build_backbone(backbone, output_stride)
+        small = backbone in ("tiny", "small")
+        if head_channels is None:
+            head_channels = 64 if small else 256
+        if aspp_rates is None:
+            scale = 16 // self.encoder.output_stride
+            aspp_rates = (2, 4, 6) if small else tuple(r * scale for r in (6, 12, 18))
+        cin = self.encoder.out_channels
+        self.caf = ContinualAttentiveFusion(cin) if caf else None
+        self.se_encoder = SqueezeExcitation(cin) if caf else None
+        self.se_features = SqueezeExcitation(head_channels) if caf else None
+        self.head = DeepLabV3Head(cin, head_channels, aspp_rates)
+        self.classifier = IncrementalClassifier(head_channels, classes_per_step)
+        # backend of the fused structured-attention op in the CAF module (the trainer sets it)
+        self.loss_backend = "auto"
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def config(self) -> dict:
+        """What is needed to rebuild this model (stored in checkpoints)."""
+        return {"backbone": self.backbone_name, "classes_per_step": self.classifier.classes_per_step,
+                "output_stride": self.encoder.output_stride, "head_channels": self.classifier.in_channels,
+                "aspp_rates": [b[0].dilation[0] for b in self.head.aspp.branches[1:]],
+                "caf": self.caf is not None}
+
+    def forward(self, images, old_projected=None):
+        """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only)."""
+        z = self.encoder(images)
+        out = {}
+        if self.caf is not None:
+            z, out["projected"] = self.caf(z, old_projected, backend=self.loss_backend)
+        h = self.head(z)
+        out["logits"] = F.interpolate(self.classifier(h), size=images.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+        out["encoder"], out["features"] = z, h
+        return out

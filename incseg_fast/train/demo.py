@@ -1,0 +1,99 @@
+"""``incseg-fast demo``: the synthetic 15-5 disjoint task on CPU, fine-tuning vs MiB (vs CAF) vs joint.
+
+Fine-tuning learns the new classes from images where the old ones are labelled background,
+and forgets them; MiB's unbiased losses and balanced initialisation keep them. Step 0 is
+identical for ``ft`` and ``mib`` (plain cross-entropy, same seed), so it is trained once and
+reused (``--step0-checkpoint``); ``caf`` has its own architecture and trains its own step 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .results import write_reports
+from .trainer import StepPlan, run
+
+# Tuned so that the full demo runs in about 4 minutes on the shared 2-core development machine
+# and mib keeps far more of the old classes than ft (measured figures: docs/TRAINER.md).
+FULL = dict(image_size=48, train_images=800, val_images=200, epochs=12, epochs_incremental=8,
+            batch_size=8, lr=0.1, lr_incremental=0.01, output_stride=4)
+# bumped when the models or the demo change, so that an old runs/demo is not resumed
+DEMO_VERSION = 2
+# CAF's lambda_AD = 1000 (VOC / ADE, ResNet-101 features) makes this small network diverge at the
+# demo's learning rate (measured: 100 diverges too); 10 trains but learns almost no new class
+# (new mIoU 0.2), 1 keeps as much of the old classes and learns some new ones (3.4).
+DEMO_LAMBDA_AD = 1.0
+QUICK = dict(image_size=32, train_images=160, val_images=48, epochs=2, epochs_incremental=2,
+             batch_size=8, lr=0.1, lr_incremental=0.01, output_stride=4)
+
+
+def _settings_match(out: Path, settings: dict) -> bool:
+    path = out / "demo_settings.json"
+    return path.exists() and json.loads(path.read_text()) == settings
+
+
+def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf"), loss_backend="auto",
+             progress=True, threads=1) -> dict:
+    """Train the demo's methods (an unchanged, interrupted demo resumes) and print the table.
+
+    ``threads``: torch's intra-op threads. One is the default because these convolutions are
+    small and on a busy machine several OpenMP threads wait on each other (measured: 2 threads
+    ran 20-200x slower than 1 while other jobs shared the 2 cores).
+    Returns ``write_reports``' dict (``results`` is what ``results.json`` holds).
+    """
+    torch.set_num_threads(threads)
+    methods = ["ft"] + [m for m in methods if m not in ("ft", "joint")]  # ft: the baseline and the shared step 0
+    unknown = set(methods) - {"ft", "lwf", "ilt", "mib", "caf"}
+    if unknown:
+        raise ValueError(f"methods must be incremental methods (ft, lwf, ilt, mib, caf), got {sorted(unknown)}")
+    out = Path(out)
+    settings = {"version": DEMO_VERSION, **(QUICK if quick else FULL), "caf_lambda_ad": DEMO_LAMBDA_AD, "seed": seed, "methods": methods, "loss_backend": loss_backend}
+    if not _settings_match(out, settings):
+        # results of other settings would be mixed into the tables: start this folder over
+        for name in [*methods, "joint", "ft", "cache"]:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("results.json", "results.csv", "results.md", "miou.png"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_settings.json").write_text(json.dumps(settings, indent=1))
+
+    base = TrainConfig(dataset="synthetic", task="15-5", mode="disjoint", out=str(out), backbone="tiny",
+                       seed=seed, data_seed=seed, device="cpu", amp="none",
+                       loss_backend=loss_backend, progress=progress,
+                       **{k: settings[k] for k in FULL})
+    start = time.perf_counter()
+    timings = {}
+    shared_step0 = out / "ft" / "step0.pt"
+    for method in methods + ["joint"]:
+        t0 = time.perf_counter()
+        cfg = dataclasses.replace(base, method=method)
+        if method in ("lwf", "ilt", "mib"):
+            cfg.step0_checkpoint = str(shared_step0)
+        if method == "caf":
+            cfg.lambda_ad = DEMO_LAMBDA_AD
+        run(cfg)
+        timings[method] = time.perf_counter() - t0
+    total = time.perf_counter() - start
+
+    report = write_reports(out, StepPlan(base.resolved(), 0).task_steps)
+    print()
+    print(f"synthetic 15-5 disjoint, {'quick' if quick else 'full'} demo, mIoU (%) after the last step:")
+    print(report["table"])
+    final = {m: entries[-1] for m, entries in report["results"].items()}
+    if "ft" in final and "mib" in final and final["ft"]["miou_old"] is not None \
+            and final["mib"]["miou_old"] is not None:
+        gap = final["mib"]["miou_old"] - final["ft"]["miou_old"]
+        print(f"old classes: mib {final['mib']['miou_old']:.1f} vs ft {final['ft']['miou_old']:.1f} "
+              f"({gap:+.1f} points)")
+    print("time: " + ", ".join(f"{m} {t:.0f}s" for m, t in timings.items()) + f"; total {total:.0f}s")
+    if report["plot_message"]:
+        print(report["plot_message"])
+    print(f"files in {out.resolve()}: results.json, results.csv, results.md"
+          + ("" if report["plot_message"] else ", miou.png") + ", <method>/metrics.json, <method>/step<k>.pt")
+    return report
