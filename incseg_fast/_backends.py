@@ -1,8 +1,8 @@
 """Backend registry: which implementations exist here, and which one a call gets.
 
 A backend is a module exposing the three functions of the contract in DEVELOPERS.md
-(``logit_losses``, ``attentive_distillation``, ``structured_attention``). Modules are imported
-lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
+(``logit_losses``, ``attentive_distillation``, ``structured_attention``). The Triton module is
+imported lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
 """
 import importlib
 import importlib.util
@@ -10,17 +10,18 @@ import os
 
 import torch
 
+from incseg_fast import ops, reference
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Looked up once: find_spec is not traceable by torch.compile, and an install does not change mid-run.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Backend modules by name. The Triton one is imported on first use only, so that importing
+# incseg_fast neither loads Triton nor fixes its interpreter mode before the user sets it.
+_MODULES = {"reference": reference, "cpu": ops, "cuda": ops}
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here (never silently replaced by another)."""
-
-
-def _extension():
-    from incseg_fast import ops
-
-    return ops
 
 
 def triton_interpreter():
@@ -32,10 +33,8 @@ def _unavailable_reason(name):
     if name == "reference":
         return None
     if name == "cpu":
-        ops = _extension()
         return None if ops.HAS_EXTENSION else f"the compiled extension incseg_fast._C is not built ({ops.IMPORT_ERROR})"
     if name == "cuda":
-        ops = _extension()
         if not ops.HAS_EXTENSION:
             return f"the compiled extension incseg_fast._C is not built ({ops.IMPORT_ERROR})"
         if not ops.HAS_CUDA_KERNELS:
@@ -44,7 +43,7 @@ def _unavailable_reason(name):
             return "no CUDA device is available"
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not TRITON_INSTALLED:
             return "triton is not installed"
         if not (torch.cuda.is_available() or triton_interpreter()):
             return "triton needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
@@ -58,11 +57,9 @@ def available_backends():
 
 
 def _module(name):
-    if name == "reference":
-        return importlib.import_module("incseg_fast.reference")
-    if name in ("cpu", "cuda"):
-        return _extension()
-    return importlib.import_module("incseg_fast.triton")
+    if name not in _MODULES:  # only "triton" is imported lazily
+        _MODULES[name] = importlib.import_module("incseg_fast.triton")
+    return _MODULES[name]
 
 
 def resolve(backend, device):

@@ -101,7 +101,12 @@ def labels(t, x, ignore_index, name="t"):
         raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(t.shape)}")
     same_device(t, name, x, "x")
     out_of_range = ((t < 0) | (t >= C)) & (t != ignore_index)
-    if bool(out_of_range.any()):
+    if torch.compiler.is_compiling():
+        # A data-dependent branch cannot be traced; the compiled graph asserts instead
+        # (RuntimeError at run time rather than ValueError, but never a silent wrong answer).
+        torch._assert_async(torch.logical_not(out_of_range.any()),
+                            f"{name} has labels outside [0, {C}) that are not ignore_index={ignore_index}")
+    elif bool(out_of_range.any()):
         bad = t[out_of_range][0].item()
         raise ValueError(f"{name} has label {bad} outside [0, {C}) that is not ignore_index={ignore_index}")
     return t
