@@ -5,18 +5,11 @@ import sys
 import types
 
 import pytest
-import torch
 
 from incseg_fast.cli import build_parser, main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions: one thread is fastest, and robust on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers(parser):

@@ -11,31 +11,15 @@ import torch
 
 import incseg_fast as isf
 from incseg_fast import reference
+from parity_support import RTOL, device_for, interpreted
 
-BACKENDS = ("cpu", "cuda", "triton")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 INPUT_NAMES = ("f", "g", "a", "b")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param not in isf.available_backends():
-        pytest.skip(f"backend {request.param!r} is not available here")
-    return request.param
-
-
-def _device(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def _interpreted(backend):
-    return backend == "triton" and not torch.cuda.is_available()
 
 
 def _shape(backend, batch, channels, height, width):
     """The requested (B, C, H, W), shrunk for the Triton interpreter."""
-    if _interpreted(backend):
+    if interpreted(backend):
         return min(batch, 2), min(channels, 8), min(height, 7), min(width, 7)
     return batch, channels, height, width
 
@@ -102,7 +86,7 @@ def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial,
 @pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
 def test_attentive_distillation_dtypes(backend, generator, dtype, reduction, detach_spatial):
     shape = _shape(backend, 3, 19, 13, 11)
-    inputs = _feature_pair(generator, shape, dtype, _device(backend))
+    inputs = _feature_pair(generator, shape, dtype, device_for(backend))
     _check_attentive_distillation(backend, inputs, reduction=reduction, detach_spatial=detach_spatial,
                                   wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
 
@@ -114,7 +98,7 @@ GRAD_SUBSETS = [subset for k in range(len(INPUT_NAMES) + 1) for subset in iterto
 @pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
 def test_attentive_distillation_gradient_subsets(backend, generator, wanted, detach_spatial):
     shape = _shape(backend, 2, 7, 9, 5)
-    inputs = _feature_pair(generator, shape, torch.float32, _device(backend))
+    inputs = _feature_pair(generator, shape, torch.float32, device_for(backend))
     _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=detach_spatial, wanted=wanted,
                                   upstream=_random_upstream(generator), rtol=RTOL[torch.float32])
 
@@ -124,7 +108,7 @@ def test_attentive_distillation_gradient_subsets(backend, generator, wanted, det
 def test_attentive_distillation_zero_feature_map(backend, generator, zero_map, detach_spatial):
     """An all-zero feature map of one image has N == 0: Ŝ = 0 there and the other images are unaffected."""
     shape = _shape(backend, 3, 6, 7, 5)
-    f, g, a, b = _feature_pair(generator, shape, torch.float64, _device(backend))
+    f, g, a, b = _feature_pair(generator, shape, torch.float64, device_for(backend))
     if zero_map == "f":
         f[0] = 0
     elif zero_map == "g":
@@ -140,16 +124,16 @@ def test_attentive_distillation_zero_feature_map(backend, generator, zero_map, d
 def test_attentive_distillation_nearly_identical_pair(backend, generator, dtype):
     """The old and new models nearly agree (as right after a step starts): D is small against AD(f)."""
     shape = _shape(backend, 2, 16, 9, 7)
-    f, _, a, _ = _feature_pair(generator, shape, dtype, _device(backend))
-    g = f + 1e-3 * _features(generator, shape, dtype, _device(backend))
-    b = a * (1 + 1e-3 * _features(generator, a.shape, dtype, _device(backend)))
+    f, _, a, _ = _feature_pair(generator, shape, dtype, device_for(backend))
+    g = f + 1e-3 * _features(generator, shape, dtype, device_for(backend))
+    b = a * (1 + 1e-3 * _features(generator, a.shape, dtype, device_for(backend)))
     _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False,
                                   wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
 
 
 def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generator):
     """A copied old model (f == g, a == b) gives a loss and gradients of exactly zero."""
-    f, _, a, _ = _feature_pair(generator, _shape(backend, 2, 16, 9, 7), torch.float32, _device(backend))
+    f, _, a, _ = _feature_pair(generator, _shape(backend, 2, 16, 9, 7), torch.float32, device_for(backend))
     leaves = [x.clone().requires_grad_() for x in (f, f, a, a)]
     loss = isf.attentive_distillation(*leaves, backend=backend)
     loss.backward()
@@ -163,16 +147,16 @@ def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generato
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_attentive_distillation_shapes(backend, generator, shape, dtype):
     """Many channels, images larger than one pixel chunk, chunk tails, single pixels and channels."""
-    if _interpreted(backend) and shape[1] > 8:
+    if interpreted(backend) and shape[1] > 8:
         pytest.skip("too large for the Triton interpreter")
-    inputs = _feature_pair(generator, _shape(backend, *shape), dtype, _device(backend))
+    inputs = _feature_pair(generator, _shape(backend, *shape), dtype, device_for(backend))
     _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
                                   upstream=_random_upstream(generator), rtol=RTOL[dtype])
 
 
 def test_attentive_distillation_non_contiguous(backend, generator):
     shape = _shape(backend, 2, 6, 9, 7)
-    f, g, a, b = _feature_pair(generator, shape, torch.float32, _device(backend))
+    f, g, a, b = _feature_pair(generator, shape, torch.float32, device_for(backend))
     f = f.to(memory_format=torch.channels_last)
     g = g.transpose(2, 3).contiguous().transpose(2, 3)
     _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
@@ -202,10 +186,10 @@ def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41)], ids=lambda s: "x".join(map(str, s)))
 def test_structured_attention(backend, generator, dtype, shape):
-    if _interpreted(backend) and shape[1] > 8:
+    if interpreted(backend) and shape[1] > 8:
         pytest.skip("too large for the Triton interpreter")
     batch, channels, height, width = _shape(backend, *shape)
-    device = _device(backend)
+    device = device_for(backend)
     v = _features(generator, (batch, channels, height, width), dtype, device)
     a_ch = _features(generator, (batch, channels), dtype, device)
     a_sp = _features(generator, (batch, height, width), dtype, device)
@@ -216,7 +200,7 @@ def test_structured_attention(backend, generator, dtype, shape):
 @pytest.mark.parametrize("wanted", [("v",), ("a_ch",), ("a_sp",), ("a_ch", "a_sp")], ids="+".join)
 def test_structured_attention_gradient_subsets(backend, generator, wanted):
     batch, channels, height, width = _shape(backend, 2, 5, 7, 9)
-    device = _device(backend)
+    device = device_for(backend)
     v = _features(generator, (batch, channels, height, width), torch.float32, device)
     a_ch = _features(generator, (batch, channels), torch.float32, device)
     a_sp = _features(generator, (batch, 1, height, width), torch.float32, device)  # the (B, 1, H, W) form

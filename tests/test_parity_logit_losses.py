@@ -13,28 +13,16 @@ import torch
 
 import incseg_fast as isf
 from incseg_fast import reference
+from parity_support import RTOL, device_for, interpreted
 
-BACKENDS = ("cpu", "cuda", "triton")
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 CE_MODES = ("unbiased", "plain")
 KD_MODES = ("unbiased", "balanced", "plain", "none")
 REDUCTIONS = ("mean", "sum", "none")
 DISTILLATIONS = ("knowledge_distillation", "unbiased_knowledge_distillation", "balanced_knowledge_distillation")
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param not in isf.available_backends():
-        pytest.skip(f"backend {request.param!r} is not available here")
-    return request.param
-
-
-def _device(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
 def _skip_if_interpreted(backend):
-    if backend == "triton" and not torch.cuda.is_available():
+    if interpreted(backend):
         pytest.skip("too large for the Triton interpreter")
 
 
@@ -90,7 +78,7 @@ def _check(backend, name, x, args, kwargs, generator, *, expect_zero=(), grad_fl
     exactly zero; grad_floor is the gradient scale to compare against where the reference
     gradient is zero by construction.
     """
-    device = _device(backend)
+    device = device_for(backend)
     rtol = RTOL[x.dtype]
     xb = x.detach().to(device).clone().requires_grad_()
     outputs = getattr(isf, name)(xb, *[_on(a, device) for a in args], backend=backend,

@@ -11,13 +11,7 @@ from incseg_fast.train import TrainConfig, evaluate_checkpoint, run, train_step
 from incseg_fast.train.trainer import amp_dtype, load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions: one thread is fastest, and robust on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out, method="ft", **overrides):
