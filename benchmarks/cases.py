@@ -1,0 +1,346 @@
+"""The benchmark cases shared by the pytest-benchmark suite and the report.
+
+A case is one op at one size and dtype. It makes fresh random inputs and knows how to call the
+op through each provider: the eager reference (``incseg_fast.reference``),
+``torch.compile(reference)``, and a fused backend through the public API (``backend=...``).
+Every provider is called the same way: ``fn(**inputs.arguments) -> tuple of outputs``, then
+``torch.autograd.backward(outputs, inputs.upstream)`` for the backward.
+"""
+import dataclasses
+import functools
+
+import torch
+
+from incseg_fast import reference
+
+IGNORE_INDEX = 255
+IGNORED_FRACTION = 0.1
+# MiB's lambda_kd: the upstream gradient of the distillation term in the fwd+bwd benchmark.
+KD_WEIGHT = 10.0
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Which fused backends can run on tensors of each device type. The Triton interpreter on CPU
+# tensors is a debugging tool, not a benchmark.
+BACKENDS_FOR_DEVICE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    name: str
+    kind: str  # "logits": dims B, C, Co, H, W; "features": dims B, C, H, W
+    dims: tuple
+    cuda_only: bool = False
+    dtypes: tuple = ()  # dtype names this size always runs in; empty: the dtype asked for
+    quick: bool = False
+
+    def describe(self):
+        letters = ("B", "C", "Co", "H", "W") if self.kind == "logits" else ("B", "C", "H", "W")
+        return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims))
+
+
+SIZES = {
+    s.name: s
+    for s in (
+        Size("voc", "logits", (4, 21, 16, 256, 256)),
+        Size("ade", "logits", (2, 151, 101, 128, 128)),
+        Size("voc512", "logits", (8, 21, 16, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
+        Size("feat2048", "features", (4, 2048, 32, 32)),
+        Size("feat256", "features", (4, 256, 64, 64)),
+        Size("feat2048x64", "features", (8, 2048, 64, 64), cuda_only=True),
+        # Small odd shapes for smoke tests (--quick).
+        Size("quick_logits", "logits", (2, 21, 16, 45, 53), quick=True),
+        Size("quick_features", "features", (2, 96, 19, 23), quick=True),
+    )
+}
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Keyword arguments of one call, the names of those that receive gradients, and the
+    upstream gradients of the outputs (one per output; any dtype, cast to the output's)."""
+
+    arguments: dict
+    grad_names: tuple
+    upstream: tuple
+    primary: str  # the tensor whose size is the unit of the memory figure (logits or features)
+
+    def tensors(self):
+        return {k: v for k, v in self.arguments.items() if isinstance(v, torch.Tensor)}
+
+    def grad_tensors(self):
+        return [self.arguments[name] for name in self.grad_names]
+
+    def clear_grads(self):
+        for t in self.grad_tensors():
+            t.grad = None
+
+    def converted(self, dtype):
+        """A detached copy with every floating tensor in ``dtype`` (the float64 reference)."""
+        arguments = {}
+        for k, v in self.arguments.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(dtype) if v.is_floating_point() else v.clone()
+                v.requires_grad_(k in self.grad_names)
+            arguments[k] = v
+        upstream = tuple(u.to(dtype) for u in self.upstream)
+        return Inputs(arguments, self.grad_names, upstream, self.primary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input makers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _randn(shape, generator, scale=1.0):
+    return torch.randn(shape, generator=generator) * scale
+
+
+def _labels(B, C, H, W, generator):
+    t = torch.randint(0, C, (B, H, W), generator=generator)
+    ignored = torch.rand((B, H, W), generator=generator) < IGNORED_FRACTION
+    return t.masked_fill(ignored, IGNORE_INDEX)
+
+
+def _finish(arguments, grad_names, upstream, primary, dtype, device):
+    for k, v in arguments.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+            arguments[k] = v.requires_grad_(k in grad_names)
+    upstream = tuple(u.to(device=device, dtype=torch.float32 if u.dim() == 0 else dtype)
+                     for u in upstream)
+    return Inputs(arguments, tuple(grad_names), upstream, primary)
+
+
+def make_logit_inputs(dims, dtype, device, generator, *, with_target, with_teacher):
+    B, C, Co, H, W = dims
+    arguments = {"x": _randn((B, C, H, W), generator, 3.0)}
+    upstream = []
+    if with_target:
+        arguments["t"] = _labels(B, C, H, W, generator)
+        upstream.append(torch.tensor(1.0))
+    if with_teacher:
+        arguments["y"] = _randn((B, Co, H, W), generator, 3.0)
+        upstream.append(torch.tensor(KD_WEIGHT))
+    else:
+        arguments["old_classes"] = Co
+    return _finish(arguments, ("x",), upstream, "x", dtype, device)
+
+
+def make_distillation_inputs(dims, dtype, device, generator):
+    B, C, H, W = dims
+    f = _randn((B, C, H, W), generator)
+    arguments = {
+        "f": f,
+        "g": f + _randn((B, C, H, W), generator, 0.1),  # the old model's features are close
+        "a": torch.sigmoid(_randn((B, C), generator)),  # squeeze-excitation outputs in (0, 1)
+        "b": torch.sigmoid(_randn((B, C), generator)),
+    }
+    # The old model (g, b) is frozen: gradients go to the student's f and a only.
+    return _finish(arguments, ("f", "a"), [torch.tensor(1000.0)], "f", dtype, device)
+
+
+def make_attention_inputs(dims, dtype, device, generator):
+    B, C, H, W = dims
+    arguments = {
+        "v": _randn((B, C, H, W), generator),
+        "a_ch": _randn((B, C), generator),
+        "a_sp": _randn((B, H, W), generator),
+    }
+    upstream = [_randn((B, C, H, W), generator)]
+    return _finish(arguments, ("v", "a_ch", "a_sp"), upstream, "v", dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops: the reference call and the public-API call with the same arguments.
+# ---------------------------------------------------------------------------------------------
+
+
+def _api():
+    import incseg_fast
+
+    return incseg_fast
+
+
+def reference_incremental_loss(x, t, y):
+    return reference.incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="unbiased")
+
+
+def fused_incremental_loss(x, t, y, *, backend):
+    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="unbiased",
+                                   backend=backend)
+
+
+def reference_incremental_loss_balanced(x, t, y):
+    return reference.incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced")
+
+
+def fused_incremental_loss_balanced(x, t, y, *, backend):
+    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced",
+                                   backend=backend)
+
+
+def reference_unbiased_cross_entropy(x, t, old_classes):
+    return (reference.unbiased_cross_entropy(x, t, old_classes),)
+
+
+def fused_unbiased_cross_entropy(x, t, old_classes, *, backend):
+    return (_api().unbiased_cross_entropy(x, t, old_classes, backend=backend),)
+
+
+def reference_knowledge_distillation(x, y):
+    return (reference.knowledge_distillation(x, y),)
+
+
+def fused_knowledge_distillation(x, y, *, backend):
+    return (_api().knowledge_distillation(x, y, backend=backend),)
+
+
+def reference_attentive_distillation(f, g, a, b):
+    return (reference.attentive_distillation(f, g, a, b),)
+
+
+def fused_attentive_distillation(f, g, a, b, *, backend):
+    return (_api().attentive_distillation(f, g, a, b, backend=backend),)
+
+
+def reference_structured_attention(v, a_ch, a_sp):
+    return (reference.structured_attention(v, a_ch, a_sp),)
+
+
+def fused_structured_attention(v, a_ch, a_sp, *, backend):
+    return (_api().structured_attention(v, a_ch, a_sp, backend=backend),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    kind: str  # the kind of Size it runs at
+    make_inputs: object  # (dims, dtype, device, generator) -> Inputs
+    reference: object
+    fused: object
+    sizes: tuple  # the default sizes (CUDA-only ones are dropped on CPU)
+
+
+OPS = {
+    op.name: op
+    for op in (
+        Op("incremental_loss", "logits",
+           functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
+           reference_incremental_loss, fused_incremental_loss, ("voc", "ade", "voc512")),
+        Op("incremental_loss_balanced", "logits",
+           functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
+           reference_incremental_loss_balanced, fused_incremental_loss_balanced, ("voc",)),
+        Op("unbiased_cross_entropy", "logits",
+           functools.partial(make_logit_inputs, with_target=True, with_teacher=False),
+           reference_unbiased_cross_entropy, fused_unbiased_cross_entropy, ("voc", "ade")),
+        Op("knowledge_distillation", "logits",
+           functools.partial(make_logit_inputs, with_target=False, with_teacher=True),
+           reference_knowledge_distillation, fused_knowledge_distillation, ("voc", "ade")),
+        Op("attentive_distillation", "features", make_distillation_inputs,
+           reference_attentive_distillation, fused_attentive_distillation,
+           ("feat2048", "feat256", "feat2048x64")),
+        Op("structured_attention", "features", make_attention_inputs,
+           reference_structured_attention, fused_structured_attention,
+           ("feat2048", "feat256", "feat2048x64")),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: Op
+    size: Size
+    dtype_name: str
+    device: str
+
+    @property
+    def dtype(self):
+        return DTYPES[self.dtype_name]
+
+    @property
+    def name(self):
+        return f"{self.op.name}-{self.size.name}-{self.dtype_name}"
+
+    def make_inputs(self, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        return self.op.make_inputs(self.size.dims, self.dtype, self.device, generator)
+
+
+def select_cases(*, ops=None, sizes=None, dtype_name="fp32", device="cpu", quick=False):
+    """The cases to run. ``ops``/``sizes``: names to keep (None: all); ``quick``: the small
+    smoke-test sizes instead of the default ones."""
+    unknown = set(ops or ()) - set(OPS)
+    if unknown:
+        raise ValueError(f"ops: unknown {sorted(unknown)}; choose from {sorted(OPS)}")
+    unknown = set(sizes or ()) - set(SIZES)
+    if unknown:
+        raise ValueError(f"sizes: unknown {sorted(unknown)}; choose from {sorted(SIZES)}")
+    cases = []
+    for op in OPS.values():
+        if ops is not None and op.name not in ops:
+            continue
+        if sizes is not None:
+            size_names = [n for n in sizes if SIZES[n].kind == op.kind]
+        elif quick:
+            size_names = [n for n, s in SIZES.items() if s.quick and s.kind == op.kind]
+        else:
+            size_names = op.sizes
+        for size_name in size_names:
+            size = SIZES[size_name]
+            if size.cuda_only and device != "cuda":
+                continue
+            for name in size.dtypes or (dtype_name,):
+                cases.append(Case(op, size, name, device))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: name -> callable(**arguments) -> tuple of outputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_backends(device):
+    """The fused backends available for tensors on ``device`` (empty until the public API and a
+    compiled backend exist)."""
+    try:
+        available = _api().available_backends()
+    except (ImportError, AttributeError):
+        return []
+    return [b for b in BACKENDS_FOR_DEVICE[device] if b in available]
+
+
+@functools.cache
+def _compiled(fn):
+    # dynamic=False: each size gets its own static-shape graph, as a training run would.
+    return torch.compile(fn, dynamic=False)
+
+
+def providers(op, device, names=None):
+    """Ordered (name, callable) for ``op``: eager, compiled, then the fused backends.
+    ``names`` keeps only those providers (None: all)."""
+    found = [("eager", op.reference), ("compiled", _compiled(op.reference))]
+    found += [(b, functools.partial(op.fused, backend=b)) for b in fused_backends(device)]
+    return [(n, fn) for n, fn in found if names is None or n in names]
+
+
+def run_forward(fn, inputs):
+    return tuple(fn(**inputs.arguments))
+
+
+def run_forward_backward(fn, inputs):
+    outputs = run_forward(fn, inputs)
+    upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs)]
+    torch.autograd.backward(outputs, upstream)
+    return outputs
+
+
+def minimal_bytes(inputs, outputs, *, backward):
+    """Bytes an ideal implementation moves: every input read once and every non-scalar output
+    written once; with ``backward`` also each non-scalar upstream gradient read once and each
+    gradient written once."""
+    total = sum(t.numel() * t.element_size() for t in inputs.tensors().values())
+    total += sum(o.numel() * o.element_size() for o in outputs if o.dim() > 0)
+    if backward:
+        total += sum(u.numel() * u.element_size() for u in inputs.upstream if u.dim() > 0)
+        total += sum(t.numel() * t.element_size() for t in inputs.grad_tensors())
+    return total

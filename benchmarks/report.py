@@ -1,0 +1,302 @@
+"""Benchmark report: every op and size through every provider, interleaved in one process.
+
+    python -m benchmarks.report [--quick] [--ops a,b] [--sizes voc,ade] [--dtype fp32|bf16]
+                                [--providers eager,compiled,cpu] [--json PATH] [--markdown PATH]
+
+Providers: the eager reference (``incseg_fast.reference``), ``torch.compile(reference)`` and
+each fused backend available for the device (the public API with ``backend=...``). For each
+case the providers run round-robin, one repetition each in turn, so that load from other
+processes hits them alike and their ratios stay comparable. Per provider: median time of the
+forward (autograd on, as in training) and of forward+backward, the peak extra memory of
+forward+backward beyond the inputs, the achieved bandwidth of forward+backward on the minimal
+bytes (inputs read once, gradients written once) against the measured copy bandwidth, and the
+max relative error of outputs and gradients against the reference run in float64.
+Progress goes to stderr, the report to stdout.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from benchmarks import cases as bench_cases
+from benchmarks import measure
+
+LOGIT_OPS_MEMORY_LIMIT = 1.25  # issue #3: fused fwd+bwd peak extra memory <= 1.25 x logits
+
+
+def _log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _names(text):
+    return [n for n in text.split(",") if n] if text else None
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small odd sizes and few repetitions (a smoke test)")
+    parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
+    parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--providers", type=_names,
+                        help="comma-separated subset of eager, compiled and the fused backends")
+    parser.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, quick 3)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed calls per provider first, compilation included (default 2, quick 1)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    args.reps = args.reps or (3 if args.quick else 15)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    for option, chosen, known in (("--ops", args.ops, bench_cases.OPS), ("--sizes", args.sizes, bench_cases.SIZES)):
+        unknown = sorted(set(chosen or ()) - set(known))
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    if args.reps < 1 or args.warmup < 1:
+        parser.error("--reps and --warmup must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one case.
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_case(case, provider_names, *, reps, warmup):
+    device = case.device
+    inputs = case.make_inputs()
+    reference_values = measure.outputs_and_grads(case.op.reference, inputs.converted(torch.float64))
+    outputs = bench_cases.run_forward(case.op.reference, inputs)
+    record = {
+        "op": case.op.name, "size": case.size.name, "dims": case.size.describe(),
+        "dtype": case.dtype_name,
+        "primary_bytes": inputs.arguments[inputs.primary].numel() * inputs.arguments[inputs.primary].element_size(),
+        "bytes_fwd": bench_cases.minimal_bytes(inputs, outputs, backward=False),
+        "bytes_fwd_bwd": bench_cases.minimal_bytes(inputs, outputs, backward=True),
+        "providers": {},
+    }
+    del outputs
+
+    running = []
+    for name, fn in bench_cases.providers(case.op, device, provider_names):
+        result = record["providers"][name] = {"fwd_s": [], "fwd_bwd_s": []}
+        _log(f"{case.name}: {name}: warm-up ({warmup} calls{', compiling' if name == 'compiled' else ''})")
+        try:
+            for _ in range(warmup):
+                inputs.clear_grads()
+                bench_cases.run_forward_backward(fn, inputs)
+            inputs.clear_grads()
+            result["max_rel_err"] = measure.max_relative_error(
+                measure.outputs_and_grads(fn, inputs), reference_values)
+        except Exception as error:  # a provider that fails is reported as failed, not skipped
+            result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            _log(f"{case.name}: {name}: FAILED {result['error']}")
+            continue
+        running.append((name, fn))
+
+    _log(f"{case.name}: timing {', '.join(n for n, _ in running)} interleaved, {reps} reps")
+    for rep in range(reps):
+        start = rep % len(running) if running else 0
+        for name, fn in running[start:] + running[:start]:
+            result = record["providers"][name]
+            result["fwd_s"].append(measure.time_call(lambda: bench_cases.run_forward(fn, inputs), device))
+            inputs.clear_grads()
+            result["fwd_bwd_s"].append(
+                measure.time_call(lambda: bench_cases.run_forward_backward(fn, inputs), device))
+            inputs.clear_grads()
+
+    for name, fn in running:
+        result = record["providers"][name]
+        result["fwd_median_s"] = measure.median(result["fwd_s"])
+        result["fwd_bwd_median_s"] = measure.median(result["fwd_bwd_s"])
+        result["peak_extra_bytes"] = measure.forward_backward_peak(fn, inputs, device)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting.
+# ---------------------------------------------------------------------------------------------
+
+
+def speedups(record):
+    """{fused: {"eager": {"fwd": x, "fwd_bwd": x}, "compiled": {...}}}: baseline time / fused time."""
+    results = record["providers"]
+    out = {}
+    for name, result in results.items():
+        if name in ("eager", "compiled") or "fwd_median_s" not in result:
+            continue
+        out[name] = {}
+        for baseline in ("eager", "compiled"):
+            base = results.get(baseline, {})
+            if "fwd_median_s" in base:
+                out[name][baseline] = {
+                    phase: base[f"{phase}_median_s"] / result[f"{phase}_median_s"]
+                    for phase in ("fwd", "fwd_bwd")
+                }
+    return out
+
+
+def format_case(record, copy_bytes_per_s):
+    mib = 2**20
+    lines = [f"{record['op']}  {record['size']} ({record['dims']})  {record['dtype']}  "
+             f"[unit tensor {record['primary_bytes'] / mib:.1f} MiB, "
+             f"minimal fwd+bwd traffic {record['bytes_fwd_bwd'] / mib:.1f} MiB]",
+             f"  {'provider':<10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'(min)':>9}{'peak MiB':>10}{'peak/unit':>10}"
+             f"{'GB/s':>8}{'%copy':>7}{'max rel err':>13}"]
+    for name, result in record["providers"].items():
+        if "error" in result:
+            lines.append(f"  {name:<10}FAILED: {result['error']}")
+            continue
+        bandwidth = record["bytes_fwd_bwd"] / result["fwd_bwd_median_s"]
+        lines.append(
+            f"  {name:<10}{result['fwd_median_s'] * 1e3:>10.2f}{result['fwd_bwd_median_s'] * 1e3:>12.2f}"
+            f"{min(result['fwd_bwd_s']) * 1e3:>9.2f}"
+            f"{result['peak_extra_bytes'] / mib:>10.1f}{result['peak_extra_bytes'] / record['primary_bytes']:>10.2f}"
+            f"{bandwidth / 1e9:>8.2f}{100 * bandwidth / copy_bytes_per_s:>6.0f}%{result['max_rel_err']:>13.1e}")
+    for name, by_baseline in record.get("speedups", {}).items():
+        parts = [f"{by_baseline[b]['fwd_bwd']:.2f}x vs {b} (fwd {by_baseline[b]['fwd']:.2f}x)"
+                 for b in ("eager", "compiled") if b in by_baseline]
+        if parts:
+            lines.append(f"  {name} fwd+bwd speedup: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def format_markdown(records, copy_bytes_per_s, verdicts):
+    """The per-case figures and the target verdicts as Markdown tables (for docs/BENCHMARKS.md)."""
+    lines = ["| op | size | dtype | provider | fwd ms | fwd+bwd ms | fwd+bwd min ms | peak extra MiB (x unit) "
+             "| GB/s (% copy) | max rel err | fwd+bwd speedup vs eager / compiled |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for record in records:
+        for name, result in record["providers"].items():
+            head = f"| {record['op']} | {record['size']} | {record['dtype']} | {name} |"
+            if "error" in result:
+                lines.append(f"{head} failed: {result['error']} | | | | | | |")
+                continue
+            bandwidth = record["bytes_fwd_bwd"] / result["fwd_bwd_median_s"]
+            speedup = record["speedups"].get(name, {})
+            ratios = " / ".join(f"{speedup[b]['fwd_bwd']:.2f}x" if b in speedup else "-"
+                                for b in ("eager", "compiled"))
+            lines.append(
+                f"{head} {result['fwd_median_s'] * 1e3:.1f} | {result['fwd_bwd_median_s'] * 1e3:.1f} | "
+                f"{min(result['fwd_bwd_s']) * 1e3:.1f} | "
+                f"{result['peak_extra_bytes'] / 2**20:.1f} ({result['peak_extra_bytes'] / record['primary_bytes']:.2f}) | "
+                f"{bandwidth / 1e9:.2f} ({100 * bandwidth / copy_bytes_per_s:.0f}%) | {result['max_rel_err']:.1e} | "
+                f"{ratios if speedup else ''} |")
+    if verdicts:
+        lines += ["", "| target | value | verdict |", "|---|---:|---|"]
+        lines += [f"| {description} | {detail} | {verdict} |" for description, verdict, detail in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def _find(records, op, size):
+    return [r for r in records if r["op"] == op and r["size"] == size]
+
+
+def evaluate_targets(records):
+    """Issue #3's targets, each as (description, verdict, detail) for every fused backend."""
+    verdicts = []
+
+    def judge(description, ok, detail):
+        verdicts.append((description, "met" if ok else "NOT met", detail))
+
+    for record in _find(records, "incremental_loss", "voc"):
+        for name, by_baseline in record["speedups"].items():
+            for baseline, goal in (("compiled", 2.0), ("eager", 10.0)):
+                if baseline in by_baseline:
+                    value = by_baseline[baseline]["fwd_bwd"]
+                    judge(f"incremental_loss voc {record['dtype']} fwd+bwd, {name} >= {goal:g}x {baseline}",
+                          value >= goal, f"{value:.2f}x")
+    for size in ("feat2048", "feat256"):
+        for record in _find(records, "attentive_distillation", size):
+            for name, by_baseline in record["speedups"].items():
+                if "compiled" in by_baseline:
+                    value = by_baseline["compiled"]["fwd_bwd"]
+                    judge(f"attentive_distillation {size} {record['dtype']} fwd+bwd, {name} >= 1.5x compiled",
+                          value >= 1.5, f"{value:.2f}x")
+    for record in records:
+        # The memory target is about the real sizes; a smoke-test size has too few channels.
+        if bench_cases.OPS[record["op"]].kind != "logits" or bench_cases.SIZES[record["size"]].quick:
+            continue
+        for name in record["speedups"]:
+            ratio = record["providers"][name]["peak_extra_bytes"] / record["primary_bytes"]
+            judge(f"{record['op']} {record['size']} {record['dtype']} peak extra memory, {name} "
+                  f"<= {LOGIT_OPS_MEMORY_LIMIT}x logits", ratio <= LOGIT_OPS_MEMORY_LIMIT, f"{ratio:.2f}x")
+    return verdicts
+
+
+def format_header(info, args, copy_bytes_per_s, fused):
+    lines = [
+        "incseg_fast benchmark report",
+        f"{info['date_utc']}; machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
+        f"{info['torch_threads']} intra-op threads; python {info['python']}",
+    ]
+    if "gpu" in info:
+        lines.append(f"gpu: {info['gpu']}")
+    lines += [
+        f"device {args.device}; dtype {args.dtype}; {args.warmup} warm-up + {args.reps} timed reps per "
+        f"provider, interleaved; times are medians ((min): the fastest fwd+bwd repetition)",
+        f"copy bandwidth ({args.device}, 256 MiB tensor, read+write): {copy_bytes_per_s / 1e9:.1f} GB/s",
+        f"fused backends for {args.device} tensors: {', '.join(fused) or 'none available'}",
+        f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_average'])}",
+    ]
+    if args.device == "cpu":
+        lines.append("peak memory: torch.profiler allocator events replayed in order "
+                     "(self-check on known allocations passed)")
+    else:
+        lines.append("peak memory: torch.cuda.max_memory_allocated minus the memory allocated before")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    selected = bench_cases.select_cases(ops=args.ops, sizes=args.sizes, dtype_name=args.dtype,
+                                        device=args.device, quick=args.quick)
+    if not selected:
+        raise SystemExit("no case matches --ops/--sizes on this device")
+    if args.device == "cpu":
+        measure.check_peak_counter()
+    info = measure.machine(args.device)
+    _log("measuring copy bandwidth")
+    copy_bytes_per_s = measure.copy_bandwidth(args.device)
+    fused = bench_cases.fused_backends(args.device)
+    print(format_header(info, args, copy_bytes_per_s, fused), flush=True)
+
+    records = []
+    for case in selected:
+        record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
+        record["speedups"] = speedups(record)
+        records.append(record)
+        print("\n" + format_case(record, copy_bytes_per_s), flush=True)
+
+    verdicts = evaluate_targets(records)
+    if verdicts:
+        print("\ntargets (issue #3):")
+        for description, verdict, detail in verdicts:
+            print(f"  {verdict:<8} {description}: {detail}")
+    end_load = measure.machine(args.device)["load_average"]
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in end_load)}")
+
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(records, copy_bytes_per_s, verdicts))
+        _log(f"wrote {args.markdown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "load_average_end": end_load, "args": vars(args),
+                       "copy_bytes_per_s": copy_bytes_per_s, "fused_backends": fused,
+                       "cases": records,
+                       "targets": [dict(zip(("target", "verdict", "value"), v)) for v in verdicts]},
+                      f, indent=1)
+        _log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
