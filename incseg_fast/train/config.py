@@ -6,7 +6,7 @@ Defaults (MiB / ILT / CAF papers, DeepLabV3 ResNet-101, output stride 16):
 |---|---|---|---|---|---|
 | voc | 0.01 | 0.001 | 30 | 24 | 512 |
 | ade | 0.01 | 0.001 | 60 | 24 | 512 |
-| synthetic | 0.1 | 0.01 | 12 | 8 | 48 (tiny backbone, output stride 4: the demo, docs/TRAINER.md) |
+| synthetic | 0.1 | 0.05 | 12 | 8 | 48 (tiny backbone, output stride 4: the demo, docs/TRAINER.md) |
 
 Every run uses SGD (momentum 0.9, weight decay 1e-4, Nesterov off) with the poly schedule
 ``lr = base * (1 - iter / max_iter) ** 0.9`` within each step.
@@ -46,7 +46,7 @@ DATASET_DEFAULTS = {
                 backbone="resnet101", output_stride=16),
     "ade": dict(lr=0.01, lr_incremental=0.001, epochs=60, batch_size=24, image_size=512,
                 backbone="resnet101", output_stride=16),
-    "synthetic": dict(lr=0.1, lr_incremental=0.01, epochs=12, batch_size=8, image_size=48,
+    "synthetic": dict(lr=0.1, lr_incremental=0.05, epochs=12, batch_size=8, image_size=48,
                       backbone="tiny", output_stride=4),
 }
 

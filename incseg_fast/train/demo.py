@@ -21,16 +21,17 @@ from .trainer import StepPlan, run
 
 # Tuned so that the full demo runs in about 4 minutes on the shared 2-core development machine
 # and mib keeps far more of the old classes than ft (measured figures: docs/TRAINER.md).
+# Step 1 uses LR 0.05: at 0.01 no method learned the new classes well (ft new mIoU 12; at 0.05, 55).
 FULL = dict(image_size=48, train_images=800, val_images=200, epochs=12, epochs_incremental=8,
-            batch_size=8, lr=0.1, lr_incremental=0.01, output_stride=4)
+            batch_size=8, lr=0.1, lr_incremental=0.05, output_stride=4)
 # bumped when the models or the demo change, so that an old runs/demo is not resumed
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 # CAF's lambda_AD = 1000 (VOC / ADE, ResNet-101 features) makes this small network diverge at the
 # demo's learning rate (measured: 100 diverges too); 10 trains but learns almost no new class
 # (new mIoU 0.2), 1 keeps as much of the old classes and learns some new ones (3.4).
 DEMO_LAMBDA_AD = 1.0
 QUICK = dict(image_size=32, train_images=160, val_images=48, epochs=2, epochs_incremental=2,
-             batch_size=8, lr=0.1, lr_incremental=0.01, output_stride=4)
+             batch_size=8, lr=0.1, lr_incremental=0.05, output_stride=4)
 
 
 def _settings_match(out: Path, settings: dict) -> bool:

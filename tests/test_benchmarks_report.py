@@ -1,0 +1,41 @@
+"""The benchmark report runs end to end (quick sizes) and its measurements are sane.
+
+Timings are not asserted (speed is the report's business, not the tests'); what is checked is
+that every case was measured by every provider, that the fused results agree with the float64
+reference, and that the memory counter is exact on known allocations and sees at least the
+gradient each call must allocate.
+"""
+import json
+
+import pytest
+
+from benchmarks import cases, measure, report
+
+
+def test_cpu_peak_memory_counter_is_exact():
+    assert measure.check_peak_counter() == 6_000_000
+
+
+ALL_OPS = ["incremental_loss", "incremental_loss_balanced", "unbiased_cross_entropy", "knowledge_distillation",
+           "attentive_distillation", "structured_attention"]
+
+
+@pytest.mark.parametrize("ops, providers", [
+    (ALL_OPS, ["eager", *cases.fused_backends("cpu")]),
+    (["incremental_loss"], ["eager", "compiled"]),  # torch.compile(reference) on one op: compiling is slow
+])
+def test_quick_report_measures_every_case_and_provider(tmp_path, ops, providers):
+    out = tmp_path / "report.json"
+    assert report.main(["--quick", "--ops", ",".join(ops), "--providers", ",".join(providers),
+                        "--reps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert {case["op"] for case in results["cases"]} == set(ops)
+    for case in results["cases"]:
+        assert sorted(case["providers"]) == sorted(providers), case["op"]
+        for name, measured in case["providers"].items():
+            what = f"{case['op']} {case['size']} {name}"
+            assert "error" not in measured, (what, measured.get("error"))
+            assert measured["fwd_bwd_median_s"] > 0, what
+            assert measured["max_rel_err"] < 1e-5, what  # float32 against the float64 reference
+            # forward+backward allocates at least the gradient of the primary input
+            assert measured["peak_extra_bytes"] >= case["primary_bytes"], what
