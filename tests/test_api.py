@@ -1,7 +1,8 @@
 """The public API: exact names, backend selection, the MiB drop-in modules."""
 import importlib
 import inspect
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,5 +138,33 @@ def test_attentive_distillation_module_uses_two_se_blocks(generator):
 def test_import_does_not_load_triton():
     """`import incseg_fast` must not decide Triton's interpreter mode for the user."""
     code = "import sys, incseg_fast; print('triton' in sys.modules)"
-    out = os.popen(f'"{os.sys.executable}" -c "{code}"').read().strip()
-    assert out == "False"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_works_on_the_reference_path_without_the_extension():
+    """With incseg_fast._C missing (INCSEG_SKIP_EXT=1 installs), the package still imports, says so,
+    computes on the reference path, and refuses an explicit backend='cpu'."""
+    code = """
+import sys, importlib.abc
+class HideExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "incseg_fast._C":
+            raise ImportError("hidden for the test")
+sys.meta_path.insert(0, HideExtension())
+import torch, incseg_fast as isf
+assert "cpu" not in isf.available_backends() and "reference" in isf.available_backends()
+x, t = torch.randn(2, 5, 3, 4), torch.randint(0, 5, (2, 3, 4))
+loss = isf.unbiased_cross_entropy(x, t, 3)
+assert torch.allclose(loss, isf.reference.unbiased_cross_entropy(x, t, 3))
+try:
+    isf.unbiased_cross_entropy(x, t, 3, backend="cpu")
+except isf.BackendUnavailableError as error:
+    assert "not built" in str(error)
+else:
+    raise AssertionError("backend='cpu' must raise without the extension")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
