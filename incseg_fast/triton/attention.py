@@ -209,6 +209,25 @@ def _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat):
 
 
 @triton.jit
+def _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C: tl.constexpr):
+    """Channels [c0, min(c0 + BLOCK_C, c_stop)) of image b at pixels p: indices and masks."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    in_c = c < c_stop
+    offsets = (b * C + c[:, None]) * HW + p[None, :]
+    return c, in_c, offsets, in_c[:, None] & in_image[None, :]
+
+
+@triton.jit
+def _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC: tl.constexpr):
+    """The f, g tiles and the a, b rows of one channel tile, in the accumulation dtype."""
+    f = tl.load(f_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
+    a = tl.load(a_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
+    b_att = tl.load(b_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
+    return f, g, a, b_att
+
+
+@triton.jit
 def _ad_spatial_kernel(
     f_ptr, g_ptr, spatial_part_ptr, C, HW, channels_per_group,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -218,9 +237,7 @@ def _ad_spatial_kernel(
     s_g = tl.zeros([BLOCK_P], dtype=ACC)
     delta_s = tl.zeros([BLOCK_P], dtype=ACC)
     for c0 in range(c_start, c_stop, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        offsets = (b * C + c[:, None]) * HW + p[None, :]
-        tile_mask = (c < c_stop)[:, None] & in_image[None, :]
+        _, _, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
         f = tl.load(f_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
         g = tl.load(g_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
         s_f += tl.sum(f * f, axis=0)
@@ -243,14 +260,8 @@ def _ad_loss_kernel(
     _, _, _, _, s_hat_f, s_hat_g, delta_s_hat = _spatial_attention(spatial_ptr, norms_ptr, b, p, in_image, HW)
     total = tl.zeros([BLOCK_P], dtype=ACC)
     for c0 in range(c_start, c_stop, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < c_stop
-        offsets = (b * C + c[:, None]) * HW + p[None, :]
-        tile_mask = in_c[:, None] & in_image[None, :]
-        f = tl.load(f_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
-        b_att = tl.load(b_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
+        c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
+        f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
         diff = _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
         total += tl.sum(diff * diff, axis=0)
     part = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
@@ -279,14 +290,8 @@ def _ad_bwd_spatial_kernel(
     r_f = tl.zeros([BLOCK_P], dtype=ACC)
     r_g = tl.zeros([BLOCK_P], dtype=ACC)
     for c0 in range(c_start, c_stop, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < c_stop
-        offsets = (b * C + c[:, None]) * HW + p[None, :]
-        tile_mask = in_c[:, None] & in_image[None, :]
-        f = tl.load(f_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
-        b_att = tl.load(b_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
+        c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
+        f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
         w_diff = w * _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
         r_f += tl.sum(w_diff * a[:, None] * f, axis=0)
         if NEED_OLD:
@@ -321,14 +326,8 @@ def _ad_bwd_kernel(
             r_g = tl.load(r_ptr + (B + b) * HW + p, mask=in_image, other=0.0)
             spatial_g = 2.0 * inv_n_g * (r_g - s_g * tl.load(t_ptr + B + b) * inv_n_g * inv_n_g)
     for c0 in range(c_start, c_stop, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < c_stop
-        offsets = (b * C + c[:, None]) * HW + p[None, :]
-        tile_mask = in_c[:, None] & in_image[None, :]
-        f = tl.load(f_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
-        b_att = tl.load(b_ptr + b * C + c, mask=in_c, other=0.0).to(ACC)
+        c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
+        f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
         weight_f = a[:, None] * s_hat_f[None, :] + 1.0
         weight_g = b_att[:, None] * s_hat_g[None, :] + 1.0
         w_diff = w * _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
