@@ -27,6 +27,8 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
     alpha = check.finite_float(alpha, "alpha")
     if kd != "none":
         check.teacher(y, x)
+        if old_classes is None:  # the distillation-only losses: Co is the teacher's channel count
+            old_classes = y.shape[1]
     old_classes = check.old_classes(old_classes, x)
     if ce != "none":
         check.labels(t, x, ignore_index)
@@ -57,9 +59,7 @@ def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="me
 
 
 def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
-    check.logits(x)
-    check.float_tensor(y, "y", 4)
-    return _logit_losses(x, None, y, old_classes=y.shape[1], ce="none", kd=kd, alpha=alpha, mask=mask,
+    return _logit_losses(x, None, y, old_classes=None, ce="none", kd=kd, alpha=alpha, mask=mask,
                          gamma=gamma, ignore_index=255, reduction=reduction, backend=backend)[1]
 
 
