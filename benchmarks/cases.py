@@ -12,6 +12,7 @@ import functools
 import torch
 
 from incseg_fast import reference
+from incseg_fast.vocabulary import FUSED_BACKENDS
 
 IGNORE_INDEX = 255
 IGNORED_FRACTION = 0.1
@@ -21,7 +22,7 @@ KD_WEIGHT = 10.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Which fused backends can run on tensors of each device type. The Triton interpreter on CPU
 # tensors is a debugging tool, not a benchmark.
-BACKENDS_FOR_DEVICE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+BACKENDS_FOR_DEVICE = {"cpu": ("cpu",), "cuda": tuple(b for b in FUSED_BACKENDS if b != "cpu")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,12 @@
 // The one place where every incseg_fast operator schema is declared.
-// Device implementations register against these with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
-// fake (meta) kernels and autograd formulas are registered from Python (incseg_fast/ops/).
+//
+// One contract, several implementations: the same schemas are defined in one namespace per
+// implementation family, and each family registers kernels against its own namespace.
+//   incseg_fast          the compiled kernels: csrc/cpu (CPU) and csrc/cuda (CUDA), TORCH_LIBRARY_IMPL
+//   incseg_fast_triton   the Triton kernels, registered from Python (incseg_fast/triton) with
+//                        torch.library.register_kernel for CUDA (and CPU under TRITON_INTERPRET=1)
+// Fake (meta) kernels and autograd formulas are registered from Python once per op family and
+// applied to every namespace (incseg_fast/ops/), so a new device adds kernels and nothing else.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,12 +18,15 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(incseg_fast, m) {
-  // ---- logit losses (SPEC 2): owned by csrc/cpu/logit_losses_cpu.cpp ----
+namespace {
+
+void define_schemas(torch::Library& m) {
+  // ---- logit losses (docs/KERNELS.md) ----
   // Modes are strings: ce in {unbiased, plain, none}, kd in {unbiased, balanced, plain, none},
   // reduction in {mean, sum, none}. Returns (ce_loss, kd_loss) in float32 (float64 for float64 x),
   // 0-dim or (B, H, W), plus what the backward needs: stats (B, 4, H, W) = per-pixel
-  // (lse, lse_old, lse_bg, lse of alpha*y) and valid_count, the int64 number of non-ignored pixels.
+  // (lse, lse_old, lse_bg, lse of alpha*y; the last is 0 when kd == none) and valid_count, the
+  // int64 number of non-ignored pixels (0-dim, on x's device).
   m.def(
       "logit_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? gamma, Tensor? mask, *, int old_classes, "
       "str ce, str kd, float alpha, int ignore_index, str reduction) "
@@ -27,9 +36,8 @@ TORCH_LIBRARY(incseg_fast, m) {
       "logit_losses_bwd(Tensor grad_ce, Tensor grad_kd, Tensor x, Tensor? target, Tensor? y, Tensor? gamma, "
       "Tensor? mask, Tensor stats, Tensor valid_count, *, int old_classes, str ce, str kd, float alpha, "
       "int ignore_index, str reduction) -> Tensor");
-  // ---- end logit losses ----
 
-  // ---- attentive distillation and structured attention (SPEC 3): owned by csrc/cpu/attention_cpu.cpp ----
+  // ---- attentive distillation and structured attention ----
   // Forward returns (loss, spatial (3, B, H, W) = Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g, 1/N (2, B) for f then g,
   // P (2, B, H, W) = sum_c D a f and sum_c D b g, or an empty tensor unless save_spatial_grad);
   // the last three are saved for the backward.
@@ -46,5 +54,9 @@ TORCH_LIBRARY(incseg_fast, m) {
   m.def(
       "structured_attention_backward(Tensor grad_out, Tensor v, Tensor a_ch, Tensor a_sp, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // ---- end attention ----
 }
+
+}  // namespace
+
+TORCH_LIBRARY(incseg_fast, m) { define_schemas(m); }
+TORCH_LIBRARY(incseg_fast_triton, m) { define_schemas(m); }

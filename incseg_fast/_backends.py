@@ -1,8 +1,9 @@
 """Backend registry: which implementations exist here, and which one a call gets.
 
-A backend is a module exposing the three functions of the contract in DEVELOPERS.md
-(``logit_losses``, ``attentive_distillation``, ``structured_attention``). The Triton module is
-imported lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
+A backend is an object exposing the three functions of the contract in DEVELOPERS.md
+(``logit_losses``, ``attentive_distillation``, ``structured_attention``): the reference module, or an
+``ops.OpBackend`` bound to the compiled or the Triton namespace. The Triton kernels are registered
+lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
 """
 import importlib
 import importlib.util
@@ -11,13 +12,12 @@ import os
 import torch
 
 from incseg_fast import ops, reference
-
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS
 # Looked up once: find_spec is not traceable by torch.compile, and an install does not change mid-run.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-# Backend modules by name. The Triton one is imported on first use only, so that importing
+# Backends by name. The Triton kernels are registered on first use only, so that importing
 # incseg_fast neither loads Triton nor fixes its interpreter mode before the user sets it.
-_MODULES = {"reference": reference, "cpu": ops, "cuda": ops}
+_MODULES = {"reference": reference, "cpu": ops.COMPILED, "cuda": ops.COMPILED}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -43,12 +43,14 @@ def _unavailable_reason(name):
             return "no CUDA device is available"
         return None
     if name == "triton":
+        if not ops.HAS_EXTENSION:
+            return f"the triton backend's op schemas are in incseg_fast._C, which is not built ({ops.IMPORT_ERROR})"
         if not TRITON_INSTALLED:
             return "triton is not installed"
         if not (torch.cuda.is_available() or triton_interpreter()):
             return "triton needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
         return None
-    raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    raise ValueError(f"backend must be one of {list(BACKEND_CHOICES)}, got {name!r}")
 
 
 def available_backends():
@@ -57,8 +59,9 @@ def available_backends():
 
 
 def _module(name):
-    if name not in _MODULES:  # only "triton" is imported lazily
-        _MODULES[name] = importlib.import_module("incseg_fast.triton")
+    if name not in _MODULES:  # only "triton" is registered lazily
+        importlib.import_module("incseg_fast.triton")  # registers the Triton kernels
+        _MODULES[name] = ops.TRITON
     return _MODULES[name]
 
 

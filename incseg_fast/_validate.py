@@ -8,11 +8,7 @@ import numbers
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
-REDUCTIONS = ("mean", "sum", "none")
-CE_MODES = ("unbiased", "plain")
-KD_MODES = ("unbiased", "balanced", "plain", "none")
+from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, accumulation_dtype
 
 
 def tensor(value, name):
@@ -123,8 +119,7 @@ def mask(m, x, name="mask"):
     if m.shape != (B, H, W):
         raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(m.shape)}")
     same_device(m, name, x, "x")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return m.detach().to(dtype).contiguous()
+    return m.detach().to(accumulation_dtype(x.dtype)).contiguous()
 
 
 def gamma(g, x, name="gamma"):
@@ -137,8 +132,7 @@ def gamma(g, x, name="gamma"):
     if g.shape != (x.shape[0],):
         raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(g.shape)}")
     same_device(g, name, x, "x")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return g.detach().to(dtype).contiguous()
+    return g.detach().to(accumulation_dtype(x.dtype)).contiguous()
 
 
 def feature_pair(f, g, a, b):

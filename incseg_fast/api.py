@@ -6,6 +6,7 @@ arguments are described in DEVELOPERS.md; the attention ops (SPEC §3) have one 
 from . import _validate as check
 from ._backends import available_backends, resolve
 from .reference import balanced_gamma
+from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -23,7 +24,7 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
     """Validate the arguments of any logit loss and run the chosen backend."""
     check.logits(x)
     ignore_index = check.integer(ignore_index, "ignore_index")
-    reduction = check.choice(reduction, "reduction", check.REDUCTIONS)
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
     alpha = check.finite_float(alpha, "alpha")
     if kd != "none":
         check.teacher(y, x)
@@ -93,8 +94,8 @@ def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alph
     ``ce`` in {"unbiased", "plain"}; ``kd`` in {"unbiased", "balanced", "plain", "none"} (``y`` may be
     None only with "none", and kd is then a zero scalar). ``mask`` weights the distillation term only.
     """
-    ce = check.choice(ce, "ce", check.CE_MODES)
-    kd = check.choice(kd, "kd", check.KD_MODES)
+    ce = check.choice(ce, "ce", INCREMENTAL_CE_MODES)
+    kd = check.choice(kd, "kd", KD_MODES)
     if kd != "none" and y is None:
         raise ValueError(f"y (the old model's logits) is required with kd={kd!r}")
     return _logit_losses(x, t, y, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, mask=mask, gamma=None,
@@ -108,7 +109,7 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
     Returns mean (or sum) of ``((a ⊗ Ŝ_f + 1) f - (b ⊗ Ŝ_g + 1) g)^2``.
     """
     check.feature_pair(f, g, a, b)
-    reduction = check.choice(reduction, "reduction", ("mean", "sum"))
+    reduction = check.choice(reduction, "reduction", FEATURE_REDUCTIONS)
     if not isinstance(detach_spatial, bool):
         raise TypeError(f"detach_spatial must be a bool, got {type(detach_spatial).__name__}")
     return resolve(backend, f.device).attentive_distillation(f, g, a, b, reduction=reduction,

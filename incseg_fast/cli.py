@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig
-
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+from .vocabulary import BACKEND_CHOICES
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -33,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "bf16 also works on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: voc/ade 24, synthetic 8)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--loss-backend", default="auto", choices=BACKENDS,
+    p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES,
                    help="implementation of the losses: auto (fused kernel for the device), reference, "
                         "cpu, cuda, triton (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and scenes (default 0)")
     p.add_argument("--methods", default="ft,mib,caf",
                    help="comma-separated incremental methods (joint is always added; default ft,mib,caf)")
-    p.add_argument("--loss-backend", default="auto", choices=BACKENDS, help="loss implementation (default auto)")
+    p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES, help="loss implementation (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust when other jobs share the cores)")

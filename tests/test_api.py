@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import incseg_fast as isf
-from incseg_fast import _backends, losses
+from incseg_fast import _backends, losses, ops, reference
 from incseg_fast import reference as ref
 
 
@@ -36,9 +36,11 @@ def test_available_backends_order_and_reference():
 
 
 def test_auto_picks_compiled_cpu_backend_for_cpu_tensors():
-    module = _backends.resolve("auto", torch.device("cpu"))
-    expected = "incseg_fast.ops" if "cpu" in isf.available_backends() else "incseg_fast.reference"
-    assert module.__name__ == expected
+    backend = _backends.resolve("auto", torch.device("cpu"))
+    if "cpu" in isf.available_backends():
+        assert backend is ops.COMPILED and backend.namespace == "incseg_fast"
+    else:
+        assert backend is reference
 
 
 def test_triton_availability_follows_interpreter_flag(monkeypatch):

@@ -93,19 +93,21 @@ def test_saved_statistics(generator):
 
 def test_wrapper_saves_pixel_gradients_only_when_needed(generator, monkeypatch):
     calls = []
-    real_forward = torch.ops.incseg_fast.attentive_distillation_forward
+    real_ops = torch.ops.incseg_fast
 
-    def recording_forward(*args):
-        calls.append(args[-1])
-        return real_forward(*args)
+    class RecordingOps:
+        def attentive_distillation_forward(self, *args):
+            calls.append(args[-1])
+            return real_ops.attentive_distillation_forward(*args)
 
-    monkeypatch.setattr(ops.attention._ops, "attentive_distillation_forward", recording_forward, raising=False)
+    monkeypatch.setattr(ops.COMPILED, "ops", RecordingOps())
     f, g, a, b = _feature_pair(generator, torch.float32)
-    ops.attentive_distillation(f.requires_grad_(), g, a, b, reduction="mean", detach_spatial=False)
-    ops.attentive_distillation(f, g, a, b, reduction="mean", detach_spatial=True)
+    backend = ops.COMPILED
+    backend.attentive_distillation(f.requires_grad_(), g, a, b, reduction="mean", detach_spatial=False)
+    backend.attentive_distillation(f, g, a, b, reduction="mean", detach_spatial=True)
     with torch.no_grad():
-        ops.attentive_distillation(f, g, a, b, reduction="mean", detach_spatial=False)
-    ops.attentive_distillation(f.detach(), g, a.requires_grad_(), b, reduction="mean", detach_spatial=False)
+        backend.attentive_distillation(f, g, a, b, reduction="mean", detach_spatial=False)
+    backend.attentive_distillation(f.detach(), g, a.requires_grad_(), b, reduction="mean", detach_spatial=False)
     assert calls == [True, False, False, False]
 
 

@@ -81,7 +81,7 @@ def _training_step(x, t, y, mask):
 
 
 def _ops_step(x, t, y, gamma, mask):
-    ce, kd = isf.ops.logit_losses(x, t, y, gamma, mask, old_classes=y.shape[1], ce="unbiased", kd="balanced",
+    ce, kd = isf.ops.COMPILED.logit_losses(x, t, y, gamma, mask, old_classes=y.shape[1], ce="unbiased", kd="balanced",
                                   alpha=1.5, ignore_index=255, reduction="none")
     return (ce * mask).sum() + 10 * kd.mean()
 
@@ -107,7 +107,7 @@ def test_only_x_is_differentiated(generator):
     args, kwargs = _op_args(generator, "unbiased", "balanced", "mean")
     x, t, y, gamma, mask = args
     x.requires_grad_()
-    ce, kd = isf.ops.logit_losses(x, t, y, gamma, mask, **kwargs)
+    ce, kd = isf.ops.COMPILED.logit_losses(x, t, y, gamma, mask, **kwargs)
     (ce + kd).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
@@ -119,7 +119,7 @@ def test_backward_through_one_loss(generator, used):
     grads = []
     for other_weight in (None, 0.0):
         x = args[0].clone().requires_grad_()
-        ce, kd = isf.ops.logit_losses(x, *args[1:], **kwargs)
+        ce, kd = isf.ops.COMPILED.logit_losses(x, *args[1:], **kwargs)
         loss = ce if used == "ce" else kd
         if other_weight is not None:
             loss = loss + other_weight * (kd if used == "ce" else ce)

@@ -11,9 +11,9 @@ import torch
 
 import incseg_fast as isf
 from incseg_fast import reference
+from incseg_fast.vocabulary import FEATURE_REDUCTIONS, FLOAT_DTYPES
 from parity_support import RTOL, device_for, interpreted
 
-DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 INPUT_NAMES = ("f", "g", "a", "b")
 
 
@@ -81,8 +81,8 @@ def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial,
             assert leaf.grad is None, f"d{name} computed although {name} does not require grad"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", FEATURE_REDUCTIONS)
 @pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
 def test_attentive_distillation_dtypes(backend, generator, dtype, reduction, detach_spatial):
     shape = _shape(backend, 3, 19, 13, 11)
@@ -183,7 +183,7 @@ def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
             assert leaf.grad is None, f"d{name}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41)], ids=lambda s: "x".join(map(str, s)))
 def test_structured_attention(backend, generator, dtype, shape):
     if interpreted(backend) and shape[1] > 8:

@@ -13,11 +13,9 @@ import torch
 
 import incseg_fast as isf
 from incseg_fast import reference
+from incseg_fast.vocabulary import INCREMENTAL_CE_MODES as CE_MODES
+from incseg_fast.vocabulary import KD_MODES, REDUCTIONS
 from parity_support import RTOL, device_for, interpreted
-
-CE_MODES = ("unbiased", "plain")
-KD_MODES = ("unbiased", "balanced", "plain", "none")
-REDUCTIONS = ("mean", "sum", "none")
 DISTILLATIONS = ("knowledge_distillation", "unbiased_knowledge_distillation", "balanced_knowledge_distillation")
 
 

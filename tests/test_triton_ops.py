@@ -16,15 +16,20 @@ import torch
 pytest.importorskip("triton")
 
 import incseg_fast as isf  # noqa: E402
-import incseg_fast.triton as triton_backend  # noqa: E402
-from incseg_fast import reference  # noqa: E402
+from incseg_fast import ops, reference  # noqa: E402
+from incseg_fast.vocabulary import CE_MODES, KD_MODES, REDUCTIONS, RTOL  # noqa: E402
 
-if not triton_backend.is_available():
+if not ops.HAS_EXTENSION:
+    pytest.skip("the triton backend's op schemas are in incseg_fast._C, which is not built", allow_module_level=True)
+
+import incseg_fast.triton as triton_kernels  # noqa: E402  (registers the Triton kernels)
+
+if not triton_kernels.is_available():
     pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.incseg_fast_triton
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+triton_backend = ops.TRITON  # the backend contract on the Triton ops
 IGNORE = 255
 
 
@@ -83,12 +88,10 @@ def check_logit_losses(x, target, y, gamma, mask, *, dtype, generator, **options
     assert_close_scaled(x_dev.grad, x_ref.grad, dtype, "dL/dx")
 
 
-MODES = [(ce, kd) for ce, kd in itertools.product(("unbiased", "plain", "none"),
-                                                  ("unbiased", "balanced", "plain", "none"))
-         if (ce, kd) != ("none", "none")]
+MODES = [(ce, kd) for ce, kd in itertools.product(CE_MODES, KD_MODES) if (ce, kd) != ("none", "none")]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ce,kd", MODES)
 def test_logit_losses_match_reference(generator, ce, kd, reduction):
     # C = 21 takes three 8-channel tiles; Co = 7 puts the old/new boundary inside the first.
@@ -300,33 +303,37 @@ def test_opcheck_logit_losses(generator):
                                                   kd="balanced", with_mask=True)
     x, target, y, gamma, mask = (t.to(DEVICE) for t in (x, target, y, gamma, mask))
     for reduction in ("mean", "none"):
-        args = (x.requires_grad_(), target, y, gamma, mask, 3, "unbiased", "balanced", 0.8, IGNORE, reduction)
-        torch.library.opcheck(OPS.logit_losses_forward, args)
-        _, _, stats, count = OPS.logit_losses_forward(*args)
+        args = (x.requires_grad_(), target, y, gamma, mask)
+        modes = dict(old_classes=3, ce="unbiased", kd="balanced", alpha=0.8, ignore_index=IGNORE, reduction=reduction)
+        torch.library.opcheck(OPS.logit_losses_fwd.default, args, modes)
+        _, _, stats, count = OPS.logit_losses_fwd(*args, **modes)
         shape = (2, 3, 5) if reduction == "none" else ()
         grads = (torch.randn(shape, generator=generator).to(DEVICE), torch.randn(shape, generator=generator).to(DEVICE))
-        torch.library.opcheck(OPS.logit_losses_backward, (*grads, x.detach(), target, y, gamma, mask, stats, count,
-                                                          3, "unbiased", "balanced", 0.8, IGNORE, reduction))
+        torch.library.opcheck(OPS.logit_losses_bwd.default,
+                              (*grads, x.detach(), target, y, gamma, mask, stats, count), modes)
 
 
 def test_opcheck_attention_ops(generator):
     B, C, H, W = 2, 5, 3, 4
     f, g = (random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE) for _ in range(2))
     a, b = (random(generator, B, C, dtype=torch.float32, positive=True).to(DEVICE) for _ in range(2))
-    torch.library.opcheck(OPS.attentive_distillation_forward,
-                          (f.requires_grad_(), g, a.requires_grad_(), b, "mean", False))
-    _, spatial, norms = OPS.attentive_distillation_forward(f, g, a, b, "mean", False)
+    torch.library.opcheck(OPS.attentive_distillation_forward.default,
+                          (f.requires_grad_(), g, a.requires_grad_(), b, "mean", True))
+    _, spatial, inv_norm, pixel_grad = OPS.attentive_distillation_forward(f, g, a, b, "mean", True)
     grad = torch.tensor(1.3, device=DEVICE)
-    for need_old_grad in (True, False):
-        torch.library.opcheck(OPS.attentive_distillation_backward,
-                              (grad, f.detach(), g, a.detach(), b, spatial, norms, "mean", False, need_old_grad))
+    for output_mask in ([True, True, True, True], [True, False, True, False], [False, False, True, True]):
+        torch.library.opcheck(OPS.attentive_distillation_backward.default,
+                              (grad, f.detach(), g, a.detach(), b, spatial, inv_norm, pixel_grad, "mean", True,
+                               output_mask))
 
     v = random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE).requires_grad_()
     a_ch = random(generator, B, C, dtype=torch.float32).to(DEVICE).requires_grad_()
     a_sp = random(generator, B, H, W, dtype=torch.float32).to(DEVICE).requires_grad_()
-    torch.library.opcheck(OPS.structured_attention_forward, (v, a_ch, a_sp))
+    torch.library.opcheck(OPS.structured_attention.default, (v, a_ch, a_sp))
     grad_out = random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE)
-    torch.library.opcheck(OPS.structured_attention_backward, (grad_out, v.detach(), a_ch.detach(), a_sp.detach()))
+    for output_mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(OPS.structured_attention_backward.default,
+                              (grad_out, v.detach(), a_ch.detach(), a_sp.detach(), output_mask))
 
 
 def test_torch_compile_fullgraph(generator):
@@ -364,19 +371,19 @@ def test_torch_compile_fullgraph(generator):
         assert_close_scaled(compiled_input.grad, eager.grad, torch.float32, "compiled gradient")
 
 
+def _logit_fwd(x, t, y, gamma=None, *, old_classes=3, ce="plain", kd="plain", reduction="mean"):
+    return OPS.logit_losses_fwd(x, t, y, gamma, None, old_classes=old_classes, ce=ce, kd=kd, alpha=1.0,
+                                ignore_index=IGNORE, reduction=reduction)
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda x, t, y: OPS.logit_losses_forward(x, t, y, None, None, 3, "biased", "none", 1.0, IGNORE, "mean"), "ce"),
-    (lambda x, t, y: OPS.logit_losses_forward(x, t, y, None, None, 3, "plain", "plain", 1.0, IGNORE, "avg"),
-     "reduction"),
-    (lambda x, t, y: OPS.logit_losses_forward(x, t, y, None, None, 9, "plain", "plain", 1.0, IGNORE, "mean"),
-     "old_classes"),
-    (lambda x, t, y: OPS.logit_losses_forward(x, t[:, :2], y, None, None, 3, "plain", "plain", 1.0, IGNORE, "mean"),
-     "target"),
-    (lambda x, t, y: OPS.logit_losses_forward(x, t, y[:, :2], None, None, 3, "plain", "plain", 1.0, IGNORE, "mean"),
-     "y"),
-    (lambda x, t, y: OPS.logit_losses_forward(x, t, y, None, None, 3, "plain", "balanced", 1.0, IGNORE, "mean"),
-     "gamma"),
-    (lambda x, t, y: OPS.structured_attention_forward(x, x[:, :, 0, 0], x[:, 0, :, :2]), "a_sp"),
+    (lambda x, t, y: _logit_fwd(x, t, y, ce="biased", kd="none"), "ce"),
+    (lambda x, t, y: _logit_fwd(x, t, y, reduction="avg"), "reduction"),
+    (lambda x, t, y: _logit_fwd(x, t, y, old_classes=9), "old_classes"),
+    (lambda x, t, y: _logit_fwd(x, t[:, :2], y), "target"),
+    (lambda x, t, y: _logit_fwd(x, t, y[:, :2]), "y"),
+    (lambda x, t, y: _logit_fwd(x, t, y, kd="balanced"), "gamma"),
+    (lambda x, t, y: OPS.structured_attention(x, x[:, :, 0, 0], x[:, 0, :, :2]), "a_sp"),
     (lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :2, 0, 0], "mean", False), "b"),
     (lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :, 0, 0], "none", False),
      "reduction"),
@@ -390,12 +397,12 @@ def test_direct_op_calls_reject_bad_arguments(generator, call, match):
 def test_is_available_follows_device_and_interpreter(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not triton_backend.is_available()
+    assert not triton_kernels.is_available()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_backend.is_available()
+    assert triton_kernels.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert triton_backend.is_available()
+    assert triton_kernels.is_available()
 
 
 def _has_ptxas():

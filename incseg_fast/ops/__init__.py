@@ -1,13 +1,20 @@
-"""The compiled backends ("cpu" and "cuda"): torch.ops.incseg_fast.* from incseg_fast._C.
+"""The op contract as torch custom ops: the schemas of csrc/ops.cpp, one namespace per implementation family.
 
-Importing this package loads the extension (which registers the op schemas and device kernels),
-then the Python side of each op family: fake kernels, autograd and the contract wrappers.
-The same wrappers serve both backends; the dispatcher picks the kernel by the tensors' device.
+Importing this package loads the extension ``incseg_fast._C``, which defines the schemas in every
+namespace and registers the compiled CPU (and, when built, CUDA) kernels; then the fake kernels and
+autograd formulas of each op family are registered once per namespace. A backend is an
+``OpBackend``: the three contract functions of DEVELOPERS.md bound to one namespace.
+
+    incseg_fast          compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
+    incseg_fast_triton   Triton kernels (backend "triton"), registered by incseg_fast.triton
 """
 import torch
 
+from . import attention as _attention
+from . import logit_losses as _logit_losses
+
 try:
-    from incseg_fast import _C  # noqa: F401  (the import registers the ops)
+    from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
 except ImportError as error:  # not built: the package still works on the reference path
     HAS_EXTENSION = False
     IMPORT_ERROR = str(error)
@@ -15,19 +22,40 @@ else:
     HAS_EXTENSION = True
     IMPORT_ERROR = None
 
-
-def _ops_with_kernel(dispatch_key):
-    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("incseg_fast::")]
-    return names, [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key)]
-
-
-def _has_kernels_for(dispatch_key):
-    names, with_kernel = _ops_with_kernel(dispatch_key)
-    return bool(names) and len(names) == len(with_kernel)
+COMPILED_NAMESPACE = "incseg_fast"
+TRITON_NAMESPACE = "incseg_fast_triton"
+NAMESPACES = (COMPILED_NAMESPACE, TRITON_NAMESPACE)
 
 
-HAS_CUDA_KERNELS = HAS_EXTENSION and _has_kernels_for("CUDA")
+class OpBackend:
+    """The backend contract (DEVELOPERS.md) on the ops of one namespace."""
 
+    def __init__(self, namespace):
+        self.namespace = namespace
+        self.ops = getattr(torch.ops, namespace)
+
+    def logit_losses(self, x, target, y, gamma, mask, **options):
+        return _logit_losses.logit_losses(self.ops, x, target, y, gamma, mask, **options)
+
+    def attentive_distillation(self, f, g, a, b, *, reduction, detach_spatial):
+        return _attention.attentive_distillation(self.ops, f, g, a, b, reduction=reduction,
+                                                 detach_spatial=detach_spatial)
+
+    def structured_attention(self, v, a_ch, a_sp):
+        return _attention.structured_attention(self.ops, v, a_ch, a_sp)
+
+
+def _has_kernels_for(namespace, dispatch_key):
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
+    return bool(names) and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names)
+
+
+HAS_CUDA_KERNELS = False
+COMPILED = TRITON = None
 if HAS_EXTENSION:
-    from .attention import attentive_distillation, structured_attention  # noqa: E402,F401
-    from .logit_losses import logit_losses  # noqa: E402,F401
+    for _namespace in NAMESPACES:
+        _logit_losses.register(_namespace)
+        _attention.register(_namespace)
+    HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
+    COMPILED = OpBackend(COMPILED_NAMESPACE)
+    TRITON = OpBackend(TRITON_NAMESPACE)

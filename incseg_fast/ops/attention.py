@@ -1,20 +1,16 @@
-"""Python side of the compiled attention ops (SPEC 3): fake kernels, autograd and the contract wrappers.
+"""Fake kernels, autograd and contract wrappers of the attention ops (SPEC 3), written once for every namespace.
 
-The schemas live in csrc/ops.cpp and the CPU kernels in csrc/cpu/attention_cpu.cpp. The forward op of
-attentive distillation returns, besides the loss, the small per-pixel statistics its backward needs
-(the normalised spatial maps Ŝ_f, Ŝ_g and their difference, 1/N per image and, when the spatial map
-is differentiated, dL/dŜ per unit of upstream gradient), so the backward reads the features once more and never recomputes a
-reduction over the whole image.
+The forward op of attentive distillation returns, besides the loss, the small per-pixel state its
+backward needs (the normalised spatial maps Ŝ_f, Ŝ_g and their difference, 1/N per image and, when
+the spatial map is differentiated, P = dL/dŜ per unit of upstream gradient), so the backward reads
+the features once more and never recomputes a reduction over the whole image. Every implementation
+family saves the same state in the same layout (csrc/ops.cpp).
 """
 import torch
 
-__all__ = ["attentive_distillation", "structured_attention"]
+from ..vocabulary import accumulation_dtype
 
-_ops = torch.ops.incseg_fast
-
-
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["register", "attentive_distillation", "structured_attention"]
 
 
 def _empty_unless(wanted, like, shape=None, dtype=None):
@@ -26,10 +22,9 @@ def _empty_unless(wanted, like, shape=None, dtype=None):
 # ---- attentive distillation (SPEC 3.1) ----
 
 
-@torch.library.register_fake("incseg_fast::attentive_distillation_forward")
 def _attentive_distillation_forward_fake(f, g, a, b, reduction, save_spatial_grad):
     batch, _, height, width = f.shape
-    acc = _accumulation_dtype(f.dtype)
+    acc = accumulation_dtype(f.dtype)
     loss = f.new_empty((), dtype=acc)
     spatial = f.new_empty((3, batch, height, width), dtype=acc)
     inv_norm = f.new_empty((2, batch), dtype=acc)
@@ -37,7 +32,6 @@ def _attentive_distillation_forward_fake(f, g, a, b, reduction, save_spatial_gra
     return loss, spatial, inv_norm, pixel_grad
 
 
-@torch.library.register_fake("incseg_fast::attentive_distillation_backward")
 def _attentive_distillation_backward_fake(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction,
                                           spatial_chain, output_mask):
     return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (f, g, a, b)))
@@ -52,19 +46,18 @@ def _attentive_distillation_setup_context(ctx, inputs, output):
     ctx.spatial_chain = save_spatial_grad
 
 
-def _attentive_distillation_backward(ctx, grad_loss, *_statistics_grads):
-    f, g, a, b, spatial, inv_norm, pixel_grad = ctx.saved_tensors
-    output_mask = list(ctx.needs_input_grad[:4])
-    grads = _ops.attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad,
-                                                 ctx.reduction, ctx.spatial_chain, output_mask)
-    return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), None, None)
+def _attentive_distillation_backward(ops):
+    def backward(ctx, grad_loss, *_state_grads):
+        f, g, a, b, spatial, inv_norm, pixel_grad = ctx.saved_tensors
+        output_mask = list(ctx.needs_input_grad[:4])
+        grads = ops.attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad,
+                                                    ctx.reduction, ctx.spatial_chain, output_mask)
+        return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), None, None)
+
+    return backward
 
 
-torch.library.register_autograd("incseg_fast::attentive_distillation_forward", _attentive_distillation_backward,
-                                setup_context=_attentive_distillation_setup_context)
-
-
-def attentive_distillation(f, g, a, b, *, reduction, detach_spatial):
+def attentive_distillation(ops, f, g, a, b, *, reduction, detach_spatial):
     """Backend contract (DEVELOPERS.md): mean or sum of ((a ⊗ Ŝ_f + 1) f - (b ⊗ Ŝ_g + 1) g)^2.
 
     Returns a 0-dim float32 tensor (float64 for float64 inputs), differentiable w.r.t. f, g, a, b.
@@ -72,19 +65,17 @@ def attentive_distillation(f, g, a, b, *, reduction, detach_spatial):
     # The forward saves dL/dŜ only when a backward through the spatial map can follow.
     save_spatial_grad = (not detach_spatial and torch.is_grad_enabled()
                          and (f.requires_grad or g.requires_grad))
-    loss, _, _, _ = _ops.attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad)
+    loss, _, _, _ = ops.attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad)
     return loss
 
 
 # ---- structured attention (SPEC 3.2) ----
 
 
-@torch.library.register_fake("incseg_fast::structured_attention")
 def _structured_attention_fake(v, a_ch, a_sp):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("incseg_fast::structured_attention_backward")
 def _structured_attention_backward_fake(grad_out, v, a_ch, a_sp, output_mask):
     return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (v, a_ch, a_sp)))
 
@@ -93,17 +84,34 @@ def _structured_attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _structured_attention_backward(ctx, grad_out):
-    v, a_ch, a_sp = ctx.saved_tensors
-    output_mask = list(ctx.needs_input_grad)
-    grads = _ops.structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask)
-    return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask))
+def _structured_attention_backward(ops):
+    def backward(ctx, grad_out):
+        v, a_ch, a_sp = ctx.saved_tensors
+        output_mask = list(ctx.needs_input_grad)
+        grads = ops.structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask)
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask))
+
+    return backward
 
 
-torch.library.register_autograd("incseg_fast::structured_attention", _structured_attention_backward,
-                                setup_context=_structured_attention_setup_context)
-
-
-def structured_attention(v, a_ch, a_sp):
+def structured_attention(ops, v, a_ch, a_sp):
     """Backend contract (DEVELOPERS.md): (1 + a_ch[:, :, None, None] * a_sp[:, None]) * v in v's dtype."""
-    return _ops.structured_attention(v, a_ch, a_sp)
+    return ops.structured_attention(v, a_ch, a_sp)
+
+
+def register(namespace):
+    """Fake kernels and autograd for ``namespace``'s attention ops (once per namespace)."""
+    ops = getattr(torch.ops, namespace)
+    fakes = {
+        "attentive_distillation_forward": _attentive_distillation_forward_fake,
+        "attentive_distillation_backward": _attentive_distillation_backward_fake,
+        "structured_attention": _structured_attention_fake,
+        "structured_attention_backward": _structured_attention_backward_fake,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    torch.library.register_autograd(f"{namespace}::attentive_distillation_forward",
+                                    _attentive_distillation_backward(ops),
+                                    setup_context=_attentive_distillation_setup_context)
+    torch.library.register_autograd(f"{namespace}::structured_attention", _structured_attention_backward(ops),
+                                    setup_context=_structured_attention_setup_context)

@@ -1,44 +1,39 @@
-"""Python side of the compiled logit-loss ops (SPEC 2): fake kernels, autograd, the contract wrapper.
+"""Fake kernels, autograd and the contract wrapper of the logit-loss ops, written once for every namespace.
 
-``torch.ops.incseg_fast.logit_losses_fwd`` returns ``(ce_loss, kd_loss, stats, valid_count)``;
-the last two are what ``logit_losses_bwd`` needs (per-pixel log-normalisers and the number of
-non-ignored pixels), so the backward is one fused pass over the logits.
+``<namespace>::logit_losses_fwd`` returns ``(ce_loss, kd_loss, stats, valid_count)``; the last two
+are what ``logit_losses_bwd`` needs (per-pixel log-normalisers (B, 4, H, W) and the number of
+non-ignored pixels), so the backward is one fused pass over the logits. The schemas are in
+csrc/ops.cpp; every implementation family (compiled, Triton) has the same ones in its own namespace.
 """
 import torch
 
-__all__ = ["logit_losses"]
+from ..vocabulary import accumulation_dtype
 
-_NUM_STATS = 4  # rows of the saved per-pixel statistics: lse, lse_old, lse_bg, lse of alpha*y
+__all__ = ["register", "logit_losses"]
 
-
-def _loss_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+NUM_STATS = 4  # rows of the saved per-pixel statistics: lse, lse_old, lse_bg, lse of alpha*y
+_MODE_KEYS = ("old_classes", "ce", "kd", "alpha", "ignore_index", "reduction")
 
 
 def _loss_shape(x, reduction):
     return (x.shape[0], x.shape[2], x.shape[3]) if reduction == "none" else ()
 
 
-@torch.library.register_fake("incseg_fast::logit_losses_fwd")
-def _logit_losses_fwd_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
-    dtype = _loss_dtype(x)
+def _forward_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    dtype = accumulation_dtype(x.dtype)
     shape = _loss_shape(x, reduction)
     B, _, H, W = x.shape
     return (
         x.new_empty(shape, dtype=dtype),
         x.new_empty(shape, dtype=dtype),
-        x.new_empty((B, _NUM_STATS, H, W), dtype=dtype),
+        x.new_empty((B, NUM_STATS, H, W), dtype=dtype),
         x.new_empty((), dtype=torch.int64),
     )
 
 
-@torch.library.register_fake("incseg_fast::logit_losses_bwd")
-def _logit_losses_bwd_fake(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd,
-                           alpha, ignore_index, reduction):
+def _backward_fake(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd, alpha,
+                   ignore_index, reduction):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-_MODE_KEYS = ("old_classes", "ce", "kd", "alpha", "ignore_index", "reduction")
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -53,26 +48,35 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_valid_count):
-    x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
-    if not ctx.needs_input_grad[0] or (grad_ce is None and grad_kd is None):
-        return None, None, None, None, None
-    zeros = None
-    if grad_ce is None or grad_kd is None:
-        zeros = torch.zeros(ctx.loss_shape, dtype=_loss_dtype(x), device=x.device)
-    grad_x = torch.ops.incseg_fast.logit_losses_bwd(
-        zeros if grad_ce is None else grad_ce, zeros if grad_kd is None else grad_kd,
-        x, target, y, gamma, mask, stats, valid_count, **ctx.modes,
-    )
-    return grad_x, None, None, None, None
+def _autograd_backward(ops):
+    def backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_valid_count):
+        x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_ce is None and grad_kd is None):
+            return None, None, None, None, None
+        zeros = None
+        if grad_ce is None or grad_kd is None:
+            zeros = torch.zeros(ctx.loss_shape, dtype=accumulation_dtype(x.dtype), device=x.device)
+        grad_x = ops.logit_losses_bwd(
+            zeros if grad_ce is None else grad_ce, zeros if grad_kd is None else grad_kd,
+            x, target, y, gamma, mask, stats, valid_count, **ctx.modes,
+        )
+        return grad_x, None, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("incseg_fast::logit_losses_fwd", _backward, setup_context=_setup_context)
+def register(namespace):
+    """Fake kernels and autograd for ``namespace``'s logit-loss ops (once per namespace)."""
+    ops = getattr(torch.ops, namespace)
+    torch.library.register_fake(f"{namespace}::logit_losses_fwd", _forward_fake)
+    torch.library.register_fake(f"{namespace}::logit_losses_bwd", _backward_fake)
+    torch.library.register_autograd(f"{namespace}::logit_losses_fwd", _autograd_backward(ops),
+                                    setup_context=_setup_context)
 
 
-def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
-    """The backend contract of DEVELOPERS.md on the compiled kernels; returns ``(ce_loss, kd_loss)``."""
-    ce_loss, kd_loss, _, _ = torch.ops.incseg_fast.logit_losses_fwd(
+def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    """The backend contract of DEVELOPERS.md on ``ops`` (a torch.ops namespace); returns ``(ce_loss, kd_loss)``."""
+    ce_loss, kd_loss, _, _ = ops.logit_losses_fwd(
         x, target, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
         ignore_index=ignore_index, reduction=reduction,
     )

@@ -1,28 +1,42 @@
-"""The Triton backend: the three functions of the backend contract (DEVELOPERS.md).
+"""The Triton backend: Triton kernels registered for the ops of the namespace ``incseg_fast_triton``.
 
-The kernels take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before this
-package was imported (the interpreter mode is fixed when kernels are decorated).
+The schemas are the compiled extension's (csrc/ops.cpp), and fake kernels and autograd are the
+ones every namespace shares (incseg_fast/ops); importing this package registers the Triton
+launchers as the ops' CUDA kernels, and as their CPU kernels for ``TRITON_INTERPRET=1``. Use it
+through ``incseg_fast.ops.TRITON`` (the backend "triton" of the public API). The interpreter mode is
+read when the kernels are decorated: set ``TRITON_INTERPRET=1`` before this package is imported.
 """
-import importlib.util
 import os
 
 import torch
 
-__all__ = ["is_available", "logit_losses", "attentive_distillation", "structured_attention"]
+from .. import ops
+from .attention import (
+    attentive_distillation_backward,
+    attentive_distillation_forward,
+    structured_attention,
+    structured_attention_backward,
+)
+from .logit_losses import logit_losses_bwd, logit_losses_fwd
+
+__all__ = ["is_available"]
+
+_KERNELS = {
+    "logit_losses_fwd": logit_losses_fwd,
+    "logit_losses_bwd": logit_losses_bwd,
+    "attentive_distillation_forward": attentive_distillation_forward,
+    "attentive_distillation_backward": attentive_distillation_backward,
+    "structured_attention": structured_attention,
+    "structured_attention_backward": structured_attention_backward,
+}
 
 
 def is_available():
-    """True when triton imports and there is a CUDA device or the interpreter is on."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the ops' schemas are built and there is a CUDA device or the interpreter is on."""
+    return ops.HAS_EXTENSION and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-if importlib.util.find_spec("triton") is not None:
-    from .attention import attentive_distillation, structured_attention
-    from .logit_losses import logit_losses
-else:  # the package stays importable; using it says why it cannot run
-    def _triton_missing(*args, **kwargs):
-        raise RuntimeError("the triton backend needs the triton package (pip install triton)")
-
-    logit_losses = attentive_distillation = structured_attention = _triton_missing
+if ops.HAS_EXTENSION:
+    for _name, _kernel in _KERNELS.items():
+        # CPU tensors reach the kernels only under the interpreter; _launch.check_device says so otherwise.
+        torch.library.register_kernel(f"{ops.TRITON_NAMESPACE}::{_name}", ("cuda", "cpu"), _kernel)

@@ -23,16 +23,16 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..vocabulary import CE_MODES, KD_MODES
 from . import _launch, attention
 from .logit_losses import (
-    CE_MODES, KD_MODES, _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel,
-    _saved_statistics,
+    _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel, _needed_statistics,
 )
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FLOAT_SCALARS = {"alpha_high", "alpha_low"}
 _ATTENTION_ACC_POINTERS = {
-    "spatial_part_ptr", "spatial_ptr", "norms_ptr", "loss_part_ptr", "grad_ptr", "r_part_ptr", "r_ptr", "t_ptr",
+    "spatial_part_ptr", "spatial_ptr", "loss_part_ptr", "p_part_ptr", "grad_ptr", "sgrad_ptr",
     "grad_a_part_ptr", "grad_b_part_ptr", "grad_a_ch_part_ptr", "grad_a_sp_part_ptr",
 }
 
@@ -94,20 +94,20 @@ def _kernels(quick):
     for ce, kd, reduction, dtype, target_type, (block_p, num_warps) in _logit_loss_variants(quick):
         _, acc = _launch.accumulator_dtype(dtype)
         block_c = _launch.GPU_BLOCK_C
-        need = _saved_statistics(ce, kd)
+        need_lse, need_old, need_bg = _needed_statistics(ce, kd)
         acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
-        pointers = {name: acc_name for name in ("ce_ptr", "kd_ptr", "lse_ptr", "lse_old_ptr", "lse_bg_ptr",
-                                                "lse_teacher_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr",
-                                                "mask_ptr")}
+        pointers = {name: acc_name for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr",
+                                                "gamma_ptr", "mask_ptr")}
         pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype],
                         target_ptr=target_type)
-        constexprs = dict(CE=ce, KD=kd, HAS_MASK=kd != "none", PER_PIXEL=reduction == "none", SAVE_LSE=need[0],
-                          SAVE_OLD=need[1], SAVE_BG=need[2], ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p)
+        constexprs = dict(CE=ce, KD=kd, HAS_MASK=kd != "none", PER_PIXEL=reduction == "none", ACC=acc,
+                          BLOCK_C=block_c, BLOCK_P=block_p)
         label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} {block_c}x{block_p}"
         yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"),
                constexprs, num_warps)
         yield (f"{label} backward", _logit_losses_bwd_kernel, dict(pointers, count_ptr="i64"),
-               dict(constexprs, MEAN=reduction == "mean"), num_warps)
+               dict(constexprs, MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg),
+               num_warps)
 
     for reduce in (True, False):
         yield (f"_finish_reduction_kernel REDUCE={reduce}", _finish_reduction_kernel,
@@ -122,12 +122,11 @@ def _kernels(quick):
         pixel_blocks = _GPU_PIXEL_BLOCKS[:1] if quick or dtype != torch.float32 else _GPU_PIXEL_BLOCKS
         for (block_p, num_warps), (kernel, flags) in itertools.product(pixel_blocks, (
             (attention._structured_attention_fwd_kernel, {}),
-            (attention._structured_attention_bwd_kernel, {}),
+            (attention._structured_attention_bwd_kernel, dict(NEED_V=True, NEED_CH=True, NEED_SP=True)),
             (attention._ad_spatial_kernel, {}),
-            (attention._ad_loss_kernel, {}),
-            (attention._ad_bwd_spatial_kernel, dict(NEED_OLD=True)),
-            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_OLD=True)),
-            (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_OLD=False)),
+            (attention._ad_loss_kernel, dict(SAVE_P=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_F=True, NEED_G=True, NEED_A=True, NEED_B=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_F=True, NEED_G=False, NEED_A=True, NEED_B=False)),
         )):
             tiles = dict(ACC=tl.float32, BLOCK_C=_launch.GPU_BLOCK_C, BLOCK_P=block_p)
             label = f"{kernel.fn.__name__} {flags or ''} {dtype} {_launch.GPU_BLOCK_C}x{block_p}"

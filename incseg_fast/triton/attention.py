@@ -1,20 +1,22 @@
 """Triton kernels for CAF's attentive distillation and structured attention (SPEC §3).
 
 Tiles are (BLOCK_C channels, BLOCK_P contiguous pixels) of one image, looping over the channel
-tiles of one channel group. Per-pixel quantities (S = sum_c f^2, the backward's dL/dŜ) are reduced
+tiles of one channel group. Per-pixel quantities (S = sum_c f^2, P = sum_c D a f) are reduced
 over a group's channels in registers and written as one partial per group; per-channel quantities
-(dL/da) as one partial per pixel block; torch adds the partials up in a fixed order. Registered as
-torch.library custom ops (namespace incseg_fast_triton). Gradient derivations are beside the kernels.
+(dL/da) as one partial per pixel block; torch adds the partials up in a fixed order. The launchers
+are the kernels of the ops incseg_fast_triton::attentive_distillation_forward/backward and
+structured_attention(_backward) (schemas in csrc/ops.cpp; fake kernels and autograd in
+incseg_fast/ops/attention.py). Gradient derivations are beside the kernels.
 """
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
 
+from ..vocabulary import FEATURE_REDUCTIONS
 from . import _launch
 
-__all__ = ["attentive_distillation", "structured_attention"]
+__all__ = ["attentive_distillation_forward", "attentive_distillation_backward", "structured_attention",
+           "structured_attention_backward"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +61,12 @@ def _structured_attention_fwd_kernel(
 # channel group), dL/da_ch[c] = sum_p G v a_sp (one partial per pixel block).
 @triton.jit
 def _structured_attention_bwd_kernel(
-    grad_out_ptr, v_ptr, a_ch_ptr, a_sp_ptr, grad_v_ptr, grad_a_sp_part_ptr, grad_a_ch_part_ptr,
+    grad_out_ptr, v_ptr, a_ch_ptr, a_sp_ptr,
+    grad_v_ptr,          # out: (B, C, HW) dL/dv (NEED_V)
+    grad_a_sp_part_ptr,  # out: (groups, B, HW) per-group partials of dL/da_sp (NEED_SP)
+    grad_a_ch_part_ptr,  # out: (B, pixel blocks, C) per-block partials of dL/da_ch (NEED_CH)
     C, HW, channels_per_group,
+    NEED_V: tl.constexpr, NEED_CH: tl.constexpr, NEED_SP: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
@@ -74,14 +80,19 @@ def _structured_attention_bwd_kernel(
         offsets = (b * C + c[:, None]) * HW + p[None, :]
         tile_mask = in_c[:, None] & in_image[None, :]
         grad_out = tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
-        grad_v = grad_out * (1.0 + a_ch[:, None] * a_sp[None, :])
-        tl.store(grad_v_ptr + offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=tile_mask)
-        grad_times_v = grad_out * v
-        grad_a_sp += tl.sum(grad_times_v * a_ch[:, None], axis=0)
-        tl.store(grad_a_ch_part_ptr + pixel_part * C + c, tl.sum(grad_times_v * a_sp[None, :], axis=1), mask=in_c)
-    group_row = tl.program_id(1) * tl.num_programs(2) + b
-    tl.store(grad_a_sp_part_ptr + group_row * HW + p, grad_a_sp, mask=in_image)
+        if NEED_V:
+            grad_v = grad_out * (1.0 + a_ch[:, None] * a_sp[None, :])
+            tl.store(grad_v_ptr + offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=tile_mask)
+        if NEED_CH or NEED_SP:
+            grad_times_v = grad_out * tl.load(v_ptr + offsets, mask=tile_mask, other=0.0).to(ACC)
+            if NEED_SP:
+                grad_a_sp += tl.sum(grad_times_v * a_ch[:, None], axis=0)
+            if NEED_CH:
+                tl.store(grad_a_ch_part_ptr + pixel_part * C + c, tl.sum(grad_times_v * a_sp[None, :], axis=1),
+                         mask=in_c)
+    if NEED_SP:
+        group_row = tl.program_id(1) * tl.num_programs(2) + b
+        tl.store(grad_a_sp_part_ptr + group_row * HW + p, grad_a_sp, mask=in_image)
 
 
 def _check_structured_attention(v, a_ch, a_sp):
@@ -105,8 +116,8 @@ def _geometry(features):
     return (pixel_blocks, groups, B), per_group, meta
 
 
-@torch.library.custom_op("incseg_fast_triton::structured_attention_forward", mutates_args=())
-def structured_attention_forward(v: torch.Tensor, a_ch: torch.Tensor, a_sp: torch.Tensor) -> torch.Tensor:
+def structured_attention(v, a_ch, a_sp):
+    """The kernel of incseg_fast_triton::structured_attention: (1 + a_ch ⊗ a_sp) * v in v's dtype."""
     _check_structured_attention(v, a_ch, a_sp)
     v, a_ch, a_sp = v.contiguous(), a_ch.contiguous(), a_sp.contiguous()
     B, C, H, W = v.shape
@@ -117,55 +128,28 @@ def structured_attention_forward(v: torch.Tensor, a_ch: torch.Tensor, a_sp: torc
     return out
 
 
-@structured_attention_forward.register_fake
-def _structured_attention_forward_fake(v, a_ch, a_sp):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("incseg_fast_triton::structured_attention_backward", mutates_args=())
-def structured_attention_backward(
-    grad_out: torch.Tensor, v: torch.Tensor, a_ch: torch.Tensor, a_sp: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask):
+    """The kernel of incseg_fast_triton::structured_attention_backward: (dv, da_ch, da_sp), empty where masked."""
     _check_structured_attention(v, a_ch, a_sp)
     if grad_out.shape != v.shape:
         raise ValueError(f"grad_out must have shape {tuple(v.shape)}, got {tuple(grad_out.shape)}")
+    want_v, want_ch, want_sp = output_mask
+    if not any(output_mask):
+        return v.new_empty((0,)), a_ch.new_empty((0,)), a_sp.new_empty((0,))
     grad_out, v, a_ch, a_sp = grad_out.contiguous(), v.contiguous(), a_ch.contiguous(), a_sp.contiguous()
     B, C, H, W = v.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(v.dtype)
     grid, per_group, meta = _geometry(v)
-    grad_v = torch.empty_like(v)
-    grad_a_sp_parts = v.new_empty((grid[1], B, H, W), dtype=acc_torch)
-    grad_a_ch_parts = v.new_empty((B, grid[0], C), dtype=acc_torch)
+    grad_v = torch.empty_like(v) if want_v else v  # not written unless wanted
+    grad_a_sp_parts = v.new_empty((grid[1], B, H, W), dtype=acc_torch) if want_sp else v
+    grad_a_ch_parts = v.new_empty((B, grid[0], C), dtype=acc_torch) if want_ch else v
     _structured_attention_bwd_kernel[grid](
         grad_out, v, a_ch, a_sp, grad_v, grad_a_sp_parts, grad_a_ch_parts, C, H * W, per_group,
-        ACC=acc_tl, **meta,
+        NEED_V=want_v, NEED_CH=want_ch, NEED_SP=want_sp, ACC=acc_tl, **meta,
     )
-    return grad_v, grad_a_ch_parts.sum(dim=1).to(a_ch.dtype), grad_a_sp_parts.sum(dim=0).to(a_sp.dtype)
-
-
-@structured_attention_backward.register_fake
-def _structured_attention_backward_fake(grad_out, v, a_ch, a_sp):
-    return (torch.empty_like(v, memory_format=torch.contiguous_format),
-            torch.empty_like(a_ch, memory_format=torch.contiguous_format),
-            torch.empty_like(a_sp, memory_format=torch.contiguous_format))
-
-
-def _structured_attention_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _structured_attention_backward(ctx, grad_out):
-    return structured_attention_backward(grad_out, *ctx.saved_tensors)
-
-
-structured_attention_forward.register_autograd(
-    _structured_attention_backward, setup_context=_structured_attention_setup_context
-)
-
-
-def structured_attention(v, a_ch, a_sp):
-    """The backend contract of DEVELOPERS.md: (1 + a_ch ⊗ a_sp) * v in v's dtype."""
-    return structured_attention_forward(v, a_ch, a_sp)
+    return (grad_v if want_v else v.new_empty((0,)),
+            grad_a_ch_parts.sum(dim=1).to(a_ch.dtype) if want_ch else a_ch.new_empty((0,)),
+            grad_a_sp_parts.sum(dim=0).to(a_sp.dtype) if want_sp else a_sp.new_empty((0,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,28 +161,21 @@ def structured_attention(v, a_ch, a_sp):
 # formed from differences that are computed directly:
 #   D = (f - g)(1 + b Ŝ_g) + f ((a - b) Ŝ_f + b ΔŜ),   ΔŜ = Ŝ_f - Ŝ_g = ΔS/N_f - S_g ΔN/(N_f N_g),
 #   ΔS = sum_c (f - g)(f + g),   ΔN = N_f - N_g = sum_p ΔS (S_f + S_g) / (N_f + N_g).
-# Forward: pass 1 writes per-group partials of S_f, S_g, ΔS (torch adds them and forms N_f, N_g,
-# ΔN); pass 2 writes one partial of sum D^2 per program.
+# Forward: pass 1 writes per-group partials of S_f, S_g, ΔS; torch adds them and forms 1/N and the
+# saved maps Ŝ_f, Ŝ_g, ΔŜ (the state every backend saves, csrc/ops.cpp); pass 2 writes one partial
+# of sum D^2 per program and, when the spatial map will be differentiated, per-group partials of
+# P_f = sum_c D a f and P_g = sum_c D b g (dL/dŜ per unit of upstream gradient).
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _spatial_attention(spatial_ptr, norms_ptr, b, p, in_image, HW):
-    """Per pixel: S_f, S_g, 1/N_f, 1/N_g (0 where N = 0), Ŝ_f, Ŝ_g and ΔŜ = Ŝ_f - Ŝ_g."""
+def _saved_maps(spatial_ptr, b, p, in_image, HW):
+    """Ŝ_f, Ŝ_g and ΔŜ = Ŝ_f - Ŝ_g at pixels p of image b, from the saved (3, B, HW) maps."""
     B = tl.num_programs(2)
-    s_f = tl.load(spatial_ptr + b * HW + p, mask=in_image, other=0.0)
-    s_g = tl.load(spatial_ptr + (B + b) * HW + p, mask=in_image, other=0.0)
-    delta_s = tl.load(spatial_ptr + (2 * B + b) * HW + p, mask=in_image, other=0.0)
-    n_f = tl.load(norms_ptr + b)
-    n_g = tl.load(norms_ptr + B + b)
-    delta_n = tl.load(norms_ptr + 2 * B + b)
-    inv_n_f = tl.where(n_f > 0, 1.0 / tl.where(n_f > 0, n_f, 1.0), 0.0)
-    inv_n_g = tl.where(n_g > 0, 1.0 / tl.where(n_g > 0, n_g, 1.0), 0.0)
-    s_hat_f = s_f * inv_n_f
-    s_hat_g = s_g * inv_n_g
-    both = (n_f > 0) & (n_g > 0)
-    delta_s_hat = tl.where(both, delta_s * inv_n_f - s_g * delta_n * inv_n_f * inv_n_g, s_hat_f - s_hat_g)
-    return s_f, s_g, inv_n_f, inv_n_g, s_hat_f, s_hat_g, delta_s_hat
+    s_hat_f = tl.load(spatial_ptr + b * HW + p, mask=in_image, other=0.0)
+    s_hat_g = tl.load(spatial_ptr + (B + b) * HW + p, mask=in_image, other=0.0)
+    delta_s_hat = tl.load(spatial_ptr + (2 * B + b) * HW + p, mask=in_image, other=0.0)
+    return s_hat_f, s_hat_g, delta_s_hat
 
 
 @triton.jit
@@ -229,7 +206,9 @@ def _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, AC
 
 @triton.jit
 def _ad_spatial_kernel(
-    f_ptr, g_ptr, spatial_part_ptr, C, HW, channels_per_group,
+    f_ptr, g_ptr,
+    spatial_part_ptr,  # out: (3, groups, B, HW) per-group partials of S_f, S_g, ΔS
+    C, HW, channels_per_group,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
@@ -243,7 +222,6 @@ def _ad_spatial_kernel(
         s_f += tl.sum(f * f, axis=0)
         s_g += tl.sum(g * g, axis=0)
         delta_s += tl.sum((f - g) * (f + g), axis=0)
-    # Partials laid out (3, groups, B, HW): S_f, S_g, ΔS.
     row = tl.program_id(1) * tl.num_programs(2) + b
     rows_per_map = tl.num_programs(1) * tl.num_programs(2)
     tl.store(spatial_part_ptr + row * HW + p, s_f, mask=in_image)
@@ -253,97 +231,84 @@ def _ad_spatial_kernel(
 
 @triton.jit
 def _ad_loss_kernel(
-    f_ptr, g_ptr, a_ptr, b_ptr, spatial_ptr, norms_ptr, loss_part_ptr, C, HW, channels_per_group,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    f_ptr, g_ptr, a_ptr, b_ptr,
+    spatial_ptr,     # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
+    loss_part_ptr,   # out: (B, groups, pixel blocks) partial sums of D^2
+    p_part_ptr,      # out: (2, groups, B, HW) per-group partials of P_f, P_g (SAVE_P)
+    C, HW, channels_per_group,
+    SAVE_P: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
-    _, _, _, _, s_hat_f, s_hat_g, delta_s_hat = _spatial_attention(spatial_ptr, norms_ptr, b, p, in_image, HW)
+    s_hat_f, s_hat_g, delta_s_hat = _saved_maps(spatial_ptr, b, p, in_image, HW)
     total = tl.zeros([BLOCK_P], dtype=ACC)
+    p_f = tl.zeros([BLOCK_P], dtype=ACC)
+    p_g = tl.zeros([BLOCK_P], dtype=ACC)
     for c0 in range(c_start, c_stop, BLOCK_C):
         c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
         f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
         diff = _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
         total += tl.sum(diff * diff, axis=0)
+        if SAVE_P:
+            p_f += tl.sum(diff * a[:, None] * f, axis=0)
+            p_g += tl.sum(diff * b_att[:, None] * g, axis=0)
     part = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
     tl.store(loss_part_ptr + part, tl.sum(total, axis=0))
+    if SAVE_P:
+        row = tl.program_id(1) * tl.num_programs(2) + b
+        tl.store(p_part_ptr + row * HW + p, p_f, mask=in_image)
+        tl.store(p_part_ptr + (tl.num_programs(1) * tl.num_programs(2) + row) * HW + p, p_g, mask=in_image)
 
 
 # Backward, with w = 2 dL/dloss (/ B C H W for "mean") so that dL/dD = w D:
-#   dL/da[c] = sum_p w D Ŝ_f f             dL/db[c] = -sum_p w D Ŝ_g g
-#   R_f[p] = dL/dŜ_f = sum_c w D a f        R_g[p] = -sum_c w D b g
-# Through Ŝ = S/N with dN/dS_q = S_q/N:  dL/dS_q = R_q/N - S_q (sum_p R_p S_p)/N^3, and
-# dS_q/df_c = 2 f_c, so
-#   dL/df = w D (a Ŝ_f + 1) + 2 f (R_f/N_f - S_f T_f/N_f^3),   T_f = sum_p R_f S_f,
-#   dL/dg = -w D (b Ŝ_g + 1) + 2 g (R_g/N_g - S_g T_g/N_g^3).
-# The spatial term needs R over all channels and T over all pixels before any dL/df can be written,
-# so it takes a pass of its own (skipped with detach_spatial) writing per-group partials of R;
-# torch adds them and forms T.
-@triton.jit
-def _ad_bwd_spatial_kernel(
-    f_ptr, g_ptr, a_ptr, b_ptr, spatial_ptr, norms_ptr, grad_ptr, r_part_ptr, C, HW, channels_per_group,
-    divisor, NEED_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
-    B = tl.num_programs(2)
-    w = 2.0 * tl.load(grad_ptr).to(ACC) / divisor
-    _, _, _, _, s_hat_f, s_hat_g, delta_s_hat = _spatial_attention(spatial_ptr, norms_ptr, b, p, in_image, HW)
-    r_f = tl.zeros([BLOCK_P], dtype=ACC)
-    r_g = tl.zeros([BLOCK_P], dtype=ACC)
-    for c0 in range(c_start, c_stop, BLOCK_C):
-        c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
-        f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
-        w_diff = w * _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
-        r_f += tl.sum(w_diff * a[:, None] * f, axis=0)
-        if NEED_OLD:
-            r_g -= tl.sum(w_diff * b_att[:, None] * g, axis=0)
-    # Partials laid out (2, groups, B, HW) like the forward's ((1, ...) without NEED_OLD).
-    row = tl.program_id(1) * B + b
-    tl.store(r_part_ptr + row * HW + p, r_f, mask=in_image)
-    if NEED_OLD:
-        tl.store(r_part_ptr + (tl.num_programs(1) * B + row) * HW + p, r_g, mask=in_image)
-
-
+#   dL/da[c] = w sum_p D Ŝ_f f             dL/db[c] = -w sum_p D Ŝ_g g
+#   dL/dŜ_f[p] = w P_f[p],  dL/dŜ_g[p] = -w P_g[p]   (P saved by the forward)
+# Through Ŝ = S/N with dŜ_p/dS_q = (δ_pq - Ŝ_p Ŝ_q)/N:  dL/dS_f = w (1/N_f)(P_f - Ŝ_f T_f), T_f = sum_p P_f Ŝ_f
+# (likewise for g with -w), and dS/df_c = 2 f_c, so with sgrad = (1/N)(P - Ŝ T) per pixel:
+#   dL/df = w [D (a Ŝ_f + 1) + 2 f sgrad_f],   dL/dg = -w [D (b Ŝ_g + 1) + 2 g sgrad_g].
+# sgrad is formed by torch from the saved P (two (B, H, W) maps) before the one pass over f and g.
 @triton.jit
 def _ad_bwd_kernel(
-    f_ptr, g_ptr, a_ptr, b_ptr, spatial_ptr, norms_ptr, grad_ptr, r_ptr, t_ptr,
-    grad_f_ptr, grad_g_ptr, grad_a_part_ptr, grad_b_part_ptr, C, HW, channels_per_group, divisor,
-    SPATIAL: tl.constexpr, NEED_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    f_ptr, g_ptr, a_ptr, b_ptr,
+    spatial_ptr,     # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
+    grad_ptr,        # 0-dim upstream gradient of the loss
+    sgrad_ptr,       # (2, B, HW) sgrad_f, sgrad_g (read when SPATIAL)
+    grad_f_ptr, grad_g_ptr,            # out: (B, C, HW) (NEED_F, NEED_G)
+    grad_a_part_ptr, grad_b_part_ptr,  # out: (B, pixel blocks, C) partials (NEED_A, NEED_B)
+    C, HW, channels_per_group, divisor,
+    SPATIAL: tl.constexpr, NEED_F: tl.constexpr, NEED_G: tl.constexpr, NEED_A: tl.constexpr,
+    NEED_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     B = tl.num_programs(2)
     pixel_part = b * tl.num_programs(0) + tl.program_id(0)
     w = 2.0 * tl.load(grad_ptr).to(ACC) / divisor
-    s_f, s_g, inv_n_f, inv_n_g, s_hat_f, s_hat_g, delta_s_hat = _spatial_attention(
-        spatial_ptr, norms_ptr, b, p, in_image, HW)
-    # Per-pixel factor of f (resp. g) in the spatial term: 2 (R/N - S T/N^3).
+    s_hat_f, s_hat_g, delta_s_hat = _saved_maps(spatial_ptr, b, p, in_image, HW)
+    # Per-pixel factor of f (resp. g) in the spatial term: 2 sgrad.
     spatial_f = tl.zeros([BLOCK_P], dtype=ACC)
     spatial_g = tl.zeros([BLOCK_P], dtype=ACC)
     if SPATIAL:
-        r_f = tl.load(r_ptr + b * HW + p, mask=in_image, other=0.0)
-        spatial_f = 2.0 * inv_n_f * (r_f - s_f * tl.load(t_ptr + b) * inv_n_f * inv_n_f)
-        if NEED_OLD:
-            r_g = tl.load(r_ptr + (B + b) * HW + p, mask=in_image, other=0.0)
-            spatial_g = 2.0 * inv_n_g * (r_g - s_g * tl.load(t_ptr + B + b) * inv_n_g * inv_n_g)
+        spatial_f = 2.0 * tl.load(sgrad_ptr + b * HW + p, mask=in_image, other=0.0)
+        spatial_g = 2.0 * tl.load(sgrad_ptr + (B + b) * HW + p, mask=in_image, other=0.0)
     for c0 in range(c_start, c_stop, BLOCK_C):
         c, in_c, offsets, tile_mask = _channel_tile(b, c0, c_stop, p, in_image, C, HW, BLOCK_C)
         f, g, a, b_att = _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, ACC)
-        weight_f = a[:, None] * s_hat_f[None, :] + 1.0
-        weight_g = b_att[:, None] * s_hat_g[None, :] + 1.0
         w_diff = w * _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat)
-        grad_f = w_diff * weight_f + f * spatial_f[None, :]
-        tl.store(grad_f_ptr + offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(grad_a_part_ptr + pixel_part * C + c, tl.sum(w_diff * s_hat_f[None, :] * f, axis=1), mask=in_c)
-        if NEED_OLD:
-            grad_g = -w_diff * weight_g + g * spatial_g[None, :]
+        if NEED_F:
+            grad_f = w_diff * (a[:, None] * s_hat_f[None, :] + 1.0) + w * f * spatial_f[None, :]
+            tl.store(grad_f_ptr + offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
+        if NEED_G:
+            grad_g = -(w_diff * (b_att[:, None] * s_hat_g[None, :] + 1.0) + w * g * spatial_g[None, :])
             tl.store(grad_g_ptr + offsets, grad_g.to(grad_g_ptr.dtype.element_ty), mask=tile_mask)
+        if NEED_A:
+            tl.store(grad_a_part_ptr + pixel_part * C + c, tl.sum(w_diff * s_hat_f[None, :] * f, axis=1), mask=in_c)
+        if NEED_B:
             tl.store(grad_b_part_ptr + pixel_part * C + c, -tl.sum(w_diff * s_hat_g[None, :] * g, axis=1),
                      mask=in_c)
 
 
 def _check_attentive_distillation(f, g, a, b, reduction):
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in FEATURE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {FEATURE_REDUCTIONS}, got {reduction!r}")
     if f.dim() != 4:
         raise ValueError(f"f must be (B, C, H, W), got shape {tuple(f.shape)}")
     if g.shape != f.shape:
@@ -354,11 +319,26 @@ def _check_attentive_distillation(f, g, a, b, reduction):
     _launch.check_device(f, g, a, b)
 
 
-@torch.library.custom_op("incseg_fast_triton::attentive_distillation_forward", mutates_args=())
-def attentive_distillation_forward(
-    f: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reduction: str, detach_spatial: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, [S_f, S_g, ΔS] (3, B, H, W), [N_f, N_g, ΔN] (3, B)); detach_spatial only matters backward."""
+def _saved_state(spatial_sums):
+    """The saved maps (Ŝ_f, Ŝ_g, ΔŜ) (3, B, H, W) and 1/N (2, B) from S_f, S_g, ΔS (3, B, H, W)."""
+    s_f, s_g, delta_s = spatial_sums
+    norm_f, norm_g = spatial_sums[:2].square().sum(dim=(2, 3)).sqrt()
+    norm_sum = norm_f + norm_g
+    squares_difference = (delta_s * (s_f + s_g)).sum(dim=(1, 2))  # N_f^2 - N_g^2
+    nonzero = norm_sum > 0
+    norm_difference = torch.where(nonzero, squares_difference / torch.where(nonzero, norm_sum, 1.0), 0.0)
+    inv_f = torch.where(norm_f > 0, 1.0 / torch.where(norm_f > 0, norm_f, 1.0), 0.0)
+    inv_g = torch.where(norm_g > 0, 1.0 / torch.where(norm_g > 0, norm_g, 1.0), 0.0)
+    s_hat_f = s_f * inv_f[:, None, None]
+    s_hat_g = s_g * inv_g[:, None, None]
+    both = ((norm_f > 0) & (norm_g > 0))[:, None, None]
+    delta_s_hat = torch.where(both, delta_s * inv_f[:, None, None]
+                              - s_g * (norm_difference * inv_f * inv_g)[:, None, None], s_hat_f - s_hat_g)
+    return torch.stack([s_hat_f, s_hat_g, delta_s_hat]), torch.stack([inv_f, inv_g])
+
+
+def attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad):
+    """The kernel of incseg_fast_triton::attentive_distillation_forward: (loss, spatial, inv_norm, pixel_grad)."""
     _check_attentive_distillation(f, g, a, b, reduction)
     f, g, a, b = f.contiguous(), g.contiguous(), a.contiguous(), b.contiguous()
     B, C, H, W = f.shape
@@ -367,110 +347,53 @@ def attentive_distillation_forward(
 
     spatial_parts = f.new_empty((3, grid[1], B, H, W), dtype=acc_torch)
     _ad_spatial_kernel[grid](f, g, spatial_parts, C, H * W, per_group, ACC=acc_tl, **meta)
-    spatial = spatial_parts.sum(dim=1)
-    norm_f, norm_g = spatial[:2].square().sum(dim=(2, 3)).sqrt()
-    norm_sum = norm_f + norm_g
-    squares_difference = (spatial[2] * (spatial[0] + spatial[1])).sum(dim=(1, 2))  # N_f^2 - N_g^2
-    nonzero = norm_sum > 0
-    norm_difference = torch.where(nonzero, squares_difference / torch.where(nonzero, norm_sum, 1.0), 0.0)
-    norms = torch.stack([norm_f, norm_g, norm_difference])
+    spatial, inv_norm = _saved_state(spatial_parts.sum(dim=1))
 
     loss_parts = f.new_empty((B, grid[1], grid[0]), dtype=acc_torch)
-    _ad_loss_kernel[grid](f, g, a, b, spatial, norms, loss_parts, C, H * W, per_group, ACC=acc_tl, **meta)
+    p_parts = f.new_empty((2, grid[1], B, H, W), dtype=acc_torch) if save_spatial_grad else loss_parts
+    _ad_loss_kernel[grid](f, g, a, b, spatial, loss_parts, p_parts, C, H * W, per_group,
+                          SAVE_P=save_spatial_grad, ACC=acc_tl, **meta)
     loss = loss_parts.sum()
     if reduction == "mean":
         loss = loss / f.numel()
-    return loss, spatial, norms
+    pixel_grad = p_parts.sum(dim=1) if save_spatial_grad else f.new_empty((0,), dtype=acc_torch)
+    return loss, spatial, inv_norm, pixel_grad
 
 
-@attentive_distillation_forward.register_fake
-def _attentive_distillation_forward_fake(f, g, a, b, reduction, detach_spatial):
-    B, _, H, W = f.shape
-    acc_torch, _ = _launch.accumulator_dtype(f.dtype)
-    return (f.new_empty((), dtype=acc_torch), f.new_empty((3, B, H, W), dtype=acc_torch),
-            f.new_empty((3, B), dtype=acc_torch))
-
-
-@torch.library.custom_op("incseg_fast_triton::attentive_distillation_backward", mutates_args=())
-def attentive_distillation_backward(
-    grad: torch.Tensor, f: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spatial: torch.Tensor,
-    norms: torch.Tensor, reduction: str, detach_spatial: bool, need_old_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/df, dL/dg, dL/da, dL/db); dL/dg and dL/db are empty (0,) tensors unless need_old_grad."""
+def attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction, spatial_chain,
+                                    output_mask):
+    """The kernel of incseg_fast_triton::attentive_distillation_backward: (df, dg, da, db), empty where masked."""
     _check_attentive_distillation(f, g, a, b, reduction)
     B, C, H, W = f.shape
-    if tuple(spatial.shape) != (3, B, H, W) or tuple(norms.shape) != (3, B):
-        raise ValueError(f"spatial and norms must have shapes {(3, B, H, W)} and {(3, B)}, "
-                         f"got {tuple(spatial.shape)} and {tuple(norms.shape)}")
-    _launch.check_device(grad, spatial, norms)
-    f, g, a, b = f.contiguous(), g.contiguous(), a.contiguous(), b.contiguous()
     acc_torch, acc_tl = _launch.accumulator_dtype(f.dtype)
-    spatial, norms = spatial.to(acc_torch).contiguous(), norms.to(acc_torch).contiguous()
-    grad = grad.to(acc_torch).contiguous()
+    if tuple(spatial.shape) != (3, B, H, W) or tuple(inv_norm.shape) != (2, B):
+        raise ValueError(f"spatial and inv_norm must be the forward's {(3, B, H, W)} and {(2, B)} saved state, "
+                         f"got {tuple(spatial.shape)} and {tuple(inv_norm.shape)}")
+    want_f, want_g, want_a, want_b = output_mask
+    use_pixel_grad = spatial_chain and (want_f or want_g)
+    if use_pixel_grad and tuple(pixel_grad.shape) != (2, B, H, W):
+        raise ValueError(f"pixel_grad must be the forward's {(2, B, H, W)} saved P (forward with "
+                         f"save_spatial_grad), got {tuple(pixel_grad.shape)}")
+    _launch.check_device(grad_loss, spatial, inv_norm)
+    empty = (f.new_empty((0,)), g.new_empty((0,)), a.new_empty((0,)), b.new_empty((0,)))
+    if not any(output_mask):
+        return empty
+    f, g, a, b = f.contiguous(), g.contiguous(), a.contiguous(), b.contiguous()
+    spatial = spatial.contiguous()
     grid, per_group, meta = _geometry(f)
-    meta.update(NEED_OLD=need_old_grad, ACC=acc_tl)
-    divisor = f.numel() if reduction == "mean" else 1
-
-    if detach_spatial:
-        r = t = spatial  # not read
-    else:
-        r_parts = f.new_empty((2 if need_old_grad else 1, grid[1], B, H, W), dtype=acc_torch)
-        _ad_bwd_spatial_kernel[grid](f, g, a, b, spatial, norms, grad, r_parts, C, H * W, per_group, divisor, **meta)
-        r = r_parts.sum(dim=1)
-        t = (r * spatial[:r.shape[0]]).sum(dim=(2, 3))
-
-    grad_f = torch.empty_like(f)
-    grad_a_parts = f.new_empty((B, grid[0], C), dtype=acc_torch)
-    if need_old_grad:
-        grad_g = torch.empty_like(g)
-        grad_b_parts = f.new_empty((B, grid[0], C), dtype=acc_torch)
-    else:
-        grad_g = grad_b_parts = f  # not written
+    sgrad = spatial  # not read unless use_pixel_grad
+    if use_pixel_grad:
+        dot = (pixel_grad * spatial[:2]).sum(dim=(2, 3))  # T per side and image
+        sgrad = (inv_norm[:, :, None, None] * (pixel_grad - spatial[:2] * dot[:, :, None, None])).contiguous()
+    grad_f = torch.empty_like(f) if want_f else f  # not written unless wanted
+    grad_g = torch.empty_like(g) if want_g else f
+    grad_a_parts = f.new_empty((B, grid[0], C), dtype=acc_torch) if want_a else f
+    grad_b_parts = f.new_empty((B, grid[0], C), dtype=acc_torch) if want_b else f
     _ad_bwd_kernel[grid](
-        f, g, a, b, spatial, norms, grad, r, t, grad_f, grad_g, grad_a_parts, grad_b_parts, C, H * W, per_group,
-        divisor, SPATIAL=not detach_spatial, **meta,
+        f, g, a, b, spatial, grad_loss.to(acc_torch), sgrad, grad_f, grad_g, grad_a_parts, grad_b_parts,
+        C, H * W, per_group, f.numel() if reduction == "mean" else 1,
+        SPATIAL=use_pixel_grad, NEED_F=want_f, NEED_G=want_g, NEED_A=want_a, NEED_B=want_b, ACC=acc_tl, **meta,
     )
-    grad_a = grad_a_parts.sum(dim=1).to(a.dtype)
-    if not need_old_grad:
-        return grad_f, f.new_empty((0,)), grad_a, a.new_empty((0,))
-    return grad_f, grad_g, grad_a, grad_b_parts.sum(dim=1).to(b.dtype)
-
-
-@attentive_distillation_backward.register_fake
-def _attentive_distillation_backward_fake(grad, f, g, a, b, spatial, norms, reduction, detach_spatial, need_old_grad):
-    grad_f = torch.empty_like(f, memory_format=torch.contiguous_format)
-    grad_a = torch.empty_like(a, memory_format=torch.contiguous_format)
-    if not need_old_grad:
-        return grad_f, f.new_empty((0,)), grad_a, a.new_empty((0,))
-    return (grad_f, torch.empty_like(g, memory_format=torch.contiguous_format), grad_a,
-            torch.empty_like(b, memory_format=torch.contiguous_format))
-
-
-def _attentive_distillation_setup_context(ctx, inputs, output):
-    f, g, a, b, reduction, detach_spatial = inputs
-    _, spatial, norms = output
-    ctx.save_for_backward(f, g, a, b, spatial, norms)
-    ctx.mark_non_differentiable(spatial, norms)
-    ctx.options = (reduction, detach_spatial)
-
-
-def _attentive_distillation_backward(ctx, grad, _grad_spatial, _grad_norms):
-    f, g, a, b, spatial, norms = ctx.saved_tensors
-    need_old_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-    grad_f, grad_g, grad_a, grad_b = attentive_distillation_backward(
-        grad, f, g, a, b, spatial, norms, *ctx.options, need_old_grad
-    )
-    if not need_old_grad:
-        grad_g = grad_b = None
-    return grad_f, grad_g, grad_a, grad_b, None, None
-
-
-attentive_distillation_forward.register_autograd(
-    _attentive_distillation_backward, setup_context=_attentive_distillation_setup_context
-)
-
-
-def attentive_distillation(f, g, a, b, *, reduction, detach_spatial):
-    """The backend contract of DEVELOPERS.md: mean (or sum) of (AD(f) - AD(g))^2 as float32 (float64)."""
-    loss, _, _ = attentive_distillation_forward(f, g, a, b, reduction, bool(detach_spatial))
-    return loss
+    return (grad_f if want_f else empty[0], grad_g if want_g else empty[1],
+            grad_a_parts.sum(dim=1).to(a.dtype) if want_a else empty[2],
+            grad_b_parts.sum(dim=1).to(b.dtype) if want_b else empty[3])

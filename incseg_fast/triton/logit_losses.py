@@ -2,27 +2,29 @@
 
 One forward pass reads x, y and t once and writes the two loss terms (per-pixel maps, or one
 partial sum per program that a one-program kernel adds up in a fixed order) plus the per-pixel
-logsumexps the backward needs (B, H, W each). One backward pass reads x, y, t and those statistics
-once and writes dL/dx once, combining both upstream gradients. No logits-sized temporary is created.
-The gradient derivations are written beside the kernels.
+statistics the backward needs, (B, 4, H, W) = lse, lse_old, lse_bg, lse_teacher as every backend
+saves them (csrc/ops.cpp). One backward pass reads x, y, t and those statistics once and writes
+dL/dx once, combining both upstream gradients. No logits-sized temporary is created. The gradient
+derivations are written beside the kernels.
 
-Registered as torch.library custom ops in the namespace ``incseg_fast_triton`` so that autograd,
-``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see opaque, well-typed ops.
+The launchers below are the kernels of the ops ``incseg_fast_triton::logit_losses_fwd`` and
+``logit_losses_bwd`` (schemas in csrc/ops.cpp, fake kernels and autograd in incseg_fast/ops).
 """
 import struct
-from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..ops.logit_losses import NUM_STATS
+from ..vocabulary import CE_MODES, KD_MODES, REDUCTIONS
 from . import _launch
 
-__all__ = ["logit_losses"]
+__all__ = ["logit_losses_fwd", "logit_losses_bwd"]
 
-CE_MODES = ("unbiased", "plain", "none")
-KD_MODES = ("unbiased", "balanced", "plain", "none")
-REDUCTIONS = ("mean", "sum", "none")
+# Rows of the saved statistics (B, NUM_STATS, H, W), as in csrc/common/logit_math.h.
+_NUM_STATS = tl.constexpr(NUM_STATS)
+_STAT_LSE, _STAT_LSE_OLD, _STAT_LSE_BG, _STAT_LSE_TEACHER = (tl.constexpr(row) for row in range(NUM_STATS))
 
 # Stands in for -inf in running maxima so that exp(old_max - new_max) never computes inf - inf.
 _NEG = tl.constexpr(-1.0e30)
@@ -48,12 +50,16 @@ def _logaddexp(a, b):
 # KD terms are multiplied by the mask.
 @triton.jit
 def _logit_losses_fwd_kernel(
-    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,
-    ce_ptr, kd_ptr, count_ptr,
-    lse_ptr, lse_old_ptr, lse_bg_ptr, lse_teacher_ptr,
+    x_ptr,          # (B, C, HW) logits
+    target_ptr,     # (B, HW) labels (any int dtype); unread when CE == "none"
+    y_ptr,          # (B, Co, HW) teacher logits; unread when KD == "none"
+    gamma_ptr,      # (B,) balanced-KD weight; read only when KD == "balanced"
+    mask_ptr,       # (B, HW) distillation weight; read only when HAS_MASK
+    ce_ptr, kd_ptr,  # out: per-pixel maps (PER_PIXEL) or one partial sum per program
+    count_ptr,      # out: non-ignored pixels per program (int32)
+    stats_ptr,      # out: (B, 4, HW) lse, lse_old, lse_bg, lse_teacher (0 when KD == "none")
     C, Co, HW, alpha_high, alpha_low, ignore_index,
     CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr,
-    SAVE_LSE: tl.constexpr, SAVE_OLD: tl.constexpr, SAVE_BG: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -121,10 +127,11 @@ def _logit_losses_fwd_kernel(
     elif CE == "plain":
         ce_map = tl.where(valid, lse - x_target, 0.0)
 
+    x_0 = tl.load(x_ptr + b * C * HW + p, mask=in_image, other=0.0).to(ACC)
+    lse_bg = _logaddexp(x_0, lse_new)
     kd_map = zeros
-    lse_bg = zeros
+    lse_teacher = zeros
     if KD != "none":
-        x_0 = tl.load(x_ptr + b * C * HW + p, mask=in_image, other=0.0).to(ACC)
         y_0 = tl.load(y_ptr + b * Co * HW + p, mask=in_image, other=0.0).to(ACC)
         lse_teacher = max_teacher + tl.log(sum_teacher)
         q_0 = tl.exp(alpha * y_0 - lse_teacher)
@@ -135,19 +142,16 @@ def _logit_losses_fwd_kernel(
             gamma = 1.0
             if KD == "balanced":
                 gamma = tl.load(gamma_ptr + b).to(ACC)
-            lse_bg = _logaddexp(x_0, lse_new)
             kd_map = -(gamma * q_0 * (lse_bg - lse) + old_term - (1.0 - q_0) * lse) / Co
         if HAS_MASK:
             kd_map *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
         kd_map = tl.where(in_image, kd_map, 0.0)
-        tl.store(lse_teacher_ptr + pix, lse_teacher, mask=in_image)
 
-    if SAVE_LSE:
-        tl.store(lse_ptr + pix, lse, mask=in_image)
-    if SAVE_OLD:
-        tl.store(lse_old_ptr + pix, lse_old, mask=in_image)
-    if SAVE_BG:
-        tl.store(lse_bg_ptr + pix, lse_bg, mask=in_image)
+    stats = stats_ptr + b * _NUM_STATS * HW + p
+    tl.store(stats + _STAT_LSE * HW, lse, mask=in_image)
+    tl.store(stats + _STAT_LSE_OLD * HW, lse_old, mask=in_image)
+    tl.store(stats + _STAT_LSE_BG * HW, lse_bg, mask=in_image)
+    tl.store(stats + _STAT_LSE_TEACHER * HW, lse_teacher, mask=in_image)
 
     if PER_PIXEL:
         tl.store(ce_ptr + pix, ce_map, mask=in_image)
@@ -173,12 +177,14 @@ def _logit_losses_fwd_kernel(
 # both sets, is computed per pixel from x_0.
 @triton.jit
 def _logit_losses_bwd_kernel(
-    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,
-    lse_ptr, lse_old_ptr, lse_bg_ptr, lse_teacher_ptr, count_ptr,
-    grad_ce_ptr, grad_kd_ptr, grad_x_ptr,
+    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,  # the forward's inputs (see the forward kernel)
+    stats_ptr,      # (B, 4, HW) the forward's statistics; only the rows the modes need are read
+    count_ptr,      # 0-dim int64: non-ignored pixels (the CE "mean" denominator, read on the device)
+    grad_ce_ptr, grad_kd_ptr,  # upstream gradients: (B, HW) maps (PER_PIXEL) or 0-dim
+    grad_x_ptr,     # out: (B, C, HW) dL/dx in x's dtype
     C, Co, HW, alpha_high, alpha_low, ignore_index, kd_divisor,
     CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr, MEAN: tl.constexpr,
-    SAVE_LSE: tl.constexpr, SAVE_OLD: tl.constexpr, SAVE_BG: tl.constexpr,
+    NEED_LSE: tl.constexpr, NEED_OLD: tl.constexpr, NEED_BG: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -190,17 +196,18 @@ def _logit_losses_bwd_kernel(
     zeros = tl.zeros([BLOCK_P], dtype=ACC)
     alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
 
-    # SAVE_LSE: some term has coef_p; SAVE_OLD: coef_old; SAVE_BG: coef_bg (see _saved_statistics).
+    # NEED_LSE: some term has coef_p; NEED_OLD: coef_old; NEED_BG: coef_bg (see _needed_statistics).
+    stats = stats_ptr + b * _NUM_STATS * HW + p
     lse = zeros
     lse_old = zeros
     lse_bg = zeros
     lse_teacher = zeros
-    if SAVE_LSE:
-        lse = tl.load(lse_ptr + pix, mask=in_image, other=0.0)
-    if SAVE_OLD:
-        lse_old = tl.load(lse_old_ptr + pix, mask=in_image, other=0.0)
-    if SAVE_BG:
-        lse_bg = tl.load(lse_bg_ptr + pix, mask=in_image, other=0.0)
+    if NEED_LSE:
+        lse = tl.load(stats + _STAT_LSE * HW, mask=in_image, other=0.0)
+    if NEED_OLD:
+        lse_old = tl.load(stats + _STAT_LSE_OLD * HW, mask=in_image, other=0.0)
+    if NEED_BG:
+        lse_bg = tl.load(stats + _STAT_LSE_BG * HW, mask=in_image, other=0.0)
 
     coef_p = zeros
     coef_old = zeros
@@ -236,7 +243,7 @@ def _logit_losses_bwd_kernel(
             w_kd *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
         w_kd = tl.where(in_image, w_kd, 0.0)
         w_teacher = w_kd
-        lse_teacher = tl.load(lse_teacher_ptr + pix, mask=in_image, other=0.0)
+        lse_teacher = tl.load(stats + _STAT_LSE_TEACHER * HW, mask=in_image, other=0.0)
         if KD == "plain":
             coef_old += w_kd
         else:
@@ -255,16 +262,16 @@ def _logit_losses_bwd_kernel(
     factor_old = coef_old
     shift_new = lse
     factor_new = coef_p
-    if SAVE_LSE:
+    if NEED_LSE:
         grad_0 += coef_p * tl.exp(x_0 - lse)
-    if SAVE_OLD:
+    if NEED_OLD:
         grad_0 += coef_old * tl.exp(x_0 - lse_old)
         shift_old = lse_old
-        if SAVE_LSE:
+        if NEED_LSE:
             factor_old += coef_p * tl.exp(lse_old - lse)
     else:
         factor_old += coef_p
-    if SAVE_BG:
+    if NEED_BG:
         grad_0 += coef_bg * tl.exp(x_0 - lse_bg)
         shift_new = lse_bg
         factor_new = coef_bg + coef_p * tl.exp(lse_bg - lse)
@@ -277,7 +284,7 @@ def _logit_losses_bwd_kernel(
         load_mask = (c < C)[:, None] & in_image[None, :]
         offsets = (b * C + c[:, None]) * HW + p[None, :]
         xs = tl.load(x_ptr + offsets, mask=load_mask, other=0.0).to(ACC)
-        if SAVE_LSE:
+        if NEED_LSE:
             shifted = tl.where(old_lane, xs - shift_old[None, :], xs - shift_new[None, :])
             factor = tl.where(old_lane, factor_old[None, :], factor_new[None, :])
         else:  # plain KD alone: lanes >= Co get no gradient
@@ -325,12 +332,12 @@ def _finish_reduction_kernel(
         tl.store(kd_ptr, kd)
 
 
-def _saved_statistics(ce, kd):
-    """Which per-pixel logsumexps the backward needs: (lse, lse_old, lse_bg, lse_teacher)."""
+def _needed_statistics(ce, kd):
+    """Which saved per-pixel logsumexps the backward reads: (lse, lse_old, lse_bg); lse_teacher with KD."""
     need_old = ce == "unbiased" or kd == "plain"
     need_bg = kd in ("unbiased", "balanced")
     need_lse = ce != "none" or need_bg
-    return need_lse, need_old, need_bg, kd != "none"
+    return need_lse, need_old, need_bg
 
 
 def _check_modes(ce, kd, reduction):
@@ -376,13 +383,8 @@ def _contiguous(tensor):
     return None if tensor is None else tensor.contiguous()
 
 
-@torch.library.custom_op("incseg_fast_triton::logit_losses_forward", mutates_args=())
-def logit_losses_forward(
-    x: torch.Tensor, target: Optional[torch.Tensor], y: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor], old_classes: int, ce: str, kd: str, alpha: float, ignore_index: int,
-    reduction: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_loss, kd_loss, saved per-pixel logsumexps (R, B, H, W), number of non-ignored pixels)."""
+def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+    """The kernel of incseg_fast_triton::logit_losses_fwd: (ce_loss, kd_loss, stats, valid_count)."""
     _check_modes(ce, kd, reduction)
     _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
     _launch.check_device(x, target, y, gamma, mask)
@@ -394,11 +396,7 @@ def logit_losses_forward(
     grid = (triton.cdiv(HW, block_p), B)
     programs = grid[0] * grid[1]
 
-    need = _saved_statistics(ce, kd)
-    stats = x.new_empty((sum(need), B, H, W), dtype=acc_torch)
-    rows = iter(stats.unbind(0))
-    lse, lse_old, lse_bg, lse_teacher = (next(rows) if needed else x for needed in need)
-
+    stats = x.new_empty((B, NUM_STATS, H, W), dtype=acc_torch)
     per_pixel = reduction == "none"
     loss_shape = (B, H, W) if per_pixel else (programs,)
     ce_out = x.new_empty(loss_shape, dtype=acc_torch)
@@ -406,11 +404,9 @@ def logit_losses_forward(
     counts = x.new_empty((programs,), dtype=torch.int32)
     _logit_losses_fwd_kernel[grid](
         x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
-        x if mask is None else mask,
-        ce_out, kd_out, counts, lse, lse_old, lse_bg, lse_teacher,
+        x if mask is None else mask, ce_out, kd_out, counts, stats,
         C, old_classes, HW, *_split_float(alpha), int(ignore_index),
         CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=per_pixel,
-        SAVE_LSE=need[0], SAVE_OLD=need[1], SAVE_BG=need[2],
         ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     valid_count = x.new_empty((), dtype=torch.int64)
@@ -422,89 +418,36 @@ def logit_losses_forward(
     return ce_loss, kd_loss, stats, valid_count
 
 
-@logit_losses_forward.register_fake
-def _logit_losses_forward_fake(x, target, y, gamma, mask, old_classes, ce, kd, alpha, ignore_index, reduction):
-    _check_modes(ce, kd, reduction)
-    B, _, H, W = x.shape
-    acc_torch, _ = _launch.accumulator_dtype(x.dtype)
-    loss_shape = (B, H, W) if reduction == "none" else ()
-    return (
-        x.new_empty(loss_shape, dtype=acc_torch),
-        x.new_empty(loss_shape, dtype=acc_torch),
-        x.new_empty((sum(_saved_statistics(ce, kd)), B, H, W), dtype=acc_torch),
-        x.new_empty((), dtype=torch.int64),
-    )
-
-
-@torch.library.custom_op("incseg_fast_triton::logit_losses_backward", mutates_args=())
-def logit_losses_backward(
-    grad_ce: torch.Tensor, grad_kd: torch.Tensor, x: torch.Tensor, target: Optional[torch.Tensor],
-    y: Optional[torch.Tensor], gamma: Optional[torch.Tensor], mask: Optional[torch.Tensor], stats: torch.Tensor,
-    valid_count: torch.Tensor, old_classes: int, ce: str, kd: str, alpha: float, ignore_index: int,
-    reduction: str,
-) -> torch.Tensor:
-    """dL/dx from the upstream gradients of both terms and the forward's saved statistics."""
+def logit_losses_bwd(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd,
+                     alpha, ignore_index, reduction):
+    """The kernel of incseg_fast_triton::logit_losses_bwd: dL/dx from both upstream gradients."""
     _check_modes(ce, kd, reduction)
     _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
     B, C, H, W = x.shape
-    need = _saved_statistics(ce, kd)
-    if tuple(stats.shape) != (sum(need), B, H, W):
-        raise ValueError(f"stats must have shape {(sum(need), B, H, W)}, got {tuple(stats.shape)}")
+    acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
+    if tuple(stats.shape) != (B, NUM_STATS, H, W) or stats.dtype != acc_torch:
+        raise ValueError(f"stats must be the forward's {(B, NUM_STATS, H, W)} {acc_torch} statistics, "
+                         f"got {tuple(stats.shape)} {stats.dtype}")
     loss_shape = (B, H, W) if reduction == "none" else ()
     for name, grad in (("grad_ce", grad_ce), ("grad_kd", grad_kd)):
         if tuple(grad.shape) != loss_shape:
             raise ValueError(f"{name} must have shape {loss_shape}, got {tuple(grad.shape)}")
-    _launch.check_device(x, target, y, gamma, mask, stats, grad_ce, grad_kd)
-    acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
-    x, target, y, gamma, mask = (_contiguous(t) for t in (x, target, y, gamma, mask))
-    stats = stats.to(acc_torch).contiguous()
+    _launch.check_device(x, target, y, gamma, mask, stats, grad_ce, grad_kd, valid_count)
+    x, target, y, gamma, mask, stats = (_contiguous(t) for t in (x, target, y, gamma, mask, stats))
     grad_ce = grad_ce.to(acc_torch).contiguous()
     grad_kd = grad_kd.to(acc_torch).contiguous()
-    rows = iter(stats.unbind(0))
-    lse, lse_old, lse_bg, lse_teacher = (next(rows) if needed else x for needed in need)
 
     HW = H * W
     block_c, block_p, num_warps = _launch.tiles(C, HW, B, x.dtype, x.device)
     grid = (triton.cdiv(HW, block_p), B)
     grad_x = torch.empty_like(x)
+    need_lse, need_old, need_bg = _needed_statistics(ce, kd)
     _logit_losses_bwd_kernel[grid](
         x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
-        x if mask is None else mask,
-        lse, lse_old, lse_bg, lse_teacher, valid_count,
-        grad_ce, grad_kd, grad_x,
+        x if mask is None else mask, stats, valid_count, grad_ce, grad_kd, grad_x,
         C, old_classes, HW, *_split_float(alpha), int(ignore_index), B * HW if reduction == "mean" else 1,
         CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=reduction == "none", MEAN=reduction == "mean",
-        SAVE_LSE=need[0], SAVE_OLD=need[1], SAVE_BG=need[2],
+        NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg,
         ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     return grad_x
-
-
-@logit_losses_backward.register_fake
-def _logit_losses_backward_fake(grad_ce, grad_kd, x, *args):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _forward_setup_context(ctx, inputs, output):
-    x, target, y, gamma, mask, old_classes, ce, kd, alpha, ignore_index, reduction = inputs
-    _, _, stats, valid_count = output
-    ctx.save_for_backward(x, target, y, gamma, mask, stats, valid_count)
-    ctx.mark_non_differentiable(stats, valid_count)
-    ctx.options = (old_classes, ce, kd, alpha, ignore_index, reduction)
-
-
-def _forward_backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_count):
-    x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
-    grad_x = logit_losses_backward(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *ctx.options)
-    return (grad_x,) + (None,) * 10
-
-
-logit_losses_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
-
-
-def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
-    """The backend contract of DEVELOPERS.md: (ce_loss, kd_loss), differentiable with respect to x."""
-    ce_loss, kd_loss, _, _ = logit_losses_forward(
-        x, target, y, gamma, mask, int(old_classes), ce, kd, float(alpha), int(ignore_index), reduction
-    )
-    return ce_loss, kd_loss

@@ -1,0 +1,31 @@
+"""The one vocabulary of the package: modes, reductions, backends, dtypes and test tolerances.
+
+Validation, the op wrappers, the Triton kernels, the CLI's choices, the tests and the benchmarks
+all import these names from here (the C++ side parses the same strings in csrc/common/logit_host.h).
+"""
+import torch
+
+# Modes of the fused logit-loss op (SPEC 2): "none" switches a term off.
+CE_MODES = ("unbiased", "plain", "none")
+KD_MODES = ("unbiased", "balanced", "plain", "none")
+REDUCTIONS = ("mean", "sum", "none")
+# What incremental_loss accepts for ce: it always has a classification term.
+INCREMENTAL_CE_MODES = ("unbiased", "plain")
+# Attentive distillation reduces to a scalar.
+FEATURE_REDUCTIONS = ("mean", "sum")
+
+# Backends in the order "auto" prefers them (for the device a call's tensors live on).
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+# Parity tolerance of each input dtype, relative to the float64 reference's scale (DEVELOPERS.md).
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def accumulation_dtype(dtype):
+    """The dtype the kernels accumulate in and return losses in: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
