@@ -24,7 +24,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("INCSEG_DEBUG")
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/cuda/*.cpp is the CUDA kernels' torch glue: its CPU emulation of the kernels is always
+    # built, its CUDA registrations only with INCSEG_WITH_CUDA.
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cuda/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = bool(cuda_sources) and (
         _flag("INCSEG_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)

@@ -5,6 +5,8 @@
 //   incseg_fast          the compiled kernels: csrc/cpu (CPU) and csrc/cuda (CUDA), TORCH_LIBRARY_IMPL
 //   incseg_fast_triton   the Triton kernels, registered from Python (incseg_fast/triton) with
 //                        torch.library.register_kernel for CUDA (and CPU under TRITON_INTERPRET=1)
+//   incseg_fast_cuda_emulator   the CUDA kernels' bodies run thread by thread on the CPU
+//                        (csrc/cuda/*_cuda.cpp), for tests on machines without a GPU
 // Fake (meta) kernels and autograd formulas are registered from Python once per op family and
 // applied to every namespace (incseg_fast/ops/), so a new device adds kernels and nothing else.
 #include <Python.h>
@@ -60,3 +62,4 @@ void define_schemas(torch::Library& m) {
 
 TORCH_LIBRARY(incseg_fast, m) { define_schemas(m); }
 TORCH_LIBRARY(incseg_fast_triton, m) { define_schemas(m); }
+TORCH_LIBRARY(incseg_fast_cuda_emulator, m) { define_schemas(m); }

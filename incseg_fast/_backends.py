@@ -12,12 +12,12 @@ import os
 import torch
 
 from incseg_fast import ops, reference
-from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS
+from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS, CUDA_EMULATOR
 # Looked up once: find_spec is not traceable by torch.compile, and an install does not change mid-run.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Backends by name. The Triton kernels are registered on first use only, so that importing
 # incseg_fast neither loads Triton nor fixes its interpreter mode before the user sets it.
-_MODULES = {"reference": reference, "cpu": ops.COMPILED, "cuda": ops.COMPILED}
+_MODULES = {"reference": reference, "cpu": ops.COMPILED, "cuda": ops.COMPILED, CUDA_EMULATOR: ops.CUDA_EMULATOR}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,11 +28,11 @@ def triton_interpreter():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _unavailable_reason(name):
-    """None when ``name`` can run in this process, else a sentence saying why not."""
+def unavailable_reason(name):
+    """None when backend ``name`` can run in this process, else a sentence saying why not."""
     if name == "reference":
         return None
-    if name == "cpu":
+    if name in ("cpu", CUDA_EMULATOR):
         return None if ops.HAS_EXTENSION else f"the compiled extension incseg_fast._C is not built ({ops.IMPORT_ERROR})"
     if name == "cuda":
         if not ops.HAS_EXTENSION:
@@ -55,7 +55,7 @@ def _unavailable_reason(name):
 
 def available_backends():
     """The backends that can run here, in preference order (a subset of cuda, triton, cpu, reference)."""
-    return [name for name in BACKENDS if _unavailable_reason(name) is None]
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
 def _module(name):
@@ -71,14 +71,14 @@ def resolve(backend, device):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-        name = next(n for n in order if _unavailable_reason(n) is None)
+        name = next(n for n in order if unavailable_reason(n) is None)
         return _module(name)
 
-    reason = _unavailable_reason(backend)  # raises ValueError for unknown names
+    reason = unavailable_reason(backend)  # raises ValueError for unknown names
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend in ("cpu", CUDA_EMULATOR) and device.type != "cpu":
+        raise ValueError(f"backend={backend!r} needs CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):

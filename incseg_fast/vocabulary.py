@@ -18,6 +18,9 @@ FEATURE_REDUCTIONS = ("mean", "sum")
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
+# For tests only: the CUDA kernels' bodies run thread by thread on the CPU (slow; small shapes).
+# Accepted by name, never chosen by "auto" nor listed by available_backends().
+CUDA_EMULATOR = "cuda_emulator"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)

@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import incseg_fast as isf  # noqa: E402  (after the interpreter flag)
-from parity_support import FUSED_BACKENDS  # noqa: E402
+from incseg_fast import _backends  # noqa: E402  (after the interpreter flag)
+from parity_support import PARITY_BACKENDS  # noqa: E402
 
 
 @pytest.fixture
@@ -21,11 +21,12 @@ def generator():
     return torch.Generator().manual_seed(20261121)
 
 
-@pytest.fixture(params=FUSED_BACKENDS)
+@pytest.fixture(params=PARITY_BACKENDS)
 def backend(request):
-    """Each fused backend in turn; those that cannot run here are skipped."""
-    if request.param not in isf.available_backends():
-        pytest.skip(f"backend {request.param!r} is not available here")
+    """Each fused backend (and the CUDA kernels' CPU emulation) in turn; those that cannot run here are skipped."""
+    reason = _backends.unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
     return request.param
 
 

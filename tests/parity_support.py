@@ -1,7 +1,11 @@
 """What the parity suites share: the device each fused backend runs on (tolerances: incseg_fast.vocabulary)."""
 import torch
 
-from incseg_fast.vocabulary import FUSED_BACKENDS, RTOL  # noqa: F401  (re-exported for the suites)
+from incseg_fast.vocabulary import CUDA_EMULATOR, FUSED_BACKENDS, RTOL  # noqa: F401  (re-exported for the suites)
+
+# The fused backends, and the CUDA kernels run thread by thread on the CPU (the same parity suites
+# check the CUDA kernels' indexing, tails and arithmetic on machines without a GPU).
+PARITY_BACKENDS = FUSED_BACKENDS + (CUDA_EMULATOR,)
 
 
 def interpreted(backend):

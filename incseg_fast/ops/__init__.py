@@ -5,8 +5,9 @@ namespace and registers the compiled CPU (and, when built, CUDA) kernels; then t
 autograd formulas of each op family are registered once per namespace. A backend is an
 ``OpBackend``: the three contract functions of DEVELOPERS.md bound to one namespace.
 
-    incseg_fast          compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
-    incseg_fast_triton   Triton kernels (backend "triton"), registered by incseg_fast.triton
+    incseg_fast                 compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
+    incseg_fast_triton          Triton kernels (backend "triton"), registered by incseg_fast.triton
+    incseg_fast_cuda_emulator   the CUDA kernels run thread by thread on CPU tensors (tests only)
 """
 import torch
 
@@ -24,7 +25,8 @@ else:
 
 COMPILED_NAMESPACE = "incseg_fast"
 TRITON_NAMESPACE = "incseg_fast_triton"
-NAMESPACES = (COMPILED_NAMESPACE, TRITON_NAMESPACE)
+CUDA_EMULATOR_NAMESPACE = "incseg_fast_cuda_emulator"
+NAMESPACES = (COMPILED_NAMESPACE, TRITON_NAMESPACE, CUDA_EMULATOR_NAMESPACE)
 
 
 class OpBackend:
@@ -51,7 +53,7 @@ def _has_kernels_for(namespace, dispatch_key):
 
 
 HAS_CUDA_KERNELS = False
-COMPILED = TRITON = None
+COMPILED = TRITON = CUDA_EMULATOR = None
 if HAS_EXTENSION:
     for _namespace in NAMESPACES:
         _logit_losses.register(_namespace)
@@ -59,3 +61,4 @@ if HAS_EXTENSION:
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)
+    CUDA_EMULATOR = OpBackend(CUDA_EMULATOR_NAMESPACE)

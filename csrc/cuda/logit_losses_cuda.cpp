@@ -1,0 +1,221 @@
+// Torch glue of the logit-loss CUDA kernels: TORCH_LIBRARY_IMPL(incseg_fast, CUDA) when built with
+// CUDA, and always TORCH_LIBRARY_IMPL(incseg_fast_cuda_emulator, CPU), which runs the very same
+// kernel bodies on the CPU, thread by thread (common/grid.h), so that the tests check the CUDA
+// kernels' indexing and arithmetic on machines without a GPU. The two differ only in the Device
+// that runs a launch; checks, allocation and launch planning are shared (common/logit_host.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/logit_host.h"
+#include "cuda/logit_losses_kernels.cuh"
+
+#if defined(INCSEG_WITH_CUDA)
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace incseg {
+namespace logit {
+namespace {
+
+// torch's element types as the kernels' (same size and bits).
+template <typename T>
+struct KernelType {
+  using type = T;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = Half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = BFloat16;
+};
+
+template <typename T>
+const typename KernelType<T>::type* kernel_data(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const typename KernelType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
+}
+
+bool aligned_16_bytes(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+LabelType label_type(const at::Tensor& target) {
+  if (!target.defined()) return LabelType::kInt64;
+  switch (target.scalar_type()) {
+    case at::kInt:
+      return LabelType::kInt32;
+    case at::kByte:
+      return LabelType::kUInt8;
+    default:
+      return LabelType::kInt64;
+  }
+}
+
+template <typename scalar_t, typename k_scalar_t = typename KernelType<scalar_t>::type>
+LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ignore_index) {
+  using acc_t = accumulate_t<k_scalar_t>;
+  return LogitInputs<k_scalar_t>{kernel_data<scalar_t>(in.x),
+                                 kernel_data<scalar_t>(in.y),
+                                 in.target.defined() ? in.target.const_data_ptr() : nullptr,
+                                 label_type(in.target),
+                                 in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr,
+                                 in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr,
+                                 static_cast<acc_t>(alpha),
+                                 ignore_index,
+                                 in.B,
+                                 in.C,
+                                 in.Co,
+                                 in.HW,
+                                 in.ce,
+                                 in.kd};
+}
+
+// Runs the kernels on the CPU, one thread after another.
+struct HostEmulation {
+  struct NoGuard {};
+  static NoGuard guard(const at::Tensor&) { return {}; }
+
+  template <typename scalar_t>
+  static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+                      const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
+    with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+      run_on_host(LogitForwardKernel<scalar_t, decltype(vec)::value>{in, out}, plan.grid_x, plan.grid_y);
+    });
+    finish_forward_on_host(out, plan.warps, totals);
+  }
+
+  template <typename scalar_t>
+  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+                       const LaunchPlan& plan) {
+    with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+      run_on_host(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y);
+    });
+  }
+};
+
+#if defined(INCSEG_WITH_CUDA)
+// Launches the kernels on the current stream of x's device.
+struct CudaDevice {
+  static c10::cuda::CUDAGuard guard(const at::Tensor& x) { return c10::cuda::CUDAGuard(x.device()); }
+
+  static void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+  template <typename scalar_t>
+  static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+                      const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
+    C10_CUDA_CHECK(static_cast<cudaError_t>(launch_logit_forward(in, out, totals, plan, stream())));
+  }
+
+  template <typename scalar_t>
+  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+                       const LaunchPlan& plan) {
+    C10_CUDA_CHECK(static_cast<cudaError_t>(launch_logit_backward(in, grad, plan, stream())));
+  }
+};
+#endif
+
+void check_grid(const Inputs& in) {
+  TORCH_CHECK_VALUE(in.B <= 65535, "x has batch size ", in.B, "; the CUDA kernels take at most 65535 images per call");
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
+    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  check_grid(in);
+  [[maybe_unused]] auto device_guard = Device::guard(x);
+  auto outputs = allocate_forward_outputs(in);
+  const auto acc_options = x.options().dtype(in.acc_dtype);
+  const bool reduce = in.reduction != Reduction::kNone;
+  at::Tensor ce_loss = reduce ? at::empty({}, acc_options) : outputs.ce_map;
+  at::Tensor kd_loss = reduce ? at::empty({}, acc_options) : outputs.kd_map;
+  at::Tensor valid_count = at::empty({}, x.options().dtype(at::kLong));
+  const bool aligned = aligned_16_bytes({&in.x, &in.y, &in.mask, &outputs.stats, &outputs.ce_map, &outputs.kd_map});
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd", [&] {
+    using k_scalar_t = typename KernelType<scalar_t>::type;
+    using acc_t = accumulate_t<k_scalar_t>;
+    const LaunchPlan plan = plan_launch<k_scalar_t>(in.B, in.HW, aligned);
+    at::Tensor partials = at::empty({reduce ? 2 * plan.warps : 0}, acc_options);
+    at::Tensor valid_partial = at::empty({plan.warps}, x.options().dtype(at::kInt));
+    acc_t* partial = partials.mutable_data_ptr<acc_t>();
+    const ForwardBuffers<k_scalar_t> out{outputs.stats.mutable_data_ptr<acc_t>(),
+                                         reduce ? nullptr : outputs.ce_map.mutable_data_ptr<acc_t>(),
+                                         reduce ? nullptr : outputs.kd_map.mutable_data_ptr<acc_t>(),
+                                         reduce ? partial : nullptr,
+                                         reduce ? partial + plan.warps : nullptr,
+                                         valid_partial.mutable_data_ptr<int32_t>()};
+    const ForwardTotals<acc_t> totals{reduce,
+                                      in.reduction == Reduction::kMean,
+                                      kd_scale(in),
+                                      reduce ? ce_loss.mutable_data_ptr<acc_t>() : nullptr,
+                                      reduce ? kd_loss.mutable_data_ptr<acc_t>() : nullptr,
+                                      valid_count.mutable_data_ptr<int64_t>()};
+    Device::forward(kernel_inputs<scalar_t>(in, alpha, ignore_index), out, totals, plan);
+  });
+  return {ce_loss, kd_loss, outputs.stats, valid_count};
+}
+
+template <typename Device>
+at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
+                            const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
+                            const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
+                            c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
+                            c10::string_view reduction) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  check_backward(in, grad_ce, grad_kd, stats, valid_count);
+  check_grid(in);
+  [[maybe_unused]] auto device_guard = Device::guard(x);
+  at::Tensor grad_x = at::empty_like(in.x, at::MemoryFormat::Contiguous);
+  if (in.ce == CeMode::kNone && in.kd == KdMode::kNone) return grad_x.zero_();
+  const at::Tensor g_ce = grad_ce.to(in.acc_dtype).contiguous();
+  const at::Tensor g_kd = grad_kd.to(in.acc_dtype).contiguous();
+  const at::Tensor saved = stats.contiguous();
+  const bool per_pixel = in.reduction == Reduction::kNone;
+  const bool aligned =
+      aligned_16_bytes({&in.x, &in.y, &in.mask, &saved, &grad_x}) && (!per_pixel || aligned_16_bytes({&g_ce, &g_kd}));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd", [&] {
+    using k_scalar_t = typename KernelType<scalar_t>::type;
+    using acc_t = accumulate_t<k_scalar_t>;
+    const LaunchPlan plan = plan_launch<k_scalar_t>(in.B, in.HW, aligned);
+    const BackwardBuffers<k_scalar_t> grad{saved.const_data_ptr<acc_t>(),
+                                          valid_count.const_data_ptr<int64_t>(),
+                                          g_ce.const_data_ptr<acc_t>(),
+                                          g_kd.const_data_ptr<acc_t>(),
+                                          per_pixel,
+                                          in.reduction == Reduction::kMean,
+                                          static_cast<acc_t>(kd_scale(in)),
+                                          reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>())};
+    Device::backward(kernel_inputs<scalar_t>(in, alpha, ignore_index), grad, plan);
+  });
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace logit
+}  // namespace incseg
+
+TORCH_LIBRARY_IMPL(incseg_fast_cuda_emulator, CPU, m) {
+  m.impl("logit_losses_fwd", &incseg::logit::logit_losses_fwd<incseg::logit::HostEmulation>);
+  m.impl("logit_losses_bwd", &incseg::logit::logit_losses_bwd<incseg::logit::HostEmulation>);
+}
+
+#if defined(INCSEG_WITH_CUDA)
+TORCH_LIBRARY_IMPL(incseg_fast, CUDA, m) {
+  m.impl("logit_losses_fwd", &incseg::logit::logit_losses_fwd<incseg::logit::CudaDevice>);
+  m.impl("logit_losses_bwd", &incseg::logit::logit_losses_bwd<incseg::logit::CudaDevice>);
+}
+#endif
