@@ -110,6 +110,14 @@ LOGIT_MATH float lm_exp(float v) {
 }
 LOGIT_MATH double lm_exp(double v) { return exp(v); }
 
+// Scale of CE's "mean" from valid_count, the number of non-ignored pixels: 1 / max(valid_count, 1).
+// With no valid pixel every CE term is 0, so the loss and its gradient come out 0 without a branch;
+// a device kernel reads valid_count where it is (no host sync).
+template <typename T>
+LOGIT_MATH T ce_mean_scale(int64_t valid_count) {
+  return T(1) / static_cast<T>(valid_count > 1 ? valid_count : 1);
+}
+
 template <typename T>
 LOGIT_MATH T neg_inf() {
   return -static_cast<T>(INFINITY);
