@@ -122,10 +122,11 @@ struct Storage<BFloat16> {
   HOST_DEVICE static BFloat16 from(float v) { return BFloat16{float_to_bfloat16(v)}; }
 };
 
-// kVec consecutive elements, aligned so that a load or store of one pack is one wide access
-// (16 bytes for kVec * sizeof(T) == 16). Callers guarantee that alignment.
+// kVec consecutive elements, aligned so that a load or store of one pack is one wide access, or
+// 16-byte accesses for a larger pack (float32 statistics next to 8 pixels of bfloat16). Callers
+// guarantee the alignment: 16 bytes, or the pack's size if smaller.
 template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
+struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Pack {
   T value[kVec];
 };
 

@@ -191,21 +191,42 @@ struct BackwardBuffers {
   scalar_t* grad_x;  // out: (B, C, HW)
 };
 
-// dL/dx_c of grad_coefs' coefficients k, one exponential per channel: every range uses its own
-// log-normaliser as the shift, and exp(x_c - lse) = exp(x_c - s) exp(s - lse) folds the full-softmax
-// term into the range's factor (exp(s - lse) <= 1: nothing overflows):
-//   c in [1, Co):  old * exp(x_c - lse_old) + k.teacher q_c
-//   c in [Co, C):  fresh * exp(x_c - lse_bg)
-// Channel 0, in both sets, is computed from all three exponentials.
+// What the channel loops of the backward need per pixel, from grad_coefs' coefficients k. Every
+// channel range is shifted by its own log-normaliser, and exp(x_c - lse) = exp(x_c - s) exp(s - lse)
+// folds the full-softmax term into the range's factor (exp(s - lse) <= 1: nothing overflows), so
+// each logit costs one exponential (plus one per teacher logit):
+//   c in [1, Co):  old * exp(x_c - lse_old) + teacher * q_c      (+ target at c == label)
+//   c in [Co, C):  fresh * exp(x_c - lse_bg)                     (+ target at c == label)
+// Channel 0, in both sets, is computed from its three exponentials (channel0_grad).
 template <typename T>
-struct SetFactors {
+struct ChannelFactors {
   T old;
   T fresh;
+  T teacher;
+  T target;
+  T lse_old;
+  T lse_bg;
+  T lse_teacher;
+  int32_t label;  // -1 when the pixel has no CE term: never equals a channel
 };
 
 template <typename T>
-HOST_DEVICE SetFactors<T> set_factors(const GradCoefs<T>& k, T lse, T lse_old, T lse_bg) {
-  return SetFactors<T>{k.old_set + k.full * lm_exp(lse_old - lse), k.bg_set + k.full * lm_exp(lse_bg - lse)};
+HOST_DEVICE ChannelFactors<T> channel_factors(const GradCoefs<T>& k, T lse, T lse_old, T lse_bg, T lse_teacher,
+                                              int32_t label) {
+  return ChannelFactors<T>{k.old_set + k.full * lm_exp(lse_old - lse),
+                           k.bg_set + k.full * lm_exp(lse_bg - lse),
+                           k.teacher,
+                           k.target,
+                           lse_old,
+                           lse_bg,
+                           lse_teacher,
+                           label};
+}
+
+template <typename T>
+HOST_DEVICE T channel0_grad(const GradCoefs<T>& k, T x0, T q0, T lse, T lse_old, T lse_bg, int32_t label) {
+  return k.full * lm_exp(x0 - lse) + k.old_set * lm_exp(x0 - lse_old) + k.bg_set * lm_exp(x0 - lse_bg) +
+         k.teacher0 * q0 + (label == 0 ? k.target : T(0));
 }
 
 template <typename scalar_t, int kVec>
@@ -237,17 +258,20 @@ struct LogitBackwardKernel {
     }
   }
 
-  HOST_DEVICE void pixels(int64_t b, int64_t p0) const {
+  // Channel 0's gradient and the factors of the other channels, per pixel.
+  HOST_DEVICE void prologue(int64_t b, int64_t p0, acc_t (&g0)[kVec], ChannelFactors<acc_t> (&f)[kVec]) const {
     const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
-    const scalar_t* x = in.x + b * in.C * in.HW + p0;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
-    scalar_t* gx = grad.grad_x + b * in.C * in.HW + p0;
     const acc_t* stats = grad.stats + b * kNumStats * in.HW + p0;
-    acc_t lse[kVec], lse_old[kVec], lse_bg[kVec], lse_q[kVec], g_ce[kVec], g_kd[kVec], mask[kVec];
+    acc_t lse[kVec], lse_old[kVec], lse_bg[kVec], lse_q[kVec], g_ce[kVec], g_kd[kVec], mask[kVec], x0[kVec],
+        y0[kVec];
     load_pack<kVec>(stats + kStatLse * in.HW, lse);
     load_pack<kVec>(stats + kStatLseOld * in.HW, lse_old);
     load_pack<kVec>(stats + kStatLseBg * in.HW, lse_bg);
-    if (with_kd) load_pack<kVec>(stats + kStatLseTeacher * in.HW, lse_q);
+    load_pack<kVec>(in.x + b * in.C * in.HW + p0, x0);
+    if (with_kd) {
+      load_pack<kVec>(stats + kStatLseTeacher * in.HW, lse_q);
+      load_pack<kVec>(in.y + b * in.Co * in.HW + p0, y0);
+    }
     upstream(b, p0, g_ce, g_kd);
     if (in.mask != nullptr && with_kd) {
       load_pack<kVec>(in.mask + b * in.HW + p0, mask);
@@ -255,38 +279,39 @@ struct LogitBackwardKernel {
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) mask[i] = acc_t(1);
     }
-
     const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.gamma[b] : acc_t(1));
-    int64_t label[kVec];
-    acc_t x0[kVec], z[kVec], g[kVec], q0[kVec];
-    GradCoefs<acc_t> k[kVec];
-    SetFactors<acc_t> set[kVec];
-    load_pack<kVec>(x, x0);
-    if (with_kd) load_pack<kVec>(y, z);
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
-      label[i] = with_ce ? read_label(in.target, in.label_type, b * in.HW + p0 + i) : -1;
-      const bool counted = with_ce && label[i] != in.ignore_index;
-      const bool in_range = label[i] >= 0 && label[i] < in.C;
+      const int64_t label = with_ce ? read_label(in.target, in.label_type, b * in.HW + p0 + i) : -1;
+      const bool counted = with_ce && label != in.ignore_index;
+      const bool in_range = label >= 0 && label < in.C;
       const acc_t ce_weight = !counted ? acc_t(0) : in_range ? g_ce[i] : bad_label_loss<acc_t>();
-      const acc_t old_label = in.ce == CeMode::kUnbiased && counted && label[i] < in.Co ? acc_t(1) : acc_t(0);
-      label[i] = counted ? label[i] : -1;  // -1 never equals a channel
-      q0[i] = with_kd ? lm_exp(in.alpha * z[i] - lse_q[i]) : acc_t(0);
-      k[i] = grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? g_kd[i] * mask[i] : acc_t(0), q0[i]);
-      set[i] = set_factors(k[i], lse[i], lse_old[i], lse_bg[i]);
-      g[i] = k[i].full * lm_exp(x0[i] - lse[i]) + k[i].old_set * lm_exp(x0[i] - lse_old[i]) +
-             k[i].bg_set * lm_exp(x0[i] - lse_bg[i]) + k[i].teacher0 * q0[i] + (label[i] == 0 ? k[i].target : acc_t(0));
+      const acc_t old_label = in.ce == CeMode::kUnbiased && counted && label < in.Co ? acc_t(1) : acc_t(0);
+      const int32_t channel = counted && in_range ? static_cast<int32_t>(label) : -1;
+      const acc_t q0 = with_kd ? lm_exp(in.alpha * y0[i] - lse_q[i]) : acc_t(0);
+      const GradCoefs<acc_t> k =
+          grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? g_kd[i] * mask[i] : acc_t(0), q0);
+      g0[i] = channel0_grad(k, x0[i], q0, lse[i], lse_old[i], lse_bg[i], channel);
+      f[i] = channel_factors(k, lse[i], lse_old[i], lse_bg[i], with_kd ? lse_q[i] : acc_t(0), channel);
     }
-    store_pack<kVec>(gx, g);
+  }
 
-    acc_t xv[kVec];
+  HOST_DEVICE void pixels(int64_t b, int64_t p0) const {
+    const bool with_kd = in.kd != KdMode::kNone;
+    const scalar_t* x = in.x + b * in.C * in.HW + p0;
+    const scalar_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
+    scalar_t* gx = grad.grad_x + b * in.C * in.HW + p0;
+    ChannelFactors<acc_t> f[kVec];
+    acc_t g[kVec], xv[kVec], z[kVec];
+    prologue(b, p0, g, f);
+    store_pack<kVec>(gx, g);
     for (int64_t c = 1; c < in.Co; ++c) {
       load_pack<kVec>(x + c * in.HW, xv);
       if (with_kd) load_pack<kVec>(y + c * in.HW, z);
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
-        const acc_t q = with_kd ? lm_exp(in.alpha * z[i] - lse_q[i]) : acc_t(0);
-        g[i] = set[i].old * lm_exp(xv[i] - lse_old[i]) + k[i].teacher * q + (label[i] == c ? k[i].target : acc_t(0));
+        const acc_t q = with_kd ? lm_exp(in.alpha * z[i] - f[i].lse_teacher) : acc_t(0);
+        g[i] = f[i].old * lm_exp(xv[i] - f[i].lse_old) + f[i].teacher * q + (f[i].label == c ? f[i].target : acc_t(0));
       }
       store_pack<kVec>(gx + c * in.HW, g);
     }
@@ -294,7 +319,7 @@ struct LogitBackwardKernel {
       load_pack<kVec>(x + c * in.HW, xv);
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
-        g[i] = set[i].fresh * lm_exp(xv[i] - lse_bg[i]) + (label[i] == c ? k[i].target : acc_t(0));
+        g[i] = f[i].fresh * lm_exp(xv[i] - f[i].lse_bg) + (f[i].label == c ? f[i].target : acc_t(0));
       }
       store_pack<kVec>(gx + c * in.HW, g);
     }
