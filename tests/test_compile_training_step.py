@@ -1,16 +1,20 @@
-"""A CAF-style training step through the compiled CPU ops under torch.compile(fullgraph=True).
+"""A CAF-style training step through each fused backend under torch.compile(fullgraph=True).
 
 fullgraph=True turns any graph break (in the public API, the op wrappers, the fake kernels or the
 autograd registration) into an error; the compiled step must give the eager loss and gradients.
+Runs on the cpu backend here, and on cuda and triton where there is a GPU (Triton's interpreter is
+covered by tests/test_triton_ops.py).
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import incseg_fast as isf
-
-pytestmark = pytest.mark.skipif("cpu" not in isf.available_backends(), reason="the cpu backend is not built")
+from incseg_fast.vocabulary import FUSED_BACKENDS
+from parity_support import device_for, interpreted
 
 CLASSES, OLD_CLASSES, IGNORE = 6, 4, 255
 
@@ -30,35 +34,35 @@ class TinySegmenter(nn.Module):
         return self.classifier(features), features, channel_attention
 
 
-def training_loss(new_model, old_model, images, labels):
+def training_loss(new_model, old_model, images, labels, *, backend):
     logits, features, attention = new_model(images)
     with torch.no_grad():
         old_logits, old_features, old_attention = old_model(images)
     ce, kd = isf.incremental_loss(logits, labels, old_logits, old_classes=OLD_CLASSES, ignore_index=IGNORE,
-                                  backend="cpu")
-    ad = isf.attentive_distillation(features, old_features, attention, old_attention, backend="cpu")
+                                  backend=backend)
+    ad = isf.attentive_distillation(features, old_features, attention, old_attention, backend=backend)
     return ce + 10 * kd + 1000 * ad
 
 
-def attention_only_loss(new_model, old_model, images, labels):
+def attention_only_loss(new_model, old_model, images, labels, *, backend):
     """The attention ops alone (plain cross-entropy), with the structured attention block on the new features."""
     logits, features, attention = new_model(images)
     with torch.no_grad():
         _, old_features, old_attention = old_model(images)
-    fused = isf.structured_attention(features, attention, features.mean(1), backend="cpu")
+    fused = isf.structured_attention(features, attention, features.mean(1), backend=backend)
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE)
-    ad = isf.attentive_distillation(fused, old_features, attention, old_attention, backend="cpu")
+    ad = isf.attentive_distillation(fused, old_features, attention, old_attention, backend=backend)
     return ce + 1000 * ad
 
 
-def _models_and_batch(generator):
+def _models_and_batch(generator, device):
     torch.manual_seed(20261121)
-    old_model = TinySegmenter(OLD_CLASSES).requires_grad_(False).eval()
-    new_model = TinySegmenter(CLASSES)
+    old_model = TinySegmenter(OLD_CLASSES).requires_grad_(False).eval().to(device)
+    new_model = TinySegmenter(CLASSES).to(device)
     images = torch.randn(2, 3, 9, 11, generator=generator)
     labels = torch.randint(0, CLASSES, (2, 9, 11), generator=generator)
     labels[torch.rand(labels.shape, generator=generator) < 0.1] = IGNORE
-    return new_model, old_model, images, labels
+    return new_model, old_model, images.to(device), labels.to(device)
 
 
 def _loss_and_grads(step, new_model, old_model, images, labels):
@@ -68,10 +72,14 @@ def _loss_and_grads(step, new_model, old_model, images, labels):
     return loss.detach(), {name: p.grad.clone() for name, p in new_model.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("step", (training_loss, attention_only_loss), ids=lambda step: step.__name__)
-def test_compiled_training_step_matches_eager(generator, step):
+def test_compiled_training_step_matches_eager(generator, step, backend):
+    if backend not in isf.available_backends() or interpreted(backend):
+        pytest.skip(f"backend {backend!r} does not run compiled here")
     torch._dynamo.reset()
-    new_model, old_model, images, labels = _models_and_batch(generator)
+    step = functools.partial(step, backend=backend)
+    new_model, old_model, images, labels = _models_and_batch(generator, device_for(backend))
     eager_loss, eager_grads = _loss_and_grads(step, new_model, old_model, images, labels)
     compiled = torch.compile(step, fullgraph=True)
     # The on-disk caches key compiled graphs without the ops' fake kernels: a kernel rebuilt with new
