@@ -7,6 +7,8 @@
 Backends: "reference" (plain PyTorch, always there), "cpu" and "cuda" (the compiled extension),
 "triton". ``isf.available_backends()`` lists those that can run here.
 """
+from importlib import metadata as _metadata
+
 from ._backends import BackendUnavailableError, available_backends
 from .api import (
     attentive_distillation,
@@ -18,7 +20,10 @@ from .api import (
     unbiased_knowledge_distillation,
 )
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("incseg_fast")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BackendUnavailableError",
