@@ -169,6 +169,18 @@ def test_large_logits(backend, generator):
            dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", alpha=3.0), generator)
 
 
+@pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])
+def test_minus_infinity_logits_of_new_classes(backend, generator, kd):
+    """A class masked out with -inf logits (legitimate: probability 0) beyond Co, where no label
+    points; one image has every new class at -inf."""
+    inp = Inputs(generator, channels=9, old_classes=4)
+    inp.x[:, 6] = float("-inf")
+    inp.x[1, 4:] = float("-inf")
+    inp.t[(inp.t >= 4) & (inp.t != inp.ignore_index)] = 2
+    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
+           dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.2, mask=inp.float_mask), generator)
+
+
 def test_non_contiguous_inputs(backend, generator):
     _skip_if_interpreted(backend)
     inp = Inputs(generator)

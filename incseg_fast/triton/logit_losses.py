@@ -113,7 +113,8 @@ def _logit_losses_fwd_kernel(
                 rescale = tl.exp(max_teacher - new_max)
                 e_teacher = tl.exp(scaled - new_max[None, :])  # 0 on lanes beyond Co
                 sum_teacher = sum_teacher * rescale + tl.sum(e_teacher, axis=0)
-                weighted_x = weighted_x * rescale + tl.sum(tl.where((c >= 1)[:, None], e_teacher * xs, 0.0), axis=0)
+                distilled = old_lane & (c >= 1)[:, None]  # lanes beyond Co may hold -inf logits: 0 * -inf
+                weighted_x = weighted_x * rescale + tl.sum(tl.where(distilled, e_teacher * xs, 0.0), axis=0)
                 max_teacher = new_max
 
     lse_old = max_old + tl.log(sum_old)
