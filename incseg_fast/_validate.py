@@ -8,7 +8,10 @@ import numbers
 
 import torch
 
+from .reference import ignored
 from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, accumulation_dtype
+
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def tensor(value, name):
@@ -96,7 +99,7 @@ def labels(t, x, ignore_index, name="t"):
     if t.shape != (B, H, W):
         raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(t.shape)}")
     same_device(t, name, x, "x")
-    out_of_range = ((t < 0) | (t >= C)) & (t != ignore_index)
+    out_of_range = ((t < 0) | (t >= C)) & ~ignored(t, ignore_index)
     if torch.compiler.is_compiling():
         # A data-dependent branch cannot be traced; the compiled graph asserts instead
         # (RuntimeError at run time rather than ValueError, but never a silent wrong answer).

@@ -23,7 +23,7 @@ __all__ = [
 def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend):
     """Validate the arguments of any logit loss and run the chosen backend."""
     check.logits(x)
-    ignore_index = check.integer(ignore_index, "ignore_index")
+    ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     alpha = check.finite_float(alpha, "alpha")
     if kd != "none":

@@ -19,6 +19,7 @@ __all__ = [
     "attentive_distillation",
     "structured_attention",
     "logit_losses",
+    "ignored",
 ]
 
 
@@ -38,9 +39,21 @@ def _background_set_lse(x, old_classes):
     return torch.logsumexp(bgset, dim=1)
 
 
+def ignored(target, ignore_index):
+    """Where a label equals ignore_index as integers (MATH.md#numerics).
+
+    torch compares in the labels' dtype, where an out-of-range ignore_index would wrap (-1 as a
+    uint8 is 255); such an ignore_index matches no label.
+    """
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.zeros_like(target, dtype=torch.bool)
+    return target == ignore_index
+
+
 def _cross_entropy_map(x, target, old_classes, ignore_index, unbiased):
     """SPEC 2.1 (unbiased) or plain cross-entropy; 0 at ignored pixels."""
-    valid = target != ignore_index
+    valid = ~ignored(target, ignore_index)
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
     lse = torch.logsumexp(x, dim=1)
     x_target = x.gather(1, safe_target.unsqueeze(1)).squeeze(1)

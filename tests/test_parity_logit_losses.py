@@ -131,6 +131,15 @@ def test_label_dtypes_and_ignore_index(backend, generator, label_dtype, ignore_i
            dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index), generator)
 
 
+@pytest.mark.parametrize("label_dtype,ignore_index", [(torch.uint8, -1), (torch.uint8, 256), (torch.int32, 2**32),
+                                                      (torch.int32, -(2**31) - 1)])
+def test_ignore_index_outside_the_label_dtype_ignores_nothing(backend, generator, label_dtype, ignore_index):
+    """Compared as integers, never wrapped into the labels' dtype (-1 is not uint8's 255)."""
+    inp = Inputs(generator, label_dtype=label_dtype, ignore_fraction=0.0)
+    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
+           dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index), generator)
+
+
 @pytest.mark.parametrize("channels,old_classes", [(5, 5), (5, 1), (2, 1), (2, 2)])
 def test_old_classes_edges(backend, generator, channels, old_classes):
     """C == Co (the background set is {0}) and Co == 1 (unbiased CE is plain CE)."""

@@ -52,6 +52,17 @@ def test_labels_dtype_shape_and_range(backend):
     isf.unbiased_cross_entropy(x, bad, 4, backend=backend)  # ignore_index is fine
     with pytest.raises(ValueError, match="label 255 outside"):
         isf.unbiased_cross_entropy(x, bad, 4, ignore_index=-100, backend=backend)
+    with pytest.raises(ValueError, match="label 255 outside"):  # -1 does not wrap to uint8's 255
+        isf.unbiased_cross_entropy(x, bad.to(torch.uint8), 4, ignore_index=-1, backend=backend)
+
+
+def test_ignore_index_must_be_an_int64(backend):
+    x, t, _ = _inputs()
+    for too_far in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="ignore_index must be"):
+            isf.unbiased_cross_entropy(x, t, 4, ignore_index=too_far, backend=backend)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        isf.unbiased_cross_entropy(x, t, 4, ignore_index=255.0, backend=backend)
 
 
 def test_old_classes_bounds(backend):
