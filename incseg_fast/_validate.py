@@ -135,7 +135,14 @@ def gamma(g, x, name="gamma"):
     if g.shape != (x.shape[0],):
         raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(g.shape)}")
     same_device(g, name, x, "x")
-    return g.detach().to(accumulation_dtype(x.dtype)).contiguous()
+    g = g.detach().to(accumulation_dtype(x.dtype)).contiguous()
+    bad = ~(torch.isfinite(g) & (g >= 0))
+    message = f"{name} must be finite and >= 0 (a ratio of probability masses)"
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()), message)
+    elif bool(bad.any()):
+        raise ValueError(f"{message}, got {g[bad][0].item()}")
+    return g
 
 
 def feature_pair(f, g, a, b):

@@ -96,8 +96,10 @@ def balanced_gamma(y):
     """
     with torch.no_grad():
         pooled = _upcast(y).mean(dim=(2, 3))
-        g = torch.softmax(pooled, dim=1)
-        return g[:, 1:].sum(dim=1) / g[:, 0]
+        # The ratio of softmax masses is exp(logsumexp(pooled[1:]) - pooled[0]): no softmax that
+        # underflows g_0 to 0 (inf or NaN gamma) once one class's mean logit leads the background by ~89.
+        # With Co == 1 the logsumexp of nothing is -inf and gamma is 0.
+        return torch.exp(torch.logsumexp(pooled[:, 1:], dim=1) - pooled[:, 0])
 
 
 # ---------------------------------------------------------------------------------------------

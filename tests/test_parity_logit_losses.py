@@ -233,6 +233,16 @@ def test_balanced_distillation_given_gamma(backend, generator, reduction):
            dict(alpha=1.2, mask=inp.float_mask, reduction=reduction, gamma=inp.gamma), generator)
 
 
+def test_balanced_distillation_gamma_of_a_dominant_class(backend, generator):
+    """One class's mean teacher logit leads the background's by 60 (gamma ~ 1e26) and, in the other
+    image, the background leads by 60 (gamma ~ 1e-26): every backend stays finite and exact."""
+    inp = Inputs(generator)
+    inp.y[0, 2] += 60.0
+    inp.y[1, 0] += 60.0
+    _check(backend, "balanced_knowledge_distillation", inp.x, (inp.y,), dict(alpha=0.01, reduction="sum"),
+           generator)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_per_pixel_maps_low_precision(backend, generator, dtype):
     """reduction="none" maps and their gradients in every dtype."""

@@ -100,6 +100,9 @@ def test_mask_gamma_alpha(backend):
         isf.knowledge_distillation(x, y, mask=torch.ones(2, 5, 3, dtype=torch.int64), backend=backend)
     with pytest.raises(ValueError, match=r"gamma must have shape \(B,\)"):
         isf.balanced_knowledge_distillation(x, y, gamma=torch.ones(3), backend=backend)
+    for bad in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match="gamma must be finite and >= 0"):
+            isf.balanced_knowledge_distillation(x, y, gamma=torch.tensor([1.0, bad]), backend=backend)
     with pytest.raises(ValueError, match="alpha must be finite"):
         isf.knowledge_distillation(x, y, alpha=float("nan"), backend=backend)
     with pytest.raises(TypeError, match="alpha must be a real number"):
