@@ -71,13 +71,13 @@ def logits(x, name="x"):
     return float_tensor(x, name, 4)
 
 
-def teacher(y, x, name="y"):
+def teacher(y, x, name="y", x_name="x"):
     """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant."""
     float_tensor(y, name, 4)
-    same_device_dtype(y, name, x, "x")
+    same_device_dtype(y, name, x, x_name)
     B, C, H, W = x.shape
     if y.shape[0] != B or y.shape[2:] != x.shape[2:]:
-        raise ValueError(f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like x, got {tuple(y.shape)}")
+        raise ValueError(f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like {x_name}, got {tuple(y.shape)}")
     if not 1 <= y.shape[1] <= C:
         raise ValueError(f"{name} has Co={y.shape[1]} channels; need 1 <= Co <= C={C} (Co > C is not allowed)")
     if y.requires_grad and torch.is_grad_enabled():
@@ -90,7 +90,7 @@ def old_classes(value, x, name="old_classes"):
     return integer(value, name, minimum=1, maximum=x.shape[1])
 
 
-def labels(t, x, ignore_index, name="t"):
+def labels(t, x, ignore_index, name="t", x_name="x"):
     """Labels (B, H, W) of an integer dtype, each in [0, C) or equal to ignore_index."""
     tensor(t, name)
     if t.dtype not in LABEL_DTYPES:
@@ -98,7 +98,7 @@ def labels(t, x, ignore_index, name="t"):
     B, C, H, W = x.shape
     if t.shape != (B, H, W):
         raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(t.shape)}")
-    same_device(t, name, x, "x")
+    same_device(t, name, x, x_name)
     out_of_range = ((t < 0) | (t >= C)) & ~ignored(t, ignore_index)
     if torch.compiler.is_compiling():
         # A data-dependent branch cannot be traced; the compiled graph asserts instead
@@ -111,7 +111,7 @@ def labels(t, x, ignore_index, name="t"):
     return t
 
 
-def mask(m, x, name="mask"):
+def mask(m, x, name="mask", x_name="x"):
     """Optional per-pixel weight (B, H, W), bool or float; returned as contiguous float32."""
     if m is None:
         return None
@@ -121,7 +121,7 @@ def mask(m, x, name="mask"):
     B, _, H, W = x.shape
     if m.shape != (B, H, W):
         raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(m.shape)}")
-    same_device(m, name, x, "x")
+    same_device(m, name, x, x_name)
     return m.detach().to(accumulation_dtype(x.dtype)).contiguous()
 
 

@@ -20,22 +20,29 @@ __all__ = [
 ]
 
 
-def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend):
+# How the arguments are named in the caller's code: the public functions' names by default; the
+# MiB drop-in modules (incseg_fast.losses) pass their own, so every error names what the caller wrote.
+NAMES = dict(x="x", t="t", y="y", old_classes="old_classes", mask="mask")
+
+
+def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend,
+                  names=NAMES):
     """Validate the arguments of any logit loss and run the chosen backend."""
-    check.logits(x)
+    check.logits(x, names["x"])
     ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     alpha = check.finite_float(alpha, "alpha")
     if kd != "none":
-        check.teacher(y, x)
+        check.teacher(y, x, names["y"], names["x"])
         if old_classes is None:  # the distillation-only losses: Co is the teacher's channel count
             old_classes = y.shape[1]
-    old_classes = check.old_classes(old_classes, x)
+    old_classes = check.old_classes(old_classes, x, names["old_classes"])
     if ce != "none":
-        check.labels(t, x, ignore_index)
+        check.labels(t, x, ignore_index, names["t"], names["x"])
     if kd != "none" and y.shape[1] != old_classes:
-        raise ValueError(f"old_classes={old_classes} but y has {y.shape[1]} channels; they must be equal")
-    mask = check.mask(mask, x)
+        raise ValueError(f"{names['old_classes']}={old_classes} but {names['y']} has {y.shape[1]} channels; "
+                         "they must be equal")
+    mask = check.mask(mask, x, names["mask"], names["x"])
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
         if gamma is None:

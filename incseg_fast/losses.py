@@ -13,12 +13,17 @@ ordinary cross-entropy (MiB fails).
 import torch
 from torch import nn
 
+from . import _validate as check
 from . import api
+
+# The modules' argument names, so that every error names what the caller wrote.
+_NAMES = dict(x="inputs", t="targets", y="targets", old_classes="old_cl", mask="mask")
 
 
 class UnbiasedCrossEntropy(nn.Module):
-    """SPEC 2.1. ``forward(inputs, targets, mask=None)``: ``mask`` (bool, B×H×W) marks pixels that
-    become ignored, as in PLOP."""
+    """MATH.md#unce. ``forward(inputs, targets, mask=None)``: ``mask`` (bool, B×H×W) marks pixels
+    that become ignored, as in PLOP. Cross-entropy has no per-pixel weight: a float mask is refused
+    rather than binarised."""
 
     def __init__(self, old_cl=None, reduction="mean", ignore_index=255, *, backend="auto"):
         super().__init__()
@@ -29,16 +34,22 @@ class UnbiasedCrossEntropy(nn.Module):
 
     def forward(self, inputs, targets, mask=None):
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.shape != targets.shape:
-                raise ValueError(f"mask must be a tensor shaped like targets {tuple(targets.shape)}")
-            targets = targets.masked_fill(mask.bool(), self.ignore_index)
+            check.tensor(targets, "targets")
+            check.tensor(mask, "mask")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor marking the pixels to ignore (PLOP), got {mask.dtype}; "
+                                "cross-entropy takes no per-pixel weight")
+            if mask.shape != targets.shape:
+                raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
+            targets = targets.masked_fill(mask, self.ignore_index)
         old_classes = 1 if self.old_cl is None else self.old_cl
-        return api.unbiased_cross_entropy(inputs, targets, old_classes, ignore_index=self.ignore_index,
-                                          reduction=self.reduction, backend=self.backend)
+        return api._logit_losses(inputs, targets, None, old_classes=old_classes, ce="unbiased", kd="none", alpha=1.0,
+                                 mask=None, gamma=None, ignore_index=self.ignore_index, reduction=self.reduction,
+                                 backend=self.backend, names=_NAMES)[0]
 
 
 class _Distillation(nn.Module):
-    _loss = None  # the public function each subclass applies
+    _kd = None  # the distillation mode of each subclass
 
     def __init__(self, reduction="mean", alpha=1.0, *, backend="auto"):
         super().__init__()
@@ -47,30 +58,33 @@ class _Distillation(nn.Module):
         self.backend = backend
 
     def forward(self, inputs, targets, mask=None):
-        return type(self)._loss(inputs, targets, alpha=self.alpha, mask=mask, reduction=self.reduction,
-                                backend=self.backend)
+        """``targets`` are the old model's logits; ``mask`` (bool or float, B×H×W) weights pixels."""
+        return api._logit_losses(inputs, None, targets, old_classes=None, ce="none", kd=self._kd, alpha=self.alpha,
+                                 mask=mask, gamma=None, ignore_index=255, reduction=self.reduction,
+                                 backend=self.backend, names=_NAMES)[1]
 
 
 class KnowledgeDistillationLoss(_Distillation):
-    """SPEC 2.2; ``targets`` are the old model's logits, ``mask`` weights pixels."""
+    """MATH.md#kd (LwF, ILT as MiB implements it)."""
 
-    _loss = staticmethod(api.knowledge_distillation)
+    _kd = "plain"
 
 
 class UnbiasedKnowledgeDistillationLoss(_Distillation):
-    """SPEC 2.3 (MiB)."""
+    """MATH.md#unkd (MiB)."""
 
-    _loss = staticmethod(api.unbiased_knowledge_distillation)
+    _kd = "unbiased"
 
 
 class BalancedKnowledgeDistillationLoss(_Distillation):
-    """SPEC 2.4 (CAF): gamma is computed from ``targets`` per image."""
+    """MATH.md#bkd (CAF): gamma is computed from ``targets`` per image."""
 
-    _loss = staticmethod(api.balanced_knowledge_distillation)
+    _kd = "balanced"
 
 
 class SqueezeExcitation(nn.Module):
-    """CAF eq. 5: channel attention sigmoid(W2 relu(W1 avgpool(m))), shape (B, C)."""
+    """CAF eq. 5: channel attention sigmoid(W2 relu(W1 avgpool(m))), shape (B, C), computed in the
+    parameters' dtype (float16 features outside autocast are pooled, then cast)."""
 
     def __init__(self, channels, reduction_ratio=16):
         super().__init__()
@@ -79,11 +93,12 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, m):
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(m.mean(dim=(2, 3))))))
+        pooled = m.mean(dim=(2, 3)).to(self.fc1.weight.dtype)
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
 
 
 class AttentiveDistillationLoss(nn.Module):
-    """SPEC 3.1 / CAF eq. 5–8 for one feature pair, with its two squeeze-excitation blocks.
+    """MATH.md#ad (CAF eq. 5–8) for one feature pair, with its two squeeze-excitation blocks.
 
     The blocks are specific to the feature map they read (eq. 5): one for the new features, one for
     the old. ``forward(new_features, old_features)``; sum the module over CAF's pairs (z, h).
@@ -91,6 +106,7 @@ class AttentiveDistillationLoss(nn.Module):
 
     def __init__(self, channels, reduction="mean", *, reduction_ratio=16, detach_spatial=False, backend="auto"):
         super().__init__()
+        self.channels = check.integer(channels, "channels", minimum=1)
         self.new_attention = SqueezeExcitation(channels, reduction_ratio)
         self.old_attention = SqueezeExcitation(channels, reduction_ratio)
         self.reduction = reduction
@@ -98,6 +114,11 @@ class AttentiveDistillationLoss(nn.Module):
         self.backend = backend
 
     def forward(self, inputs, targets):
+        for value, name in ((inputs, "inputs"), (targets, "targets")):
+            check.float_tensor(value, name, 4)
+            if value.shape[1] != self.channels:
+                raise ValueError(f"{name} has {value.shape[1]} channels but this AttentiveDistillationLoss was "
+                                 f"built with channels={self.channels}")
         a = self.new_attention(inputs).to(inputs.dtype)
         b = self.old_attention(targets).to(targets.dtype)
         return api.attentive_distillation(inputs, targets, a, b, reduction=self.reduction,

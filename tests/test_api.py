@@ -118,6 +118,39 @@ def test_unbiased_ce_module_mask_ignores_pixels_like_plop(batch):
     torch.testing.assert_close(losses.UnbiasedCrossEntropy(old_cl=4)(x, t, mask=mask), expected)
 
 
+def test_unbiased_ce_module_refuses_a_float_mask(batch):
+    """PLOP's mask marks pixels to ignore; cross-entropy has no weight, so a float mask is an error
+    (binarising it would silently drop every pixel with a nonzero weight)."""
+    x, t, _ = batch
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        losses.UnbiasedCrossEntropy(old_cl=4)(x, t, mask=torch.rand(2, 5, 7))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=9)(x, t), "old_cl must be <= 6"),
+    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t.float()), "targets must be an int64"),
+    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x[0], t), "inputs must be 4-D"),
+    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t[:, :2]), r"targets must have shape \(B, H, W\)"),
+    (lambda x, t, y: losses.KnowledgeDistillationLoss()(x, y[:, :, :2]), "targets must have shape"),
+    (lambda x, t, y: losses.UnbiasedKnowledgeDistillationLoss()(x, y.double()), "targets has dtype"),
+    (lambda x, t, y: losses.BalancedKnowledgeDistillationLoss()(x, y, mask=torch.ones(3)), "mask must have shape"),
+], ids=["old_cl", "targets_dtype", "inputs_rank", "targets_shape", "kd_targets", "unkd_dtype", "bkd_mask"])
+def test_module_errors_name_the_module_arguments(batch, call, message):
+    x, t, y = batch
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(x, t, y)
+
+
+def test_attentive_distillation_module_checks_channels_and_takes_half_features(generator):
+    module = losses.AttentiveDistillationLoss(8, backend="reference")
+    f = torch.randn(2, 8, 3, 4, generator=generator)
+    with pytest.raises(ValueError, match="inputs has 6 channels but .* channels=8"):
+        module(f[:, :6], f[:, :6])
+    # float16 features outside autocast: the attention blocks run in their own dtype.
+    loss = module(f.half(), (f + 0.1).half())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_unbiased_ce_module_without_old_classes_is_cross_entropy(batch):
     x, t, _ = batch
     torch.testing.assert_close(losses.UnbiasedCrossEntropy()(x, t),
