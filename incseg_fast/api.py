@@ -5,6 +5,7 @@ arguments are described in DEVELOPERS.md; the attention ops (SPEC §3) have one 
 """
 from . import _validate as check
 from ._backends import available_backends, resolve
+from . import reference
 from .reference import balanced_gamma
 from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
 
@@ -18,6 +19,12 @@ __all__ = [
     "structured_attention",
     "available_backends",
 ]
+
+
+def _for_inputs(implementation, tensor):
+    """The backend for a call with these inputs: empty ones (a dimension of 0) go to the reference,
+    which defines their result on every backend (MATH.md#empty)."""
+    return reference if tensor.numel() == 0 else implementation
 
 
 # How the arguments are named in the caller's code: the public functions' names by default; the
@@ -49,7 +56,7 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
             gamma = balanced_gamma(y)  # float32 (float64 for float64 y), like a checked gamma
     else:
         gamma = None
-    implementation = resolve(backend, x.device)
+    implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.logit_losses(
         x, t if ce != "none" else None, y if kd != "none" else None, gamma, mask,
         old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
@@ -119,8 +126,8 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
     reduction = check.choice(reduction, "reduction", FEATURE_REDUCTIONS)
     if not isinstance(detach_spatial, bool):
         raise TypeError(f"detach_spatial must be a bool, got {type(detach_spatial).__name__}")
-    return resolve(backend, f.device).attentive_distillation(f, g, a, b, reduction=reduction,
-                                                             detach_spatial=detach_spatial)
+    return _for_inputs(resolve(backend, f.device), f).attentive_distillation(f, g, a, b, reduction=reduction,
+                                                                             detach_spatial=detach_spatial)
 
 
 def structured_attention(v, a_ch, a_sp, *, backend="auto"):
@@ -129,4 +136,4 @@ def structured_attention(v, a_ch, a_sp, *, backend="auto"):
     ``v`` (B, C, H, W), ``a_ch`` (B, C), ``a_sp`` (B, H, W) or (B, 1, H, W); output like ``v``.
     """
     a_sp = check.structured_attention_args(v, a_ch, a_sp)
-    return resolve(backend, v.device).structured_attention(v, a_ch, a_sp)
+    return _for_inputs(resolve(backend, v.device), v).structured_attention(v, a_ch, a_sp)

@@ -117,6 +117,11 @@ def _reduce_cross_entropy(loss_map, valid, reduction):
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+def _mean(values):
+    """The mean, and 0 (with a zero gradient) over no values at all (MATH.md#empty)."""
+    return values.sum() / max(values.numel(), 1)
+
+
 def _reduce_distillation(loss_map, mask, reduction):
     """'mean' is over all B·H·W pixels: masked pixels count in the denominator, as in MiB."""
     if mask is not None:
@@ -125,7 +130,7 @@ def _reduce_distillation(loss_map, mask, reduction):
         return loss_map
     if reduction == "sum":
         return loss_map.sum()
-    return loss_map.mean()
+    return _mean(loss_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
     f, g, a, b = (_upcast(t) for t in (f, g, a, b))
     diff = _attend(f, a, detach_spatial) - _attend(g, b, detach_spatial)
     squared = diff * diff
-    return squared.mean() if reduction == "mean" else squared.sum()
+    return _mean(squared) if reduction == "mean" else squared.sum()
 
 
 def structured_attention(v, a_ch, a_sp):

@@ -250,3 +250,22 @@ def test_per_pixel_maps_low_precision(backend, generator, dtype):
     _check(backend, "unbiased_cross_entropy", inp.x, (inp.t, inp.old_classes), dict(reduction="none"), generator)
     _check(backend, "unbiased_knowledge_distillation", inp.x, (inp.y,),
            dict(alpha=0.9, mask=inp.float_mask, reduction="none"), generator)
+
+
+@pytest.mark.parametrize("batch,height,width", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_inputs_give_the_defined_result(backend, batch, height, width, reduction):
+    """A dimension of 0: "sum" and "mean" are 0 (a mean over nothing is 0), "none" an empty map,
+    the gradient empty (MATH.md#empty)."""
+    device = device_for(backend)
+    x = torch.randn(batch, 5, height, width, device=device, requires_grad=True)
+    y = torch.randn(batch, 3, height, width, device=device)
+    t = torch.zeros(batch, height, width, dtype=torch.int64, device=device)
+    ce = isf.unbiased_cross_entropy(x, t, 3, reduction=reduction, backend=backend)
+    kd = isf.balanced_knowledge_distillation(x, y, reduction=reduction, backend=backend)
+    expected_shape = (batch, height, width) if reduction == "none" else ()
+    for loss in (ce, kd):
+        assert loss.shape == expected_shape and loss.dtype == torch.float32
+        assert loss.numel() == 0 or loss.item() == 0.0
+    (ce.sum() + kd.sum()).backward()
+    assert x.grad.shape == x.shape
