@@ -42,6 +42,55 @@ HOST_DEVICE acc_t feature_grad(acc_t diff, acc_t x, acc_t attention_c, acc_t s_h
   return diff * (attention_c * s_hat + acc_t(1)) + acc_t(2) * x * spatial_grad;
 }
 
+// ---- One-pass forward (float32/bfloat16/float16 features) ----
+// With u = f - g, α = a_c f, β = b_c g at one element, D = u + s_f α - s_g β, so at one pixel
+//   sum_c D^2         = Σu² + s_f² Σα² + s_g² Σβ² + 2 s_f Σuα - 2 s_g Σuβ - 2 s_f s_g Σαβ
+//   P_f = sum_c D α   = Σuα + s_f Σα² - s_g Σαβ
+//   P_g = sum_c D β   = Σuβ + s_f Σαβ - s_g Σβ²
+// where every Σ runs over the channels. One pass over f, g accumulates these channel sums, plus
+// S_f = Σf² and S_g = Σg² (the unnormalised spatial maps); once N and so s_f = S_f / N_f, s_g are
+// known, the loss and P follow without reading the features again. The sums are in double: products
+// of float32 values are exact there, and the expansion's cancellation (when AD(f) ≈ AD(g)) costs
+// eps64 (|AD| / |D|)^2, below the eps32 |AD| / |D| of computing D directly in float32.
+struct Moments {
+  double ff = 0;  // Σf²  (S_f)
+  double gg = 0;  // Σg²  (S_g)
+  double uu = 0;  // Σu²
+  double aa = 0;  // Σα²
+  double bb = 0;  // Σβ²
+  double ua = 0;  // Σuα
+  double ub = 0;  // Σuβ
+  double ab = 0;  // Σαβ
+
+  // Adds channel c's element: features f, g and channel attentions a_c, b_c.
+  HOST_DEVICE void add(double f, double g, double a_c, double b_c) {
+    const double u = f - g, alpha = a_c * f, beta = b_c * g;
+    ff += f * f;
+    gg += g * g;
+    uu += u * u;
+    aa += alpha * alpha;
+    bb += beta * beta;
+    ua += u * alpha;
+    ub += u * beta;
+    ab += alpha * beta;
+  }
+};
+
+// sum_c D^2 at the pixel, from its moments and normalised spatial maps s_f, s_g.
+HOST_DEVICE double squared_difference_sum(const Moments& m, double s_f, double s_g) {
+  return m.uu + s_f * s_f * m.aa + s_g * s_g * m.bb + 2 * (s_f * m.ua - s_g * m.ub - s_f * s_g * m.ab);
+}
+
+// P_f = sum_c D a_c f: dL/dŜ_f at the pixel in units of w (see feature_grad).
+HOST_DEVICE double pixel_grad_f(const Moments& m, double s_f, double s_g) {
+  return m.ua + s_f * m.aa - s_g * m.ab;
+}
+
+// P_g = sum_c D b_c g: -dL/dŜ_g at the pixel in units of w.
+HOST_DEVICE double pixel_grad_g(const Moments& m, double s_f, double s_g) {
+  return m.ub + s_f * m.ab - s_g * m.bb;
+}
+
 // Structured attention: out = (1 + a_ch[c] a_sp[p]) v.
 template <typename acc_t>
 HOST_DEVICE acc_t structured_attention_value(acc_t v, acc_t a_ch_c, acc_t a_sp_p) {
