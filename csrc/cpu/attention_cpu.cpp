@@ -1,38 +1,35 @@
 // Fused CPU kernels for attentive distillation (SPEC 3.1) and structured attention (SPEC 3.2).
 //
 // Layout: NCHW contiguous (other layouts are made contiguous first). For one image and channel the
-// H*W pixels are contiguous, so every hot loop runs over a contiguous run of pixels ("chunk") and
-// the channel loop sits outside it: the compiler vectorises the pixel loop, and per-pixel
-// accumulators for a chunk (at most kMaxChunk pixels) stay in L1. Work items are (image, chunk)
-// pairs, spread over threads with at::parallel_for; per-chunk partial sums are reduced afterwards
-// in a fixed order, so for a given thread count the results do not depend on scheduling.
+// H*W pixels are contiguous, so every hot loop runs over a tile of contiguous pixels and the channel
+// loop sits outside it: the compiler vectorises the pixel loop, and per-pixel accumulators for a
+// tile (at most 1024 pixels, kTiles) stay in L1. Work items are (image, tile) pairs of a
+// cpu::TilePlan, run on cpu::parallel_over_items; per-tile partial sums are reduced afterwards in
+// item order, so for a given thread count (which can cut images finer) results do not depend on
+// scheduling.
 //
 // Arithmetic is in acc_t (float; double for float64 inputs), except the one-pass forward's per-pixel
-// sums, which are double for every dtype (below). The hot loops are compiled twice,
-// for baseline x86-64 and for AVX2+FMA, and the AVX2 copy runs when the CPU has it (no -march flag).
+// moments, which are double for every dtype (below). Each hot loop is a kernel struct that
+// cpu::run_best compiles for baseline x86-64, AVX2 and AVX-512 (cpu/toolkit.h; INCSEG_CPU_ISA caps
+// the choice). Host-side checks and saved-state shapes: common/attention_host.h.
 //
 // ---- Attentive distillation: passes over the features ----
 // forward, float32/bfloat16/float16 inputs: ONE pass over f, g.
-//   With u = f - g, α = a_c f, β = b_c g (per element) and s_f, s_g the normalised maps,
-//   D = u + s_f α - s_g β, so per pixel
-//     sum_c D^2       = Σu² + s_f² Σα² + s_g² Σβ² + 2 s_f Σuα - 2 s_g Σuβ - 2 s_f s_g Σαβ
-//     P_f = Σ_c D α   = Σuα + s_f Σα² - s_g Σαβ          P_g = Σ_c D β = Σuβ + s_f Σαβ - s_g Σβ²
-//   The pass accumulates S_f = Σf², S_g = Σg² and these six channel sums per pixel; then a tiny step
-//   gets N per image, Ŝ, the loss and P from them, without reading the features again. The sums are
-//   in double: products of float32 values are exact there, and the cancellation of the expansion
-//   (when AD(f) ≈ AD(g)) costs eps64 * (|AD| / |D|)^2, below the eps32 * |AD| / |D| that computing D
-//   directly in float32 costs, for any |D| / |AD| above ~1e-9.
+//   The pass accumulates per pixel the eight channel sums of attention_math.h's Moments
+//   (S_f = Σf², S_g = Σg² and six sums whose combinations give sum_c D^2 and P for any s_f, s_g);
+//   then a tiny step gets N per image, Ŝ, the loss and P from them (squared_difference_sum,
+//   pixel_grad_f, pixel_grad_g), without reading the features again.
 // forward, float64 inputs: TWO passes (the expansion would lose precision against a float64 result).
 //   pass 1  reads f, g: S_f[p] = sum_c f^2, S_g likewise; tiny: N = sqrt(sum_p S^2), Ŝ = S / N.
 //   pass 2  reads f, g: L = scale * sum D^2, and P_f[p] = sum_c D a_c f, P_g[p] = sum_c D b_c g.
 // In both, Ŝ = 0 where N == 0; P is computed only when the spatial map will be differentiated
 // (dL/dŜ_f = w P_f, dL/dŜ_g = -w P_g below).
 // backward tiny     per image T = sum_p P Ŝ, and per pixel (units of w) dL/dS = (1/N)(P - Ŝ T).
-//          pass     reads f, g once, writes df and/or dg once, and per-chunk channel sums for da, db;
+//          pass     reads f, g once, writes df and/or dg once, and per-tile channel sums for da, db;
 //                   specialised on which of the four gradients are wanted.
 // Saved between forward and backward: Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g (formed before rounding, see
 // attended_difference), P_f, P_g (B*H*W each) and 1/N (B each). Temporaries are per pixel (the
-// one-pass forward's eight sums) or per chunk and channel; nothing feature-sized is allocated besides
+// one-pass forward's eight sums) or per tile and channel; nothing feature-sized is allocated besides
 // the gradients themselves.
 //
 // Gradient derivation (scale = 1/(B*C*H*W) for "mean", 1 for "sum"; `up` = upstream gradient;
@@ -50,83 +47,42 @@
 // ---- Structured attention ----
 // forward  out = (1 + a_ch[c] a_sp[p]) v, one pass.
 // backward one pass over (grad_out, v): dv = grad_out (1 + a_ch a_sp); da_sp[p] = sum_c grad_out v a_ch
-//          (per-pixel accumulators of the chunk); da_ch[c] = sum_p grad_out v a_sp (per-chunk partials).
+//          (per-pixel accumulators of the tile); da_ch[c] = sum_p grad_out v a_sp (per-tile partials).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <memory>
 #include <tuple>
 #include <vector>
 
+#include "common/attention_host.h"
 #include "common/attention_math.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define INCSEG_HAVE_AVX2_VARIANT 1
-#define INCSEG_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define INCSEG_HAVE_AVX2_VARIANT 0
-#endif
-#if defined(__GNUC__)
-#define INCSEG_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define INCSEG_ALWAYS_INLINE inline
-#endif
+#include "cpu/toolkit.h"
 
 namespace incseg_fast {
 namespace {
 
+namespace cpu = incseg::cpu;
 using at::Tensor;
 using attention::attended_difference;
 using attention::feature_grad;
+using attention::Moments;
 using attention::spatial_map_grad;
 using attention::structured_attention_value;
+using cpu::acc_type;
+using cpu::load;
+using cpu::to_storage;
 
-constexpr int64_t kMaxChunk = 1024;  // pixels per work item: 4 KiB of float per channel row
-constexpr int64_t kChunkAlign = 16;
-
-// INCSEG_CPU_BASELINE=1 forces the baseline copies (so that tests can check them on an AVX2 machine).
-bool cpu_has_avx2() {
-#if INCSEG_HAVE_AVX2_VARIANT
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("INCSEG_CPU_BASELINE") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
-
-// Work items: (image, pixel chunk). Enough chunks per image to keep every thread busy.
-struct PixelChunks {
-  int64_t pixels = 0;
-  int64_t chunk = 0;      // pixels per chunk (the last chunk of an image may be shorter)
-  int64_t per_image = 0;  // chunks per image
-  int64_t image(int64_t item) const { return item / per_image; }
-  int64_t begin(int64_t item) const { return (item % per_image) * chunk; }
-  int64_t length(int64_t item) const { return std::min(chunk, pixels - begin(item)); }
-};
-
-PixelChunks plan_chunks(int64_t batch, int64_t pixels) {
-  constexpr int64_t kMinChunk = 64;
-  PixelChunks plan;
-  plan.pixels = pixels;
-  if (pixels == 0) return plan;  // no work items
-  int64_t per_image = (pixels + kMaxChunk - 1) / kMaxChunk;
-  const int64_t threads = at::get_num_threads();
-  while (batch * per_image < threads && pixels / (2 * per_image) >= kMinChunk) per_image *= 2;
-  plan.chunk = (pixels + per_image - 1) / per_image;
-  plan.chunk = std::min(kMaxChunk, (plan.chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign);
-  plan.per_image = (pixels + plan.chunk - 1) / plan.chunk;
-  return plan;
-}
+// Tiles of at most 1024 pixels (4 KiB of float per channel row), cut down to 64 when the batch has
+// fewer tiles than threads; multiples of 16 pixels keep rows aligned for the vector loops.
+constexpr cpu::TilePolicy kTiles{1024, 64, 16};
 
 // Sum with kLanes independent accumulators: vectorisable without reassociation flags.
 template <typename acc_t>
-INCSEG_ALWAYS_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
+INCSEG_FORCE_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
   constexpr int64_t kLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t p = 0;
@@ -140,32 +96,14 @@ INCSEG_ALWAYS_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Hot loops over one chunk, each a struct with an always_inline `run` so that run_best() can compile
-// it once for baseline x86-64 and once for AVX2+FMA. `stride` is H*W (the distance between channel rows).
+// Hot loops over one tile, each a struct with a force-inlined `run` for cpu::run_best. `stride` is
+// H*W (the distance between channel rows).
 // ------------------------------------------------------------------------------------------------
-
-template <typename Kernel, typename... Args>
-void run_baseline(Args... args) {
-  Kernel::run(args...);
-}
-#if INCSEG_HAVE_AVX2_VARIANT
-template <typename Kernel, typename... Args>
-INCSEG_TARGET_AVX2 void run_avx2(Args... args) {
-  Kernel::run(args...);
-}
-#endif
-template <typename Kernel, typename... Args>
-void run_best(Args... args) {
-#if INCSEG_HAVE_AVX2_VARIANT
-  if (cpu_has_avx2()) return run_avx2<Kernel>(args...);
-#endif
-  run_baseline<Kernel>(args...);
-}
 
 // Pass 1: s_f[p] = sum_c f^2, s_g[p] = sum_c g^2; four channel rows per sweep of the accumulators.
 template <typename scalar_t, typename acc_t>
-struct SpatialEnergyChunk {
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+struct SpatialEnergyTile {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
                                        int64_t channels, int64_t stride, int64_t n, acc_t* __restrict s_f,
                                        acc_t* __restrict s_g) {
     for (int64_t p = 0; p < n; ++p) {
@@ -177,8 +115,10 @@ struct SpatialEnergyChunk {
       const scalar_t* __restrict f0 = f + c * stride;
       const scalar_t* __restrict g0 = g + c * stride;
       for (int64_t p = 0; p < n; ++p) {
-        const acc_t fa = f0[p], fb = f0[p + stride], fc = f0[p + 2 * stride], fd = f0[p + 3 * stride];
-        const acc_t ga = g0[p], gb = g0[p + stride], gc = g0[p + 2 * stride], gd = g0[p + 3 * stride];
+        const acc_t fa = load<acc_t>(f0, p), fb = load<acc_t>(f0, p + stride);
+        const acc_t fc = load<acc_t>(f0, p + 2 * stride), fd = load<acc_t>(f0, p + 3 * stride);
+        const acc_t ga = load<acc_t>(g0, p), gb = load<acc_t>(g0, p + stride);
+        const acc_t gc = load<acc_t>(g0, p + 2 * stride), gd = load<acc_t>(g0, p + 3 * stride);
         s_f[p] += (fa * fa + fb * fb) + (fc * fc + fd * fd);
         s_g[p] += (ga * ga + gb * gb) + (gc * gc + gd * gd);
       }
@@ -187,7 +127,7 @@ struct SpatialEnergyChunk {
       const scalar_t* __restrict f0 = f + c * stride;
       const scalar_t* __restrict g0 = g + c * stride;
       for (int64_t p = 0; p < n; ++p) {
-        const acc_t fa = f0[p], ga = g0[p];
+        const acc_t fa = load<acc_t>(f0, p), ga = load<acc_t>(g0, p);
         s_f[p] += fa * fa;
         s_g[p] += ga * ga;
       }
@@ -195,66 +135,71 @@ struct SpatialEnergyChunk {
   }
 };
 
-// One-pass forward (non-float64 inputs): per-pixel channel sums in double,
-// Σf², Σg², Σu², Σα², Σβ², Σuα, Σuβ, Σαβ   (u = f - g, α = a_c f, β = b_c g).
-enum Moment : int64_t { kEnergyF, kEnergyG, kUU, kAA, kBB, kUA, kUB, kAB, kMoments };
+// One-pass forward (non-float64 inputs): the eight per-pixel Moments sums in double, stored as
+// eight rows (B, kMomentRows, H*W) so that the pixel loops vectorise.
+enum MomentRow : int64_t { kFF, kGG, kUU, kAA, kBB, kUA, kUB, kAB, kMomentRows };
 
+// Adds kChannels consecutive channel rows to each pixel's moments. The eight accumulator rows are
+// the loop's memory traffic (so several channels go per sweep) and are separate restrict
+// parameters (so that the compiler vectorises).
+template <int kChannels, typename scalar_t>
+INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const scalar_t* __restrict g,
+                                         const float* a, const float* b, int64_t stride, int64_t n,
+                                         double* __restrict ff, double* __restrict gg, double* __restrict uu,
+                                         double* __restrict aa, double* __restrict bb, double* __restrict ua,
+                                         double* __restrict ub, double* __restrict ab) {
+  double a_k[kChannels], b_k[kChannels];
+  for (int k = 0; k < kChannels; ++k) {
+    a_k[k] = a[k];
+    b_k[k] = b[k];
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    Moments m{ff[p], gg[p], uu[p], aa[p], bb[p], ua[p], ub[p], ab[p]};
+    for (int k = 0; k < kChannels; ++k) {
+      m.add(load<float>(f, p + k * stride), load<float>(g, p + k * stride), a_k[k], b_k[k]);
+    }
+    ff[p] = m.ff;
+    gg[p] = m.gg;
+    uu[p] = m.uu;
+    aa[p] = m.aa;
+    bb[p] = m.bb;
+    ua[p] = m.ua;
+    ub[p] = m.ub;
+    ab[p] = m.ab;
+  }
+}
+
+// `moments` is the tile's first accumulator row; like the channel rows they are `stride` apart.
 template <typename scalar_t>
-struct MomentsChunk {
-  // The eight accumulator rows are separate restrict parameters, which lets the compiler vectorise.
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
-                                       const float* __restrict a, const float* __restrict b, int64_t channels,
-                                       int64_t stride, int64_t n, double* __restrict ff, double* __restrict gg,
-                                       double* __restrict uu, double* __restrict aa, double* __restrict bb,
-                                       double* __restrict ua, double* __restrict ub, double* __restrict ab) {
+struct MomentsTile {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+                                      const float* __restrict a, const float* __restrict b, int64_t channels,
+                                      int64_t stride, int64_t n, double* __restrict moments) {
+    double* __restrict ff = moments + kFF * stride;
+    double* __restrict gg = moments + kGG * stride;
+    double* __restrict uu = moments + kUU * stride;
+    double* __restrict aa = moments + kAA * stride;
+    double* __restrict bb = moments + kBB * stride;
+    double* __restrict ua = moments + kUA * stride;
+    double* __restrict ub = moments + kUB * stride;
+    double* __restrict ab = moments + kAB * stride;
     for (int64_t p = 0; p < n; ++p) {
       ff[p] = gg[p] = uu[p] = aa[p] = bb[p] = ua[p] = ub[p] = ab[p] = 0;
     }
-    // Two channels per sweep: the eight accumulator rows are the loop's memory traffic.
     int64_t c = 0;
     for (; c + 2 <= channels; c += 2) {
-      const scalar_t* __restrict f0 = f + c * stride;
-      const scalar_t* __restrict g0 = g + c * stride;
-      const double a0 = a[c], b0 = b[c], a1 = a[c + 1], b1 = b[c + 1];
-      for (int64_t p = 0; p < n; ++p) {
-        const double fv0 = static_cast<float>(f0[p]), gv0 = static_cast<float>(g0[p]);
-        const double fv1 = static_cast<float>(f0[p + stride]), gv1 = static_cast<float>(g0[p + stride]);
-        const double u0 = fv0 - gv0, alpha0 = a0 * fv0, beta0 = b0 * gv0;
-        const double u1 = fv1 - gv1, alpha1 = a1 * fv1, beta1 = b1 * gv1;
-        ff[p] += fv0 * fv0 + fv1 * fv1;
-        gg[p] += gv0 * gv0 + gv1 * gv1;
-        uu[p] += u0 * u0 + u1 * u1;
-        aa[p] += alpha0 * alpha0 + alpha1 * alpha1;
-        bb[p] += beta0 * beta0 + beta1 * beta1;
-        ua[p] += u0 * alpha0 + u1 * alpha1;
-        ub[p] += u0 * beta0 + u1 * beta1;
-        ab[p] += alpha0 * beta0 + alpha1 * beta1;
-      }
+      add_moment_rows<2>(f + c * stride, g + c * stride, a + c, b + c, stride, n, ff, gg, uu, aa, bb, ua, ub, ab);
     }
-    for (; c < channels; ++c) {
-      const scalar_t* __restrict f0 = f + c * stride;
-      const scalar_t* __restrict g0 = g + c * stride;
-      const double a_c = a[c], b_c = b[c];
-      for (int64_t p = 0; p < n; ++p) {
-        const double fv = static_cast<float>(f0[p]), gv = static_cast<float>(g0[p]);
-        const double u = fv - gv, alpha = a_c * fv, beta = b_c * gv;
-        ff[p] += fv * fv;
-        gg[p] += gv * gv;
-        uu[p] += u * u;
-        aa[p] += alpha * alpha;
-        bb[p] += beta * beta;
-        ua[p] += u * alpha;
-        ub[p] += u * beta;
-        ab[p] += alpha * beta;
-      }
+    if (c < channels) {
+      add_moment_rows<1>(f + c * stride, g + c * stride, a + c, b + c, stride, n, ff, gg, uu, aa, bb, ua, ub, ab);
     }
   }
 };
 
 // Pass 2: per-pixel sum_c D^2 into `loss`, and (kPixelGrad) P_f = sum_c D a_c f, P_g = sum_c D b_c g.
 template <typename scalar_t, typename acc_t, bool kPixelGrad>
-struct LossChunk {
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+struct LossTile {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
                                        const acc_t* __restrict a, const acc_t* __restrict b,
                                        const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride,
                                        int64_t n, const acc_t* __restrict s_f, const acc_t* __restrict s_diff,
@@ -272,7 +217,7 @@ struct LossChunk {
       const scalar_t* __restrict g0 = g + c * stride;
       const acc_t a_c = a[c], b_c = b[c], ab_c = a_minus_b[c];
       for (int64_t p = 0; p < n; ++p) {
-        const acc_t fv = f0[p], gv = g0[p];
+        const acc_t fv = load<acc_t>(f0, p), gv = load<acc_t>(g0, p);
         const acc_t d = attended_difference(fv, gv, a_c, b_c, ab_c, s_f[p], s_diff[p]);
         loss[p] += d * d;
         if (kPixelGrad) {
@@ -284,14 +229,14 @@ struct LossChunk {
   }
 };
 
-// Backward pass over a chunk, specialised on the wanted gradients (bits of kOutputs: kWantDF, ...):
+// Backward pass over a tile, specialised on the wanted gradients (bits of kOutputs: kWantDF, ...):
 // df, dg rows, and per-channel sums chan_a[c] = sum_p D Ŝ_f f, chan_b[c] = sum_p D Ŝ_g g (through the
 // one-row buffers row_a, row_b).
 enum OutputBit : int { kWantDF = 1, kWantDG = 2, kWantDA = 4, kWantDB = 8 };
 
 template <typename scalar_t, typename acc_t, int kOutputs>
-struct FeatureGradChunk {
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+struct FeatureGradTile {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
                                        const acc_t* __restrict a, const acc_t* __restrict b,
                                        const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride,
                                        int64_t n, const acc_t* __restrict s_f, const acc_t* __restrict s_g,
@@ -308,10 +253,10 @@ struct FeatureGradChunk {
       scalar_t* __restrict dg0 = kDG ? dg + c * stride : nullptr;
       const acc_t a_c = a[c], b_c = b[c], ab_c = a_minus_b[c];
       for (int64_t p = 0; p < n; ++p) {
-        const acc_t fv = f0[p], gv = g0[p];
+        const acc_t fv = load<acc_t>(f0, p), gv = load<acc_t>(g0, p);
         const acc_t d = attended_difference(fv, gv, a_c, b_c, ab_c, s_f[p], s_diff[p]);
-        if (kDF) df0[p] = static_cast<scalar_t>(w * feature_grad(d, fv, a_c, s_f[p], sgrad_f[p]));
-        if (kDG) dg0[p] = static_cast<scalar_t>(-w * feature_grad(d, gv, b_c, s_g[p], sgrad_g[p]));
+        if (kDF) df0[p] = to_storage<scalar_t>(w * feature_grad(d, fv, a_c, s_f[p], sgrad_f[p]));
+        if (kDG) dg0[p] = to_storage<scalar_t>(-w * feature_grad(d, gv, b_c, s_g[p], sgrad_g[p]));
         if (kDA) row_a[p] = d * s_f[p] * fv;
         if (kDB) row_b[p] = d * s_g[p] * gv;
       }
@@ -332,10 +277,10 @@ void with_output_mask(int mask, Fn&& fn) {
 
 template <typename scalar_t, typename acc_t>
 struct StructuredForwardRow {
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict v, acc_t a_ch_c, const acc_t* __restrict a_sp,
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict v, acc_t a_ch_c, const acc_t* __restrict a_sp,
                                        int64_t n, scalar_t* __restrict out) {
     for (int64_t p = 0; p < n; ++p) {
-      out[p] = static_cast<scalar_t>(structured_attention_value(static_cast<acc_t>(v[p]), a_ch_c, a_sp[p]));
+      out[p] = to_storage<scalar_t>(structured_attention_value(load<acc_t>(v, p), a_ch_c, a_sp[p]));
     }
   }
 };
@@ -343,8 +288,8 @@ struct StructuredForwardRow {
 // dv (rows advance by dv_stride; 0 with a one-row scratch discards it), d_sp[p] = sum_c go v a_ch,
 // chan[c] = sum_p go v a_sp (through the one-row buffer `row`).
 template <typename scalar_t, typename acc_t>
-struct StructuredBackwardChunk {
-  static INCSEG_ALWAYS_INLINE void run(const scalar_t* __restrict go, const scalar_t* __restrict v,
+struct StructuredBackwardTile {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict go, const scalar_t* __restrict v,
                                        const acc_t* __restrict a_ch, const acc_t* __restrict a_sp,
                                        int64_t channels, int64_t stride, int64_t n, scalar_t* __restrict dv,
                                        int64_t dv_stride, acc_t* __restrict d_sp, acc_t* __restrict row,
@@ -356,9 +301,9 @@ struct StructuredBackwardChunk {
       scalar_t* __restrict dv0 = dv + c * dv_stride;
       const acc_t a_c = a_ch[c];
       for (int64_t p = 0; p < n; ++p) {
-        const acc_t gov = static_cast<acc_t>(go0[p]);
-        const acc_t gv = gov * static_cast<acc_t>(v0[p]);
-        dv0[p] = static_cast<scalar_t>(structured_attention_value(gov, a_c, a_sp[p]));
+        const acc_t gov = load<acc_t>(go0, p);
+        const acc_t gv = gov * load<acc_t>(v0, p);
+        dv0[p] = to_storage<scalar_t>(structured_attention_value(gov, a_c, a_sp[p]));
         d_sp[p] += gv * a_c;
         row[p] = gv * a_sp[p];
       }
@@ -370,34 +315,6 @@ struct StructuredBackwardChunk {
 // ------------------------------------------------------------------------------------------------
 // Operators
 // ------------------------------------------------------------------------------------------------
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-void check_float_dtype(const Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
-              " must be float16, bfloat16, float32 or float64, got ", dt);
-}
-
-double reduction_scale(c10::string_view reduction, const Tensor& f) {
-  TORCH_CHECK(reduction == "mean" || reduction == "sum", "reduction must be 'mean' or 'sum', got '",
-              std::string(reduction), "'");
-  return reduction == "mean" ? 1.0 / static_cast<double>(f.numel()) : 1.0;
-}
-
-void check_feature_pair(const Tensor& f, const Tensor& g, const Tensor& a, const Tensor& b) {
-  TORCH_CHECK(f.dim() == 4, "f must be (B, C, H, W), got ", f.sizes());
-  TORCH_CHECK(g.sizes() == f.sizes(), "g must have f's shape ", f.sizes(), ", got ", g.sizes());
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == f.size(0) && a.size(1) == f.size(1), "a must be (B, C) = (",
-              f.size(0), ", ", f.size(1), "), got ", a.sizes());
-  TORCH_CHECK(b.sizes() == a.sizes(), "b must have a's shape ", a.sizes(), ", got ", b.sizes());
-  check_float_dtype(f, "f");
-  for (const Tensor* t : {&g, &a, &b}) {
-    TORCH_CHECK(t->scalar_type() == f.scalar_type(), "f, g, a, b must share one dtype");
-  }
-  TORCH_CHECK(f.numel() > 0, "attentive_distillation needs non-empty features, got ", f.sizes());
-}
 
 // Views of the forward's outputs for one dtype: Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g, 1/N, and P (null unless saved).
 template <typename acc_t>
@@ -416,56 +333,64 @@ acc_t inverse_norm(acc_t sum_of_squares) {
   return sum_of_squares > 0 ? acc_t(1) / std::sqrt(sum_of_squares) : acc_t(0);
 }
 
+// One image's moment rows (kMomentRows rows of `pixels`) -> its N, Ŝ and P in `out`; returns the
+// image's sum_p sum_c D^2.
+double finish_image(const double* rows, int64_t pixels, int64_t img, const ForwardOutputs<float>& out) {
+  const double* ff = rows + kFF * pixels;
+  const double* gg = rows + kGG * pixels;
+  double sum_f = 0, sum_g = 0;
+  for (int64_t p = 0; p < pixels; ++p) {
+    sum_f += ff[p] * ff[p];
+    sum_g += gg[p] * gg[p];
+  }
+  const double inv_f = inverse_norm(sum_f), inv_g = inverse_norm(sum_g);
+  out.inv_f[img] = static_cast<float>(inv_f);
+  out.inv_g[img] = static_cast<float>(inv_g);
+  const int64_t base = img * pixels;
+  double total = 0;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const Moments m{ff[p],
+                    gg[p],
+                    rows[kUU * pixels + p],
+                    rows[kAA * pixels + p],
+                    rows[kBB * pixels + p],
+                    rows[kUA * pixels + p],
+                    rows[kUB * pixels + p],
+                    rows[kAB * pixels + p]};
+    const double sf = m.ff * inv_f, sg = m.gg * inv_g;
+    out.s_f[base + p] = static_cast<float>(sf);
+    out.s_g[base + p] = static_cast<float>(sg);
+    out.s_diff[base + p] = static_cast<float>(sf - sg);
+    total += attention::squared_difference_sum(m, sf, sg);
+    if (out.p_f != nullptr) {
+      out.p_f[base + p] = static_cast<float>(attention::pixel_grad_f(m, sf, sg));
+      out.p_g[base + p] = static_cast<float>(attention::pixel_grad_g(m, sf, sg));
+    }
+  }
+  return total;
+}
+
 // float32/bfloat16/float16: one pass (see the top of the file). Returns sum_p sum_c D^2.
 template <typename scalar_t>
 double forward_squared_sum(const scalar_t* f, const scalar_t* g, const float* a, const float* b,
-                           const float* /* a_minus_b: the moments do not need it */,
-                           int64_t batch, int64_t channels, int64_t pixels, const ForwardOutputs<float>& out) {
-  const PixelChunks plan = plan_chunks(batch, pixels);
-  const int64_t items = batch * plan.per_image;
-  // The eight per-pixel channel sums, image-major: (B, kMoments, H*W).
-  std::unique_ptr<double[]> moments(new double[batch * kMoments * pixels]);  // every row is written before use
-  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+                           const float* /* a_minus_b: the moments do not need it */, int64_t batch, int64_t channels,
+                           int64_t pixels, const ForwardOutputs<float>& out) {
+  const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
+  // The moments of every pixel, image-major: (B, kMomentRows, H*W); every row is written before use.
+  std::unique_ptr<double[]> moments(new double[batch * kMomentRows * pixels]);
+  cpu::parallel_over_items(plan.items, channels * plan.tile, [&](int64_t first, int64_t last) {
     for (int64_t item = first; item < last; ++item) {
       const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
       const int64_t offset = img * channels * pixels + p0;
-      double* m = moments.get() + img * kMoments * pixels + p0;
-      run_best<MomentsChunk<scalar_t>>(f + offset, g + offset, a + img * channels, b + img * channels, channels,
-                                       pixels, n, m + kEnergyF * pixels, m + kEnergyG * pixels, m + kUU * pixels,
-                                       m + kAA * pixels, m + kBB * pixels, m + kUA * pixels, m + kUB * pixels,
-                                       m + kAB * pixels);
+      cpu::run_best<MomentsTile<scalar_t>>(f + offset, g + offset, a + img * channels, b + img * channels, channels,
+                                           pixels, n, moments.get() + img * kMomentRows * pixels + p0);
     }
   });
   // Per image: N, then Ŝ, the loss and P from the moments (tiny next to the pass above).
   std::vector<double> loss_partial(batch);
-  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+  cpu::parallel_over_items(batch, kMomentRows * pixels, [&](int64_t first, int64_t last) {
     for (int64_t img = first; img < last; ++img) {
-      const double* m = moments.get() + img * kMoments * pixels;
-      const double *ff = m + kEnergyF * pixels, *gg = m + kEnergyG * pixels, *uu = m + kUU * pixels;
-      const double *aa = m + kAA * pixels, *bb = m + kBB * pixels, *ua = m + kUA * pixels;
-      const double *ub = m + kUB * pixels, *ab = m + kAB * pixels;
-      double sum_f = 0, sum_g = 0;
-      for (int64_t p = 0; p < pixels; ++p) {
-        sum_f += ff[p] * ff[p];
-        sum_g += gg[p] * gg[p];
-      }
-      const double inv_f = inverse_norm(sum_f), inv_g = inverse_norm(sum_g);
-      out.inv_f[img] = static_cast<float>(inv_f);
-      out.inv_g[img] = static_cast<float>(inv_g);
-      const int64_t base = img * pixels;
-      double total = 0;
-      for (int64_t p = 0; p < pixels; ++p) {
-        const double sf = ff[p] * inv_f, sg = gg[p] * inv_g;
-        out.s_f[base + p] = static_cast<float>(sf);
-        out.s_g[base + p] = static_cast<float>(sg);
-        out.s_diff[base + p] = static_cast<float>(sf - sg);
-        total += uu[p] + sf * sf * aa[p] + sg * sg * bb[p] + 2 * (sf * ua[p] - sg * ub[p] - sf * sg * ab[p]);
-        if (out.p_f != nullptr) {
-          out.p_f[base + p] = static_cast<float>(ua[p] + sf * aa[p] - sg * ab[p]);
-          out.p_g[base + p] = static_cast<float>(ub[p] + sf * ab[p] - sg * bb[p]);
-        }
-      }
-      loss_partial[img] = total;
+      loss_partial[img] = finish_image(moments.get() + img * kMomentRows * pixels, pixels, img, out);
     }
   });
   double total = 0;
@@ -477,18 +402,17 @@ double forward_squared_sum(const scalar_t* f, const scalar_t* g, const float* a,
 double forward_squared_sum(const double* f, const double* g, const double* a, const double* b,
                            const double* a_minus_b, int64_t batch, int64_t channels, int64_t pixels,
                            const ForwardOutputs<double>& out) {
-  const PixelChunks plan = plan_chunks(batch, pixels);
-  const int64_t items = batch * plan.per_image;
+  const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
   const int64_t image_size = channels * pixels;
-  // Pass 1: unnormalised spatial maps and per-chunk sums of their squares.
-  std::vector<double> energy_f(items), energy_g(items);
-  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+  // Pass 1: unnormalised spatial maps and per-tile sums of their squares.
+  std::vector<double> energy_f(plan.items), energy_g(plan.items);
+  cpu::parallel_over_items(plan.items, channels * plan.tile, [&](int64_t first, int64_t last) {
     for (int64_t item = first; item < last; ++item) {
       const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
       double* s_f = out.s_f + img * pixels + p0;
       double* s_g = out.s_g + img * pixels + p0;
-      run_best<SpatialEnergyChunk<double, double>>(f + img * image_size + p0, g + img * image_size + p0, channels,
-                                                   pixels, n, s_f, s_g);
+      cpu::run_best<SpatialEnergyTile<double, double>>(f + img * image_size + p0, g + img * image_size + p0,
+                                                       channels, pixels, n, s_f, s_g);
       double sum_f = 0, sum_g = 0;
       for (int64_t p = 0; p < n; ++p) {
         sum_f += s_f[p] * s_f[p];
@@ -500,17 +424,17 @@ double forward_squared_sum(const double* f, const double* g, const double* a, co
   });
   for (int64_t img = 0; img < batch; ++img) {
     double sum_f = 0, sum_g = 0;
-    for (int64_t k = 0; k < plan.per_image; ++k) {
-      sum_f += energy_f[img * plan.per_image + k];
-      sum_g += energy_g[img * plan.per_image + k];
+    for (int64_t k = 0; k < plan.tiles_per_image; ++k) {
+      sum_f += energy_f[img * plan.tiles_per_image + k];
+      sum_g += energy_g[img * plan.tiles_per_image + k];
     }
     out.inv_f[img] = inverse_norm(sum_f);
     out.inv_g[img] = inverse_norm(sum_g);
   }
-  // Pass 2: normalise the chunk's spatial maps, then the loss (and P_f, P_g) over its pixels.
-  std::vector<double> loss_partial(items);
-  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> loss_px(plan.chunk);
+  // Pass 2: normalise the tile's spatial maps, then the loss (and P_f, P_g) over its pixels.
+  std::vector<double> loss_partial(plan.items);
+  cpu::parallel_over_items(plan.items, channels * plan.tile, [&](int64_t first, int64_t last) {
+    std::vector<double> loss_px(plan.tile);
     for (int64_t item = first; item < last; ++item) {
       const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
       double* s_f = out.s_f + img * pixels + p0;
@@ -525,14 +449,14 @@ double forward_squared_sum(const double* f, const double* g, const double* a, co
       double* p_f = out.p_f != nullptr ? out.p_f + img * pixels + p0 : nullptr;
       double* p_g = out.p_g != nullptr ? out.p_g + img * pixels + p0 : nullptr;
       auto launch = [&](auto kernel) {
-        run_best<decltype(kernel)>(f + offset, g + offset, a + img * channels, b + img * channels,
+        cpu::run_best<decltype(kernel)>(f + offset, g + offset, a + img * channels, b + img * channels,
                                    a_minus_b + img * channels, channels, pixels, n, s_f, s_diff, loss_px.data(),
                                    p_f, p_g);
       };
       if (p_f != nullptr) {
-        launch(LossChunk<double, double, true>{});
+        launch(LossTile<double, double, true>{});
       } else {
-        launch(LossChunk<double, double, false>{});
+        launch(LossTile<double, double, false>{});
       }
       loss_partial[item] = sum_lanes(loss_px.data(), n);
     }
@@ -546,166 +470,165 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward_cpu(co
                                                                               const Tensor& a_in, const Tensor& b_in,
                                                                               c10::string_view reduction,
                                                                               bool save_spatial_grad) {
-  check_feature_pair(f_in, g_in, a_in, b_in);
-  const double scale = reduction_scale(reduction, f_in);
+  attention::check_feature_pair(f_in, g_in, a_in, b_in);
+  const double scale = attention::reduction_scale(reduction, f_in);
   const Tensor f = f_in.contiguous(), g = g_in.contiguous();
   const int64_t batch = f.size(0), channels = f.size(1), pixels = f.size(2) * f.size(3);
-  const auto acc_dtype = f.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_options = f.options().dtype(acc_dtype);
+  const auto acc_dtype = at::toOpMathType(f.scalar_type());
   const Tensor a = a_in.to(acc_dtype).contiguous(), b = b_in.to(acc_dtype).contiguous();
   const Tensor a_minus_b = a - b;
-  Tensor spatial = at::empty({3, batch, f.size(2), f.size(3)}, acc_options);
-  Tensor inv_norm = at::empty({2, batch}, acc_options);
-  Tensor pixel_grad = save_spatial_grad ? at::empty({2, batch, f.size(2), f.size(3)}, acc_options)
-                                        : at::empty({0}, acc_options);
+  const attention::SavedState state = attention::allocate_saved_state(f, save_spatial_grad);
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attentive_distillation_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     ForwardOutputs<acc_t> out;
-    out.s_f = spatial.data_ptr<acc_t>();
+    out.s_f = state.spatial.data_ptr<acc_t>();
     out.s_g = out.s_f + batch * pixels;
     out.s_diff = out.s_g + batch * pixels;
-    out.inv_f = inv_norm.data_ptr<acc_t>();
+    out.inv_f = state.inv_norm.data_ptr<acc_t>();
     out.inv_g = out.inv_f + batch;
-    out.p_f = save_spatial_grad ? pixel_grad.data_ptr<acc_t>() : nullptr;
+    out.p_f = save_spatial_grad ? state.pixel_grad.data_ptr<acc_t>() : nullptr;
     out.p_g = save_spatial_grad ? out.p_f + batch * pixels : nullptr;
     total = forward_squared_sum(f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), a.data_ptr<acc_t>(),
                                 b.data_ptr<acc_t>(), a_minus_b.data_ptr<acc_t>(), batch, channels, pixels, out);
   });
-  Tensor loss = at::full({}, total * scale, acc_options);
-  return {loss, spatial, inv_norm, pixel_grad};
+  Tensor loss = at::full({}, total * scale, f.options().dtype(acc_dtype));
+  return {loss, state.spatial, state.inv_norm, state.pixel_grad};
+}
+
+// Per-tile partial sums (plan.items rows of `width`) added into per-image rows (B, width) in item
+// order, so that the result does not depend on which thread ran which tile.
+template <typename acc_t>
+Tensor sum_tile_partials(const cpu::TilePlan& plan, const std::vector<acc_t>& partials, int64_t batch,
+                         int64_t width, const at::TensorOptions& options) {
+  Tensor sums = at::zeros({batch, width}, options);
+  acc_t* out = sums.data_ptr<acc_t>();
+  for (int64_t item = 0; item < plan.items; ++item) {
+    acc_t* row = out + plan.image(item) * width;
+    const acc_t* partial = partials.data() + item * width;
+    for (int64_t k = 0; k < width; ++k) row[k] += partial[k];
+  }
+  return sums;
+}
+
+// dL/dS per pixel in units of w, (2, B, H*W) for the f then the g side, from the saved Ŝ (the first
+// two rows of `spatial`), P and 1/N; or one row of zeros when the spatial chain is off.
+template <typename acc_t>
+std::vector<acc_t> spatial_grads(const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad,
+                                 bool reads_pixel_grad, int64_t batch, int64_t pixels) {
+  if (!reads_pixel_grad) return std::vector<acc_t>(pixels, acc_t(0));
+  std::vector<acc_t> grads(2 * batch * pixels);
+  const acc_t* s_hat_all = spatial.data_ptr<acc_t>();
+  const acc_t* pg_all = pixel_grad.data_ptr<acc_t>();
+  const acc_t* inv_norms = inv_norm.data_ptr<acc_t>();
+  cpu::parallel_over_items(2 * batch, 3 * pixels, [&](int64_t first, int64_t last) {
+    for (int64_t map = first; map < last; ++map) {  // map = side * batch + image
+      const acc_t* s_hat = s_hat_all + map * pixels;
+      const acc_t* pg = pg_all + map * pixels;
+      acc_t dot = 0;
+      for (int64_t p = 0; p < pixels; ++p) dot += pg[p] * s_hat[p];
+      acc_t* out = grads.data() + map * pixels;
+      for (int64_t p = 0; p < pixels; ++p) out[p] = spatial_map_grad(pg[p], s_hat[p], dot, inv_norms[map]);
+    }
+  });
+  return grads;
+}
+
+// What the backward pass reads and writes, in contiguous tensors of the op's dtypes.
+struct BackwardTensors {
+  Tensor f, g, a, b, a_minus_b;  // a, b, a_minus_b in the accumulation dtype
+  Tensor spatial, inv_norm, pixel_grad;
+  Tensor df, dg;  // empty unless wanted
+};
+
+// One pass over f, g writing the wanted df, dg; returns the channel sums (B, 2C) = sum_p D Ŝ_f f,
+// then sum_p D Ŝ_g g (undefined unless da or db is wanted).
+template <typename scalar_t>
+Tensor feature_grad_pass(const BackwardTensors& t, bool reads_pixel_grad, double w_in,
+                         const std::array<bool, 4>& output_mask) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t batch = t.f.size(0), channels = t.f.size(1), pixels = t.f.size(2) * t.f.size(3);
+  const bool need_channels = output_mask[2] || output_mask[3];
+  const acc_t w = static_cast<acc_t>(w_in);
+  const acc_t* s_f = t.spatial.data_ptr<acc_t>();
+  const acc_t* s_g = s_f + batch * pixels;
+  const acc_t* s_diff = s_g + batch * pixels;
+  const std::vector<acc_t> sgrad =
+      spatial_grads<acc_t>(t.spatial, t.inv_norm, t.pixel_grad, reads_pixel_grad, batch, pixels);
+  const acc_t* sgrad_f = sgrad.data();
+  const acc_t* sgrad_g = reads_pixel_grad ? sgrad_f + batch * pixels : sgrad_f;
+  const int64_t sgrad_image_stride = reads_pixel_grad ? pixels : 0;  // the zero row serves every image
+
+  const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
+  const int64_t image_size = channels * pixels;
+  std::vector<acc_t> chan_partial(need_channels ? plan.items * 2 * channels : 0);
+  const int output_bits = (output_mask[0] ? kWantDF : 0) | (output_mask[1] ? kWantDG : 0) |
+                          (output_mask[2] ? kWantDA : 0) | (output_mask[3] ? kWantDB : 0);
+  cpu::parallel_over_items(plan.items, channels * plan.tile, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> rows(need_channels ? 2 * plan.tile : 0);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
+      const int64_t offset = img * image_size + p0, pixel = img * pixels + p0;
+      const int64_t sgrad_pixel = img * sgrad_image_stride + p0;
+      acc_t* chan = need_channels ? chan_partial.data() + item * 2 * channels : nullptr;
+      with_output_mask<1>(output_bits, [&](auto bits) {
+        cpu::run_best<FeatureGradTile<scalar_t, acc_t, decltype(bits)::value>>(
+            t.f.data_ptr<scalar_t>() + offset, t.g.data_ptr<scalar_t>() + offset,
+            t.a.data_ptr<acc_t>() + img * channels, t.b.data_ptr<acc_t>() + img * channels,
+            t.a_minus_b.data_ptr<acc_t>() + img * channels, channels, pixels, n, s_f + pixel, s_g + pixel,
+            s_diff + pixel, sgrad_f + sgrad_pixel, sgrad_g + sgrad_pixel, w,
+            output_mask[0] ? t.df.data_ptr<scalar_t>() + offset : nullptr,
+            output_mask[1] ? t.dg.data_ptr<scalar_t>() + offset : nullptr, rows.data(),
+            need_channels ? rows.data() + plan.tile : nullptr, chan, chan + (need_channels ? channels : 0));
+      });
+    }
+  });
+  if (!need_channels) return Tensor();
+  return sum_tile_partials(plan, chan_partial, batch, 2 * channels, t.a.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward_cpu(
     const Tensor& grad_loss, const Tensor& f_in, const Tensor& g_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad, c10::string_view reduction,
     bool spatial_chain, std::array<bool, 4> output_mask) {
-  check_feature_pair(f_in, g_in, a_in, b_in);
-  const double scale = reduction_scale(reduction, f_in);
-  const Tensor f = f_in.contiguous(), g = g_in.contiguous();
-  const int64_t batch = f.size(0), channels = f.size(1), height = f.size(2), width = f.size(3);
-  const int64_t pixels = height * width;
-  const auto acc_dtype = f.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
-  TORCH_CHECK(spatial.sizes() == at::IntArrayRef({3, batch, height, width}) && spatial.scalar_type() == acc_dtype &&
-                  spatial.is_contiguous(),
-              "spatial must be the forward's (3, B, H, W) saved maps");
-  TORCH_CHECK(inv_norm.sizes() == at::IntArrayRef({2, batch}) && inv_norm.scalar_type() == acc_dtype &&
-                  inv_norm.is_contiguous(),
-              "inv_norm must be the forward's (2, B) saved norms");
-  const bool need_features = output_mask[0] || output_mask[1];
-  const bool need_channels = output_mask[2] || output_mask[3];
-  const bool use_pixel_grad = spatial_chain && need_features;
-  if (use_pixel_grad) {
-    TORCH_CHECK(pixel_grad.sizes() == at::IntArrayRef({2, batch, height, width}) &&
-                    pixel_grad.scalar_type() == acc_dtype &&
-                    pixel_grad.is_contiguous(),
-                "pixel_grad must be the forward's (2, B, H, W) saved pixel gradients (forward with save_spatial_grad)");
-  }
-  const Tensor a = a_in.to(acc_dtype).contiguous(), b = b_in.to(acc_dtype).contiguous();
-  const Tensor a_minus_b = a - b;
-  Tensor df = output_mask[0] ? at::empty_like(f) : at::empty({0}, f.options());
-  Tensor dg = output_mask[1] ? at::empty_like(g) : at::empty({0}, g.options());
+  attention::check_feature_pair(f_in, g_in, a_in, b_in);
+  const double scale = attention::reduction_scale(reduction, f_in);
+  const bool reads_pixel_grad = attention::backward_reads_pixel_grad(spatial_chain, output_mask);
+  attention::check_saved_state(f_in, grad_loss, spatial, inv_norm, pixel_grad, reads_pixel_grad);
+  const auto acc_dtype = at::toOpMathType(f_in.scalar_type());
+  BackwardTensors t;
+  t.f = f_in.contiguous();
+  t.g = g_in.contiguous();
+  t.a = a_in.to(acc_dtype).contiguous();
+  t.b = b_in.to(acc_dtype).contiguous();
+  t.a_minus_b = t.a - t.b;
+  t.spatial = spatial;
+  t.inv_norm = inv_norm;
+  t.pixel_grad = pixel_grad;
+  t.df = attention::gradient_or_empty(output_mask[0], t.f);
+  t.dg = attention::gradient_or_empty(output_mask[1], t.g);
   Tensor da = at::empty({0}, a_in.options()), db = at::empty({0}, b_in.options());
-  if (!need_features && !need_channels) return {df, dg, da, db};
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2] && !output_mask[3]) return {t.df, t.dg, da, db};
 
-  const PixelChunks plan = plan_chunks(batch, pixels);
-  const int64_t items = batch * plan.per_image;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attentive_distillation_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const acc_t w = static_cast<acc_t>(2.0 * scale * grad_loss.item<double>());
-    const acc_t* s_f_all = spatial.data_ptr<acc_t>();
-    const acc_t* s_g_all = s_f_all + batch * pixels;
-    const acc_t* s_diff_all = s_g_all + batch * pixels;
-    const acc_t* inv_norms = inv_norm.data_ptr<acc_t>();  // (2, B): the f side, then the g side
-
-    // dL/dS per pixel in units of w (zeros when the spatial map is detached).
-    std::vector<acc_t> sgrad(use_pixel_grad ? 2 * batch * pixels : pixels, acc_t(0));  // one shared zero row
-    if (use_pixel_grad) {
-      const acc_t* pg_all = pixel_grad.data_ptr<acc_t>();
-      at::parallel_for(0, 2 * batch, 1, [&](int64_t first, int64_t last) {
-        for (int64_t map = first; map < last; ++map) {  // map = side * batch + image
-          const acc_t* s_hat = s_f_all + map * pixels;
-          const acc_t* pg = pg_all + map * pixels;
-          acc_t dot = 0;
-          for (int64_t p = 0; p < pixels; ++p) dot += pg[p] * s_hat[p];
-          const acc_t inv = inv_norms[map];
-          acc_t* out = sgrad.data() + map * pixels;
-          for (int64_t p = 0; p < pixels; ++p) out[p] = spatial_map_grad(pg[p], s_hat[p], dot, inv);
-        }
-      });
-    }
-    const acc_t* sgrad_f_all = sgrad.data();
-    const acc_t* sgrad_g_all = use_pixel_grad ? sgrad.data() + batch * pixels : sgrad.data();
-    const int64_t sgrad_image_stride = use_pixel_grad ? pixels : 0;
-
-    const scalar_t* f_ptr = f.data_ptr<scalar_t>();
-    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
-    const acc_t* a_ptr = a.data_ptr<acc_t>();
-    const acc_t* b_ptr = b.data_ptr<acc_t>();
-    const int64_t image_size = channels * pixels;
-    std::vector<acc_t> chan_partial(need_channels ? 2 * items * channels : 0);
-
-    const int output_bits = (output_mask[0] ? kWantDF : 0) | (output_mask[1] ? kWantDG : 0) |
-                            (output_mask[2] ? kWantDA : 0) | (output_mask[3] ? kWantDB : 0);
-    at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
-      std::vector<acc_t> rows(need_channels ? 2 * plan.chunk : 0);
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
-        const int64_t offset = img * image_size + p0;
-        acc_t* chan = need_channels ? chan_partial.data() + 2 * item * channels : nullptr;
-        with_output_mask<1>(output_bits, [&](auto bits) {
-          run_best<FeatureGradChunk<scalar_t, acc_t, decltype(bits)::value>>(
-              f_ptr + offset, g_ptr + offset, a_ptr + img * channels, b_ptr + img * channels,
-              a_minus_b.data_ptr<acc_t>() + img * channels, channels, pixels, n, s_f_all + img * pixels + p0,
-              s_g_all + img * pixels + p0, s_diff_all + img * pixels + p0,
-              sgrad_f_all + img * sgrad_image_stride + p0, sgrad_g_all + img * sgrad_image_stride + p0, w,
-              output_mask[0] ? df.data_ptr<scalar_t>() + offset : nullptr,
-              output_mask[1] ? dg.data_ptr<scalar_t>() + offset : nullptr, rows.data(),
-              need_channels ? rows.data() + plan.chunk : nullptr,
-              chan, chan + (need_channels ? channels : 0));
-        });
-      }
-    });
-
-    if (need_channels) {
-      // da = w sum_p D Ŝ_f f, db = -w sum_p D Ŝ_g g: add the chunk partials in order.
-      Tensor da_acc = at::zeros({batch, channels}, a.options());
-      Tensor db_acc = at::zeros({batch, channels}, b.options());
-      acc_t* da_ptr = da_acc.data_ptr<acc_t>();
-      acc_t* db_ptr = db_acc.data_ptr<acc_t>();
-      for (int64_t item = 0; item < items; ++item) {
-        const acc_t* chan = chan_partial.data() + 2 * item * channels;
-        acc_t* da_row = da_ptr + plan.image(item) * channels;
-        acc_t* db_row = db_ptr + plan.image(item) * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          da_row[c] += chan[c];
-          db_row[c] += chan[channels + c];
-        }
-      }
-      if (output_mask[2]) da = (da_acc * w).to(a_in.scalar_type());
-      if (output_mask[3]) db = (db_acc * (-w)).to(b_in.scalar_type());
-    }
+  // dL/dD = w D; w is rounded to acc_t once, for the kernel and the channel sums alike.
+  const double w = 2.0 * scale * grad_loss.item<double>();
+  Tensor channel_sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.f.scalar_type(), "attentive_distillation_backward", [&] {
+    channel_sums = feature_grad_pass<scalar_t>(t, reads_pixel_grad, w, output_mask);
   });
-  return {df, dg, da, db};
-}
-
-void check_structured(const Tensor& v, const Tensor& a_ch, const Tensor& a_sp) {
-  TORCH_CHECK(v.dim() == 4, "v must be (B, C, H, W), got ", v.sizes());
-  TORCH_CHECK(a_ch.dim() == 2 && a_ch.size(0) == v.size(0) && a_ch.size(1) == v.size(1), "a_ch must be (B, C) = (",
-              v.size(0), ", ", v.size(1), "), got ", a_ch.sizes());
-  TORCH_CHECK(a_sp.dim() == 3 && a_sp.size(0) == v.size(0) && a_sp.size(1) == v.size(2) && a_sp.size(2) == v.size(3),
-              "a_sp must be (B, H, W) = (", v.size(0), ", ", v.size(2), ", ", v.size(3), "), got ", a_sp.sizes());
-  check_float_dtype(v, "v");
-  TORCH_CHECK(a_ch.scalar_type() == v.scalar_type() && a_sp.scalar_type() == v.scalar_type(),
-              "v, a_ch, a_sp must share one dtype");
+  // da = w sum_p D Ŝ_f f, db = -w sum_p D Ŝ_g g.
+  const int64_t channels = t.f.size(1);
+  const Tensor w_acc = at::scalar_tensor(w, t.a.options());
+  if (output_mask[2]) da = (channel_sums.narrow(1, 0, channels) * w_acc).to(a_in.scalar_type());
+  if (output_mask[3]) db = (channel_sums.narrow(1, channels, channels) * -w_acc).to(b_in.scalar_type());
+  return {t.df, t.dg, da, db};
 }
 
 Tensor structured_attention_cpu(const Tensor& v_in, const Tensor& a_ch_in, const Tensor& a_sp_in) {
-  check_structured(v_in, a_ch_in, a_sp_in);
+  attention::check_structured(v_in, a_ch_in, a_sp_in);
   const Tensor v = v_in.contiguous();
   const int64_t batch = v.size(0), channels = v.size(1), pixels = v.size(2) * v.size(3);
-  const auto acc_dtype = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = at::toOpMathType(v.scalar_type());
   const Tensor a_ch = a_ch_in.to(acc_dtype).contiguous(), a_sp = a_sp_in.to(acc_dtype).contiguous();
   Tensor out = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "structured_attention", [&] {
@@ -714,12 +637,12 @@ Tensor structured_attention_cpu(const Tensor& v_in, const Tensor& a_ch_in, const
     const acc_t* a_ch_ptr = a_ch.data_ptr<acc_t>();
     const acc_t* a_sp_ptr = a_sp.data_ptr<acc_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(pixels, 1));
-    at::parallel_for(0, batch * channels, grain, [&](int64_t first, int64_t last) {
+    // Items are (image, channel) rows: one read and one write per pixel.
+    cpu::parallel_over_items(batch * channels, 2 * pixels, [&](int64_t first, int64_t last) {
       for (int64_t row = first; row < last; ++row) {
-        run_best<StructuredForwardRow<scalar_t, acc_t>>(v_ptr + row * pixels, a_ch_ptr[row],
-                                                        a_sp_ptr + (row / channels) * pixels, pixels,
-                                                        out_ptr + row * pixels);
+        cpu::run_best<StructuredForwardRow<scalar_t, acc_t>>(v_ptr + row * pixels, a_ch_ptr[row],
+                                                             a_sp_ptr + (row / channels) * pixels, pixels,
+                                                             out_ptr + row * pixels);
       }
     });
   });
@@ -729,51 +652,38 @@ Tensor structured_attention_cpu(const Tensor& v_in, const Tensor& a_ch_in, const
 std::tuple<Tensor, Tensor, Tensor> structured_attention_backward_cpu(const Tensor& grad_out_in, const Tensor& v_in,
                                                                      const Tensor& a_ch_in, const Tensor& a_sp_in,
                                                                      std::array<bool, 3> output_mask) {
-  check_structured(v_in, a_ch_in, a_sp_in);
-  TORCH_CHECK(grad_out_in.sizes() == v_in.sizes() && grad_out_in.scalar_type() == v_in.scalar_type(),
-              "grad_out must match v in shape and dtype");
+  attention::check_structured(v_in, a_ch_in, a_sp_in);
+  attention::check_structured_grad(grad_out_in, v_in);
   const Tensor v = v_in.contiguous(), grad_out = grad_out_in.contiguous();
   const int64_t batch = v.size(0), channels = v.size(1), pixels = v.size(2) * v.size(3);
-  const auto acc_dtype = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = at::toOpMathType(v.scalar_type());
   const Tensor a_ch = a_ch_in.to(acc_dtype).contiguous(), a_sp = a_sp_in.to(acc_dtype).contiguous();
-  Tensor dv = output_mask[0] ? at::empty_like(v) : at::empty({0}, v.options());
+  Tensor dv = attention::gradient_or_empty(output_mask[0], v);
   Tensor d_ch = at::empty({0}, a_ch_in.options()), d_sp = at::empty({0}, a_sp_in.options());
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {dv, d_ch, d_sp};
 
-  const PixelChunks plan = plan_chunks(batch, pixels);
-  const int64_t items = batch * plan.per_image;
+  const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
   Tensor d_sp_acc = at::empty({batch, v.size(2), v.size(3)}, a_sp.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "structured_attention_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* go_ptr = grad_out.data_ptr<scalar_t>();
-    const scalar_t* v_ptr = v.data_ptr<scalar_t>();
-    const acc_t* a_ch_ptr = a_ch.data_ptr<acc_t>();
-    const acc_t* a_sp_ptr = a_sp.data_ptr<acc_t>();
-    acc_t* d_sp_ptr = d_sp_acc.data_ptr<acc_t>();
     const int64_t image_size = channels * pixels;
-    std::vector<acc_t> chan_partial(items * channels);
-    at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
-      std::vector<acc_t> row(plan.chunk);
-      std::vector<scalar_t> discard(output_mask[0] ? 0 : plan.chunk);
+    std::vector<acc_t> chan_partial(plan.items * channels);
+    cpu::parallel_over_items(plan.items, 3 * channels * plan.tile, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> row(plan.tile);
+      std::vector<scalar_t> discard(output_mask[0] ? 0 : plan.tile);
       for (int64_t item = first; item < last; ++item) {
         const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
         const int64_t offset = img * image_size + p0;
         scalar_t* dv0 = output_mask[0] ? dv.data_ptr<scalar_t>() + offset : discard.data();
-        run_best<StructuredBackwardChunk<scalar_t, acc_t>>(
-            go_ptr + offset, v_ptr + offset, a_ch_ptr + img * channels, a_sp_ptr + img * pixels + p0, channels,
-            pixels, n, dv0, output_mask[0] ? pixels : int64_t(0), d_sp_ptr + img * pixels + p0, row.data(),
-            chan_partial.data() + item * channels);
+        cpu::run_best<StructuredBackwardTile<scalar_t, acc_t>>(
+            grad_out.data_ptr<scalar_t>() + offset, v.data_ptr<scalar_t>() + offset,
+            a_ch.data_ptr<acc_t>() + img * channels, a_sp.data_ptr<acc_t>() + img * pixels + p0, channels, pixels,
+            n, dv0, output_mask[0] ? pixels : int64_t(0), d_sp_acc.data_ptr<acc_t>() + img * pixels + p0,
+            row.data(), chan_partial.data() + item * channels);
       }
     });
     if (output_mask[1]) {
-      Tensor d_ch_acc = at::zeros({batch, channels}, a_ch.options());
-      acc_t* d_ch_ptr = d_ch_acc.data_ptr<acc_t>();
-      for (int64_t item = 0; item < items; ++item) {
-        acc_t* out = d_ch_ptr + plan.image(item) * channels;
-        const acc_t* chan = chan_partial.data() + item * channels;
-        for (int64_t c = 0; c < channels; ++c) out[c] += chan[c];
-      }
-      d_ch = d_ch_acc.to(a_ch_in.scalar_type());
+      d_ch = sum_tile_partials(plan, chan_partial, batch, channels, a_ch.options()).to(a_ch_in.scalar_type());
     }
   });
   if (output_mask[2]) d_sp = d_sp_acc.to(a_sp_in.scalar_type());

@@ -9,8 +9,9 @@
 // (a few arrays of kTile values) live in L1. A tile's C*kTile logits (42 KiB at C=21, 300 KiB at
 // C=151 in float32) stay in L1/L2 between the two passes below, so each logit is fetched from
 // memory once. Each channel pass also prefetches the next tile's row (see prefetch_next_tile).
-// Threads take chunks of tiles from a shared counter (for_each_tile_chunk); per-tile partial sums
-// are kept in double and added up in tile order afterwards, so results do not depend on threading.
+// Tiles are fixed (cpu::plan_tiles with kTiles) and run on cpu::parallel_over_items; per-tile
+// partial sums are kept in double and added up in tile order afterwards, so results depend neither
+// on the schedule nor on the thread count.
 //
 // Forward, per tile:
 //   pass 1  maxima: max_old over [0, Co), max_new over [Co, C), max_y of alpha*y over [0, Co).
@@ -31,169 +32,39 @@
 // direct form computes only the exponentials the modes need (template flags kOld, kBg, kTeacher).
 //
 // Vectorisation. The hot loops are plain C++ over the tile's pixels calling inline functions,
-// and exp is logit_math.h's polynomial, so GCC vectorises them at -O3 without -ffast-math. They
-// are compiled three times, for baseline x86-64, AVX2+FMA and AVX-512 (GCC target attributes),
-// and the widest the CPU supports runs (__builtin_cpu_supports); no -march flag is needed.
-// The environment variable INCSEG_CPU_ISA=baseline|avx2 (read once) caps the choice, for tests.
+// and exp is logit_math.h's polynomial, so GCC vectorises them at -O3 without -ffast-math. Each
+// tile loop is a kernel struct that cpu::run_best compiles for baseline x86-64, AVX2 and AVX-512
+// (cpu/toolkit.h; INCSEG_CPU_ISA caps the choice). Host-side checks and shapes: common/logit_host.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "common/logit_host.h"
 #include "common/logit_math.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LOGIT_X86_VARIANTS 1
-#define LOGIT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define LOGIT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define LOGIT_X86_VARIANTS 0
-#endif
-#if defined(__GNUC__)
-#define LOGIT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define LOGIT_ALWAYS_INLINE inline
-#endif
+#include "cpu/toolkit.h"
 
 namespace incseg {
 namespace {
 
+using cpu::acc_type;
+using cpu::load;
+using cpu::to_storage;
 using logit::CeMode;
+using logit::Inputs;
 using logit::KdMode;
 using logit::Reduction;
 
 // Pixels per tile: 2 KiB channel rows (float32) give the memory system runs long enough to stream,
 // while the dozen per-pixel arrays of a tile (24 KiB) still sit in L1 and the tile itself in L2.
+// Every tile but an image's last has exactly kTile pixels (prefetch_next_tile relies on it).
 constexpr int64_t kTile = 512;
-
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kBaseline;
-#if LOGIT_X86_VARIANTS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      best = Isa::kAvx512;
-    }
-#endif
-    if (const char* cap = std::getenv("INCSEG_CPU_ISA")) {
-      if (std::strcmp(cap, "baseline") == 0) best = Isa::kBaseline;
-      if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
-    }
-    return best;
-  }();
-  return isa;
-}
-
-CeMode parse_ce(c10::string_view s) {
-  if (s == "unbiased") return CeMode::kUnbiased;
-  if (s == "plain") return CeMode::kPlain;
-  if (s == "none") return CeMode::kNone;
-  TORCH_CHECK_VALUE(false, "ce must be one of 'unbiased', 'plain', 'none', got '", s, "'");
-}
-
-KdMode parse_kd(c10::string_view s) {
-  if (s == "unbiased") return KdMode::kUnbiased;
-  if (s == "balanced") return KdMode::kBalanced;
-  if (s == "plain") return KdMode::kPlain;
-  if (s == "none") return KdMode::kNone;
-  TORCH_CHECK_VALUE(false, "kd must be one of 'unbiased', 'balanced', 'plain', 'none', got '", s, "'");
-}
-
-Reduction parse_reduction(c10::string_view s) {
-  if (s == "mean") return Reduction::kMean;
-  if (s == "sum") return Reduction::kSum;
-  if (s == "none") return Reduction::kNone;
-  TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", s, "'");
-}
-
-// The checked, contiguous inputs of either op.
-struct Inputs {
-  at::Tensor x, target, y, gamma, mask;
-  int64_t B = 0, C = 0, Co = 0, HW = 0;
-  CeMode ce = CeMode::kNone;
-  KdMode kd = KdMode::kNone;
-  Reduction reduction = Reduction::kMean;
-  at::ScalarType acc_dtype = at::kFloat;
-};
-
-Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
-                    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
-                    c10::string_view ce, c10::string_view kd, c10::string_view reduction) {
-  Inputs in;
-  in.ce = parse_ce(ce);
-  in.kd = parse_kd(kd);
-  in.reduction = parse_reduction(reduction);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be (B, C, H, W), got ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                   "x must be float16, bfloat16, float32 or float64, got ", dt);
-  in.acc_dtype = dt == at::kDouble ? at::kDouble : at::kFloat;
-  in.B = x.size(0);
-  in.C = x.size(1);
-  in.HW = x.size(2) * x.size(3);
-  in.Co = old_classes;
-  TORCH_CHECK_VALUE(1 <= old_classes && old_classes <= in.C, "old_classes must be in [1, C=", in.C, "], got ",
-                    old_classes);
-  const auto pixel_shape = std::vector<int64_t>{in.B, x.size(2), x.size(3)};
-  in.x = x.contiguous();
-  if (in.ce != CeMode::kNone) {
-    TORCH_CHECK_VALUE(target.has_value(), "target is required when ce != 'none'");
-    const auto lt = target->scalar_type();
-    TORCH_CHECK_TYPE(lt == at::kLong || lt == at::kInt || lt == at::kByte, "target must be int64, int32 or uint8, got ",
-                     lt);
-    TORCH_CHECK_VALUE(target->sizes() == at::IntArrayRef(pixel_shape), "target must be (B, H, W) = ",
-                      at::IntArrayRef(pixel_shape), ", got ", target->sizes());
-    TORCH_CHECK_VALUE(target->device() == x.device(), "target must be on x's device");
-    in.target = target->contiguous();
-  }
-  if (in.kd != KdMode::kNone) {
-    TORCH_CHECK_VALUE(y.has_value(), "y is required when kd != 'none'");
-    TORCH_CHECK_VALUE(y->dim() == 4 && y->size(0) == in.B && y->size(1) == old_classes && y->size(2) == x.size(2) &&
-                          y->size(3) == x.size(3),
-                      "y must be (B, old_classes, H, W) = (", in.B, ", ", old_classes, ", ", x.size(2), ", ",
-                      x.size(3), "), got ", y->sizes());
-    TORCH_CHECK_TYPE(y->scalar_type() == dt, "y must have x's dtype ", dt, ", got ", y->scalar_type());
-    TORCH_CHECK_VALUE(y->device() == x.device(), "y must be on x's device");
-    in.y = y->contiguous();
-    if (mask.has_value()) {
-      TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(pixel_shape), "mask must be (B, H, W) = ",
-                        at::IntArrayRef(pixel_shape), ", got ", mask->sizes());
-      TORCH_CHECK_TYPE(at::isFloatingType(mask->scalar_type()), "mask must be floating, got ", mask->scalar_type());
-      TORCH_CHECK_VALUE(mask->device() == x.device(), "mask must be on x's device");
-      in.mask = mask->to(in.acc_dtype).contiguous();
-    }
-  }
-  if (in.kd == KdMode::kBalanced) {
-    TORCH_CHECK_VALUE(gamma.has_value(), "gamma is required when kd == 'balanced'");
-    TORCH_CHECK_VALUE(gamma->dim() == 1 && gamma->size(0) == in.B, "gamma must be (B,) = (", in.B, "), got ",
-                      gamma->sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(gamma->scalar_type()), "gamma must be floating, got ", gamma->scalar_type());
-    TORCH_CHECK_VALUE(gamma->device() == x.device(), "gamma must be on x's device");
-    in.gamma = gamma->to(in.acc_dtype).contiguous();
-  }
-  return in;
-}
+constexpr cpu::TilePolicy kTiles{kTile, kTile, kTile};
 
 // Labels of one tile as int64, whatever the stored label dtype (per pixel, not per logit).
 void read_labels(const at::Tensor& target, int64_t offset, int64_t n, int64_t* out) {
@@ -228,7 +99,7 @@ inline void check_label(int64_t t, int64_t C) {
 // hardware prefetcher barely learns; every pass over a channel row therefore also prefetches the
 // same row of the next tile (the kTile values right after it). Prefetches never fault.
 template <typename T>
-LOGIT_ALWAYS_INLINE void prefetch_next_tile(const T* row, bool for_write = false) {
+INCSEG_FORCE_INLINE void prefetch_next_tile(const T* row, bool for_write = false) {
 #if defined(__GNUC__)
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t i = kTile; i < 2 * kTile; i += kLine) {
@@ -241,63 +112,10 @@ LOGIT_ALWAYS_INLINE void prefetch_next_tile(const T* row, bool for_write = false
 #endif
 }
 
-LOGIT_ALWAYS_INLINE uint32_t float_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
-LOGIT_ALWAYS_INLINE float bits_float(uint32_t b) {
-  float v;
-  std::memcpy(&v, &b, sizeof(v));
-  return v;
-}
-
-// float16 <-> float32 with integer selects only: c10::Half's conversions branch, which keeps the
-// loops that load or store float16 from vectorising. Round to nearest even, like c10.
-LOGIT_ALWAYS_INLINE float half_to_float(uint16_t h) {
-  const uint32_t magnitude = h & 0x7fffu;
-  // Rebias the exponent by a multiply (handles subnormals), then force inf/NaN's exponent.
-  float v = bits_float(magnitude << 13) * bits_float((254u - 15u) << 23);
-  uint32_t b = float_bits(v) | (magnitude >= 0x7c00u ? 0x7f800000u : 0u);
-  return bits_float(b | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-LOGIT_ALWAYS_INLINE uint16_t float_to_half(float v) {
-  const uint32_t b = float_bits(v);
-  const uint32_t sign = (b & 0x80000000u) >> 16;
-  const uint32_t a = b & 0x7fffffffu;  // |v|
-  // Subnormal half: adding 0.5 (2^-1) aligns the 10 result bits at the bottom, rounding RNE.
-  const float denorm_magic = bits_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
-  const uint32_t subnormal = float_bits(bits_float(a) + denorm_magic) - float_bits(denorm_magic);
-  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
-  uint32_t out = a < (113u << 23) ? subnormal : normal;
-  out = a >= ((127u + 16u) << 23) ? special : out;
-  return static_cast<uint16_t>(out | sign);
-}
-
-template <typename acc_t, typename scalar_t>
-LOGIT_ALWAYS_INLINE acc_t load(const scalar_t* p, int64_t i) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return half_to_float(p[i].x);
-  } else {
-    return static_cast<acc_t>(p[i]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-LOGIT_ALWAYS_INLINE scalar_t to_storage(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return c10::Half(float_to_half(v), c10::Half::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
 // a == b ? v : 0 by masking v's bits: GCC turns a select (or a bool-to-float factor) feeding
 // float arithmetic into a branch it then will not vectorise under -ftrapping-math.
 template <typename T>
-LOGIT_ALWAYS_INLINE T keep_if_equal(int32_t a, int32_t b, T v) {
+INCSEG_FORCE_INLINE T keep_if_equal(int32_t a, int32_t b, T v) {
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   Bits bits;
   std::memcpy(&bits, &v, sizeof(bits));
@@ -312,7 +130,7 @@ LOGIT_ALWAYS_INLINE T keep_if_equal(int32_t a, int32_t b, T v) {
 
 template <typename scalar_t>
 struct FwdArgs {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   const Inputs* in;
   const scalar_t* x;
   const scalar_t* y;
@@ -320,7 +138,7 @@ struct FwdArgs {
   const acc_t* mask;
   acc_t alpha;
   int64_t ignore_index;
-  int64_t tiles_per_image;
+  cpu::TilePlan plan;
   acc_t* stats;
   acc_t* ce_map;  // per-pixel losses for reduction "none", else null
   acc_t* kd_map;
@@ -330,13 +148,11 @@ struct FwdArgs {
 };
 
 template <typename scalar_t, bool kWithKd>
-LOGIT_ALWAYS_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
-  using acc_t = typename AccType<scalar_t>::type;
+INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
+  using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const int64_t C = in.C, Co = in.Co, HW = in.HW;
-  const int64_t b = tile / a.tiles_per_image;
-  const int64_t p0 = (tile % a.tiles_per_image) * kTile;
-  const int64_t n = std::min(kTile, HW - p0);
+  const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile), n = a.plan.length(tile);
   const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
   const scalar_t* __restrict__ yb = kWithKd ? a.y + b * Co * HW + p0 : nullptr;
   const acc_t alpha = a.alpha;
@@ -498,82 +314,24 @@ LOGIT_ALWAYS_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
 }
 
 template <typename scalar_t, bool kWithKd>
-LOGIT_ALWAYS_INLINE void forward_tiles(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  for (int64_t tile = begin; tile < end; ++tile) forward_tile<scalar_t, kWithKd>(a, tile);
-}
-
-template <typename scalar_t, bool kWithKd>
-void forward_tiles_baseline(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_tiles<scalar_t, kWithKd>(a, begin, end);
-}
-#if LOGIT_X86_VARIANTS
-template <typename scalar_t, bool kWithKd>
-LOGIT_TARGET_AVX2 void forward_tiles_avx2(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_tiles<scalar_t, kWithKd>(a, begin, end);
-}
-template <typename scalar_t, bool kWithKd>
-LOGIT_TARGET_AVX512 void forward_tiles_avx512(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_tiles<scalar_t, kWithKd>(a, begin, end);
-}
-#endif
-
-template <typename scalar_t, bool kWithKd>
-auto forward_variant() -> void (*)(const FwdArgs<scalar_t>&, int64_t, int64_t) {
-#if LOGIT_X86_VARIANTS
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return &forward_tiles_avx512<scalar_t, kWithKd>;
-    case Isa::kAvx2:
-      return &forward_tiles_avx2<scalar_t, kWithKd>;
-    default:
-      break;
+struct ForwardTiles {
+  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) forward_tile<scalar_t, kWithKd>(a, tile);
   }
-#endif
-  return &forward_tiles_baseline<scalar_t, kWithKd>;
-}
-
-// Runs run_tiles(begin, end) over [0, num_tiles) on the intra-op threads. Threads take chunks of
-// tiles from a shared counter instead of one fixed share each: on cores shared with other jobs a
-// descheduled thread then delays the op by one chunk, not by half of it. Each tile writes only
-// its own outputs, so the results do not depend on which thread ran it.
-template <typename F>
-void for_each_tile_chunk(int64_t num_tiles, int64_t channels, const F& run_tiles) {
-  // A chunk holds at least ~64k logits, so small inputs stay on one thread.
-  const int64_t chunk = std::max<int64_t>(1, 65536 / (channels * kTile));
-  const int64_t num_chunks = (num_tiles + chunk - 1) / chunk;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
-  if (workers <= 1) {
-    run_tiles(int64_t(0), num_tiles);
-    return;
-  }
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next_chunk.fetch_add(1); i < num_chunks; i = next_chunk.fetch_add(1)) {
-      run_tiles(i * chunk, std::min(num_tiles, (i + 1) * chunk));
-    }
-  });
-}
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
     c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
-  const auto acc_opts = x.options().dtype(in.acc_dtype);
-  at::Tensor stats = at::empty({in.B, logit::kNumStats, x.size(2), x.size(3)}, acc_opts);
-  const bool per_pixel = in.reduction == Reduction::kNone;
-  at::Tensor ce_map, kd_map;
-  if (per_pixel) {
-    ce_map = at::empty({in.B, x.size(2), x.size(3)}, acc_opts);
-    kd_map = at::empty({in.B, x.size(2), x.size(3)}, acc_opts);
-  }
-  const int64_t tiles_per_image = (in.HW + kTile - 1) / kTile;
-  const int64_t num_tiles = in.B * tiles_per_image;
-  std::vector<double> tile_ce(num_tiles), tile_kd(num_tiles);
-  std::vector<int64_t> tile_valid(num_tiles);
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  const logit::ForwardTensors out = logit::allocate_forward_outputs(in);
+  const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
+  std::vector<double> tile_ce(plan.items), tile_kd(plan.items);
+  std::vector<int64_t> tile_valid(plan.items);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd_cpu", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = acc_type<scalar_t>;
     FwdArgs<scalar_t> a;
     a.in = &in;
     a.x = in.x.const_data_ptr<scalar_t>();
@@ -582,31 +340,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
     a.alpha = static_cast<acc_t>(alpha);
     a.ignore_index = ignore_index;
-    a.tiles_per_image = tiles_per_image;
-    a.stats = stats.mutable_data_ptr<acc_t>();
-    a.ce_map = per_pixel ? ce_map.mutable_data_ptr<acc_t>() : nullptr;
-    a.kd_map = per_pixel ? kd_map.mutable_data_ptr<acc_t>() : nullptr;
+    a.plan = plan;
+    a.stats = out.stats.mutable_data_ptr<acc_t>();
+    a.ce_map = out.ce_map.defined() ? out.ce_map.mutable_data_ptr<acc_t>() : nullptr;
+    a.kd_map = out.kd_map.defined() ? out.kd_map.mutable_data_ptr<acc_t>() : nullptr;
     a.tile_ce = tile_ce.data();
     a.tile_kd = tile_kd.data();
     a.tile_valid = tile_valid.data();
-    const auto run = in.kd != KdMode::kNone ? forward_variant<scalar_t, true>() : forward_variant<scalar_t, false>();
-    for_each_tile_chunk(num_tiles, in.C + in.Co, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+    cpu::parallel_over_items(plan.items, (in.C + in.Co) * plan.tile, [&](int64_t begin, int64_t end) {
+      if (in.kd != KdMode::kNone) {
+        cpu::run_best<ForwardTiles<scalar_t, true>>(a, begin, end);
+      } else {
+        cpu::run_best<ForwardTiles<scalar_t, false>>(a, begin, end);
+      }
+    });
   });
 
   double ce_total = 0.0, kd_total = 0.0;
   int64_t valid = 0;
-  for (int64_t i = 0; i < num_tiles; ++i) {
+  for (int64_t i = 0; i < plan.items; ++i) {
     ce_total += tile_ce[i];
     kd_total += tile_kd[i];
     valid += tile_valid[i];
   }
   at::Tensor valid_count = at::scalar_tensor(valid, x.options().dtype(at::kLong));
-  if (per_pixel) return {ce_map, kd_map, stats, valid_count};
-  if (in.reduction == Reduction::kMean) {
-    ce_total = valid > 0 ? ce_total / static_cast<double>(valid) : 0.0;
-    kd_total = kd_total / static_cast<double>(in.B * in.HW);
-  }
-  return {at::scalar_tensor(ce_total, acc_opts), at::scalar_tensor(kd_total, acc_opts), stats, valid_count};
+  if (in.reduction == Reduction::kNone) return {out.ce_map, out.kd_map, out.stats, valid_count};
+  if (in.reduction == Reduction::kMean) ce_total *= logit::ce_mean_scale<double>(valid);
+  kd_total *= logit::kd_scale(in);
+  const auto acc_options = x.options().dtype(in.acc_dtype);
+  return {at::scalar_tensor(ce_total, acc_options), at::scalar_tensor(kd_total, acc_options), out.stats, valid_count};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -615,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
 
 template <typename scalar_t>
 struct BwdArgs {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   const Inputs* in;
   const scalar_t* x;
   const scalar_t* y;
@@ -628,14 +390,14 @@ struct BwdArgs {
   int64_t grad_kd_stride;
   acc_t alpha;
   int64_t ignore_index;
-  int64_t tiles_per_image;
+  cpu::TilePlan plan;
   scalar_t* grad_x;
 };
 
 // What the channel passes of one backward tile read: the tile's rows and its per-pixel arrays.
 template <typename scalar_t>
 struct BwdTileView {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   const scalar_t* xb;
   const scalar_t* yb;
   scalar_t* gb;
@@ -650,8 +412,8 @@ struct BwdTileView {
 // dL/dx_c at pixel p of a tile (see logit_math.h grad_coefs / logit_grad). Direct form: the
 // old-set and background-set exponentials computed from x; factored form: folded into
 // factored_full (the coefficient of p_c for this channel's range).
-template <bool kFactored, bool kOld, bool kBg, typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
-LOGIT_ALWAYS_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p, acc_t xv, acc_t q, bool in_old,
+template <bool kFactored, bool kOld, bool kBg, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+INCSEG_FORCE_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p, acc_t xv, acc_t q, bool in_old,
                                        bool in_bg, int32_t c, const acc_t* __restrict__ factored_full) {
   const acc_t p_full = logit::lm_exp(xv - v.lse[p]);
   acc_t g;
@@ -669,8 +431,8 @@ LOGIT_ALWAYS_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p
 // One pass over the tile's channels writing dL/dx: channel 0, the old channels [1, Co) (with the
 // teacher term), the new channels [Co, C).
 template <bool kFactored, bool kOld, bool kBg, bool kTeacher, typename scalar_t>
-LOGIT_ALWAYS_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
-  using acc_t = typename AccType<scalar_t>::type;
+INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t n = v.n, HW = v.HW;
   const acc_t* __restrict__ lse_q = v.lse_q;
   const acc_t* __restrict__ extra0 = v.extra0;
@@ -715,13 +477,11 @@ LOGIT_ALWAYS_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
 }
 
 template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-LOGIT_ALWAYS_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
-  using acc_t = typename AccType<scalar_t>::type;
+INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
+  using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const int64_t C = in.C, Co = in.Co, HW = in.HW;
-  const int64_t b = tile / a.tiles_per_image;
-  const int64_t p0 = (tile % a.tiles_per_image) * kTile;
-  const int64_t n = std::min(kTile, HW - p0);
+  const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile), n = a.plan.length(tile);
   const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
   const scalar_t* __restrict__ yb = kTeacher ? a.y + b * Co * HW + p0 : nullptr;
   scalar_t* __restrict__ gb = a.grad_x + b * C * HW + p0;
@@ -807,52 +567,26 @@ LOGIT_ALWAYS_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
 }
 
 template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-LOGIT_ALWAYS_INLINE void backward_tiles(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, kOld, kBg, kTeacher>(a, tile);
-}
-
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-void backward_tiles_baseline(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
-}
-#if LOGIT_X86_VARIANTS
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-LOGIT_TARGET_AVX2 void backward_tiles_avx2(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
-}
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-LOGIT_TARGET_AVX512 void backward_tiles_avx512(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  backward_tiles<scalar_t, kOld, kBg, kTeacher>(a, begin, end);
-}
-#endif
-
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-auto backward_variant() -> void (*)(const BwdArgs<scalar_t>&, int64_t, int64_t) {
-#if LOGIT_X86_VARIANTS
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return &backward_tiles_avx512<scalar_t, kOld, kBg, kTeacher>;
-    case Isa::kAvx2:
-      return &backward_tiles_avx2<scalar_t, kOld, kBg, kTeacher>;
-    default:
-      break;
+struct BackwardTiles {
+  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, kOld, kBg, kTeacher>(a, tile);
   }
-#endif
-  return &backward_tiles_baseline<scalar_t, kOld, kBg, kTeacher>;
-}
+};
 
-// The exponential families the modes need (see grad_coefs): exp(x - lse_old) for unbiased CE
-// and plain KD, exp(x - lse_bg) and q for unbiased/balanced KD, q for plain KD.
+// The tiles [begin, end) with the exponential families the modes need (see grad_coefs):
+// exp(x - lse_old) for unbiased CE and plain KD, exp(x - lse_bg) and q for unbiased/balanced KD,
+// q for plain KD.
 template <typename scalar_t>
-auto pick_backward(const Inputs& in) -> void (*)(const BwdArgs<scalar_t>&, int64_t, int64_t) {
+void run_backward_tiles(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  const Inputs& in = *a.in;
   const bool old_set = in.ce == CeMode::kUnbiased || in.kd == KdMode::kPlain;
   const bool bg_set = in.kd == KdMode::kUnbiased || in.kd == KdMode::kBalanced;
   const bool teacher = in.kd != KdMode::kNone;
-  if (bg_set) {
-    return old_set ? backward_variant<scalar_t, true, true, true>() : backward_variant<scalar_t, false, true, true>();
-  }
-  if (teacher) return backward_variant<scalar_t, true, false, true>();  // plain KD (always with old_set)
-  return old_set ? backward_variant<scalar_t, true, false, false>() : backward_variant<scalar_t, false, false, false>();
+  if (bg_set && old_set) return cpu::run_best<BackwardTiles<scalar_t, true, true, true>>(a, begin, end);
+  if (bg_set) return cpu::run_best<BackwardTiles<scalar_t, false, true, true>>(a, begin, end);
+  if (teacher) return cpu::run_best<BackwardTiles<scalar_t, true, false, true>>(a, begin, end);  // plain KD
+  if (old_set) return cpu::run_best<BackwardTiles<scalar_t, true, false, false>>(a, begin, end);
+  cpu::run_best<BackwardTiles<scalar_t, false, false, false>>(a, begin, end);
 }
 
 at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
@@ -861,35 +595,21 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
                                 const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                                 c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
                                 c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+  logit::check_backward(in, grad_ce, grad_kd, stats, valid_count);
   const bool per_pixel = in.reduction == Reduction::kNone;
-  const std::vector<int64_t> loss_shape =
-      per_pixel ? std::vector<int64_t>{in.B, x.size(2), x.size(3)} : std::vector<int64_t>{};
-  TORCH_CHECK_VALUE(grad_ce.sizes() == at::IntArrayRef(loss_shape) && grad_kd.sizes() == at::IntArrayRef(loss_shape),
-                    "grad_ce and grad_kd must have the loss shape ", at::IntArrayRef(loss_shape), ", got ",
-                    grad_ce.sizes(), " and ", grad_kd.sizes());
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({in.B, logit::kNumStats, x.size(2), x.size(3)}) &&
-                        stats.scalar_type() == in.acc_dtype,
-                    "stats must be the (B, ", logit::kNumStats, ", H, W) ", in.acc_dtype,
-                    " statistics saved by logit_losses_fwd, got ", stats.sizes(), " ", stats.scalar_type());
-  TORCH_CHECK_VALUE(valid_count.numel() == 1, "valid_count must be the scalar saved by logit_losses_fwd");
-
-  double ce_scale = 1.0, kd_scale = 1.0;
-  if (in.reduction == Reduction::kMean) {
-    const int64_t valid = valid_count.item<int64_t>();
-    ce_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
-    kd_scale = 1.0 / static_cast<double>(in.B * in.HW);
-  }
+  // The CPU may read valid_count on the host (a device backend must not: see logit_host.h).
+  const double ce_scale =
+      in.reduction == Reduction::kMean ? logit::ce_mean_scale<double>(valid_count.item<int64_t>()) : 1.0;
   // Upstream gradients are per-pixel sized at most; scaling them here keeps the kernel's loop simple.
   const at::Tensor g_ce = (grad_ce.to(in.acc_dtype) * ce_scale).contiguous();
-  const at::Tensor g_kd = (grad_kd.to(in.acc_dtype) * kd_scale).contiguous();
+  const at::Tensor g_kd = (grad_kd.to(in.acc_dtype) * logit::kd_scale(in)).contiguous();
   const at::Tensor stats_c = stats.contiguous();
   at::Tensor grad_x = at::empty_like(in.x, at::MemoryFormat::Contiguous);
-  const int64_t tiles_per_image = (in.HW + kTile - 1) / kTile;
-  const int64_t num_tiles = in.B * tiles_per_image;
+  const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd_cpu", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = acc_type<scalar_t>;
     if (in.ce == CeMode::kNone && in.kd == KdMode::kNone) {
       grad_x.zero_();
       return;
@@ -907,10 +627,10 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
     a.grad_kd_stride = per_pixel ? 1 : 0;
     a.alpha = static_cast<acc_t>(alpha);
     a.ignore_index = ignore_index;
-    a.tiles_per_image = tiles_per_image;
+    a.plan = plan;
     a.grad_x = grad_x.mutable_data_ptr<scalar_t>();
-    const auto run = pick_backward<scalar_t>(in);
-    for_each_tile_chunk(num_tiles, in.C + in.Co, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+    cpu::parallel_over_items(plan.items, (in.C + in.Co) * plan.tile,
+                             [&](int64_t begin, int64_t end) { run_backward_tiles(a, begin, end); });
   });
   return grad_x;
 }

@@ -1,0 +1,244 @@
+#pragma once
+// What every CPU kernel file shares: ISA dispatch of hot loops, the accumulation type, float16
+// loads and stores that vectorise, and the tiling of images into work items with a deterministic
+// parallel loop over them. CPU only (OpenMP-backed at::parallel_for); device glue must not include it.
+//
+// ISA dispatch. A hot loop is a struct with a static INCSEG_FORCE_INLINE `run`; run_best<Kernel>(...)
+// calls it through one of three copies compiled with GCC target attributes (baseline x86-64,
+// AVX2+FMA+F16C, AVX-512), picking the widest the CPU supports, so no -march flag is needed and one
+// binary runs everywhere. Non-x86 or non-GCC builds get the baseline copy only. The environment
+// variable INCSEG_CPU_ISA=baseline|avx2|avx512 (read once per process) caps the choice, so tests
+// can check every copy on one machine.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+// GCC only vectorises a loop whose calls were all inlined, and a kernel's `run` must be inlined
+// into each ISA copy to be compiled for that ISA.
+#if defined(__GNUC__)
+#define INCSEG_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define INCSEG_FORCE_INLINE inline
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define INCSEG_CPU_X86_COPIES 1
+#define INCSEG_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define INCSEG_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define INCSEG_CPU_X86_COPIES 0
+#endif
+
+namespace incseg {
+namespace cpu {
+
+// ------------------------------------------------------------------------------------------------
+// ISA dispatch
+// ------------------------------------------------------------------------------------------------
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa widest_supported_isa() {
+  Isa best = Isa::kBaseline;
+#if INCSEG_CPU_X86_COPIES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    best = Isa::kAvx2;
+  }
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    best = Isa::kAvx512;
+  }
+#endif
+  return best;
+}
+
+// INCSEG_CPU_ISA as an upper bound; unset or empty means no cap.
+inline Isa isa_cap_from_environment() {
+  const char* value = std::getenv("INCSEG_CPU_ISA");
+  const std::string_view cap = value != nullptr ? value : "";
+  if (cap.empty() || cap == "avx512") return Isa::kAvx512;
+  if (cap == "avx2") return Isa::kAvx2;
+  if (cap == "baseline") return Isa::kBaseline;
+  TORCH_CHECK_VALUE(false, "INCSEG_CPU_ISA must be 'baseline', 'avx2' or 'avx512' (or unset), got '", cap, "'");
+}
+
+// Detected once per process (an inline function's static is one object across translation units).
+inline Isa active_isa() {
+  static const Isa isa = std::min(widest_supported_isa(), isa_cap_from_environment());
+  return isa;
+}
+
+template <typename Kernel, typename... Args>
+void run_baseline(Args&&... args) {
+  Kernel::run(std::forward<Args>(args)...);
+}
+#if INCSEG_CPU_X86_COPIES
+template <typename Kernel, typename... Args>
+INCSEG_TARGET_AVX2 void run_avx2(Args&&... args) {
+  Kernel::run(std::forward<Args>(args)...);
+}
+template <typename Kernel, typename... Args>
+INCSEG_TARGET_AVX512 void run_avx512(Args&&... args) {
+  Kernel::run(std::forward<Args>(args)...);
+}
+#endif
+
+// Kernel::run(args...) compiled for the active ISA. Call it once per work item or chunk of items,
+// not per pixel: the switch is cheap, but it is a call the vectoriser cannot see through.
+template <typename Kernel, typename... Args>
+void run_best(Args&&... args) {
+#if INCSEG_CPU_X86_COPIES
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return run_avx512<Kernel>(std::forward<Args>(args)...);
+    case Isa::kAvx2:
+      return run_avx2<Kernel>(std::forward<Args>(args)...);
+    case Isa::kBaseline:
+      break;
+  }
+#endif
+  run_baseline<Kernel>(std::forward<Args>(args)...);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Accumulation type and element loads/stores
+// ------------------------------------------------------------------------------------------------
+
+// float for float16, bfloat16 and float32; double for float64.
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+INCSEG_FORCE_INLINE uint32_t float_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+INCSEG_FORCE_INLINE float bits_float(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// float16 <-> float32 with integer selects only: c10::Half's conversions branch, which keeps the
+// loops that load or store float16 from vectorising. Round to nearest even, like c10.
+INCSEG_FORCE_INLINE float half_to_float(uint16_t h) {
+  const uint32_t magnitude = h & 0x7fffu;
+  // Rebias the exponent by a multiply (handles subnormals), then force inf/NaN's exponent.
+  const float v = bits_float(magnitude << 13) * bits_float((254u - 15u) << 23);
+  const uint32_t b = float_bits(v) | (magnitude >= 0x7c00u ? 0x7f800000u : 0u);
+  return bits_float(b | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+INCSEG_FORCE_INLINE uint16_t float_to_half(float v) {
+  const uint32_t b = float_bits(v);
+  const uint32_t sign = (b & 0x80000000u) >> 16;
+  const uint32_t a = b & 0x7fffffffu;  // |v|
+  // Subnormal half: adding 0.5 (2^-1) aligns the 10 result bits at the bottom, rounding RNE.
+  const float denorm_magic = bits_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const uint32_t subnormal = float_bits(bits_float(a) + denorm_magic) - float_bits(denorm_magic);
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
+  uint32_t out = a < (113u << 23) ? subnormal : normal;
+  out = a >= ((127u + 16u) << 23) ? special : out;
+  return static_cast<uint16_t>(out | sign);
+}
+
+// p[i] as acc_t; every kernel loads stored elements through this.
+template <typename acc_t, typename scalar_t>
+INCSEG_FORCE_INLINE acc_t load(const scalar_t* p, int64_t i) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return static_cast<acc_t>(half_to_float(p[i].x));
+  } else {
+    return static_cast<acc_t>(p[i]);
+  }
+}
+
+// v rounded to the storage type; every kernel stores elements through this.
+template <typename scalar_t, typename acc_t>
+INCSEG_FORCE_INLINE scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(float_to_half(static_cast<float>(v)), c10::Half::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tiles and the parallel loop
+// ------------------------------------------------------------------------------------------------
+
+// Kernels put the channel loop outside a loop over a tile of contiguous pixels of one image: the
+// pixel loop vectorises and the tile's per-pixel accumulators stay in L1. How a kernel family
+// cuts images into tiles:
+struct TilePolicy {
+  int64_t max_pixels;  // per tile
+  int64_t min_pixels;  // when there are fewer tiles than threads, images are cut down to this size
+  int64_t align;       // tile sizes are multiples of this
+};
+
+// Work items: (image, tile), image-major. The last tile of an image may be shorter.
+struct TilePlan {
+  int64_t pixels = 0;  // per image
+  int64_t tile = 0;    // pixels per tile
+  int64_t tiles_per_image = 0;
+  int64_t items = 0;
+  int64_t image(int64_t item) const { return item / tiles_per_image; }
+  int64_t begin(int64_t item) const { return (item % tiles_per_image) * tile; }
+  int64_t length(int64_t item) const { return std::min(tile, pixels - begin(item)); }
+};
+
+// Tiles as even as `align` allows, at most policy.max_pixels each. Cutting finer for idle threads
+// makes tile boundaries, and so the grouping of per-tile partial sums, depend on the thread count;
+// min_pixels == max_pixels (with align == max_pixels: fixed tiles) keeps results independent of it.
+inline TilePlan plan_tiles(int64_t batch, int64_t pixels, const TilePolicy& policy) {
+  TilePlan plan;
+  plan.pixels = pixels;
+  if (batch == 0 || pixels == 0) return plan;  // no work items
+  int64_t per_image = (pixels + policy.max_pixels - 1) / policy.max_pixels;
+  const int64_t threads = at::get_num_threads();
+  while (batch * per_image < threads && pixels / (2 * per_image) >= policy.min_pixels) per_image *= 2;
+  const int64_t even = (pixels + per_image - 1) / per_image;
+  plan.tile = std::min(policy.max_pixels, (even + policy.align - 1) / policy.align * policy.align);
+  plan.tiles_per_image = (pixels + plan.tile - 1) / plan.tile;
+  plan.items = batch * plan.tiles_per_image;
+  return plan;
+}
+
+// Runs fn(begin, end) over consecutive ranges covering [0, items) on the intra-op threads, which
+// take ranges from a shared counter instead of one fixed share each: on cores shared with other
+// jobs a descheduled thread then delays the op by one range, not by half of it. A range holds
+// items worth at least ~64k element visits (`cost` per item), so small inputs stay on one thread.
+// fn must write only per-item outputs (partial sums added in item order afterwards): then results
+// do not depend on the schedule or the thread count.
+template <typename F>
+void parallel_over_items(int64_t items, int64_t cost, const F& fn) {
+  constexpr int64_t kMinCostPerRange = 65536;
+  const int64_t range = std::max<int64_t>(1, kMinCostPerRange / std::max<int64_t>(cost, 1));
+  const int64_t ranges = (items + range - 1) / range;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ranges);
+  if (workers <= 1) {
+    if (items > 0) fn(int64_t(0), items);
+    return;
+  }
+  std::atomic<int64_t> next_range{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next_range.fetch_add(1); i < ranges; i = next_range.fetch_add(1)) {
+      fn(i * range, std::min(items, (i + 1) * range));
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace incseg
