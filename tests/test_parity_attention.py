@@ -12,15 +12,7 @@ import torch
 import incseg_fast as isf
 from incseg_fast import reference
 from incseg_fast.vocabulary import FEATURE_REDUCTIONS, FLOAT_DTYPES
-from parity_support import CUDA_EMULATOR, RTOL, device_for, interpreted
-
-
-@pytest.fixture(autouse=True)
-def _emulated_attention_kernels_exist(request):
-    # TODO(cuda attention): drop once csrc/cuda has the attention kernels.
-    if "backend" in request.fixturenames and request.getfixturevalue("backend") == CUDA_EMULATOR and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "incseg_fast_cuda_emulator::structured_attention", "CPU"):
-        pytest.skip("the CUDA attention kernels are not written yet")
+from parity_support import RTOL, device_for, interpreted
 
 INPUT_NAMES = ("f", "g", "a", "b")
 
