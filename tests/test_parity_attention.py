@@ -142,16 +142,33 @@ def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generato
         assert torch.count_nonzero(leaf.grad) == 0, f"d{name}"
 
 
-@pytest.mark.parametrize("shape", [(2, 2048, 5, 7), (1, 3, 37, 41), (1, 5, 15, 13), (5, 1, 1, 1), (2, 33, 1, 67)],
+@pytest.mark.parametrize("shape", [(2, 2048, 5, 7), (1, 3, 37, 41), (1, 5, 15, 13), (5, 1, 1, 1), (2, 33, 1, 67),
+                                   (2, 5, 32, 36)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_attentive_distillation_shapes(backend, generator, shape, dtype):
-    """Many channels, images larger than one pixel chunk, chunk tails, single pixels and channels."""
+    """Many channels, images larger than one pixel chunk, chunk tails, single pixels and channels.
+
+    For the CUDA kernels: 2048 channels on 35 pixels are split into channel groups; 32x36 pixels are
+    read in 16-byte packs, over several blocks per image with a partly filled last block.
+    """
     if interpreted(backend) and shape[1] > 8:
         pytest.skip("too large for the Triton interpreter")
     inputs = _feature_pair(generator, _shape(backend, *shape), dtype, device_for(backend))
     _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
                                   upstream=_random_upstream(generator), rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
+def test_attentive_distillation_packed_channel_groups(backend, generator, dtype, detach_spatial):
+    """H*W = 128, a multiple of every dtype's 16-byte pack, and 301 channels, which the CUDA kernels
+    split into two channel groups of unequal size (151 and 150)."""
+    if interpreted(backend):
+        pytest.skip("too large for the Triton interpreter")
+    inputs = _feature_pair(generator, (2, 301, 8, 16), dtype, device_for(backend))
+    _check_attentive_distillation(backend, inputs, reduction="sum", detach_spatial=detach_spatial,
+                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
 
 
 def test_attentive_distillation_non_contiguous(backend, generator):
@@ -184,8 +201,10 @@ def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41), (2, 301, 8, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_structured_attention(backend, generator, dtype, shape):
+    """Pixel tails; for the CUDA kernels also channel groups (2048 and 301 channels) and 16-byte packs (8x16)."""
     if interpreted(backend) and shape[1] > 8:
         pytest.skip("too large for the Triton interpreter")
     batch, channels, height, width = _shape(backend, *shape)
