@@ -16,6 +16,8 @@ from incseg_fast import ops
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="incseg_fast._C is not built")
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The compiled kernels, and the CUDA kernels run thread by thread on the CPU (incseg_fast_cuda_emulator).
+NAMESPACES = (ops.COMPILED_NAMESPACE, ops.CUDA_EMULATOR_NAMESPACE)
 
 
 def _randn(generator, shape, dtype, requires_grad=False):
@@ -30,48 +32,53 @@ def _feature_pair(generator, dtype, requires_grad=False, shape=(2, 5, 7, 9)):
     return f, g, a, b
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 @pytest.mark.parametrize("save_spatial_grad", (False, True))
 @pytest.mark.parametrize("requires_grad", (False, True), ids=("no_grad", "grad"))
-def test_opcheck_attentive_distillation_forward(generator, dtype, reduction, save_spatial_grad, requires_grad):
+def test_opcheck_attentive_distillation_forward(generator, namespace, dtype, reduction, save_spatial_grad,
+                                                requires_grad):
     args = (*_feature_pair(generator, dtype, requires_grad), reduction, save_spatial_grad)
-    opcheck(torch.ops.incseg_fast.attentive_distillation_forward.default, args)
+    opcheck(getattr(torch.ops, namespace).attentive_distillation_forward.default, args)
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spatial_chain", (False, True))
 @pytest.mark.parametrize("output_mask", ([True, True, True, True], [True, False, False, True], [False, False, True, False]),
                          ids=lambda m: "".join("1" if x else "0" for x in m))
-def test_opcheck_attentive_distillation_backward(generator, dtype, spatial_chain, output_mask):
+def test_opcheck_attentive_distillation_backward(generator, namespace, dtype, spatial_chain, output_mask):
+    op_namespace = getattr(torch.ops, namespace)
     f, g, a, b = _feature_pair(generator, dtype)
-    _, spatial, inv_norm, pixel_grad = torch.ops.incseg_fast.attentive_distillation_forward(
-        f, g, a, b, "mean", spatial_chain)
+    _, spatial, inv_norm, pixel_grad = op_namespace.attentive_distillation_forward(f, g, a, b, "mean", spatial_chain)
     grad_loss = torch.tensor(0.7, dtype=spatial.dtype)
     args = (grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, "mean", spatial_chain, output_mask)
-    opcheck(torch.ops.incseg_fast.attentive_distillation_backward.default, args)
-    grads = torch.ops.incseg_fast.attentive_distillation_backward(*args)
+    opcheck(op_namespace.attentive_distillation_backward.default, args)
+    grads = op_namespace.attentive_distillation_backward(*args)
     for wanted, grad, like in zip(output_mask, grads, (f, g, a, b)):
         assert grad.shape == (like.shape if wanted else (0,)) and grad.dtype == like.dtype
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("requires_grad", (False, True), ids=("no_grad", "grad"))
-def test_opcheck_structured_attention(generator, dtype, requires_grad):
+def test_opcheck_structured_attention(generator, namespace, dtype, requires_grad):
     v = _randn(generator, (2, 6, 5, 7), dtype, requires_grad)
     a_ch = _randn(generator, (2, 6), dtype, requires_grad)
     a_sp = _randn(generator, (2, 5, 7), dtype, requires_grad)
-    opcheck(torch.ops.incseg_fast.structured_attention.default, (v, a_ch, a_sp))
+    opcheck(getattr(torch.ops, namespace).structured_attention.default, (v, a_ch, a_sp))
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("output_mask", ([True, True, True], [False, True, False], [True, False, True]),
                          ids=lambda m: "".join("1" if x else "0" for x in m))
-def test_opcheck_structured_attention_backward(generator, dtype, output_mask):
+def test_opcheck_structured_attention_backward(generator, namespace, dtype, output_mask):
     v = _randn(generator, (2, 6, 5, 7), dtype)
     args = (_randn(generator, v.shape, dtype), v, _randn(generator, (2, 6), dtype), _randn(generator, (2, 5, 7), dtype),
             output_mask)
-    opcheck(torch.ops.incseg_fast.structured_attention_backward.default, args)
+    opcheck(getattr(torch.ops, namespace).structured_attention_backward.default, args)
 
 
 def test_saved_statistics(generator):
