@@ -4,6 +4,8 @@ Environment switches:
   INCSEG_SKIP_EXT=1    install the pure-Python package (reference and Triton backends only)
   INCSEG_FORCE_CUDA=1  compile csrc/cuda/*.cu even when torch reports no CUDA device/toolkit
   INCSEG_DEBUG=1       build with -O0 -g
+  TORCH_CUDA_ARCH_LIST GPU architectures of the CUDA kernels (default: the visible GPUs', else "8.0;9.0")
+  MAX_JOBS             parallel compile jobs (read by torch's BuildExtension)
 """
 import glob
 import os
@@ -15,6 +17,21 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name):
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _default_cuda_arch_list(torch):
+    """Sets TORCH_CUDA_ARCH_LIST, when the user has not, before BuildExtension reads it: the visible
+    GPUs' compute capabilities, or 8.0 and 9.0 (A100, H100) when no GPU is visible (torch's own
+    default would then be every architecture it supports, a long build)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    if torch.cuda.is_available():
+        capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        arch_list, why = ";".join(f"{major}.{minor}" for major, minor in capabilities), "the visible GPUs"
+    else:
+        arch_list, why = "8.0;9.0", "no GPU visible"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    print(f"incseg_fast: TORCH_CUDA_ARCH_LIST={arch_list} ({why}; set it to choose)", flush=True)
 
 
 def _extensions():
@@ -38,9 +55,12 @@ def _extensions():
     ext_cls = CppExtension
     if use_cuda:
         sources += cuda_sources
-        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]) + [
-            "-std=c++20"
-        ]
+        _default_cuda_arch_list(torch)
+        # No --use_fast_math: it turns expf/logf and divisions into approximate intrinsics whose error
+        # grows with |x|, which breaks float32 parity with the float64 reference (rtol 1e-5).
+        # -lineinfo maps the machine code to source lines for compute-sanitizer and Nsight Compute
+        # reports, at no run-time cost. tools/cuda_check.py (make cuda-check) uses these release flags.
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]) + ["-std=c++20"]
         macros.append(("INCSEG_WITH_CUDA", None))
         ext_cls = CUDAExtension
     ext = ext_cls(
