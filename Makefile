@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report clean
+.PHONY: setup test demo bench report cuda-check clean
 
 setup: $(STAMP_BUILD)
 
@@ -36,6 +36,10 @@ bench: setup
 
 report: setup
 	$(PY) -m benchmarks.report
+
+# The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half.
+cuda-check: $(STAMP_DEPS)
+	$(PY) tools/cuda_check.py
 
 clean:
 	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)
