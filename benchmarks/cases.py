@@ -20,6 +20,7 @@ IGNORED_FRACTION = 0.1
 KD_WEIGHT = 10.0
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPE = "fp32"
 # Which fused backends can run on tensors of each device type. The Triton interpreter on CPU
 # tensors is a debugging tool, not a benchmark.
 BACKENDS_FOR_DEVICE = {"cpu": ("cpu",), "cuda": tuple(b for b in FUSED_BACKENDS if b != "cpu")}
@@ -31,7 +32,7 @@ class Size:
     kind: str  # "logits": dims B, C, Co, H, W; "features": dims B, C, H, W
     dims: tuple
     cuda_only: bool = False
-    dtypes: tuple = ()  # dtype names this size always runs in; empty: the dtype asked for
+    dtypes: tuple = ()  # dtype names this size runs in when none is asked for; empty: DEFAULT_DTYPE only
     quick: bool = False
 
     def describe(self):
@@ -267,9 +268,10 @@ class Case:
         return self.op.make_inputs(self.size.dims, self.dtype, self.device, generator)
 
 
-def select_cases(*, ops=None, sizes=None, dtype_name="fp32", device="cpu", quick=False):
+def select_cases(*, ops=None, sizes=None, dtype_name=None, device="cpu", quick=False):
     """The cases to run. ``ops``/``sizes``: names to keep (None: all); ``quick``: the small
-    smoke-test sizes instead of the default ones."""
+    smoke-test sizes instead of the default ones; ``dtype_name``: every case in that dtype only
+    (None: DEFAULT_DTYPE, and each size's own ``dtypes`` where it has them)."""
     unknown = set(ops or ()) - set(OPS)
     if unknown:
         raise ValueError(f"ops: unknown {sorted(unknown)}; choose from {sorted(OPS)}")
@@ -290,7 +292,7 @@ def select_cases(*, ops=None, sizes=None, dtype_name="fp32", device="cpu", quick
             size = SIZES[size_name]
             if size.cuda_only and device != "cuda":
                 continue
-            for name in size.dtypes or (dtype_name,):
+            for name in (dtype_name,) if dtype_name else size.dtypes or (DEFAULT_DTYPE,):
                 cases.append(Case(op, size, name, device))
     return cases
 

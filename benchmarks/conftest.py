@@ -12,8 +12,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("incseg_fast benchmarks")
     group.addoption("--bench-quick", action="store_true",
                     help="the small smoke-test sizes and few rounds instead of the real sizes")
-    group.addoption("--bench-dtype", choices=("fp32", "bf16"), default="fp32",
-                    help="dtype of the floating inputs (default fp32)")
+    group.addoption("--bench-dtype", choices=("fp32", "bf16"),
+                    help="dtype of the floating inputs, for every case (default fp32, and voc512 in fp32 and bf16)")
 
 
 def pytest_generate_tests(metafunc):

@@ -1,7 +1,8 @@
 """Benchmark report: every op and size through every provider, interleaved in one process.
 
     python -m benchmarks.report [--quick] [--ops a,b] [--sizes voc,ade] [--dtype fp32|bf16]
-                                [--providers eager,compiled,cpu] [--json PATH] [--markdown PATH]
+                                [--providers eager,compiled,cpu] [--max-seconds S]
+                                [--json PATH] [--markdown PATH]
 
 Providers: the eager reference (``incseg_fast.reference``), ``torch.compile(reference)`` and
 each fused backend available for the device (the public API with ``backend=...``). For each
@@ -40,7 +41,8 @@ def parse_args(argv):
                         help="small odd sizes and few repetitions (a smoke test)")
     parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
     parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"),
+                        help="run every case in this dtype only (default: fp32, and voc512 in fp32 and bf16)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--providers", type=_names,
@@ -48,6 +50,10 @@ def parse_args(argv):
     parser.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, quick 3)")
     parser.add_argument("--warmup", type=int,
                         help="untimed calls per provider first, compilation included (default 2, quick 1)")
+    parser.add_argument("--max-seconds", type=float, metavar="S",
+                        help="start no new case after S seconds; the report covers the cases measured "
+                             "and lists the others (a time budget, e.g. for tools/gpu_check.py; an interrupt "
+                             "(Ctrl-C, SIGINT) also stops it with a report of the cases measured)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
     args = parser.parse_args(argv)
@@ -61,6 +67,8 @@ def parse_args(argv):
             parser.error(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     if args.reps < 1 or args.warmup < 1:
         parser.error("--reps and --warmup must be at least 1")
+    if args.max_seconds is not None and args.max_seconds < 0:
+        parser.error("--max-seconds must not be negative")
     return args
 
 
@@ -240,8 +248,9 @@ def format_header(info, args, copy_bytes_per_s, fused):
     if "gpu" in info:
         lines.append(f"gpu: {info['gpu']}")
     lines += [
-        f"device {args.device}; dtype {args.dtype}; {args.warmup} warm-up + {args.reps} timed reps per "
-        f"provider, interleaved; times are medians ((min): the fastest fwd+bwd repetition)",
+        f"device {args.device}; dtype {args.dtype or 'fp32 (voc512 also bf16)'}; "
+        f"{args.warmup} warm-up + {args.reps} timed reps per provider, interleaved; "
+        f"times are medians ((min): the fastest fwd+bwd repetition)",
         f"copy bandwidth ({args.device}, 256 MiB tensor, read+write): {copy_bytes_per_s / 1e9:.1f} GB/s",
         f"fused backends for {args.device} tensors: {', '.join(fused) or 'none available'}",
         f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_average'])}",
@@ -255,6 +264,7 @@ def format_header(info, args, copy_bytes_per_s, fused):
 
 
 def main(argv=None):
+    started = time.monotonic()
     args = parse_args(argv)
     selected = bench_cases.select_cases(ops=args.ops, sizes=args.sizes, dtype_name=args.dtype,
                                         device=args.device, quick=args.quick)
@@ -268,13 +278,23 @@ def main(argv=None):
     fused = bench_cases.fused_backends(args.device)
     print(format_header(info, args, copy_bytes_per_s, fused), flush=True)
 
-    records = []
-    for case in selected:
-        record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
-        record["speedups"] = speedups(record)
-        records.append(record)
-        print("\n" + format_case(record, copy_bytes_per_s), flush=True)
+    records, interrupted = [], False
+    try:
+        for case in selected:
+            if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
+                break
+            record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
+            record["speedups"] = speedups(record)
+            records.append(record)
+            print("\n" + format_case(record, copy_bytes_per_s), flush=True)
+    except KeyboardInterrupt:  # the cases measured so far are still reported and written
+        interrupted = True
+        _log("interrupted: reporting the cases measured so far")
 
+    not_measured = [case.name for case in selected[len(records):]]
+    if not_measured:
+        why = "interrupted" if interrupted else f"--max-seconds {args.max_seconds:g} spent"
+        print(f"\nnot measured ({why}): {', '.join(not_measured)}")
     verdicts = evaluate_targets(records)
     if verdicts:
         print("\ntargets (issue #3):")
@@ -291,11 +311,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"machine": info, "load_average_end": end_load, "args": vars(args),
                        "copy_bytes_per_s": copy_bytes_per_s, "fused_backends": fused,
-                       "cases": records,
+                       "cases": records, "not_measured": not_measured,
                        "targets": [dict(zip(("target", "verdict", "value"), v)) for v in verdicts]},
                       f, indent=1)
         _log(f"wrote {args.json}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -39,3 +39,22 @@ def test_quick_report_measures_every_case_and_provider(tmp_path, ops, providers)
             assert measured["max_rel_err"] < 1e-5, what  # float32 against the float64 reference
             # forward+backward allocates at least the gradient of the primary input
             assert measured["peak_extra_bytes"] >= case["primary_bytes"], what
+
+
+def test_max_seconds_stops_starting_cases_and_lists_the_others(tmp_path):
+    out = tmp_path / "report.json"
+    assert report.main(["--quick", "--ops", "incremental_loss,structured_attention", "--providers", "eager",
+                        "--reps", "1", "--warmup", "1", "--max-seconds", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["cases"] == []
+    assert results["not_measured"] == ["incremental_loss-quick_logits-fp32", "structured_attention-quick_features-fp32"]
+
+
+def test_an_explicit_dtype_applies_to_every_size():
+    def names(dtype_name):
+        return [c.name for c in cases.select_cases(ops=["incremental_loss"], sizes=["voc512", "ade"],
+                                                   dtype_name=dtype_name, device="cuda")]
+
+    # voc512 runs in both dtypes by default; a dtype asked for is the only one
+    assert names(None) == ["incremental_loss-voc512-fp32", "incremental_loss-voc512-bf16", "incremental_loss-ade-fp32"]
+    assert names("bf16") == ["incremental_loss-voc512-bf16", "incremental_loss-ade-bf16"]
