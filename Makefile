@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report cuda-check clean
+.PHONY: setup test demo bench report cuda-check gpu-check clean
 
 setup: $(STAMP_BUILD)
 
@@ -40,6 +40,12 @@ report: setup
 # The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half.
 cuda-check: $(STAMP_DEPS)
 	$(PY) tools/cuda_check.py
+
+# On a GPU machine, with the python3 whose torch has CUDA (no .venv, no install): build, GPU tests,
+# compute-sanitizer, benchmarks; results in $(OUT). Stops at once without a GPU.
+gpu-check:
+	@test -n "$(OUT)" || { echo "gpu-check: give a folder for the results: make gpu-check OUT=<folder>"; exit 2; }
+	$(PYTHON) tools/gpu_check.py "$(OUT)"
 
 clean:
 	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)
