@@ -232,7 +232,8 @@ struct GradCoefs {
 // factors instead of per-pixel branches so that a loop over pixels vectorises.
 template <typename T>
 LOGIT_MATH GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T old_label, T g_ce, T g_kd, T q0) {
-  const T w = g_kd / static_cast<T>(old_classes);
+  // A multiply by 1/Co, not a division per pixel: an exact division is a slow-path call on the GPU.
+  const T w = g_kd * (T(1) / static_cast<T>(old_classes));
   GradCoefs<T> k;
   k.full = g_ce + f.background * w * (f.g * q0 + T(1) - q0);
   k.old_set = f.plain * w - g_ce * old_label;

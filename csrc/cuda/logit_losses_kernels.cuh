@@ -262,8 +262,8 @@ struct LogitBackwardKernel {
   HOST_DEVICE void prologue(int64_t b, int64_t p0, acc_t (&g0)[kVec], ChannelFactors<acc_t> (&f)[kVec]) const {
     const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
     const acc_t* stats = grad.stats + b * kNumStats * in.HW + p0;
-    acc_t lse[kVec], lse_old[kVec], lse_bg[kVec], lse_q[kVec], g_ce[kVec], g_kd[kVec], mask[kVec], x0[kVec],
-        y0[kVec];
+    acc_t lse[kVec], lse_old[kVec], lse_bg[kVec], g_ce[kVec], g_kd[kVec], mask[kVec], x0[kVec];
+    acc_t lse_q[kVec] = {}, y0[kVec] = {};  // read only with a distillation term
     load_pack<kVec>(stats + kStatLse * in.HW, lse);
     load_pack<kVec>(stats + kStatLseOld * in.HW, lse_old);
     load_pack<kVec>(stats + kStatLseBg * in.HW, lse_bg);
