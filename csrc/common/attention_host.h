@@ -13,7 +13,7 @@
 #include <array>
 #include <string>
 
-namespace incseg_fast {
+namespace incseg {
 namespace attention {
 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
@@ -112,4 +112,4 @@ inline at::Tensor gradient_or_empty(bool wanted, const at::Tensor& like) {
 }
 
 }  // namespace attention
-}  // namespace incseg_fast
+}  // namespace incseg

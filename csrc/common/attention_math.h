@@ -7,9 +7,11 @@
 //   D   = (a_c s_f + 1) f - (b_c s_g + 1) g               the attended difference, L = scale * sum D^2
 // The kernels call these in their innermost loops over contiguous pixels; they are branch-free
 // so that the compiler vectorises those loops.
+#include <cmath>
+
 #include "common/macros.h"
 
-namespace incseg_fast {
+namespace incseg {
 namespace attention {
 
 // D = AD(f) - AD(g) = (f - g) + s_f a f - s_g b g at one element, rearranged as
@@ -76,6 +78,12 @@ struct Moments {
   }
 };
 
+// 1/N from N^2 = sum_p S^2, and 0 for an all-zero map (where Ŝ is the constant 0).
+template <typename acc_t>
+HOST_DEVICE acc_t inverse_norm(acc_t squared_norm) {
+  return squared_norm > 0 ? acc_t(1) / sqrt(squared_norm) : acc_t(0);
+}
+
 // sum_c D^2 at the pixel, from its moments and normalised spatial maps s_f, s_g.
 HOST_DEVICE double squared_difference_sum(const Moments& m, double s_f, double s_g) {
   return m.uu + s_f * s_f * m.aa + s_g * s_g * m.bb + 2 * (s_f * m.ua - s_g * m.ub - s_f * s_g * m.ab);
@@ -98,4 +106,4 @@ HOST_DEVICE acc_t structured_attention_value(acc_t v, acc_t a_ch_c, acc_t a_sp_p
 }
 
 }  // namespace attention
-}  // namespace incseg_fast
+}  // namespace incseg

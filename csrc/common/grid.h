@@ -10,12 +10,34 @@
 // warp do it through warp_sum_to, which has a device and a host definition with the same result
 // up to rounding. Kernels that need shared memory or barriers are not written this way.
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "common/macros.h"
 
 namespace incseg {
 
 constexpr int kWarpSize = 32;
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y (the kernels put images there)
+
+HOST_DEVICE int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
+
+// Pixels per thread of the packed kernels: each thread loads its pixels of a channel row as one
+// 16-byte pack (4 float32, 8 float16/bfloat16, 2 float64) when H*W is a multiple of that and every
+// pointer is 16-byte aligned; else one pixel per thread.
+template <typename scalar_t>
+constexpr int kPackedPixels = static_cast<int>(16 / sizeof(scalar_t));
+
+// fn(std::integral_constant<int, kVec>{}) for pixels_per_thread = kPackedPixels<scalar_t> or 1: the
+// kernels are templates on their pixels per thread.
+template <typename scalar_t, typename Fn>
+void with_pixels_per_thread(int pixels_per_thread, Fn&& fn) {
+  if (pixels_per_thread == kPackedPixels<scalar_t>) {
+    std::forward<Fn>(fn)(std::integral_constant<int, kPackedPixels<scalar_t>>{});
+  } else {
+    std::forward<Fn>(fn)(std::integral_constant<int, 1>{});
+  }
+}
 
 // Where one thread sits in its launch.
 struct ThreadIndex {

@@ -62,7 +62,7 @@
 #include "common/attention_math.h"
 #include "cpu/toolkit.h"
 
-namespace incseg_fast {
+namespace incseg {
 namespace {
 
 namespace cpu = incseg::cpu;
@@ -70,6 +70,7 @@ using at::Tensor;
 using attention::attended_difference;
 using attention::feature_grad;
 using attention::Moments;
+using attention::inverse_norm;
 using attention::spatial_map_grad;
 using attention::structured_attention_value;
 using cpu::acc_type;
@@ -327,11 +328,6 @@ struct ForwardOutputs {
   acc_t* p_f;
   acc_t* p_g;
 };
-
-template <typename acc_t>
-acc_t inverse_norm(acc_t sum_of_squares) {
-  return sum_of_squares > 0 ? acc_t(1) / std::sqrt(sum_of_squares) : acc_t(0);
-}
 
 // One image's moment rows (kMomentRows rows of `pixels`) -> its N, Ŝ and P in `out`; returns the
 // image's sum_p sum_c D^2.
@@ -691,11 +687,11 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward_cpu(const Tenso
 }
 
 }  // namespace
-}  // namespace incseg_fast
+}  // namespace incseg
 
 TORCH_LIBRARY_IMPL(incseg_fast, CPU, m) {
-  m.impl("attentive_distillation_forward", &incseg_fast::attentive_distillation_forward_cpu);
-  m.impl("attentive_distillation_backward", &incseg_fast::attentive_distillation_backward_cpu);
-  m.impl("structured_attention", &incseg_fast::structured_attention_cpu);
-  m.impl("structured_attention_backward", &incseg_fast::structured_attention_backward_cpu);
+  m.impl("attentive_distillation_forward", &incseg::attentive_distillation_forward_cpu);
+  m.impl("attentive_distillation_backward", &incseg::attentive_distillation_backward_cpu);
+  m.impl("structured_attention", &incseg::structured_attention_cpu);
+  m.impl("structured_attention_backward", &incseg::structured_attention_backward_cpu);
 }

@@ -15,56 +15,19 @@
 
 #include "common/attention_host.h"
 #include "cuda/attention_kernels.cuh"
-
-#if defined(INCSEG_WITH_CUDA)
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
+#include "cuda/glue.h"
 
 namespace incseg {
 namespace attention {
 namespace {
 
-namespace host = incseg_fast::attention;
+namespace host = incseg::attention;
 using at::Tensor;
-
-// torch's element types as the kernels' (same size and bits).
-template <typename T>
-struct KernelType {
-  using type = T;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = Half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = BFloat16;
-};
-
-template <typename T>
-const typename KernelType<T>::type* kernel_data(const Tensor& t) {
-  return reinterpret_cast<const typename KernelType<T>::type*>(t.const_data_ptr<T>());
-}
-
-template <typename T>
-typename KernelType<T>::type* mutable_kernel_data(const Tensor& t) {
-  return t.numel() > 0 ? reinterpret_cast<typename KernelType<T>::type*>(t.mutable_data_ptr<T>()) : nullptr;
-}
-
-// An acc_t tensor's data, or null for an empty (unwanted) one.
-template <typename acc_t>
-acc_t* data_or_null(const Tensor& t) {
-  return t.numel() > 0 ? t.mutable_data_ptr<acc_t>() : nullptr;
-}
-
-bool aligned_to(size_t bytes, std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* t : tensors) {
-    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % bytes != 0) return false;
-  }
-  return true;
-}
+using glue::aligned_to;
+using glue::data_or_null;
+using glue::kernel_data;
+using glue::KernelType;
+using glue::mutable_kernel_data;
 
 // Whether the feature passes may read kPackedPixels pixels at once: 16 bytes of each feature
 // tensor, and a pack of acc_t (32 bytes for 16-bit features) of each per-pixel map.
@@ -86,16 +49,8 @@ Tensor zeros_or_empty(bool wanted, const Tensor& like) {
   return wanted ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, like.options());
 }
 
-void check_grid(int64_t batch) {
-  TORCH_CHECK_VALUE(batch <= kMaxGridY, "the batch has ", batch, " images; the CUDA kernels take at most ", kMaxGridY,
-                    " per call");
-}
-
 // Runs the kernel sequences on the CPU, one thread after another.
-struct HostEmulation {
-  struct NoGuard {};
-  static NoGuard guard(const Tensor&) { return {}; }
-
+struct HostEmulation : glue::HostDevice {
   template <typename scalar_t>
   static void forward(const ForwardCall<scalar_t>& call) {
     HostExecutor ex;
@@ -120,11 +75,7 @@ struct HostEmulation {
 
 #if defined(INCSEG_WITH_CUDA)
 // Launches the kernel sequences on the current stream of the op's device; every launch is checked.
-struct CudaDevice {
-  static c10::cuda::CUDAGuard guard(const Tensor& t) { return c10::cuda::CUDAGuard(t.device()); }
-  static void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-  static void check(int error) { C10_CUDA_CHECK(static_cast<cudaError_t>(error)); }
-
+struct CudaDevice : glue::CudaDeviceBase {
   template <typename scalar_t>
   static void forward(const ForwardCall<scalar_t>& call) {
     check(launch_attentive_distillation_forward(call, stream()));
@@ -159,7 +110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward(const 
                                                                           bool save_spatial_grad) {
   host::check_feature_pair(f_in, g_in, a_in, b_in);
   const double scale = host::reduction_scale(reduction, f_in);
-  check_grid(f_in.size(0));
+  glue::check_batch(f_in.size(0), "f");
   [[maybe_unused]] auto device_guard = Device::guard(f_in);
   const Tensor f = f_in.contiguous(), g = g_in.contiguous();
   const int64_t batch = f.size(0), channels = f.size(1), pixels = f.size(2) * f.size(3);
@@ -219,7 +170,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward(
   const double scale = host::reduction_scale(reduction, f_in);
   const bool reads_pixel_grad = host::backward_reads_pixel_grad(spatial_chain, output_mask);
   host::check_saved_state(f_in, grad_loss, spatial, inv_norm, pixel_grad, reads_pixel_grad);
-  check_grid(f_in.size(0));
+  glue::check_batch(f_in.size(0), "f");
   [[maybe_unused]] auto device_guard = Device::guard(f_in);
   const BackwardTensors t = backward_tensors(grad_loss, f_in, g_in, a_in, b_in, output_mask);
   if (!output_mask[0] && !output_mask[1] && !output_mask[2] && !output_mask[3]) return {t.df, t.dg, t.da, t.db};
@@ -257,7 +208,7 @@ StructuredInputs<k_scalar_t> structured_inputs(const Tensor& v, const Tensor& a_
 template <typename Device>
 Tensor structured_attention(const Tensor& v_in, const Tensor& a_ch_in, const Tensor& a_sp_in) {
   host::check_structured(v_in, a_ch_in, a_sp_in);
-  check_grid(v_in.size(0));
+  glue::check_batch(v_in.size(0), "v");
   [[maybe_unused]] auto device_guard = Device::guard(v_in);
   const Tensor v = v_in.contiguous();
   Tensor out = at::empty_like(v);
@@ -280,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward(const Tensor& g
                                                                  std::array<bool, 3> output_mask) {
   host::check_structured(v_in, a_ch_in, a_sp_in);
   host::check_structured_grad(grad_out_in, v_in);
-  check_grid(v_in.size(0));
+  glue::check_batch(v_in.size(0), "v");
   [[maybe_unused]] auto device_guard = Device::guard(v_in);
   const Tensor v = v_in.contiguous(), grad_out = grad_out_in.contiguous();
   Tensor dv = host::gradient_or_empty(output_mask[0], v);

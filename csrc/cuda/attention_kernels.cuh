@@ -48,15 +48,6 @@
 namespace incseg {
 namespace attention {
 
-using incseg_fast::attention::attended_difference;
-using incseg_fast::attention::feature_grad;
-using incseg_fast::attention::Moments;
-using incseg_fast::attention::pixel_grad_f;
-using incseg_fast::attention::pixel_grad_g;
-using incseg_fast::attention::spatial_map_grad;
-using incseg_fast::attention::squared_difference_sum;
-using incseg_fast::attention::structured_attention_value;
-
 constexpr int kBlockThreads = 128;
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 
@@ -66,13 +57,7 @@ constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 // more than they spread.
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMinGroupChannels = 128;
-constexpr int64_t kMaxGridY = 65535;
 
-// Pixels per thread of the packed feature passes: one 16-byte load per channel row.
-template <typename scalar_t>
-constexpr int kPackedPixels = static_cast<int>(16 / sizeof(scalar_t));
-
-HOST_DEVICE int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
 HOST_DEVICE int64_t min_of(int64_t x, int64_t y) { return x < y ? x : y; }
 HOST_DEVICE int64_t max_of(int64_t x, int64_t y) { return x > y ? x : y; }
 
@@ -110,16 +95,6 @@ AttentionPlan plan_attention(int64_t batch, int64_t channels, int64_t pixels, bo
   plan.group_channels = ceil_div(channels, min_of(wanted, most));
   plan.groups = ceil_div(channels, plan.group_channels);
   return plan;
-}
-
-// fn(std::integral_constant<int, kVec>{}) for the plan's pixels per thread: 1 or kPackedPixels.
-template <typename scalar_t, typename Fn>
-void with_pixels_per_thread(const AttentionPlan& plan, Fn&& fn) {
-  if (plan.pixels_per_thread == kPackedPixels<scalar_t>) {
-    fn(std::integral_constant<int, kPackedPixels<scalar_t>>{});
-  } else {
-    fn(std::integral_constant<int, 1>{});
-  }
 }
 
 // What one thread of a feature pass owns: pixels [pixel, pixel + kVec) of `image` and the channels
@@ -198,12 +173,6 @@ HOST_DEVICE void add_moment_rows(Moments& m, const double* rows, int64_t stride)
   m.ua += rows[kRowUA * stride];
   m.ub += rows[kRowUB * stride];
   m.ab += rows[kRowAB * stride];
-}
-
-// 1/N from N^2 = Σ_p S^2; 0 for an all-zero map (belongs in common/attention_math.h, beside the
-// CPU's copy).
-HOST_DEVICE double inverse_norm(double squared_norm) {
-  return squared_norm > 0 ? 1.0 / sqrt(squared_norm) : 0.0;
 }
 
 // Forward (float32/bfloat16/float16), the one pass over f, g: the Moments of each of the thread's
@@ -740,7 +709,7 @@ template <typename scalar_t, typename Executor>
 void one_pass_forward(Executor& ex, const ForwardCall<scalar_t>& call) {
   const AttentionPlan& plan = call.plan;
   const ForwardScratch& scratch = call.scratch;
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(MomentsKernel<scalar_t, decltype(vec)::value>{call.in, plan, scratch.group_partial}, plan.grid_x,
            plan.feature_grid_y());
   });
@@ -757,7 +726,7 @@ template <typename Executor>
 void two_pass_forward(Executor& ex, const ForwardCall<double>& call) {
   const AttentionPlan& plan = call.plan;
   const ForwardScratch& scratch = call.scratch;
-  with_pixels_per_thread<double>(plan, [&](auto vec) {
+  with_pixels_per_thread<double>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(SpatialEnergyKernel<decltype(vec)::value>{call.in, plan, scratch.group_partial}, plan.grid_x,
            plan.feature_grid_y());
   });
@@ -766,7 +735,7 @@ void two_pass_forward(Executor& ex, const ForwardCall<double>& call) {
   ex.norms(NormStep<double>{scratch.square_partial, 2 * plan.batch, plan.pixel_kernel_warps(), scratch.inv_exact,
                             call.inv_norm});
   ex.run(NormaliseKernel{plan, scratch.inv_exact, call.spatial}, plan.pixel_grid_x, plan.batch);
-  with_pixels_per_thread<double>(plan, [&](auto vec) {
+  with_pixels_per_thread<double>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(DirectLossKernel<decltype(vec)::value>{call.in, plan, call.spatial, call.pixel_grad != nullptr,
                                                   scratch.group_partial},
            plan.grid_x, plan.feature_grid_y());
@@ -808,7 +777,7 @@ void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<sc
     ex.spatial_dots(SpatialDotStep<acc_t>{call.saved.spatial, call.saved.pixel_grad, 2 * plan.batch, plan.pixels,
                                           call.spatial_dot});
   }
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(FeatureGradKernel<scalar_t, decltype(vec)::value>{call.in, plan, call.saved, call.grad_loss,
                                                              call.weight_scale, call.out},
            plan.grid_x, plan.feature_grid_y());
@@ -830,7 +799,7 @@ void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<sc
 template <typename scalar_t, typename Executor>
 void structured_attention_forward_kernels(Executor& ex, const StructuredInputs<scalar_t>& in,
                                           const AttentionPlan& plan, scalar_t* out) {
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(StructuredForwardKernel<scalar_t, decltype(vec)::value>{in, plan, out}, plan.grid_x,
            plan.feature_grid_y());
   });
@@ -850,7 +819,7 @@ template <typename scalar_t, typename Executor>
 void structured_attention_backward_kernels(Executor& ex, const StructuredBackwardCall<scalar_t>& call) {
   using acc_t = accumulate_t<scalar_t>;
   const AttentionPlan& plan = call.plan;
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     ex.run(StructuredBackwardKernel<scalar_t, decltype(vec)::value>{call.in, call.grad_out, plan, call.out},
            plan.grid_x, plan.feature_grid_y());
   });

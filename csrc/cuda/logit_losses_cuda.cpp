@@ -10,43 +10,16 @@
 #include <tuple>
 
 #include "common/logit_host.h"
+#include "cuda/glue.h"
 #include "cuda/logit_losses_kernels.cuh"
-
-#if defined(INCSEG_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 namespace incseg {
 namespace logit {
 namespace {
 
-// torch's element types as the kernels' (same size and bits).
-template <typename T>
-struct KernelType {
-  using type = T;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = Half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = BFloat16;
-};
-
-template <typename T>
-const typename KernelType<T>::type* kernel_data(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const typename KernelType<T>::type*>(t.const_data_ptr<T>()) : nullptr;
-}
-
-bool aligned_16_bytes(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* t : tensors) {
-    if (t->defined() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
-  }
-  return true;
-}
+using glue::aligned_to;
+using glue::kernel_data;
+using glue::KernelType;
 
 LabelType label_type(const at::Tensor& target) {
   if (!target.defined()) return LabelType::kInt64;
@@ -80,14 +53,11 @@ LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ig
 }
 
 // Runs the kernels on the CPU, one thread after another.
-struct HostEmulation {
-  struct NoGuard {};
-  static NoGuard guard(const at::Tensor&) { return {}; }
-
+struct HostEmulation : glue::HostDevice {
   template <typename scalar_t>
   static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
                       const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
-    with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+    with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
       run_on_host(LogitForwardKernel<scalar_t, decltype(vec)::value>{in, out}, plan.grid_x, plan.grid_y);
     });
     finish_forward_on_host(out, plan.warps, totals);
@@ -96,7 +66,7 @@ struct HostEmulation {
   template <typename scalar_t>
   static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
                        const LaunchPlan& plan) {
-    with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+    with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
       run_on_host(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y);
     });
   }
@@ -104,28 +74,20 @@ struct HostEmulation {
 
 #if defined(INCSEG_WITH_CUDA)
 // Launches the kernels on the current stream of x's device.
-struct CudaDevice {
-  static c10::cuda::CUDAGuard guard(const at::Tensor& x) { return c10::cuda::CUDAGuard(x.device()); }
-
-  static void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
+struct CudaDevice : glue::CudaDeviceBase {
   template <typename scalar_t>
   static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
                       const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
-    C10_CUDA_CHECK(static_cast<cudaError_t>(launch_logit_forward(in, out, totals, plan, stream())));
+    check(launch_logit_forward(in, out, totals, plan, stream()));
   }
 
   template <typename scalar_t>
   static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
                        const LaunchPlan& plan) {
-    C10_CUDA_CHECK(static_cast<cudaError_t>(launch_logit_backward(in, grad, plan, stream())));
+    check(launch_logit_backward(in, grad, plan, stream()));
   }
 };
 #endif
-
-void check_grid(const Inputs& in) {
-  TORCH_CHECK_VALUE(in.B <= 65535, "x has batch size ", in.B, "; the CUDA kernels take at most 65535 images per call");
-}
 
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
@@ -133,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
     c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
   const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
-  check_grid(in);
+  glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
   auto outputs = allocate_forward_outputs(in);
   const auto acc_options = x.options().dtype(in.acc_dtype);
@@ -141,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
   at::Tensor ce_loss = reduce ? at::empty({}, acc_options) : outputs.ce_map;
   at::Tensor kd_loss = reduce ? at::empty({}, acc_options) : outputs.kd_map;
   at::Tensor valid_count = at::empty({}, x.options().dtype(at::kLong));
-  const bool aligned = aligned_16_bytes({&in.x, &in.y, &in.mask, &outputs.stats, &outputs.ce_map, &outputs.kd_map});
+  const bool aligned = aligned_to(16, {&in.x, &in.y, &in.mask, &outputs.stats, &outputs.ce_map, &outputs.kd_map});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
@@ -176,7 +138,7 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
                             c10::string_view reduction) {
   const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
   check_backward(in, grad_ce, grad_kd, stats, valid_count);
-  check_grid(in);
+  glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
   at::Tensor grad_x = at::empty_like(in.x, at::MemoryFormat::Contiguous);
   if (in.ce == CeMode::kNone && in.kd == KdMode::kNone) return grad_x.zero_();
@@ -185,7 +147,7 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
   const at::Tensor saved = stats.contiguous();
   const bool per_pixel = in.reduction == Reduction::kNone;
   const bool aligned =
-      aligned_16_bytes({&in.x, &in.y, &in.mask, &saved, &grad_x}) && (!per_pixel || aligned_16_bytes({&g_ce, &g_kd}));
+      aligned_to(16, {&in.x, &in.y, &in.mask, &saved, &grad_x}) && (!per_pixel || aligned_to(16, {&g_ce, &g_kd}));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;

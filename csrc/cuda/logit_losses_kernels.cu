@@ -39,7 +39,7 @@ int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<s
                          const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan, void* stream) {
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   cudaError_t error = cudaSuccess;
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     error = launch_on_device(LogitForwardKernel<scalar_t, decltype(vec)::value>{in, out}, plan.grid_x, plan.grid_y,
                              cuda_stream);
   });
@@ -52,7 +52,7 @@ template <typename scalar_t>
 int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream) {
   cudaError_t error = cudaSuccess;
-  with_pixels_per_thread<scalar_t>(plan, [&](auto vec) {
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
     error = launch_on_device(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x,
                              plan.grid_y, static_cast<cudaStream_t>(stream));
   });

@@ -326,12 +326,9 @@ struct LogitBackwardKernel {
   }
 };
 
-// Pixels per thread of the packed kernels: one 16-byte load per channel row.
-template <typename scalar_t>
-constexpr int kPackedPixels = static_cast<int>(16 / sizeof(scalar_t));
-
 // The launch of either kernel (both have 128-thread blocks): blocks over one image's pixels (x),
-// images (y), `pixels_per_thread` 1 or kPackedPixels, and the number of warps (per-warp partials).
+// images (y), pixels per thread (1 or kPackedPixels, common/grid.h), and the number of warps
+// (per-warp partials).
 struct LaunchPlan {
   int pixels_per_thread;
   int64_t grid_x;
@@ -343,19 +340,8 @@ template <typename scalar_t>
 LaunchPlan plan_launch(int64_t batch, int64_t pixels, bool aligned_16_bytes) {
   using Kernel = LogitForwardKernel<scalar_t, 1>;
   const int vec = aligned_16_bytes && pixels % kPackedPixels<scalar_t> == 0 ? kPackedPixels<scalar_t> : 1;
-  const int64_t per_block = int64_t(Kernel::kThreads) * vec;
-  const int64_t grid_x = (pixels + per_block - 1) / per_block;
+  const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads) * vec);
   return LaunchPlan{vec, grid_x, batch, warps_in_grid<Kernel>(grid_x, batch)};
-}
-
-// fn(std::integral_constant<int, kVec>{}) for the plan's pixels per thread: 1 or kPackedPixels.
-template <typename scalar_t, typename Fn>
-void with_pixels_per_thread(const LaunchPlan& plan, Fn&& fn) {
-  if (plan.pixels_per_thread == kPackedPixels<scalar_t>) {
-    fn(std::integral_constant<int, kPackedPixels<scalar_t>>{});
-  } else {
-    fn(std::integral_constant<int, 1>{});
-  }
 }
 
 // What the second forward kernel writes from the per-warp partials.
