@@ -135,11 +135,24 @@ def test_caf_fusion_starts_as_the_new_projection():
         alone, projected = caf(z)
         fused, _ = caf(z, torch.randn(2, 12, 5, 7))
         expected_v = caf.project(z)
-        a_sp = caf.spatial(expected_v)[:, 0]
-        a_ch = caf.channel(expected_v.mean((2, 3)))
+        a_sp = torch.sigmoid(caf.spatial(expected_v)[:, 0])
+        a_ch = torch.sigmoid(caf.channel(expected_v.mean((2, 3))))
     assert torch.allclose(projected, expected_v)
     assert torch.allclose(alone, (1 + a_ch[:, :, None, None] * a_sp[:, None]) * expected_v, atol=1e-6)
     assert torch.allclose(fused, alone, atol=1e-6)
+
+
+def test_caf_structured_attention_is_bounded():
+    """The sigmoid gates keep 1 + A_CH (x) A_SP in (1, 2) whatever the weights: z-bar stays linear in v."""
+    torch.manual_seed(0)
+    caf = ContinualAttentiveFusion(12).eval()
+    with torch.no_grad():
+        for p in (caf.spatial.weight, caf.channel.weight):
+            p.mul_(1e3)
+        z = 10 * torch.randn(2, 12, 5, 7)
+        out, projected = caf(z)
+    ratio = out / projected
+    assert bool(((ratio > 1 - 1e-6) & (ratio < 2 + 1e-6)).all())
 
 
 def test_caf_model_exposes_distillation_inputs():

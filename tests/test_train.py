@@ -175,6 +175,16 @@ def test_step0_checkpoint_must_match_the_architecture(tmp_path, step0):
         train_step(cfg, 0)
 
 
+def test_old_caf_checkpoints_are_refused(tmp_path, step0):
+    """Format-1 CAF weights were trained for the ungated structured attention; other methods still load."""
+    old = {**load_checkpoint(step0), "format": 1}
+    torch.save(old, tmp_path / "ft.pt")
+    assert load_checkpoint(tmp_path / "ft.pt")["format"] == 1
+    torch.save({**old, "config": {**old["config"], "method": "caf"}}, tmp_path / "caf.pt")
+    with pytest.raises(ValueError, match="sigmoid gates"):
+        load_checkpoint(tmp_path / "caf.pt")
+
+
 def test_progress_line_reports_loss_and_throughput():
     import io
 

@@ -142,8 +142,20 @@ class ContinualAttentiveFusion(nn.Module):
     the structured attention ``(1 + A_CH (x) A_SP) * v``.
 
     Without old features (step 0, evaluation) the fusion is skipped, the paper's "skip"
-    strategy. A_SP and A_CH use SPEC 3.2's collapsed form: a one-output 1x1 conv and a
-    matrix-vector product on the pooled features.
+    strategy. A_SP and A_CH use SPEC 3.2's collapsed form (a one-output 1x1 conv and a
+    matrix-vector product on the pooled features), each followed by a sigmoid gate, so the
+    structured attention ``1 + A_CH (x) A_SP`` stays in (1, 2), as the attention of the
+    attentive distillation does (sigmoid channel attention, normalised spatial map) and as the
+    authors' code bounds it (sigmoid channel attention, max-normalised spatial map).
+
+    Why the gates: with the linear A_SP and A_CH of CAF eq. 1-2 the output is cubic in ``v`` and
+    the gates' scale is free (the head's BatchNorm hides it from the segmentation loss), while the
+    attentive distillation of z-bar (a squared error on raw features) sees all of it: its
+    curvature grows with the gates until SGD is unstable. Measured on the quick demo (CAF step 1,
+    LR 0.05, momentum 0.9): the largest Hessian eigenvalue went 163 -> 2905 -> 60067 while
+    max |A_CH (x) A_SP| went 4 -> 21 -> 311, and the loss reached 3.5e19 in three iterations (the
+    stability limit of momentum SGD is lr * lambda_max < 2 (1 + momentum) = 3.8); with the gates
+    lambda_max stayed within 22-39 (docs/TRAINER.md, "CAF's structured attention").
     """
 
     def __init__(self, channels: int):
@@ -155,15 +167,15 @@ class ContinualAttentiveFusion(nn.Module):
             self.fuse.weight.zero_()
             self.fuse.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
             self.fuse.bias.zero_()
-        self.spatial = nn.Conv2d(channels, 1, 1)   # mean over the outputs of w_sp * v
-        self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v)
+        self.spatial = nn.Conv2d(channels, 1, 1)   # mean over the outputs of w_sp * v, then a sigmoid
+        self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v), then a sigmoid
 
     def forward(self, z, old_projected=None, *, backend="auto"):
         """Returns (the attended features z-bar, this model's projection of z)."""
         projected = self.project(z)
         v = projected if old_projected is None else self.fuse(torch.cat([projected, old_projected], 1))
-        a_sp = self.spatial(v)[:, 0]
-        a_ch = self.channel(v.mean((2, 3)))
+        a_sp = torch.sigmoid(self.spatial(v)[:, 0])
+        a_ch = torch.sigmoid(self.channel(v.mean((2, 3))))
         out = isf.structured_attention(v, a_ch.to(v.dtype), a_sp.to(v.dtype), backend=backend)
         return out, projected
 

@@ -29,7 +29,10 @@ from .config import TrainConfig
 from .progress import Progress
 from .results import record_step, write_reports
 
-CHECKPOINT_FORMAT = 1
+# 2: CAF's structured attention has sigmoid gates (models/deeplab.py); a format-1 CAF checkpoint
+# holds weights trained for the ungated block and is refused, format-1 checkpoints of the other
+# methods load unchanged
+CHECKPOINT_FORMAT = 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,8 +164,11 @@ def model_from_checkpoint(ckpt: dict, device) -> IncrementalSegmenter:
 
 def load_checkpoint(path: Path) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise ValueError(f"{path} is not an incseg_fast checkpoint")
+    if ckpt["format"] == 1 and ckpt.get("config", {}).get("method") == "caf":
+        raise ValueError(f"{path} is a CAF checkpoint of an older format, trained without the sigmoid gates "
+                         "of the structured attention (docs/TRAINER.md): train it again")
     return ckpt
 
 
