@@ -87,6 +87,24 @@ inline void check_saved_state(const at::Tensor& f, const at::Tensor& grad_loss, 
   }
 }
 
+// Every check of the backward op's arguments. Returns what a device's backward needs from them:
+// the reduction's scale and whether pixel_grad is read.
+struct BackwardSetup {
+  double scale;
+  bool reads_pixel_grad;
+};
+
+inline BackwardSetup check_backward(const at::Tensor& grad_loss, const at::Tensor& f, const at::Tensor& g,
+                                    const at::Tensor& a, const at::Tensor& b, const at::Tensor& spatial,
+                                    const at::Tensor& inv_norm, const at::Tensor& pixel_grad,
+                                    c10::string_view reduction, bool spatial_chain,
+                                    const std::array<bool, 4>& output_mask) {
+  check_feature_pair(f, g, a, b);
+  const BackwardSetup setup{reduction_scale(reduction, f), backward_reads_pixel_grad(spatial_chain, output_mask)};
+  check_saved_state(f, grad_loss, spatial, inv_norm, pixel_grad, setup.reads_pixel_grad);
+  return setup;
+}
+
 // v (B, C, H, W); a_ch (B, C); a_sp (B, H, W); one float dtype and one device.
 inline void check_structured(const at::Tensor& v, const at::Tensor& a_ch, const at::Tensor& a_sp) {
   TORCH_CHECK(v.dim() == 4, "v must be (B, C, H, W), got ", v.sizes());

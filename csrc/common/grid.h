@@ -48,6 +48,11 @@ struct ThreadIndex {
   int block_threads;  // a multiple of kWarpSize
 
   HOST_DEVICE int lane() const { return thread % kWarpSize; }
+  // The first pixel of this thread when a block's threads own consecutive runs of pixels_per_thread
+  // pixels along grid x (the pixel-major kernels).
+  HOST_DEVICE int64_t first_pixel(int pixels_per_thread) const {
+    return (block_x * block_threads + thread) * pixels_per_thread;
+  }
   // The index of this thread's warp among all warps of the grid (block-major, then warp in block).
   HOST_DEVICE int64_t warp() const {
     return (block_y * grid_x + block_x) * (block_threads / kWarpSize) + thread / kWarpSize;

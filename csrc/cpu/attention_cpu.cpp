@@ -81,6 +81,11 @@ using cpu::to_storage;
 // fewer tiles than threads; multiples of 16 pixels keep rows aligned for the vector loops.
 constexpr cpu::TilePolicy kTiles{1024, 64, 16};
 
+// Pure streams (a load or two and a store per element) stop at AVX2 for float32/float64, whose
+// 512-bit copies measured slower (cpu::widest_isa); 16-bit types gain from converting 16 at a time.
+template <typename scalar_t>
+constexpr cpu::Isa kStreamWidestIsa = sizeof(scalar_t) == 2 ? cpu::Isa::kAvx512 : cpu::Isa::kAvx2;
+
 // Sum with kLanes independent accumulators: vectorisable without reassociation flags.
 template <typename acc_t>
 INCSEG_FORCE_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
@@ -104,6 +109,7 @@ INCSEG_FORCE_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
 // Pass 1: s_f[p] = sum_c f^2, s_g[p] = sum_c g^2; four channel rows per sweep of the accumulators.
 template <typename scalar_t, typename acc_t>
 struct SpatialEnergyTile {
+  static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
                                        int64_t channels, int64_t stride, int64_t n, acc_t* __restrict s_f,
                                        acc_t* __restrict s_g) {
@@ -278,6 +284,7 @@ void with_output_mask(int mask, Fn&& fn) {
 
 template <typename scalar_t, typename acc_t>
 struct StructuredForwardRow {
+  static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict v, acc_t a_ch_c, const acc_t* __restrict a_sp,
                                        int64_t n, scalar_t* __restrict out) {
     for (int64_t p = 0; p < n; ++p) {
@@ -290,6 +297,7 @@ struct StructuredForwardRow {
 // chan[c] = sum_p go v a_sp (through the one-row buffer `row`).
 template <typename scalar_t, typename acc_t>
 struct StructuredBackwardTile {
+  static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict go, const scalar_t* __restrict v,
                                        const acc_t* __restrict a_ch, const acc_t* __restrict a_sp,
                                        int64_t channels, int64_t stride, int64_t n, scalar_t* __restrict dv,
@@ -587,10 +595,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward_cpu(
     const Tensor& grad_loss, const Tensor& f_in, const Tensor& g_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad, c10::string_view reduction,
     bool spatial_chain, std::array<bool, 4> output_mask) {
-  attention::check_feature_pair(f_in, g_in, a_in, b_in);
-  const double scale = attention::reduction_scale(reduction, f_in);
-  const bool reads_pixel_grad = attention::backward_reads_pixel_grad(spatial_chain, output_mask);
-  attention::check_saved_state(f_in, grad_loss, spatial, inv_norm, pixel_grad, reads_pixel_grad);
+  const auto [scale, reads_pixel_grad] = attention::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial,
+                                                                   inv_norm, pixel_grad, reduction, spatial_chain,
+                                                                   output_mask);
   const auto acc_dtype = at::toOpMathType(f_in.scalar_type());
   BackwardTensors t;
   t.f = f_in.contiguous();

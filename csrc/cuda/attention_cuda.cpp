@@ -166,10 +166,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward(
     const Tensor& grad_loss, const Tensor& f_in, const Tensor& g_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad, c10::string_view reduction,
     bool spatial_chain, std::array<bool, 4> output_mask) {
-  host::check_feature_pair(f_in, g_in, a_in, b_in);
-  const double scale = host::reduction_scale(reduction, f_in);
-  const bool reads_pixel_grad = host::backward_reads_pixel_grad(spatial_chain, output_mask);
-  host::check_saved_state(f_in, grad_loss, spatial, inv_norm, pixel_grad, reads_pixel_grad);
+  const auto [scale, reads_pixel_grad] =
+      host::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial, inv_norm, pixel_grad, reduction, spatial_chain,
+                           output_mask);
   glue::check_batch(f_in.size(0), "f");
   [[maybe_unused]] auto device_guard = Device::guard(f_in);
   const BackwardTensors t = backward_tensors(grad_loss, f_in, g_in, a_in, b_in, output_mask);

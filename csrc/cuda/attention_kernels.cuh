@@ -116,7 +116,7 @@ HOST_DEVICE FeatureSlice feature_slice(const AttentionPlan& plan, const ThreadIn
   s.group = index.block_y % plan.groups;
   s.c_begin = s.group * plan.group_channels;
   s.c_end = min_of(plan.channels, s.c_begin + plan.group_channels);
-  s.pixel = (index.block_x * kBlockThreads + index.thread) * kVec;
+  s.pixel = index.first_pixel(kVec);
   s.warp_row = s.image * plan.pixel_warps() + index.block_x * kWarpsPerBlock + index.thread / kWarpSize;
   s.active = s.pixel < plan.pixels;
   return s;
@@ -249,7 +249,7 @@ struct EnergyKernel {
   double* energy;          // out, float64 only (else null): (2, B, H*W) S_f, S_g
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
-    const int64_t image = index.block_y, pixel = index.block_x * kThreads + index.thread;
+    const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double s_f = 0, s_g = 0;
     if (pixel < plan.pixels) {
       for (int64_t group = 0; group < plan.groups; ++group) {
@@ -296,7 +296,7 @@ struct MomentsFinishKernel {
   double* loss_partial;     // out: per warp Σ_p Σ_c D^2
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
-    const int64_t image = index.block_y, pixel = index.block_x * kThreads + index.thread;
+    const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double loss = 0;
     if (pixel < plan.pixels) {
       Moments m;
@@ -327,7 +327,7 @@ struct NormaliseKernel {
   double* spatial;          // in: rows 0, 1 = S_f, S_g; out: (3, B, H*W) Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
-    const int64_t image = index.block_y, pixel = index.block_x * kThreads + index.thread;
+    const int64_t image = index.block_y, pixel = index.first_pixel(1);
     if (pixel >= plan.pixels) return;
     const int64_t at = image * plan.pixels + pixel, map = plan.batch * plan.pixels;
     const double s_f = spatial[at] * inv_exact[image], s_g = spatial[map + at] * inv_exact[plan.batch + image];
@@ -387,7 +387,7 @@ struct DirectFinishKernel {
   double* loss_partial;   // out: per warp Σ_p Σ_c D^2
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
-    const int64_t image = index.block_y, pixel = index.block_x * kThreads + index.thread;
+    const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double loss = 0, p_f = 0, p_g = 0;
     if (pixel < plan.pixels) {
       for (int64_t group = 0; group < plan.groups; ++group) {
@@ -668,7 +668,7 @@ struct GroupSumKernel {
   scalar_t* out;         // out: (B, H*W)
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
-    const int64_t image = index.block_y, pixel = index.block_x * kThreads + index.thread;
+    const int64_t image = index.block_y, pixel = index.first_pixel(1);
     if (pixel >= plan.pixels) return;
     acc_t sum = 0;
     for (int64_t group = 0; group < plan.groups; ++group) {

@@ -85,7 +85,7 @@ struct LogitForwardKernel {
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const int64_t b = index.block_y;
-    const int64_t p0 = (index.block_x * kThreads + index.thread) * kVec;
+    const int64_t p0 = index.first_pixel(kVec);
     acc_t ce_sum = 0, kd_sum = 0;
     int32_t valid = 0;
     if (p0 < in.HW) pixels(b, p0, ce_sum, kd_sum, valid);
@@ -238,7 +238,7 @@ struct LogitBackwardKernel {
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const int64_t b = index.block_y;
-    const int64_t p0 = (index.block_x * kThreads + index.thread) * kVec;
+    const int64_t p0 = index.first_pixel(kVec);
     if (p0 < in.HW) pixels(b, p0);
   }
 
