@@ -1,4 +1,8 @@
-"""``incseg-fast demo --quick``: the files it writes and the structure of results.json."""
+"""``incseg-fast demo --quick``: the files it writes, the structure of results.json, and the demo's point.
+
+The quick demo takes about a minute of one core: it is the test of the whole pipeline (data,
+models, every loss, the CAF module) training long enough to learn something.
+"""
 import json
 
 import pytest
@@ -14,17 +18,18 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def test_quick_demo_writes_results(tmp_path, capsys):
+def test_quick_demo_makes_the_point(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0  # CAF trains without diverging
     printed = capsys.readouterr().out
     assert "| method | step | old (0-15) | new (16-20) | all |" in printed
+    assert "joint (the offline upper bound) runs in the full demo only" in printed
     assert str(out.resolve()) in printed
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib", "caf", "joint"}
+    assert set(results) == {"ft", "mib", "caf"}
     for method, entries in results.items():
-        assert [e["step"] for e in entries] == ([1] if method == "joint" else [0, 1])
+        assert [e["step"] for e in entries] == [0, 1]
         for e in entries:
             assert set(e) == {"step", "miou_old", "miou_new", "miou_all"}
             assert 0.0 <= e["miou_old"] <= 100.0 and 0.0 <= e["miou_all"] <= 100.0
@@ -35,6 +40,13 @@ def test_quick_demo_writes_results(tmp_path, capsys):
     assert results["mib"][0] == results["ft"][0]  # one shared step 0
     for name in ("results.csv", "results.md", "miou.png"):
         assert (out / name).stat().st_size > 0
+
+    # The point, after the last step. Predicting background everywhere scores 5.7 old / 0.0 new,
+    # which is what every method scored when the quick demo was too short to learn anything.
+    ft, mib = results["ft"][-1], results["mib"][-1]
+    assert results["ft"][0]["miou_old"] >= 15, "step 0 learnt little more than the background"
+    assert mib["miou_old"] >= ft["miou_old"] + 10, "mib does not keep the old classes that ft forgets"
+    assert ft["miou_new"] >= 5 and mib["miou_new"] >= 5, "the new classes were not learnt"
 
     # an unchanged demo resumes: nothing is trained again
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/step*.pt")}
