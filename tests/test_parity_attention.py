@@ -225,3 +225,19 @@ def test_structured_attention_gradient_subsets(backend, generator, wanted):
     a_sp = _features(generator, (batch, 1, height, width), torch.float32, device)  # the (B, 1, H, W) form
     grad_out = _features(generator, (batch, channels, height, width), torch.float32, device)
     _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 0, 3, 3), (2, 4, 0, 3)], ids=str)
+def test_empty_features_give_the_defined_result(backend, shape):
+    """A dimension of 0: the loss is 0 for "mean" and "sum", gradients are empty (MATH.md#empty)."""
+    device = device_for(backend)
+    f = torch.randn(shape, device=device, requires_grad=True)
+    a = torch.rand(shape[:2], device=device, requires_grad=True)
+    for reduction in FEATURE_REDUCTIONS:
+        loss = isf.attentive_distillation(f, f.detach() + 1, a, a.detach(), reduction=reduction, backend=backend)
+        assert loss.shape == () and loss.item() == 0.0
+        loss.backward()
+    out = isf.structured_attention(f, a, f.detach().sum(1), backend=backend)
+    assert out.shape == f.shape
+    out.sum().backward()
+    assert f.grad.shape == f.shape and a.grad.shape == a.shape
