@@ -35,7 +35,7 @@ bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 report: setup
-	$(PY) -m benchmarks.report
+	$(PY) -m incseg_fast.bench
 
 # The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half.
 cuda-check: $(STAMP_DEPS)

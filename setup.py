@@ -1,7 +1,10 @@
-"""Build for incseg_fast and its compiled extension ``incseg_fast._C``.
+"""Build of the compiled extension ``incseg_fast._C`` (name, version and packages: pyproject.toml).
+
+The extension is built against the torch already installed, with CUDA when that torch has CUDA and
+a toolkit is found: install with ``pip install --no-build-isolation .`` (or ``-e .``).
 
 Environment switches:
-  INCSEG_SKIP_EXT=1    install the pure-Python package (reference and Triton backends only)
+  INCSEG_SKIP_EXT=1    install the pure-Python package (the reference backend only)
   INCSEG_FORCE_CUDA=1  compile csrc/cuda/*.cu even when torch reports no CUDA device/toolkit
   INCSEG_DEBUG=1       build with -O0 -g
   TORCH_CUDA_ARCH_LIST GPU architectures of the CUDA kernels (default: the visible GPUs', else "8.0;9.0")
@@ -10,7 +13,7 @@ Environment switches:
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,10 +37,26 @@ def _default_cuda_arch_list(torch):
     print(f"incseg_fast: TORCH_CUDA_ARCH_LIST={arch_list} ({why}; set it to choose)", flush=True)
 
 
+def _import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        raise SystemExit(f"incseg_fast builds its extension against the torch already installed, and none imports "
+                         f"({error}): install torch first, then `pip install --no-build-isolation .`") from error
+    return torch
+
+
+def _check_cuda_home(cuda_home):
+    """torch derives CUDA_HOME from where nvcc is found; a wrapper script outside the toolkit misleads it."""
+    if not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        raise SystemExit(f"incseg_fast: CUDA_HOME={cuda_home} has no include/cuda_runtime_api.h; set CUDA_HOME to "
+                         "the CUDA toolkit (e.g. /usr/local/cuda), or INCSEG_SKIP_EXT=1 / a CPU torch for no CUDA")
+
+
 def _extensions():
     if _flag("INCSEG_SKIP_EXT"):
         return [], {}
-    import torch
+    torch = _import_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("INCSEG_DEBUG")
@@ -54,6 +73,7 @@ def _extensions():
     macros = []
     ext_cls = CppExtension
     if use_cuda:
+        _check_cuda_home(CUDA_HOME or "")
         sources += cuda_sources
         _default_cuda_arch_list(torch)
         # No --use_fast_math: it turns expf/logf and divisions into approximate intrinsics whose error
@@ -76,10 +96,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="incseg_fast",
-    version="0.1.0",
-    packages=find_packages(include=["incseg_fast", "incseg_fast.*", "benchmarks"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

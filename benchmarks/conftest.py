@@ -1,11 +1,11 @@
-"""pytest-benchmark suite options and parametrisation: every case of ``benchmarks.cases`` times
+"""pytest-benchmark suite options and parametrisation: every case of ``incseg_fast.bench.cases`` times
 every provider, forward and forward+backward.
 
     .venv/bin/python -m pytest -q benchmarks --benchmark-only [--bench-quick] [--bench-dtype bf16]
 """
 import torch
 
-from benchmarks import cases as bench_cases
+from incseg_fast.bench import cases as bench_cases
 
 
 def pytest_addoption(parser):

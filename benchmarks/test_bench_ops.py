@@ -2,14 +2,14 @@
 
 Each benchmark group is one case and phase, so pytest-benchmark's table compares the providers.
 The max relative error against the float64 reference goes into ``extra_info`` (correctness is
-asserted by ``tests/``, not here). ``python -m benchmarks.report`` gives the fuller picture:
+asserted by ``tests/``, not here). ``python -m incseg_fast.bench`` gives the fuller picture:
 interleaved timing, memory and bandwidth.
 """
 import pytest
 import torch
 
-from benchmarks import cases as bench_cases
-from benchmarks import measure
+from incseg_fast.bench import cases as bench_cases
+from incseg_fast.bench import measure
 
 
 def _synchronized(target, device):

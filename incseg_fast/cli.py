@@ -142,10 +142,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(rest) -> int:
-    try:
-        from benchmarks.report import main as report_main
-    except ImportError as exc:
-        raise SystemExit(f"bench needs the repository's benchmarks package (run from the repository root): {exc}")
+    from .bench.report import main as report_main  # imported on use: it loads the profiler
+
     return report_main(rest) or 0
 
 
@@ -186,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust when other jobs share the cores)")
 
-    sub.add_parser("bench", help="benchmark report (benchmarks.report); options after 'bench' go to it",
-                   description="Runs python -m benchmarks.report with the remaining arguments.", add_help=False)
+    sub.add_parser("bench", help="benchmark report (incseg_fast.bench); options after 'bench' go to it",
+                   description="Runs python -m incseg_fast.bench with the remaining arguments.", add_help=False)
     return parser
 
 

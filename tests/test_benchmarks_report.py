@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import cases, measure, report
+from incseg_fast.bench import cases, measure, report
 
 
 def test_cpu_peak_memory_counter_is_exact():

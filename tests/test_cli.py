@@ -67,9 +67,8 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
 
 def test_bench_forwards_its_arguments(monkeypatch):
     seen = []
-    fake = types.ModuleType("benchmarks.report")
+    fake = types.ModuleType("incseg_fast.bench.report")
     fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "benchmarks", types.ModuleType("benchmarks"))
-    monkeypatch.setitem(sys.modules, "benchmarks.report", fake)
+    monkeypatch.setitem(sys.modules, "incseg_fast.bench.report", fake)
     assert main(["bench", "--quick", "--out", "x"]) == 3
     assert seen == [["--quick", "--out", "x"]]

@@ -345,7 +345,7 @@ def bench(check, dtype, later, share):
     _remove(json_path, markdown_path)  # a report left by an earlier run must not be read as this one's
     # --dtype also for fp32: without it voc512 runs in bf16 as well. --max-seconds: the report starts
     # no case after that; one still running at the limit is interrupted and the report keeps the others.
-    command = [sys.executable, "-m", "benchmarks.report", "--device", "cuda", "--sizes", BENCH_SIZES,
+    command = [sys.executable, "-m", "incseg_fast.bench", "--device", "cuda", "--sizes", BENCH_SIZES,
                "--dtype", dtype, "--json", json_path, "--markdown", markdown_path,
                "--max-seconds", str(max(limit - 20, 1))]
     status, text, seconds, timed_out = check.run(step, command, limit)

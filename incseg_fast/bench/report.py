@@ -1,6 +1,6 @@
 """Benchmark report: every op and size through every provider, interleaved in one process.
 
-    python -m benchmarks.report [--quick] [--ops a,b] [--sizes voc,ade] [--dtype fp32|bf16]
+    python -m incseg_fast.bench [--quick] [--ops a,b] [--sizes voc,ade] [--dtype fp32|bf16]
                                 [--providers eager,compiled,cpu] [--max-seconds S]
                                 [--json PATH] [--markdown PATH]
 
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from benchmarks import cases as bench_cases
-from benchmarks import measure
+from incseg_fast.bench import cases as bench_cases
+from incseg_fast.bench import measure
 
 LOGIT_OPS_MEMORY_LIMIT = 1.25  # issue #3: fused fwd+bwd peak extra memory <= 1.25 x logits
 
@@ -36,7 +36,7 @@ def _names(text):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m incseg_fast.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="small odd sizes and few repetitions (a smoke test)")
     parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")

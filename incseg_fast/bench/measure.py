@@ -18,7 +18,7 @@ import torch
 from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.cases import run_forward_backward
+from incseg_fast.bench.cases import run_forward_backward
 
 
 # ---------------------------------------------------------------------------------------------

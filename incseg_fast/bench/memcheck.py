@@ -1,6 +1,6 @@
 """Cross-check of the CPU peak-memory figure against the kernel's peak-RSS counter.
 
-    python -m benchmarks.memcheck [--ops a,b] [--sizes voc,...] [--quick]
+    python -m incseg_fast.bench.memcheck [--ops a,b] [--sizes voc,...] [--quick]
 
 The report's CPU peak comes from the allocator events that ``torch.profiler`` records, which
 miss memory that does not go through torch's allocator (a kernel's own ``malloc``/``new``).
@@ -15,8 +15,8 @@ import argparse
 import ctypes
 import sys
 
-from benchmarks import cases as bench_cases
-from benchmarks import measure
+from incseg_fast.bench import cases as bench_cases
+from incseg_fast.bench import measure
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also stops its dynamic adjustment
 MMAP_THRESHOLD_BYTES = 64 * 1024
@@ -40,7 +40,7 @@ def rss_peak_extra_bytes(fn):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memcheck", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m incseg_fast.bench.memcheck", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ops", type=lambda s: s.split(","))
     parser.add_argument("--sizes", type=lambda s: s.split(","))
