@@ -146,7 +146,7 @@ def gamma(g, x, name="gamma"):
 
 
 def feature_pair(f, g, a, b):
-    """SPEC 3.1: f, g (B, C, H, W); a, b (B, C); one dtype and device."""
+    """MATH.md#ad: f, g (B, C, H, W); a, b (B, C); one dtype and device."""
     float_tensor(f, "f", 4)
     float_tensor(g, "g", 4)
     same_device_dtype(g, "g", f, "f")
@@ -160,7 +160,7 @@ def feature_pair(f, g, a, b):
 
 
 def structured_attention_args(v, a_ch, a_sp):
-    """SPEC 3.2: v (B, C, H, W), a_ch (B, C), a_sp (B, H, W) or (B, 1, H, W). Returns a_sp as (B, H, W)."""
+    """MATH.md#sab: v (B, C, H, W), a_ch (B, C), a_sp (B, H, W) or (B, 1, H, W). Returns a_sp as (B, H, W)."""
     float_tensor(v, "v", 4)
     B, C, H, W = v.shape
     float_tensor(a_ch, "a_ch", 2)

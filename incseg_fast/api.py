@@ -1,7 +1,7 @@
 """The public functions: validate once, pick the backend, call it.
 
-Every logit loss (SPEC §2) goes through one backend function, ``logit_losses``, whose canonical
-arguments are described in DEVELOPERS.md; the attention ops (SPEC §3) have one each.
+Every logit loss (MATH.md#logit-losses) goes through one backend function, ``logit_losses``, whose canonical
+arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-losses) have one each.
 """
 from . import _validate as check
 from ._backends import available_backends, resolve
@@ -64,7 +64,7 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
 
 
 def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean", backend="auto"):
-    """SPEC 2.1 (MiB's unbiased cross-entropy): old classes and background share the background label.
+    """MATH.md#unce (MiB's unbiased cross-entropy): old classes and background share the background label.
 
     ``x`` (B, C, H, W) logits, ``t`` (B, H, W) labels, ``old_classes`` = Co. With Co == 1 this is
     ordinary cross-entropy. ``reduction="mean"`` divides by the non-ignored pixels (0 if none).
@@ -79,7 +79,7 @@ def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
 
 
 def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
-    """SPEC 2.2 (LwF / ILT's output distillation, as MiB implements it).
+    """MATH.md#kd (LwF / ILT's output distillation, as MiB implements it).
 
     ``y`` (B, Co, H, W) old-model logits; the new logits are narrowed to their first Co channels.
     ``mask`` (B, H, W) bool or float weights the per-pixel loss; ``"mean"`` is over all pixels.
@@ -88,12 +88,12 @@ def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", back
 
 
 def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
-    """SPEC 2.3 (MiB's unbiased distillation): the old background matches background + new classes."""
+    """MATH.md#unkd (MiB's unbiased distillation): the old background matches background + new classes."""
     return _distillation("unbiased", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, backend=backend)
 
 
 def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, backend="auto"):
-    """SPEC 2.4 (CAF's balanced distillation): the background term weighted per image by gamma.
+    """MATH.md#bkd (CAF's balanced distillation): the background term weighted per image by gamma.
 
     ``gamma`` (B,) may be given; otherwise it is computed from ``y`` (no gradient).
     """
@@ -102,7 +102,7 @@ def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
 
 def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
                      ignore_index=255, backend="auto"):
-    """SPEC 2.6: the classification and distillation terms in one fused op, each reduced with "mean".
+    """MATH.md#incremental-loss: the classification and distillation terms in one fused op, each reduced with "mean".
 
     Returns ``(ce, kd)``, two differentiable scalars: write ``loss = ce + lambda_kd * kd``.
     ``ce`` in {"unbiased", "plain"}; ``kd`` in {"unbiased", "balanced", "plain", "none"} (``y`` may be
@@ -117,7 +117,7 @@ def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alph
 
 
 def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False, backend="auto"):
-    """SPEC 3.1 (CAF's attentive distillation) for one feature pair.
+    """MATH.md#ad (CAF's attentive distillation) for one feature pair.
 
     ``f``, ``g`` (B, C, H, W) new and old features; ``a``, ``b`` (B, C) their channel attentions.
     Returns mean (or sum) of ``((a ⊗ Ŝ_f + 1) f - (b ⊗ Ŝ_g + 1) g)^2``.
@@ -131,7 +131,7 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
 
 
 def structured_attention(v, a_ch, a_sp, *, backend="auto"):
-    """SPEC 3.2 (CAF's structured attention block): ``(1 + a_ch ⊗ a_sp) * v``.
+    """MATH.md#sab (CAF's structured attention block): ``(1 + a_ch ⊗ a_sp) * v``.
 
     ``v`` (B, C, H, W), ``a_ch`` (B, C), ``a_sp`` (B, H, W) or (B, 1, H, W); output like ``v``.
     """

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix (SPEC §4)."""
+"""Segmentation metrics from one confusion matrix (DATA.md#protocol)."""
 import torch
 
 __all__ = ["ConfusionMatrix"]

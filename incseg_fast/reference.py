@@ -1,4 +1,4 @@
-"""The reference path: SPEC §2–3 in plain PyTorch, differentiated by autograd.
+"""The reference path: docs/MATH.md in plain PyTorch, differentiated by autograd.
 
 This module defines the math. Every other backend is tested against it, run on float64
 copies of the inputs. It favours clarity over speed and materialises what it needs.
@@ -29,7 +29,7 @@ def _upcast(t):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-pixel terms (SPEC §2). Each returns a (B, H, W) map.
+# Per-pixel terms (MATH.md#logit-losses). Each returns a (B, H, W) map.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -52,7 +52,7 @@ def ignored(target, ignore_index):
 
 
 def _cross_entropy_map(x, target, old_classes, ignore_index, unbiased):
-    """SPEC 2.1 (unbiased) or plain cross-entropy; 0 at ignored pixels."""
+    """MATH.md#unce (unbiased) or plain cross-entropy; 0 at ignored pixels."""
     valid = ~ignored(target, ignore_index)
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
     lse = torch.logsumexp(x, dim=1)
@@ -69,7 +69,7 @@ def _teacher_probabilities(y, alpha):
 
 
 def _kd_map(x, y, alpha):
-    """SPEC 2.2: -(1/Co) sum_{c<Co} q_c log softmax(x_{<Co})_c."""
+    """MATH.md#kd: -(1/Co) sum_{c<Co} q_c log softmax(x_{<Co})_c."""
     old_classes = y.shape[1]
     log_s = torch.log_softmax(x[:, :old_classes], dim=1)
     q = _teacher_probabilities(y, alpha)
@@ -77,7 +77,7 @@ def _kd_map(x, y, alpha):
 
 
 def _unbiased_kd_map(x, y, alpha, gamma=None):
-    """SPEC 2.3, and 2.4 when ``gamma`` (B,) weights the background term."""
+    """MATH.md#unkd, and 2.4 when ``gamma`` (B,) weights the background term."""
     old_classes = y.shape[1]
     q = _teacher_probabilities(y, alpha)
     lse = torch.logsumexp(x, dim=1)
@@ -89,7 +89,7 @@ def _unbiased_kd_map(x, y, alpha, gamma=None):
 
 
 def balanced_gamma(y):
-    """SPEC 2.4: gamma_b = (sum_{c>=1} g_c) / g_0 with g = softmax_c(mean_{h,w} y[b, c]).
+    """MATH.md#bkd: gamma_b = (sum_{c>=1} g_c) / g_0 with g = softmax_c(mean_{h,w} y[b, c]).
 
     Uses the raw teacher logits (no alpha). Carries no gradient. Returns (B,) in the
     computation dtype of ``y``.
@@ -103,7 +103,7 @@ def balanced_gamma(y):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reductions (SPEC 2.1 and 2.5).
+# Reductions (MATH.md#reductions).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -139,7 +139,7 @@ def _reduce_distillation(loss_map, mask, reduction):
 
 
 def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
-    """Both terms of SPEC 2 in one call; see DEVELOPERS.md for the canonical arguments."""
+    """Both terms of MATH.md#logit-losses in one call; see DEVELOPERS.md for the canonical arguments."""
     x = _upcast(x)
     B, _, H, W = x.shape
     zeros = x.new_zeros((B, H, W)) if reduction == "none" else x.new_zeros(())
@@ -195,19 +195,19 @@ def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
 
 def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
                      ignore_index=255):
-    """SPEC 2.6: (ce, kd), both reduced with 'mean'."""
+    """MATH.md#incremental-loss: (ce, kd), both reduced with 'mean'."""
     gamma = balanced_gamma(y) if kd == "balanced" else None
     return logit_losses(x, t, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
                         ignore_index=ignore_index, reduction="mean")
 
 
 # ---------------------------------------------------------------------------------------------
-# Attentive spatial/channel weighting (SPEC §3).
+# Attentive spatial/channel weighting (MATH.md#feature-losses).
 # ---------------------------------------------------------------------------------------------
 
 
 def spatial_attention(m):
-    """SPEC 3.1 / CAF eq. 6: Ŝ = S / ||S||_F with S = sum_c m_c^2, and Ŝ = 0 where the norm is 0.
+    """MATH.md#ad / CAF eq. 6: Ŝ = S / ||S||_F with S = sum_c m_c^2, and Ŝ = 0 where the norm is 0.
 
     Written so that an all-zero map has finite (zero) gradients.
     """
@@ -226,7 +226,7 @@ def _attend(m, channel_attention, detach_spatial):
 
 
 def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False):
-    """SPEC 3.1 / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2."""
+    """MATH.md#ad / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2."""
     f, g, a, b = (_upcast(t) for t in (f, g, a, b))
     diff = _attend(f, a, detach_spatial) - _attend(g, b, detach_spatial)
     squared = diff * diff
@@ -234,6 +234,6 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
 
 
 def structured_attention(v, a_ch, a_sp):
-    """SPEC 3.2: (1 + a_ch ⊗ a_sp) * v, returned in v's dtype."""
+    """MATH.md#sab: (1 + a_ch ⊗ a_sp) * v, returned in v's dtype."""
     out = (1 + _upcast(a_ch)[:, :, None, None] * _upcast(a_sp)[:, None]) * _upcast(v)
     return out.to(v.dtype)

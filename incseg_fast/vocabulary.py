@@ -5,7 +5,7 @@ all import these names from here (the C++ side parses the same strings in csrc/c
 """
 import torch
 
-# Modes of the fused logit-loss op (SPEC 2): "none" switches a term off.
+# Modes of the fused logit-loss op (MATH.md#logit-losses): "none" switches a term off.
 CE_MODES = ("unbiased", "plain", "none")
 KD_MODES = ("unbiased", "balanced", "plain", "none")
 REDUCTIONS = ("mean", "sum", "none")

@@ -1,4 +1,4 @@
-"""Parity of every non-reference backend with incseg_fast.reference for the attention ops (SPEC 3).
+"""Parity of every non-reference backend with incseg_fast.reference for the attention ops (MATH.md#feature-losses).
 
 Each backend runs through the public API on fresh random inputs; the reference runs on float64
 copies of the same values. Triton without a GPU runs in its interpreter on CPU tensors, which is

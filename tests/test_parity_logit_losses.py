@@ -1,4 +1,4 @@
-"""Parity of every non-reference backend with incseg_fast.reference for the logit losses (SPEC 2).
+"""Parity of every non-reference backend with incseg_fast.reference for the logit losses (MATH.md#logit-losses).
 
 Each backend runs through the public API on fresh random inputs; the reference runs on float64
 copies of the same values. Losses and dL/dx are compared, with random upstream gradients (random

@@ -1,8 +1,8 @@
-"""The reference path against SPEC §2–3, checked three independent ways:
+"""The reference path against docs/MATH.md, checked three independent ways:
 
 1. small cases computed by hand (numbers in the test);
 2. MiB-style eager chains, written the way MiB's utils/loss.py computes them;
-3. the analytic per-pixel gradients written in SPEC, against autograd; plus gradcheck in float64.
+3. the analytic per-pixel gradients written in MATH.md, against autograd; plus gradcheck in float64.
 """
 import math
 
@@ -214,12 +214,12 @@ def test_all_ignored_batch_gives_zero_loss_and_grad(generator):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. SPEC's analytic gradients and gradcheck.
+# 3. MATH.md's analytic gradients and gradcheck.
 # ---------------------------------------------------------------------------------------------
 
 
 def _spec_gradient(x, t, y, mask, gamma, Co, ce, kd, alpha):
-    """dl/dx per pixel from the formulas in SPEC 2.1–2.4 (the loss maps are independent per pixel)."""
+    """dl/dx per pixel from the formulas in MATH.md#unce to #bkd (the loss maps are independent per pixel)."""
     C = x.shape[1]
     p = torch.softmax(x, dim=1)
     grad = torch.zeros_like(x)
@@ -242,7 +242,7 @@ def _spec_gradient(x, t, y, mask, gamma, Co, ce, kd, alpha):
         if kd == "plain":
             g_kd[:, :Co] = torch.softmax(x[:, :Co], dim=1) - q
         else:
-            # SPEC 2.3 with the background term weighted by gamma (2.4): differentiating
+            # MATH.md#unkd with the background term weighted by gamma (2.4): differentiating
             # -(1/Co)[gamma q0 (lse_bg - lse) + sum_{1<=c<Co} q_c (x_c - lse)] gives
             # (1/Co)[(gamma q0 + 1 - q0) p_c - gamma q0 [c in bgset] p_bg_c - [1<=c<Co] q_c].
             weight = gamma.view(-1, 1, 1) if kd == "balanced" else torch.ones_like(q[:, 0])

@@ -44,7 +44,7 @@ def assert_close_scaled(actual, expected, dtype, what):
 
 
 # ---------------------------------------------------------------------------------------------
-# Logit losses (SPEC §2) through the backend contract.
+# Logit losses (MATH.md#logit-losses) through the backend contract.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -189,7 +189,7 @@ def test_public_api_uses_triton_backend(generator):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention ops (SPEC §3).
+# Attention ops (MATH.md#feature-losses).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,7 +284,7 @@ def test_attentive_distillation_nearly_identical_pair_keeps_precision(generator,
 
 
 def test_attentive_distillation_all_zero_image_has_finite_gradients(generator):
-    """Ŝ = 0 where the norm is 0 (SPEC 3.1); the gradient must stay finite and match the reference."""
+    """Ŝ = 0 where the norm is 0 (MATH.md#ad); the gradient must stay finite and match the reference."""
     B, C, H, W = 2, 6, 3, 4
     f, g = random(generator, B, C, H, W, dtype=torch.float32), random(generator, B, C, H, W, dtype=torch.float32)
     f[1] = 0.0

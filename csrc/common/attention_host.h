@@ -1,5 +1,5 @@
 #pragma once
-// Host side of attentive distillation (SPEC 3.1) and structured attention (SPEC 3.2) shared by
+// Host side of attentive distillation (MATH.md#ad) and structured attention (MATH.md#sab) shared by
 // every device's torch glue: argument checks, the reduction scale, the checks of the state the
 // forward saves for the backward, and output allocation. No kernels and nothing CPU-specific:
 // CUDA glue includes it too. Schemas and the saved-state layout are in csrc/ops.cpp:

@@ -1,6 +1,6 @@
 #pragma once
-// Per-element math of attentive distillation (SPEC 3.1, CAF eq. 5-8) and structured attention
-// (SPEC 3.2, CAF eq. 1-4), shared by the CPU kernels and any CUDA kernel.
+// Per-element math of attentive distillation (MATH.md#ad, CAF eq. 5-8) and structured attention
+// (MATH.md#sab, CAF eq. 1-4), shared by the CPU kernels and any CUDA kernel.
 //
 // Notation (per image b, channel c, pixel p; acc_t is float, or double for float64 inputs):
 //   s_f = Ŝ_f[b,p], s_g = Ŝ_g[b,p]                       normalised spatial attention

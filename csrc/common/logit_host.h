@@ -1,5 +1,5 @@
 #pragma once
-// Host side of the logit-loss ops (SPEC 2) shared by every device's torch glue: mode parsing,
+// Host side of the logit-loss ops (MATH.md#logit-losses) shared by every device's torch glue: mode parsing,
 // argument checks, output shapes and allocation, reduction scales. No kernels and nothing
 // CPU-specific (no OpenMP, no cpu/toolkit.h): CUDA glue includes it too.
 //

@@ -1,5 +1,5 @@
 #pragma once
-// Per-pixel arithmetic of the logit losses (SPEC 2), shared by the CPU and CUDA kernels.
+// Per-pixel arithmetic of the logit losses (MATH.md#logit-losses), shared by the CPU and CUDA kernels.
 //
 // A kernel reduces each pixel's C logits (and Co teacher logits) to a handful of running
 // maxima and exp-sums, turns them into the per-pixel statistics below with `finish_*`, and in
@@ -7,7 +7,7 @@
 // weigh a few per-channel exponentials (`logit_grad`). Everything here works on scalars so that
 // the CPU kernels, which loop over a tile of contiguous pixels, auto-vectorise across pixels.
 //
-// Notation (SPEC 1): lse over all C channels, lse_old over [0, Co), lse_bg over {0} U [Co, C),
+// Notation (MATH.md#notation): lse over all C channels, lse_old over [0, Co), lse_bg over {0} U [Co, C),
 // q = softmax(alpha * y) over the Co teacher channels, lse_q its log-normaliser.
 #include <cmath>
 #include <cstdint>
@@ -145,7 +145,7 @@ LOGIT_MATH StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum
   return s;
 }
 
-// SPEC 2.1 at a non-ignored pixel with label t; x_t is the label's logit.
+// MATH.md#unce at a non-ignored pixel with label t; x_t is the label's logit.
 template <typename T>
 LOGIT_MATH T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const StudentStats<T>& s, T x_t) {
   if (mode == CeMode::kUnbiased && t < old_classes) return s.lse - s.lse_old;
@@ -188,7 +188,7 @@ LOGIT_MATH KdFactors<T> kd_factors(KdMode mode, T gamma) {
   return f;
 }
 
-// SPEC 2.2-2.4 at one pixel, before the mask: -(1/Co) sum_c q_c log(student prob of c), with
+// MATH.md#kd to #bkd at one pixel, before the mask: -(1/Co) sum_c q_c log(student prob of c), with
 // the mode given by kd_factors:
 //   plain:              sum_{c<Co} q_c (x_c - lse_old)
 //   unbiased, balanced: g q_0 (lse_bg - lse) + sum_{1<=c<Co} q_c (x_c - lse)

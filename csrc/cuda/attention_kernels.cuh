@@ -1,5 +1,5 @@
 #pragma once
-// The CUDA kernels of attentive distillation (SPEC 3.1) and structured attention (SPEC 3.2), as
+// The CUDA kernels of attentive distillation (MATH.md#ad) and structured attention (MATH.md#sab), as
 // HOST_DEVICE bodies (common/grid.h), and the order in which each op runs them. attention_kernels.cu
 // launches them on the GPU; attention_cuda.cpp also runs them on the CPU, thread by thread
 // (incseg_fast_cuda_emulator), so that the tests check them without a GPU. The per-element math is

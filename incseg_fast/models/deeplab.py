@@ -137,12 +137,12 @@ class NonLocalProjection(nn.Module):
 
 
 class ContinualAttentiveFusion(nn.Module):
-    """CAF's module (SPEC 3.2): project the new (and, while training, the old) encoder
+    """CAF's module (MATH.md#sab): project the new (and, while training, the old) encoder
     features with a non-local block, fuse them with a 1x1 conv, and reweight the result with
     the structured attention ``(1 + A_CH (x) A_SP) * v``.
 
     Without old features (step 0, evaluation) the fusion is skipped, the paper's "skip"
-    strategy. A_SP and A_CH use SPEC 3.2's collapsed form (a one-output 1x1 conv and a
+    strategy. A_SP and A_CH use MATH.md#sab's collapsed form (a one-output 1x1 conv and a
     matrix-vector product on the pooled features), each followed by a sigmoid gate, so the
     structured attention ``1 + A_CH (x) A_SP`` stays in (1, 2), as the attention of the
     attentive distillation does (sigmoid channel attention, normalised spatial map) and as the

@@ -1,4 +1,4 @@
-"""Fake kernels, autograd and contract wrappers of the attention ops (SPEC 3), written once for every namespace.
+"""Fake kernels, autograd and contract wrappers of the attention ops (MATH.md#feature-losses), written once for every namespace.
 
 The forward op of attentive distillation returns, besides the loss, the small per-pixel state its
 backward needs (the normalised spatial maps Ŝ_f, Ŝ_g and their difference, 1/N per image and, when
@@ -19,7 +19,7 @@ def _empty_unless(wanted, like, shape=None, dtype=None):
     return like.new_empty(shape if wanted else (0,), dtype=dtype or like.dtype)
 
 
-# ---- attentive distillation (SPEC 3.1) ----
+# ---- attentive distillation (MATH.md#ad) ----
 
 
 def _attentive_distillation_forward_fake(f, g, a, b, reduction, save_spatial_grad):
@@ -69,7 +69,7 @@ def attentive_distillation(ops, f, g, a, b, *, reduction, detach_spatial):
     return loss
 
 
-# ---- structured attention (SPEC 3.2) ----
+# ---- structured attention (MATH.md#sab) ----
 
 
 def _structured_attention_fake(v, a_ch, a_sp):

@@ -1,4 +1,4 @@
-"""Triton kernels for CAF's attentive distillation and structured attention (SPEC §3).
+"""Triton kernels for CAF's attentive distillation and structured attention (MATH.md#feature-losses).
 
 Tiles are (BLOCK_C channels, BLOCK_P contiguous pixels) of one image, looping over the channel
 tiles of one channel group. Per-pixel quantities (S = sum_c f^2, P = sum_c D a f) are reduced
@@ -38,7 +38,7 @@ def _program_tile(HW, channels_per_group, C, BLOCK_P: tl.constexpr):
     return b, p, p < HW, c_start, c_stop
 
 
-# Structured attention (SPEC 3.2): out = (1 + a_ch[b,c] a_sp[b,p]) v[b,c,p].
+# Structured attention (MATH.md#sab): out = (1 + a_ch[b,c] a_sp[b,p]) v[b,c,p].
 @triton.jit
 def _structured_attention_fwd_kernel(
     v_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, HW, channels_per_group,
@@ -153,7 +153,7 @@ def structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attentive distillation (SPEC 3.1):
+# Attentive distillation (MATH.md#ad):
 #   S_f[p] = sum_c f_c^2,  N_f = sqrt(sum_p S_f^2),  Ŝ_f = S_f / N_f (0 where N_f = 0),
 #   D = (a Ŝ_f + 1) f - (b Ŝ_g + 1) g,  L = sum D^2 (/ B C H W for "mean").
 # When the old model nearly matches the new one (g ≈ f, b ≈ a: right after a step starts) D is a

@@ -1,4 +1,4 @@
-"""Triton kernels for the logit losses of SPEC §2 (UNCE / CE and KD / UNKD / BKD), fused.
+"""Triton kernels for the logit losses of MATH.md#logit-losses (UNCE / CE and KD / UNKD / BKD), fused.
 
 One forward pass reads x, y and t once and writes the two loss terms (per-pixel maps, or one
 partial sum per program that a one-program kernel adds up in a fixed order) plus the per-pixel
@@ -169,7 +169,7 @@ def _logit_losses_fwd_kernel(
 #   d CE/dx_c   = e(lse)_c - [c==t]
 #   d KD/dx_c   = (m/Co) [c<Co] (e(lse_old)_c - q_c)
 #   d BKD/dx_c  = (m/Co) ((gamma q_0 + 1 - q_0) e(lse)_c - gamma q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
-#                 (UNKD: gamma = 1, which is SPEC's p_c - q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
+#                 (UNKD: gamma = 1, which is MATH.md#unkd's p_c - q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
 # with q_c = exp(alpha y_c - lse_t). Scaled by the upstream gradients w_ce and w_kd (divided by the
 # number of valid pixels, resp. B*H*W, for "mean"), dL/dx is a sum of per-pixel coefficients times
 #   coef_p e(lse) + coef_old [c<Co] e(lse_old) + coef_bg [c in bg] e(lse_bg) - w_target [c==t] - w_kd' q_c.
