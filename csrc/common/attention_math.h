@@ -64,19 +64,45 @@ struct Moments {
   double ub = 0;  // Σuβ
   double ab = 0;  // Σαβ
 
-  // Adds channel c's element: features f, g and channel attentions a_c, b_c.
-  HOST_DEVICE void add(double f, double g, double a_c, double b_c) {
-    const double u = f - g, alpha = a_c * f, beta = b_c * g;
-    ff += f * f;
-    gg += g * g;
-    uu += u * u;
-    aa += alpha * alpha;
-    bb += beta * beta;
-    ua += u * alpha;
-    ub += u * beta;
-    ab += alpha * beta;
-  }
+  // Adds one element (one channel): features f, g and channel attentions a_c, b_c.
+  HOST_DEVICE void add(double f, double g, double a_c, double b_c);
 };
+
+// sum_k x_k y_k over kN elements, in element order.
+template <int kN>
+HOST_DEVICE double moment_dot(const double (&x)[kN], const double (&y)[kN]) {
+  double sum = x[0] * y[0];
+  for (int k = 1; k < kN; ++k) sum += x[k] * y[k];
+  return sum;
+}
+
+// Adds kN elements (channels) of one pixel to its eight sums: features f, g and channel attentions
+// a_c, b_c. `Sums` is Moments, or any type with the same eight members (the CPU kernel's refer to
+// its per-pixel rows). Each sum gets its elements' products, added together, right after they are
+// formed: a vectorised CPU loop then keeps few values live instead of spilling.
+template <int kN, typename Sums>
+HOST_DEVICE void add_moments(Sums&& m, const double (&f)[kN], const double (&g)[kN], const double (&a_c)[kN],
+                             const double (&b_c)[kN]) {
+  double u[kN], alpha[kN], beta[kN];
+  for (int k = 0; k < kN; ++k) {
+    u[k] = f[k] - g[k];
+    alpha[k] = a_c[k] * f[k];
+    beta[k] = b_c[k] * g[k];
+  }
+  m.ff += moment_dot(f, f);
+  m.gg += moment_dot(g, g);
+  m.uu += moment_dot(u, u);
+  m.aa += moment_dot(alpha, alpha);
+  m.bb += moment_dot(beta, beta);
+  m.ua += moment_dot(u, alpha);
+  m.ub += moment_dot(u, beta);
+  m.ab += moment_dot(alpha, beta);
+}
+
+HOST_DEVICE void Moments::add(double f, double g, double a_c, double b_c) {
+  const double fs[1] = {f}, gs[1] = {g}, as[1] = {a_c}, bs[1] = {b_c};
+  add_moments(*this, fs, gs, as, bs);
+}
 
 // 1/N from N^2 = sum_p S^2, and 0 for an all-zero map (where Ŝ is the constant 0).
 template <typename acc_t>

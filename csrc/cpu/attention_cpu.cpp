@@ -67,6 +67,7 @@ namespace {
 
 namespace cpu = incseg::cpu;
 using at::Tensor;
+using attention::add_moments;
 using attention::attended_difference;
 using attention::feature_grad;
 using attention::Moments;
@@ -146,9 +147,13 @@ struct SpatialEnergyTile {
 // eight rows (B, kMomentRows, H*W) so that the pixel loops vectorise.
 enum MomentRow : int64_t { kFF, kGG, kUU, kAA, kBB, kUA, kUB, kAB, kMomentRows };
 
+// One pixel's eight sums where they live, in the rows (the Sums of attention::add_moments).
+struct MomentRefs {
+  double &ff, &gg, &uu, &aa, &bb, &ua, &ub, &ab;
+};
+
 // Adds kChannels consecutive channel rows to each pixel's moments. The eight accumulator rows are
-// the loop's memory traffic (so several channels go per sweep) and are separate restrict
-// parameters (so that the compiler vectorises).
+// the loop's memory traffic, so several channels go per sweep.
 template <int kChannels, typename scalar_t>
 INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const scalar_t* __restrict g,
                                          const float* a, const float* b, int64_t stride, int64_t n,
@@ -160,19 +165,16 @@ INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const sca
     a_k[k] = a[k];
     b_k[k] = b[k];
   }
+  // Through MomentRefs the compiler can no longer tell the eight rows apart (restrict does not
+  // carry into struct members); each row element is touched by its own pixel only, so:
+#pragma GCC ivdep
   for (int64_t p = 0; p < n; ++p) {
-    Moments m{ff[p], gg[p], uu[p], aa[p], bb[p], ua[p], ub[p], ab[p]};
+    double f_k[kChannels], g_k[kChannels];
     for (int k = 0; k < kChannels; ++k) {
-      m.add(load<float>(f, p + k * stride), load<float>(g, p + k * stride), a_k[k], b_k[k]);
+      f_k[k] = load<float>(f, p + k * stride);
+      g_k[k] = load<float>(g, p + k * stride);
     }
-    ff[p] = m.ff;
-    gg[p] = m.gg;
-    uu[p] = m.uu;
-    aa[p] = m.aa;
-    bb[p] = m.bb;
-    ua[p] = m.ua;
-    ub[p] = m.ub;
-    ab[p] = m.ab;
+    add_moments(MomentRefs{ff[p], gg[p], uu[p], aa[p], bb[p], ua[p], ub[p], ab[p]}, f_k, g_k, a_k, b_k);
   }
 }
 
