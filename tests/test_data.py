@@ -1,10 +1,13 @@
 """Datasets and joint transforms: the synthetic generator, the VOC/ADE20K readers (on tiny
 directory trees written here), build_dataset."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from incseg_fast.data import (
     ADE20KSegmentation,
+    DataFileError,
     SyntheticSegmentation,
     VOCSegmentation,
     build_dataset,
@@ -326,3 +329,55 @@ def test_colour_label_is_rejected(tmp_path, generator):
     val = VOCSegmentation(str(tmp_path), "val")
     with pytest.raises(ValueError, match="2008_000123.png"):
         val[0]
+
+
+# ---------------------------------------------------------------- data errors name the file
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"not an image\n"}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "text"])
+@pytest.mark.parametrize("which", ["image", "label"])
+def test_a_bad_file_is_named_by_the_check_and_by_the_reader(tmp_path, generator, how, which):
+    _voc_tree(tmp_path, generator)
+    train = VOCSegmentation(str(tmp_path), "train")
+    bad = train.pairs[1][0 if which == "image" else 1]
+    _damage(Path(bad), how)
+    with pytest.raises(DataFileError) as error:
+        train.check_files(range(len(train)))
+    assert str(error.value).startswith(f"{which} {bad} ") and "\n" not in str(error.value)
+    train.check_files([0, 2])  # the other images are fine
+    with pytest.raises(DataFileError, match=f"{which} {bad} "):
+        train[1]
+
+
+def test_the_check_reports_sizes_modes_and_missing_files(tmp_path, generator):
+    Image = pytest.importorskip("PIL.Image")
+    _voc_tree(tmp_path, generator)
+    train = VOCSegmentation(str(tmp_path), "train")
+    Image.new("L", (5, 4)).save(train.pairs[0][1])  # a label of another size than its image
+    Image.new("RGB", (17, 13)).save(train.pairs[1][1], format="PNG")  # a colour label
+    Path(train.pairs[2][0]).unlink()
+    with pytest.raises(DataFileError) as error:
+        train.check_files(range(3))
+    message = str(error.value)
+    assert message.startswith(f"label {train.pairs[0][1]} is 4x5 but its image {train.pairs[0][0]} is 13x17")
+    assert message.endswith("(and 2 more bad files)")
+
+
+def test_a_file_without_its_end_marker_that_decodes_passes(tmp_path, generator):
+    _ade_tree(tmp_path, generator)
+    val = ADE20KSegmentation(str(tmp_path), "val")
+    label = Path(val.pairs[0][1])
+    label.write_bytes(label.read_bytes()[:-12])  # no IEND chunk: Pillow still reads the pixels
+    val.check_files(range(len(val)))
+    assert val[0][1].shape == (9, 11)
+
+
+def test_an_image_list_that_is_not_text_is_named(tmp_path, generator):
+    _voc_tree(tmp_path, generator)
+    (tmp_path / "train_aug.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataFileError, match="train_aug.txt is not a text file"):
+        VOCSegmentation(str(tmp_path), "train")

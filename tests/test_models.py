@@ -66,6 +66,10 @@ def test_pretrained_mismatch_is_a_clear_error(tmp_path):
         load_pretrained(build_backbone("resnet18"), path)
     with pytest.raises(FileNotFoundError):
         load_pretrained(build_backbone("resnet18"), tmp_path / "missing.pth")
+    for name, contents in (("text.pth", b"not weights\n"), ("cut.pth", path.read_bytes()[:1000])):
+        (tmp_path / name).write_bytes(contents)
+        with pytest.raises(ValueError, match=f"pretrained weights .*{name} cannot be loaded: [^\n]*$"):
+            load_pretrained(build_backbone("resnet18"), tmp_path / name)
 
 
 def test_unknown_backbone_and_stride():

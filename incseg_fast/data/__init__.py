@@ -1,5 +1,6 @@
 """Datasets, transforms and the class-incremental protocol of the trainer (SPEC §4)."""
 from . import transforms as T
+from ._files import DataFileError
 from .ade import ADE20KSegmentation
 from .synthetic import SyntheticSegmentation
 from .tasks import (
@@ -15,6 +16,7 @@ from .voc import VOCSegmentation
 
 __all__ = [
     "ADE20KSegmentation",
+    "DataFileError",
     "SyntheticSegmentation",
     "VOCSegmentation",
     "IncrementalSubset",

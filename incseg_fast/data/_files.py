@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._errors import first_line
 from .transforms import Normalize
 
 
@@ -17,26 +18,67 @@ def _pil_image():
     return Image
 
 
+# the last bytes of a complete file; a file without them is decoded in full before it is reported
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+class DataFileError(ValueError):
+    """A dataset file that cannot be read or does not match its pair; the message names the file."""
+
+
 def require_path(path, what):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
 
+def _decode(path, what, read):
+    """``read(the opened PIL image)``; any failure becomes a DataFileError naming ``path``."""
+    image_module = _pil_image()
+    try:
+        with image_module.open(path) as img:
+            return read(img)
+    except FileNotFoundError:
+        raise DataFileError(f"{what} {path} does not exist") from None
+    except image_module.UnidentifiedImageError:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise DataFileError(f"{what} {path} is {'empty (0 bytes)' if empty else 'not an image file'}") from None
+    except Exception as error:  # whatever a decoder raises (OSError, SyntaxError, ...): name the file
+        raise DataFileError(f"{what} {path} cannot be read: {first_line(error)}") from error
+
+
+def _check_label_mode(path, mode):
+    if mode not in ("P", "L"):
+        raise DataFileError(f"label {path} must be a palette or greyscale PNG of class ids, got mode {mode}")
+
+
 def load_image(path):
     """float32 (3, H, W) in [0, 1]."""
-    with _pil_image().open(path) as img:
-        array = np.array(img.convert("RGB"), dtype=np.uint8)
+    array = _decode(path, "image", lambda img: np.array(img.convert("RGB"), dtype=np.uint8))
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
 
 
 def load_label(path):
     """int64 (H, W) class ids, read from a palette ("P") or greyscale ("L") PNG."""
-    with _pil_image().open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise ValueError(f"label {path} must be a palette or greyscale PNG of class ids, got mode {img.mode}")
-        array = np.array(img, dtype=np.uint8)
+    mode, array = _decode(path, "label", lambda img: (img.mode, np.array(img, dtype=np.uint8)))
+    _check_label_mode(path, mode)
     return torch.from_numpy(array).long()
+
+
+def _ends_with_marker(path, marker) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(os.path.getsize(path) - 32, 0))
+        return marker in f.read()
+
+
+def inspect_file(path, what):
+    """(width, height) and mode of an image file, from its header: cheap, but a file that lacks
+    its format's end marker is decoded in full, so that only files the reader fails on are reported."""
+    size, mode, image_format = _decode(path, what, lambda img: (img.size, img.mode, img.format))
+    marker = _END_MARKERS.get(image_format)
+    if marker is not None and not _ends_with_marker(path, marker):
+        _decode(path, what, lambda img: img.load())
+    return size, mode
 
 
 class FileSegmentation(Dataset):
@@ -67,11 +109,34 @@ class FileSegmentation(Dataset):
             self._classes[i] = frozenset(self._label(i).unique().tolist()) - {self.ignore_index}
         return self._classes[i]
 
+    def check_files(self, indices):
+        """Check the files of the images ``indices`` before a step reads them for minutes: each
+        exists, is a complete image (``inspect_file``), the label is a palette or greyscale PNG of
+        its image's size. Raises DataFileError naming the first bad file and counting the others."""
+        problems = []
+        for i in indices:
+            try:
+                self._check_pair(*self.pairs[i])
+            except DataFileError as error:
+                problems.append(str(error))
+        if problems:
+            more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+            raise DataFileError(problems[0] + more)
+
+    @staticmethod
+    def _check_pair(image_path, label_path):
+        (width, height), _ = inspect_file(image_path, "image")
+        label_size, mode = inspect_file(label_path, "label")
+        _check_label_mode(label_path, mode)
+        if label_size != (width, height):
+            raise DataFileError(f"label {label_path} is {label_size[1]}x{label_size[0]} but its image "
+                                f"{image_path} is {height}x{width}")
+
     def __getitem__(self, i):
         image, label = load_image(self.pairs[i][0]), self._label(i)
         if image.shape[1:] != label.shape:
-            raise ValueError(f"image {self.pairs[i][0]} is {tuple(image.shape[1:])} "
-                             f"but its label is {tuple(label.shape)}")
+            raise DataFileError(f"image {self.pairs[i][0]} is {tuple(image.shape[1:])} "
+                                f"but its label is {tuple(label.shape)}")
         if self.transform is not None:
             image, label = self.transform(image, label)
         if self.normalize is not None:

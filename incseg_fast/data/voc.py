@@ -12,7 +12,7 @@ Expected layout under `root`:
 """
 import os
 
-from ._files import FileSegmentation, require_path
+from ._files import DataFileError, FileSegmentation, require_path
 
 __all__ = ["VOCSegmentation", "VOC_CLASS_NAMES"]
 
@@ -23,13 +23,13 @@ VOC_CLASS_NAMES = [
 
 
 def _read_ids(path):
-    ids = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                # the first token is either "<id>" or a path ending in "<id>.jpg"
-                ids.append(os.path.splitext(os.path.basename(line.split()[0]))[0])
-    return ids
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise DataFileError(f"image list {path} is not a text file") from None
+    # the first token is either "<id>" or a path ending in "<id>.jpg"
+    return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
 
 
 class VOCSegmentation(FileSegmentation):

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._errors import first_line
+
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation,
@@ -147,9 +149,14 @@ def load_pretrained(backbone: ResNet, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged, or more than tensors and plain data: name the file in one line
+        raise ValueError(f"pretrained weights {path} cannot be loaded: {first_line(error)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {path} hold a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     own = backbone.state_dict()
     # BatchNorm's num_batches_tracked is absent from some older torchvision files; harmless
