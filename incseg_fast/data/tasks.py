@@ -11,6 +11,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from .._atomic import write_atomic
+
 __all__ = [
     "TASKS",
     "get_task",
@@ -137,11 +139,7 @@ def _read_json(path):
 
 
 def _write_json(path, value):
-    # Write then rename, so that a reader never sees a half-written cache file.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value))  # a reader never sees a half-written cache file
 
 
 def image_class_table(dataset, cache_dir=None):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .._atomic import write_atomic
+from .config import METHODS, TrainConfig
 from .results import write_reports
 from .trainer import StepPlan, run
 
@@ -24,9 +25,10 @@ from .trainer import StepPlan, run
 # Step 1 uses LR 0.05: at 0.01 no method learned the new classes well (ft new mIoU 12; at 0.05, 55).
 FULL = dict(image_size=48, train_images=800, val_images=200, epochs=12, epochs_incremental=8,
             batch_size=8, lr=0.1, lr_incremental=0.05, output_stride=4)
-# bumped when the models or the demo change, so that an old runs/demo is not resumed
-# (4: CAF's structured attention has sigmoid gates; the quick demo's settings)
-DEMO_VERSION = 4
+# bumped when the models, the demo or the files change, so that an old runs/demo is not resumed
+# (4: CAF's structured attention has sigmoid gates; the quick demo's settings; 5: checkpoint
+# format 3 and options.json)
+DEMO_VERSION = 5
 # CAF's lambda_AD: the attentive distillation is a squared error on raw features, so the largest
 # Hessian eigenvalue of the step-1 objective grows linearly with lambda_AD (measured: 26, 300 and
 # 3045 for 1, 10 and 100) and momentum SGD needs lr * lambda_max < 3.8: at the demo's step-1 LR
@@ -64,12 +66,13 @@ def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf
     settings = {"version": DEMO_VERSION, **(QUICK if quick else FULL), "caf_lambda_ad": DEMO_LAMBDA_AD, "seed": seed, "methods": methods, "loss_backend": loss_backend}
     if not _settings_match(out, settings):
         # results of other settings would be mixed into the tables: start this folder over
-        for name in [*methods, "joint", "ft", "cache"]:
+        # (every method's folder: one left by a demo with other --methods would be kept otherwise)
+        for name in [*METHODS, "cache"]:
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("results.json", "results.csv", "results.md", "miou.png"):
+        for name in ("results.json", "results.csv", "results.md", "miou.png", "options.json"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_settings.json").write_text(json.dumps(settings, indent=1))
+    write_atomic(out / "demo_settings.json", json.dumps(settings, indent=1))
 
     base = TrainConfig(dataset="synthetic", task="15-5", mode="disjoint", out=str(out), backbone="tiny",
                        seed=seed, data_seed=seed, device="cpu", amp="none",
@@ -84,6 +87,8 @@ def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf
     for method in methods + ([] if quick else ["joint"]):
         t0 = time.perf_counter()
         cfg = dataclasses.replace(base, method=method)
+        if method == "joint":  # one step: the incremental steps' settings do not apply
+            cfg.lr_incremental = cfg.epochs_incremental = None
         if method in ("lwf", "ilt", "mib"):
             cfg.step0_checkpoint = str(shared_step0)
         if method == "caf":

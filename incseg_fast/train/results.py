@@ -1,36 +1,63 @@
-"""Reports written after every step: JSON, CSV, a markdown table like the papers', a PNG plot.
+"""Reports rebuilt from the checkpoints on disk: JSON, CSV, a markdown table like the papers', a PNG plot.
 
 Layout of an output folder::
 
-    OUT/<method>/step<k>.pt         final checkpoint of step k (model + its metrics)
-    OUT/<method>/metrics.json       per step: per-class IoU, mIoU old/new/all, mPA, mCA
+    OUT/<method>/step<k>.pt         final checkpoint of step k (model + its metrics): the commit of the step
+    OUT/<method>/metrics.json       per step: per-class IoU, mIoU old/new/all, mPA, mCA (a copy of the
+                                    checkpoints' metrics, brought up to date by sync_metrics)
     OUT/results.json                {method: [{"step", "miou_old", "miou_new", "miou_all"}, ...]}
     OUT/results.csv, OUT/results.md, OUT/miou.png
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
+import re
 from pathlib import Path
+
+from .._atomic import refresh_file
+from .checkpoint import checkpoint_digest, load_checkpoint
 
 SUMMARY_KEYS = ("miou_old", "miou_new", "miou_all")
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "caf", "joint")
+_FINAL_CHECKPOINT = re.compile(r"step(\d+)\.pt")
+PLOT_SKIPPED = "matplotlib is not installed: skipped the plot (pip install matplotlib)"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def final_checkpoints(method_dir: Path) -> dict[int, Path]:
+    """{step: path} of the final checkpoints in ``method_dir``."""
+    found = {}
+    for path in Path(method_dir).glob("step*.pt"):
+        match = _FINAL_CHECKPOINT.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
 
 
-def record_step(method_dir: Path, entry: dict) -> None:
-    """Add (or replace) one step's metrics in ``method_dir/metrics.json``."""
-    path = method_dir / "metrics.json"
-    entries = json.loads(path.read_text()) if path.exists() else []
-    entries = [e for e in entries if e["step"] != entry["step"]] + [entry]
-    entries.sort(key=lambda e: e["step"])
-    atomic_write_text(path, json.dumps(entries, indent=1))
+def _read_entries(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or damaged: it is rebuilt from the checkpoints
+        return []
+
+
+def sync_metrics(method_dir: Path) -> list[dict]:
+    """Bring ``method_dir/metrics.json`` up to date with the final checkpoints, and return its entries.
+
+    A step's checkpoint holds its metrics, so a run killed between writing the checkpoint and
+    this file loses nothing: an entry that is missing, or that came from another file than the
+    checkpoint now on disk (``checkpoint_sha256``), is read from the checkpoint again.
+    """
+    path = Path(method_dir) / "metrics.json"
+    entries = {e["step"]: e for e in _read_entries(path)}
+    for step, checkpoint in final_checkpoints(method_dir).items():
+        digest = checkpoint_digest(checkpoint)
+        if entries.get(step, {}).get("checkpoint_sha256") != digest:
+            entries[step] = {**load_checkpoint(checkpoint)["metrics"], "checkpoint_sha256": digest}
+    ordered = [entries[step] for step in sorted(entries)]
+    refresh_file(path, json.dumps(ordered, indent=1))
+    return ordered
 
 
 def _sorted_methods(names):
@@ -38,11 +65,12 @@ def _sorted_methods(names):
 
 
 def collect(out: Path) -> dict[str, list[dict]]:
-    """Every method's per-step metrics found under ``out``."""
+    """Every method's per-step metrics found under ``out`` (synced with its checkpoints)."""
     found = {}
-    for path in sorted(Path(out).glob("*/metrics.json")):
-        found[path.parent.name] = json.loads(path.read_text())
-    return {m: found[m] for m in _sorted_methods(found)}
+    for folder in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+        if final_checkpoints(folder) or (folder / "metrics.json").exists():
+            found[folder.name] = sync_metrics(folder)
+    return {m: found[m] for m in _sorted_methods(found) if found[m]}
 
 
 def _fmt(value) -> str:
@@ -71,7 +99,7 @@ def plot(metrics: dict[str, list[dict]], path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: skipped the plot (pip install matplotlib)"
+        return PLOT_SKIPPED
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, entries in metrics.items():
         steps = [e["step"] for e in entries]
@@ -84,15 +112,15 @@ def plot(metrics: dict[str, list[dict]], path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    refresh_file(path, image.getvalue())
     return None
 
 
 def write_reports(out: Path, task_steps: list[list[int]] | None = None) -> dict:
-    """Rewrite results.json / .csv / .md and miou.png from every ``*/metrics.json`` under ``out``.
+    """Rewrite results.json / .csv / .md and miou.png from every method folder under ``out``.
 
     Returns ``{"results": ..., "table": markdown, "plot_message": None or why it was skipped}``.
     """
@@ -100,7 +128,7 @@ def write_reports(out: Path, task_steps: list[list[int]] | None = None) -> dict:
     metrics = collect(out)
     summary = {m: [{"step": e["step"], **{k: e[k] for k in SUMMARY_KEYS}} for e in entries]
                for m, entries in metrics.items()}
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    refresh_file(out / "results.json", json.dumps(summary, indent=1))
 
     num_classes = max((len(e["iou"]) for entries in metrics.values() for e in entries), default=0)
     rows = [["method", "step", "miou_old", "miou_new", "miou_all", "mpa", "mca"]
@@ -110,12 +138,11 @@ def write_reports(out: Path, task_steps: list[list[int]] | None = None) -> dict:
             values = [e[k] for k in ("miou_old", "miou_new", "miou_all", "mpa", "mca")] + list(e["iou"])
             values += [None] * (num_classes - len(e["iou"]))
             rows.append([method, e["step"]] + ["" if v is None else f"{v:.4f}" for v in values])
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    os.replace(tmp, out / "results.csv")
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    refresh_file(out / "results.csv", text.getvalue())
 
     table = markdown_table(metrics, task_steps)
-    atomic_write_text(out / "results.md", table)
+    refresh_file(out / "results.md", table)
     message = plot(metrics, out / "miou.png") if metrics else None
     return {"results": summary, "table": table, "plot_message": message}

@@ -3,17 +3,19 @@
 One call of :func:`train_step` trains one step of one method and evaluates it; :func:`run`
 trains a range of steps. Every epoch ends with an atomic checkpoint (``stepK.partial.pt``); a
 step that was interrupted resumes from it and reaches the same weights and metrics as an
-uninterrupted run (every source of randomness is re-seeded from (seed, step, epoch)). A step
-whose final checkpoint (``stepK.pt``) exists is not trained again.
+uninterrupted run (every source of randomness is re-seeded from (seed, step, epoch)).
+
+A step is committed by one atomic rename: its final checkpoint (``stepK.pt``), which holds its
+weights and its metrics. Everything else (``metrics.json``, the reports) is rebuilt from the
+final checkpoints, so a kill at any moment leaves either the committed step or the partial one,
+and the same command finishes the run as if it had not been killed (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -24,15 +26,13 @@ from torch.utils.data import DataLoader
 
 import incseg_fast as isf
 
+from .._atomic import write_atomic
 from ..models import IncrementalSegmenter, load_pretrained
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .progress import Progress
-from .results import record_step, write_reports
-
-# 2: CAF's structured attention has sigmoid gates (models/deeplab.py); a format-1 CAF checkpoint
-# holds weights trained for the ungated block and is refused, format-1 checkpoints of the other
-# methods load unchanged
-CHECKPOINT_FORMAT = 2
+from .results import sync_metrics, write_reports
+from .rundir import prepare_run_directory
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,13 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,6 +145,14 @@ def _val_subset(cfg: TrainConfig, plan: StepPlan, base):
                              eval_label_lut(plan.train_steps, plan.index, protocol=cfg.eval_protocol))
 
 
+def _check_files(*subsets) -> None:
+    """Find unreadable files before a step spends minutes on its first epoch (synthetic data has none)."""
+    for subset in subsets:
+        check = getattr(subset.dataset, "check_files", None)
+        if check is not None:
+            check(subset.indices)
+
+
 # ------------------------------------------------------------------------------------------
 # Models and checkpoints
 # ------------------------------------------------------------------------------------------
@@ -160,16 +161,6 @@ def model_from_checkpoint(ckpt: dict, device) -> IncrementalSegmenter:
     model = IncrementalSegmenter(**ckpt["model"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device)
-
-
-def load_checkpoint(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
-        raise ValueError(f"{path} is not an incseg_fast checkpoint")
-    if ckpt["format"] == 1 and ckpt.get("config", {}).get("method") == "caf":
-        raise ValueError(f"{path} is a CAF checkpoint of an older format, trained without the sigmoid gates "
-                         "of the structured attention (docs/TRAINER.md): train it again")
-    return ckpt
 
 
 def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
@@ -262,65 +253,64 @@ def method_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / cfg.method
 
 
-def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> dict:
+def _precision(autocast_dtype: torch.dtype | None) -> str:
+    return {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+
+
+def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
     """Copy a trained step 0 (``--step0-checkpoint``) instead of training it again."""
     source = Path(cfg.step0_checkpoint)
-    ckpt = load_checkpoint(source)
-    if ckpt["model"]["classes_per_step"] != plan.classes_per_step or \
-            ckpt["model"]["caf"] != cfg.method_spec.caf_module or ckpt["model"]["backbone"] != cfg.backbone:
-        raise ValueError(f"step0_checkpoint {source} has a different architecture "
-                         f"({ckpt['model']}) than this run needs")
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, final)
-    return ckpt["metrics"]
+    model = load_checkpoint(source)["model"]
+    needed = {"backbone": cfg.backbone, "output_stride": cfg.output_stride, "caf": cfg.method_spec.caf_module,
+              "classes_per_step": plan.classes_per_step}
+    if any(model[key] != value for key, value in needed.items()):
+        raise ValueError(f"--step0-checkpoint {source} has a different architecture ({model}) than this run "
+                         f"needs ({needed})")
+    write_atomic(final, source.read_bytes())  # verified above, and again whenever it is loaded
 
 
-def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None) -> dict:
-    """Train (or resume) one step and evaluate it; returns its metrics entry.
+def _resume(cfg: TrainConfig, plan: StepPlan, partial: Path, model, optimizer, scaler) -> tuple[int, list]:
+    """(first epoch to train, loss history so far), loading the step's last finished epoch if there is one."""
+    if not partial.exists():
+        return 0, []
+    state = load_checkpoint(partial, kind="epoch")
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if cfg.progress:
+        print(f"[{cfg.method}] step {plan.report_step}: resuming after epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["history"]
 
-    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written.
-    """
-    cfg = cfg.resolved()
-    plan = StepPlan(cfg, step)
-    device = resolve_device(cfg.device)
-    autocast_dtype = amp_dtype(cfg.amp, device)
-    out_dir = method_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"step{plan.report_step}.pt"
-    partial = out_dir / f"step{plan.report_step}.partial.pt"
 
-    if final.exists():
-        return load_checkpoint(final)["metrics"]
-    if plan.index == 0 and cfg.step0_checkpoint and not cfg.method_spec.joint:
-        entry = _reuse_step0(cfg, plan, final)
-        record_step(out_dir, entry)
-        write_reports(Path(cfg.out), plan.task_steps)
-        return entry
+def _sgd_step(cfg, plan, model, teacher, optimizer, scaler, batch, device, autocast_dtype, where: str) -> float:
+    """One optimisation step on ``batch``; returns the loss."""
+    images, labels = (t.to(device, non_blocking=True) for t in batch)
+    with _autocast(device, autocast_dtype):
+        loss = _batch_loss(cfg, plan, model, teacher, images, labels)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss at {where}: lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value
 
-    train_set = _train_subset(cfg, plan, _dataset(cfg, "train"))
-    val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
-    model, teacher = _build_model(cfg, plan, out_dir, device)
-    if not _needs_teacher(cfg):
-        teacher = None
+
+def _train(cfg: TrainConfig, plan: StepPlan, train_set, device, autocast_dtype, partial: Path, on_epoch_end):
+    """The step's model after its epochs (resumed from ``partial``), and its loss history."""
+    model, teacher = _build_model(cfg, plan, method_dir(cfg), device)
+    teacher = teacher if _needs_teacher(cfg) else None
     model.loss_backend = cfg.loss_backend
-    if cfg.freeze_encoder and plan.index > 0:
+    frozen_encoder = cfg.freeze_encoder and plan.index > 0
+    if frozen_encoder:
         model.encoder.requires_grad_(False)
     base_lr = cfg.lr if plan.index == 0 else cfg.lr_incremental
     epochs = cfg.epochs if plan.index == 0 else cfg.epochs_incremental
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-
-    start_epoch, history = 0, []
-    if partial.exists():
-        state = load_checkpoint(partial)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if cfg.progress:
-            print(f"[{cfg.method}] step {plan.report_step}: resuming after epoch {start_epoch}/{epochs}")
+    start_epoch, history = _resume(cfg, plan, partial, model, optimizer, scaler)
 
     drop_last = len(train_set) > cfg.batch_size
     iters_per_epoch = len(train_set) // cfg.batch_size if drop_last else 1
@@ -331,77 +321,99 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None) -> dict:
         loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
                             drop_last=drop_last, num_workers=cfg.workers)
         model.train()
-        if cfg.freeze_encoder and plan.index > 0:
+        if frozen_encoder:
             model.encoder.eval()  # E_F: the frozen encoder keeps its BatchNorm statistics too
         progress = Progress(iters_per_epoch, f"[{cfg.method}] step {plan.report_step} epoch {epoch + 1}/{epochs}",
                             enabled=cfg.progress)
         loss_sum = 0.0
-        for i, (images, labels) in enumerate(loader):
-            iteration = epoch * iters_per_epoch + i
+        for i, batch in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = base_lr * (1 - iteration / max_iters) ** 0.9
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, autocast_dtype):
-                loss = _batch_loss(cfg, plan, model, teacher, images, labels)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss at step {plan.report_step}, epoch {epoch}, "
-                                         f"iteration {i}: lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+                group["lr"] = base_lr * (1 - (epoch * iters_per_epoch + i) / max_iters) ** 0.9
+            loss_value = _sgd_step(cfg, plan, model, teacher, optimizer, scaler, batch, device, autocast_dtype,
+                                   f"step {plan.report_step}, epoch {epoch}, iteration {i}")
             loss_sum += loss_value
-            progress.update(images.shape[0], loss_value)
+            progress.update(batch[0].shape[0], loss_value)
         history.append({"epoch": epoch, "loss": loss_sum / max(iters_per_epoch, 1),
                         "images_per_s": progress.images_per_second})
-        atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": history,
-                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "config": dataclasses.asdict(cfg)}, partial)
+        save_checkpoint({"kind": "epoch", "epoch": epoch, "history": history, "state_dict": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "config": dataclasses.asdict(cfg)}, partial)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+    return model, history
 
+
+def _train_and_commit(cfg: TrainConfig, plan: StepPlan, device, autocast_dtype, final: Path, partial: Path,
+                      on_epoch_end) -> None:
+    train_set = _train_subset(cfg, plan, _dataset(cfg, "train"))
+    val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
+    _check_files(train_set, val_set)
+    model, history = _train(cfg, plan, train_set, device, autocast_dtype, partial, on_epoch_end)
     start = time.perf_counter()
     metrics = evaluate(model, val_set, num_classes=plan.num_classes, old_classes=plan.old_classes,
-                       batch_size=cfg.batch_size, device=device,
-                       amp=autocast_dtype, workers=cfg.workers)
+                       batch_size=cfg.batch_size, device=device, amp=autocast_dtype, workers=cfg.workers)
     entry = {"step": plan.report_step, **metrics, "history": history,
              "eval_seconds": round(time.perf_counter() - start, 2)}
-    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.config(), "state_dict": model.state_dict(),
-                 "metrics": entry, "task_steps": plan.task_steps, "train_steps": plan.train_steps,
-                 "index": plan.index, "config": dataclasses.asdict(cfg)}, final)
+    # the commit of the step: weights and metrics in one rename
+    save_checkpoint({"kind": "step", "model": model.config(), "state_dict": model.state_dict(), "metrics": entry,
+                     "task_steps": plan.task_steps, "train_steps": plan.train_steps, "index": plan.index,
+                     "config": dataclasses.asdict(cfg)}, final)
     partial.unlink(missing_ok=True)
-    record_step(out_dir, entry)
+
+
+def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: bool = False) -> dict:
+    """Train (or resume) one step, evaluate it and update the reports; returns its metrics entry.
+
+    A step whose final checkpoint exists is not trained again: its metrics are read back from it.
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. ``overwrite``:
+    results of other options in ``cfg.out`` are discarded instead of stopping the run (rundir.py).
+    """
+    cfg = cfg.resolved()
+    plan = StepPlan(cfg, step)
+    device = resolve_device(cfg.device)
+    autocast_dtype = amp_dtype(cfg.amp, device)
+    out_dir = prepare_run_directory(cfg, _precision(autocast_dtype), overwrite=overwrite)
+    final = out_dir / f"step{plan.report_step}.pt"
+    partial = out_dir / f"step{plan.report_step}.partial.pt"
+    if final.exists():
+        partial.unlink(missing_ok=True)  # left by a kill between the commit and its removal
+    elif plan.index == 0 and cfg.step0_checkpoint:
+        _reuse_step0(cfg, plan, final)
+    else:
+        _train_and_commit(cfg, plan, device, autocast_dtype, final, partial, on_epoch_end)
+    entries = sync_metrics(out_dir)
     write_reports(Path(cfg.out), plan.task_steps)
-    return entry
+    return next(e for e in entries if e["step"] == plan.report_step)
 
 
-def run(cfg: TrainConfig, steps=None) -> list[dict]:
+def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
     """Train ``steps`` (default: every step of the task; ``joint`` has only its one step)."""
     cfg = cfg.resolved()
-    plan = StepPlan(cfg, 0)
-    last = len(plan.task_steps) - 1
+    last = len(StepPlan(cfg, 0).task_steps) - 1
     if cfg.method_spec.joint:
+        if steps is not None and list(steps) != [last]:
+            raise ValueError(f"joint trains every class in one step, reported as step {last}: "
+                             f"use --step all (or {last})")
         steps = [last]
     elif steps is None:
         steps = range(last + 1)
-    return [train_step(cfg, k) for k in steps]
+    return [train_step(cfg, k, overwrite=overwrite) for k in steps]
 
 
 def evaluate_checkpoint(path, *, root=None, device="auto", amp="auto", batch_size=None, workers=0,
                         eval_protocol=None) -> dict:
     """Metrics of a final step checkpoint on the validation split of the step it was trained for."""
-    ckpt = load_checkpoint(Path(path))
-    if "model" not in ckpt:
-        raise ValueError(f"{path} is an epoch checkpoint; evaluate a final stepK.pt")
-    saved = dict(ckpt["config"])
-    cfg = TrainConfig(**saved)
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**ckpt["config"])
+    if root is not None and cfg.dataset == "synthetic":
+        raise ValueError(f"--root does not apply to {path}: it was trained on generated synthetic data")
     cfg.root = root if root is not None else cfg.root
     cfg.eval_protocol = eval_protocol or cfg.eval_protocol
     plan = StepPlan(cfg, ckpt["metrics"]["step"])
     torch_device = resolve_device(device)
     model = model_from_checkpoint(ckpt, torch_device)
     val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
+    _check_files(val_set)
     return evaluate(model, val_set, num_classes=plan.num_classes, old_classes=plan.old_classes,
                     batch_size=batch_size or cfg.batch_size,
                     device=torch_device, amp=amp_dtype(amp, torch_device), workers=workers)

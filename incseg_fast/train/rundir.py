@@ -1,0 +1,101 @@
+"""A run directory that knows its options: a rerun either continues the same experiment or stops.
+
+``OUT/options.json`` holds the options every method in ``OUT`` shares (the data and the task,
+which make the methods' results one table); ``OUT/<method>/options.json`` those of one method.
+A rerun whose options differ from those of the results already in ``OUT`` stops with a
+:class:`RunOptionsError` naming the option, unless ``overwrite`` discards those results.
+
+Not recorded, free to change between runs: ``root`` (the data may move), ``out``, ``device``,
+``loss_backend`` (every backend computes the same math; results differ by rounding), ``workers``,
+``progress`` and the CPU threads. An interrupted step resumes bit-identically only with the
+same values of these too.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .._atomic import remove_stale_temporaries, write_atomic
+from .config import METHODS, TrainConfig
+
+OPTIONS_FILE = "options.json"
+TASK_OPTIONS = ("dataset", "task", "mode", "image_size", "train_images", "val_images", "data_seed",
+                "eval_protocol")
+METHOD_OPTIONS = ("backbone", "output_stride", "pretrained", "step0_checkpoint", "lr", "lr_incremental", "epochs",
+                  "epochs_incremental", "batch_size", "momentum", "weight_decay", "lambda_kd", "lambda_fd",
+                  "lambda_ad", "alpha", "freeze_encoder", "seed", "amp")
+REPORTS = ("results.json", "results.csv", "results.md", "miou.png")
+
+
+class RunOptionsError(ValueError):
+    """The output folder holds results of other options."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _holds_results(method_dir: Path) -> bool:
+    return any(method_dir.glob("step*.pt")) or (method_dir / "metrics.json").exists()
+
+
+def _read_options(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _conflict(folder: Path, stored: dict | None, wanted: dict) -> str | None:
+    """Why the results in ``folder`` (trained with ``stored``) cannot be continued with ``wanted``."""
+    if stored is None:
+        return (f"{folder} holds results without a record of their options (from incseg_fast 0.1, or an "
+                "interrupted --overwrite)")
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+    if not differ:
+        return None
+    was = ", ".join(f"{_flag(k)} {stored.get(k)}" for k in differ)
+    now = ", ".join(f"{_flag(k)} {wanted[k]}" for k in differ)
+    return f"{folder} holds results of {was}, not {now}"
+
+
+def _settle(options_path: Path, wanted: dict, results: list[Path], overwrite: bool, derived=()) -> None:
+    """Record ``wanted`` in ``options_path``; if ``results`` (existing paths) were trained with other
+    options, stop, or with ``overwrite`` remove them and the files ``derived`` from them."""
+    stored = _read_options(options_path)
+    if stored == wanted:
+        return
+    conflict = _conflict(options_path.parent, stored, wanted) if results else None
+    if conflict and not overwrite:
+        raise RunOptionsError(f"{conflict}: rerun with the same options, use a new --out, or pass --overwrite "
+                              "to discard them")
+    if conflict:
+        print(f"--overwrite: {conflict}; removing them")
+        options_path.unlink(missing_ok=True)  # first: a kill below leaves results without options, never mixed
+        for path in results:
+            shutil.rmtree(path)
+        for path in derived:
+            path.unlink(missing_ok=True)
+    options_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(options_path, json.dumps(wanted, indent=1))
+
+
+def prepare_run_directory(cfg: TrainConfig, precision: str, *, overwrite: bool = False) -> Path:
+    """Check (or record) the options of ``cfg.out`` and its method folder, remove what a kill left
+    behind there (temporary files), and return the method folder.
+
+    ``precision``: the autocast dtype ``cfg.amp`` resolves to on this device ("none", "bf16",
+    "fp16"), recorded as ``amp`` so that "auto" on another kind of device is seen to differ.
+    """
+    out = Path(cfg.out)
+    method_dir = out / cfg.method
+    options = {**{k: getattr(cfg, k) for k in TASK_OPTIONS + METHOD_OPTIONS}, "amp": precision}
+    method_dirs = [out / m for m in METHODS if _holds_results(out / m)]
+    _settle(out / OPTIONS_FILE, {k: options[k] for k in TASK_OPTIONS}, method_dirs, overwrite,
+            derived=[out / r for r in REPORTS])
+    _settle(method_dir / OPTIONS_FILE, {k: options[k] for k in METHOD_OPTIONS},
+            [method_dir] if _holds_results(method_dir) else [], overwrite)
+    for folder in (out, method_dir, out / "cache"):
+        remove_stale_temporaries(folder)
+    return method_dir
