@@ -1,4 +1,10 @@
-"""``incseg-fast`` (= ``python -m incseg_fast``): train, eval, demo, bench."""
+"""``incseg-fast`` (= ``python -m incseg_fast``): train, eval, demo, bench.
+
+Errors: an expected one (a bad or inapplicable option, a missing or damaged file, results of other
+options in --out, a diverging loss, no memory left) prints one line, ``incseg-fast: error: <what>``,
+on stderr and exits with status 2; ``--debug`` shows its traceback instead. Ctrl-C exits with 130.
+Any other exception is a bug and shows its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,71 +12,121 @@ import json
 import sys
 from pathlib import Path
 
-from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig
+import torch
+
+from . import __version__
+from ._backends import BackendUnavailableError
+from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig, per_dataset, per_method
 from .vocabulary import BACKEND_CHOICES
+
+# what a user can cause and fix: bad options or files, other options in --out, divergence, memory
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, BackendUnavailableError, torch.OutOfMemoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other expected error (argparse prints the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"incseg-fast: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _step(text: str):
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a step number or 'all', got {text!r}") from None
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an absent sub-command --debug keeps the value of a top-level one
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error instead of its one-line message")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="synthetic", choices=sorted(DATASET_DEFAULTS),
                    help="dataset (default: synthetic, generated in memory; voc/ade need --root)")
-    p.add_argument("--root", default=None, help="dataset folder for voc / ade")
-    p.add_argument("--task", default="15-5",
+    p.add_argument("--root", default=None, help="dataset folder (voc and ade only)")
+    p.add_argument("--task", default=None,
                    help="task: voc/synthetic 19-1, 15-5, 15-1 (=15-5s), 10-1, offline; "
-                        "ade 100-50, 100-10, 50-50, 100-5, offline (default: 15-5)")
+                        f"ade 100-50, 100-10, 50-50, 100-5, offline (default: {per_dataset('task')})")
     p.add_argument("--mode", default="disjoint", choices=("disjoint", "overlapped"),
                    help="image selection per step (default: disjoint)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="training crop (voc/ade, default 512) or image side (synthetic, default 48)")
-    p.add_argument("--train-images", type=int, default=600, help="synthetic: number of training images (default 600)")
-    p.add_argument("--val-images", type=int, default=200, help="synthetic: number of validation images (default 200)")
-    p.add_argument("--data-seed", type=int, default=0, help="synthetic: seed of the generated scenes (default 0)")
+                   help=f"training crop (voc/ade) or image side (synthetic) (default: {per_dataset('image_size')})")
+    p.add_argument("--train-images", type=int, default=TrainConfig.train_images,
+                   help=f"synthetic only: number of training images (default {TrainConfig.train_images})")
+    p.add_argument("--val-images", type=int, default=TrainConfig.val_images,
+                   help=f"synthetic only: number of validation images (default {TrainConfig.val_images})")
+    p.add_argument("--data-seed", type=int, default=TrainConfig.data_seed,
+                   help=f"synthetic only: seed of the generated scenes (default {TrainConfig.data_seed})")
     p.add_argument("--eval-protocol", default="mib", choices=("mib", "plop"),
                    help="unseen classes at evaluation: ignored (mib, default) or background (plop)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision: auto = bf16 (fp16 without bf16 support) on CUDA, off on CPU; "
                         "bf16 also works on CPU")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: voc/ade 24, synthetic 8)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {per_dataset('batch_size')})")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES,
                    help="implementation of the losses: auto (fused kernel for the device), reference, "
                         "cpu, cuda, triton (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+    _add_debug(p)
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--method", default="mib", choices=sorted(METHODS),
                    help="ft, lwf, ilt, mib, caf, or joint (all classes at once, the upper bound); default mib")
-    p.add_argument("--step", default="all",
-                   help="step to train (its previous step's checkpoint must exist in --out) or 'all' (default)")
-    p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    p.add_argument("--step", type=_step, default="all",
+                   help="step to train (its previous step's checkpoint must exist in --out) or 'all' (default); "
+                        "joint has one step, the task's last")
+    p.add_argument("--out", default="runs/train",
+                   help="output folder (default runs/train); rerunning the same command there resumes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard results in --out that were trained with other options (without it, such a "
+                        "rerun stops and names the option that differs)")
     p.add_argument("--backbone", default=None,
                    choices=("resnet18", "resnet50", "resnet101", "tiny", "small"),
-                   help="encoder (default: voc/ade resnet101, synthetic tiny)")
+                   help=f"encoder (default: {per_dataset('backbone')})")
     p.add_argument("--output-stride", type=int, default=None, choices=(4, 8, 16),
-                   help="encoder output stride via dilation (default: voc/ade 16, synthetic 4; "
+                   help=f"encoder output stride via dilation (default: {per_dataset('output_stride')}; "
                         "4 only for the tiny/small backbones)")
     p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="torchvision ResNet ImageNet state dict file (torch.save(model.state_dict())); "
+                   help="resnet backbones: torchvision ImageNet state dict file (torch.save(model.state_dict())); "
                         "nothing is downloaded")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of step 0 (default: voc 30, ade 60, synthetic 12)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs of step 0 (default: {per_dataset('epochs')})")
     p.add_argument("--epochs-incremental", type=int, default=None,
-                   help="epochs of each later step (default: same as --epochs)")
-    p.add_argument("--lr", type=float, default=None, help="step-0 learning rate (default: voc/ade 0.01, synthetic 0.1)")
+                   help="epochs of each later step (default: same as --epochs; not for joint)")
+    p.add_argument("--lr", type=float, default=None, help=f"step-0 learning rate (default: {per_dataset('lr')})")
     p.add_argument("--lr-incremental", type=float, default=None,
-                   help="learning rate of later steps (default: voc/ade 0.001, synthetic 0.01)")
+                   help=f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)")
     p.add_argument("--lambda-kd", type=float, default=None,
-                   help="logit distillation weight (default: lwf/ilt 100, mib/caf 10)")
-    p.add_argument("--alpha", type=float, default=1.0, help="teacher logit scale of the distillation (default 1)")
+                   help=f"logit distillation weight (default: {per_method('lambda_kd')})")
+    p.add_argument("--alpha", type=float, default=TrainConfig.alpha,
+                   help=f"teacher logit scale of the distillation (lwf, ilt, mib, caf; default {TrainConfig.alpha:g})")
     p.add_argument("--lambda-fd", type=float, default=None,
-                   help="ilt: L2 distillation weight of the encoder output (default 100)")
-    p.add_argument("--freeze-encoder", action="store_true", help="ilt: freeze the encoder in steps > 0 (E_F)")
-    p.add_argument("--lambda-ad", type=float, default=None, help="caf: attentive distillation weight (default 1000)")
+                   help=f"L2 distillation weight of the encoder output ({per_method('lambda_fd')})")
+    p.add_argument("--freeze-encoder", action="store_true", help="ilt only: freeze the encoder in steps > 0 (E_F)")
+    p.add_argument("--lambda-ad", type=float, default=None,
+                   help=f"attentive distillation weight ({per_method('lambda_ad')})")
     p.add_argument("--step0-checkpoint", default=None, metavar="PATH",
                    help="reuse this trained step-0 checkpoint (same architecture) instead of training step 0")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
@@ -92,31 +148,21 @@ def _config(args) -> TrainConfig:
 
 def _set_threads(threads) -> None:
     if threads is not None:
-        if threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {threads}")
-        import torch
-
         torch.set_num_threads(threads)
 
 
 def _cmd_train(args) -> int:
-    from .train import run, write_reports
-    from .train.trainer import StepPlan
+    from .train import run
+    from .train.results import PLOT_SKIPPED
 
     _set_threads(args.threads)
     cfg = _config(args).resolved()
-    steps = None
-    if args.step != "all":
-        try:
-            steps = [int(args.step)]
-        except ValueError:
-            raise SystemExit(f"--step must be an integer or 'all', got {args.step!r}")
-    run(cfg, steps)
-    report = write_reports(Path(cfg.out), StepPlan(cfg, 0).task_steps)
-    print(report["table"])
-    if report["plot_message"]:
-        print(report["plot_message"])
-    print(f"results in {Path(cfg.out).resolve()} (results.json, results.csv, results.md, miou.png)")
+    run(cfg, None if args.step == "all" else [args.step], overwrite=args.overwrite)
+    out = Path(cfg.out)
+    print((out / "results.md").read_text())  # written by the last step, with every method in --out
+    if not (out / "miou.png").exists():
+        print(PLOT_SKIPPED)
+    print(f"results in {out.resolve()} (results.json, results.csv, results.md, miou.png)")
     return 0
 
 
@@ -134,8 +180,6 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from .train.demo import run_demo
 
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     run_demo(out=args.out, quick=args.quick, seed=args.seed, methods=args.methods.split(","),
              loss_backend=args.loss_backend, progress=not args.no_progress, threads=args.threads)
     return 0
@@ -148,9 +192,12 @@ def _cmd_bench(rest) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="incseg-fast",
         description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,bench}")
 
     _add_train(sub.add_parser("train", help="train one step or every step of a task",
@@ -167,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--eval-protocol", default=None, choices=("mib", "plop"),
                    help="unseen classes ignored (mib) or background (plop); default: as trained")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_debug(p)
 
     p = sub.add_parser("demo", help="synthetic 15-5 disjoint: ft vs mib (vs caf) vs joint on CPU",
                        description="Runs the synthetic 15-5 disjoint task with the methods below and (not "
@@ -181,12 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated incremental methods (the full demo adds joint; default ft,mib,caf)")
     p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES, help="loss implementation (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: robust when other jobs share the cores)")
+    _add_debug(p)
 
     sub.add_parser("bench", help="benchmark report (incseg_fast.bench); options after 'bench' go to it",
                    description="Runs python -m incseg_fast.bench with the remaining arguments.", add_help=False)
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # an error in a DataLoader worker comes wrapped in the worker's traceback, whose last
+        # line is the original "<type>: <message>"
+        text = lines[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def main(argv=None) -> int:
@@ -194,4 +253,16 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+    try:
+        return {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        resumes = " (rerun the same command to resume)" if args.command in ("train", "demo") else ""
+        print(f"incseg-fast: interrupted{resumes}", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"incseg-fast: error: {_one_line(error)}", file=sys.stderr)
+        return 2

@@ -1,10 +1,14 @@
-"""The incseg-fast command line: help, train / eval round trip, bench forwarding."""
+"""The incseg-fast command line: help, train / eval round trip, bench forwarding, one-line errors."""
 import json
+import pickle
+import re
 import subprocess
 import sys
 import types
 
 import pytest
+import torch
+from test_checkpoints import WritesAMarker
 
 from incseg_fast.cli import build_parser, main
 
@@ -58,11 +62,13 @@ def test_train_then_eval(tmp_path, capsys):
     assert len(metrics["iou"]) == 21
 
 
-def test_bad_arguments_exit_with_a_message(tmp_path):
-    with pytest.raises(SystemExit, match="--step"):
-        main(["train", "--step", "last", "--out", str(tmp_path), *TINY])
-    with pytest.raises(SystemExit):
-        main(["train", "--method", "nope"])
+def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
+    for argv in (["train", "--step", "last", "--out", str(tmp_path), *TINY], ["train", "--method", "nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("incseg-fast: error: argument --") and err.count("\n") == 1, err
 
 
 def test_bench_forwards_its_arguments(monkeypatch):
@@ -72,3 +78,126 @@ def test_bench_forwards_its_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "incseg_fast.bench.report", fake)
     assert main(["bench", "--quick", "--out", "x"]) == 3
     assert seen == [["--quick", "--out", "x"]]
+
+
+# ---------------------------------------------------------------- the error contract (docs/RELIABILITY.md#cli)
+
+def _one_error_line(capsys, argv, *words):
+    """Run ``argv``; it must exit with 2 and print one line ``incseg-fast: error: ...`` holding ``words``."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's usage errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("incseg-fast: error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_version(capsys):
+    from incseg_fast import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"incseg-fast {__version__}\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--method", "mib", "--lambda-fd", "5"], ["--lambda-fd does not apply to --method mib"]),
+    (["--method", "mib", "--lambda-ad", "5"], ["--lambda-ad does not apply to --method mib"]),
+    (["--method", "caf", "--freeze-encoder"], ["--freeze-encoder does not apply to --method caf"]),
+    (["--method", "ft", "--alpha", "2"], ["--alpha does not apply to --method ft"]),
+    (["--method", "joint", "--lr-incremental", "0.1"], ["--lr-incremental does not apply to --method joint"]),
+    (["--root", "data/VOC"], ["--root does not apply to --dataset synthetic"]),
+    (["--dataset", "voc", "--root", "data/VOC", "--train-images", "10"], ["--train-images does not apply"]),
+    (["--backbone", "tiny", "--pretrained", "r.pth"], ["--pretrained does not apply to --backbone tiny"]),
+    (["--method", "joint", "--step", "0"], ["joint trains every class in one step, reported as step 1"]),
+    (["--task", "100-50"], ["task '100-50' is not defined for 'voc'"]),
+    (["--threads", "0"], ["argument --threads: must be an integer >= 1"]),
+])
+def test_options_that_do_not_apply_are_rejected(tmp_path, capsys, argv, words):
+    _one_error_line(capsys, ["train", "--out", str(tmp_path), *TINY, *argv], *words)
+    assert not any(tmp_path.iterdir()), "nothing is recorded"
+
+
+def test_help_states_the_defaults_that_are_used(capsys):
+    from incseg_fast.train import DATASET_DEFAULTS, TrainConfig
+    from incseg_fast.train.trainer import StepPlan
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for dataset in DATASET_DEFAULTS:
+        cfg = TrainConfig(dataset=dataset, method="mib", root=None if dataset == "synthetic" else "r").resolved()
+        StepPlan(cfg, 0)  # the default task is one of the dataset's
+        for key in ("task", "lr", "lr_incremental", "epochs", "batch_size", "image_size", "backbone"):
+            value = getattr(cfg, key)
+            assert re.search(rf"{dataset}(/\w+)* {re.escape(str(value))}[,;)]", text), (dataset, key, value)
+
+
+def test_expected_errors_are_one_line(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps(WritesAMarker(marker)))
+    (tmp_path / "notes.pt").write_text("a text file\n")
+    _one_error_line(capsys, ["eval", str(tmp_path / "missing.pt")], "missing.pt does not exist")
+    _one_error_line(capsys, ["eval", str(tmp_path / "notes.pt")], "notes.pt is not an incseg_fast checkpoint")
+    _one_error_line(capsys, ["eval", str(crafted)], "crafted.pt")
+    assert not marker.exists()
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--method", "ft", "--step", "0", "--out", out, *TINY]) == 0
+    capsys.readouterr()
+    _one_error_line(capsys, ["train", "--method", "ft", "--out", out, *TINY, "--lr", "0.2"],
+                    "holds results of --lr 0.1, not --lr 0.2", "--overwrite")
+    if not torch.cuda.is_available():
+        _one_error_line(capsys, ["train", "--out", out, *TINY, "--device", "cuda"], "no CUDA device")
+        _one_error_line(capsys, ["train", "--method", "ft", "--out", out, *TINY, "--loss-backend", "cuda"],
+                        "backend='cuda' is not available")
+
+
+def test_an_interruption_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("incseg_fast.train.run", interrupted)
+    assert main(["train", "--out", str(tmp_path), *TINY]) == 130
+    assert capsys.readouterr().err == "incseg-fast: interrupted (rerun the same command to resume)\n"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for argv in (["train", "--debug"], ["--debug", "train"]):
+        with pytest.raises(ValueError, match="--lambda-fd does not apply"):
+            main([*argv, "--method", "mib", "--lambda-fd", "5", "--out", str(tmp_path), *TINY])
+
+
+def _voc_run(tmp_path, *extra):
+    from test_train import _fake_voc
+
+    _fake_voc(tmp_path / "voc")
+    return ["train", "--dataset", "voc", "--root", str(tmp_path / "voc"), "--mode", "overlapped", "--method", "ft",
+            "--backbone", "tiny", "--output-stride", "4", "--image-size", "32", "--epochs", "1", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run"), *extra]
+
+
+def test_a_bad_training_image_is_named_before_the_step_trains(tmp_path, capsys):
+    argv = _voc_run(tmp_path)
+    assert main([*argv, "--step", "0"]) == 0
+    image = tmp_path / "voc/VOCdevkit/VOC2012/JPEGImages/2007_000001.jpg"  # one of step 1's images
+    image.write_bytes(image.read_bytes()[:300])
+    capsys.readouterr()
+    _one_error_line(capsys, [*argv, "--step", "1"], f"image {image} cannot be read")
+    assert not (tmp_path / "run/ft/step1.partial.pt").exists()  # found before the first epoch
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    from incseg_fast.data._files import FileSegmentation
+
+    argv = _voc_run(tmp_path, "--workers", "1", "--step", "0")
+    image = tmp_path / "voc/VOCdevkit/VOC2012/JPEGImages/2007_000001.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    monkeypatch.setattr(FileSegmentation, "check_files", lambda self, indices: None)  # as if it had passed
+    _one_error_line(capsys, argv, f"image {image} cannot be read")

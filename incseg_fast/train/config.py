@@ -2,11 +2,11 @@
 
 Defaults (MiB / ILT / CAF papers, DeepLabV3 ResNet-101, output stride 16):
 
-| dataset | step-0 LR | later-step LR | epochs per step | batch | crop |
-|---|---|---|---|---|---|
-| voc | 0.01 | 0.001 | 30 | 24 | 512 |
-| ade | 0.01 | 0.001 | 60 | 24 | 512 |
-| synthetic | 0.1 | 0.05 | 12 | 8 | 48 (tiny backbone, output stride 4: the demo, docs/TRAINER.md) |
+| dataset | task | step-0 LR | later-step LR | epochs per step | batch | crop |
+|---|---|---|---|---|---|---|
+| voc | 15-5 | 0.01 | 0.001 | 30 | 24 | 512 |
+| ade | 100-50 | 0.01 | 0.001 | 60 | 24 | 512 |
+| synthetic | 15-5 | 0.1 | 0.05 | 12 | 8 | 48 (tiny backbone, output stride 4: the demo, docs/TRAINER.md) |
 
 Every run uses SGD (momentum 0.9, weight decay 1e-4, Nesterov off) with the poly schedule
 ``lr = base * (1 - iter / max_iter) ** 0.9`` within each step.
@@ -42,11 +42,11 @@ METHODS = {
 }
 
 DATASET_DEFAULTS = {
-    "voc": dict(lr=0.01, lr_incremental=0.001, epochs=30, batch_size=24, image_size=512,
+    "voc": dict(task="15-5", lr=0.01, lr_incremental=0.001, epochs=30, batch_size=24, image_size=512,
                 backbone="resnet101", output_stride=16),
-    "ade": dict(lr=0.01, lr_incremental=0.001, epochs=60, batch_size=24, image_size=512,
+    "ade": dict(task="100-50", lr=0.01, lr_incremental=0.001, epochs=60, batch_size=24, image_size=512,
                 backbone="resnet101", output_stride=16),
-    "synthetic": dict(lr=0.1, lr_incremental=0.05, epochs=12, batch_size=8, image_size=48,
+    "synthetic": dict(task="15-5", lr=0.1, lr_incremental=0.05, epochs=12, batch_size=8, image_size=48,
                       backbone="tiny", output_stride=4),
 }
 
@@ -54,7 +54,7 @@ DATASET_DEFAULTS = {
 @dataclass
 class TrainConfig:
     dataset: str = "synthetic"
-    task: str = "15-5"
+    task: str | None = None             # None = the dataset's default (voc/synthetic 15-5, ade 100-50)
     method: str = "mib"
     mode: str = "disjoint"              # image selection: "disjoint" | "overlapped"
     root: str | None = None             # dataset root for voc / ade
@@ -77,7 +77,7 @@ class TrainConfig:
     lambda_ad: float | None = None
     alpha: float = 1.0
     freeze_encoder: bool = False        # ILT's E_F
-    # synthetic data size
+    # synthetic data only
     train_images: int = 600
     val_images: int = 200
     data_seed: int = 0
@@ -110,11 +110,61 @@ class TrainConfig:
         for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, getattr(method, key))
-        for key in ("epochs", "epochs_incremental", "batch_size", "image_size"):
+        for key in ("epochs", "epochs_incremental", "batch_size", "image_size", "train_images", "val_images"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        _reject_options_that_do_not_apply(cfg)
         return cfg
 
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
+
+
+def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
+    """An option that the method, dataset or backbone would ignore is an error, not a silent no-op.
+
+    An option that does not apply must keep its neutral value (the value resolution gives it, so
+    that a resolved config resolves again unchanged).
+    """
+    spec = cfg.method_spec
+    distils, synthetic = spec.kd != "none", cfg.dataset == "synthetic"
+    method, dataset, backbone = f"--method {cfg.method}", f"--dataset {cfg.dataset}", f"--backbone {cfg.backbone}"
+    rules = (  # (option, neutral value, whether it applies, the choice it would not apply to, what it is for)
+        ("lambda_kd", spec.lambda_kd, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
+        ("alpha", 1.0, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
+        ("lambda_fd", spec.lambda_fd, cfg.method == "ilt", method, "ilt's feature distillation"),
+        ("freeze_encoder", False, cfg.method == "ilt", method, "ilt (E_F)"),
+        ("lambda_ad", spec.lambda_ad, spec.caf_module, method, "caf's attentive distillation"),
+        ("lr_incremental", DATASET_DEFAULTS[cfg.dataset]["lr_incremental"], not spec.joint, method,
+         "the steps after step 0; joint trains one step with --lr"),
+        ("epochs_incremental", cfg.epochs, not spec.joint, method,
+         "the steps after step 0; joint trains one step with --epochs"),
+        ("step0_checkpoint", None, not spec.joint, method, "incremental methods; joint trains every class at once"),
+        ("root", None, not synthetic, dataset, "voc and ade; synthetic data is generated"),
+        ("train_images", TrainConfig.train_images, synthetic, dataset, "synthetic data"),
+        ("val_images", TrainConfig.val_images, synthetic, dataset, "synthetic data"),
+        ("data_seed", TrainConfig.data_seed, synthetic, dataset, "synthetic data"),
+        ("pretrained", None, cfg.backbone.startswith("resnet"), backbone, "the resnet backbones"),
+    )
+    for name, neutral, applies, choice, purpose in rules:
+        if not applies and getattr(cfg, name) != neutral:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to {choice} (it is for {purpose})")
+
+
+def per_dataset(key: str) -> str:
+    """The defaults of ``key`` for the help texts, e.g. "voc/ade 0.001, synthetic 0.05"."""
+    groups: dict = {}
+    for dataset, defaults in DATASET_DEFAULTS.items():
+        groups.setdefault(defaults[key], []).append(dataset)
+    return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
+
+
+def per_method(key: str) -> str:
+    """The methods' defaults of ``key`` where it applies, e.g. "lwf/ilt 100, mib/caf 10"."""
+    groups: dict = {}
+    for name, method in METHODS.items():
+        if getattr(method, key):
+            groups.setdefault(getattr(method, key), []).append(name)
+    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())
