@@ -37,10 +37,59 @@ constexpr int kStatLseBg = 2;
 constexpr int kStatLseTeacher = 3;
 constexpr int kNumStats = 4;
 
+// Bit-level selects for the host polynomials below: GCC will not if-convert a float compare under
+// the default -ftrapping-math, which would stop the loops calling them from vectorising.
+LOGIT_MATH uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __float_as_uint(v);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+#endif
+}
+
+LOGIT_MATH float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __uint_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+// `v` itself where it is NaN or +-inf (every exponent bit set), else `result`.
+LOGIT_MATH float pass_non_finite(float v, float result) {
+  const uint32_t keep_v = 0u - static_cast<uint32_t>((float_bits(v) & 0x7f800000u) == 0x7f800000u);
+  return bits_float((float_bits(v) & keep_v) | (float_bits(result) & ~keep_v));
+}
+
+// max that keeps a NaN of either operand (a plain a > b ? a : b drops a NaN `a`, so a running
+// maximum would forget a NaN logit and an empty-looking set could hide it). The float version keeps
+// `a` by a select on the bits: written as `a > b || isnan(a) ? a : b` (the NaN test on the bits too),
+// GCC 12 at -O3 compiled the CPU kernel's maximum pass into one that dropped the NaN.
+LOGIT_MATH float lm_max(float a, float b) {
+  const float larger = a > b ? a : b;
+  const uint32_t keep_a = 0u - static_cast<uint32_t>((float_bits(a) & 0x7fffffffu) > 0x7f800000u);
+  return bits_float((float_bits(a) & keep_a) | (float_bits(larger) & ~keep_a));
+}
+LOGIT_MATH double lm_max(double a, double b) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  // The device takes maxima only of statistics whose sums already carry any NaN (logit_stream.h's
+  // lse_step keeps it); the second compare cost LogitForwardKernel<double, 1> a spill on sm_90.
+  return a > b ? a : b;
+#else
+  return a > b || a != a ? a : b;
+#endif
+}
+
 // log for float32 on positive normal arguments (the kernels take it of exp-sums >= 1). On the
 // host: split v = 2^e * m with m in [sqrt(1/2), sqrt(2)) using integer ops only, then
 // log(m) = log1p(f) from the odd series in s = f / (2 + f) (the classic fdlibm logf
-// coefficients), about 1 ulp, vectorisable. On the device: logf.
+// coefficients), about 1 ulp, vectorisable. NaN and +inf come back unchanged, as from logf: an
+// exp-sum is NaN exactly when a logit that decides it is NaN or +inf (MATH.md#numerics). On the
+// device: logf.
 LOGIT_MATH float lm_log(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return logf(v);
@@ -61,28 +110,31 @@ LOGIT_MATH float lm_log(float v) {
   const float even = w * (0.40000972152f + w * 0.24279078841f);
   const float half_f2 = 0.5f * f * f;
   const float ef = static_cast<float>(e);
-  return ef * 6.9313812256e-01f + (f - half_f2 + (s * (half_f2 + odd + even) + ef * 9.0580006145e-06f));
+  const float log_v = ef * 6.9313812256e-01f + (f - half_f2 + (s * (half_f2 + odd + even) + ef * 9.0580006145e-06f));
+  return pass_non_finite(v, log_v);
 #endif
 }
 LOGIT_MATH double lm_log(double v) { return log(v); }
-LOGIT_MATH float lm_max(float a, float b) { return a > b ? a : b; }
-LOGIT_MATH double lm_max(double a, double b) { return a > b ? a : b; }
 
 // exp for float32. On the host it is a Cody-Waite reduction plus a degree-6 polynomial (about
 // 1 ulp) written without floating-point compares: GCC will not if-convert a float compare under
 // the default -ftrapping-math, which would stop every loop calling it from vectorising, so the
 // clamps act on the bit patterns instead. Arguments below -87.3 (-inf included) give ~1e-38
 // instead of 0, below every tolerance a sum of exps can notice; above 88.7 the result is wrong
-// but finite (+inf gives NaN): the kernels only take exp of x - max <= 0. On the device: expf.
+// but finite (+inf gives NaN): the kernels only take exp of x - max <= 0. NaN of either sign gives
+// NaN (x86's default NaN, from inf - inf, has the sign bit set: the clamp must not catch it), so a
+// NaN or +inf logit reaches the loss (MATH.md#numerics). On the device: expf.
 LOGIT_MATH float lm_exp(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(v);
 #else
-  // Negative floats at or below -87.3 have sign-magnitude bit patterns at or above this one.
-  const uint32_t kMinBits = 0xC2AE999Au;  // -87.3f
+  // Negative floats below -87.3 have sign-magnitude bit patterns in (kMinBits, kMinusInfBits]; the
+  // patterns above -inf's are NaNs, which pass. One unsigned compare tests the range.
+  const uint32_t kMinBits = 0xC2AE999Au;       // -87.3f
+  const uint32_t kMinusInfBits = 0xFF800000u;  // -inf
   uint32_t vb;
   std::memcpy(&vb, &v, sizeof(vb));
-  vb = vb > kMinBits ? kMinBits : vb;
+  vb = vb - (kMinBits + 1u) < kMinusInfBits - kMinBits ? kMinBits : vb;
   std::memcpy(&v, &vb, sizeof(v));
   // n = round(v * log2(e)) with the 1.5*2^23 shifter, which also leaves n in the low bits of t.
   const float shifter = 12582912.0f;
@@ -123,6 +175,20 @@ LOGIT_MATH T neg_inf() {
   return -static_cast<T>(INFINITY);
 }
 
+// `sum` where `max` is not -inf, else 0 (a select on the bits: see float_bits).
+LOGIT_MATH float zero_where_minus_inf(float max, float sum) {
+  const uint32_t keep = 0u - static_cast<uint32_t>(float_bits(max) != 0xff800000u);
+  return bits_float(float_bits(sum) & keep);
+}
+LOGIT_MATH double zero_where_minus_inf(double max, double sum) { return max == neg_inf<double>() ? 0.0 : sum; }
+
+// 0 for a finite m, NaN for m = +-inf or NaN: added to a statistic shifted by m so that an infinite
+// logit (which the shifted sums would turn into a finite or infinite value) gives NaN.
+template <typename T>
+LOGIT_MATH T nan_if_infinite(T m) {
+  return m - m;
+}
+
 // The three log-normalisers of the student logits at one pixel, from the maxima and shifted
 // exp-sums of the old channels [0, Co) and of the new channels [Co, C) (max_new = -inf and
 // sum_new = 0 when C == Co). x0 is the background logit.
@@ -133,15 +199,20 @@ struct StudentStats {
   T lse_bg;
 };
 
+// Where every new channel is -inf (masked classes, or C == Co) the new set is empty: max_new is -inf
+// and sum_new is whatever a kernel summed there (a two-pass kernel's exp(-inf - (-inf)) is NaN), so
+// it is taken as 0. An infinite maximum (a +inf logit) makes the statistics NaN, as the float64
+// reference's are: the shifted exps below would otherwise hide it (MATH.md#numerics).
 template <typename T>
 LOGIT_MATH StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum_new, T x0) {
   // Each union of ranges is re-shifted by its own max; exp(-inf - m) is (about) 0 when C == Co.
+  sum_new = zero_where_minus_inf(max_new, sum_new);
   StudentStats<T> s;
-  s.lse_old = max_old + lm_log(sum_old);
+  s.lse_old = max_old + lm_log(sum_old) + nan_if_infinite(max_old);
   const T m = lm_max(max_old, max_new);
-  s.lse = m + lm_log(sum_old * lm_exp(max_old - m) + sum_new * lm_exp(max_new - m));
+  s.lse = m + lm_log(sum_old * lm_exp(max_old - m) + sum_new * lm_exp(max_new - m)) + nan_if_infinite(m);
   const T m_bg = lm_max(x0, max_new);
-  s.lse_bg = m_bg + lm_log(lm_exp(x0 - m_bg) + sum_new * lm_exp(max_new - m_bg));
+  s.lse_bg = m_bg + lm_log(lm_exp(x0 - m_bg) + sum_new * lm_exp(max_new - m_bg)) + nan_if_infinite(m_bg);
   return s;
 }
 
@@ -150,6 +221,29 @@ template <typename T>
 LOGIT_MATH T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const StudentStats<T>& s, T x_t) {
   if (mode == CeMode::kUnbiased && t < old_classes) return s.lse - s.lse_old;
   return s.lse - x_t;
+}
+
+// z = alpha * y of one teacher logit, rounded to T before any use. The forward's maximum of z holds
+// the rounded product, so every exponent must take the same one: a product contracted into the
+// subtraction that follows (an FMA: nvcc forms them by default, GCC in its AVX2/AVX-512 copies) is
+// exact in one place and rounded in another, and a one-hot teacher's q = exp(z - lse_q) comes out
+// exp(the rounding error of z) instead of 1, an error of up to half an ulp of |alpha y| (5e-4 at
+// 1e4). On the device the product is __fmul_rn / __dmul_rn, which nvcc never contracts. On the host
+// it is the plain product: host code calling this must be compiled without contraction
+// (-ffp-contract=off), as the CUDA emulator's baseline x86-64 build is (MATH.md#numerics).
+LOGIT_MATH float scaled_teacher_logit(float alpha, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(alpha, y);
+#else
+  return alpha * y;
+#endif
+}
+LOGIT_MATH double scaled_teacher_logit(double alpha, double y) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(alpha, y);
+#else
+  return alpha * y;
+#endif
 }
 
 // Teacher sums accumulated over the Co teacher channels, with e_c = exp(alpha*y_c - max_y):
@@ -165,9 +259,11 @@ struct TeacherSums {
   T weighted;
 };
 
+// NaN when the teacher's maximum is infinite: q = softmax(alpha y) is undefined there (the float64
+// reference's is NaN), while the shifted sums would give a one-hot q (MATH.md#numerics).
 template <typename T>
 LOGIT_MATH T teacher_lse(const TeacherSums<T>& ts) {
-  return ts.max_y + lm_log(ts.e0 + ts.sum_rest);
+  return ts.max_y + lm_log(ts.e0 + ts.sum_rest) + nan_if_infinite(ts.max_y);
 }
 
 // 0/1 factors that select a distillation mode's terms (so that loops over pixels carry no
@@ -195,7 +291,9 @@ LOGIT_MATH KdFactors<T> kd_factors(KdMode mode, T gamma) {
 template <typename T>
 LOGIT_MATH T kd_pixel_loss(const KdFactors<T>& f, int64_t old_classes, const StudentStats<T>& s,
                            const TeacherSums<T>& ts, T shift) {
-  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest);
+  // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
+  // it, it kept a register live across the double division's slow path (a spill on sm_90).
+  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
   const T q0 = ts.e0 * inv_sum;
   const T q_rest = ts.sum_rest * inv_sum;
   const T mean_x = ts.weighted * inv_sum;  // sum_c q_c (x_c - shift) over the mode's channels

@@ -12,9 +12,11 @@ namespace logit {
 // One step of a streaming log-sum-exp over v: the new maximum, the factor exp(old max - new max)
 // that rescales the terms so far, and v's own term exp(v - new max). One exponential either way,
 // exp(-|v - max|); v == max (-inf == -inf included) gives the term 1 without computing inf - inf.
+// A NaN v becomes the maximum, so that the sum turns NaN and the maximum tells that the set is not
+// empty (logit_math.h's finish_student takes a set whose maximum is -inf as empty).
 template <typename T>
 LOGIT_MATH void lse_step(T v, T& max, T& rescale, T& term) {
-  const bool up = v > max;
+  const bool up = v > max || v != v;
   const T e = v == max ? T(1) : lm_exp(up ? max - v : v - max);
   rescale = up ? e : T(1);
   term = up ? T(1) : e;

@@ -113,7 +113,7 @@ struct LogitForwardKernel {
     if (with_kd) load_pack<kVec>(y, zv);
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
-      old[i].start(x0[i], with_kd ? in.alpha * zv[i] : acc_t(0));
+      old[i].start(x0[i], with_kd ? scaled_teacher_logit(in.alpha, zv[i]) : acc_t(0));
       fresh[i] = StreamingLse<acc_t>{neg_inf<acc_t>(), acc_t(0)};
       x_label[i] = label[i] == 0 ? x0[i] : acc_t(0);
     }
@@ -123,7 +123,7 @@ struct LogitForwardKernel {
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
         if (with_kd) {
-          old[i].add(xv[i], in.alpha * zv[i], plain);
+          old[i].add(xv[i], scaled_teacher_logit(in.alpha, zv[i]), plain);
         } else {
           old[i].student.add(xv[i]);
         }
@@ -288,7 +288,7 @@ struct LogitBackwardKernel {
       const acc_t ce_weight = !counted ? acc_t(0) : in_range ? g_ce[i] : bad_label_loss<acc_t>();
       const acc_t old_label = in.ce == CeMode::kUnbiased && counted && label < in.Co ? acc_t(1) : acc_t(0);
       const int32_t channel = counted && in_range ? static_cast<int32_t>(label) : -1;
-      const acc_t q0 = with_kd ? lm_exp(in.alpha * y0[i] - lse_q[i]) : acc_t(0);
+      const acc_t q0 = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, y0[i]) - lse_q[i]) : acc_t(0);
       const GradCoefs<acc_t> k =
           grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? g_kd[i] * mask[i] : acc_t(0), q0);
       g0[i] = channel0_grad(k, x0[i], q0, lse[i], lse_old[i], lse_bg[i], channel);
@@ -310,7 +310,7 @@ struct LogitBackwardKernel {
       if (with_kd) load_pack<kVec>(y + c * in.HW, z);
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
-        const acc_t q = with_kd ? lm_exp(in.alpha * z[i] - f[i].lse_teacher) : acc_t(0);
+        const acc_t q = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, z[i]) - f[i].lse_teacher) : acc_t(0);
         g[i] = f[i].old * lm_exp(xv[i] - f[i].lse_old) + f[i].teacher * q + (f[i].label == c ? f[i].target : acc_t(0));
       }
       store_pack<kVec>(gx + c * in.HW, g);

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 from ..vocabulary import CE_MODES, KD_MODES
 from . import _launch, attention
 from .logit_losses import (
-    _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel, _needed_statistics,
+    _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel, _lowest, _needed_statistics,
 )
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -101,6 +101,7 @@ def _kernels(quick):
         pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype],
                         target_ptr=target_type)
         constexprs = dict(CE=ce, KD=kd, HAS_MASK=kd != "none", PER_PIXEL=reduction == "none", ACC=acc,
+                          NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
                           BLOCK_C=block_c, BLOCK_P=block_p)
         label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} {block_c}x{block_p}"
         yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"),

@@ -26,14 +26,15 @@ __all__ = ["logit_losses_fwd", "logit_losses_bwd"]
 _NUM_STATS = tl.constexpr(NUM_STATS)
 _STAT_LSE, _STAT_LSE_OLD, _STAT_LSE_BG, _STAT_LSE_TEACHER = (tl.constexpr(row) for row in range(NUM_STATS))
 
-# Stands in for -inf in running maxima so that exp(old_max - new_max) never computes inf - inf.
-_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
 def _logaddexp(a, b):
-    high = tl.maximum(a, b)
-    return high + tl.log(1.0 + tl.exp(tl.minimum(a, b) - high))
+    # NaN-propagating max/min: the default ones return the other operand, which would turn a NaN
+    # logit into a finite loss (MATH.md#numerics).
+    high = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    low = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    return high + tl.log(1.0 + tl.exp(low - high))
 
 
 # Forward, per pixel (b, p). The channels split into old = [0, Co) and new = [Co, C); each has its own
@@ -60,7 +61,7 @@ def _logit_losses_fwd_kernel(
     stats_ptr,      # out: (B, 4, HW) lse, lse_old, lse_bg, lse_teacher (0 when KD == "none")
     C, Co, HW, alpha_high, alpha_low, ignore_index,
     CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, NEG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -71,11 +72,11 @@ def _logit_losses_fwd_kernel(
     zeros = tl.zeros([BLOCK_P], dtype=ACC)
     alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
 
-    max_old = zeros + _NEG
+    max_old = zeros + NEG
     sum_old = zeros
-    max_new = zeros + _NEG
+    max_new = zeros + NEG
     sum_new = zeros
-    max_teacher = zeros + _NEG
+    max_teacher = zeros + NEG
     sum_teacher = zeros
     weighted_x = zeros  # sum_{1<=c<Co} exp(alpha y_c - max_teacher) x_c
     x_target = zeros
@@ -94,9 +95,9 @@ def _logit_losses_fwd_kernel(
         new_lane = ((c >= Co) & (c < C))[:, None]
         xs = tl.load(x_ptr + (b * C + c[:, None]) * HW + p[None, :],
                      mask=(c < C)[:, None] & in_image[None, :], other=0.0).to(ACC)
-        new_max_old = tl.maximum(max_old, tl.max(tl.where(old_lane, xs, _NEG), axis=0))
-        new_max_new = tl.maximum(max_new, tl.max(tl.where(new_lane, xs, _NEG), axis=0))
-        shifted = tl.where(old_lane, xs - new_max_old[None, :], tl.where(new_lane, xs - new_max_new[None, :], _NEG))
+        new_max_old = tl.maximum(max_old, tl.max(tl.where(old_lane, xs, NEG), axis=0))
+        new_max_new = tl.maximum(max_new, tl.max(tl.where(new_lane, xs, NEG), axis=0))
+        shifted = tl.where(old_lane, xs - new_max_old[None, :], tl.where(new_lane, xs - new_max_new[None, :], NEG))
         e = tl.exp(shifted)  # 0 on lanes beyond C
         sum_old = sum_old * tl.exp(max_old - new_max_old) + tl.sum(tl.where(old_lane, e, 0.0), axis=0)
         sum_new = sum_new * tl.exp(max_new - new_max_new) + tl.sum(tl.where(new_lane, e, 0.0), axis=0)
@@ -108,7 +109,7 @@ def _logit_losses_fwd_kernel(
             if c0 < Co:
                 ys = tl.load(y_ptr + (b * Co + c[:, None]) * HW + p[None, :],
                              mask=old_lane & in_image[None, :], other=0.0).to(ACC)
-                scaled = tl.where(old_lane, alpha * ys, _NEG)
+                scaled = tl.where(old_lane, alpha * ys, NEG)
                 new_max = tl.maximum(max_teacher, tl.max(scaled, axis=0))
                 rescale = tl.exp(max_teacher - new_max)
                 e_teacher = tl.exp(scaled - new_max[None, :])  # 0 on lanes beyond Co
@@ -118,8 +119,10 @@ def _logit_losses_fwd_kernel(
                 max_teacher = new_max
 
     lse_old = max_old + tl.log(sum_old)
-    has_new = sum_new > 0
-    lse_new = tl.where(has_new, max_new + tl.log(tl.where(has_new, sum_new, 1.0)), _NEG)
+    # No new channel (C == Co, or all of them -inf) sums to exactly 0; a NaN sum (a NaN or +inf new
+    # logit) must stay NaN, so the test is "== 0", never "> 0".
+    no_new = sum_new == 0.0
+    lse_new = tl.where(no_new, NEG, max_new + tl.log(tl.where(no_new, 1.0, sum_new)))
     lse = _logaddexp(lse_old, lse_new)
 
     ce_map = zeros
@@ -186,7 +189,7 @@ def _logit_losses_bwd_kernel(
     C, Co, HW, alpha_high, alpha_low, ignore_index, kd_divisor,
     CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr, MEAN: tl.constexpr,
     NEED_LSE: tl.constexpr, NEED_OLD: tl.constexpr, NEED_BG: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, NEG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -289,7 +292,7 @@ def _logit_losses_bwd_kernel(
             shifted = tl.where(old_lane, xs - shift_old[None, :], xs - shift_new[None, :])
             factor = tl.where(old_lane, factor_old[None, :], factor_new[None, :])
         else:  # plain KD alone: lanes >= Co get no gradient
-            shifted = tl.where(old_lane, xs - shift_old[None, :], _NEG)
+            shifted = tl.where(old_lane, xs - shift_old[None, :], NEG)
             factor = factor_old[None, :]
         grad = tl.where((c == 0)[:, None], grad_0[None, :], factor * tl.exp(shifted))
         if CE != "none":
@@ -373,6 +376,14 @@ def _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd):
         raise ValueError(f"mask must have shape {(B, H, W)}, got {tuple(mask.shape)}")
 
 
+def _lowest(dtype):
+    """NEG, the kernels' stand-in for -inf in running maxima and in lanes outside a set (so that
+    exp(old_max - new_max) never computes inf - inf): the dtype's lowest finite value, below or equal
+    to every finite logit. (It was -1e30, above logits of -1e36: their maximum came out -1e30, every
+    exp 0 and the losses NaN.)"""
+    return torch.finfo(dtype).min
+
+
 def _split_float(value):
     """Triton passes Python floats as float32: (high, low) float32 parts whose float64 sum is ``value``
     to ~48 bits, so float64 runs see alpha at (almost) full precision without a device tensor."""
@@ -408,7 +419,7 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
         x if mask is None else mask, ce_out, kd_out, counts, stats,
         C, old_classes, HW, *_split_float(alpha), int(ignore_index),
         CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=per_pixel,
-        ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        ACC=acc_tl, NEG=_lowest(acc_torch), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     valid_count = x.new_empty((), dtype=torch.int64)
     ce_loss, kd_loss = (ce_out, kd_out) if per_pixel else (x.new_empty((), dtype=acc_torch) for _ in range(2))
@@ -449,6 +460,6 @@ def logit_losses_bwd(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_c
         C, old_classes, HW, *_split_float(alpha), int(ignore_index), B * HW if reduction == "mean" else 1,
         CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=reduction == "none", MEAN=reduction == "mean",
         NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg,
-        ACC=acc_tl, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        ACC=acc_tl, NEG=_lowest(acc_torch), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     return grad_x
