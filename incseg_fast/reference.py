@@ -209,11 +209,12 @@ def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alph
 def spatial_attention(m):
     """MATH.md#ad / CAF eq. 6: Ŝ = S / ||S||_F with S = sum_c m_c^2, and Ŝ = 0 where the norm is 0.
 
-    Written so that an all-zero map has finite (zero) gradients.
+    Written so that an all-zero map has finite (zero) gradients; a NaN or infinite norm is not zero, so
+    a NaN or +inf feature reaches every Ŝ of its image (MATH.md#numerics).
     """
     s = (m * m).sum(dim=1)
     sq_norm = (s * s).sum(dim=(1, 2))
-    nonzero = sq_norm > 0
+    nonzero = sq_norm != 0
     norm = torch.sqrt(torch.where(nonzero, sq_norm, torch.ones_like(sq_norm)))
     return torch.where(nonzero.view(-1, 1, 1), s / norm.view(-1, 1, 1), torch.zeros_like(s))
 

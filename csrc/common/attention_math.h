@@ -104,10 +104,11 @@ HOST_DEVICE void Moments::add(double f, double g, double a_c, double b_c) {
   add_moments(*this, fs, gs, as, bs);
 }
 
-// 1/N from N^2 = sum_p S^2, and 0 for an all-zero map (where Ŝ is the constant 0).
+// 1/N from N^2 = sum_p S^2, and 0 for an all-zero map (where Ŝ is the constant 0). A NaN N^2 (a NaN
+// or +inf feature) is not zero: 1/N stays NaN and reaches every Ŝ of the image, as in the reference.
 template <typename acc_t>
 HOST_DEVICE acc_t inverse_norm(acc_t squared_norm) {
-  return squared_norm > 0 ? acc_t(1) / sqrt(squared_norm) : acc_t(0);
+  return squared_norm != acc_t(0) ? acc_t(1) / sqrt(squared_norm) : acc_t(0);
 }
 
 // sum_c D^2 at the pixel, from its moments and normalised spatial maps s_f, s_g.

@@ -320,21 +320,35 @@ def _check_attentive_distillation(f, g, a, b, reduction):
 
 
 def _saved_state(spatial_sums):
-    """The saved maps (Ŝ_f, Ŝ_g, ΔŜ) (3, B, H, W) and 1/N (2, B) from S_f, S_g, ΔS (3, B, H, W)."""
+    """The saved maps (Ŝ_f, Ŝ_g, ΔŜ) (3, B, H, W) and 1/N (2, B) from S_f, S_g, ΔS (3, B, H, W).
+
+    Formed in float64 (B·H·W values, not features) and rounded once: N² = Σ_p S² of float32 maps
+    underflows for features below ~1e-10 (Ŝ became 0, the gradients tens of percent off) and
+    overflows above ~1e9 (NaN), while S itself stays a normal float32 from ~1e-19 to ~1e19
+    (MATH.md#numerics).
+    """
+    dtype = spatial_sums.dtype
+    spatial_sums = spatial_sums.double()
     s_f, s_g, delta_s = spatial_sums
     norm_f, norm_g = spatial_sums[:2].square().sum(dim=(2, 3)).sqrt()
     norm_sum = norm_f + norm_g
     squares_difference = (delta_s * (s_f + s_g)).sum(dim=(1, 2))  # N_f^2 - N_g^2
-    nonzero = norm_sum > 0
+    # "!= 0", never "> 0": a NaN norm (a NaN feature) must stay NaN, not pass for an all-zero map.
+    nonzero = norm_sum != 0
     norm_difference = torch.where(nonzero, squares_difference / torch.where(nonzero, norm_sum, 1.0), 0.0)
-    inv_f = torch.where(norm_f > 0, 1.0 / torch.where(norm_f > 0, norm_f, 1.0), 0.0)
-    inv_g = torch.where(norm_g > 0, 1.0 / torch.where(norm_g > 0, norm_g, 1.0), 0.0)
+    inv_f = torch.where(norm_f != 0, 1.0 / torch.where(norm_f != 0, norm_f, 1.0), 0.0)
+    inv_g = torch.where(norm_g != 0, 1.0 / torch.where(norm_g != 0, norm_g, 1.0), 0.0)
     s_hat_f = s_f * inv_f[:, None, None]
     s_hat_g = s_g * inv_g[:, None, None]
-    both = ((norm_f > 0) & (norm_g > 0))[:, None, None]
+    # The difference form is for nearly equal maps (norms within a factor of 2, finite and nonzero).
+    # Otherwise Ŝ_f - Ŝ_g itself: with N_f << N_g the form's two terms are ~ΔS/N_f and cancel (3.6e-5
+    # loss error for features of 1e-12 against 1), and an infinite norm makes norm_difference NaN,
+    # which must not reach the pixels whose Ŝ is 0.
+    close = (norm_f <= 2 * norm_g) & (norm_g <= 2 * norm_f) & (norm_f != 0) & torch.isfinite(norm_sum)
+    both = close[:, None, None]
     delta_s_hat = torch.where(both, delta_s * inv_f[:, None, None]
                               - s_g * (norm_difference * inv_f * inv_g)[:, None, None], s_hat_f - s_hat_g)
-    return torch.stack([s_hat_f, s_hat_g, delta_s_hat]), torch.stack([inv_f, inv_g])
+    return torch.stack([s_hat_f, s_hat_g, delta_s_hat]).to(dtype), torch.stack([inv_f, inv_g]).to(dtype)
 
 
 def attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad):
