@@ -107,6 +107,7 @@ class AttentiveDistillationLoss(nn.Module):
     def __init__(self, channels, reduction="mean", *, reduction_ratio=16, detach_spatial=False, backend="auto"):
         super().__init__()
         self.channels = check.integer(channels, "channels", minimum=1)
+        reduction_ratio = check.integer(reduction_ratio, "reduction_ratio", minimum=1)
         self.new_attention = SqueezeExcitation(channels, reduction_ratio)
         self.old_attention = SqueezeExcitation(channels, reduction_ratio)
         self.reduction = reduction
