@@ -61,6 +61,16 @@ def finite_float(value, name):
     return value
 
 
+def teacher_scale(value, name="alpha"):
+    """alpha: a finite float within float32's range, for every dtype. 1e39 is inf in float32 (and
+    alpha * y NaN however small y is); the Triton kernels take alpha as two float32 parts even for
+    float64 logits."""
+    value = finite_float(value, name)
+    if abs(value) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} must be within float32's range (|{name}| <= 3.4e38), got {value}")
+    return value
+
+
 def choice(value, name, options):
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")

@@ -38,7 +38,7 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
     check.logits(x, names["x"])
     ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
-    alpha = check.finite_float(alpha, "alpha")
+    alpha = check.teacher_scale(alpha)
     if kd != "none":
         check.teacher(y, x, names["y"], names["x"])
         if old_classes is None:  # the distillation-only losses: Co is the teacher's channel count

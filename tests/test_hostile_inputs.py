@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,12 @@ case("alpha is a string", "alpha")(lambda be: _kd(be, alpha="1"))
 case("alpha is a bool", "alpha")(lambda be: _kd(be, alpha=True))
 case("alpha is a complex", "alpha")(lambda be: _kd(be, alpha=1j))
 case("alpha is None", "alpha")(lambda be: _kd(be, alpha=None))
+case("alpha of 1e39 with float32 logits", "alpha")(lambda be: _kd(be, alpha=1e39))
+case("alpha of 1e39 with float64 logits", "alpha")(lambda be: _kd(be, x=_logits(dtype=torch.float64),
+                                                                 y=_teacher().double(), alpha=1e39))
+case("alpha of 1e30", FINITE)(lambda be: _kd(be, alpha=1e30))
+case("alpha is a numpy float32", FINITE)(lambda be: _kd(be, alpha=np.float32(0.5)))
+case("old_classes is a numpy int64", FINITE)(lambda be: _ce(be, old_classes=np.int64(3)))
 case("alpha is 0", FINITE)(lambda be: _kd(be, alpha=0.0))
 case("alpha is negative", FINITE)(lambda be: _kd(be, alpha=-2.5))
 case("gamma holds NaN", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
@@ -289,14 +296,17 @@ def main(backend, first):
         print(json.dumps({"index": index, **outcome(backend, name)}), flush=True)
 
 
-def run_battery(backend, timeout=300):
-    """Every case's outcome on `backend`, from subprocesses; a case that kills its process is "crashed"."""
+def run_battery(backend, script=__file__, names=None, timeout=300):
+    """Every case's outcome on `backend`, from subprocesses running `script` (whose cases are `names`,
+    this file's by default); a case that kills its process is "crashed" and the next process goes on
+    after it."""
+    names = list(CASES) if names is None else names
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
     if not torch.cuda.is_available():
         env.setdefault("TRITON_INTERPRET", "1")
     outcomes, first = {}, 0
-    while first < len(CASES):
-        process = subprocess.run([sys.executable, __file__, backend, str(first)], capture_output=True, text=True,
+    while first < len(names):
+        process = subprocess.run([sys.executable, script, backend, str(first)], capture_output=True, text=True,
                                  env=env, timeout=timeout)
         started = first
         for line in process.stdout.splitlines():
@@ -304,19 +314,41 @@ def run_battery(backend, timeout=300):
             started = record.get("start", started)
             if "index" in record:
                 outcomes[record["index"]] = record
-        if len(outcomes) == len(CASES):
+        if len(outcomes) == len(names):
             break
         outcomes[started] = {"result": "crashed", "message": f"exit status {process.returncode}: "
                                                            f"{process.stderr[-500:]}"}
         first = started + 1
-    names = list(CASES)
     return {names[i]: record for i, record in outcomes.items()}
+
+
+CRASHING_SCRIPT = """
+import os, sys
+import test_hostile_inputs as battery
+battery.CASES.clear()
+battery.case("before", battery.FINITE)(lambda backend: battery._ce(backend))
+battery.case("aborts", battery.FINITE)(lambda backend: os.abort())
+battery.case("after", battery.FINITE)(lambda backend: battery._ce(backend))
+battery.main(sys.argv[1], int(sys.argv[2]))
+"""
+
+
+def test_a_case_that_aborts_fails_alone(tmp_path):
+    """The harness itself: an abort is that case's "crashed" outcome, and the cases after it still run."""
+    script = tmp_path / "crashing_cases.py"
+    script.write_text(CRASHING_SCRIPT)
+    outcomes = run_battery("reference", script=str(script), names=["before", "aborts", "after"])
+    assert outcomes["before"]["result"] == FINITE and outcomes["after"]["result"] == FINITE
+    assert outcomes["aborts"]["result"] == "crashed"
 
 
 # Faults of the CPU kernels (csrc/cpu, not touched here): the case and the diagnosis.
 CPU_FAULTS = {
     "features of 1e20 overflow the loss": "csrc/cpu/attention_cpu.cpp builds the loss with at::full({}, "
     "total * scale, float32) from a double above FLT_MAX: RuntimeError instead of +inf",
+    "alpha of 1e30": "csrc/cpu/logit_losses_cpu.cpp: the AVX2/AVX-512 copies contract alpha * y - max_y into "
+    "an FMA while max_y holds the rounded product; at |alpha y| ~ 1e30 the exponent of the largest "
+    "teacher logit is its rounding error, ~+1e22, and exp of it NaN (finite with INCSEG_CPU_ISA=baseline)",
 }
 
 
@@ -352,7 +384,7 @@ def test_hostile_input(request, battery, battery_backend, name):
         return
     assert record["result"] == "raised", f"expected an error naming {expect!r}, got {record}"
     assert record["type"] in ("ValueError", "TypeError", "BackendUnavailableError"), record
-    assert re.search(rf"(?<![\w.]){re.escape(expect)}(?!\w)", record["message"]), \
+    assert re.search(rf"(?<![\w.']){re.escape(expect)}(?!\w)", record["message"]), \
         f"the message does not name {expect!r}: {record['message']}"
 
 
