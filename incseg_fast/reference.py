@@ -210,7 +210,7 @@ def spatial_attention(m):
     """MATH.md#ad / CAF eq. 6: Ŝ = S / ||S||_F with S = sum_c m_c^2, and Ŝ = 0 where the norm is 0.
 
     Written so that an all-zero map has finite (zero) gradients; a NaN or infinite norm is not zero, so
-    a NaN or +inf feature reaches every Ŝ of its image (MATH.md#numerics).
+    a NaN or +inf feature reaches every Ŝ of its image (RELIABILITY.md#numerics).
     """
     s = (m * m).sum(dim=1)
     sq_norm = (s * s).sum(dim=(1, 2))

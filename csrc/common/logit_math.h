@@ -88,7 +88,7 @@ LOGIT_MATH double lm_max(double a, double b) {
 // host: split v = 2^e * m with m in [sqrt(1/2), sqrt(2)) using integer ops only, then
 // log(m) = log1p(f) from the odd series in s = f / (2 + f) (the classic fdlibm logf
 // coefficients), about 1 ulp, vectorisable. NaN and +inf come back unchanged, as from logf: an
-// exp-sum is NaN exactly when a logit that decides it is NaN or +inf (MATH.md#numerics). On the
+// exp-sum is NaN exactly when a logit that decides it is NaN or +inf (RELIABILITY.md#numerics). On the
 // device: logf.
 LOGIT_MATH float lm_log(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
@@ -123,7 +123,7 @@ LOGIT_MATH double lm_log(double v) { return log(v); }
 // instead of 0, below every tolerance a sum of exps can notice; above 88.7 the result is wrong
 // but finite (+inf gives NaN): the kernels only take exp of x - max <= 0. NaN of either sign gives
 // NaN (x86's default NaN, from inf - inf, has the sign bit set: the clamp must not catch it), so a
-// NaN or +inf logit reaches the loss (MATH.md#numerics). On the device: expf.
+// NaN or +inf logit reaches the loss (RELIABILITY.md#numerics). On the device: expf.
 LOGIT_MATH float lm_exp(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(v);
@@ -202,7 +202,7 @@ struct StudentStats {
 // Where every new channel is -inf (masked classes, or C == Co) the new set is empty: max_new is -inf
 // and sum_new is whatever a kernel summed there (a two-pass kernel's exp(-inf - (-inf)) is NaN), so
 // it is taken as 0. An infinite maximum (a +inf logit) makes the statistics NaN, as the float64
-// reference's are: the shifted exps below would otherwise hide it (MATH.md#numerics).
+// reference's are: the shifted exps below would otherwise hide it (RELIABILITY.md#numerics).
 template <typename T>
 LOGIT_MATH StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum_new, T x0) {
   // Each union of ranges is re-shifted by its own max; exp(-inf - m) is (about) 0 when C == Co.
@@ -230,7 +230,7 @@ LOGIT_MATH T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const St
 // exp(the rounding error of z) instead of 1, an error of up to half an ulp of |alpha y| (5e-4 at
 // 1e4). On the device the product is __fmul_rn / __dmul_rn, which nvcc never contracts. On the host
 // it is the plain product: host code calling this must be compiled without contraction
-// (-ffp-contract=off), as the CUDA emulator's baseline x86-64 build is (MATH.md#numerics).
+// (-ffp-contract=off), as the CUDA emulator's baseline x86-64 build is (RELIABILITY.md#numerics).
 LOGIT_MATH float scaled_teacher_logit(float alpha, float y) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(alpha, y);
@@ -260,7 +260,7 @@ struct TeacherSums {
 };
 
 // NaN when the teacher's maximum is infinite: q = softmax(alpha y) is undefined there (the float64
-// reference's is NaN), while the shifted sums would give a one-hot q (MATH.md#numerics).
+// reference's is NaN), while the shifted sums would give a one-hot q (RELIABILITY.md#numerics).
 template <typename T>
 LOGIT_MATH T teacher_lse(const TeacherSums<T>& ts) {
   return ts.max_y + lm_log(ts.e0 + ts.sum_rest) + nan_if_infinite(ts.max_y);

@@ -325,7 +325,7 @@ def _saved_state(spatial_sums):
     Formed in float64 (B·H·W values, not features) and rounded once: N² = Σ_p S² of float32 maps
     underflows for features below ~1e-10 (Ŝ became 0, the gradients tens of percent off) and
     overflows above ~1e9 (NaN), while S itself stays a normal float32 from ~1e-19 to ~1e19
-    (MATH.md#numerics).
+    (RELIABILITY.md#numerics).
     """
     dtype = spatial_sums.dtype
     spatial_sums = spatial_sums.double()

@@ -31,7 +31,7 @@ _STAT_LSE, _STAT_LSE_OLD, _STAT_LSE_BG, _STAT_LSE_TEACHER = (tl.constexpr(row) f
 @triton.jit
 def _logaddexp(a, b):
     # NaN-propagating max/min: the default ones return the other operand, which would turn a NaN
-    # logit into a finite loss (MATH.md#numerics).
+    # logit into a finite loss (RELIABILITY.md#numerics).
     high = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
     low = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
     return high + tl.log(1.0 + tl.exp(low - high))
