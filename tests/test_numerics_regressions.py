@@ -82,6 +82,31 @@ def test_nan_or_inf_logit_reaches_both_losses(backend, generator, tensor, channe
         assert torch.isfinite(xb.grad[0, :, 1]).all(), "a NaN leaked into another pixel's gradient"
 
 
+CPU_FOLDED_OVERFLOW = ("csrc/cpu/logit_losses_cpu.cpp backward_tile: the factored form folds bg_set * exp(lse - lse_bg) "
+                       "(and old_set * exp(lse - lse_old)) into the coefficient of p_c; with bg_set = -w gamma q_0 "
+                       "~ -1e35 and exp(...) up to e^40 the coefficient overflows float32 and the gradient is -inf "
+                       "where the reference's is ~-1e34. Fix: take the direct form for a tile whose folded "
+                       "coefficients are not all finite (a bit test next to too_far)")
+
+
+def test_balanced_distillation_with_a_huge_gamma_stays_finite(request, backend, generator):
+    """gamma = 1e35 (the API accepts any finite gamma >= 0; a computed one reaches ~1e38) with little
+    mass in the new classes: the gradients are ~1e34, finite and exact (found by the properties on cpu)."""
+    xfail_on_cpu(request, backend, CPU_FOLDED_OVERFLOW)
+    device = device_for(backend)
+    x = 3 * torch.randn(1, 6, 3, 3, generator=generator)
+    x[:, 3:] -= 8
+    y = 2 * torch.randn(1, 3, 3, 3, generator=generator)
+    gamma = torch.tensor([1e35])
+    xb = x.to(device, copy=True).requires_grad_()
+    isf.balanced_knowledge_distillation(xb, y.to(device), gamma=gamma.to(device), reduction="sum",
+                                        backend=backend).backward()
+    xr = x.double().requires_grad_()
+    reference.balanced_knowledge_distillation(xr, y.double(), gamma=gamma.double(), reduction="sum").backward()
+    assert torch.isfinite(xb.grad).all()
+    assert _relative_error(xb.grad, xr.grad) <= RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("others", ["finite", "minus_inf"])
 def test_nan_among_new_channels_reaches_the_loss(backend, others):
     """C = 3, Co = 1: the new channels are a NaN and a finite or -inf logit. A running maximum that
