@@ -116,7 +116,7 @@ def on_device(value, device):
 
 
 def _alphas():
-    """1, 0, and magnitudes in [0.1, 4] of either sign (masses of the teacher's softmax scale)."""
+    """alpha, the teacher's logit scale: 1, 0, and magnitudes in [0.1, 4] of either sign."""
     return st.sampled_from([1.0, 0.0]) | st.floats(0.1, 4.0) | st.floats(-4.0, -0.1)
 
 
