@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report cuda-check gpu-check clean
+.PHONY: setup test demo bench report lint cuda-check gpu-check clean
 
 setup: $(STAMP_BUILD)
 
@@ -36,6 +36,12 @@ bench: setup
 
 report: setup
 	$(PY) -m incseg_fast.bench
+
+# ruff (lint and format) on the Python, clang-format on the C++ and CUDA; fails on any violation.
+lint: $(STAMP_DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 # The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half.
 cuda-check: $(STAMP_DEPS)

@@ -10,6 +10,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST GPU architectures of the CUDA kernels (default: the visible GPUs', else "8.0;9.0")
   MAX_JOBS             parallel compile jobs (read by torch's BuildExtension)
 """
+
 import glob
 import os
 
@@ -41,16 +42,20 @@ def _import_torch():
     try:
         import torch
     except ImportError as error:
-        raise SystemExit(f"incseg_fast builds its extension against the torch already installed, and none imports "
-                         f"({error}): install torch first, then `pip install --no-build-isolation .`") from error
+        raise SystemExit(
+            f"incseg_fast builds its extension against the torch already installed, and none imports "
+            f"({error}): install torch first, then `pip install --no-build-isolation .`"
+        ) from error
     return torch
 
 
 def _check_cuda_home(cuda_home):
     """torch derives CUDA_HOME from where nvcc is found; a wrapper script outside the toolkit misleads it."""
     if not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
-        raise SystemExit(f"incseg_fast: CUDA_HOME={cuda_home} has no include/cuda_runtime_api.h; set CUDA_HOME to "
-                         "the CUDA toolkit (e.g. /usr/local/cuda), or INCSEG_SKIP_EXT=1 / a CPU torch for no CUDA")
+        raise SystemExit(
+            f"incseg_fast: CUDA_HOME={cuda_home} has no include/cuda_runtime_api.h; set CUDA_HOME to "
+            "the CUDA toolkit (e.g. /usr/local/cuda), or INCSEG_SKIP_EXT=1 / a CPU torch for no CUDA"
+        )
 
 
 def _extensions():

@@ -3,6 +3,7 @@ every provider, forward and forward+backward.
 
     .venv/bin/python -m pytest -q benchmarks --benchmark-only [--bench-quick] [--bench-dtype bf16]
 """
+
 import torch
 
 from incseg_fast.bench import cases as bench_cases
@@ -10,18 +11,25 @@ from incseg_fast.bench import cases as bench_cases
 
 def pytest_addoption(parser):
     group = parser.getgroup("incseg_fast benchmarks")
-    group.addoption("--bench-quick", action="store_true",
-                    help="the small smoke-test sizes and few rounds instead of the real sizes")
-    group.addoption("--bench-dtype", choices=("fp32", "bf16"),
-                    help="dtype of the floating inputs, for every case (default fp32, and voc512 in fp32 and bf16)")
+    group.addoption(
+        "--bench-quick", action="store_true", help="the small smoke-test sizes and few rounds instead of the real sizes"
+    )
+    group.addoption(
+        "--bench-dtype",
+        choices=("fp32", "bf16"),
+        help="dtype of the floating inputs, for every case (default fp32, and voc512 in fp32 and bf16)",
+    )
 
 
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    selected = bench_cases.select_cases(dtype_name=metafunc.config.getoption("--bench-dtype"),
-                                        device=device, quick=metafunc.config.getoption("--bench-quick"))
+    selected = bench_cases.select_cases(
+        dtype_name=metafunc.config.getoption("--bench-dtype"),
+        device=device,
+        quick=metafunc.config.getoption("--bench-quick"),
+    )
     provider_names = ["eager", "compiled"] + bench_cases.fused_backends(device)
     metafunc.parametrize(
         "case, provider",

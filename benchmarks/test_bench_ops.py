@@ -5,6 +5,7 @@ The max relative error against the float64 reference goes into ``extra_info`` (c
 asserted by ``tests/``, not here). ``python -m incseg_fast.bench`` gives the fuller picture:
 interleaved timing, memory and bandwidth.
 """
+
 import pytest
 import torch
 
@@ -27,14 +28,20 @@ def _synchronized(target, device):
 
 @pytest.mark.parametrize("phase", ["fwd", "fwd_bwd"])
 def test_bench(benchmark, request, case, provider, phase):
-    (_, fn), = bench_cases.providers(case.op, case.device, [provider])
+    ((_, fn),) = bench_cases.providers(case.op, case.device, [provider])
     inputs = case.make_inputs()
     reference_values = measure.outputs_and_grads(case.op.reference, inputs.converted(torch.float64))
     benchmark.group = f"{case.name}-{phase}"
     benchmark.extra_info["max_rel_err"] = measure.max_relative_error(
-        measure.outputs_and_grads(fn, inputs), reference_values)
+        measure.outputs_and_grads(fn, inputs), reference_values
+    )
     quick = request.config.getoption("--bench-quick")
     target = bench_cases.run_forward if phase == "fwd" else bench_cases.run_forward_backward
     # Warm-up rounds absorb torch.compile's compilation.
-    benchmark.pedantic(_synchronized(target, case.device), args=(fn, inputs), setup=inputs.clear_grads,
-                       rounds=3 if quick else 10, warmup_rounds=2)
+    benchmark.pedantic(
+        _synchronized(target, case.device),
+        args=(fn, inputs),
+        setup=inputs.clear_grads,
+        rounds=3 if quick else 10,
+        warmup_rounds=2,
+    )

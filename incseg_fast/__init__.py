@@ -7,6 +7,7 @@
 Backends: "reference" (plain PyTorch, always there), "cpu" and "cuda" (the compiled extension),
 "triton". ``isf.available_backends()`` lists those that can run here.
 """
+
 from importlib import metadata as _metadata
 
 from ._backends import BackendUnavailableError, available_backends

@@ -9,6 +9,7 @@ Test hook: ``INCSEG_KILL_AT_WRITE=n`` kills the process (SIGKILL) at its n-th wr
 Each write has two: after the temporary file is written, and after the rename. The crash-safety
 test (tests/test_crash_safety.py) kills the trainer at each one in turn.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ A backend is an object exposing the three functions of the contract in DEVELOPER
 ``ops.OpBackend`` bound to the compiled or the Triton namespace. The Triton kernels are registered
 lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
 """
+
 import importlib
 import importlib.util
 import os
@@ -13,6 +14,7 @@ import torch
 
 from incseg_fast import ops, reference
 from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS, CUDA_EMULATOR
+
 # Looked up once: find_spec is not traceable by torch.compile, and an install does not change mid-run.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Backends by name. The Triton kernels are registered on first use only, so that importing

@@ -3,6 +3,7 @@
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
 device) with a message naming the argument, before any kernel runs.
 """
+
 import math
 import numbers
 
@@ -87,12 +88,16 @@ def teacher(y, x, name="y", x_name="x"):
     same_device_dtype(y, name, x, x_name)
     B, C, H, W = x.shape
     if y.shape[0] != B or y.shape[2:] != x.shape[2:]:
-        raise ValueError(f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like {x_name}, got {tuple(y.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like {x_name}, got {tuple(y.shape)}"
+        )
     if not 1 <= y.shape[1] <= C:
         raise ValueError(f"{name} has Co={y.shape[1]} channels; need 1 <= Co <= C={C} (Co > C is not allowed)")
     if y.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} (the old model's logits) must not require grad: compute it under "
-                         "torch.no_grad() or pass y.detach(); distillation treats it as a constant")
+        raise ValueError(
+            f"{name} (the old model's logits) must not require grad: compute it under "
+            "torch.no_grad() or pass y.detach(); distillation treats it as a constant"
+        )
     return y
 
 
@@ -113,8 +118,10 @@ def labels(t, x, ignore_index, name="t", x_name="x"):
     if torch.compiler.is_compiling():
         # A data-dependent branch cannot be traced; the compiled graph asserts instead
         # (RuntimeError at run time rather than ValueError, but never a silent wrong answer).
-        torch._assert_async(torch.logical_not(out_of_range.any()),
-                            f"{name} has labels outside [0, {C}) that are not ignore_index={ignore_index}")
+        torch._assert_async(
+            torch.logical_not(out_of_range.any()),
+            f"{name} has labels outside [0, {C}) that are not ignore_index={ignore_index}",
+        )
     elif bool(out_of_range.any()):
         bad = t[out_of_range][0].item()
         raise ValueError(f"{name} has label {bad} outside [0, {C}) that is not ignore_index={ignore_index}")

@@ -3,9 +3,10 @@
 Every logit loss (MATH.md#logit-losses) goes through one backend function, ``logit_losses``, whose canonical
 arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-losses) have one each.
 """
+
 from . import _validate as check
-from ._backends import available_backends, resolve
 from . import reference
+from ._backends import available_backends, resolve
 from .reference import balanced_gamma
 from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
 
@@ -32,8 +33,7 @@ def _for_inputs(implementation, tensor):
 NAMES = dict(x="x", t="t", y="y", old_classes="old_classes", mask="mask")
 
 
-def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend,
-                  names=NAMES):
+def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend, names=NAMES):
     """Validate the arguments of any logit loss and run the chosen backend."""
     check.logits(x, names["x"])
     ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
@@ -47,8 +47,9 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
     if ce != "none":
         check.labels(t, x, ignore_index, names["t"], names["x"])
     if kd != "none" and y.shape[1] != old_classes:
-        raise ValueError(f"{names['old_classes']}={old_classes} but {names['y']} has {y.shape[1]} channels; "
-                         "they must be equal")
+        raise ValueError(
+            f"{names['old_classes']}={old_classes} but {names['y']} has {y.shape[1]} channels; they must be equal"
+        )
     mask = check.mask(mask, x, names["mask"], names["x"])
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
@@ -58,8 +59,17 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
         gamma = None
     implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.logit_losses(
-        x, t if ce != "none" else None, y if kd != "none" else None, gamma, mask,
-        old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+        x,
+        t if ce != "none" else None,
+        y if kd != "none" else None,
+        gamma,
+        mask,
+        old_classes=old_classes,
+        ce=ce,
+        kd=kd,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
 
 
@@ -69,13 +79,37 @@ def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="me
     ``x`` (B, C, H, W) logits, ``t`` (B, H, W) labels, ``old_classes`` = Co. With Co == 1 this is
     ordinary cross-entropy. ``reduction="mean"`` divides by the non-ignored pixels (0 if none).
     """
-    return _logit_losses(x, t, None, old_classes=old_classes, ce="unbiased", kd="none", alpha=1.0, mask=None,
-                         gamma=None, ignore_index=ignore_index, reduction=reduction, backend=backend)[0]
+    return _logit_losses(
+        x,
+        t,
+        None,
+        old_classes=old_classes,
+        ce="unbiased",
+        kd="none",
+        alpha=1.0,
+        mask=None,
+        gamma=None,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )[0]
 
 
 def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
-    return _logit_losses(x, None, y, old_classes=None, ce="none", kd=kd, alpha=alpha, mask=mask,
-                         gamma=gamma, ignore_index=255, reduction=reduction, backend=backend)[1]
+    return _logit_losses(
+        x,
+        None,
+        y,
+        old_classes=None,
+        ce="none",
+        kd=kd,
+        alpha=alpha,
+        mask=mask,
+        gamma=gamma,
+        ignore_index=255,
+        reduction=reduction,
+        backend=backend,
+    )[1]
 
 
 def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
@@ -100,8 +134,9 @@ def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
     return _distillation("balanced", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, backend=backend)
 
 
-def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
-                     ignore_index=255, backend="auto"):
+def incremental_loss(
+    x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255, backend="auto"
+):
     """MATH.md#incremental-loss: the classification and distillation terms in one fused op, each reduced with "mean".
 
     Returns ``(ce, kd)``, two differentiable scalars: write ``loss = ce + lambda_kd * kd``.
@@ -112,8 +147,20 @@ def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alph
     kd = check.choice(kd, "kd", KD_MODES)
     if kd != "none" and y is None:
         raise ValueError(f"y (the old model's logits) is required with kd={kd!r}")
-    return _logit_losses(x, t, y, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha, mask=mask, gamma=None,
-                         ignore_index=ignore_index, reduction="mean", backend=backend)
+    return _logit_losses(
+        x,
+        t,
+        y,
+        old_classes=old_classes,
+        ce=ce,
+        kd=kd,
+        alpha=alpha,
+        mask=mask,
+        gamma=None,
+        ignore_index=ignore_index,
+        reduction="mean",
+        backend=backend,
+    )
 
 
 def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False, backend="auto"):
@@ -126,8 +173,9 @@ def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False
     reduction = check.choice(reduction, "reduction", FEATURE_REDUCTIONS)
     if not isinstance(detach_spatial, bool):
         raise TypeError(f"detach_spatial must be a bool, got {type(detach_spatial).__name__}")
-    return _for_inputs(resolve(backend, f.device), f).attentive_distillation(f, g, a, b, reduction=reduction,
-                                                                             detach_spatial=detach_spatial)
+    return _for_inputs(resolve(backend, f.device), f).attentive_distillation(
+        f, g, a, b, reduction=reduction, detach_spatial=detach_spatial
+    )
 
 
 def structured_attention(v, a_ch, a_sp, *, backend="auto"):

@@ -10,6 +10,7 @@ Differences from MiB, on purpose: an all-ignored batch gives 0 (MiB: NaN); ``C =
 the unbiased distillation (MiB's indexing breaks); ``old_cl=None`` means no old classes, i.e.
 ordinary cross-entropy (MiB fails).
 """
+
 import torch
 from torch import nn
 
@@ -37,15 +38,29 @@ class UnbiasedCrossEntropy(nn.Module):
             check.tensor(targets, "targets")
             check.tensor(mask, "mask")
             if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor marking the pixels to ignore (PLOP), got {mask.dtype}; "
-                                "cross-entropy takes no per-pixel weight")
+                raise TypeError(
+                    f"mask must be a bool tensor marking the pixels to ignore (PLOP), got {mask.dtype}; "
+                    "cross-entropy takes no per-pixel weight"
+                )
             if mask.shape != targets.shape:
                 raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
             targets = targets.masked_fill(mask, self.ignore_index)
         old_classes = 1 if self.old_cl is None else self.old_cl
-        return api._logit_losses(inputs, targets, None, old_classes=old_classes, ce="unbiased", kd="none", alpha=1.0,
-                                 mask=None, gamma=None, ignore_index=self.ignore_index, reduction=self.reduction,
-                                 backend=self.backend, names=_NAMES)[0]
+        return api._logit_losses(
+            inputs,
+            targets,
+            None,
+            old_classes=old_classes,
+            ce="unbiased",
+            kd="none",
+            alpha=1.0,
+            mask=None,
+            gamma=None,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
+            names=_NAMES,
+        )[0]
 
 
 class _Distillation(nn.Module):
@@ -59,9 +74,21 @@ class _Distillation(nn.Module):
 
     def forward(self, inputs, targets, mask=None):
         """``targets`` are the old model's logits; ``mask`` (bool or float, B×H×W) weights pixels."""
-        return api._logit_losses(inputs, None, targets, old_classes=None, ce="none", kd=self._kd, alpha=self.alpha,
-                                 mask=mask, gamma=None, ignore_index=255, reduction=self.reduction,
-                                 backend=self.backend, names=_NAMES)[1]
+        return api._logit_losses(
+            inputs,
+            None,
+            targets,
+            old_classes=None,
+            ce="none",
+            kd=self._kd,
+            alpha=self.alpha,
+            mask=mask,
+            gamma=None,
+            ignore_index=255,
+            reduction=self.reduction,
+            backend=self.backend,
+            names=_NAMES,
+        )[1]
 
 
 class KnowledgeDistillationLoss(_Distillation):
@@ -118,9 +145,12 @@ class AttentiveDistillationLoss(nn.Module):
         for value, name in ((inputs, "inputs"), (targets, "targets")):
             check.float_tensor(value, name, 4)
             if value.shape[1] != self.channels:
-                raise ValueError(f"{name} has {value.shape[1]} channels but this AttentiveDistillationLoss was "
-                                 f"built with channels={self.channels}")
+                raise ValueError(
+                    f"{name} has {value.shape[1]} channels but this AttentiveDistillationLoss was "
+                    f"built with channels={self.channels}"
+                )
         a = self.new_attention(inputs).to(inputs.dtype)
         b = self.old_attention(targets).to(targets.dtype)
-        return api.attentive_distillation(inputs, targets, a, b, reduction=self.reduction,
-                                          detach_spatial=self.detach_spatial, backend=self.backend)
+        return api.attentive_distillation(
+            inputs, targets, a, b, reduction=self.reduction, detach_spatial=self.detach_spatial, backend=self.backend
+        )

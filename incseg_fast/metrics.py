@@ -1,4 +1,5 @@
 """Segmentation metrics from one confusion matrix (DATA.md#protocol)."""
+
 import torch
 
 __all__ = ["ConfusionMatrix"]
@@ -71,7 +72,7 @@ class ConfusionMatrix:
         total = mat.sum()
         present = gt > 0
         return {
-            "iou": [float(v) * 100.0 if o else None for v, o in zip(iou, occurs.tolist())],
+            "iou": [float(v) * 100.0 if o else None for v, o in zip(iou, occurs.tolist(), strict=True)],
             "miou_all": _mean_percent(iou[occurs]),
             "miou_old": _mean_percent(iou[occurs & is_old]),
             "miou_new": _mean_percent(iou[occurs & ~is_old]),

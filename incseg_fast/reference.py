@@ -7,6 +7,7 @@ Computation happens in the input dtype promoted to at least float32 (float64 sta
 losses come back in that computation dtype, ``structured_attention`` in the input's dtype.
 The functions here do not validate their arguments: the public API (``incseg_fast.api``) does.
 """
+
 import torch
 
 __all__ = [
@@ -170,13 +171,35 @@ def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignor
 
 
 def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean"):
-    return logit_losses(x, t, None, None, None, old_classes=old_classes, ce="unbiased", kd="none",
-                        alpha=1.0, ignore_index=ignore_index, reduction=reduction)[0]
+    return logit_losses(
+        x,
+        t,
+        None,
+        None,
+        None,
+        old_classes=old_classes,
+        ce="unbiased",
+        kd="none",
+        alpha=1.0,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )[0]
 
 
 def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None):
-    return logit_losses(x, None, y, gamma, mask, old_classes=y.shape[1], ce="none", kd=kd,
-                        alpha=alpha, ignore_index=255, reduction=reduction)[1]
+    return logit_losses(
+        x,
+        None,
+        y,
+        gamma,
+        mask,
+        old_classes=y.shape[1],
+        ce="none",
+        kd=kd,
+        alpha=alpha,
+        ignore_index=255,
+        reduction=reduction,
+    )[1]
 
 
 def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean"):
@@ -193,12 +216,22 @@ def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
     return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, gamma=gamma)
 
 
-def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None,
-                     ignore_index=255):
+def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255):
     """MATH.md#incremental-loss: (ce, kd), both reduced with 'mean'."""
     gamma = balanced_gamma(y) if kd == "balanced" else None
-    return logit_losses(x, t, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
-                        ignore_index=ignore_index, reduction="mean")
+    return logit_losses(
+        x,
+        t,
+        y,
+        gamma,
+        mask,
+        old_classes=old_classes,
+        ce=ce,
+        kd=kd,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction="mean",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

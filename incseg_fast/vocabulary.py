@@ -3,6 +3,7 @@
 Validation, the op wrappers, the Triton kernels, the CLI's choices, the tests and the benchmarks
 all import these names from here (the C++ side parses the same strings in csrc/common/logit_host.h).
 """
+
 import torch
 
 # Modes of the fused logit-loss op (MATH.md#logit-losses): "none" switches a term off.

@@ -3,6 +3,7 @@
 Without a CUDA device, Triton runs through its interpreter on CPU tensors; that mode is read
 when kernels are decorated, so it is set here before any test module imports incseg_fast.triton.
 """
+
 import os
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from incseg_fast import _backends  # noqa: E402  (after the interpreter flag)
 from parity_support import PARITY_BACKENDS  # noqa: E402
+
+from incseg_fast import _backends  # noqa: E402  (after the interpreter flag)
 
 
 @pytest.fixture

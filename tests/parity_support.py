@@ -1,4 +1,5 @@
 """What the parity suites share: the device each fused backend runs on (tolerances: incseg_fast.vocabulary)."""
+
 import torch
 
 from incseg_fast.vocabulary import CUDA_EMULATOR, FUSED_BACKENDS, RTOL  # noqa: F401  (re-exported for the suites)

@@ -1,4 +1,5 @@
 """The public API: exact names, backend selection, the MiB drop-in modules."""
+
 import importlib
 import inspect
 import subprocess
@@ -17,10 +18,10 @@ def test_public_signatures():
         "unbiased_cross_entropy": "(x, t, old_classes, *, ignore_index=255, reduction='mean', backend='auto')",
         "knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
         "unbiased_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
-        "balanced_knowledge_distillation":
-            "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, backend='auto')",
+        "balanced_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, "
+        "backend='auto')",
         "incremental_loss": "(x, t, y, *, old_classes, ce='unbiased', kd='unbiased', alpha=1.0, mask=None, "
-                            "ignore_index=255, backend='auto')",
+        "ignore_index=255, backend='auto')",
         "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
         "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
         "available_backends": "()",
@@ -89,8 +90,10 @@ def test_incremental_loss_without_distillation(batch):
 def test_bool_and_float_masks_agree(batch):
     x, _, y = batch
     mask = torch.rand(2, 5, 7) > 0.5
-    torch.testing.assert_close(isf.knowledge_distillation(x, y, mask=mask, backend="reference"),
-                               isf.knowledge_distillation(x, y, mask=mask.float(), backend="reference"))
+    torch.testing.assert_close(
+        isf.knowledge_distillation(x, y, mask=mask, backend="reference"),
+        isf.knowledge_distillation(x, y, mask=mask.float(), backend="reference"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,15 +129,19 @@ def test_unbiased_ce_module_refuses_a_float_mask(batch):
         losses.UnbiasedCrossEntropy(old_cl=4)(x, t, mask=torch.rand(2, 5, 7))
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=9)(x, t), "old_cl must be <= 6"),
-    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t.float()), "targets must be an int64"),
-    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x[0], t), "inputs must be 4-D"),
-    (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t[:, :2]), r"targets must have shape \(B, H, W\)"),
-    (lambda x, t, y: losses.KnowledgeDistillationLoss()(x, y[:, :, :2]), "targets must have shape"),
-    (lambda x, t, y: losses.UnbiasedKnowledgeDistillationLoss()(x, y.double()), "targets has dtype"),
-    (lambda x, t, y: losses.BalancedKnowledgeDistillationLoss()(x, y, mask=torch.ones(3)), "mask must have shape"),
-], ids=["old_cl", "targets_dtype", "inputs_rank", "targets_shape", "kd_targets", "unkd_dtype", "bkd_mask"])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=9)(x, t), "old_cl must be <= 6"),
+        (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t.float()), "targets must be an int64"),
+        (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x[0], t), "inputs must be 4-D"),
+        (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t[:, :2]), r"targets must have shape \(B, H, W\)"),
+        (lambda x, t, y: losses.KnowledgeDistillationLoss()(x, y[:, :, :2]), "targets must have shape"),
+        (lambda x, t, y: losses.UnbiasedKnowledgeDistillationLoss()(x, y.double()), "targets has dtype"),
+        (lambda x, t, y: losses.BalancedKnowledgeDistillationLoss()(x, y, mask=torch.ones(3)), "mask must have shape"),
+    ],
+    ids=["old_cl", "targets_dtype", "inputs_rank", "targets_shape", "kd_targets", "unkd_dtype", "bkd_mask"],
+)
 def test_module_errors_name_the_module_arguments(batch, call, message):
     x, t, y = batch
     with pytest.raises((ValueError, TypeError), match=message):
@@ -153,8 +160,9 @@ def test_attentive_distillation_module_checks_channels_and_takes_half_features(g
 
 def test_unbiased_ce_module_without_old_classes_is_cross_entropy(batch):
     x, t, _ = batch
-    torch.testing.assert_close(losses.UnbiasedCrossEntropy()(x, t),
-                               torch.nn.functional.cross_entropy(x, t, ignore_index=255))
+    torch.testing.assert_close(
+        losses.UnbiasedCrossEntropy()(x, t), torch.nn.functional.cross_entropy(x, t, ignore_index=255)
+    )
 
 
 def test_attentive_distillation_module_uses_two_se_blocks(generator):
@@ -173,8 +181,16 @@ def test_attentive_distillation_module_uses_two_se_blocks(generator):
 def test_import_stays_light():
     """`import incseg_fast` loads neither Triton (whose interpreter mode is the user's to decide), nor
     the trainer, datasets, plotting or benchmarks: those cost time on first use only."""
-    heavy = ("triton", "incseg_fast.train", "incseg_fast.data", "incseg_fast.models", "matplotlib", "PIL",
-             "incseg_fast.bench", "benchmarks")
+    heavy = (
+        "triton",
+        "incseg_fast.train",
+        "incseg_fast.data",
+        "incseg_fast.models",
+        "matplotlib",
+        "PIL",
+        "incseg_fast.bench",
+        "benchmarks",
+    )
     code = f"import sys, incseg_fast; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr

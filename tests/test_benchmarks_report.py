@@ -5,6 +5,7 @@ that every case was measured by every provider, that the fused results agree wit
 reference, and that the memory counter is exact on known allocations and sees at least the
 gradient each call must allocate.
 """
+
 import json
 
 import pytest
@@ -16,18 +17,43 @@ def test_cpu_peak_memory_counter_is_exact():
     assert measure.check_peak_counter() == 6_000_000
 
 
-ALL_OPS = ["incremental_loss", "incremental_loss_balanced", "unbiased_cross_entropy", "knowledge_distillation",
-           "attentive_distillation", "structured_attention"]
+ALL_OPS = [
+    "incremental_loss",
+    "incremental_loss_balanced",
+    "unbiased_cross_entropy",
+    "knowledge_distillation",
+    "attentive_distillation",
+    "structured_attention",
+]
 
 
-@pytest.mark.parametrize("ops, providers", [
-    (ALL_OPS, ["eager", *cases.fused_backends("cpu")]),
-    (["incremental_loss"], ["eager", "compiled"]),  # torch.compile(reference) on one op: compiling is slow
-])
+@pytest.mark.parametrize(
+    "ops, providers",
+    [
+        (ALL_OPS, ["eager", *cases.fused_backends("cpu")]),
+        (["incremental_loss"], ["eager", "compiled"]),  # torch.compile(reference) on one op: compiling is slow
+    ],
+)
 def test_quick_report_measures_every_case_and_provider(tmp_path, ops, providers):
     out = tmp_path / "report.json"
-    assert report.main(["--quick", "--ops", ",".join(ops), "--providers", ",".join(providers),
-                        "--reps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    assert (
+        report.main(
+            [
+                "--quick",
+                "--ops",
+                ",".join(ops),
+                "--providers",
+                ",".join(providers),
+                "--reps",
+                "1",
+                "--warmup",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert {case["op"] for case in results["cases"]} == set(ops)
     for case in results["cases"]:
@@ -43,8 +69,26 @@ def test_quick_report_measures_every_case_and_provider(tmp_path, ops, providers)
 
 def test_max_seconds_stops_starting_cases_and_lists_the_others(tmp_path):
     out = tmp_path / "report.json"
-    assert report.main(["--quick", "--ops", "incremental_loss,structured_attention", "--providers", "eager",
-                        "--reps", "1", "--warmup", "1", "--max-seconds", "0", "--json", str(out)]) == 0
+    assert (
+        report.main(
+            [
+                "--quick",
+                "--ops",
+                "incremental_loss,structured_attention",
+                "--providers",
+                "eager",
+                "--reps",
+                "1",
+                "--warmup",
+                "1",
+                "--max-seconds",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert results["cases"] == []
     assert results["not_measured"] == ["incremental_loss-quick_logits-fp32", "structured_attention-quick_features-fp32"]
@@ -52,8 +96,12 @@ def test_max_seconds_stops_starting_cases_and_lists_the_others(tmp_path):
 
 def test_an_explicit_dtype_applies_to_every_size():
     def names(dtype_name):
-        return [c.name for c in cases.select_cases(ops=["incremental_loss"], sizes=["voc512", "ade"],
-                                                   dtype_name=dtype_name, device="cuda")]
+        return [
+            c.name
+            for c in cases.select_cases(
+                ops=["incremental_loss"], sizes=["voc512", "ade"], dtype_name=dtype_name, device="cuda"
+            )
+        ]
 
     # voc512 runs in both dtypes by default; a dtype asked for is the only one
     assert names(None) == ["incremental_loss-voc512-fp32", "incremental_loss-voc512-bf16", "incremental_loss-ade-fp32"]

@@ -1,5 +1,6 @@
 """Checkpoints: loaded without running code, verified by their SHA-256, and every damaged or foreign
 file refused with one line that names it (docs/RELIABILITY.md#checkpoint-safety)."""
+
 import hashlib
 import io
 import pickle
@@ -15,9 +16,16 @@ from incseg_fast.train.checkpoint import (
     save_checkpoint,
 )
 
-STEP = {"kind": "step", "model": {"backbone": "tiny"}, "state_dict": {"w": torch.arange(6.0)}, "config": {"seed": 0},
-        "metrics": {"step": 0, "miou_all": 50.0, "iou": [50.0, None]}, "task_steps": [[0, 1]],
-        "train_steps": [[0, 1]], "index": 0}
+STEP = {
+    "kind": "step",
+    "model": {"backbone": "tiny"},
+    "state_dict": {"w": torch.arange(6.0)},
+    "config": {"seed": 0},
+    "metrics": {"step": 0, "miou_all": 50.0, "iou": [50.0, None]},
+    "task_steps": [[0, 1]],
+    "train_steps": [[0, 1]],
+    "index": 0,
+}
 
 
 class WritesAMarker:
@@ -63,7 +71,7 @@ def _damaged(tmp_path):
     return {
         "empty": (b"", "empty"),
         "truncated": (data[:-50], "truncated"),
-        "truncated header": (data[:len(MAGIC) + 20], "damaged header"),
+        "truncated header": (data[: len(MAGIC) + 20], "damaged header"),
         "corrupt": (bytes(flipped), "corrupt"),
         "text file": (b"# notes\nnot a checkpoint\n\xff\xfe", "not an incseg_fast checkpoint"),
         "another program's .pt": (_torch_bytes({"weights": torch.ones(3)}), "without incseg_fast's checkpoint header"),
@@ -94,8 +102,11 @@ def test_damaged_or_foreign_files_are_refused_in_one_line(tmp_path):
 def test_a_crafted_file_is_refused_without_running_its_code(tmp_path, wrapping):
     marker = tmp_path / "marker"
     bomb = {**STEP, "config": WritesAMarker(marker)}
-    contents = {"pickle": pickle.dumps(bomb), "torch.save": _torch_bytes(bomb),
-                "torch.save inside a valid header": _with_header(_torch_bytes(bomb))}[wrapping]
+    contents = {
+        "pickle": pickle.dumps(bomb),
+        "torch.save": _torch_bytes(bomb),
+        "torch.save inside a valid header": _with_header(_torch_bytes(bomb)),
+    }[wrapping]
     path = tmp_path / "step0.pt"
     path.write_bytes(contents)
     with pytest.raises(CheckpointError, match="step0.pt"):

@@ -1,4 +1,5 @@
 """The incseg-fast command line: help, train / eval round trip, bench forwarding, one-line errors."""
+
 import json
 import pickle
 import re
@@ -11,7 +12,6 @@ import torch
 from test_checkpoints import WritesAMarker
 
 from incseg_fast.cli import build_parser, main
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,15 +35,27 @@ def test_help_documents_every_option(command, capsys):
 
 
 def test_top_level_help_lists_the_commands():
-    done = subprocess.run([sys.executable, "-m", "incseg_fast", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-m", "incseg_fast", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for command in ("train", "eval", "demo", "bench"):
         assert command in done.stdout
 
 
-TINY = ["--image-size", "32", "--train-images", "48", "--val-images", "16", "--epochs", "1", "--batch-size", "8",
-        "--device", "cpu", "--no-progress"]
+TINY = [
+    "--image-size",
+    "32",
+    "--train-images",
+    "48",
+    "--val-images",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def test_train_then_eval(tmp_path, capsys):
@@ -82,6 +94,7 @@ def test_bench_forwards_its_arguments(monkeypatch):
 
 # ---------------------------------------------------------------- the error contract (docs/RELIABILITY.md#cli)
 
+
 def _one_error_line(capsys, argv, *words):
     """Run ``argv``; it must exit with 2 and print one line ``incseg-fast: error: ...`` holding ``words``."""
     try:
@@ -105,19 +118,22 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"incseg-fast {__version__}\n"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--method", "mib", "--lambda-fd", "5"], ["--lambda-fd does not apply to --method mib"]),
-    (["--method", "mib", "--lambda-ad", "5"], ["--lambda-ad does not apply to --method mib"]),
-    (["--method", "caf", "--freeze-encoder"], ["--freeze-encoder does not apply to --method caf"]),
-    (["--method", "ft", "--alpha", "2"], ["--alpha does not apply to --method ft"]),
-    (["--method", "joint", "--lr-incremental", "0.1"], ["--lr-incremental does not apply to --method joint"]),
-    (["--root", "data/VOC"], ["--root does not apply to --dataset synthetic"]),
-    (["--dataset", "voc", "--root", "data/VOC", "--train-images", "10"], ["--train-images does not apply"]),
-    (["--backbone", "tiny", "--pretrained", "r.pth"], ["--pretrained does not apply to --backbone tiny"]),
-    (["--method", "joint", "--step", "0"], ["joint trains every class in one step, reported as step 1"]),
-    (["--task", "100-50"], ["task '100-50' is not defined for 'voc'"]),
-    (["--threads", "0"], ["argument --threads: must be an integer >= 1"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--method", "mib", "--lambda-fd", "5"], ["--lambda-fd does not apply to --method mib"]),
+        (["--method", "mib", "--lambda-ad", "5"], ["--lambda-ad does not apply to --method mib"]),
+        (["--method", "caf", "--freeze-encoder"], ["--freeze-encoder does not apply to --method caf"]),
+        (["--method", "ft", "--alpha", "2"], ["--alpha does not apply to --method ft"]),
+        (["--method", "joint", "--lr-incremental", "0.1"], ["--lr-incremental does not apply to --method joint"]),
+        (["--root", "data/VOC"], ["--root does not apply to --dataset synthetic"]),
+        (["--dataset", "voc", "--root", "data/VOC", "--train-images", "10"], ["--train-images does not apply"]),
+        (["--backbone", "tiny", "--pretrained", "r.pth"], ["--pretrained does not apply to --backbone tiny"]),
+        (["--method", "joint", "--step", "0"], ["joint trains every class in one step, reported as step 1"]),
+        (["--task", "100-50"], ["task '100-50' is not defined for 'voc'"]),
+        (["--threads", "0"], ["argument --threads: must be an integer >= 1"]),
+    ],
+)
 def test_options_that_do_not_apply_are_rejected(tmp_path, capsys, argv, words):
     _one_error_line(capsys, ["train", "--out", str(tmp_path), *TINY, *argv], *words)
     assert not any(tmp_path.iterdir()), "nothing is recorded"
@@ -151,12 +167,19 @@ def test_expected_errors_are_one_line(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--method", "ft", "--step", "0", "--out", out, *TINY]) == 0
     capsys.readouterr()
-    _one_error_line(capsys, ["train", "--method", "ft", "--out", out, *TINY, "--lr", "0.2"],
-                    "holds results of --lr 0.1, not --lr 0.2", "--overwrite")
+    _one_error_line(
+        capsys,
+        ["train", "--method", "ft", "--out", out, *TINY, "--lr", "0.2"],
+        "holds results of --lr 0.1, not --lr 0.2",
+        "--overwrite",
+    )
     if not torch.cuda.is_available():
         _one_error_line(capsys, ["train", "--out", out, *TINY, "--device", "cuda"], "no CUDA device")
-        _one_error_line(capsys, ["train", "--method", "ft", "--out", out, *TINY, "--loss-backend", "cuda"],
-                        "backend='cuda' is not available")
+        _one_error_line(
+            capsys,
+            ["train", "--method", "ft", "--out", out, *TINY, "--loss-backend", "cuda"],
+            "backend='cuda' is not available",
+        )
 
 
 def test_an_interruption_is_one_line(tmp_path, capsys, monkeypatch):
@@ -178,9 +201,33 @@ def _voc_run(tmp_path, *extra):
     from test_train import _fake_voc
 
     _fake_voc(tmp_path / "voc")
-    return ["train", "--dataset", "voc", "--root", str(tmp_path / "voc"), "--mode", "overlapped", "--method", "ft",
-            "--backbone", "tiny", "--output-stride", "4", "--image-size", "32", "--epochs", "1", "--batch-size", "2",
-            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run"), *extra]
+    return [
+        "train",
+        "--dataset",
+        "voc",
+        "--root",
+        str(tmp_path / "voc"),
+        "--mode",
+        "overlapped",
+        "--method",
+        "ft",
+        "--backbone",
+        "tiny",
+        "--output-stride",
+        "4",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+        *extra,
+    ]
 
 
 def test_a_bad_training_image_is_named_before_the_step_trains(tmp_path, capsys):

@@ -5,16 +5,17 @@ autograd registration) into an error; the compiled step must give the eager loss
 Runs on the cpu backend here, and on cuda and triton where there is a GPU (Triton's interpreter is
 covered by tests/test_triton_ops.py).
 """
+
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from parity_support import device_for, interpreted
 from torch import nn
 
 import incseg_fast as isf
 from incseg_fast.vocabulary import FUSED_BACKENDS
-from parity_support import device_for, interpreted
 
 CLASSES, OLD_CLASSES, IGNORE = 6, 4, 255
 
@@ -38,8 +39,9 @@ def training_loss(new_model, old_model, images, labels, *, backend):
     logits, features, attention = new_model(images)
     with torch.no_grad():
         old_logits, old_features, old_attention = old_model(images)
-    ce, kd = isf.incremental_loss(logits, labels, old_logits, old_classes=OLD_CLASSES, ignore_index=IGNORE,
-                                  backend=backend)
+    ce, kd = isf.incremental_loss(
+        logits, labels, old_logits, old_classes=OLD_CLASSES, ignore_index=IGNORE, backend=backend
+    )
     ad = isf.attentive_distillation(features, old_features, attention, old_attention, backend=backend)
     return ce + 10 * kd + 1000 * ad
 
@@ -84,8 +86,7 @@ def test_compiled_training_step_matches_eager(generator, step, backend):
     compiled = torch.compile(step, fullgraph=True)
     # The on-disk caches key compiled graphs without the ops' fake kernels: a kernel rebuilt with new
     # output shapes could be paired with a stale graph, so this test always compiles afresh.
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-            enable_autograd_cache=False):
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         compiled_loss, compiled_grads = _loss_and_grads(compiled, new_model, old_model, images, labels)
 
     assert eager_loss.abs() > 0

@@ -7,6 +7,7 @@ at random moments. Each child runs ``incseg_fast.cli.main`` with the command's a
 console script does; the children are forked from the test process, which has imported torch and
 incseg_fast (a fresh interpreter spends seconds importing them, a fork milliseconds).
 """
+
 import json
 import multiprocessing
 import os
@@ -24,9 +25,28 @@ from incseg_fast.train import load_checkpoint
 from incseg_fast.train.results import final_checkpoints
 
 # two steps (1 and 2 epochs, so that a kill can land inside a step), a few 32x32 images
-COMMAND = ["train", "--method", "mib", "--image-size", "32", "--train-images", "32", "--val-images", "8",
-           "--epochs", "1", "--epochs-incremental", "2", "--batch-size", "8", "--device", "cpu",
-           "--no-progress", "--threads", "1"]
+COMMAND = [
+    "train",
+    "--method",
+    "mib",
+    "--image-size",
+    "32",
+    "--train-images",
+    "32",
+    "--val-images",
+    "8",
+    "--epochs",
+    "1",
+    "--epochs-incremental",
+    "2",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 TIMEOUT_S = 120
 
 
@@ -53,10 +73,10 @@ def start():
     context = multiprocessing.get_context("fork")
 
     def start_command(out, kill_at=None):
-        process = context.Process(target=_command_in_child,
-                                  args=(COMMAND + ["--out", str(out)], kill_at, f"{out}.log"))
+        process = context.Process(target=_command_in_child, args=(COMMAND + ["--out", str(out)], kill_at, f"{out}.log"))
         process.start()
         return process
+
     return start_command
 
 
@@ -79,8 +99,10 @@ def reference(start, tmp_path_factory):
 
 def _comparable(entry):
     """A metrics entry without what depends on timing."""
-    return {**{k: v for k, v in entry.items() if k not in ("eval_seconds", "history", "checkpoint_sha256")},
-            "losses": [h["loss"] for h in entry["history"]]}
+    return {
+        **{k: v for k, v in entry.items() if k not in ("eval_seconds", "history", "checkpoint_sha256")},
+        "losses": [h["loss"] for h in entry["history"]],
+    }
 
 
 def _assert_same_run(out, reference, when):

@@ -6,6 +6,7 @@ mode, dtype and shape with the float64 reference; here: both load paths (16-byte
 pixels), streaming log-sum-exp edge cases, determinism, and what a direct op call does with input
 the public API would have rejected.
 """
+
 import pytest
 import torch
 
@@ -33,8 +34,7 @@ def _inputs(generator, B=2, C=9, Co=5, H=8, W=8, dtype=torch.float32):
 
 
 def _run(ops_namespace, device, x, t, y, *, ce="unbiased", kd="unbiased", reduction="mean", old_classes=None):
-    modes = dict(old_classes=old_classes or y.shape[1], ce=ce, kd=kd, alpha=0.9, ignore_index=255,
-                 reduction=reduction)
+    modes = dict(old_classes=old_classes or y.shape[1], ce=ce, kd=kd, alpha=0.9, ignore_index=255, reduction=reduction)
     x, t, y = x.to(device), t.to(device), y.to(device)
     ce_loss, kd_loss, stats, count = ops_namespace.logit_losses_fwd(x, t, y, None, None, **modes)
     shape = ce_loss.shape
@@ -46,8 +46,19 @@ def _run(ops_namespace, device, x, t, y, *, ce="unbiased", kd="unbiased", reduct
 
 def _reference(x, t, y, upstream, *, ce="unbiased", kd="unbiased", reduction="mean"):
     x64 = x.double().requires_grad_()
-    ce_loss, kd_loss = reference.logit_losses(x64, t, y.double(), None, None, old_classes=y.shape[1], ce=ce, kd=kd,
-                                              alpha=0.9, ignore_index=255, reduction=reduction)
+    ce_loss, kd_loss = reference.logit_losses(
+        x64,
+        t,
+        y.double(),
+        None,
+        None,
+        old_classes=y.shape[1],
+        ce=ce,
+        kd=kd,
+        alpha=0.9,
+        ignore_index=255,
+        reduction=reduction,
+    )
     grad_ce, grad_kd = (u.cpu().double() for u in upstream)
     (grad_x,) = torch.autograd.grad((ce_loss * grad_ce).sum() + (kd_loss * grad_kd).sum(), x64)
     return ce_loss, kd_loss, grad_x
@@ -72,7 +83,7 @@ def test_packed_and_single_pixel_loads_agree_with_the_reference(device_ops, gene
     for logits in (x, misaligned):
         ce_loss, kd_loss, grad_x, upstream = _run(ops_namespace, device, logits, t, y, reduction=reduction)
         expected = _reference(x, t, y, upstream, reduction=reduction)
-        for actual, wanted, what in zip((ce_loss, kd_loss, grad_x), expected, ("ce", "kd", "dL/dx")):
+        for actual, wanted, what in zip((ce_loss, kd_loss, grad_x), expected, ("ce", "kd", "dL/dx"), strict=True):
             _assert_close(actual, wanted, RTOL[dtype], what)
         results.append((ce_loss, kd_loss, grad_x))
     torch.testing.assert_close(results[0][2], results[1][2], rtol=RTOL[dtype], atol=0)
@@ -91,7 +102,7 @@ def test_streaming_logsumexp_edges(device_ops, generator):
     t[0][t[0] == 7] = 2
     ce_loss, kd_loss, grad_x, upstream = _run(ops_namespace, device, x, t, y, kd="unbiased")
     expected = _reference(x, t, y, upstream)
-    for actual, wanted, what in zip((ce_loss, kd_loss, grad_x), expected, ("ce", "kd", "dL/dx")):
+    for actual, wanted, what in zip((ce_loss, kd_loss, grad_x), expected, ("ce", "kd", "dL/dx"), strict=True):
         assert torch.isfinite(actual).all(), what
         _assert_close(actual, wanted, RTOL[torch.float32], what)
 
@@ -101,7 +112,7 @@ def test_results_are_deterministic(device_ops, generator):
     x, y, t = _inputs(generator, B=3, C=21, Co=16, H=33, W=40)
     first = _run(ops_namespace, device, x, t, y)
     second = _run(ops_namespace, device, x, t, y)
-    for a, b in zip(first[:3], second[:3]):
+    for a, b in zip(first[:3], second[:3], strict=True):
         assert torch.equal(a, b)
 
 
@@ -120,8 +131,19 @@ def test_batch_beyond_the_grid_limit_is_a_clear_error(device_ops):
     ops_namespace, device = device_ops
     x = torch.zeros(65536, 2, 1, 1, device=device)
     with pytest.raises(ValueError, match="at most 65535 images"):
-        ops_namespace.logit_losses_fwd(x, None, x[:, :1], None, None, old_classes=1, ce="none", kd="plain",
-                                       alpha=1.0, ignore_index=255, reduction="sum")
+        ops_namespace.logit_losses_fwd(
+            x,
+            None,
+            x[:, :1],
+            None,
+            None,
+            old_classes=1,
+            ce="none",
+            kd="plain",
+            alpha=1.0,
+            ignore_index=255,
+            reduction="sum",
+        )
 
 
 def test_emulator_backend_is_hidden_from_auto_and_listing():

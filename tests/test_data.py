@@ -1,5 +1,6 @@
 """Datasets and joint transforms: the synthetic generator, the VOC/ADE20K readers (on tiny
 directory trees written here), build_dataset."""
+
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from incseg_fast.data import transforms as T
 from incseg_fast.data.synthetic import SCENE_TYPES
 
 # ---------------------------------------------------------------- synthetic
+
 
 def test_synthetic_same_seed_same_tensors():
     a = SyntheticSegmentation("train", num_images=20, image_size=48, seed=7)
@@ -75,7 +77,7 @@ def test_synthetic_class_statistics():
 
 def test_synthetic_colour_is_a_clear_but_noisy_cue():
     data = SyntheticSegmentation("train", num_images=100, image_size=32, seed=0, normalize=False)
-    pixels, labels = zip(*(data.render(i) for i in range(len(data))))
+    pixels, labels = zip(*(data.render(i) for i in range(len(data))), strict=True)
     rgb = torch.stack(pixels).permute(0, 2, 3, 1).reshape(-1, 3)
     label = torch.stack(labels).reshape(-1)
     on_object = label > 0
@@ -111,6 +113,7 @@ def test_synthetic_bad_arguments():
 
 # ---------------------------------------------------------------- transforms
 
+
 def _coded_pair(generator, h=23, w=31):
     """An image whose channel 0 encodes the label, so that every geometric transform can be
     checked to move image and label together. The label is made of 4x4 blocks, so that an
@@ -139,8 +142,11 @@ def test_random_crop_window(generator):
     out_image, out_label = T.RandomCrop(8, generator=generator)(image, label)
     assert out_label.shape == (8, 8)
     # the window is somewhere in the input
-    found = any(torch.equal(label[i:i + 8, j:j + 8], out_label) and torch.equal(image[:, i:i + 8, j:j + 8], out_image)
-                for i in range(23 - 7) for j in range(31 - 7))
+    found = any(
+        torch.equal(label[i : i + 8, j : j + 8], out_label) and torch.equal(image[:, i : i + 8, j : j + 8], out_image)
+        for i in range(23 - 7)
+        for j in range(31 - 7)
+    )
     assert found
 
 
@@ -157,8 +163,9 @@ def test_random_scale_keeps_image_and_label_aligned(generator, scale):
 
 def test_flip_and_compose(generator):
     image, label = _coded_pair(generator)
-    pipeline = T.Compose([T.RandomScale(2.0, 2.0), T.RandomCrop(20, generator=generator),
-                          T.RandomHorizontalFlip(p=1.0)])
+    pipeline = T.Compose(
+        [T.RandomScale(2.0, 2.0), T.RandomCrop(20, generator=generator), T.RandomHorizontalFlip(p=1.0)]
+    )
     out_image, out_label = pipeline(image, label)
     assert out_label.shape == (20, 20)
     # channel 0 still encodes the label away from the (interpolated) edges of the blocks
@@ -189,6 +196,7 @@ def test_resize_centercrop_normalize(generator):
 
 # ---------------------------------------------------------------- VOC / ADE20K readers
 
+
 def _write_pair(image_path, label_path, label, generator, palette):
     Image = pytest.importorskip("PIL.Image")  # the readers need Pillow; the rest of this file does not
     h, w = label.shape
@@ -213,18 +221,32 @@ def _voc_tree(root, generator):
         label[7:11, 10:15] = 16 + k
         label[6, :] = 255  # VOC's object borders
         labels[name] = label
-        _write_pair(voc / "JPEGImages" / f"{name}.jpg", voc / "SegmentationClass" / f"{name}.png", label,
-                    generator, palette=True)
+        _write_pair(
+            voc / "JPEGImages" / f"{name}.jpg",
+            voc / "SegmentationClass" / f"{name}.png",
+            label,
+            generator,
+            palette=True,
+        )
         aug = label.clone()
         aug[0, 0] = 3  # the SBD label differs, so the test can tell which file was read
-        _write_pair(voc / "JPEGImages" / f"{name}.jpg", root / "SegmentationClassAug" / f"{name}.png", aug,
-                    generator, palette=False)
+        _write_pair(
+            voc / "JPEGImages" / f"{name}.jpg",
+            root / "SegmentationClassAug" / f"{name}.png",
+            aug,
+            generator,
+            palette=False,
+        )
         labels[name, "aug"] = aug
     (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n2007_000039\n")
     (voc / "ImageSets/Segmentation/val.txt").write_text("2008_000123\n")
     # MiB's list format: "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
-    (root / "train_aug.txt").write_text("".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n"
-                                                for n in ["2007_000039", "2007_000032", "2008_000123"]))
+    (root / "train_aug.txt").write_text(
+        "".join(
+            f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n"
+            for n in ["2007_000039", "2007_000032", "2008_000123"]
+        )
+    )
     return labels
 
 
@@ -271,8 +293,13 @@ def _ade_tree(root, generator):
             label = torch.randint(1, 151, (9, 11), generator=generator)
             label[:2] = 0  # void
             labels[split, k] = label
-            _write_pair(base / "images" / split / f"{name}.jpg", base / "annotations" / split / f"{name}.png",
-                        label, generator, palette=False)
+            _write_pair(
+                base / "images" / split / f"{name}.jpg",
+                base / "annotations" / split / f"{name}.png",
+                label,
+                generator,
+                palette=False,
+            )
     return labels
 
 
@@ -301,6 +328,7 @@ def test_ade_missing_paths(tmp_path, generator):
 
 
 # ---------------------------------------------------------------- build_dataset
+
 
 def test_build_dataset(tmp_path, generator):
     synthetic = build_dataset("synthetic", "val", image_size=24, num_images=3, seed=2)
@@ -332,6 +360,7 @@ def test_colour_label_is_rejected(tmp_path, generator):
 
 
 # ---------------------------------------------------------------- data errors name the file
+
 
 def _damage(path, how):
     data = path.read_bytes()

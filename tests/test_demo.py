@@ -3,6 +3,7 @@
 The quick demo takes about a minute of one core: it is the test of the whole pipeline (data,
 models, every loss, the CAF module) training long enough to learn something.
 """
+
 import json
 
 import pytest
@@ -28,7 +29,7 @@ def test_quick_demo_makes_the_point(tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"ft", "mib", "caf"}
-    for method, entries in results.items():
+    for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1]
         for e in entries:
             assert set(e) == {"step", "miou_old", "miou_new", "miou_all"}

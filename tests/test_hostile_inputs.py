@@ -6,6 +6,7 @@ caller wrote it (BackendUnavailableError where the backend cannot run). Each bac
 one subprocess (this file run as a script), which prints one JSON line per case: a segfault or an
 abort then fails that case instead of the test run, and the subprocess restarts after it.
 """
+
 import json
 import math
 import os
@@ -27,10 +28,12 @@ FINITE, NOT_FINITE = "finite", "not finite"  # expectations of a call that succe
 
 def case(name, expect):
     """Register `run(backend)` as case `name`; expect FINITE, NOT_FINITE or the argument an error must name."""
+
     def register(run):
         assert name not in CASES, name
         CASES[name] = (run, expect)
         return run
+
     return register
 
 
@@ -52,13 +55,18 @@ def _teacher(B=2, Co=3, H=3, W=4, seed=5):
 
 def _features(B=2, C=4, H=3, W=5, seed=6, scale=1.0):
     g = _gen(seed)
-    return (scale * torch.randn(B, C, H, W, generator=g), scale * torch.randn(B, C, H, W, generator=g),
-            torch.rand(B, C, generator=g), torch.rand(B, C, generator=g))
+    return (
+        scale * torch.randn(B, C, H, W, generator=g),
+        scale * torch.randn(B, C, H, W, generator=g),
+        torch.rand(B, C, generator=g),
+        torch.rand(B, C, generator=g),
+    )
 
 
 def _ce(backend, x=None, t=None, old_classes=3, **kwargs):
-    return isf.unbiased_cross_entropy(_logits() if x is None else x, _labels() if t is None else t, old_classes,
-                                      backend=backend, **kwargs)
+    return isf.unbiased_cross_entropy(
+        _logits() if x is None else x, _labels() if t is None else t, old_classes, backend=backend, **kwargs
+    )
 
 
 def _kd(backend, x=None, y=None, name="unbiased_knowledge_distillation", **kwargs):
@@ -67,13 +75,19 @@ def _kd(backend, x=None, y=None, name="unbiased_knowledge_distillation", **kwarg
 
 def _incremental(backend, x=None, t=None, y=None, old_classes=3, **kwargs):
     x = _logits() if x is None else x
-    return isf.incremental_loss(x, _labels() if t is None else t, _teacher() if y is None else y,
-                                old_classes=old_classes, backend=backend, **kwargs)
+    return isf.incremental_loss(
+        x,
+        _labels() if t is None else t,
+        _teacher() if y is None else y,
+        old_classes=old_classes,
+        backend=backend,
+        **kwargs,
+    )
 
 
 def _ad(backend, f=None, g=None, a=None, b=None, **kwargs):
     defaults = _features()
-    args = [d if v is None else v for d, v in zip(defaults, (f, g, a, b))]
+    args = [d if v is None else v for d, v in zip(defaults, (f, g, a, b), strict=True)]
     return isf.attentive_distillation(*args, backend=backend, **kwargs)
 
 
@@ -102,8 +116,7 @@ case("y is float64 with float32 x", "y")(lambda be: _kd(be, y=_teacher().double(
 case("mask is a list", "mask")(lambda be: _kd(be, mask=[[1.0]]))
 case("mask is int64", "mask")(lambda be: _kd(be, mask=_labels()))
 case("gamma is a list", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=[1.0, 2.0]))
-case("gamma is int64", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
-                                                 gamma=torch.tensor([1, 2])))
+case("gamma is int64", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.tensor([1, 2])))
 case("f is a numpy array", "f")(lambda be: _ad(be, f=_features()[0].numpy()))
 case("a is float64 with float32 f", "a")(lambda be: _ad(be, a=_features()[2].double()))
 case("g is float16 with float32 f", "g")(lambda be: _ad(be, g=_features()[1].half()))
@@ -121,8 +134,7 @@ case("y has more channels than x", "y")(lambda be: _kd(be, y=_teacher(Co=6)))
 case("y and old_classes disagree", "old_classes")(lambda be: _incremental(be, old_classes=4))
 case("mask is (B, 1, H, W)", "mask")(lambda be: _kd(be, mask=torch.rand(2, 1, 3, 4)))
 case("gamma is (B, 1)", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.rand(2, 1)))
-case("gamma has B + 1 values", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
-                                                         gamma=torch.rand(3)))
+case("gamma has B + 1 values", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.rand(3)))
 case("g has another shape", "g")(lambda be: _ad(be, g=_features(H=4)[1]))
 case("a is (B, C, 1)", "a")(lambda be: _ad(be, a=_features()[2].unsqueeze(-1)))
 case("b is (C,)", "b")(lambda be: _ad(be, b=_features()[3][0]))
@@ -150,8 +162,7 @@ case("ignore_index is a float", "ignore_index")(lambda be: _ce(be, ignore_index=
 case("ignore_index is a bool", "ignore_index")(lambda be: _ce(be, ignore_index=False))
 case("ignore_index is 2**70", "ignore_index")(lambda be: _ce(be, ignore_index=2**70))
 case("ignore_index is int64's minimum", FINITE)(lambda be: _ce(be, ignore_index=-(2**63)))
-case("ignore_index is -1 with uint8 labels", FINITE)(lambda be: _ce(be, t=_labels().to(torch.uint8),
-                                                                    ignore_index=-1))
+case("ignore_index is -1 with uint8 labels", FINITE)(lambda be: _ce(be, t=_labels().to(torch.uint8), ignore_index=-1))
 
 # ---- floats: NaN, inf, wrong types ----
 case("alpha is NaN", "alpha")(lambda be: _kd(be, alpha=math.nan))
@@ -161,19 +172,23 @@ case("alpha is a bool", "alpha")(lambda be: _kd(be, alpha=True))
 case("alpha is a complex", "alpha")(lambda be: _kd(be, alpha=1j))
 case("alpha is None", "alpha")(lambda be: _kd(be, alpha=None))
 case("alpha of 1e39 with float32 logits", "alpha")(lambda be: _kd(be, alpha=1e39))
-case("alpha of 1e39 with float64 logits", "alpha")(lambda be: _kd(be, x=_logits(dtype=torch.float64),
-                                                                 y=_teacher().double(), alpha=1e39))
+case("alpha of 1e39 with float64 logits", "alpha")(
+    lambda be: _kd(be, x=_logits(dtype=torch.float64), y=_teacher().double(), alpha=1e39)
+)
 case("alpha of 1e30", FINITE)(lambda be: _kd(be, alpha=1e30))
 case("alpha is a numpy float32", FINITE)(lambda be: _kd(be, alpha=np.float32(0.5)))
 case("old_classes is a numpy int64", FINITE)(lambda be: _ce(be, old_classes=np.int64(3)))
 case("alpha is 0", FINITE)(lambda be: _kd(be, alpha=0.0))
 case("alpha is negative", FINITE)(lambda be: _kd(be, alpha=-2.5))
-case("gamma holds NaN", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
-                                                 gamma=torch.tensor([1.0, math.nan])))
-case("gamma holds inf", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
-                                                 gamma=torch.tensor([math.inf, 1.0])))
-case("gamma is negative", "gamma")(lambda be: _kd(be, name="balanced_knowledge_distillation",
-                                                   gamma=torch.tensor([0.5, -1.0])))
+case("gamma holds NaN", "gamma")(
+    lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.tensor([1.0, math.nan]))
+)
+case("gamma holds inf", "gamma")(
+    lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.tensor([math.inf, 1.0]))
+)
+case("gamma is negative", "gamma")(
+    lambda be: _kd(be, name="balanced_knowledge_distillation", gamma=torch.tensor([0.5, -1.0]))
+)
 
 # ---- strings and flags ----
 case("reduction is None", "reduction")(lambda be: _kd(be, reduction=None))
@@ -190,10 +205,12 @@ case("backend cuda for CPU tensors", "backend")(lambda be: _ce("cuda"))
 # ---- labels out of range ----
 case("label equals C", "t")(lambda be: _ce(be, t=_labels().index_fill(2, torch.tensor([1]), 5)))
 case("label is -1", "t")(lambda be: _ce(be, t=_labels().index_fill(1, torch.tensor([0]), -1)))
-case("label is int32's maximum", "t")(lambda be: _ce(be, t=_labels().to(torch.int32).index_fill(
-    0, torch.tensor([1]), 2**31 - 1)))
-case("label 255 without ignore_index 255", "t")(lambda be: _ce(be, t=_labels().index_fill(
-    2, torch.tensor([0]), 255), ignore_index=-100))
+case("label is int32's maximum", "t")(
+    lambda be: _ce(be, t=_labels().to(torch.int32).index_fill(0, torch.tensor([1]), 2**31 - 1))
+)
+case("label 255 without ignore_index 255", "t")(
+    lambda be: _ce(be, t=_labels().index_fill(2, torch.tensor([0]), 255), ignore_index=-100)
+)
 
 # ---- the teacher must be a constant ----
 case("y requires grad", "y")(lambda be: _kd(be, y=_teacher().requires_grad_()))
@@ -205,15 +222,27 @@ case("empty width distillation", FINITE)(lambda be: _kd(be, x=_logits(W=0), y=_t
 case("no channels at all", "old_classes")(lambda be: _ce(be, x=_logits(C=0), t=_labels(C=1), old_classes=1))
 case("attention over zero channels", FINITE)(lambda be: _ad(be, *_features(C=0)))
 case("attention over an empty batch", FINITE)(lambda be: _ad(be, *_features(B=0)))
-case("structured attention over zero pixels", FINITE)(lambda be: _sab(be, v=torch.randn(2, 4, 0, 5),
-                                                                        a_sp=torch.rand(2, 0, 5)))
-case("one class, one pixel", FINITE)(lambda be: _incremental(be, x=_logits(B=1, C=1, H=1, W=1),
-                                                             t=torch.zeros(1, 1, 1, dtype=torch.int64),
-                                                             y=_teacher(B=1, Co=1, H=1, W=1), old_classes=1))
-case("many classes on few pixels", FINITE)(lambda be: _incremental(be, x=_logits(B=1, C=300, H=1, W=2),
-                                                                   t=_labels(B=1, C=300, H=1, W=2),
-                                                                   y=_teacher(B=1, Co=200, H=1, W=2),
-                                                                   old_classes=200))
+case("structured attention over zero pixels", FINITE)(
+    lambda be: _sab(be, v=torch.randn(2, 4, 0, 5), a_sp=torch.rand(2, 0, 5))
+)
+case("one class, one pixel", FINITE)(
+    lambda be: _incremental(
+        be,
+        x=_logits(B=1, C=1, H=1, W=1),
+        t=torch.zeros(1, 1, 1, dtype=torch.int64),
+        y=_teacher(B=1, Co=1, H=1, W=1),
+        old_classes=1,
+    )
+)
+case("many classes on few pixels", FINITE)(
+    lambda be: _incremental(
+        be,
+        x=_logits(B=1, C=300, H=1, W=2),
+        t=_labels(B=1, C=300, H=1, W=2),
+        y=_teacher(B=1, Co=200, H=1, W=2),
+        old_classes=200,
+    )
+)
 case("logits of 1e36", FINITE)(lambda be: _incremental(be, x=1e36 * torch.tanh(_logits())))
 case("x expanded with stride 0", FINITE)(lambda be: _ce(be, x=_logits(B=1, H=1, W=1).expand(2, 5, 3, 4)))
 case("features of 1e20 overflow the loss", NOT_FINITE)(lambda be: _ad(be, *_features(scale=1e20), reduction="sum"))
@@ -224,8 +253,9 @@ case("NaN logit", NOT_FINITE)(lambda be: _incremental(be, x=_logits().index_fill
 case("NaN teacher logit", NOT_FINITE)(lambda be: _kd(be, y=_teacher().index_fill(1, torch.tensor([0]), math.nan)))
 case("+inf teacher logit", NOT_FINITE)(lambda be: _kd(be, y=_teacher().index_fill(2, torch.tensor([1]), math.inf)))
 case("NaN feature", NOT_FINITE)(lambda be: _ad(be, f=_features()[0].index_fill(3, torch.tensor([4]), math.nan)))
-case("NaN mask weight", NOT_FINITE)(lambda be: _kd(be, mask=torch.rand(2, 3, 4).index_fill(2, torch.tensor([3]),
-                                                                                        math.nan)))
+case("NaN mask weight", NOT_FINITE)(
+    lambda be: _kd(be, mask=torch.rand(2, 3, 4).index_fill(2, torch.tensor([3]), math.nan))
+)
 
 
 # ---- the drop-in modules name their own arguments ----
@@ -233,38 +263,53 @@ def _module(cls, *args, backend, **kwargs):
     return getattr(losses, cls)(*args, backend=backend, **kwargs)
 
 
-case("module inputs is a list", "inputs")(lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(
-    _logits().tolist(), _labels()))
-case("module targets are float", "targets")(lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(
-    _logits(), _labels().float()))
-case("module old_cl is a string", "old_cl")(lambda be: _module("UnbiasedCrossEntropy", "3", backend=be)(
-    _logits(), _labels()))
-case("module old_cl is too large", "old_cl")(lambda be: _module("UnbiasedCrossEntropy", 9, backend=be)(
-    _logits(), _labels()))
-case("module float mask for cross-entropy", "mask")(lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(
-    _logits(), _labels(), mask=torch.rand(2, 3, 4)))
-case("module bool mask of another shape", "mask")(lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(
-    _logits(), _labels(), mask=torch.rand(2, 3, 5) > 0.5))
-case("module reduction is unknown", "reduction")(lambda be: _module("KnowledgeDistillationLoss", "avg",
-                                                                    backend=be)(_logits(), _teacher()))
-case("module alpha is a string", "alpha")(lambda be: _module("UnbiasedKnowledgeDistillationLoss", alpha="2",
-                                                             backend=be)(_logits(), _teacher()))
-case("module teacher has more channels", "targets")(lambda be: _module("BalancedKnowledgeDistillationLoss",
-                                                                       backend=be)(_logits(), _teacher(Co=7)))
-case("module teacher requires grad", "targets")(lambda be: _module("KnowledgeDistillationLoss", backend=be)(
-    _logits(), _teacher().requires_grad_()))
+case("module inputs is a list", "inputs")(
+    lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(_logits().tolist(), _labels())
+)
+case("module targets are float", "targets")(
+    lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(_logits(), _labels().float())
+)
+case("module old_cl is a string", "old_cl")(
+    lambda be: _module("UnbiasedCrossEntropy", "3", backend=be)(_logits(), _labels())
+)
+case("module old_cl is too large", "old_cl")(
+    lambda be: _module("UnbiasedCrossEntropy", 9, backend=be)(_logits(), _labels())
+)
+case("module float mask for cross-entropy", "mask")(
+    lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(_logits(), _labels(), mask=torch.rand(2, 3, 4))
+)
+case("module bool mask of another shape", "mask")(
+    lambda be: _module("UnbiasedCrossEntropy", 3, backend=be)(_logits(), _labels(), mask=torch.rand(2, 3, 5) > 0.5)
+)
+case("module reduction is unknown", "reduction")(
+    lambda be: _module("KnowledgeDistillationLoss", "avg", backend=be)(_logits(), _teacher())
+)
+case("module alpha is a string", "alpha")(
+    lambda be: _module("UnbiasedKnowledgeDistillationLoss", alpha="2", backend=be)(_logits(), _teacher())
+)
+case("module teacher has more channels", "targets")(
+    lambda be: _module("BalancedKnowledgeDistillationLoss", backend=be)(_logits(), _teacher(Co=7))
+)
+case("module teacher requires grad", "targets")(
+    lambda be: _module("KnowledgeDistillationLoss", backend=be)(_logits(), _teacher().requires_grad_())
+)
 case("module channels is 0", "channels")(lambda be: _module("AttentiveDistillationLoss", 0, backend=be))
 case("module channels is a float", "channels")(lambda be: _module("AttentiveDistillationLoss", 4.0, backend=be))
-case("module reduction_ratio is 0", "reduction_ratio")(lambda be: _module("AttentiveDistillationLoss", 4,
-                                                                          reduction_ratio=0, backend=be))
-case("module reduction_ratio is negative", "reduction_ratio")(lambda be: _module(
-    "AttentiveDistillationLoss", 4, reduction_ratio=-16, backend=be))
-case("module features of another channel count", "inputs")(lambda be: _module(
-    "AttentiveDistillationLoss", 5, backend=be)(*_features()[:2]))
-case("module targets is None", "targets")(lambda be: _module("AttentiveDistillationLoss", 4, backend=be)(
-    _features()[0], None))
-case("module detach_spatial is a string", "detach_spatial")(lambda be: _module(
-    "AttentiveDistillationLoss", 4, detach_spatial="no", backend=be)(*_features()[:2]))
+case("module reduction_ratio is 0", "reduction_ratio")(
+    lambda be: _module("AttentiveDistillationLoss", 4, reduction_ratio=0, backend=be)
+)
+case("module reduction_ratio is negative", "reduction_ratio")(
+    lambda be: _module("AttentiveDistillationLoss", 4, reduction_ratio=-16, backend=be)
+)
+case("module features of another channel count", "inputs")(
+    lambda be: _module("AttentiveDistillationLoss", 5, backend=be)(*_features()[:2])
+)
+case("module targets is None", "targets")(
+    lambda be: _module("AttentiveDistillationLoss", 4, backend=be)(_features()[0], None)
+)
+case("module detach_spatial is a string", "detach_spatial")(
+    lambda be: _module("AttentiveDistillationLoss", 4, detach_spatial="no", backend=be)(*_features()[:2])
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +350,9 @@ def run_battery(backend, script=__file__, names=None, timeout=300):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path), TRITON_INTERPRET="1")
     outcomes, first = {}, 0
     while first < len(names):
-        process = subprocess.run([sys.executable, script, backend, str(first)], capture_output=True, text=True,
-                                 env=env, timeout=timeout)
+        process = subprocess.run(
+            [sys.executable, script, backend, str(first)], capture_output=True, text=True, env=env, timeout=timeout
+        )
         started = first
         for line in process.stdout.splitlines():
             record = json.loads(line)
@@ -315,8 +361,10 @@ def run_battery(backend, script=__file__, names=None, timeout=300):
                 outcomes[record["index"]] = record
         if len(outcomes) == len(names):
             break
-        outcomes[started] = {"result": "crashed", "message": f"exit status {process.returncode}: "
-                                                           f"{process.stderr[-500:]}"}
+        outcomes[started] = {
+            "result": "crashed",
+            "message": f"exit status {process.returncode}: {process.stderr[-500:]}",
+        }
         first = started + 1
     return {names[i]: record for i, record in outcomes.items()}
 
@@ -360,6 +408,7 @@ def battery():
         if backend not in cache:
             cache[backend] = run_battery(backend)
         return cache[backend]
+
     return outcomes
 
 
@@ -387,8 +436,9 @@ def test_hostile_input(request, battery, battery_backend, name):
         return
     assert record["result"] == "raised", f"expected an error naming {expect!r}, got {record}"
     assert record["type"] in ("ValueError", "TypeError", "BackendUnavailableError"), record
-    assert re.search(rf"(?<![\w.']){re.escape(expect)}(?!\w)", record["message"]), \
+    assert re.search(rf"(?<![\w.']){re.escape(expect)}(?!\w)", record["message"]), (
         f"the message does not name {expect!r}: {record['message']}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """ConfusionMatrix against confusion matrices and metrics computed by hand."""
+
 import pytest
 import torch
 
@@ -55,8 +56,7 @@ def test_empty_groups_give_none():
     r = cm.compute(old_classes=3)
     assert r["miou_new"] is None and r["miou_old"] == pytest.approx(r["miou_all"])
     empty = ConfusionMatrix(3).compute(old_classes=1)
-    assert empty == {"iou": [None] * 3, "miou_all": None, "miou_old": None, "miou_new": None,
-                     "mpa": None, "mca": None}
+    assert empty == {"iou": [None] * 3, "miou_all": None, "miou_old": None, "miou_new": None, "mpa": None, "mca": None}
 
 
 def test_batches_accumulate_and_match_a_direct_count(generator):
@@ -65,7 +65,7 @@ def test_batches_accumulate_and_match_a_direct_count(generator):
     target[torch.rand(shape, generator=generator) < 0.2] = 255
     pred = torch.randint(0, n, shape, generator=generator)
     expected = torch.zeros(n, n, dtype=torch.long)
-    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist(), strict=True):
         if t != 255:
             expected[t, p] += 1
     cm = ConfusionMatrix(n)

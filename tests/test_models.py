@@ -1,11 +1,18 @@
 """Models: torchvision-compatible ResNets, output stride, the incremental classifier, CAF modules."""
+
 import math
 
 import pytest
 import torch
 
-from incseg_fast.models import (ContinualAttentiveFusion, IncrementalClassifier, IncrementalSegmenter,
-                                NonLocalProjection, build_backbone, load_pretrained)
+from incseg_fast.models import (
+    ContinualAttentiveFusion,
+    IncrementalClassifier,
+    IncrementalSegmenter,
+    NonLocalProjection,
+    build_backbone,
+    load_pretrained,
+)
 
 # torchvision's ResNet parameter counts minus its 1000-class fc layer (in_features * 1000 + 1000)
 TORCHVISION_BACKBONE_PARAMS = {
@@ -20,8 +27,15 @@ def test_backbone_matches_torchvision_layout(name):
     backbone = build_backbone(name)
     assert sum(p.numel() for p in backbone.parameters()) == TORCHVISION_BACKBONE_PARAMS[name]
     keys = set(backbone.state_dict())
-    expected = {"conv1.weight", "bn1.running_mean", "bn1.num_batches_tracked", "layer1.0.conv1.weight",
-                "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_var", "layer4.1.bn2.bias"}
+    expected = {
+        "conv1.weight",
+        "bn1.running_mean",
+        "bn1.num_batches_tracked",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.running_var",
+        "layer4.1.bn2.bias",
+    }
     if name != "resnet18":
         expected |= {"layer1.0.conv3.weight", "layer1.0.downsample.1.weight", "layer4.2.bn3.running_mean"}
     if name == "resnet101":
@@ -30,8 +44,9 @@ def test_backbone_matches_torchvision_layout(name):
     assert not any(k.startswith("fc.") for k in keys)
 
 
-@pytest.mark.parametrize("name,output_stride,side", [("resnet18", 16, 4), ("resnet18", 8, 8), ("tiny", 8, 8),
-                                                     ("tiny", 16, 4)])
+@pytest.mark.parametrize(
+    "name,output_stride,side", [("resnet18", 16, 4), ("resnet18", 8, 8), ("tiny", 8, 8), ("tiny", 16, 4)]
+)
 def test_output_stride(name, output_stride, side):
     backbone = build_backbone(name, output_stride).eval()
     with torch.no_grad():
@@ -116,8 +131,9 @@ def test_balanced_init_math():
     # the point of it: the old background probability is shared evenly by background + new classes
     features = torch.randn(3, 8, 4, 4)
     before = IncrementalClassifier(8, [16])
-    before.heads[0].load_state_dict({"weight": classifier.heads[0].weight,
-                                     "bias": torch.cat([torch.tensor([bg_bias]), old_biases])})
+    before.heads[0].load_state_dict(
+        {"weight": classifier.heads[0].weight, "bias": torch.cat([torch.tensor([bg_bias]), old_biases])}
+    )
     with torch.no_grad():
         p_before = before(features).softmax(1)
         p_after = classifier(features).softmax(1)

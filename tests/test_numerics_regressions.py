@@ -4,12 +4,13 @@ issue, each kept as the failing case that showed it (docs/RELIABILITY.md#numeric
 A fault of the CPU kernels (csrc/cpu), which this change does not touch, is marked xfail(strict=True)
 on "cpu" with its diagnosis: the test starts passing, and then fails as an XPASS, when it is fixed.
 """
+
 import pytest
 import torch
+from parity_support import RTOL, device_for
 
 import incseg_fast as isf
 from incseg_fast import reference
-from parity_support import RTOL, device_for
 
 NAN, INF = float("nan"), float("inf")
 
@@ -28,12 +29,14 @@ def _relative_error(actual, expected):
 # Issue fault (a): the distillation gradient of a one-hot teacher at large |alpha * y|.
 # ---------------------------------------------------------------------------------------------
 
-CPU_FMA = ("csrc/cpu: GCC contracts alpha * y - lse_q into an FMA in the AVX2/AVX-512 copies of the "
-           "backward (and alpha * y - max_y in the forward) while the forward's max_y holds the rounded "
-           "product, so q_max = exp(rounding error of alpha * y_max) instead of 1: an error of up to half an "
-           "ulp of |alpha y| (4e-4 of the gradient's scale here, 3e-3 at |alpha y| ~ 1e5; exact with "
-           "INCSEG_CPU_ISA=baseline, which has no FMA). Fix: -ffp-contract=off for the CPU kernels, with "
-           "z = logit::scaled_teacher_logit(alpha, y) in the three places that form alpha * y")
+CPU_FMA = (
+    "csrc/cpu: GCC contracts alpha * y - lse_q into an FMA in the AVX2/AVX-512 copies of the "
+    "backward (and alpha * y - max_y in the forward) while the forward's max_y holds the rounded "
+    "product, so q_max = exp(rounding error of alpha * y_max) instead of 1: an error of up to half an "
+    "ulp of |alpha y| (4e-4 of the gradient's scale here, 3e-3 at |alpha y| ~ 1e5; exact with "
+    "INCSEG_CPU_ISA=baseline, which has no FMA). Fix: -ffp-contract=off for the CPU kernels, with "
+    "z = logit::scaled_teacher_logit(alpha, y) in the three places that form alpha * y"
+)
 
 
 @pytest.mark.parametrize("name", ["knowledge_distillation", "unbiased_knowledge_distillation"])
@@ -82,11 +85,13 @@ def test_nan_or_inf_logit_reaches_both_losses(backend, generator, tensor, channe
         assert torch.isfinite(xb.grad[0, :, 1]).all(), "a NaN leaked into another pixel's gradient"
 
 
-CPU_FOLDED_OVERFLOW = ("csrc/cpu/logit_losses_cpu.cpp backward_tile: the factored form folds bg_set * exp(lse - lse_bg) "
-                       "(and old_set * exp(lse - lse_old)) into the coefficient of p_c; with bg_set = -w gamma q_0 "
-                       "~ -1e35 and exp(...) up to e^40 the coefficient overflows float32 and the gradient is -inf "
-                       "where the reference's is ~-1e34. Fix: take the direct form for a tile whose folded "
-                       "coefficients are not all finite (a bit test next to too_far)")
+CPU_FOLDED_OVERFLOW = (
+    "csrc/cpu/logit_losses_cpu.cpp backward_tile: the factored form folds bg_set * exp(lse - lse_bg) "
+    "(and old_set * exp(lse - lse_old)) into the coefficient of p_c; with bg_set = -w gamma q_0 "
+    "~ -1e35 and exp(...) up to e^40 the coefficient overflows float32 and the gradient is -inf "
+    "where the reference's is ~-1e34. Fix: take the direct form for a tile whose folded "
+    "coefficients are not all finite (a bit test next to too_far)"
+)
 
 
 def test_balanced_distillation_with_a_huge_gamma_stays_finite(request, backend, generator):
@@ -99,8 +104,9 @@ def test_balanced_distillation_with_a_huge_gamma_stays_finite(request, backend, 
     y = 2 * torch.randn(1, 3, 3, 3, generator=generator)
     gamma = torch.tensor([1e35])
     xb = x.to(device, copy=True).requires_grad_()
-    isf.balanced_knowledge_distillation(xb, y.to(device), gamma=gamma.to(device), reduction="sum",
-                                        backend=backend).backward()
+    isf.balanced_knowledge_distillation(
+        xb, y.to(device), gamma=gamma.to(device), reduction="sum", backend=backend
+    ).backward()
     xr = x.double().requires_grad_()
     reference.balanced_knowledge_distillation(xr, y.double(), gamma=gamma.double(), reduction="sum").backward()
     assert torch.isfinite(xb.grad).all()
@@ -148,8 +154,12 @@ def test_attentive_distillation_small_and_large_features(backend, generator, mag
     """Triton summed S^2 in float32: N underflowed for features below ~1e-10 (Ŝ = 0, gradients off by
     up to 100%) and overflowed above ~1e9 (NaN). Inside the float32 bounds every backend is exact."""
     device = device_for(backend)
-    inputs = [magnitude * torch.randn(shape, generator=generator), magnitude * torch.randn(shape, generator=generator),
-              torch.rand(shape[:2], generator=generator), torch.rand(shape[:2], generator=generator)]
+    inputs = [
+        magnitude * torch.randn(shape, generator=generator),
+        magnitude * torch.randn(shape, generator=generator),
+        torch.rand(shape[:2], generator=generator),
+        torch.rand(shape[:2], generator=generator),
+    ]
     leaves = [t.to(device, copy=True).requires_grad_() for t in inputs]
     loss = isf.attentive_distillation(*leaves, reduction="sum", backend=backend)
     loss.backward()
@@ -157,7 +167,7 @@ def test_attentive_distillation_small_and_large_features(backend, generator, mag
     ref_loss = reference.attentive_distillation(*ref_leaves, reduction="sum")
     ref_loss.backward()
     assert _relative_error(loss, ref_loss) <= RTOL[torch.float32]
-    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves, strict=True):
         assert _relative_error(leaf.grad, ref_leaf.grad) <= RTOL[torch.float32], f"d{name}"
 
 
@@ -177,14 +187,16 @@ def test_attentive_distillation_features_of_very_different_magnitudes(backend):
     ref_loss = reference.attentive_distillation(*ref_leaves)
     ref_loss.backward()
     assert _relative_error(loss, ref_loss) <= RTOL[torch.float32]
-    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves, strict=True):
         assert _relative_error(leaf.grad, ref_leaf.grad) <= RTOL[torch.float32], f"d{name}"
 
 
-CPU_OVERFLOW = ("csrc/cpu/attention_cpu.cpp: the forward builds the loss with at::full({}, total * scale, float32 "
-                "options) from a double; c10 refuses a finite double above FLT_MAX (RuntimeError 'value cannot "
-                "be converted to type float without overflow'). Fix: static_cast<acc_t>(total * scale) first "
-                "(+inf, as every other backend returns)")
+CPU_OVERFLOW = (
+    "csrc/cpu/attention_cpu.cpp: the forward builds the loss with at::full({}, total * scale, float32 "
+    "options) from a double; c10 refuses a finite double above FLT_MAX (RuntimeError 'value cannot "
+    "be converted to type float without overflow'). Fix: static_cast<acc_t>(total * scale) first "
+    "(+inf, as every other backend returns)"
+)
 
 
 def test_attentive_distillation_overflowing_loss_is_not_an_exception(request, backend, generator):

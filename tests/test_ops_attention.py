@@ -2,6 +2,7 @@
 kernels, autograd registration, AOT dispatch), the saved statistics, and the shape checks that keep a
 direct call from reading out of bounds. Numerical parity through the API is in test_parity_attention.py.
 """
+
 import os
 import subprocess
 import sys
@@ -37,8 +38,9 @@ def _feature_pair(generator, dtype, requires_grad=False, shape=(2, 5, 7, 9)):
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 @pytest.mark.parametrize("save_spatial_grad", (False, True))
 @pytest.mark.parametrize("requires_grad", (False, True), ids=("no_grad", "grad"))
-def test_opcheck_attentive_distillation_forward(generator, namespace, dtype, reduction, save_spatial_grad,
-                                                requires_grad):
+def test_opcheck_attentive_distillation_forward(
+    generator, namespace, dtype, reduction, save_spatial_grad, requires_grad
+):
     args = (*_feature_pair(generator, dtype, requires_grad), reduction, save_spatial_grad)
     opcheck(getattr(torch.ops, namespace).attentive_distillation_forward.default, args)
 
@@ -46,8 +48,11 @@ def test_opcheck_attentive_distillation_forward(generator, namespace, dtype, red
 @pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spatial_chain", (False, True))
-@pytest.mark.parametrize("output_mask", ([True, True, True, True], [True, False, False, True], [False, False, True, False]),
-                         ids=lambda m: "".join("1" if x else "0" for x in m))
+@pytest.mark.parametrize(
+    "output_mask",
+    ([True, True, True, True], [True, False, False, True], [False, False, True, False]),
+    ids=lambda m: "".join("1" if x else "0" for x in m),
+)
 def test_opcheck_attentive_distillation_backward(generator, namespace, dtype, spatial_chain, output_mask):
     op_namespace = getattr(torch.ops, namespace)
     f, g, a, b = _feature_pair(generator, dtype)
@@ -56,7 +61,7 @@ def test_opcheck_attentive_distillation_backward(generator, namespace, dtype, sp
     args = (grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, "mean", spatial_chain, output_mask)
     opcheck(op_namespace.attentive_distillation_backward.default, args)
     grads = op_namespace.attentive_distillation_backward(*args)
-    for wanted, grad, like in zip(output_mask, grads, (f, g, a, b)):
+    for wanted, grad, like in zip(output_mask, grads, (f, g, a, b), strict=True):
         assert grad.shape == (like.shape if wanted else (0,)) and grad.dtype == like.dtype
 
 
@@ -72,12 +77,20 @@ def test_opcheck_structured_attention(generator, namespace, dtype, requires_grad
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("output_mask", ([True, True, True], [False, True, False], [True, False, True]),
-                         ids=lambda m: "".join("1" if x else "0" for x in m))
+@pytest.mark.parametrize(
+    "output_mask",
+    ([True, True, True], [False, True, False], [True, False, True]),
+    ids=lambda m: "".join("1" if x else "0" for x in m),
+)
 def test_opcheck_structured_attention_backward(generator, namespace, dtype, output_mask):
     v = _randn(generator, (2, 6, 5, 7), dtype)
-    args = (_randn(generator, v.shape, dtype), v, _randn(generator, (2, 6), dtype), _randn(generator, (2, 5, 7), dtype),
-            output_mask)
+    args = (
+        _randn(generator, v.shape, dtype),
+        v,
+        _randn(generator, (2, 6), dtype),
+        _randn(generator, (2, 5, 7), dtype),
+        output_mask,
+    )
     opcheck(getattr(torch.ops, namespace).structured_attention_backward.default, args)
 
 
@@ -118,14 +131,18 @@ def test_wrapper_saves_pixel_gradients_only_when_needed(generator, monkeypatch):
     assert calls == [True, False, False, False]
 
 
-@pytest.mark.parametrize("case, message", [
-    (lambda f, g, a, b: (f[0], g[0], a, b), "f must be"),
-    (lambda f, g, a, b: (f, g[:, :3], a, b), "g must have"),
-    (lambda f, g, a, b: (f, g, a[:, :3], b), "a must be"),
-    (lambda f, g, a, b: (f, g, a, b.t()), "b must have"),
-    (lambda f, g, a, b: (f, g.double(), a, b), "share one dtype"),
-    (lambda f, g, a, b: (f.long(), g.long(), a.long(), b.long()), "f must be float16"),
-], ids=("f_rank", "g_shape", "a_shape", "b_shape", "dtype_mix", "integer"))
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (lambda f, g, a, b: (f[0], g[0], a, b), "f must be"),
+        (lambda f, g, a, b: (f, g[:, :3], a, b), "g must have"),
+        (lambda f, g, a, b: (f, g, a[:, :3], b), "a must be"),
+        (lambda f, g, a, b: (f, g, a, b.t()), "b must have"),
+        (lambda f, g, a, b: (f, g.double(), a, b), "share one dtype"),
+        (lambda f, g, a, b: (f.long(), g.long(), a.long(), b.long()), "f must be float16"),
+    ],
+    ids=("f_rank", "g_shape", "a_shape", "b_shape", "dtype_mix", "integer"),
+)
 def test_direct_forward_call_checks_shapes(generator, case, message):
     args = case(*_feature_pair(generator, torch.float32))
     with pytest.raises(RuntimeError, match=message):
@@ -139,11 +156,13 @@ def test_direct_calls_check_reduction_and_saved_statistics(generator):
     _, spatial, inv_norm, pixel_grad = torch.ops.incseg_fast.attentive_distillation_forward(f, g, a, b, "mean", False)
     grad_loss = torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="pixel_grad must be"):  # the spatial chain needs P from the forward
-        torch.ops.incseg_fast.attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad,
-                                                              "mean", True, [True, False, False, False])
+        torch.ops.incseg_fast.attentive_distillation_backward(
+            grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, "mean", True, [True, False, False, False]
+        )
     with pytest.raises(RuntimeError, match="spatial must be"):
-        torch.ops.incseg_fast.attentive_distillation_backward(grad_loss, f, g, a, b, spatial[:, :1], inv_norm,
-                                                              pixel_grad, "mean", False, [True, False, False, False])
+        torch.ops.incseg_fast.attentive_distillation_backward(
+            grad_loss, f, g, a, b, spatial[:, :1], inv_norm, pixel_grad, "mean", False, [True, False, False, False]
+        )
 
 
 def test_direct_structured_attention_call_checks_shapes(generator):
@@ -191,8 +210,9 @@ def test_every_isa_copy_matches_reference(isa):
     CPU without AVX-512 (or AVX2) the higher caps run the widest copy it has.
     """
     environment = dict(os.environ, INCSEG_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", ISA_PARITY_SCRIPT], env=environment,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", ISA_PARITY_SCRIPT], env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity ok" in result.stdout
 
@@ -205,7 +225,8 @@ def test_unknown_isa_cap_is_rejected():
         v = torch.ones(1, 2, 3, 3)
         torch.ops.incseg_fast.structured_attention(v, v[:, :, 0, 0], v[:, 0])
     """)
-    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0
     assert "INCSEG_CPU_ISA must be" in result.stderr

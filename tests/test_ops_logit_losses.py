@@ -4,6 +4,7 @@ torch.library.opcheck exercises each op's schema, fake kernel and autograd regis
 backward op on its own); torch.compile(fullgraph=True) must trace through the public API. Values
 are compared with the reference in tests/test_parity_logit_losses.py.
 """
+
 import os
 import subprocess
 import sys
@@ -24,8 +25,9 @@ MODES = [  # (ce, kd, reduction)
 ]
 
 
-def _op_args(generator, ce, kd, reduction, *, dtype=torch.float32, batch=2, channels=6, old_classes=4, height=5,
-             width=7):
+def _op_args(
+    generator, ce, kd, reduction, *, dtype=torch.float32, batch=2, channels=6, old_classes=4, height=5, width=7
+):
     x = torch.randn((batch, channels, height, width), generator=generator, dtype=torch.float64).to(dtype)
     t = torch.randint(0, channels, (batch, height, width), generator=generator)
     t[torch.rand((batch, height, width), generator=generator) < 0.2] = 255
@@ -33,8 +35,13 @@ def _op_args(generator, ce, kd, reduction, *, dtype=torch.float32, batch=2, chan
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     gamma = (0.5 + torch.rand((batch,), generator=generator, dtype=torch.float64)).to(acc)
     mask = torch.rand((batch, height, width), generator=generator, dtype=torch.float64).to(acc)
-    args = (x, t if ce != "none" else None, y if kd != "none" else None, gamma if kd == "balanced" else None,
-            mask if kd != "none" else None)
+    args = (
+        x,
+        t if ce != "none" else None,
+        y if kd != "none" else None,
+        gamma if kd == "balanced" else None,
+        mask if kd != "none" else None,
+    )
     kwargs = dict(old_classes=old_classes, ce=ce, kd=kd, alpha=0.8, ignore_index=255, reduction=reduction)
     return args, kwargs
 
@@ -53,8 +60,9 @@ def test_opcheck_backward(generator, ce, kd, reduction):
     shape = (args[0].shape[0],) + args[0].shape[2:] if reduction == "none" else ()
     grad_ce = torch.randn(shape, generator=generator)
     grad_kd = torch.randn(shape, generator=generator)
-    torch.library.opcheck(torch.ops.incseg_fast.logit_losses_bwd.default,
-                          (grad_ce, grad_kd) + args + (stats, valid_count), kwargs)
+    torch.library.opcheck(
+        torch.ops.incseg_fast.logit_losses_bwd.default, (grad_ce, grad_kd) + args + (stats, valid_count), kwargs
+    )
 
 
 def test_outputs_and_saved_statistics(generator):
@@ -65,24 +73,39 @@ def test_outputs_and_saved_statistics(generator):
     co = kwargs["old_classes"]
     assert ce.dtype == kd.dtype == torch.float32 and ce.shape == kd.shape == t.shape
     assert valid_count.item() == (t != 255).sum().item()
-    expected = torch.stack([
-        torch.logsumexp(x, 1),
-        torch.logsumexp(x[:, :co], 1),
-        torch.logsumexp(torch.cat([x[:, :1], x[:, co:]], 1), 1),
-        torch.logsumexp(kwargs["alpha"] * y, 1),
-    ], dim=1)
+    expected = torch.stack(
+        [
+            torch.logsumexp(x, 1),
+            torch.logsumexp(x[:, :co], 1),
+            torch.logsumexp(torch.cat([x[:, :1], x[:, co:]], 1), 1),
+            torch.logsumexp(kwargs["alpha"] * y, 1),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def _training_step(x, t, y, mask):
-    ce, kd = isf.incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced", alpha=1.5,
-                                  mask=mask, backend="cpu")
+    ce, kd = isf.incremental_loss(
+        x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced", alpha=1.5, mask=mask, backend="cpu"
+    )
     return ce + 10 * kd
 
 
 def _ops_step(x, t, y, gamma, mask):
-    ce, kd = isf.ops.COMPILED.logit_losses(x, t, y, gamma, mask, old_classes=y.shape[1], ce="unbiased", kd="balanced",
-                                  alpha=1.5, ignore_index=255, reduction="none")
+    ce, kd = isf.ops.COMPILED.logit_losses(
+        x,
+        t,
+        y,
+        gamma,
+        mask,
+        old_classes=y.shape[1],
+        ce="unbiased",
+        kd="balanced",
+        alpha=1.5,
+        ignore_index=255,
+        reduction="none",
+    )
     return (ce * mask).sum() + 10 * kd.mean()
 
 
@@ -129,8 +152,21 @@ def test_backward_through_one_loss(generator, used):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["x_3d", "target_shape", "target_dtype", "y_channels", "y_dtype", "gamma_missing",
-                                  "old_classes", "mode", "label_range", "mask_shape"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "x_3d",
+        "target_shape",
+        "target_dtype",
+        "y_channels",
+        "y_dtype",
+        "gamma_missing",
+        "old_classes",
+        "mode",
+        "label_range",
+        "mask_shape",
+    ],
+)
 def test_direct_calls_are_checked(generator, case):
     """A direct torch.ops call with bad arguments raises instead of reading out of bounds."""
     (x, t, y, gamma, mask), kwargs = _op_args(generator, "unbiased", "balanced", "mean")
@@ -189,5 +225,5 @@ def test_isa_variants_agree(tmp_path):
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(path=str(path))], env=env, check=True)
         results[cap] = torch.load(path)
     for cap in ("avx2", "avx512"):
-        for got, want in zip(results[cap], results["baseline"]):
+        for got, want in zip(results[cap], results["baseline"], strict=True):
             torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-7)

@@ -4,15 +4,16 @@ Each backend runs through the public API on fresh random inputs; the reference r
 copies of the same values. Triton without a GPU runs in its interpreter on CPU tensors, which is
 slow, so it gets tiny shapes only; "cuda" and Triton on a GPU use CUDA tensors.
 """
+
 import itertools
 
 import pytest
 import torch
+from parity_support import RTOL, device_for, interpreted
 
 import incseg_fast as isf
 from incseg_fast import reference
 from incseg_fast.vocabulary import FEATURE_REDUCTIONS, FLOAT_DTYPES
-from parity_support import RTOL, device_for, interpreted
 
 INPUT_NAMES = ("f", "g", "a", "b")
 
@@ -35,9 +36,12 @@ def _channel_attention(generator, shape, dtype, device):
 
 def _feature_pair(generator, shape, dtype, device):
     batch, channels = shape[:2]
-    return (_features(generator, shape, dtype, device), _features(generator, shape, dtype, device),
-            _channel_attention(generator, (batch, channels), dtype, device),
-            _channel_attention(generator, (batch, channels), dtype, device))
+    return (
+        _features(generator, shape, dtype, device),
+        _features(generator, shape, dtype, device),
+        _channel_attention(generator, (batch, channels), dtype, device),
+        _channel_attention(generator, (batch, channels), dtype, device),
+    )
 
 
 def _random_upstream(generator):
@@ -59,13 +63,15 @@ def _assert_close(actual, expected, rtol, what):
 
 def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial, wanted, upstream, rtol):
     """Loss and gradients of `backend` against the float64 reference, gradients for the `wanted` inputs only."""
-    leaves = [x.detach().clone().requires_grad_(name in wanted) for name, x in zip(INPUT_NAMES, inputs)]
+    leaves = [x.detach().clone().requires_grad_(name in wanted) for name, x in zip(INPUT_NAMES, inputs, strict=True)]
     loss = isf.attentive_distillation(*leaves, reduction=reduction, detach_spatial=detach_spatial, backend=backend)
     expected_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
     assert loss.dtype == expected_dtype and loss.dim() == 0
 
-    ref_leaves = [x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
-                  for name, x in zip(INPUT_NAMES, inputs)]
+    ref_leaves = [
+        x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
+        for name, x in zip(INPUT_NAMES, inputs, strict=True)
+    ]
     ref_loss = reference.attentive_distillation(*ref_leaves, reduction=reduction, detach_spatial=detach_spatial)
     _assert_close(loss, ref_loss, rtol, "loss")
     if not wanted:
@@ -73,7 +79,7 @@ def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial,
         return
     (loss * upstream).backward()
     (ref_loss * upstream).backward()
-    for name, leaf, ref_leaf in zip(INPUT_NAMES, leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip(INPUT_NAMES, leaves, ref_leaves, strict=True):
         if name in wanted:
             assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"d{name}"
             _assert_close(leaf.grad, ref_leaf.grad, rtol, f"d{name}")
@@ -87,8 +93,15 @@ def _check_attentive_distillation(backend, inputs, *, reduction, detach_spatial,
 def test_attentive_distillation_dtypes(backend, generator, dtype, reduction, detach_spatial):
     shape = _shape(backend, 3, 19, 13, 11)
     inputs = _feature_pair(generator, shape, dtype, device_for(backend))
-    _check_attentive_distillation(backend, inputs, reduction=reduction, detach_spatial=detach_spatial,
-                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
+    _check_attentive_distillation(
+        backend,
+        inputs,
+        reduction=reduction,
+        detach_spatial=detach_spatial,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[dtype],
+    )
 
 
 GRAD_SUBSETS = [subset for k in range(len(INPUT_NAMES) + 1) for subset in itertools.combinations(INPUT_NAMES, k)]
@@ -99,8 +112,15 @@ GRAD_SUBSETS = [subset for k in range(len(INPUT_NAMES) + 1) for subset in iterto
 def test_attentive_distillation_gradient_subsets(backend, generator, wanted, detach_spatial):
     shape = _shape(backend, 2, 7, 9, 5)
     inputs = _feature_pair(generator, shape, torch.float32, device_for(backend))
-    _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=detach_spatial, wanted=wanted,
-                                  upstream=_random_upstream(generator), rtol=RTOL[torch.float32])
+    _check_attentive_distillation(
+        backend,
+        inputs,
+        reduction="mean",
+        detach_spatial=detach_spatial,
+        wanted=wanted,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[torch.float32],
+    )
 
 
 @pytest.mark.parametrize("zero_map", ("f", "g", "both"))
@@ -116,8 +136,15 @@ def test_attentive_distillation_zero_feature_map(backend, generator, zero_map, d
     else:  # both maps of the same image
         f[-1] = 0
         g[-1] = 0
-    _check_attentive_distillation(backend, (f, g, a, b), reduction="sum", detach_spatial=detach_spatial,
-                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[torch.float64])
+    _check_attentive_distillation(
+        backend,
+        (f, g, a, b),
+        reduction="sum",
+        detach_spatial=detach_spatial,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[torch.float64],
+    )
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
@@ -127,8 +154,15 @@ def test_attentive_distillation_nearly_identical_pair(backend, generator, dtype)
     f, _, a, _ = _feature_pair(generator, shape, dtype, device_for(backend))
     g = f + 1e-3 * _features(generator, shape, dtype, device_for(backend))
     b = a * (1 + 1e-3 * _features(generator, a.shape, dtype, device_for(backend)))
-    _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False,
-                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
+    _check_attentive_distillation(
+        backend,
+        (f, g, a, b),
+        reduction="mean",
+        detach_spatial=False,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[dtype],
+    )
 
 
 def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generator):
@@ -138,13 +172,15 @@ def test_attentive_distillation_identical_pair_is_exactly_zero(backend, generato
     loss = isf.attentive_distillation(*leaves, backend=backend)
     loss.backward()
     assert loss.item() == 0
-    for name, leaf in zip(INPUT_NAMES, leaves):
+    for name, leaf in zip(INPUT_NAMES, leaves, strict=True):
         assert torch.count_nonzero(leaf.grad) == 0, f"d{name}"
 
 
-@pytest.mark.parametrize("shape", [(2, 2048, 5, 7), (1, 3, 37, 41), (1, 5, 15, 13), (5, 1, 1, 1), (2, 33, 1, 67),
-                                   (2, 5, 32, 36)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2048, 5, 7), (1, 3, 37, 41), (1, 5, 15, 13), (5, 1, 1, 1), (2, 33, 1, 67), (2, 5, 32, 36)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_attentive_distillation_shapes(backend, generator, shape, dtype):
     """Many channels, images larger than one pixel chunk, chunk tails, single pixels and channels.
@@ -155,8 +191,15 @@ def test_attentive_distillation_shapes(backend, generator, shape, dtype):
     if interpreted(backend) and shape[1] > 8:
         pytest.skip("too large for the Triton interpreter")
     inputs = _feature_pair(generator, _shape(backend, *shape), dtype, device_for(backend))
-    _check_attentive_distillation(backend, inputs, reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
-                                  upstream=_random_upstream(generator), rtol=RTOL[dtype])
+    _check_attentive_distillation(
+        backend,
+        inputs,
+        reduction="mean",
+        detach_spatial=False,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -167,8 +210,15 @@ def test_attentive_distillation_packed_channel_groups(backend, generator, dtype,
     if interpreted(backend):
         pytest.skip("too large for the Triton interpreter")
     inputs = _feature_pair(generator, (2, 301, 8, 16), dtype, device_for(backend))
-    _check_attentive_distillation(backend, inputs, reduction="sum", detach_spatial=detach_spatial,
-                                  wanted=INPUT_NAMES, upstream=_random_upstream(generator), rtol=RTOL[dtype])
+    _check_attentive_distillation(
+        backend,
+        inputs,
+        reduction="sum",
+        detach_spatial=detach_spatial,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[dtype],
+    )
 
 
 def test_attentive_distillation_non_contiguous(backend, generator):
@@ -176,23 +226,34 @@ def test_attentive_distillation_non_contiguous(backend, generator):
     f, g, a, b = _feature_pair(generator, shape, torch.float32, device_for(backend))
     f = f.to(memory_format=torch.channels_last)
     g = g.transpose(2, 3).contiguous().transpose(2, 3)
-    _check_attentive_distillation(backend, (f, g, a, b), reduction="mean", detach_spatial=False, wanted=INPUT_NAMES,
-                                  upstream=_random_upstream(generator), rtol=RTOL[torch.float32])
+    _check_attentive_distillation(
+        backend,
+        (f, g, a, b),
+        reduction="mean",
+        detach_spatial=False,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[torch.float32],
+    )
 
 
 def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
-    leaves = [x.detach().clone().requires_grad_(name in wanted) for name, x in zip(("v", "a_ch", "a_sp"),
-                                                                                 (v, a_ch, a_sp))]
+    leaves = [
+        x.detach().clone().requires_grad_(name in wanted)
+        for name, x in zip(("v", "a_ch", "a_sp"), (v, a_ch, a_sp), strict=True)
+    ]
     out = isf.structured_attention(*leaves, backend=backend)
     assert out.dtype == v.dtype and out.shape == v.shape
-    ref_leaves = [x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
-                  for name, x in zip(("v", "a_ch", "a_sp"), (v, a_ch, a_sp))]
+    ref_leaves = [
+        x.detach().to(torch.float64).cpu().requires_grad_(name in wanted)
+        for name, x in zip(("v", "a_ch", "a_sp"), (v, a_ch, a_sp), strict=True)
+    ]
     ref_v, ref_a_ch, ref_a_sp = ref_leaves
     ref_out = reference.structured_attention(ref_v, ref_a_ch, ref_a_sp.reshape(ref_v.shape[0], *ref_v.shape[2:]))
     _assert_close(out, ref_out, rtol, "out")
     out.backward(grad_out)
     ref_out.backward(grad_out.to(device="cpu", dtype=torch.float64))
-    for name, leaf, ref_leaf in zip(("v", "a_ch", "a_sp"), leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip(("v", "a_ch", "a_sp"), leaves, ref_leaves, strict=True):
         if name in wanted:
             assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"d{name}"
             _assert_close(leaf.grad, ref_leaf.grad, rtol, f"d{name}")
@@ -201,8 +262,9 @@ def _check_structured_attention(backend, v, a_ch, a_sp, wanted, grad_out, rtol):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41), (2, 301, 8, 16)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(3, 17, 13, 11), (2, 2048, 3, 5), (1, 4, 37, 41), (2, 301, 8, 16)], ids=lambda s: "x".join(map(str, s))
+)
 def test_structured_attention(backend, generator, dtype, shape):
     """Pixel tails; for the CUDA kernels also channel groups (2048 and 301 channels) and 16-byte packs (8x16)."""
     if interpreted(backend) and shape[1] > 8:

@@ -6,16 +6,18 @@ maps for reduction="none"). Triton without a GPU runs in its interpreter on CPU 
 slow, so it gets the small default shapes and skips the cases marked heavy; "cuda" and Triton on a
 GPU use CUDA tensors.
 """
+
 import itertools
 
 import pytest
 import torch
+from parity_support import RTOL, device_for, interpreted
 
 import incseg_fast as isf
 from incseg_fast import reference
 from incseg_fast.vocabulary import INCREMENTAL_CE_MODES as CE_MODES
 from incseg_fast.vocabulary import KD_MODES, REDUCTIONS
-from parity_support import RTOL, device_for, interpreted
+
 DISTILLATIONS = ("knowledge_distillation", "unbiased_knowledge_distillation", "balanced_knowledge_distillation")
 
 
@@ -27,12 +29,26 @@ def _skip_if_interpreted(backend):
 class Inputs:
     """Fresh random logits, teacher logits and labels (odd H, W by default)."""
 
-    def __init__(self, generator, *, batch=2, channels=7, old_classes=4, height=9, width=9, dtype=torch.float32,
-                 label_dtype=torch.int64, ignore_index=255, ignore_fraction=0.2, scale=3.0):
+    def __init__(
+        self,
+        generator,
+        *,
+        batch=2,
+        channels=7,
+        old_classes=4,
+        height=9,
+        width=9,
+        dtype=torch.float32,
+        label_dtype=torch.int64,
+        ignore_index=255,
+        ignore_fraction=0.2,
+        scale=3.0,
+    ):
         shape = (batch, channels, height, width)
         self.x = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-        self.y = (2 * torch.randn((batch, old_classes, height, width), generator=generator,
-                                  dtype=torch.float64)).to(dtype)
+        self.y = (2 * torch.randn((batch, old_classes, height, width), generator=generator, dtype=torch.float64)).to(
+            dtype
+        )
         t = torch.randint(0, channels, (batch, height, width), generator=generator)
         ignored = torch.rand((batch, height, width), generator=generator) < ignore_fraction
         self.t = torch.where(ignored, torch.full_like(t, ignore_index), t).to(label_dtype)
@@ -79,25 +95,29 @@ def _check(backend, name, x, args, kwargs, generator, *, expect_zero=(), grad_fl
     device = device_for(backend)
     rtol = RTOL[x.dtype]
     xb = x.detach().to(device).clone().requires_grad_()
-    outputs = getattr(isf, name)(xb, *[_on(a, device) for a in args], backend=backend,
-                                 **{k: _on(v, device) for k, v in kwargs.items()})
+    outputs = getattr(isf, name)(
+        xb, *[_on(a, device) for a in args], backend=backend, **{k: _on(v, device) for k, v in kwargs.items()}
+    )
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
 
     xr = x.detach().to(torch.float64).clone().requires_grad_()
-    ref_outputs = getattr(reference, name)(xr, *[_on(a, "cpu", torch.float64) for a in args],
-                                           **{k: _on(v, "cpu", torch.float64) for k, v in kwargs.items()})
+    ref_outputs = getattr(reference, name)(
+        xr,
+        *[_on(a, "cpu", torch.float64) for a in args],
+        **{k: _on(v, "cpu", torch.float64) for k, v in kwargs.items()},
+    )
     ref_outputs = ref_outputs if isinstance(ref_outputs, tuple) else (ref_outputs,)
 
     expected_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     upstream = [torch.randn(r.shape, generator=generator, dtype=torch.float64) for r in ref_outputs]
-    for i, (out, ref) in enumerate(zip(outputs, ref_outputs)):
+    for i, (out, ref) in enumerate(zip(outputs, ref_outputs, strict=True)):
         assert out.dtype == expected_dtype, f"output {i}: dtype {out.dtype}, expected {expected_dtype}"
         if i in expect_zero:
             assert out.abs().max().item() == 0.0, f"output {i} should be exactly 0"
         _assert_close(out, ref, rtol, f"{name} output {i}")
 
-    sum(((o * u.to(device=device, dtype=o.dtype)).sum() for o, u in zip(outputs, upstream))).backward()
-    sum(((r * u).sum() for r, u in zip(ref_outputs, upstream))).backward()
+    sum(((o * u.to(device=device, dtype=o.dtype)).sum() for o, u in zip(outputs, upstream, strict=True))).backward()
+    sum(((r * u).sum() for r, u in zip(ref_outputs, upstream, strict=True))).backward()
     assert xb.grad.dtype == x.dtype and xb.grad.shape == x.shape
     _assert_close(xb.grad, xr.grad, rtol, f"{name} dL/dx", floor=grad_floor)
 
@@ -110,34 +130,61 @@ def _check(backend, name, x, args, kwargs, generator, *, expect_zero=(), grad_fl
 @pytest.mark.parametrize("ce,kd", list(itertools.product(CE_MODES, KD_MODES)))
 def test_incremental_loss_modes(backend, generator, ce, kd):
     inp = Inputs(generator)
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce=ce, kd=kd, alpha=0.6, mask=inp.float_mask), generator,
-           expect_zero=(1,) if kd == "none" else ())
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce=ce, kd=kd, alpha=0.6, mask=inp.float_mask),
+        generator,
+        expect_zero=(1,) if kd == "none" else (),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])
 def test_incremental_loss_dtypes(backend, generator, dtype, kd):
     inp = Inputs(generator, dtype=dtype, scale=2.0)
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.5, mask=inp.bool_mask), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.5, mask=inp.bool_mask),
+        generator,
+    )
 
 
-@pytest.mark.parametrize("label_dtype,ignore_index", [(torch.int64, -100), (torch.int32, 255), (torch.uint8, 255),
-                                                      (torch.int64, 0)])
+@pytest.mark.parametrize(
+    "label_dtype,ignore_index", [(torch.int64, -100), (torch.int32, 255), (torch.uint8, 255), (torch.int64, 0)]
+)
 def test_label_dtypes_and_ignore_index(backend, generator, label_dtype, ignore_index):
     inp = Inputs(generator, label_dtype=label_dtype, ignore_index=ignore_index)
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index),
+        generator,
+    )
 
 
-@pytest.mark.parametrize("label_dtype,ignore_index", [(torch.uint8, -1), (torch.uint8, 256), (torch.int32, 2**32),
-                                                      (torch.int32, -(2**31) - 1)])
+@pytest.mark.parametrize(
+    "label_dtype,ignore_index",
+    [(torch.uint8, -1), (torch.uint8, 256), (torch.int32, 2**32), (torch.int32, -(2**31) - 1)],
+)
 def test_ignore_index_outside_the_label_dtype_ignores_nothing(backend, generator, label_dtype, ignore_index):
     """Compared as integers, never wrapped into the labels' dtype (-1 is not uint8's 255)."""
     inp = Inputs(generator, label_dtype=label_dtype, ignore_fraction=0.0)
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", ignore_index=ignore_index),
+        generator,
+    )
 
 
 @pytest.mark.parametrize("channels,old_classes", [(5, 5), (5, 1), (2, 1), (2, 2)])
@@ -145,28 +192,55 @@ def test_old_classes_edges(backend, generator, channels, old_classes):
     """C == Co (the background set is {0}) and Co == 1 (unbiased CE is plain CE)."""
     inp = Inputs(generator, channels=channels, old_classes=old_classes)
     for ce, kd in (("unbiased", "unbiased"), ("plain", "balanced"), ("unbiased", "plain")):
-        _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-               dict(old_classes=old_classes, ce=ce, kd=kd, alpha=0.8, mask=inp.float_mask), generator)
+        _check(
+            backend,
+            "incremental_loss",
+            inp.x,
+            (inp.t, inp.y),
+            dict(old_classes=old_classes, ce=ce, kd=kd, alpha=0.8, mask=inp.float_mask),
+            generator,
+        )
 
 
 def test_all_ignored_batch(backend, generator):
     """CE mean over zero pixels is 0 with a zero gradient; the distillation term still counts."""
     inp = Inputs(generator, ignore_fraction=1.0)
     assert (inp.t == 255).all()
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased"), generator, expect_zero=(0,))
-    _check(backend, "unbiased_cross_entropy", inp.x, (inp.t, inp.old_classes), dict(reduction="none"), generator,
-           expect_zero=(0,))
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased"),
+        generator,
+        expect_zero=(0,),
+    )
+    _check(
+        backend,
+        "unbiased_cross_entropy",
+        inp.x,
+        (inp.t, inp.old_classes),
+        dict(reduction="none"),
+        generator,
+        expect_zero=(0,),
+    )
 
 
-@pytest.mark.parametrize("channels,old_classes,height,width",
-                         [(21, 16, 23, 29), (61, 31, 8, 17), (151, 101, 9, 15), (151, 150, 32, 33)])
+@pytest.mark.parametrize(
+    "channels,old_classes,height,width", [(21, 16, 23, 29), (61, 31, 8, 17), (151, 101, 9, 15), (151, 150, 32, 33)]
+)
 def test_many_channels_and_tiles(backend, generator, channels, old_classes, height, width):
     """Up to 151 classes; H*W = 667 and 1056 span several CPU tiles (512 pixels) plus a partial one."""
     _skip_if_interpreted(backend)
     inp = Inputs(generator, batch=3, channels=channels, old_classes=old_classes, height=height, width=width)
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=old_classes, ce="unbiased", kd="balanced", alpha=1.3, mask=inp.float_mask), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=old_classes, ce="unbiased", kd="balanced", alpha=1.3, mask=inp.float_mask),
+        generator,
+    )
     _check(backend, "knowledge_distillation", inp.x, (inp.y,), dict(reduction="none"), generator)
 
 
@@ -174,8 +248,14 @@ def test_large_logits(backend, generator):
     """Logits of magnitude ~100 (exp would overflow without the max shift; old classes far below)."""
     inp = Inputs(generator, scale=40.0)
     inp.x[:, : inp.old_classes] -= 60.0
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", alpha=3.0), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", alpha=3.0),
+        generator,
+    )
 
 
 @pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])
@@ -186,8 +266,14 @@ def test_minus_infinity_logits_of_new_classes(backend, generator, kd):
     inp.x[:, 6] = float("-inf")
     inp.x[1, 4:] = float("-inf")
     inp.t[(inp.t >= 4) & (inp.t != inp.ignore_index)] = 2
-    _check(backend, "incremental_loss", inp.x, (inp.t, inp.y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.2, mask=inp.float_mask), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (inp.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.2, mask=inp.float_mask),
+        generator,
+    )
 
 
 def test_non_contiguous_inputs(backend, generator):
@@ -196,8 +282,14 @@ def test_non_contiguous_inputs(backend, generator):
     x = inp.x.to(memory_format=torch.channels_last)
     y = inp.y.transpose(2, 3).contiguous().transpose(2, 3)
     assert not x.is_contiguous() and not y.is_contiguous()
-    _check(backend, "incremental_loss", x, (inp.t.transpose(1, 2).contiguous().transpose(1, 2), y),
-           dict(old_classes=inp.old_classes, ce="unbiased", kd="balanced", mask=inp.float_mask), generator)
+    _check(
+        backend,
+        "incremental_loss",
+        x,
+        (inp.t.transpose(1, 2).contiguous().transpose(1, 2), y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd="balanced", mask=inp.float_mask),
+        generator,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +305,15 @@ def test_unbiased_cross_entropy(backend, generator, reduction, old_classes):
     # kernels' rounding then shows against the size one pixel's gradient would have.
     valid = (inp.t != inp.ignore_index).sum().item()
     floor = (1.0 / valid if reduction == "mean" else 1.0) if old_classes == inp.x.shape[1] else 0.0
-    _check(backend, "unbiased_cross_entropy", inp.x, (inp.t, old_classes), dict(reduction=reduction), generator,
-           grad_floor=floor)
+    _check(
+        backend,
+        "unbiased_cross_entropy",
+        inp.x,
+        (inp.t, old_classes),
+        dict(reduction=reduction),
+        generator,
+        grad_floor=floor,
+    )
 
 
 @pytest.mark.parametrize("name", DISTILLATIONS)
@@ -229,8 +328,14 @@ def test_distillation(backend, generator, name, reduction, mask):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_balanced_distillation_given_gamma(backend, generator, reduction):
     inp = Inputs(generator)
-    _check(backend, "balanced_knowledge_distillation", inp.x, (inp.y,),
-           dict(alpha=1.2, mask=inp.float_mask, reduction=reduction, gamma=inp.gamma), generator)
+    _check(
+        backend,
+        "balanced_knowledge_distillation",
+        inp.x,
+        (inp.y,),
+        dict(alpha=1.2, mask=inp.float_mask, reduction=reduction, gamma=inp.gamma),
+        generator,
+    )
 
 
 def test_balanced_distillation_gamma_of_a_dominant_class(backend, generator):
@@ -239,8 +344,7 @@ def test_balanced_distillation_gamma_of_a_dominant_class(backend, generator):
     inp = Inputs(generator)
     inp.y[0, 2] += 60.0
     inp.y[1, 0] += 60.0
-    _check(backend, "balanced_knowledge_distillation", inp.x, (inp.y,), dict(alpha=0.01, reduction="sum"),
-           generator)
+    _check(backend, "balanced_knowledge_distillation", inp.x, (inp.y,), dict(alpha=0.01, reduction="sum"), generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -248,8 +352,14 @@ def test_per_pixel_maps_low_precision(backend, generator, dtype):
     """reduction="none" maps and their gradients in every dtype."""
     inp = Inputs(generator, dtype=dtype, scale=2.0)
     _check(backend, "unbiased_cross_entropy", inp.x, (inp.t, inp.old_classes), dict(reduction="none"), generator)
-    _check(backend, "unbiased_knowledge_distillation", inp.x, (inp.y,),
-           dict(alpha=0.9, mask=inp.float_mask, reduction="none"), generator)
+    _check(
+        backend,
+        "unbiased_knowledge_distillation",
+        inp.x,
+        (inp.y,),
+        dict(alpha=0.9, mask=inp.float_mask, reduction="none"),
+        generator,
+    )
 
 
 @pytest.mark.parametrize("batch,height,width", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])

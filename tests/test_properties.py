@@ -12,21 +12,25 @@ finite and within RTOL[dtype] of the reference's scale (plus, for logits, the fl
 the log-normalisers, `_logit_slack`); where the reference is not finite because an input holds NaN
 or +inf in a place that decides the result, the backend is not finite either.
 """
-import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from parity_support import RTOL, device_for, interpreted
 
 import incseg_fast as isf
 from incseg_fast import reference
 from incseg_fast.vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
-from parity_support import RTOL, device_for, interpreted
 
 EXAMPLES = {"cpu": 200, "cuda_emulator": 120, "cuda": 200, "triton": 30}
-LOGIT_FUNCTIONS = ("incremental_loss", "unbiased_cross_entropy", "knowledge_distillation",
-                   "unbiased_knowledge_distillation", "balanced_knowledge_distillation")
+LOGIT_FUNCTIONS = (
+    "incremental_loss",
+    "unbiased_cross_entropy",
+    "knowledge_distillation",
+    "unbiased_knowledge_distillation",
+    "balanced_knowledge_distillation",
+)
 # Input dtypes, float32 twice as often as the others.
 DTYPES = (torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
@@ -36,8 +40,13 @@ def run_examples(backend, strategy, check, scale=1.0):
     """check(backend, example) for derandomized examples of `strategy`; fewer under the Triton interpreter."""
     count = max(1, int(EXAMPLES[backend] * scale))
 
-    @settings(max_examples=count, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=count,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(strategy)
     def examples(example):
         check(backend, example)
@@ -125,8 +134,12 @@ def logit_cases(draw, small=False):
     channels = draw(st.integers(1, 6 if small else 9))
     case = dict(
         function=draw(st.sampled_from(LOGIT_FUNCTIONS)),
-        shape=(draw(st.integers(1, 3)), channels, draw(st.integers(1, 5 if small else 7)),
-               draw(st.integers(1, 5 if small else 7))),
+        shape=(
+            draw(st.integers(1, 3)),
+            channels,
+            draw(st.integers(1, 5 if small else 7)),
+            draw(st.integers(1, 5 if small else 7)),
+        ),
         old_classes=draw(st.integers(1, channels)),
         dtype=draw(st.sampled_from(DTYPES)),
         reduction=draw(st.sampled_from(REDUCTIONS)),
@@ -206,8 +219,14 @@ def logit_call(case, inputs):
     name, mask = case["function"], inputs.mask
     ignore_index = 255 if case["label_dtype"] == torch.uint8 else case["ignore_index"]
     if name == "incremental_loss":
-        kwargs = dict(old_classes=case["old_classes"], ce=case["ce"], kd=case["kd"], alpha=case["alpha"],
-                      mask=mask, ignore_index=ignore_index)
+        kwargs = dict(
+            old_classes=case["old_classes"],
+            ce=case["ce"],
+            kd=case["kd"],
+            alpha=case["alpha"],
+            mask=mask,
+            ignore_index=ignore_index,
+        )
         return name, (inputs.t, inputs.y), kwargs
     if name == "unbiased_cross_entropy":
         kwargs = dict(ignore_index=ignore_index, reduction=case["reduction"])
@@ -222,7 +241,7 @@ def _logit_slack(case, inputs, upstreams):
     """The float32 rounding of the per-pixel log-normalisers (lse ~ max|logit| = L): each carries an
     absolute error up to u·L, u = 2^-24 (2^-53 for float64), which no float32 kernel can avoid and
     which exceeds RTOL for |logits| above ~170. Returns (output slacks, gradient slack)."""
-    u = 2.0 ** -53 if case["dtype"] == torch.float64 else 2.0 ** -24
+    u = 2.0**-53 if case["dtype"] == torch.float64 else 2.0**-24
     L = max(_finite_abs_max(inputs.x), abs(case["alpha"]) * _finite_abs_max(inputs.y), 1.0)
     B, _, H, W = case["shape"]
     pixels = B * H * W
@@ -275,12 +294,13 @@ def check_logit_case(backend, case, poison=None):
     outputs = _as_tuple(getattr(isf, name)(x, *args, backend=backend, **kwargs))
 
     xr = float64_copy(inputs.x, requires_grad=True)
-    ref_outputs = _as_tuple(getattr(reference, name)(xr, *map(float64_copy, args),
-                                                     **{k: float64_copy(v) for k, v in kwargs.items()}))
+    ref_outputs = _as_tuple(
+        getattr(reference, name)(xr, *map(float64_copy, args), **{k: float64_copy(v) for k, v in kwargs.items()})
+    )
     upstreams = [upstream_gradient(r.shape, case["upstream"], inputs.generator) for r in ref_outputs]
     gamma_rtol, output_slack, grad_slack = _logit_slack(case, inputs, upstreams)
     rtol = RTOL[case["dtype"]] + gamma_rtol
-    for i, (out, ref) in enumerate(zip(outputs, ref_outputs)):
+    for i, (out, ref) in enumerate(zip(outputs, ref_outputs, strict=True)):
         mask = None if poison is None else poisoned["output"]
         assert_matches(out, ref, f"{name} output {i}", rtol=rtol, slack=output_slack, poisoned=mask)
     _backward(outputs, upstreams, device)
@@ -303,7 +323,9 @@ def _as_tuple(outputs):
 
 def _backward(outputs, upstreams, device):
     """Backpropagate each output with its upstream gradient (sent as given: stride 0 stays stride 0)."""
-    pairs = [(o, u.to(device=device, dtype=o.dtype)) for o, u in zip(outputs, upstreams) if o.requires_grad]
+    pairs = [
+        (o, u.to(device=device, dtype=o.dtype)) for o, u in zip(outputs, upstreams, strict=True) if o.requires_grad
+    ]
     torch.autograd.backward([o for o, _ in pairs], [u for _, u in pairs])
 
 
@@ -316,9 +338,13 @@ def test_logit_losses_match_the_reference(backend):
 @st.composite
 def poisoned_logit_cases(draw):
     case = draw(logit_cases(small=True))
-    case.update(dtype=draw(st.sampled_from([torch.float32, torch.float64])), masked_classes="none",
-                poison_value=draw(st.sampled_from([float("nan"), float("inf")])),
-                poison_teacher=draw(st.booleans()), poison_at=draw(st.integers(0, 2**31 - 1)))
+    case.update(
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        masked_classes="none",
+        poison_value=draw(st.sampled_from([float("nan"), float("inf")])),
+        poison_teacher=draw(st.booleans()),
+        poison_at=draw(st.integers(0, 2**31 - 1)),
+    )
     return case
 
 
@@ -328,20 +354,24 @@ def _poison(case, inputs):
     index = case["poison_at"]
     b, h, w = index % B, (index // B) % H, (index // (B * H)) % W
     distils = case["function"] != "unbiased_cross_entropy" and not (
-        case["function"] == "incremental_loss" and case["kd"] == "none")
+        case["function"] == "incremental_loss" and case["kd"] == "none"
+    )
     if case["poison_teacher"] and distils:
         inputs.y[b, (index // 7) % case["old_classes"], h, w] = case["poison_value"]
     else:
         inputs.t[b, h, w] = 0  # counted by the CE term: every channel decides its lse
         # Plain distillation reads channels [0, Co) only; a NaN beyond them need not reach it (not guaranteed).
         plain_kd = case["function"] == "knowledge_distillation" or (
-            case["function"] == "incremental_loss" and case["kd"] == "plain")
+            case["function"] == "incremental_loss" and case["kd"] == "plain"
+        )
         channels = case["old_classes"] if plain_kd else C
         inputs.x[b, (index // 7) % channels, h, w] = case["poison_value"]
     pixel = torch.zeros((B, H, W), dtype=torch.bool)
     pixel[b, h, w] = True
-    return dict(output=pixel if case["reduction"] == "none" and case["function"] != "incremental_loss" else None,
-                grad=pixel.unsqueeze(1).expand(B, C, H, W))
+    return dict(
+        output=pixel if case["reduction"] == "none" and case["function"] != "incremental_loss" else None,
+        grad=pixel.unsqueeze(1).expand(B, C, H, W),
+    )
 
 
 def test_logit_losses_propagate_nan_and_inf(backend):
@@ -364,8 +394,12 @@ def attention_cases(draw, small=False):
     dtype = draw(st.sampled_from(DTYPES))
     low, high = FEATURE_EXPONENTS.get(dtype, DEFAULT_FEATURE_EXPONENTS)
     return dict(
-        shape=(draw(st.integers(1, 3)), draw(st.integers(1, 6 if small else 9)), draw(st.integers(1, 5 if small else 7)),
-               draw(st.integers(1, 5 if small else 7))),
+        shape=(
+            draw(st.integers(1, 3)),
+            draw(st.integers(1, 6 if small else 9)),
+            draw(st.integers(1, 5 if small else 7)),
+            draw(st.integers(1, 5 if small else 7)),
+        ),
         dtype=dtype,
         reduction=draw(st.sampled_from(FEATURE_REDUCTIONS)),
         detach_spatial=draw(st.booleans()),
@@ -412,13 +446,19 @@ def check_attention_case(backend, case, poison=None):
         poison(case, tensors)
     device = device_for(backend)
     layouts = (case["f_layout"], case["g_layout"], case["a_layout"], case["a_layout"])
-    leaves = [with_layout(t.to(device), layout).detach().requires_grad_(name in case["wanted"])
-              for name, t, layout in zip("fgab", tensors, layouts)]
-    loss = isf.attentive_distillation(*leaves, reduction=case["reduction"], detach_spatial=case["detach_spatial"],
-                                      backend=backend)
-    ref_leaves = [float64_copy(t, requires_grad=name in case["wanted"]) for name, t in zip("fgab", tensors)]
-    ref_loss = reference.attentive_distillation(*ref_leaves, reduction=case["reduction"],
-                                                detach_spatial=case["detach_spatial"])
+    leaves = [
+        with_layout(t.to(device), layout).detach().requires_grad_(name in case["wanted"])
+        for name, t, layout in zip("fgab", tensors, layouts, strict=True)
+    ]
+    loss = isf.attentive_distillation(
+        *leaves, reduction=case["reduction"], detach_spatial=case["detach_spatial"], backend=backend
+    )
+    ref_leaves = [
+        float64_copy(t, requires_grad=name in case["wanted"]) for name, t in zip("fgab", tensors, strict=True)
+    ]
+    ref_loss = reference.attentive_distillation(
+        *ref_leaves, reduction=case["reduction"], detach_spatial=case["detach_spatial"]
+    )
     rtol = RTOL[case["dtype"]]
     assert loss.dtype == (torch.float64 if case["dtype"] == torch.float64 else torch.float32)
     assert_matches(loss, ref_loss, "loss", rtol=rtol)
@@ -428,7 +468,7 @@ def check_attention_case(backend, case, poison=None):
     upstream = upstream_gradient((), "random", gen)
     (loss * upstream).backward()
     (ref_loss * upstream).backward()
-    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip("fgab", leaves, ref_leaves, strict=True):
         if name in case["wanted"]:
             assert leaf.grad.dtype == leaf.dtype, f"d{name} dtype"
             assert_matches(leaf.grad, ref_leaf.grad, f"d{name}", rtol=rtol)
@@ -443,10 +483,16 @@ def test_attentive_distillation_matches_the_reference(backend):
 @st.composite
 def poisoned_attention_cases(draw):
     case = draw(attention_cases(small=True))
-    case.update(dtype=draw(st.sampled_from([torch.float32, torch.float64])), zero_map="none",
-                f_exponent=0.0, g_exponent=0.0, wanted=set("fgab"),
-                poison_value=draw(st.sampled_from([float("nan"), float("inf")])),
-                poison_input=draw(st.sampled_from("fgab")), poison_at=draw(st.integers(0, 2**31 - 1)))
+    case.update(
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        zero_map="none",
+        f_exponent=0.0,
+        g_exponent=0.0,
+        wanted=set("fgab"),
+        poison_value=draw(st.sampled_from([float("nan"), float("inf")])),
+        poison_input=draw(st.sampled_from("fgab")),
+        poison_at=draw(st.integers(0, 2**31 - 1)),
+    )
     return case
 
 
@@ -457,8 +503,9 @@ def _poison_features(case, tensors):
 
 
 def test_attentive_distillation_propagates_nan_and_inf(backend):
-    run_examples(backend, poisoned_attention_cases(),
-                 lambda b, case: check_attention_case(b, case, poison=_poison_features), 0.5)
+    run_examples(
+        backend, poisoned_attention_cases(), lambda b, case: check_attention_case(b, case, poison=_poison_features), 0.5
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,8 +518,12 @@ def structured_cases(draw, small=False):
     dtype = draw(st.sampled_from(DTYPES))
     v_range, a_range = ((-2.0, 1.0), (-1.0, 0.5)) if dtype == torch.float16 else ((-6.0, 6.0), (-3.0, 3.0))
     return dict(
-        shape=(draw(st.integers(1, 3)), draw(st.integers(1, 6 if small else 9)), draw(st.integers(1, 5 if small else 7)),
-               draw(st.integers(1, 5 if small else 7))),
+        shape=(
+            draw(st.integers(1, 3)),
+            draw(st.integers(1, 6 if small else 9)),
+            draw(st.integers(1, 5 if small else 7)),
+            draw(st.integers(1, 5 if small else 7)),
+        ),
         dtype=dtype,
         wanted=draw(st.sets(st.sampled_from(["v", "a_ch", "a_sp"]), min_size=1)),
         v_exponent=draw(st.floats(*v_range)),
@@ -504,14 +555,20 @@ def check_structured_case(backend, case):
     gen = torch.Generator().manual_seed(case["seed"])
     B, C, H, W = case["shape"]
     a_scale = 10 ** case["a_exponent"]
-    values = dict(v=torch.randn(case["shape"], generator=gen, dtype=torch.float64) * 10 ** case["v_exponent"],
-                  a_ch=torch.randn((B, C), generator=gen, dtype=torch.float64) * a_scale,
-                  a_sp=torch.randn((B, 1, H, W) if case["a_sp_channel_dim"] else (B, H, W), generator=gen,
-                                   dtype=torch.float64) * a_scale)
+    values = dict(
+        v=torch.randn(case["shape"], generator=gen, dtype=torch.float64) * 10 ** case["v_exponent"],
+        a_ch=torch.randn((B, C), generator=gen, dtype=torch.float64) * a_scale,
+        a_sp=torch.randn((B, 1, H, W) if case["a_sp_channel_dim"] else (B, H, W), generator=gen, dtype=torch.float64)
+        * a_scale,
+    )
     values = {k: t.to(case["dtype"]) for k, t in values.items()}
     device = device_for(backend)
-    leaves = {k: (with_layout(t.to(device), case["v_layout"]) if k == "v" else t.to(device)).requires_grad_(
-        k in case["wanted"]) for k, t in values.items()}
+    leaves = {
+        k: (with_layout(t.to(device), case["v_layout"]) if k == "v" else t.to(device)).requires_grad_(
+            k in case["wanted"]
+        )
+        for k, t in values.items()
+    }
     out = isf.structured_attention(leaves["v"], leaves["a_ch"], leaves["a_sp"], backend=backend)
     refs = {k: float64_copy(t, requires_grad=k in case["wanted"]) for k, t in values.items()}
     ref_out = reference.structured_attention(refs["v"], refs["a_ch"], refs["a_sp"].reshape(B, H, W))
@@ -557,7 +614,7 @@ def _logit_and_attention_results(backend, generator_seed, shape=(1, 7, 40, 50)):
 def test_reruns_are_bitwise_identical(backend):
     """Fixed-order reductions everywhere: the same inputs give the same bits."""
     first, second = _logit_and_attention_results(backend, 11), _logit_and_attention_results(backend, 11)
-    for i, (a, b) in enumerate(zip(first, second)):
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
         assert torch.equal(a, b), f"result {i} differs between two runs"
 
 

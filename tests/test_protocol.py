@@ -1,4 +1,5 @@
 """The class-incremental protocol: task tables, image selection, label lookup tables."""
+
 import json
 import os
 
@@ -142,18 +143,21 @@ class FakeDataset(Dataset):
         return torch.full((3, 2, 4), float(i)), label
 
 
-@pytest.mark.parametrize("task,step,mode,expected", [
-    ("15-5", 0, "overlapped", [0, 2, 4, 7]),
-    ("15-5", 0, "disjoint", [0, 4]),  # 2 shows 17 and 7 shows 16, 19: future classes
-    ("15-5", 1, "overlapped", [1, 2, 3, 5, 7]),
-    ("15-5", 1, "disjoint", [1, 2, 3, 5, 7]),
-    ("15-1", 1, "overlapped", [1, 5, 7]),
-    ("15-1", 1, "disjoint", [1, 5]),  # 7 also shows 19
-    ("15-1", 3, "overlapped", [3]),
-    ("15-1", 3, "disjoint", []),  # image 3 (18) also shows the future 20
-    ("15-1", 5, "disjoint", [3]),
-    ("offline", 0, "disjoint", [0, 1, 2, 3, 4, 5, 7]),  # only the background-only image goes
-])
+@pytest.mark.parametrize(
+    "task,step,mode,expected",
+    [
+        ("15-5", 0, "overlapped", [0, 2, 4, 7]),
+        ("15-5", 0, "disjoint", [0, 4]),  # 2 shows 17 and 7 shows 16, 19: future classes
+        ("15-5", 1, "overlapped", [1, 2, 3, 5, 7]),
+        ("15-5", 1, "disjoint", [1, 2, 3, 5, 7]),
+        ("15-1", 1, "overlapped", [1, 5, 7]),
+        ("15-1", 1, "disjoint", [1, 5]),  # 7 also shows 19
+        ("15-1", 3, "overlapped", [3]),
+        ("15-1", 3, "disjoint", []),  # image 3 (18) also shows the future 20
+        ("15-1", 5, "disjoint", [3]),
+        ("offline", 0, "disjoint", [0, 1, 2, 3, 4, 5, 7]),  # only the background-only image goes
+    ],
+)
 def test_select_indices_hand_built(task, step, mode, expected):
     assert select_indices(FakeDataset(), get_task("voc", task), step, mode) == expected
 

@@ -4,6 +4,7 @@
 2. MiB-style eager chains, written the way MiB's utils/loss.py computes them;
 3. the analytic per-pixel gradients written in MATH.md, against autograd; plus gradcheck in float64.
 """
+
 import math
 
 import pytest
@@ -48,11 +49,13 @@ def test_unbiased_ce_by_hand(label, expected):
 def test_plain_ce_and_ignored_pixel_by_hand():
     x = torch.cat([_pixel(X123), _pixel(X123)], dim=3)  # two pixels
     t = torch.tensor([[[1, 255]]])
-    ce, _ = ref.logit_losses(x, t, None, None, None, old_classes=2, ce="plain", kd="none", alpha=1.0,
-                             ignore_index=255, reduction="none")
+    ce, _ = ref.logit_losses(
+        x, t, None, None, None, old_classes=2, ce="plain", kd="none", alpha=1.0, ignore_index=255, reduction="none"
+    )
     assert ce[0, 0].tolist() == pytest.approx([LN(6) - LN(2), 0.0], rel=1e-12)
-    mean, _ = ref.logit_losses(x, t, None, None, None, old_classes=2, ce="plain", kd="none", alpha=1.0,
-                               ignore_index=255, reduction="mean")
+    mean, _ = ref.logit_losses(
+        x, t, None, None, None, old_classes=2, ce="plain", kd="none", alpha=1.0, ignore_index=255, reduction="mean"
+    )
     assert mean.item() == pytest.approx(LN(6) - LN(2), rel=1e-12)  # divides by the 1 valid pixel
 
 
@@ -88,10 +91,10 @@ def test_attentive_distillation_by_hand():
     g = torch.tensor([1.0, -2.0], dtype=torch.float64).view(1, 1, 1, 2)
     a = torch.tensor([[0.5]], dtype=torch.float64)
     b = torch.tensor([[0.25]], dtype=torch.float64)
-    nf, ng = math.sqrt(9 ** 2 + 16 ** 2), math.sqrt(1 ** 2 + 4 ** 2)
+    nf, ng = math.sqrt(9**2 + 16**2), math.sqrt(1**2 + 4**2)
     ad_f = [(0.5 * 9 / nf + 1) * 3, (0.5 * 16 / nf + 1) * 4]
     ad_g = [(0.25 * 1 / ng + 1) * 1, (0.25 * 4 / ng + 1) * -2]
-    squares = [(p - q) ** 2 for p, q in zip(ad_f, ad_g)]
+    squares = [(p - q) ** 2 for p, q in zip(ad_f, ad_g, strict=True)]
     assert ref.attentive_distillation(f, g, a, b).item() == pytest.approx(sum(squares) / 2, rel=1e-12)
     assert ref.attentive_distillation(f, g, a, b, reduction="sum").item() == pytest.approx(sum(squares), rel=1e-12)
 
@@ -173,17 +176,21 @@ def test_distillation_matches_mib(generator, reduction, alpha, use_mask):
     mask = mask if use_mask else None
     torch.testing.assert_close(
         ref.knowledge_distillation(x, y, alpha=alpha, mask=mask, reduction=reduction),
-        mib_knowledge_distillation(x, y, mask=mask, reduction=reduction, alpha=alpha))
+        mib_knowledge_distillation(x, y, mask=mask, reduction=reduction, alpha=alpha),
+    )
     torch.testing.assert_close(
         ref.unbiased_knowledge_distillation(x, y, alpha=alpha, mask=mask, reduction=reduction),
-        mib_unbiased_knowledge_distillation(x, y, mask=mask, reduction=reduction, alpha=alpha))
+        mib_unbiased_knowledge_distillation(x, y, mask=mask, reduction=reduction, alpha=alpha),
+    )
 
 
 def test_balanced_kd_with_gamma_one_is_unbiased_kd(generator):
     x, _, y, mask = _random_case(generator)
     ones = torch.ones(x.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(ref.balanced_knowledge_distillation(x, y, mask=mask, gamma=ones),
-                               ref.unbiased_knowledge_distillation(x, y, mask=mask))
+    torch.testing.assert_close(
+        ref.balanced_knowledge_distillation(x, y, mask=mask, gamma=ones),
+        ref.unbiased_knowledge_distillation(x, y, mask=mask),
+    )
 
 
 def test_unbiased_kd_with_all_classes_old_is_full_softmax_kd(generator):
@@ -268,8 +275,9 @@ def test_gradients_match_spec_formulas(generator, ce, kd, Co):
     y = torch.randn(2, Co, 5, 3, generator=generator, dtype=torch.float64)
     gamma = torch.rand(2, generator=generator, dtype=torch.float64) + 0.5
     x.requires_grad_(True)
-    ce_map, kd_map = ref.logit_losses(x, t, y, gamma, mask, old_classes=Co, ce=ce, kd=kd, alpha=1.5,
-                                      ignore_index=255, reduction="none")
+    ce_map, kd_map = ref.logit_losses(
+        x, t, y, gamma, mask, old_classes=Co, ce=ce, kd=kd, alpha=1.5, ignore_index=255, reduction="none"
+    )
     (ce_map.sum() + kd_map.sum()).backward()
     expected = _spec_gradient(x.detach(), t, y, mask, gamma, Co, ce, kd, 1.5)
     torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)
@@ -283,8 +291,9 @@ def test_gradcheck_logit_losses(generator, reduction, ce, kd):
     x.requires_grad_(True)
 
     def both(x):
-        return ref.logit_losses(x, t, y, gamma, mask, old_classes=3, ce=ce, kd=kd, alpha=0.7,
-                                ignore_index=255, reduction=reduction)
+        return ref.logit_losses(
+            x, t, y, gamma, mask, old_classes=3, ce=ce, kd=kd, alpha=0.7, ignore_index=255, reduction=reduction
+        )
 
     assert torch.autograd.gradcheck(both, (x,))
 

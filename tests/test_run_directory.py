@@ -1,5 +1,6 @@
 """A run directory that knows its options, and reruns that finish what a kill left
 (docs/RELIABILITY.md#run-directory-options, #crash-safety)."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, method="ft", **overrides):
-    base = dict(dataset="synthetic", task="15-5", mode="disjoint", method=method, out=str(out), image_size=32,
-                train_images=48, val_images=16, epochs=1, batch_size=8, device="cpu", progress=False)
+    base = dict(
+        dataset="synthetic",
+        task="15-5",
+        mode="disjoint",
+        method=method,
+        out=str(out),
+        image_size=32,
+        train_images=48,
+        val_images=16,
+        epochs=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -57,17 +70,22 @@ def test_a_step_committed_before_its_metrics_is_reported_on_rerun(tmp_path):
 
 def test_a_rerun_with_other_options_stops_and_names_the_option(tmp_path):
     run(tiny(tmp_path))
-    with pytest.raises(RunOptionsError, match=r"ft holds results of --lr-incremental 0\.05, not --lr-incremental "
-                                              r"0\.02: rerun with the same options, use a new --out, or pass "
-                                              r"--overwrite"):
+    with pytest.raises(
+        RunOptionsError,
+        match=r"ft holds results of --lr-incremental 0\.05, not --lr-incremental "
+        r"0\.02: rerun with the same options, use a new --out, or pass "
+        r"--overwrite",
+    ):
         run(tiny(tmp_path, lr_incremental=0.02))
 
 
 def test_a_partial_step_does_not_resume_under_other_options(tmp_path):
     _interrupted_step1(tmp_path)
-    for change, flag in ((dict(epochs_incremental=3), "--epochs-incremental 2, not --epochs-incremental 3"),
-                         (dict(lr_incremental=0.01), "--lr-incremental 0.05, not --lr-incremental 0.01"),
-                         (dict(backbone="small"), "--backbone tiny, not --backbone small")):
+    for change, flag in (
+        (dict(epochs_incremental=3), "--epochs-incremental 2, not --epochs-incremental 3"),
+        (dict(lr_incremental=0.01), "--lr-incremental 0.05, not --lr-incremental 0.01"),
+        (dict(backbone="small"), "--backbone tiny, not --backbone small"),
+    ):
         with pytest.raises(RunOptionsError, match=flag):
             train_step(tiny(tmp_path, "mib", **{"epochs_incremental": 2, **change}), 1)
 
@@ -118,7 +136,10 @@ def test_a_rerun_removes_what_a_kill_left(tmp_path):
     train_step(cfg, 0)
     finished = load_checkpoint(tmp_path / "ft" / "step0.pt")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [tmp_path / f"results.json.{dead.stdout.strip()}.tmp", tmp_path / "ft" / f"step1.pt.{dead.stdout.strip()}.tmp"]
+    stale = [
+        tmp_path / f"results.json.{dead.stdout.strip()}.tmp",
+        tmp_path / "ft" / f"step1.pt.{dead.stdout.strip()}.tmp",
+    ]
     live = tmp_path / f"results.md.{os.getppid()}.tmp"  # a run that is still writing it
     for path in stale + [live]:
         path.write_bytes(b"half a file")
@@ -126,5 +147,7 @@ def test_a_rerun_removes_what_a_kill_left(tmp_path):
     run(cfg)
     assert not any(p.exists() for p in stale) and live.exists()
     assert not (tmp_path / "ft" / "step0.partial.pt").exists()
-    assert torch.equal(load_checkpoint(tmp_path / "ft" / "step0.pt")["state_dict"]["classifier.heads.0.bias"],
-                       finished["state_dict"]["classifier.heads.0.bias"])
+    assert torch.equal(
+        load_checkpoint(tmp_path / "ft" / "step0.pt")["state_dict"]["classifier.heads.0.bias"],
+        finished["state_dict"]["classifier.heads.0.bias"],
+    )

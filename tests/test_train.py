@@ -1,4 +1,5 @@
 """The trainer: tiny end-to-end runs of every method, resume, loss backends, reports."""
+
 import dataclasses
 import json
 import math
@@ -10,14 +11,25 @@ import incseg_fast as isf
 from incseg_fast.train import TrainConfig, evaluate_checkpoint, run, train_step
 from incseg_fast.train.trainer import amp_dtype, load_checkpoint
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out, method="ft", **overrides):
     """Seconds per step: 32x32 scenes, a few dozen images, one epoch."""
-    base = dict(dataset="synthetic", task="15-5", mode="disjoint", method=method, out=str(out), image_size=32,
-                train_images=48, val_images=16, epochs=1, batch_size=8, device="cpu", progress=False)
+    base = dict(
+        dataset="synthetic",
+        task="15-5",
+        mode="disjoint",
+        method=method,
+        out=str(out),
+        image_size=32,
+        train_images=48,
+        val_images=16,
+        epochs=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -76,6 +88,7 @@ def _interrupt_after(epoch_to_stop):
     def hook(epoch):
         if epoch == epoch_to_stop:
             raise Interrupt
+
     return hook
 
 
@@ -201,9 +214,9 @@ def _fake_voc(root):
     names = [f"2007_{k:06d}" for k in range(8)]
     for k, name in enumerate(names):
         label = torch.zeros(37, 45, dtype=torch.uint8)
-        label[3:15, 4:20] = 1 + k                  # a step-0 class
+        label[3:15, 4:20] = 1 + k  # a step-0 class
         label[20:33, 22:40] = 16 + k % 5 if k % 2 else 9
-        label[17, :] = 255                         # an object border
+        label[17, :] = 255  # an object border
         pixels = (torch.rand(37, 45, 3, generator=generator) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(voc / "JPEGImages" / f"{name}.jpg")
         for folder in (voc / "SegmentationClass", root / "SegmentationClassAug"):
@@ -214,9 +227,21 @@ def _fake_voc(root):
 
 def test_voc_layout_end_to_end(tmp_path):
     _fake_voc(tmp_path / "voc")
-    cfg = TrainConfig(dataset="voc", root=str(tmp_path / "voc"), task="15-5", mode="overlapped", method="mib",
-                      out=str(tmp_path / "run"), backbone="tiny", output_stride=4, image_size=32, epochs=1,
-                      batch_size=2, device="cpu", progress=False)
+    cfg = TrainConfig(
+        dataset="voc",
+        root=str(tmp_path / "voc"),
+        task="15-5",
+        mode="overlapped",
+        method="mib",
+        out=str(tmp_path / "run"),
+        backbone="tiny",
+        output_stride=4,
+        image_size=32,
+        epochs=1,
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    )
     entries = run(cfg)
     _check_entry(entries[0], 0, 16)
     _check_entry(entries[1], 1, 21)
@@ -229,13 +254,22 @@ def test_reports_without_matplotlib(tmp_path, monkeypatch):
     from incseg_fast.train.results import write_reports
 
     (tmp_path / "ft").mkdir()
-    entry = {"step": 0, "iou": [90.0, None, 10.0], "miou_old": 50.0, "miou_new": None, "miou_all": 50.0,
-             "mpa": 91.0, "mca": 60.0}
+    entry = {
+        "step": 0,
+        "iou": [90.0, None, 10.0],
+        "miou_old": 50.0,
+        "miou_new": None,
+        "miou_all": 50.0,
+        "mpa": 91.0,
+        "mca": 60.0,
+    }
     (tmp_path / "ft" / "metrics.json").write_text(json.dumps([entry]))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     report = write_reports(tmp_path)
     assert "matplotlib" in report["plot_message"]
     assert not (tmp_path / "miou.png").exists()
     assert report["results"] == {"ft": [{"step": 0, "miou_old": 50.0, "miou_new": None, "miou_all": 50.0}]}
-    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "ft,0,50.0000,,50.0000,91.0000,60.0000,90.0000,,10.0000"
+    assert (tmp_path / "results.csv").read_text().splitlines()[
+        1
+    ] == "ft,0,50.0000,,50.0000,91.0000,60.0000,90.0000,,10.0000"
     assert "| ft | 0 | 50.0 | - | 50.0 |" in report["table"]

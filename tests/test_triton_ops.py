@@ -4,6 +4,7 @@ Without a CUDA device these run through the Triton interpreter on CPU tensors (t
 sets TRITON_INTERPRET=1 before anything imports triton), with 8-channel x 32-pixel tiles, so C > 8
 exercises the multi-tile online logsumexp. Shapes stay tiny: the interpreter runs every program in numpy.
 """
+
 import importlib
 import itertools
 import os
@@ -64,6 +65,7 @@ def make_logit_inputs(generator, B, C, Co, H, W, dtype, *, ce, kd, with_mask, ig
 
 def check_logit_losses(x, target, y, gamma, mask, *, dtype, generator, **options):
     """Forward and backward (random upstream gradients on both terms) against the float64 reference."""
+
     def to_device(t):
         return None if t is None else t.to(DEVICE)
 
@@ -73,12 +75,15 @@ def check_logit_losses(x, target, y, gamma, mask, *, dtype, generator, **options
     grad_ce = torch.randn(ce_ref.shape, generator=generator, dtype=torch.float64)
     grad_kd = torch.randn(kd_ref.shape, generator=generator, dtype=torch.float64)
     if ce_ref.requires_grad or kd_ref.requires_grad:
-        torch.autograd.backward([t for t in (ce_ref, kd_ref) if t.requires_grad],
-                                [g for t, g in ((ce_ref, grad_ce), (kd_ref, grad_kd)) if t.requires_grad])
+        torch.autograd.backward(
+            [t for t in (ce_ref, kd_ref) if t.requires_grad],
+            [g for t, g in ((ce_ref, grad_ce), (kd_ref, grad_kd)) if t.requires_grad],
+        )
 
     x_dev = x.detach().to(DEVICE).requires_grad_()
-    ce, kd = triton_backend.logit_losses(x_dev, to_device(target), to_device(y), to_device(gamma), to_device(mask),
-                                         **options)
+    ce, kd = triton_backend.logit_losses(
+        x_dev, to_device(target), to_device(y), to_device(gamma), to_device(mask), **options
+    )
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert ce.dtype == expected_dtype and kd.dtype == expected_dtype
     assert_close_scaled(ce, ce_ref, dtype, "ce loss")
@@ -96,8 +101,17 @@ MODES = [(ce, kd) for ce, kd in itertools.product(CE_MODES, KD_MODES) if (ce, kd
 def test_logit_losses_match_reference(generator, ce, kd, reduction):
     # C = 21 takes three 8-channel tiles; Co = 7 puts the old/new boundary inside the first.
     inputs = make_logit_inputs(generator, 2, 21, 7, 5, 7, torch.float32, ce=ce, kd=kd, with_mask=True)
-    check_logit_losses(*inputs, dtype=torch.float32, generator=generator, old_classes=7, ce=ce, kd=kd, alpha=0.7,
-                       ignore_index=IGNORE, reduction=reduction)
+    check_logit_losses(
+        *inputs,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=7,
+        ce=ce,
+        kd=kd,
+        alpha=0.7,
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("C,Co", [(6, 6), (6, 1), (9, 4), (33, 16)])
@@ -105,8 +119,17 @@ def test_logit_losses_match_reference(generator, ce, kd, reduction):
 def test_logit_losses_edges_of_old_classes(generator, C, Co, kd):
     """C == Co (UNKD is the full-softmax KD, bgset = {0}), Co == 1, the old/new boundary on a tile edge."""
     inputs = make_logit_inputs(generator, 2, C, Co, 3, 5, torch.float32, ce="unbiased", kd=kd, with_mask=False)
-    check_logit_losses(*inputs, dtype=torch.float32, generator=generator, old_classes=Co, ce="unbiased", kd=kd,
-                       alpha=1.3, ignore_index=IGNORE, reduction="none")
+    check_logit_losses(
+        *inputs,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=Co,
+        ce="unbiased",
+        kd=kd,
+        alpha=1.3,
+        ignore_index=IGNORE,
+        reduction="none",
+    )
 
 
 @pytest.mark.parametrize("ce,kd", [("unbiased", "balanced"), ("plain", "plain")])
@@ -115,73 +138,151 @@ def test_online_logsumexp_across_many_channel_tiles(generator, ce, kd):
     inputs = make_logit_inputs(generator, 1, 151, 100, 3, 3, torch.float32, ce=ce, kd=kd, with_mask=True)
     # A large logit in the last tile forces the running maxima to rescale what was accumulated.
     inputs[0][0, 150, 1, 1] = 40.0
-    check_logit_losses(*inputs, dtype=torch.float32, generator=generator, old_classes=100, ce=ce, kd=kd, alpha=1.0,
-                       ignore_index=IGNORE, reduction="mean")
+    check_logit_losses(
+        *inputs,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=100,
+        ce=ce,
+        kd=kd,
+        alpha=1.0,
+        ignore_index=IGNORE,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("ce,kd", [("unbiased", "unbiased"), ("plain", "plain"), ("none", "plain")])
 def test_logit_losses_far_apart_old_and_new_logits(generator, ce, kd):
     """New-class logits 120 above the old ones: exp of one set against the other's max would underflow
     in float32 (lse_old = -inf); each set keeps its own max in the forward and its own shift backward."""
-    x, target, y, _, mask = make_logit_inputs(generator, 2, 21, 7, 4, 5, torch.float32, ce=ce, kd=kd,
-                                              with_mask=True)
+    x, target, y, _, mask = make_logit_inputs(generator, 2, 21, 7, 4, 5, torch.float32, ce=ce, kd=kd, with_mask=True)
     x[:, 7:] += 120.0
-    check_logit_losses(x, target, y, None, mask, dtype=torch.float32, generator=generator, old_classes=7, ce=ce,
-                       kd=kd, alpha=1.0, ignore_index=IGNORE, reduction="none")
+    check_logit_losses(
+        x,
+        target,
+        y,
+        None,
+        mask,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=7,
+        ce=ce,
+        kd=kd,
+        alpha=1.0,
+        ignore_index=IGNORE,
+        reduction="none",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_logit_losses_dtypes(generator, dtype, reduction):
     inputs = make_logit_inputs(generator, 2, 19, 5, 4, 5, dtype, ce="unbiased", kd="balanced", with_mask=True)
-    check_logit_losses(*inputs, dtype=dtype, generator=generator, old_classes=5, ce="unbiased", kd="balanced",
-                       alpha=0.5, ignore_index=IGNORE, reduction=reduction)
+    check_logit_losses(
+        *inputs,
+        dtype=dtype,
+        generator=generator,
+        old_classes=5,
+        ce="unbiased",
+        kd="balanced",
+        alpha=0.5,
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
 def test_logit_losses_target_dtypes_and_other_ignore_index(generator, target_dtype):
-    x, target, y, _, _ = make_logit_inputs(generator, 2, 7, 3, 4, 5, torch.float32, ce="plain", kd="unbiased",
-                                           with_mask=False)
+    x, target, y, _, _ = make_logit_inputs(
+        generator, 2, 7, 3, 4, 5, torch.float32, ce="plain", kd="unbiased", with_mask=False
+    )
     ignore_index = 200
     target[target == IGNORE] = ignore_index
-    check_logit_losses(x, target.to(target_dtype), y, None, None, dtype=torch.float32, generator=generator,
-                       old_classes=3, ce="plain", kd="unbiased", alpha=1.0, ignore_index=ignore_index,
-                       reduction="mean")
+    check_logit_losses(
+        x,
+        target.to(target_dtype),
+        y,
+        None,
+        None,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=3,
+        ce="plain",
+        kd="unbiased",
+        alpha=1.0,
+        ignore_index=ignore_index,
+        reduction="mean",
+    )
 
 
 def test_logit_losses_all_pixels_ignored_gives_zero_and_zero_gradient(generator):
-    x, target, y, _, _ = make_logit_inputs(generator, 2, 7, 3, 3, 4, torch.float32, ce="unbiased", kd="none",
-                                           with_mask=False)
+    x, target, y, _, _ = make_logit_inputs(
+        generator, 2, 7, 3, 3, 4, torch.float32, ce="unbiased", kd="none", with_mask=False
+    )
     target.fill_(IGNORE)
     x = x.detach().to(DEVICE).requires_grad_()
-    ce, kd = triton_backend.logit_losses(x, target.to(DEVICE), None, None, None, old_classes=3, ce="unbiased",
-                                         kd="none", alpha=1.0, ignore_index=IGNORE, reduction="mean")
+    ce, kd = triton_backend.logit_losses(
+        x,
+        target.to(DEVICE),
+        None,
+        None,
+        None,
+        old_classes=3,
+        ce="unbiased",
+        kd="none",
+        alpha=1.0,
+        ignore_index=IGNORE,
+        reduction="mean",
+    )
     (ce + kd).backward()
     assert ce.item() == 0.0 and kd.item() == 0.0
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_logit_losses_non_contiguous_logits(generator):
-    x, target, y, gamma, mask = make_logit_inputs(generator, 2, 11, 4, 5, 6, torch.float32, ce="unbiased",
-                                                  kd="unbiased", with_mask=True)
+    x, target, y, gamma, mask = make_logit_inputs(
+        generator, 2, 11, 4, 5, 6, torch.float32, ce="unbiased", kd="unbiased", with_mask=True
+    )
     x_channels_last = x.contiguous(memory_format=torch.channels_last)
     assert not x_channels_last.is_contiguous()
-    check_logit_losses(x_channels_last, target, y, gamma, mask, dtype=torch.float32, generator=generator,
-                       old_classes=4, ce="unbiased", kd="unbiased", alpha=1.0, ignore_index=IGNORE,
-                       reduction="sum")
+    check_logit_losses(
+        x_channels_last,
+        target,
+        y,
+        gamma,
+        mask,
+        dtype=torch.float32,
+        generator=generator,
+        old_classes=4,
+        ce="unbiased",
+        kd="unbiased",
+        alpha=1.0,
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
 
 
 def test_public_api_uses_triton_backend(generator):
-    x, target, y, _, mask = make_logit_inputs(generator, 2, 9, 4, 3, 5, torch.float32, ce="unbiased", kd="balanced",
-                                              with_mask=True)
+    x, target, y, _, mask = make_logit_inputs(
+        generator, 2, 9, 4, 3, 5, torch.float32, ce="unbiased", kd="balanced", with_mask=True
+    )
     x_dev = x.detach().to(DEVICE).requires_grad_()
-    ce, kd = isf.incremental_loss(x_dev, target.to(DEVICE), y.to(DEVICE), old_classes=4, kd="balanced", alpha=0.9,
-                                  mask=mask.to(DEVICE), backend="triton")
+    ce, kd = isf.incremental_loss(
+        x_dev,
+        target.to(DEVICE),
+        y.to(DEVICE),
+        old_classes=4,
+        kd="balanced",
+        alpha=0.9,
+        mask=mask.to(DEVICE),
+        backend="triton",
+    )
     assert "incseg_fast_triton" in type(ce.grad_fn).__name__
     (ce + 3 * kd).backward()
     x_ref = x.detach().double().requires_grad_()
-    ce_ref, kd_ref = isf.incremental_loss(x_ref, target, y.double(), old_classes=4, kd="balanced", alpha=0.9,
-                                          mask=mask, backend="reference")
+    ce_ref, kd_ref = isf.incremental_loss(
+        x_ref, target, y.double(), old_classes=4, kd="balanced", alpha=0.9, mask=mask, backend="reference"
+    )
     (ce_ref + 3 * kd_ref).backward()
     assert_close_scaled(ce, ce_ref, torch.float32, "ce")
     assert_close_scaled(kd, kd_ref, torch.float32, "kd")
@@ -194,8 +295,11 @@ def test_public_api_uses_triton_backend(generator):
 
 
 def random(generator, *shape, dtype, positive=False):
-    t = torch.rand(*shape, generator=generator, dtype=torch.float64) if positive else \
-        torch.randn(*shape, generator=generator, dtype=torch.float64)
+    t = (
+        torch.rand(*shape, generator=generator, dtype=torch.float64)
+        if positive
+        else torch.randn(*shape, generator=generator, dtype=torch.float64)
+    )
     return t.to(dtype)
 
 
@@ -203,8 +307,11 @@ def random(generator, *shape, dtype, positive=False):
 @pytest.mark.parametrize("C", [5, 37])
 def test_structured_attention_matches_reference(generator, dtype, C):
     B, H, W = 2, 5, 7
-    inputs = [random(generator, B, C, H, W, dtype=dtype), random(generator, B, C, dtype=dtype),
-              random(generator, B, H, W, dtype=dtype)]
+    inputs = [
+        random(generator, B, C, H, W, dtype=dtype),
+        random(generator, B, C, dtype=dtype),
+        random(generator, B, H, W, dtype=dtype),
+    ]
     ref_inputs = [t.double().requires_grad_() for t in inputs]
     out_ref = reference.structured_attention(*ref_inputs)
     grad_out = random(generator, *out_ref.shape, dtype=dtype)
@@ -215,23 +322,23 @@ def test_structured_attention_matches_reference(generator, dtype, C):
     assert out.dtype == dtype
     assert_close_scaled(out, out_ref, dtype, "structured attention")
     out.backward(grad_out.to(DEVICE))
-    for name, actual, expected in zip(("v", "a_ch", "a_sp"), dev_inputs, ref_inputs):
+    for name, actual, expected in zip(("v", "a_ch", "a_sp"), dev_inputs, ref_inputs, strict=True):
         assert actual.grad.dtype == dtype
         assert_close_scaled(actual.grad, expected.grad, dtype, f"d/d{name}")
 
 
 def check_attentive_distillation(f, g, a, b, *, dtype, old_requires_grad, **options):
     needs_grad = (True, old_requires_grad, True, old_requires_grad)  # f, g, a, b
-    ref_inputs = [t.detach().double().requires_grad_(n) for t, n in zip((f, g, a, b), needs_grad)]
+    ref_inputs = [t.detach().double().requires_grad_(n) for t, n in zip((f, g, a, b), needs_grad, strict=True)]
     loss_ref = reference.attentive_distillation(*ref_inputs, **options)
     (1.7 * loss_ref).backward()
 
-    dev_inputs = [t.detach().to(DEVICE).requires_grad_(n) for t, n in zip((f, g, a, b), needs_grad)]
+    dev_inputs = [t.detach().to(DEVICE).requires_grad_(n) for t, n in zip((f, g, a, b), needs_grad, strict=True)]
     loss = triton_backend.attentive_distillation(*dev_inputs, **options)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close_scaled(loss, loss_ref, dtype, "attentive distillation")
     (1.7 * loss).backward()
-    for name, actual, expected in zip(("f", "g", "a", "b"), dev_inputs, ref_inputs):
+    for name, actual, expected in zip(("f", "g", "a", "b"), dev_inputs, ref_inputs, strict=True):
         if expected.grad is None:
             assert actual.grad is None
         else:
@@ -247,8 +354,16 @@ def test_attentive_distillation_matches_reference(generator, reduction, detach_s
     f, g = random(generator, B, C, H, W, dtype=torch.float32), random(generator, B, C, H, W, dtype=torch.float32)
     a = random(generator, B, C, dtype=torch.float32, positive=True)
     b = random(generator, B, C, dtype=torch.float32, positive=True)
-    check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=old_requires_grad,
-                                 reduction=reduction, detach_spatial=detach_spatial)
+    check_attentive_distillation(
+        f,
+        g,
+        a,
+        b,
+        dtype=torch.float32,
+        old_requires_grad=old_requires_grad,
+        reduction=reduction,
+        detach_spatial=detach_spatial,
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU tiles and groups differ from the interpreter's")
@@ -266,8 +381,9 @@ def test_attentive_distillation_dtypes(generator, dtype):
     B, C, H, W = 2, 9, 4, 5
     f, g = random(generator, B, C, H, W, dtype=dtype), random(generator, B, C, H, W, dtype=dtype)
     a, b = random(generator, B, C, dtype=dtype, positive=True), random(generator, B, C, dtype=dtype, positive=True)
-    check_attentive_distillation(f, g, a, b, dtype=dtype, old_requires_grad=True, reduction="mean",
-                                 detach_spatial=False)
+    check_attentive_distillation(
+        f, g, a, b, dtype=dtype, old_requires_grad=True, reduction="mean", detach_spatial=False
+    )
 
 
 @pytest.mark.parametrize("detach_spatial", [False, True])
@@ -279,8 +395,9 @@ def test_attentive_distillation_nearly_identical_pair_keeps_precision(generator,
     g = f + 1e-4 * random(generator, B, C, H, W, dtype=torch.float32)
     a = random(generator, B, C, dtype=torch.float32, positive=True)
     b = a * (1 + 1e-4 * random(generator, B, C, dtype=torch.float32))
-    check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=True, reduction="mean",
-                                 detach_spatial=detach_spatial)
+    check_attentive_distillation(
+        f, g, a, b, dtype=torch.float32, old_requires_grad=True, reduction="mean", detach_spatial=detach_spatial
+    )
 
 
 def test_attentive_distillation_all_zero_image_has_finite_gradients(generator):
@@ -289,8 +406,9 @@ def test_attentive_distillation_all_zero_image_has_finite_gradients(generator):
     f, g = random(generator, B, C, H, W, dtype=torch.float32), random(generator, B, C, H, W, dtype=torch.float32)
     f[1] = 0.0
     a, b = random(generator, B, C, dtype=torch.float32, positive=True), random(generator, B, C, dtype=torch.float32)
-    check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=True, reduction="sum",
-                                 detach_spatial=False)
+    check_attentive_distillation(
+        f, g, a, b, dtype=torch.float32, old_requires_grad=True, reduction="sum", detach_spatial=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +417,9 @@ def test_attentive_distillation_all_zero_image_has_finite_gradients(generator):
 
 
 def test_opcheck_logit_losses(generator):
-    x, target, y, gamma, mask = make_logit_inputs(generator, 2, 6, 3, 3, 5, torch.float32, ce="unbiased",
-                                                  kd="balanced", with_mask=True)
+    x, target, y, gamma, mask = make_logit_inputs(
+        generator, 2, 6, 3, 3, 5, torch.float32, ce="unbiased", kd="balanced", with_mask=True
+    )
     x, target, y, gamma, mask = (t.to(DEVICE) for t in (x, target, y, gamma, mask))
     for reduction in ("mean", "none"):
         args = (x.requires_grad_(), target, y, gamma, mask)
@@ -309,22 +428,25 @@ def test_opcheck_logit_losses(generator):
         _, _, stats, count = OPS.logit_losses_fwd(*args, **modes)
         shape = (2, 3, 5) if reduction == "none" else ()
         grads = (torch.randn(shape, generator=generator).to(DEVICE), torch.randn(shape, generator=generator).to(DEVICE))
-        torch.library.opcheck(OPS.logit_losses_bwd.default,
-                              (*grads, x.detach(), target, y, gamma, mask, stats, count), modes)
+        torch.library.opcheck(
+            OPS.logit_losses_bwd.default, (*grads, x.detach(), target, y, gamma, mask, stats, count), modes
+        )
 
 
 def test_opcheck_attention_ops(generator):
     B, C, H, W = 2, 5, 3, 4
     f, g = (random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE) for _ in range(2))
     a, b = (random(generator, B, C, dtype=torch.float32, positive=True).to(DEVICE) for _ in range(2))
-    torch.library.opcheck(OPS.attentive_distillation_forward.default,
-                          (f.requires_grad_(), g, a.requires_grad_(), b, "mean", True))
+    torch.library.opcheck(
+        OPS.attentive_distillation_forward.default, (f.requires_grad_(), g, a.requires_grad_(), b, "mean", True)
+    )
     _, spatial, inv_norm, pixel_grad = OPS.attentive_distillation_forward(f, g, a, b, "mean", True)
     grad = torch.tensor(1.3, device=DEVICE)
     for output_mask in ([True, True, True, True], [True, False, True, False], [False, False, True, True]):
-        torch.library.opcheck(OPS.attentive_distillation_backward.default,
-                              (grad, f.detach(), g, a.detach(), b, spatial, inv_norm, pixel_grad, "mean", True,
-                               output_mask))
+        torch.library.opcheck(
+            OPS.attentive_distillation_backward.default,
+            (grad, f.detach(), g, a.detach(), b, spatial, inv_norm, pixel_grad, "mean", True, output_mask),
+        )
 
     v = random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE).requires_grad_()
     a_ch = random(generator, B, C, dtype=torch.float32).to(DEVICE).requires_grad_()
@@ -332,8 +454,9 @@ def test_opcheck_attention_ops(generator):
     torch.library.opcheck(OPS.structured_attention.default, (v, a_ch, a_sp))
     grad_out = random(generator, B, C, H, W, dtype=torch.float32).to(DEVICE)
     for output_mask in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(OPS.structured_attention_backward.default,
-                              (grad_out, v.detach(), a_ch.detach(), a_sp.detach(), output_mask))
+        torch.library.opcheck(
+            OPS.structured_attention_backward.default, (grad_out, v.detach(), a_ch.detach(), a_sp.detach(), output_mask)
+        )
 
 
 def test_torch_compile_fullgraph(generator):
@@ -342,15 +465,27 @@ def test_torch_compile_fullgraph(generator):
     Called through the backend functions (the contract of DEVELOPERS.md): the public API's label-value
     check and its backend lookup (importlib) are not traceable with fullgraph=True.
     """
-    x, target, y, _, mask = make_logit_inputs(generator, 2, 9, 4, 3, 5, torch.float32, ce="unbiased", kd="unbiased",
-                                              with_mask=True)
+    x, target, y, _, mask = make_logit_inputs(
+        generator, 2, 9, 4, 3, 5, torch.float32, ce="unbiased", kd="unbiased", with_mask=True
+    )
     f, g = (random(generator, 2, 6, 3, 5, dtype=torch.float32).to(DEVICE) for _ in range(2))
     a, b = (random(generator, 2, 6, dtype=torch.float32, positive=True).to(DEVICE) for _ in range(2))
     x, target, y, mask = x.to(DEVICE), target.to(DEVICE), y.to(DEVICE), mask.to(DEVICE)
 
     def objective(x, f, a):
-        ce, kd = triton_backend.logit_losses(x, target, y, None, mask, old_classes=4, ce="unbiased", kd="unbiased",
-                                             alpha=1.0, ignore_index=IGNORE, reduction="mean")
+        ce, kd = triton_backend.logit_losses(
+            x,
+            target,
+            y,
+            None,
+            mask,
+            old_classes=4,
+            ce="unbiased",
+            kd="unbiased",
+            alpha=1.0,
+            ignore_index=IGNORE,
+            reduction="mean",
+        )
         attended = triton_backend.structured_attention(f, a, f.mean(dim=1))
         ad = triton_backend.attentive_distillation(attended, g, a, b, reduction="mean", detach_spatial=False)
         return ce + 10 * kd + 1000 * ad
@@ -362,32 +497,37 @@ def test_torch_compile_fullgraph(generator):
     expected.backward()
     # The on-disk graph caches do not key on a custom op's fake implementation: compile afresh so an
     # edited op is never checked against a graph traced from its previous version.
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         actual = compiled(*compiled_inputs)
         actual.backward()
     assert_close_scaled(actual, expected, torch.float32, "compiled loss")
-    for eager, compiled_input in zip(eager_inputs, compiled_inputs):
+    for eager, compiled_input in zip(eager_inputs, compiled_inputs, strict=True):
         assert_close_scaled(compiled_input.grad, eager.grad, torch.float32, "compiled gradient")
 
 
 def _logit_fwd(x, t, y, gamma=None, *, old_classes=3, ce="plain", kd="plain", reduction="mean"):
-    return OPS.logit_losses_fwd(x, t, y, gamma, None, old_classes=old_classes, ce=ce, kd=kd, alpha=1.0,
-                                ignore_index=IGNORE, reduction=reduction)
+    return OPS.logit_losses_fwd(
+        x, t, y, gamma, None, old_classes=old_classes, ce=ce, kd=kd, alpha=1.0, ignore_index=IGNORE, reduction=reduction
+    )
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, t, y: _logit_fwd(x, t, y, ce="biased", kd="none"), "ce"),
-    (lambda x, t, y: _logit_fwd(x, t, y, reduction="avg"), "reduction"),
-    (lambda x, t, y: _logit_fwd(x, t, y, old_classes=9), "old_classes"),
-    (lambda x, t, y: _logit_fwd(x, t[:, :2], y), "target"),
-    (lambda x, t, y: _logit_fwd(x, t, y[:, :2]), "y"),
-    (lambda x, t, y: _logit_fwd(x, t, y, kd="balanced"), "gamma"),
-    (lambda x, t, y: OPS.structured_attention(x, x[:, :, 0, 0], x[:, 0, :, :2]), "a_sp"),
-    (lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :2, 0, 0], "mean", False), "b"),
-    (lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :, 0, 0], "none", False),
-     "reduction"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, t, y: _logit_fwd(x, t, y, ce="biased", kd="none"), "ce"),
+        (lambda x, t, y: _logit_fwd(x, t, y, reduction="avg"), "reduction"),
+        (lambda x, t, y: _logit_fwd(x, t, y, old_classes=9), "old_classes"),
+        (lambda x, t, y: _logit_fwd(x, t[:, :2], y), "target"),
+        (lambda x, t, y: _logit_fwd(x, t, y[:, :2]), "y"),
+        (lambda x, t, y: _logit_fwd(x, t, y, kd="balanced"), "gamma"),
+        (lambda x, t, y: OPS.structured_attention(x, x[:, :, 0, 0], x[:, 0, :, :2]), "a_sp"),
+        (lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :2, 0, 0], "mean", False), "b"),
+        (
+            lambda x, t, y: OPS.attentive_distillation_forward(x, x, x[:, :, 0, 0], x[:, :, 0, 0], "none", False),
+            "reduction",
+        ),
+    ],
+)
 def test_direct_op_calls_reject_bad_arguments(generator, call, match):
     x, t, y, _, _ = make_logit_inputs(generator, 2, 5, 3, 3, 4, torch.float32, ce="plain", kd="plain", with_mask=False)
     with pytest.raises(ValueError, match=match):
@@ -407,6 +547,7 @@ def test_is_available_follows_device_and_interpreter(monkeypatch):
 
 def _has_ptxas():
     import triton
+
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
@@ -414,9 +555,14 @@ def _has_ptxas():
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter checks no types or layouts: compile the GPU variants for sm_90 with ptxas."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"],
-                            capture_output=True, text=True, env=env, timeout=600,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for kernel in ("forward", "backward", "_structured_attention_bwd_kernel", "_ad_bwd_kernel"):
         assert kernel in result.stdout
@@ -430,7 +576,17 @@ def test_gpu_large_tiles_match_reference(generator):
     launch = importlib.import_module("incseg_fast.triton._launch")
     assert not launch.interpreter()
     for (C, Co), (H, W) in itertools.product(((21, 16), (151, 100)), ((37, 53), (64, 48))):
-        inputs = make_logit_inputs(generator, 2, C, Co, H, W, torch.float32, ce="unbiased", kd="balanced",
-                                   with_mask=True)
-        check_logit_losses(*inputs, dtype=torch.float32, generator=generator, old_classes=Co, ce="unbiased",
-                           kd="balanced", alpha=1.0, ignore_index=IGNORE, reduction="mean")
+        inputs = make_logit_inputs(
+            generator, 2, C, Co, H, W, torch.float32, ce="unbiased", kd="balanced", with_mask=True
+        )
+        check_logit_losses(
+            *inputs,
+            dtype=torch.float32,
+            generator=generator,
+            old_classes=Co,
+            ce="unbiased",
+            kd="balanced",
+            alpha=1.0,
+            ignore_index=IGNORE,
+            reduction="mean",
+        )

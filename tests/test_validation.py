@@ -3,6 +3,7 @@
 Each case runs on every available backend (validation is shared, but a backend must not be
 reachable around it).
 """
+
 import pytest
 import torch
 

@@ -15,6 +15,7 @@ Files run in parallel (one job per file, --jobs of them at once). One summary li
 final verdict; the exit status is non-zero on any failure. FILE arguments replace the default set.
 Needs nvcc on PATH and a Python that imports torch (any build: only its headers are used).
 """
+
 import argparse
 import concurrent.futures
 import glob
@@ -34,11 +35,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # BuildExtension adds to every nvcc command (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).
 BUILD_NVCC_FLAGS = ["-O3", "-DNDEBUG", "-lineinfo", "-std=c++20"]
 FALLBACK_TORCH_NVCC_FLAGS = [
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
 ]
-GLUE_FLAGS = ["-fsyntax-only", "-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Werror", "-DINCSEG_WITH_CUDA",
-              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+GLUE_FLAGS = [
+    "-fsyntax-only",
+    "-std=c++20",
+    "-fopenmp",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-DINCSEG_WITH_CUDA",
+    "-DTORCH_API_INCLUDE_EXTENSION_H",
+    "-DTORCH_EXTENSION_NAME=_C",
+]
 
 # CUDA builds of torch generate c10/cuda/impl/cuda_cmake_macros.h at build time; the CPU wheel
 # ships the c10/cuda headers without it. This is its whole content in a CUDA build; the check puts
@@ -77,9 +90,9 @@ def _short_name(demangled):
     while "> >" in name:  # c++filt's pre-C++11 spelling
         name = name.replace("> >", ">>")
     if name.startswith("void "):
-        name = name[len("void "):]
+        name = name[len("void ") :]
     if name.startswith("run_on_device<") and name.endswith(">"):  # launch.cuh's wrapper of a kernel body
-        name = name[len("run_on_device<"):-1]
+        name = name[len("run_on_device<") : -1]
     return name
 
 
@@ -93,7 +106,7 @@ def _demangle(names):
     lines = result.stdout.splitlines()
     if result.returncode != 0 or len(lines) != len(names):
         return {n: n for n in names}
-    return dict(zip(names, lines))
+    return dict(zip(names, lines, strict=True))
 
 
 def parse_ptxas(text):
@@ -105,12 +118,31 @@ def parse_ptxas(text):
     for line in text.splitlines():
         if m := _ENTRY.search(line):
             entry, arch = m.groups()
-            functions[(entry, arch)] = {"name": entry, "arch": arch, "entry": True, "registers": 0, "smem": 0,
-                                        "stack": 0, "spill_stores": 0, "spill_loads": 0}
+            functions[(entry, arch)] = {
+                "name": entry,
+                "arch": arch,
+                "entry": True,
+                "registers": 0,
+                "smem": 0,
+                "stack": 0,
+                "spill_stores": 0,
+                "spill_loads": 0,
+            }
         elif m := _PROPERTIES.search(line):
             target = (m.group(1), arch)
-            functions.setdefault(target, {"name": m.group(1), "arch": arch, "entry": False, "registers": 0,
-                                          "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0})
+            functions.setdefault(
+                target,
+                {
+                    "name": m.group(1),
+                    "arch": arch,
+                    "entry": False,
+                    "registers": 0,
+                    "smem": 0,
+                    "stack": 0,
+                    "spill_stores": 0,
+                    "spill_loads": 0,
+                },
+            )
         elif (m := _FRAME.search(line)) and target in functions:
             record = functions[target]
             record["stack"], record["spill_stores"], record["spill_loads"] = map(int, m.groups())
@@ -123,16 +155,32 @@ def parse_ptxas(text):
 
 
 def _warnings(text):
-    return [line for line in text.splitlines()
-            if _WARNING.search(line) and "ptxas info" not in line and not line.startswith("Remark")]
+    return [
+        line
+        for line in text.splitlines()
+        if _WARNING.search(line) and "ptxas info" not in line and not line.startswith("Remark")
+    ]
 
 
 def check_kernels(path, archs, nvcc, torch_flags, tmp):
     """Compile one .cu for every arch; returns (ok, summary, details)."""
     begin = time.monotonic()
     obj = os.path.join(tmp, os.path.basename(path) + ".o")
-    command = [nvcc, "-c", path, "-o", obj, "-I", os.path.join(ROOT, "csrc"), *BUILD_NVCC_FLAGS, *torch_flags,
-               "-Werror", "all-warnings", "-Xptxas", "-v"]
+    command = [
+        nvcc,
+        "-c",
+        path,
+        "-o",
+        obj,
+        "-I",
+        os.path.join(ROOT, "csrc"),
+        *BUILD_NVCC_FLAGS,
+        *torch_flags,
+        "-Werror",
+        "all-warnings",
+        "-Xptxas",
+        "-v",
+    ]
     for arch in archs:
         command += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -154,16 +202,27 @@ def check_kernels(path, archs, nvcc, torch_flags, tmp):
     for f in functions:
         flag = "  <-- SPILL" if f in spilling else ""
         kind = "" if f["entry"] else "  (device function)"
-        lines.append(f"  {f['arch']:<7}{f['registers']:>5}{f['smem']:>8}{f['stack']:>9}"
-                     f"{f['spill_stores']:>8}/{f['spill_loads']:<6}  {f['short']}{kind}{flag}")
+        lines.append(
+            f"  {f['arch']:<7}{f['registers']:>5}{f['smem']:>8}{f['stack']:>9}"
+            f"{f['spill_stores']:>8}/{f['spill_loads']:<6}  {f['short']}{kind}{flag}"
+        )
     problems = []
     if result.returncode != 0:
         problems.append(f"nvcc exit status {result.returncode}")
     if warnings:
         problems.append(f"{len(warnings)} warning line(s)")
     if spilling:
-        problems.append("spills in " + ", ".join(sorted({f"{f['short']} ({f['arch']}: {f['spill_stores']} B stored, "
-                                                          f"{f['spill_loads']} B loaded)" for f in spilling})))
+        problems.append(
+            "spills in "
+            + ", ".join(
+                sorted(
+                    {
+                        f"{f['short']} ({f['arch']}: {f['spill_stores']} B stored, {f['spill_loads']} B loaded)"
+                        for f in spilling
+                    }
+                )
+            )
+        )
     if result.returncode == 0 and not kernels:
         problems.append("no kernel in ptxas's report")
     if problems or result.returncode != 0:
@@ -178,8 +237,10 @@ def check_kernels(path, archs, nvcc, torch_flags, tmp):
         summary = f"FAIL  {_rel(path)}: " + "; ".join(problems) + f" ({seconds:.1f} s)"
     else:
         most = max((f["registers"] for f in kernels), default=0)
-        summary = (f"ok    {_rel(path)}: {count} kernel{'' if count == 1 else 's'} x {archs_text}, no warning, "
-                   f"no spill, at most {most} registers ({seconds:.1f} s)")
+        summary = (
+            f"ok    {_rel(path)}: {count} kernel{'' if count == 1 else 's'} x {archs_text}, no warning, "
+            f"no spill, at most {most} registers ({seconds:.1f} s)"
+        )
     return not problems, summary, lines
 
 
@@ -247,8 +308,9 @@ def main(argv=None):
     except ImportError:
         print(f"cuda-check: FAIL: {sys.executable} cannot import torch (its headers are needed)", file=sys.stderr)
         return 2
-    files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")) +
-                                 glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp")))
+    files = args.files or sorted(
+        glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")) + glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp"))
+    )
     files = [os.path.abspath(f) for f in files]
     unknown = [f for f in files if not f.endswith((".cu", ".cpp"))]
     if unknown or not files:
@@ -258,8 +320,11 @@ def main(argv=None):
     begin = time.monotonic()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     compiler = os.environ.get("CXX", "c++")
-    print(f"cuda-check: {len(files)} files, {version[-1] if version else nvcc}; host compiler {compiler}; "
-          f"archs {','.join('sm_' + a for a in archs)}; {args.jobs} jobs", flush=True)
+    print(
+        f"cuda-check: {len(files)} files, {version[-1] if version else nvcc}; host compiler {compiler}; "
+        f"archs {','.join('sm_' + a for a in archs)}; {args.jobs} jobs",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="incseg_cuda_check_") as tmp:
         macros_dir = os.path.join(tmp, "include")
         os.makedirs(os.path.join(macros_dir, "c10/cuda/impl"))
@@ -268,11 +333,15 @@ def main(argv=None):
         includes = _glue_includes(nvcc, tmp, macros_dir)
         torch_flags = _nvcc_flags_from_torch()
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(check_kernels, f, archs, nvcc, torch_flags, tmp) if f.endswith(".cu")
-                       else pool.submit(check_glue, f, compiler, includes) for f in files]
+            futures = [
+                pool.submit(check_kernels, f, archs, nvcc, torch_flags, tmp)
+                if f.endswith(".cu")
+                else pool.submit(check_glue, f, compiler, includes)
+                for f in files
+            ]
             results = [future.result() for future in futures]
 
-    for ok, _, details in results:
+    for _, _, details in results:
         if details:
             print("\n" + "\n".join(details))
     print()

@@ -26,6 +26,7 @@ OUT receives at most 7 files, no folders: summary.txt (printed last), gpu_check.
 command and its output), tests.xml (JUnit), bench_{fp32,bf16}.{json,md}.
 Exit status: 0 when every step passed, 1 when one failed, 2 when nothing could run.
 """
+
 import argparse
 import datetime
 import json
@@ -41,8 +42,12 @@ import xml.etree.ElementTree as ElementTree
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEST_FILES = [
-    "tests/test_parity_logit_losses.py", "tests/test_parity_attention.py", "tests/test_ops_logit_losses.py",
-    "tests/test_ops_attention.py", "tests/test_triton_ops.py", "tests/test_compile_training_step.py",
+    "tests/test_parity_logit_losses.py",
+    "tests/test_parity_attention.py",
+    "tests/test_ops_logit_losses.py",
+    "tests/test_ops_attention.py",
+    "tests/test_triton_ops.py",
+    "tests/test_compile_training_step.py",
 ]
 # Parametrisations by backend name: "cuda" (not the CPU emulation "cuda_emulator", which `make test`
 # runs), "triton" (every test of test_triton_ops.py and the triton backend of the parity suites) and
@@ -115,8 +120,7 @@ def _remove(*paths):
 def _tool(name, cuda_home):
     """A CUDA tool from PATH, else from the toolkit torch builds with."""
     found = shutil.which(name)
-    for candidate in ([os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)]
-                      if cuda_home else []):
+    for candidate in [os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)] if cuda_home else []:
         if found is None and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             found = candidate
     return found
@@ -168,8 +172,16 @@ class Check:
         begin = time.monotonic()
         timed_out = False
         with tempfile.TemporaryFile("w+", errors="replace") as output:
-            process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 status = process.wait(timeout=max(limit, 1))
             except subprocess.TimeoutExpired:
@@ -217,14 +229,18 @@ def record_environment(check):
     sanitizer = _tool("compute-sanitizer", info.get("cuda_home"))
     info["compute_sanitizer_path"] = sanitizer
     sanitizer_version = _quick([sanitizer, "--version"]) if sanitizer else None
-    info["compute_sanitizer"] = (sanitizer_version.strip().splitlines()[-1] if sanitizer_version else "not found")
+    info["compute_sanitizer"] = sanitizer_version.strip().splitlines()[-1] if sanitizer_version else "not found"
     info["driver"] = driver or "unknown"
     check.log.write(json.dumps(info, indent=1) + "\n")
     others = f" (device 0 of {info['device_count']})" if info["device_count"] > 1 else ""
-    check.summary("device", f"{info['name']}{others}, sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
-                            f"{info['memory_gib']} GiB; driver {info['driver']}")
-    check.summary("versions", f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), "
-                              f"triton {info['triton']}")
+    check.summary(
+        "device",
+        f"{info['name']}{others}, sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
+        f"{info['memory_gib']} GiB; driver {info['driver']}",
+    )
+    check.summary(
+        "versions", f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
+    )
     check.summary("", f"nvcc: {info['nvcc']}; compute-sanitizer: {info['compute_sanitizer']}")
     return info
 
@@ -233,8 +249,11 @@ def build(check, info):
     arch_list = info["capability"]
     env = {"TORCH_CUDA_ARCH_LIST": arch_list, "MAX_JOBS": MAX_JOBS, "INCSEG_FORCE_CUDA": "1"}
     status, text, seconds, timed_out = check.run(
-        "build", [sys.executable, "setup.py", "build_ext", "--inplace"],
-        check.limit("build", ["tests", "sanitizer", "bench fp32", "bench bf16"]), env)
+        "build",
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        check.limit("build", ["tests", "sanitizer", "bench fp32", "bench bf16"]),
+        env,
+    )
     how = f"TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={MAX_JOBS}; {seconds:.0f} s"
     if status != 0:
         errors = [line for line in text.splitlines() if "error" in line.lower()][:3]
@@ -283,14 +302,29 @@ def junit_counts(path):
 def tests(check):
     xml = os.path.join(check.out, "tests.xml")
     _remove(xml)
-    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *TEST_FILES,
-               "-k", TEST_SELECTION, f"--junitxml={xml}"]
-    status, text, seconds, timed_out = check.run("tests", command, check.limit(
-        "tests", ["sanitizer", "bench fp32", "bench bf16"]))
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        *TEST_FILES,
+        "-k",
+        TEST_SELECTION,
+        f"--junitxml={xml}",
+    ]
+    status, text, seconds, timed_out = check.run(
+        "tests", command, check.limit("tests", ["sanitizer", "bench fp32", "bench bf16"])
+    )
     counts = junit_counts(xml)
     if counts is None:
-        check.summary("tests", f"FAIL: no JUnit report (exit status {status}{', timed out' if timed_out else ''}; "
-                               f"{seconds:.0f} s): {_first_line(text[-500:])[:120]}")
+        check.summary(
+            "tests",
+            f"FAIL: no JUnit report (exit status {status}{', timed out' if timed_out else ''}; "
+            f"{seconds:.0f} s): {_first_line(text[-500:])[:120]}",
+        )
         check.fail("tests")
         return
     total, failures, errors, skipped, failed_ids = counts
@@ -298,8 +332,11 @@ def tests(check):
     ok = status == 0 and not timed_out and failures == errors == 0 and passed > 0
     verdict = "ok" if ok else "FAIL"
     extra = ", TIMED OUT (interrupted)" if timed_out else ("" if status in (0, 1) else f", exit status {status}")
-    check.summary("tests", f"{verdict}: {passed} passed, {failures} failed, {errors} errors, {skipped} skipped "
-                           f"of {total} ({seconds:.0f} s{extra})")
+    check.summary(
+        "tests",
+        f"{verdict}: {passed} passed, {failures} failed, {errors} errors, {skipped} skipped "
+        f"of {total} ({seconds:.0f} s{extra})",
+    )
     for test_id in failed_ids[:6]:
         check.summary("", f"failed: {test_id[:140]}")
     if len(failed_ids) > 6:
@@ -314,20 +351,35 @@ def sanitizer(check, info):
         check.summary("sanitizer", "FAIL: compute-sanitizer not found (PATH, CUDA_HOME/bin)")
         check.fail("sanitizer")
         return
-    command = [tool, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20",
-               sys.executable, "tools/gpu_smoke.py"]
+    command = [
+        tool,
+        "--tool",
+        "memcheck",
+        "--error-exitcode",
+        "1",
+        "--print-limit",
+        "20",
+        sys.executable,
+        "tools/gpu_smoke.py",
+    ]
     status, text, seconds, timed_out = check.run(
-        "sanitizer", command, check.limit("sanitizer", ["bench fp32", "bench bf16"]),
-        {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+        "sanitizer",
+        command,
+        check.limit("sanitizer", ["bench fp32", "bench bf16"]),
+        {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+    )
     errors = [line for line in text.splitlines() if "ERROR SUMMARY:" in line]
     smoke = [line for line in text.splitlines() if line.startswith("gpu-smoke:")]
     memcheck = errors[-1].split("ERROR SUMMARY:")[-1].strip() if errors else "no error summary"
     clean = bool(errors) and memcheck.startswith("0 error")
     smoke_ok = bool(smoke) and "PASS" in smoke[-1]
     ok = status == 0 and clean and smoke_ok and not timed_out
-    check.summary("sanitizer", f"{'ok' if ok else 'FAIL'}: memcheck {memcheck}; "
-                               f"{smoke[-1] if smoke else 'gpu-smoke did not finish'} "
-                               f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})")
+    check.summary(
+        "sanitizer",
+        f"{'ok' if ok else 'FAIL'}: memcheck {memcheck}; "
+        f"{smoke[-1] if smoke else 'gpu-smoke did not finish'} "
+        f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})",
+    )
     if not ok:
         for line in [s for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "========= Invalid"))][:4]:
             check.summary("", f"{line.strip()[:150]}")
@@ -345,27 +397,51 @@ def bench(check, dtype, later, share):
     _remove(json_path, markdown_path)  # a report left by an earlier run must not be read as this one's
     # --dtype also for fp32: without it voc512 runs in bf16 as well. --max-seconds: the report starts
     # no case after that; one still running at the limit is interrupted and the report keeps the others.
-    command = [sys.executable, "-m", "incseg_fast.bench", "--device", "cuda", "--sizes", BENCH_SIZES,
-               "--dtype", dtype, "--json", json_path, "--markdown", markdown_path,
-               "--max-seconds", str(max(limit - 20, 1))]
+    command = [
+        sys.executable,
+        "-m",
+        "incseg_fast.bench",
+        "--device",
+        "cuda",
+        "--sizes",
+        BENCH_SIZES,
+        "--dtype",
+        dtype,
+        "--json",
+        json_path,
+        "--markdown",
+        markdown_path,
+        "--max-seconds",
+        str(max(limit - 20, 1)),
+    ]
     status, text, seconds, timed_out = check.run(step, command, limit)
     try:
         with open(json_path) as f:
             results = json.load(f)
     except (OSError, ValueError):
-        check.summary(step, f"FAIL: no JSON report (exit status {status}{', timed out' if timed_out else ''}; "
-                            f"{seconds:.0f} s): {_first_line(text[-400:])[:120]}")
+        check.summary(
+            step,
+            f"FAIL: no JSON report (exit status {status}{', timed out' if timed_out else ''}; "
+            f"{seconds:.0f} s): {_first_line(text[-400:])[:120]}",
+        )
         check.fail(step)
         return
-    failed_providers = [f"{c['op']}-{c['size']}-{c['dtype']} {name}" for c in results["cases"]
-                        for name, r in c["providers"].items() if "error" in r]
+    failed_providers = [
+        f"{c['op']}-{c['size']}-{c['dtype']} {name}"
+        for c in results["cases"]
+        for name, r in c["providers"].items()
+        if "error" in r
+    ]
     # Running out of the time budget leaves cases unmeasured (listed), which is not a failure; a
     # provider that raised, or a report that crashed, is.
     ok = (status == 0 or timed_out) and not failed_providers and bool(results["cases"])
     skipped = results.get("not_measured", [])
-    check.summary(step, f"{'ok' if ok else 'FAIL'}: {len(results['cases'])} cases measured"
-                        f"{f', {len(skipped)} not (time budget)' if skipped else ''}; "
-                        f"copy {results['copy_bytes_per_s'] / 1e9:.0f} GB/s ({seconds:.0f} s)")
+    check.summary(
+        step,
+        f"{'ok' if ok else 'FAIL'}: {len(results['cases'])} cases measured"
+        f"{f', {len(skipped)} not (time budget)' if skipped else ''}; "
+        f"copy {results['copy_bytes_per_s'] / 1e9:.0f} GB/s ({seconds:.0f} s)",
+    )
     check.lines += bench_table(results)
     for item in failed_providers[:4]:
         check.summary("", f"provider failed: {item}")
@@ -393,21 +469,25 @@ def bench_table(results):
                 cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f}")
             else:
                 cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f} ({compiled / r['fwd_bwd_median_s']:.1f}x)")
-        lines.append(f"  {case['op'] + ' ' + case['size'] + ' ' + case['dtype']:<{width}}" +
-                     "".join(f"{c:>15}" for c in cells))
+        lines.append(
+            f"  {case['op'] + ' ' + case['size'] + ' ' + case['dtype']:<{width}}" + "".join(f"{c:>15}" for c in cells)
+        )
     targets = results.get("targets", [])
     missed = [t for t in targets if t["verdict"] != "met"]
     if targets:
-        lines.append(f"  targets: {len(targets) - len(missed)} met, {len(missed)} not met" +
-                     (": " + "; ".join(f"{t['target']} ({t['value']})" for t in missed[:3]) if missed else ""))
+        lines.append(
+            f"  targets: {len(targets) - len(missed)} met, {len(missed)} not met"
+            + (": " + "; ".join(f"{t['target']} ({t['value']})" for t in missed[:3]) if missed else "")
+        )
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tools/gpu_check.py", description=__doc__.split("\n")[0])
     parser.add_argument("out", nargs="?", help="folder for the results (created)")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
-                        help=f"total seconds for all steps (default {BUDGET_S})")
+    parser.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help=f"total seconds for all steps (default {BUDGET_S})"
+    )
     args = parser.parse_args(argv)
     if not args.out:
         print("gpu-check: no OUT folder given (make gpu-check OUT=<folder>); nothing run", flush=True)
@@ -415,12 +495,18 @@ def main(argv=None):
     try:
         import torch
     except ImportError as error:
-        print(f"gpu-check: {sys.executable} cannot import torch ({error}); run it with the python3 that has "
-              f"the CUDA build of torch; nothing run", flush=True)
+        print(
+            f"gpu-check: {sys.executable} cannot import torch ({error}); run it with the python3 that has "
+            f"the CUDA build of torch; nothing run",
+            flush=True,
+        )
         return 2
     if not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device: torch.cuda.is_available() is false (torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}, {sys.executable}); nothing built or run", flush=True)
+        print(
+            f"gpu-check: no CUDA device: torch.cuda.is_available() is false (torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, {sys.executable}); nothing built or run",
+            flush=True,
+        )
         return 2
 
     # A process started with SIGINT ignored (a background job of a non-interactive shell) passes that

@@ -12,6 +12,7 @@ parity suites' tolerances (``incseg_fast.vocabulary.RTOL``). ``--backend cpu`` o
 runs the same script on CPU tensors (to check the script itself without a GPU).
 Prints one line per case and a verdict; exits 1 on any mismatch, error or missing CUDA kernel.
 """
+
 import argparse
 import itertools
 import os
@@ -61,13 +62,13 @@ def _close(actual, expected, rtol, what):
 
 def _leaves(values, dtype, device, wanted):
     """The same values as leaves of ``dtype`` on ``device``, and as float64 CPU leaves (from the rounded values)."""
-    low = [v.to(dtype).to(device).requires_grad_(w) for v, w in zip(values, wanted)]
-    exact = [t.detach().to("cpu", torch.float64).requires_grad_(w) for t, w in zip(low, wanted)]
+    low = [v.to(dtype).to(device).requires_grad_(w) for v, w in zip(values, wanted, strict=True)]
+    exact = [t.detach().to("cpu", torch.float64).requires_grad_(w) for t, w in zip(low, wanted, strict=True)]
     return low, exact
 
 
 def _backward(outputs, upstream):
-    pairs = [(o, u) for o, u in zip(outputs, upstream) if o.requires_grad]
+    pairs = [(o, u) for o, u in zip(outputs, upstream, strict=True) if o.requires_grad]
     if pairs:
         torch.autograd.backward([o for o, _ in pairs], [u.to(o.device, o.dtype) for o, u in pairs])
 
@@ -94,13 +95,14 @@ def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, labe
     def on_device(t, dt=None):
         return None if t is None else t.to(device, dt or t.dtype)
 
-    actual = backend.logit_losses(x_low, on_device(target), y_low, on_device(gamma, accumulate),
-                                  on_device(mask, accumulate), **options)
+    actual = backend.logit_losses(
+        x_low, on_device(target), y_low, on_device(gamma, accumulate), on_device(mask, accumulate), **options
+    )
     expected = reference.logit_losses(x_exact, target, y_exact, gamma, mask, **options)
     _backward(actual, upstream)
     _backward(expected, upstream)
     rtol = RTOL[dtype]
-    errors = [_close(a, e, rtol, name) for a, e, name in zip(actual, expected, ("ce_loss", "kd_loss"))]
+    errors = [_close(a, e, rtol, name) for a, e, name in zip(actual, expected, ("ce_loss", "kd_loss"), strict=True)]
     errors.append(_close(x_low.grad, x_exact.grad, rtol, "dL/dx"))
     return max(errors)
 
@@ -108,9 +110,12 @@ def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, labe
 def attentive_case(backend, device, generator, dtype, shape, reduction, detach_spatial, wanted):
     B, C, H, W = shape
     f = torch.randn(shape, generator=generator, dtype=torch.float64)
-    values = [f, f + 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64),
-              torch.rand((B, C), generator=generator, dtype=torch.float64),
-              torch.rand((B, C), generator=generator, dtype=torch.float64)]
+    values = [
+        f,
+        f + 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64),
+        torch.rand((B, C), generator=generator, dtype=torch.float64),
+        torch.rand((B, C), generator=generator, dtype=torch.float64),
+    ]
     low, exact = _leaves(values, dtype, device, wanted)
     upstream = [torch.tensor(1000.0, dtype=torch.float64)]  # CAF's lambda_AD
     actual = backend.attentive_distillation(*low, reduction=reduction, detach_spatial=detach_spatial)
@@ -119,15 +124,17 @@ def attentive_case(backend, device, generator, dtype, shape, reduction, detach_s
     _backward([expected], upstream)
     rtol = RTOL[dtype]
     errors = [_close(actual, expected, rtol, "loss")]
-    errors += [_close(a.grad, e.grad, rtol, f"dL/d{name}") for a, e, name in zip(low, exact, "fgab")]
+    errors += [_close(a.grad, e.grad, rtol, f"dL/d{name}") for a, e, name in zip(low, exact, "fgab", strict=True)]
     return max(errors)
 
 
 def structured_case(backend, device, generator, dtype, shape, wanted):
     B, C, H, W = shape
-    values = [torch.randn(shape, generator=generator, dtype=torch.float64),
-              torch.randn((B, C), generator=generator, dtype=torch.float64),
-              torch.randn((B, H, W), generator=generator, dtype=torch.float64)]
+    values = [
+        torch.randn(shape, generator=generator, dtype=torch.float64),
+        torch.randn((B, C), generator=generator, dtype=torch.float64),
+        torch.randn((B, H, W), generator=generator, dtype=torch.float64),
+    ]
     low, exact = _leaves(values, dtype, device, wanted)
     upstream = [torch.randn(shape, generator=generator, dtype=torch.float64)]
     actual = backend.structured_attention(*low)
@@ -136,7 +143,10 @@ def structured_case(backend, device, generator, dtype, shape, wanted):
     _backward([expected], upstream)
     rtol = RTOL[dtype]
     errors = [_close(actual, expected, rtol, "out")]
-    errors += [_close(a.grad, e.grad, rtol, f"dL/d{name}") for a, e, name in zip(low, exact, ("v", "a_ch", "a_sp"))]
+    errors += [
+        _close(a.grad, e.grad, rtol, f"dL/d{name}")
+        for a, e, name in zip(low, exact, ("v", "a_ch", "a_sp"), strict=True)
+    ]
     return max(errors)
 
 
@@ -147,34 +157,65 @@ def cases():
         for i, (ce, kd) in enumerate(modes):
             reduction, label_dtype = REDUCTIONS[i % 3], LABEL_DTYPES[i % 3]
             with_mask = kd != "none" and i % 2 == 0
-            yield ("logit losses", f"{str(dtype)[6:]} {shape} ce={ce} kd={kd} {reduction} {str(label_dtype)[6:]}"
-                   f"{' mask' if with_mask else ''}", logit_case,
-                   dict(dtype=dtype, shape=shape, ce=ce, kd=kd, reduction=reduction, label_dtype=label_dtype,
-                        with_mask=with_mask))
+            yield (
+                "logit losses",
+                f"{str(dtype)[6:]} {shape} ce={ce} kd={kd} {reduction} {str(label_dtype)[6:]}"
+                f"{' mask' if with_mask else ''}",
+                logit_case,
+                dict(
+                    dtype=dtype,
+                    shape=shape,
+                    ce=ce,
+                    kd=kd,
+                    reduction=reduction,
+                    label_dtype=label_dtype,
+                    with_mask=with_mask,
+                ),
+            )
     for shape in ((2, 5, 5, 7, 9), (2, 5, 1, 7, 9)):  # the C == Co and Co == 1 edges
-        yield ("logit losses", f"float32 {shape} ce=unbiased kd=unbiased mean", logit_case,
-               dict(dtype=torch.float32, shape=shape, ce="unbiased", kd="unbiased", reduction="mean",
-                    label_dtype=torch.int64, with_mask=False))
+        yield (
+            "logit losses",
+            f"float32 {shape} ce=unbiased kd=unbiased mean",
+            logit_case,
+            dict(
+                dtype=torch.float32,
+                shape=shape,
+                ce="unbiased",
+                kd="unbiased",
+                reduction="mean",
+                label_dtype=torch.int64,
+                with_mask=False,
+            ),
+        )
     subsets = ((True, True, True, True), (True, False, True, False), (False, True, False, True))
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
         for j, (reduction, detach) in enumerate(itertools.product(("mean", "sum"), (False, True))):
             wanted = subsets[(i + j) % len(subsets)]
-            yield ("attentive distillation", f"{str(dtype)[6:]} {shape} {reduction} detach_spatial={detach} "
-                   f"grads={''.join(n for n, w in zip('fgab', wanted) if w)}", attentive_case,
-                   dict(dtype=dtype, shape=shape, reduction=reduction, detach_spatial=detach, wanted=wanted))
+            yield (
+                "attentive distillation",
+                f"{str(dtype)[6:]} {shape} {reduction} detach_spatial={detach} "
+                f"grads={''.join(n for n, w in zip('fgab', wanted, strict=True) if w)}",
+                attentive_case,
+                dict(dtype=dtype, shape=shape, reduction=reduction, detach_spatial=detach, wanted=wanted),
+            )
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
         wanted = ((True, True, True), (False, True, True), (True, False, False))[i % 3]
-        yield ("structured attention", f"{str(dtype)[6:]} {shape} grads="
-               f"{','.join(n for n, w in zip(('v', 'a_ch', 'a_sp'), wanted) if w)}", structured_case,
-               dict(dtype=dtype, shape=shape, wanted=wanted))
+        yield (
+            "structured attention",
+            f"{str(dtype)[6:]} {shape} grads="
+            f"{','.join(n for n, w in zip(('v', 'a_ch', 'a_sp'), wanted, strict=True) if w)}",
+            structured_case,
+            dict(dtype=dtype, shape=shape, wanted=wanted),
+        )
 
 
 def missing_kernels(namespace, dispatch_key):
     """{family: [ops without a kernel for dispatch_key]}, only families with missing ones."""
     missing = {}
     for family, names in FAMILIES.items():
-        absent = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{n}",
-                                                                                          dispatch_key)]
+        absent = [
+            n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{n}", dispatch_key)
+        ]
         if absent:
             missing[family] = absent
     return missing
@@ -217,8 +258,10 @@ def main(argv=None):
     for family, error in worst.items():
         print(f"{family}: worst relative error {error:.1e}")
     ok = failed == 0 and not missing and passed > 0
-    print(f"gpu-smoke: {'PASS' if ok else 'FAIL'}: backend {args.backend}, {passed} cases passed, {failed} failed"
-          f"{', missing kernels for ' + ', '.join(missing) if missing else ''}")
+    print(
+        f"gpu-smoke: {'PASS' if ok else 'FAIL'}: backend {args.backend}, {passed} cases passed, {failed} failed"
+        f"{', missing kernels for ' + ', '.join(missing) if missing else ''}"
+    )
     return 0 if ok else 1
 
 

@@ -26,8 +26,8 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
 inline void check_feature_pair(const at::Tensor& f, const at::Tensor& g, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(f.dim() == 4, "f must be (B, C, H, W), got ", f.sizes());
   TORCH_CHECK(g.sizes() == f.sizes(), "g must have f's shape ", f.sizes(), ", got ", g.sizes());
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == f.size(0) && a.size(1) == f.size(1), "a must be (B, C) = (", f.size(0),
-              ", ", f.size(1), "), got ", a.sizes());
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == f.size(0) && a.size(1) == f.size(1), "a must be (B, C) = (", f.size(0), ", ",
+              f.size(1), "), got ", a.sizes());
   TORCH_CHECK(b.sizes() == a.sizes(), "b must have a's shape ", a.sizes(), ", got ", b.sizes());
   check_float_dtype(f, "f");
   for (const at::Tensor* t : {&g, &a, &b}) {
@@ -119,9 +119,9 @@ inline void check_structured(const at::Tensor& v, const at::Tensor& a_ch, const 
 }
 
 inline void check_structured_grad(const at::Tensor& grad_out, const at::Tensor& v) {
-  TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.scalar_type() == v.scalar_type() &&
-                  grad_out.device() == v.device(),
-              "grad_out must match v in shape, dtype and device");
+  TORCH_CHECK(
+      grad_out.sizes() == v.sizes() && grad_out.scalar_type() == v.scalar_type() && grad_out.device() == v.device(),
+      "grad_out must match v in shape, dtype and device");
 }
 
 // A contiguous gradient shaped like `like`, or an empty tensor where the output mask says unwanted.

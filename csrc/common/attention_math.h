@@ -117,14 +117,10 @@ HOST_DEVICE double squared_difference_sum(const Moments& m, double s_f, double s
 }
 
 // P_f = sum_c D a_c f: dL/dŜ_f at the pixel in units of w (see feature_grad).
-HOST_DEVICE double pixel_grad_f(const Moments& m, double s_f, double s_g) {
-  return m.ua + s_f * m.aa - s_g * m.ab;
-}
+HOST_DEVICE double pixel_grad_f(const Moments& m, double s_f, double s_g) { return m.ua + s_f * m.aa - s_g * m.ab; }
 
 // P_g = sum_c D b_c g: -dL/dŜ_g at the pixel in units of w.
-HOST_DEVICE double pixel_grad_g(const Moments& m, double s_f, double s_g) {
-  return m.ub + s_f * m.ab - s_g * m.bb;
-}
+HOST_DEVICE double pixel_grad_g(const Moments& m, double s_f, double s_g) { return m.ub + s_f * m.ab - s_g * m.bb; }
 
 // Structured attention: out = (1 + a_ch[c] a_sp[p]) v.
 template <typename acc_t>

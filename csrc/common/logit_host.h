@@ -56,8 +56,7 @@ struct Inputs {
 // (B, H, W): the shape of target, mask and of per-pixel losses.
 inline std::vector<int64_t> pixel_shape(const Inputs& in) { return {in.B, in.H, in.W}; }
 
-inline at::Tensor checked_target(const at::Tensor& x, const std::optional<at::Tensor>& target,
-                                 at::IntArrayRef pixels) {
+inline at::Tensor checked_target(const at::Tensor& x, const std::optional<at::Tensor>& target, at::IntArrayRef pixels) {
   TORCH_CHECK_VALUE(target.has_value(), "target is required when ce != 'none'");
   const auto lt = target->scalar_type();
   TORCH_CHECK_TYPE(lt == at::kLong || lt == at::kInt || lt == at::kByte, "target must be int64, int32 or uint8, got ",
@@ -69,10 +68,9 @@ inline at::Tensor checked_target(const at::Tensor& x, const std::optional<at::Te
 
 inline at::Tensor checked_teacher(const Inputs& in, const std::optional<at::Tensor>& y) {
   TORCH_CHECK_VALUE(y.has_value(), "y is required when kd != 'none'");
-  TORCH_CHECK_VALUE(y->dim() == 4 && y->size(0) == in.B && y->size(1) == in.Co && y->size(2) == in.H &&
-                        y->size(3) == in.W,
-                    "y must be (B, old_classes, H, W) = (", in.B, ", ", in.Co, ", ", in.H, ", ", in.W, "), got ",
-                    y->sizes());
+  TORCH_CHECK_VALUE(
+      y->dim() == 4 && y->size(0) == in.B && y->size(1) == in.Co && y->size(2) == in.H && y->size(3) == in.W,
+      "y must be (B, old_classes, H, W) = (", in.B, ", ", in.Co, ", ", in.H, ", ", in.W, "), got ", y->sizes());
   TORCH_CHECK_TYPE(y->scalar_type() == in.x.scalar_type(), "y must have x's dtype ", in.x.scalar_type(), ", got ",
                    y->scalar_type());
   TORCH_CHECK_VALUE(y->device() == in.x.device(), "y must be on x's device");

@@ -70,8 +70,8 @@ using at::Tensor;
 using attention::add_moments;
 using attention::attended_difference;
 using attention::feature_grad;
-using attention::Moments;
 using attention::inverse_norm;
+using attention::Moments;
 using attention::spatial_map_grad;
 using attention::structured_attention_value;
 using cpu::acc_type;
@@ -111,9 +111,8 @@ INCSEG_FORCE_INLINE acc_t sum_lanes(const acc_t* __restrict x, int64_t n) {
 template <typename scalar_t, typename acc_t>
 struct SpatialEnergyTile {
   static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
-  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
-                                       int64_t channels, int64_t stride, int64_t n, acc_t* __restrict s_f,
-                                       acc_t* __restrict s_g) {
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g, int64_t channels,
+                                      int64_t stride, int64_t n, acc_t* __restrict s_f, acc_t* __restrict s_g) {
     for (int64_t p = 0; p < n; ++p) {
       s_f[p] = 0;
       s_g[p] = 0;
@@ -155,11 +154,11 @@ struct MomentRefs {
 // Adds kChannels consecutive channel rows to each pixel's moments. The eight accumulator rows are
 // the loop's memory traffic, so several channels go per sweep.
 template <int kChannels, typename scalar_t>
-INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const scalar_t* __restrict g,
-                                         const float* a, const float* b, int64_t stride, int64_t n,
-                                         double* __restrict ff, double* __restrict gg, double* __restrict uu,
-                                         double* __restrict aa, double* __restrict bb, double* __restrict ua,
-                                         double* __restrict ub, double* __restrict ab) {
+INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const scalar_t* __restrict g, const float* a,
+                                         const float* b, int64_t stride, int64_t n, double* __restrict ff,
+                                         double* __restrict gg, double* __restrict uu, double* __restrict aa,
+                                         double* __restrict bb, double* __restrict ua, double* __restrict ub,
+                                         double* __restrict ab) {
   double a_k[kChannels], b_k[kChannels];
   for (int k = 0; k < kChannels; ++k) {
     a_k[k] = a[k];
@@ -209,11 +208,10 @@ struct MomentsTile {
 template <typename scalar_t, typename acc_t, bool kPixelGrad>
 struct LossTile {
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
-                                       const acc_t* __restrict a, const acc_t* __restrict b,
-                                       const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride,
-                                       int64_t n, const acc_t* __restrict s_f, const acc_t* __restrict s_diff,
-                                       acc_t* __restrict loss,
-                                       acc_t* __restrict p_f, acc_t* __restrict p_g) {
+                                      const acc_t* __restrict a, const acc_t* __restrict b,
+                                      const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride, int64_t n,
+                                      const acc_t* __restrict s_f, const acc_t* __restrict s_diff,
+                                      acc_t* __restrict loss, acc_t* __restrict p_f, acc_t* __restrict p_g) {
     for (int64_t p = 0; p < n; ++p) loss[p] = 0;
     if (kPixelGrad) {
       for (int64_t p = 0; p < n; ++p) {
@@ -246,13 +244,13 @@ enum OutputBit : int { kWantDF = 1, kWantDG = 2, kWantDA = 4, kWantDB = 8 };
 template <typename scalar_t, typename acc_t, int kOutputs>
 struct FeatureGradTile {
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
-                                       const acc_t* __restrict a, const acc_t* __restrict b,
-                                       const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride,
-                                       int64_t n, const acc_t* __restrict s_f, const acc_t* __restrict s_g,
-                                       const acc_t* __restrict s_diff, const acc_t* __restrict sgrad_f,
-                                       const acc_t* __restrict sgrad_g, acc_t w, scalar_t* __restrict df,
-                                       scalar_t* __restrict dg, acc_t* __restrict row_a, acc_t* __restrict row_b,
-                                       acc_t* __restrict chan_a, acc_t* __restrict chan_b) {
+                                      const acc_t* __restrict a, const acc_t* __restrict b,
+                                      const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride, int64_t n,
+                                      const acc_t* __restrict s_f, const acc_t* __restrict s_g,
+                                      const acc_t* __restrict s_diff, const acc_t* __restrict sgrad_f,
+                                      const acc_t* __restrict sgrad_g, acc_t w, scalar_t* __restrict df,
+                                      scalar_t* __restrict dg, acc_t* __restrict row_a, acc_t* __restrict row_b,
+                                      acc_t* __restrict chan_a, acc_t* __restrict chan_b) {
     constexpr bool kDF = kOutputs & kWantDF, kDG = kOutputs & kWantDG;
     constexpr bool kDA = kOutputs & kWantDA, kDB = kOutputs & kWantDB;
     for (int64_t c = 0; c < channels; ++c) {
@@ -288,7 +286,7 @@ template <typename scalar_t, typename acc_t>
 struct StructuredForwardRow {
   static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict v, acc_t a_ch_c, const acc_t* __restrict a_sp,
-                                       int64_t n, scalar_t* __restrict out) {
+                                      int64_t n, scalar_t* __restrict out) {
     for (int64_t p = 0; p < n; ++p) {
       out[p] = to_storage<scalar_t>(structured_attention_value(load<acc_t>(v, p), a_ch_c, a_sp[p]));
     }
@@ -301,10 +299,9 @@ template <typename scalar_t, typename acc_t>
 struct StructuredBackwardTile {
   static constexpr cpu::Isa kWidestIsa = kStreamWidestIsa<scalar_t>;
   static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict go, const scalar_t* __restrict v,
-                                       const acc_t* __restrict a_ch, const acc_t* __restrict a_sp,
-                                       int64_t channels, int64_t stride, int64_t n, scalar_t* __restrict dv,
-                                       int64_t dv_stride, acc_t* __restrict d_sp, acc_t* __restrict row,
-                                       acc_t* __restrict chan) {
+                                      const acc_t* __restrict a_ch, const acc_t* __restrict a_sp, int64_t channels,
+                                      int64_t stride, int64_t n, scalar_t* __restrict dv, int64_t dv_stride,
+                                      acc_t* __restrict d_sp, acc_t* __restrict row, acc_t* __restrict chan) {
     for (int64_t p = 0; p < n; ++p) d_sp[p] = 0;
     for (int64_t c = 0; c < channels; ++c) {
       const scalar_t* __restrict go0 = go + c * stride;
@@ -405,9 +402,8 @@ double forward_squared_sum(const scalar_t* f, const scalar_t* g, const float* a,
 }
 
 // float64: two passes over the features (see the top of the file). Returns sum_p sum_c D^2.
-double forward_squared_sum(const double* f, const double* g, const double* a, const double* b,
-                           const double* a_minus_b, int64_t batch, int64_t channels, int64_t pixels,
-                           const ForwardOutputs<double>& out) {
+double forward_squared_sum(const double* f, const double* g, const double* a, const double* b, const double* a_minus_b,
+                           int64_t batch, int64_t channels, int64_t pixels, const ForwardOutputs<double>& out) {
   const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
   const int64_t image_size = channels * pixels;
   // Pass 1: unnormalised spatial maps and per-tile sums of their squares.
@@ -417,8 +413,8 @@ double forward_squared_sum(const double* f, const double* g, const double* a, co
       const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
       double* s_f = out.s_f + img * pixels + p0;
       double* s_g = out.s_g + img * pixels + p0;
-      cpu::run_best<SpatialEnergyTile<double, double>>(f + img * image_size + p0, g + img * image_size + p0,
-                                                       channels, pixels, n, s_f, s_g);
+      cpu::run_best<SpatialEnergyTile<double, double>>(f + img * image_size + p0, g + img * image_size + p0, channels,
+                                                       pixels, n, s_f, s_g);
       double sum_f = 0, sum_g = 0;
       for (int64_t p = 0; p < n; ++p) {
         sum_f += s_f[p] * s_f[p];
@@ -456,8 +452,8 @@ double forward_squared_sum(const double* f, const double* g, const double* a, co
       double* p_g = out.p_g != nullptr ? out.p_g + img * pixels + p0 : nullptr;
       auto launch = [&](auto kernel) {
         cpu::run_best<decltype(kernel)>(f + offset, g + offset, a + img * channels, b + img * channels,
-                                   a_minus_b + img * channels, channels, pixels, n, s_f, s_diff, loss_px.data(),
-                                   p_f, p_g);
+                                        a_minus_b + img * channels, channels, pixels, n, s_f, s_diff, loss_px.data(),
+                                        p_f, p_g);
       };
       if (p_f != nullptr) {
         launch(LossTile<double, double, true>{});
@@ -505,8 +501,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward_cpu(co
 // Per-tile partial sums (plan.items rows of `width`) added into per-image rows (B, width) in item
 // order, so that the result does not depend on which thread ran which tile.
 template <typename acc_t>
-Tensor sum_tile_partials(const cpu::TilePlan& plan, const std::vector<acc_t>& partials, int64_t batch,
-                         int64_t width, const at::TensorOptions& options) {
+Tensor sum_tile_partials(const cpu::TilePlan& plan, const std::vector<acc_t>& partials, int64_t batch, int64_t width,
+                         const at::TensorOptions& options) {
   Tensor sums = at::zeros({batch, width}, options);
   acc_t* out = sums.data_ptr<acc_t>();
   for (int64_t item = 0; item < plan.items; ++item) {
@@ -597,9 +593,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward_cpu(
     const Tensor& grad_loss, const Tensor& f_in, const Tensor& g_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad, c10::string_view reduction,
     bool spatial_chain, std::array<bool, 4> output_mask) {
-  const auto [scale, reads_pixel_grad] = attention::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial,
-                                                                   inv_norm, pixel_grad, reduction, spatial_chain,
-                                                                   output_mask);
+  const auto [scale, reads_pixel_grad] = attention::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial, inv_norm,
+                                                                   pixel_grad, reduction, spatial_chain, output_mask);
   const auto acc_dtype = at::toOpMathType(f_in.scalar_type());
   BackwardTensors t;
   t.f = f_in.contiguous();
@@ -645,9 +640,8 @@ Tensor structured_attention_cpu(const Tensor& v_in, const Tensor& a_ch_in, const
     // Items are (image, channel) rows: one read and one write per pixel.
     cpu::parallel_over_items(batch * channels, 2 * pixels, [&](int64_t first, int64_t last) {
       for (int64_t row = first; row < last; ++row) {
-        cpu::run_best<StructuredForwardRow<scalar_t, acc_t>>(v_ptr + row * pixels, a_ch_ptr[row],
-                                                             a_sp_ptr + (row / channels) * pixels, pixels,
-                                                             out_ptr + row * pixels);
+        cpu::run_best<StructuredForwardRow<scalar_t, acc_t>>(
+            v_ptr + row * pixels, a_ch_ptr[row], a_sp_ptr + (row / channels) * pixels, pixels, out_ptr + row * pixels);
       }
     });
   });
@@ -682,9 +676,9 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward_cpu(const Tenso
         scalar_t* dv0 = output_mask[0] ? dv.data_ptr<scalar_t>() + offset : discard.data();
         cpu::run_best<StructuredBackwardTile<scalar_t, acc_t>>(
             grad_out.data_ptr<scalar_t>() + offset, v.data_ptr<scalar_t>() + offset,
-            a_ch.data_ptr<acc_t>() + img * channels, a_sp.data_ptr<acc_t>() + img * pixels + p0, channels, pixels,
-            n, dv0, output_mask[0] ? pixels : int64_t(0), d_sp_acc.data_ptr<acc_t>() + img * pixels + p0,
-            row.data(), chan_partial.data() + item * channels);
+            a_ch.data_ptr<acc_t>() + img * channels, a_sp.data_ptr<acc_t>() + img * pixels + p0, channels, pixels, n,
+            dv0, output_mask[0] ? pixels : int64_t(0), d_sp_acc.data_ptr<acc_t>() + img * pixels + p0, row.data(),
+            chan_partial.data() + item * channels);
       }
     });
     if (output_mask[1]) {

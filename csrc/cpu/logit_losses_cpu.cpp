@@ -560,8 +560,9 @@ INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
     full_old[p] = full[p] + old_term;
     full_new[p] = full[p] + bg_term;
   }
-  const BwdTileView<scalar_t> view{xb, yb, gb, lse, lse_old, lse_bg, lse_q, full, old_set, bg_set, teacher, target,
-                                   extra0, full0, full_old, full_new, label, n, C, Co, HW, alpha};
+  const BwdTileView<scalar_t> view{xb,      yb,     gb,      lse,    lse_old, lse_bg, lse_q,    full,
+                                   old_set, bg_set, teacher, target, extra0,  full0,  full_old, full_new,
+                                   label,   n,      C,       Co,     HW,      alpha};
   // The form is chosen per tile, outside the pixel loops (which must stay branch-free to vectorise).
   if (!too_far) {
     backward_channels<true, kOld, kBg, kTeacher>(view);

@@ -6,9 +6,9 @@
 // ISA dispatch. A hot loop is a struct with a static INCSEG_FORCE_INLINE `run`; run_best<Kernel>(...)
 // calls it through one of three copies compiled with GCC target attributes (baseline x86-64,
 // AVX2+FMA+F16C, AVX-512), picking the widest the CPU supports (and the kernel allows, widest_isa),
-// so no -march flag is needed and one binary runs everywhere. Non-x86 or non-GCC builds get the baseline copy only. The environment
-// variable INCSEG_CPU_ISA=baseline|avx2|avx512 (read once per process) caps the choice, so tests
-// can check every copy on one machine.
+// so no -march flag is needed and one binary runs everywhere. Non-x86 or non-GCC builds get the baseline copy only. The
+// environment variable INCSEG_CPU_ISA=baseline|avx2|avx512 (read once per process) caps the choice, so tests can check
+// every copy on one machine.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

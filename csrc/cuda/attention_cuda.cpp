@@ -166,9 +166,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward(
     const Tensor& grad_loss, const Tensor& f_in, const Tensor& g_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& spatial, const Tensor& inv_norm, const Tensor& pixel_grad, c10::string_view reduction,
     bool spatial_chain, std::array<bool, 4> output_mask) {
-  const auto [scale, reads_pixel_grad] =
-      host::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial, inv_norm, pixel_grad, reduction, spatial_chain,
-                           output_mask);
+  const auto [scale, reads_pixel_grad] = host::check_backward(grad_loss, f_in, g_in, a_in, b_in, spatial, inv_norm,
+                                                              pixel_grad, reduction, spatial_chain, output_mask);
   glue::check_batch(f_in.size(0), "f");
   [[maybe_unused]] auto device_guard = Device::guard(f_in);
   const BackwardTensors t = backward_tensors(grad_loss, f_in, g_in, a_in, b_in, output_mask);
@@ -248,8 +247,7 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward(const Tensor& g
     const bool aligned = packs_aligned<k_scalar_t>({&v, &grad_out, &dv}, {&a_sp});
     const AttentionPlan plan = plan_attention<k_scalar_t>(batch, channels, pixels, aligned);
     const Tensor spatial_partial = scratch(output_mask[2] ? plan.groups * batch * pixels : 0, a_sp, acc_dtype);
-    const Tensor channel_partial =
-        scratch(output_mask[1] ? batch * plan.pixel_warps() * channels : 0, a_sp, acc_dtype);
+    const Tensor channel_partial = scratch(output_mask[1] ? batch * plan.pixel_warps() * channels : 0, a_sp, acc_dtype);
     const StructuredGrads<k_scalar_t> grads{mutable_kernel_data<scalar_t>(dv), data_or_null<acc_t>(spatial_partial),
                                             data_or_null<acc_t>(channel_partial)};
     Device::structured_backward(StructuredBackwardCall<k_scalar_t>{

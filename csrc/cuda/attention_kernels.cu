@@ -87,8 +87,8 @@ int launch_attentive_distillation_backward(const BackwardCall<scalar_t>& call, v
 }
 
 template <typename scalar_t>
-int launch_structured_attention_forward(const StructuredInputs<scalar_t>& in, const AttentionPlan& plan,
-                                        scalar_t* out, void* stream) {
+int launch_structured_attention_forward(const StructuredInputs<scalar_t>& in, const AttentionPlan& plan, scalar_t* out,
+                                        void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   structured_attention_forward_kernels(ex, in, plan, out);
   return ex.error;
@@ -101,11 +101,11 @@ int launch_structured_attention_backward(const StructuredBackwardCall<scalar_t>&
   return ex.error;
 }
 
-#define INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(scalar_t)                                                         \
-  template int launch_attentive_distillation_forward<scalar_t>(const ForwardCall<scalar_t>&, void*);            \
-  template int launch_attentive_distillation_backward<scalar_t>(const BackwardCall<scalar_t>&, void*);          \
-  template int launch_structured_attention_forward<scalar_t>(const StructuredInputs<scalar_t>&,                 \
-                                                             const AttentionPlan&, scalar_t*, void*);           \
+#define INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(scalar_t)                                                              \
+  template int launch_attentive_distillation_forward<scalar_t>(const ForwardCall<scalar_t>&, void*);                  \
+  template int launch_attentive_distillation_backward<scalar_t>(const BackwardCall<scalar_t>&, void*);                \
+  template int launch_structured_attention_forward<scalar_t>(const StructuredInputs<scalar_t>&, const AttentionPlan&, \
+                                                             scalar_t*, void*);                                       \
   template int launch_structured_attention_backward<scalar_t>(const StructuredBackwardCall<scalar_t>&, void*);
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(float)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(double)

@@ -151,14 +151,22 @@ constexpr int kForwardPartialRows = std::is_same_v<scalar_t, double> ? kDirectRo
 
 HOST_DEVICE double moment_row(const Moments& m, int row) {
   switch (row) {
-    case kRowFF: return m.ff;
-    case kRowGG: return m.gg;
-    case kRowUU: return m.uu;
-    case kRowAA: return m.aa;
-    case kRowBB: return m.bb;
-    case kRowUA: return m.ua;
-    case kRowUB: return m.ub;
-    default: return m.ab;
+    case kRowFF:
+      return m.ff;
+    case kRowGG:
+      return m.gg;
+    case kRowUU:
+      return m.uu;
+    case kRowAA:
+      return m.aa;
+    case kRowBB:
+      return m.bb;
+    case kRowUA:
+      return m.ua;
+    case kRowUB:
+      return m.ub;
+    default:
+      return m.ab;
   }
 }
 
@@ -449,11 +457,11 @@ struct SavedMaps {
 template <typename scalar_t>
 struct FeatureGrads {
   using acc_t = accumulate_t<scalar_t>;
-  scalar_t* df;             // (B, C, H*W)
-  scalar_t* dg;             // (B, C, H*W)
-  acc_t* channel_partial;   // (2, B * pixel_warps, C) per warp Σ_p D Ŝ_f f (for da), then Σ_p D Ŝ_g g (db)
-  bool sum_a;               // write side 0 of channel_partial
-  bool sum_b;               // write side 1
+  scalar_t* df;            // (B, C, H*W)
+  scalar_t* dg;            // (B, C, H*W)
+  acc_t* channel_partial;  // (2, B * pixel_warps, C) per warp Σ_p D Ŝ_f f (for da), then Σ_p D Ŝ_g g (db)
+  bool sum_a;              // write side 0 of channel_partial
+  bool sum_b;              // write side 1
 };
 
 // Per-pixel values of the thread's kVec pixels, loaded once for all its channels.
@@ -472,11 +480,11 @@ template <typename scalar_t, int kVec>
 struct FeatureGradKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = kBlockThreads;
-  FeaturePair<scalar_t> in;  // features and channel attentions
-  AttentionPlan plan;        // grid (grid_x, B * groups)
-  SavedMaps<acc_t> saved;    // the forward's state
-  const acc_t* grad_loss;    // 0-dim upstream gradient (on the device)
-  double weight_scale;       // 2 * reduction scale: w = weight_scale * grad_loss
+  FeaturePair<scalar_t> in;    // features and channel attentions
+  AttentionPlan plan;          // grid (grid_x, B * groups)
+  SavedMaps<acc_t> saved;      // the forward's state
+  const acc_t* grad_loss;      // 0-dim upstream gradient (on the device)
+  double weight_scale;         // 2 * reduction scale: w = weight_scale * grad_loss
   FeatureGrads<scalar_t> out;  // out: df, dg, channel partials
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
@@ -527,8 +535,8 @@ struct FeatureGradKernel {
 
   // One channel row of the thread's pixels (element `at` of f, g, df, dg): the feature gradients,
   // and the sums over these pixels of D Ŝ_f f and D Ŝ_g g (for da, db).
-  HOST_DEVICE void channel(int64_t at, acc_t a_c, acc_t b_c, const PixelMaps<acc_t, kVec>& px, acc_t w,
-                           acc_t& sum_a, acc_t& sum_b) const {
+  HOST_DEVICE void channel(int64_t at, acc_t a_c, acc_t b_c, const PixelMaps<acc_t, kVec>& px, acc_t w, acc_t& sum_a,
+                           acc_t& sum_b) const {
     acc_t fv[kVec], gv[kVec], df[kVec], dg[kVec];
     load_pack<kVec>(in.f + at, fv);
     load_pack<kVec>(in.g + at, gv);
@@ -578,9 +586,9 @@ struct ChannelSumKernel {
 template <typename scalar_t>
 struct StructuredInputs {
   using acc_t = accumulate_t<scalar_t>;
-  const scalar_t* v;   // (B, C, H*W)
-  const acc_t* a_ch;   // (B, C)
-  const acc_t* a_sp;   // (B, H*W)
+  const scalar_t* v;  // (B, C, H*W)
+  const acc_t* a_ch;  // (B, C)
+  const acc_t* a_sp;  // (B, H*W)
 };
 
 // out = (1 + a_ch a_sp) v over the thread's pixels and its group's channels.
@@ -697,11 +705,11 @@ struct ForwardCall {
   using acc_t = accumulate_t<scalar_t>;
   FeaturePair<scalar_t> in;  // features and channel attentions
   AttentionPlan plan;        // of these features
-  double scale;        // reduction scale
-  acc_t* loss;         // out: 0-dim
-  acc_t* spatial;      // out: (3, B, H*W)
-  acc_t* inv_norm;     // out: (2, B)
-  acc_t* pixel_grad;   // out: (2, B, H*W), or null unless save_spatial_grad
+  double scale;              // reduction scale
+  acc_t* loss;               // out: 0-dim
+  acc_t* spatial;            // out: (3, B, H*W)
+  acc_t* inv_norm;           // out: (2, B)
+  acc_t* pixel_grad;         // out: (2, B, H*W), or null unless save_spatial_grad
   ForwardScratch scratch;
 };
 
@@ -713,8 +721,8 @@ void one_pass_forward(Executor& ex, const ForwardCall<scalar_t>& call) {
     ex.run(MomentsKernel<scalar_t, decltype(vec)::value>{call.in, plan, scratch.group_partial}, plan.grid_x,
            plan.feature_grid_y());
   });
-  ex.run(EnergyKernel<kMomentRows>{scratch.group_partial, plan, scratch.square_partial, nullptr},
-         plan.pixel_grid_x, plan.batch);
+  ex.run(EnergyKernel<kMomentRows>{scratch.group_partial, plan, scratch.square_partial, nullptr}, plan.pixel_grid_x,
+         plan.batch);
   ex.norms(NormStep<float>{scratch.square_partial, 2 * plan.batch, plan.pixel_kernel_warps(), scratch.inv_exact,
                            call.inv_norm});
   ex.run(MomentsFinishKernel{scratch.group_partial, plan, scratch.inv_exact, call.spatial, call.pixel_grad,
@@ -797,11 +805,10 @@ void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<sc
 }
 
 template <typename scalar_t, typename Executor>
-void structured_attention_forward_kernels(Executor& ex, const StructuredInputs<scalar_t>& in,
-                                          const AttentionPlan& plan, scalar_t* out) {
+void structured_attention_forward_kernels(Executor& ex, const StructuredInputs<scalar_t>& in, const AttentionPlan& plan,
+                                          scalar_t* out) {
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    ex.run(StructuredForwardKernel<scalar_t, decltype(vec)::value>{in, plan, out}, plan.grid_x,
-           plan.feature_grid_y());
+    ex.run(StructuredForwardKernel<scalar_t, decltype(vec)::value>{in, plan, out}, plan.grid_x, plan.feature_grid_y());
   });
 }
 
@@ -875,8 +882,8 @@ int launch_attentive_distillation_forward(const ForwardCall<scalar_t>& call, voi
 template <typename scalar_t>
 int launch_attentive_distillation_backward(const BackwardCall<scalar_t>& call, void* stream);
 template <typename scalar_t>
-int launch_structured_attention_forward(const StructuredInputs<scalar_t>& in, const AttentionPlan& plan,
-                                        scalar_t* out, void* stream);
+int launch_structured_attention_forward(const StructuredInputs<scalar_t>& in, const AttentionPlan& plan, scalar_t* out,
+                                        void* stream);
 template <typename scalar_t>
 int launch_structured_attention_backward(const StructuredBackwardCall<scalar_t>& call, void* stream);
 

@@ -62,8 +62,8 @@ inline bool aligned_to(size_t bytes, std::initializer_list<const at::Tensor*> te
 
 // The kernels put images on the grid's y axis.
 inline void check_batch(int64_t batch, const char* name) {
-  TORCH_CHECK_VALUE(batch <= kMaxGridY, name, " has batch size ", batch, "; the CUDA kernels take at most ",
-                    kMaxGridY, " images per call");
+  TORCH_CHECK_VALUE(batch <= kMaxGridY, name, " has batch size ", batch, "; the CUDA kernels take at most ", kMaxGridY,
+                    " images per call");
 }
 
 // The CPU emulation: no device to select.

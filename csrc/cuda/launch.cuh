@@ -19,8 +19,8 @@ __global__ void __launch_bounds__(Kernel::kThreads) run_on_device(const Kernel k
 template <typename Kernel>
 cudaError_t launch_on_device(const Kernel& kernel, int64_t grid_x, int64_t grid_y, cudaStream_t stream) {
   if (grid_x == 0 || grid_y == 0) return cudaSuccess;
-  run_on_device<Kernel><<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), Kernel::kThreads, 0,
-                          stream>>>(kernel);
+  run_on_device<Kernel>
+      <<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), Kernel::kThreads, 0, stream>>>(kernel);
   return cudaGetLastError();
 }
 

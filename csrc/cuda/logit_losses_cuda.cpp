@@ -64,8 +64,7 @@ struct HostEmulation : glue::HostDevice {
   }
 
   template <typename scalar_t>
-  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
-                       const LaunchPlan& plan) {
+  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
     with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
       run_on_host(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y);
     });
@@ -82,8 +81,7 @@ struct CudaDevice : glue::CudaDeviceBase {
   }
 
   template <typename scalar_t>
-  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
-                       const LaunchPlan& plan) {
+  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
     check(launch_logit_backward(in, grad, plan, stream()));
   }
 };
@@ -154,13 +152,13 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
     using acc_t = accumulate_t<k_scalar_t>;
     const LaunchPlan plan = plan_launch<k_scalar_t>(in.B, in.HW, aligned);
     const BackwardBuffers<k_scalar_t> grad{saved.const_data_ptr<acc_t>(),
-                                          valid_count.const_data_ptr<int64_t>(),
-                                          g_ce.const_data_ptr<acc_t>(),
-                                          g_kd.const_data_ptr<acc_t>(),
-                                          per_pixel,
-                                          in.reduction == Reduction::kMean,
-                                          static_cast<acc_t>(kd_scale(in)),
-                                          reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>())};
+                                           valid_count.const_data_ptr<int64_t>(),
+                                           g_ce.const_data_ptr<acc_t>(),
+                                           g_kd.const_data_ptr<acc_t>(),
+                                           per_pixel,
+                                           in.reduction == Reduction::kMean,
+                                           static_cast<acc_t>(kd_scale(in)),
+                                           reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>())};
     Device::backward(kernel_inputs<scalar_t>(in, alpha, ignore_index), grad, plan);
   });
   return grad_x;

@@ -53,17 +53,16 @@ int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers
                           const LaunchPlan& plan, void* stream) {
   cudaError_t error = cudaSuccess;
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    error = launch_on_device(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x,
-                             plan.grid_y, static_cast<cudaStream_t>(stream));
+    error = launch_on_device(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y,
+                             static_cast<cudaStream_t>(stream));
   });
   return error;
 }
 
-#define INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(scalar_t)                                                             \
-  template int launch_logit_forward<scalar_t>(const LogitInputs<scalar_t>&, const ForwardBuffers<scalar_t>&,    \
-                                              const ForwardTotals<accumulate_t<scalar_t>>&, const LaunchPlan&,  \
-                                              void*);                                                           \
-  template int launch_logit_backward<scalar_t>(const LogitInputs<scalar_t>&, const BackwardBuffers<scalar_t>&, \
+#define INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(scalar_t)                                                                   \
+  template int launch_logit_forward<scalar_t>(const LogitInputs<scalar_t>&, const ForwardBuffers<scalar_t>&,           \
+                                              const ForwardTotals<accumulate_t<scalar_t>>&, const LaunchPlan&, void*); \
+  template int launch_logit_backward<scalar_t>(const LogitInputs<scalar_t>&, const BackwardBuffers<scalar_t>&,         \
                                                const LaunchPlan&, void*);
 INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(float)
 INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(double)

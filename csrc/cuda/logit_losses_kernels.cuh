@@ -44,12 +44,12 @@ HOST_DEVICE int64_t read_label(const void* target, LabelType type, int64_t i) {
 template <typename scalar_t>
 struct LogitInputs {
   using acc_t = accumulate_t<scalar_t>;
-  const scalar_t* x;    // (B, C, HW)
-  const scalar_t* y;    // (B, Co, HW), kd != none
-  const void* target;   // (B, HW) labels of label_type, ce != none
+  const scalar_t* x;   // (B, C, HW)
+  const scalar_t* y;   // (B, Co, HW), kd != none
+  const void* target;  // (B, HW) labels of label_type, ce != none
   LabelType label_type;
-  const acc_t* gamma;   // (B,), kd == balanced
-  const acc_t* mask;    // (B, HW) or null
+  const acc_t* gamma;  // (B,), kd == balanced
+  const acc_t* mask;   // (B, HW) or null
   acc_t alpha;
   int64_t ignore_index;
   int64_t B, C, Co, HW;
@@ -60,10 +60,10 @@ struct LogitInputs {
 template <typename scalar_t>
 struct ForwardBuffers {
   using acc_t = accumulate_t<scalar_t>;
-  acc_t* stats;         // (B, kNumStats, HW)
-  acc_t* ce_map;        // (B, HW) per-pixel losses for reduction "none", else null
+  acc_t* stats;   // (B, kNumStats, HW)
+  acc_t* ce_map;  // (B, HW) per-pixel losses for reduction "none", else null
   acc_t* kd_map;
-  acc_t* ce_partial;    // one per warp of the launch
+  acc_t* ce_partial;  // one per warp of the launch
   acc_t* kd_partial;
   int32_t* valid_partial;
 };
@@ -149,17 +149,16 @@ struct LogitForwardKernel {
     }
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
-      const StudentStats<acc_t> s = finish_student(old[i].student.max, old[i].student.sum, fresh[i].max,
-                                                   fresh[i].sum, x0[i]);
+      const StudentStats<acc_t> s =
+          finish_student(old[i].student.max, old[i].student.sum, fresh[i].max, fresh[i].sum, x0[i]);
       stat[kStatLse][i] = s.lse;
       stat[kStatLseOld][i] = s.lse_old;
       stat[kStatLseBg][i] = s.lse_bg;
       stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
-      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, old[i].teacher, old[i].student.max)
-                           : acc_t(0);
+      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, old[i].teacher, old[i].student.max) : acc_t(0);
       const bool counted = with_ce && label[i] != in.ignore_index;
       const bool in_range = label[i] >= 0 && label[i] < in.C;
-      ce_loss[i] = !counted ? acc_t(0)
+      ce_loss[i] = !counted   ? acc_t(0)
                    : in_range ? ce_pixel_loss(in.ce, label[i], in.Co, s, x_label[i])
                               : bad_label_loss<acc_t>();
       valid += counted ? 1 : 0;
@@ -187,7 +186,7 @@ struct BackwardBuffers {
   const acc_t* grad_kd;
   bool per_pixel;
   bool ce_mean;
-  acc_t kd_scale;  // 1/(B*H*W) for "mean", else 1
+  acc_t kd_scale;    // 1/(B*H*W) for "mean", else 1
   scalar_t* grad_x;  // out: (B, C, HW)
 };
 

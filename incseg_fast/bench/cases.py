@@ -6,6 +6,7 @@ op through each provider: the eager reference (``incseg_fast.reference``),
 Every provider is called the same way: ``fn(**inputs.arguments) -> tuple of outputs``, then
 ``torch.autograd.backward(outputs, inputs.upstream)`` for the backward.
 """
+
 import dataclasses
 import functools
 
@@ -37,7 +38,7 @@ class Size:
 
     def describe(self):
         letters = ("B", "C", "Co", "H", "W") if self.kind == "logits" else ("B", "C", "H", "W")
-        return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims))
+        return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims, strict=True))
 
 
 SIZES = {
@@ -108,8 +109,7 @@ def _finish(arguments, grad_names, upstream, primary, dtype, device):
         if isinstance(v, torch.Tensor):
             v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
             arguments[k] = v.requires_grad_(k in grad_names)
-    upstream = tuple(u.to(device=device, dtype=torch.float32 if u.dim() == 0 else dtype)
-                     for u in upstream)
+    upstream = tuple(u.to(device=device, dtype=torch.float32 if u.dim() == 0 else dtype) for u in upstream)
     return Inputs(arguments, tuple(grad_names), upstream, primary)
 
 
@@ -168,8 +168,7 @@ def reference_incremental_loss(x, t, y):
 
 
 def fused_incremental_loss(x, t, y, *, backend):
-    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="unbiased",
-                                   backend=backend)
+    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="unbiased", backend=backend)
 
 
 def reference_incremental_loss_balanced(x, t, y):
@@ -177,8 +176,7 @@ def reference_incremental_loss_balanced(x, t, y):
 
 
 def fused_incremental_loss_balanced(x, t, y, *, backend):
-    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced",
-                                   backend=backend)
+    return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced", backend=backend)
 
 
 def reference_unbiased_cross_entropy(x, t, old_classes):
@@ -226,24 +224,54 @@ class Op:
 OPS = {
     op.name: op
     for op in (
-        Op("incremental_loss", "logits",
-           functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
-           reference_incremental_loss, fused_incremental_loss, ("voc", "ade", "voc512")),
-        Op("incremental_loss_balanced", "logits",
-           functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
-           reference_incremental_loss_balanced, fused_incremental_loss_balanced, ("voc",)),
-        Op("unbiased_cross_entropy", "logits",
-           functools.partial(make_logit_inputs, with_target=True, with_teacher=False),
-           reference_unbiased_cross_entropy, fused_unbiased_cross_entropy, ("voc", "ade")),
-        Op("knowledge_distillation", "logits",
-           functools.partial(make_logit_inputs, with_target=False, with_teacher=True),
-           reference_knowledge_distillation, fused_knowledge_distillation, ("voc", "ade")),
-        Op("attentive_distillation", "features", make_distillation_inputs,
-           reference_attentive_distillation, fused_attentive_distillation,
-           ("feat2048", "feat256", "feat2048x64")),
-        Op("structured_attention", "features", make_attention_inputs,
-           reference_structured_attention, fused_structured_attention,
-           ("feat2048", "feat256", "feat2048x64")),
+        Op(
+            "incremental_loss",
+            "logits",
+            functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
+            reference_incremental_loss,
+            fused_incremental_loss,
+            ("voc", "ade", "voc512"),
+        ),
+        Op(
+            "incremental_loss_balanced",
+            "logits",
+            functools.partial(make_logit_inputs, with_target=True, with_teacher=True),
+            reference_incremental_loss_balanced,
+            fused_incremental_loss_balanced,
+            ("voc",),
+        ),
+        Op(
+            "unbiased_cross_entropy",
+            "logits",
+            functools.partial(make_logit_inputs, with_target=True, with_teacher=False),
+            reference_unbiased_cross_entropy,
+            fused_unbiased_cross_entropy,
+            ("voc", "ade"),
+        ),
+        Op(
+            "knowledge_distillation",
+            "logits",
+            functools.partial(make_logit_inputs, with_target=False, with_teacher=True),
+            reference_knowledge_distillation,
+            fused_knowledge_distillation,
+            ("voc", "ade"),
+        ),
+        Op(
+            "attentive_distillation",
+            "features",
+            make_distillation_inputs,
+            reference_attentive_distillation,
+            fused_attentive_distillation,
+            ("feat2048", "feat256", "feat2048x64"),
+        ),
+        Op(
+            "structured_attention",
+            "features",
+            make_attention_inputs,
+            reference_structured_attention,
+            fused_structured_attention,
+            ("feat2048", "feat256", "feat2048x64"),
+        ),
     )
 }
 
@@ -332,7 +360,7 @@ def run_forward(fn, inputs):
 
 def run_forward_backward(fn, inputs):
     outputs = run_forward(fn, inputs)
-    upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs)]
+    upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
     torch.autograd.backward(outputs, upstream)
     return outputs
 

@@ -7,6 +7,7 @@ allocation made while profiling with its size, and each free of such a block wit
 sum of those events in time order is the number of live bytes allocated inside the region; its
 maximum is the peak. ``check_peak_counter`` verifies this on allocations of known sizes.
 """
+
 import contextlib
 import os
 import platform
@@ -19,7 +20,6 @@ from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from incseg_fast.bench.cases import run_forward_backward
-
 
 # ---------------------------------------------------------------------------------------------
 # Time.
@@ -67,8 +67,9 @@ def _quiet_stderr():
 def _cpu_peak_extra_bytes(fn):
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())  # stable: equal stamps keep the recorded order
     live = peak = 0
     for event in events:
@@ -104,8 +105,7 @@ def check_peak_counter():
     expected = 6_000_000
     measured = _cpu_peak_extra_bytes(region)
     if measured != expected:
-        raise RuntimeError(f"CPU peak-memory counter is wrong: measured {measured} B, "
-                           f"expected {expected} B")
+        raise RuntimeError(f"CPU peak-memory counter is wrong: measured {measured} B, expected {expected} B")
     return measured
 
 

@@ -11,8 +11,10 @@ and reads the growth of ``VmHWM`` over the RSS before the call. The two figures 
 nothing allocates behind torch's back. Linux with glibc only; the changed allocation policy
 slows everything, so this is for memory, never for timing.
 """
+
 import argparse
 import ctypes
+import functools
 import sys
 
 from incseg_fast.bench import cases as bench_cases
@@ -59,7 +61,7 @@ def main(argv=None):
                 bench_cases.run_forward_backward(fn, inputs)
             profiled = measure.forward_backward_peak(fn, inputs, "cpu")
             inputs.clear_grads()
-            resident = rss_peak_extra_bytes(lambda: bench_cases.run_forward_backward(fn, inputs))
+            resident = rss_peak_extra_bytes(functools.partial(bench_cases.run_forward_backward, fn, inputs))
             inputs.clear_grads()
             print(f"{case.name:<45}{name:<10}{profiled / 2**20:>14.1f}{resident / 2**20:>14.1f}", flush=True)
     return 0

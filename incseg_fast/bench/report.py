@@ -14,7 +14,9 @@ bytes (inputs read once, gradients written once) against the measured copy bandw
 max relative error of outputs and gradients against the reference run in float64.
 Progress goes to stderr, the report to stdout.
 """
+
 import argparse
+import functools
 import json
 import sys
 import time
@@ -37,23 +39,30 @@ def _names(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m incseg_fast.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small odd sizes and few repetitions (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="small odd sizes and few repetitions (a smoke test)")
     parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
     parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"),
-                        help="run every case in this dtype only (default: fp32, and voc512 in fp32 and bf16)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=_names,
-                        help="comma-separated subset of eager, compiled and the fused backends")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        help="run every case in this dtype only (default: fp32, and voc512 in fp32 and bf16)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--providers", type=_names, help="comma-separated subset of eager, compiled and the fused backends"
+    )
     parser.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, quick 3)")
-    parser.add_argument("--warmup", type=int,
-                        help="untimed calls per provider first, compilation included (default 2, quick 1)")
-    parser.add_argument("--max-seconds", type=float, metavar="S",
-                        help="start no new case after S seconds; the report covers the cases measured "
-                             "and lists the others (a time budget, e.g. for tools/gpu_check.py; an interrupt "
-                             "(Ctrl-C, SIGINT) also stops it with a report of the cases measured)")
+    parser.add_argument(
+        "--warmup", type=int, help="untimed calls per provider first, compilation included (default 2, quick 1)"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="start no new case after S seconds; the report covers the cases measured "
+        "and lists the others (a time budget, e.g. for tools/gpu_check.py; an interrupt "
+        "(Ctrl-C, SIGINT) also stops it with a report of the cases measured)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
     args = parser.parse_args(argv)
@@ -83,7 +92,9 @@ def measure_case(case, provider_names, *, reps, warmup):
     reference_values = measure.outputs_and_grads(case.op.reference, inputs.converted(torch.float64))
     outputs = bench_cases.run_forward(case.op.reference, inputs)
     record = {
-        "op": case.op.name, "size": case.size.name, "dims": case.size.describe(),
+        "op": case.op.name,
+        "size": case.size.name,
+        "dims": case.size.describe(),
         "dtype": case.dtype_name,
         "primary_bytes": inputs.arguments[inputs.primary].numel() * inputs.arguments[inputs.primary].element_size(),
         "bytes_fwd": bench_cases.minimal_bytes(inputs, outputs, backward=False),
@@ -101,8 +112,7 @@ def measure_case(case, provider_names, *, reps, warmup):
                 inputs.clear_grads()
                 bench_cases.run_forward_backward(fn, inputs)
             inputs.clear_grads()
-            result["max_rel_err"] = measure.max_relative_error(
-                measure.outputs_and_grads(fn, inputs), reference_values)
+            result["max_rel_err"] = measure.max_relative_error(measure.outputs_and_grads(fn, inputs), reference_values)
         except Exception as error:  # a provider that fails is reported as failed, not skipped
             result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             _log(f"{case.name}: {name}: FAILED {result['error']}")
@@ -114,10 +124,11 @@ def measure_case(case, provider_names, *, reps, warmup):
         start = rep % len(running) if running else 0
         for name, fn in running[start:] + running[:start]:
             result = record["providers"][name]
-            result["fwd_s"].append(measure.time_call(lambda: bench_cases.run_forward(fn, inputs), device))
+            result["fwd_s"].append(measure.time_call(functools.partial(bench_cases.run_forward, fn, inputs), device))
             inputs.clear_grads()
             result["fwd_bwd_s"].append(
-                measure.time_call(lambda: bench_cases.run_forward_backward(fn, inputs), device))
+                measure.time_call(functools.partial(bench_cases.run_forward_backward, fn, inputs), device)
+            )
             inputs.clear_grads()
 
     for name, fn in running:
@@ -145,19 +156,20 @@ def speedups(record):
             base = results.get(baseline, {})
             if "fwd_median_s" in base:
                 out[name][baseline] = {
-                    phase: base[f"{phase}_median_s"] / result[f"{phase}_median_s"]
-                    for phase in ("fwd", "fwd_bwd")
+                    phase: base[f"{phase}_median_s"] / result[f"{phase}_median_s"] for phase in ("fwd", "fwd_bwd")
                 }
     return out
 
 
 def format_case(record, copy_bytes_per_s):
     mib = 2**20
-    lines = [f"{record['op']}  {record['size']} ({record['dims']})  {record['dtype']}  "
-             f"[unit tensor {record['primary_bytes'] / mib:.1f} MiB, "
-             f"minimal fwd+bwd traffic {record['bytes_fwd_bwd'] / mib:.1f} MiB]",
-             f"  {'provider':<10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'(min)':>9}{'peak MiB':>10}{'peak/unit':>10}"
-             f"{'GB/s':>8}{'%copy':>7}{'max rel err':>13}"]
+    lines = [
+        f"{record['op']}  {record['size']} ({record['dims']})  {record['dtype']}  "
+        f"[unit tensor {record['primary_bytes'] / mib:.1f} MiB, "
+        f"minimal fwd+bwd traffic {record['bytes_fwd_bwd'] / mib:.1f} MiB]",
+        f"  {'provider':<10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'(min)':>9}{'peak MiB':>10}{'peak/unit':>10}"
+        f"{'GB/s':>8}{'%copy':>7}{'max rel err':>13}",
+    ]
     for name, result in record["providers"].items():
         if "error" in result:
             lines.append(f"  {name:<10}FAILED: {result['error']}")
@@ -167,10 +179,14 @@ def format_case(record, copy_bytes_per_s):
             f"  {name:<10}{result['fwd_median_s'] * 1e3:>10.2f}{result['fwd_bwd_median_s'] * 1e3:>12.2f}"
             f"{min(result['fwd_bwd_s']) * 1e3:>9.2f}"
             f"{result['peak_extra_bytes'] / mib:>10.1f}{result['peak_extra_bytes'] / record['primary_bytes']:>10.2f}"
-            f"{bandwidth / 1e9:>8.2f}{100 * bandwidth / copy_bytes_per_s:>6.0f}%{result['max_rel_err']:>13.1e}")
+            f"{bandwidth / 1e9:>8.2f}{100 * bandwidth / copy_bytes_per_s:>6.0f}%{result['max_rel_err']:>13.1e}"
+        )
     for name, by_baseline in record.get("speedups", {}).items():
-        parts = [f"{by_baseline[b]['fwd_bwd']:.2f}x vs {b} (fwd {by_baseline[b]['fwd']:.2f}x)"
-                 for b in ("eager", "compiled") if b in by_baseline]
+        parts = [
+            f"{by_baseline[b]['fwd_bwd']:.2f}x vs {b} (fwd {by_baseline[b]['fwd']:.2f}x)"
+            for b in ("eager", "compiled")
+            if b in by_baseline
+        ]
         if parts:
             lines.append(f"  {name} fwd+bwd speedup: " + ", ".join(parts))
     return "\n".join(lines)
@@ -178,9 +194,11 @@ def format_case(record, copy_bytes_per_s):
 
 def format_markdown(records, copy_bytes_per_s, verdicts):
     """The per-case figures and the target verdicts as Markdown tables (for docs/BENCHMARKS.md)."""
-    lines = ["| op | size | dtype | provider | fwd ms | fwd+bwd ms | fwd+bwd min ms | peak extra MiB (x unit) "
-             "| GB/s (% copy) | max rel err | fwd+bwd speedup vs eager / compiled |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| op | size | dtype | provider | fwd ms | fwd+bwd ms | fwd+bwd min ms | peak extra MiB (x unit) "
+        "| GB/s (% copy) | max rel err | fwd+bwd speedup vs eager / compiled |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for record in records:
         for name, result in record["providers"].items():
             head = f"| {record['op']} | {record['size']} | {record['dtype']} | {name} |"
@@ -189,14 +207,15 @@ def format_markdown(records, copy_bytes_per_s, verdicts):
                 continue
             bandwidth = record["bytes_fwd_bwd"] / result["fwd_bwd_median_s"]
             speedup = record["speedups"].get(name, {})
-            ratios = " / ".join(f"{speedup[b]['fwd_bwd']:.2f}x" if b in speedup else "-"
-                                for b in ("eager", "compiled"))
+            ratios = " / ".join(f"{speedup[b]['fwd_bwd']:.2f}x" if b in speedup else "-" for b in ("eager", "compiled"))
             lines.append(
                 f"{head} {result['fwd_median_s'] * 1e3:.1f} | {result['fwd_bwd_median_s'] * 1e3:.1f} | "
                 f"{min(result['fwd_bwd_s']) * 1e3:.1f} | "
-                f"{result['peak_extra_bytes'] / 2**20:.1f} ({result['peak_extra_bytes'] / record['primary_bytes']:.2f}) | "
+                f"{result['peak_extra_bytes'] / 2**20:.1f} "
+                f"({result['peak_extra_bytes'] / record['primary_bytes']:.2f}) | "
                 f"{bandwidth / 1e9:.2f} ({100 * bandwidth / copy_bytes_per_s:.0f}%) | {result['max_rel_err']:.1e} | "
-                f"{ratios if speedup else ''} |")
+                f"{ratios if speedup else ''} |"
+            )
     if verdicts:
         lines += ["", "| target | value | verdict |", "|---|---:|---|"]
         lines += [f"| {description} | {detail} | {verdict} |" for description, verdict, detail in verdicts]
@@ -219,23 +238,33 @@ def evaluate_targets(records):
             for baseline, goal in (("compiled", 2.0), ("eager", 10.0)):
                 if baseline in by_baseline:
                     value = by_baseline[baseline]["fwd_bwd"]
-                    judge(f"incremental_loss voc {record['dtype']} fwd+bwd, {name} >= {goal:g}x {baseline}",
-                          value >= goal, f"{value:.2f}x")
+                    judge(
+                        f"incremental_loss voc {record['dtype']} fwd+bwd, {name} >= {goal:g}x {baseline}",
+                        value >= goal,
+                        f"{value:.2f}x",
+                    )
     for size in ("feat2048", "feat256"):
         for record in _find(records, "attentive_distillation", size):
             for name, by_baseline in record["speedups"].items():
                 if "compiled" in by_baseline:
                     value = by_baseline["compiled"]["fwd_bwd"]
-                    judge(f"attentive_distillation {size} {record['dtype']} fwd+bwd, {name} >= 1.5x compiled",
-                          value >= 1.5, f"{value:.2f}x")
+                    judge(
+                        f"attentive_distillation {size} {record['dtype']} fwd+bwd, {name} >= 1.5x compiled",
+                        value >= 1.5,
+                        f"{value:.2f}x",
+                    )
     for record in records:
         # The memory target is about the real sizes; a smoke-test size has too few channels.
         if bench_cases.OPS[record["op"]].kind != "logits" or bench_cases.SIZES[record["size"]].quick:
             continue
         for name in record["speedups"]:
             ratio = record["providers"][name]["peak_extra_bytes"] / record["primary_bytes"]
-            judge(f"{record['op']} {record['size']} {record['dtype']} peak extra memory, {name} "
-                  f"<= {LOGIT_OPS_MEMORY_LIMIT}x logits", ratio <= LOGIT_OPS_MEMORY_LIMIT, f"{ratio:.2f}x")
+            judge(
+                f"{record['op']} {record['size']} {record['dtype']} peak extra memory, {name} "
+                f"<= {LOGIT_OPS_MEMORY_LIMIT}x logits",
+                ratio <= LOGIT_OPS_MEMORY_LIMIT,
+                f"{ratio:.2f}x",
+            )
     return verdicts
 
 
@@ -256,8 +285,9 @@ def format_header(info, args, copy_bytes_per_s, fused):
         f"load average at start: {' '.join(f'{v:.2f}' for v in info['load_average'])}",
     ]
     if args.device == "cpu":
-        lines.append("peak memory: torch.profiler allocator events replayed in order "
-                     "(self-check on known allocations passed)")
+        lines.append(
+            "peak memory: torch.profiler allocator events replayed in order (self-check on known allocations passed)"
+        )
     else:
         lines.append("peak memory: torch.cuda.max_memory_allocated minus the memory allocated before")
     return "\n".join(lines)
@@ -266,8 +296,9 @@ def format_header(info, args, copy_bytes_per_s, fused):
 def main(argv=None):
     started = time.monotonic()
     args = parse_args(argv)
-    selected = bench_cases.select_cases(ops=args.ops, sizes=args.sizes, dtype_name=args.dtype,
-                                        device=args.device, quick=args.quick)
+    selected = bench_cases.select_cases(
+        ops=args.ops, sizes=args.sizes, dtype_name=args.dtype, device=args.device, quick=args.quick
+    )
     if not selected:
         raise SystemExit("no case matches --ops/--sizes on this device")
     if args.device == "cpu":
@@ -291,7 +322,7 @@ def main(argv=None):
         interrupted = True
         _log("interrupted: reporting the cases measured so far")
 
-    not_measured = [case.name for case in selected[len(records):]]
+    not_measured = [case.name for case in selected[len(records) :]]
     if not_measured:
         why = "interrupted" if interrupted else f"--max-seconds {args.max_seconds:g} spent"
         print(f"\nnot measured ({why}): {', '.join(not_measured)}")
@@ -309,11 +340,20 @@ def main(argv=None):
         _log(f"wrote {args.markdown}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "load_average_end": end_load, "args": vars(args),
-                       "copy_bytes_per_s": copy_bytes_per_s, "fused_backends": fused,
-                       "cases": records, "not_measured": not_measured,
-                       "targets": [dict(zip(("target", "verdict", "value"), v)) for v in verdicts]},
-                      f, indent=1)
+            json.dump(
+                {
+                    "machine": info,
+                    "load_average_end": end_load,
+                    "args": vars(args),
+                    "copy_bytes_per_s": copy_bytes_per_s,
+                    "fused_backends": fused,
+                    "cases": records,
+                    "not_measured": not_measured,
+                    "targets": [dict(zip(("target", "verdict", "value"), v, strict=True)) for v in verdicts],
+                },
+                f,
+                indent=1,
+            )
         _log(f"wrote {args.json}")
     return 130 if interrupted else 0
 

@@ -1,4 +1,5 @@
 """Datasets, transforms and the class-incremental protocol of the trainer (SPEC §4)."""
+
 from . import transforms as T
 from ._files import DataFileError
 from .ade import ADE20KSegmentation

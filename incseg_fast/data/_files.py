@@ -1,4 +1,5 @@
 """Shared reader for datasets stored as image files plus palette/greyscale label PNGs."""
+
 import hashlib
 import os
 
@@ -129,14 +130,16 @@ class FileSegmentation(Dataset):
         label_size, mode = inspect_file(label_path, "label")
         _check_label_mode(label_path, mode)
         if label_size != (width, height):
-            raise DataFileError(f"label {label_path} is {label_size[1]}x{label_size[0]} but its image "
-                                f"{image_path} is {height}x{width}")
+            raise DataFileError(
+                f"label {label_path} is {label_size[1]}x{label_size[0]} but its image {image_path} is {height}x{width}"
+            )
 
     def __getitem__(self, i):
         image, label = load_image(self.pairs[i][0]), self._label(i)
         if image.shape[1:] != label.shape:
-            raise DataFileError(f"image {self.pairs[i][0]} is {tuple(image.shape[1:])} "
-                                f"but its label is {tuple(label.shape)}")
+            raise DataFileError(
+                f"image {self.pairs[i][0]} is {tuple(image.shape[1:])} but its label is {tuple(label.shape)}"
+            )
         if self.transform is not None:
             image, label = self.transform(image, label)
         if self.normalize is not None:

@@ -8,6 +8,7 @@ Expected layout under `root`:
 As in MiB, void (0) is the background class 0 in training, and ignored (255) in validation:
 ADE20K has no real background, so the void pixels are not scored.
 """
+
 import os
 
 import torch
@@ -30,8 +31,13 @@ class ADE20KSegmentation(FileSegmentation):
         names = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith(".jpg"))
         if not names:
             raise FileNotFoundError(f"no .jpg images in {image_dir}")
-        pairs = [(os.path.join(image_dir, f"{n}.jpg"),
-                  require_path(os.path.join(label_dir, f"{n}.png"), "ADE20K annotation")) for n in names]
+        pairs = [
+            (
+                os.path.join(image_dir, f"{n}.jpg"),
+                require_path(os.path.join(label_dir, f"{n}.png"), "ADE20K annotation"),
+            )
+            for n in names
+        ]
         super().__init__(pairs, f"ade-{split}", transform, normalize)
         if split == "val":
             self.label_lut = torch.arange(256)

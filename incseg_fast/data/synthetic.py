@@ -10,6 +10,7 @@ as in the real 15-5 protocol, where old objects are labelled background in new-s
 Image i is a pure function of (seed, split, i): a scalar plan drawn with `random.Random`
 (which `classes_in` reads without rendering), then a vectorised torch rendering at any size.
 """
+
 import colorsys
 import math
 import random
@@ -29,12 +30,14 @@ TEXTURES = ("plain", "stripes", "checker", "dots")
 CLASS_SHAPE = [None] + [(k - 1) % len(SHAPES) for k in range(1, NUM_CLASSES)]
 CLASS_TEXTURE = [None] + [(k - 1 + (k - 1) // 10) % len(TEXTURES) for k in range(1, NUM_CLASSES)]
 # Saturated colours with hues spread by the golden ratio; backgrounds stay desaturated.
-CLASS_HSV = [None] + [(((k - 1) * 0.618034) % 1.0, 0.9 if k % 2 else 0.7, (0.95, 0.8, 0.65)[k % 3])
-                      for k in range(1, NUM_CLASSES)]
-CLASS_NAMES = ["background"] + [f"{SHAPES[CLASS_SHAPE[k]]}-{TEXTURES[CLASS_TEXTURE[k]]}"
-                                for k in range(1, NUM_CLASSES)]
-PALETTE = torch.tensor([[0, 0, 0]] + [[round(255 * c) for c in colorsys.hsv_to_rgb(*CLASS_HSV[k])]
-                                      for k in range(1, NUM_CLASSES)], dtype=torch.uint8)
+CLASS_HSV = [None] + [
+    (((k - 1) * 0.618034) % 1.0, 0.9 if k % 2 else 0.7, (0.95, 0.8, 0.65)[k % 3]) for k in range(1, NUM_CLASSES)
+]
+CLASS_NAMES = ["background"] + [f"{SHAPES[CLASS_SHAPE[k]]}-{TEXTURES[CLASS_TEXTURE[k]]}" for k in range(1, NUM_CLASSES)]
+PALETTE = torch.tensor(
+    [[0, 0, 0]] + [[round(255 * c) for c in colorsys.hsv_to_rgb(*CLASS_HSV[k])] for k in range(1, NUM_CLASSES)],
+    dtype=torch.uint8,
+)
 
 # (name, classes that tend to appear together, background base colour) -- after VOC's scenes.
 SCENE_TYPES = (
@@ -69,7 +72,7 @@ def _shape_masks(shape, u, v):
     """Inside-tests in the object frame, where every shape fits in the unit disc."""
     au, av = u.abs(), v.abs()
     if shape == "disc":
-        return u * u + v * v <= 0.9 ** 2
+        return u * u + v * v <= 0.9**2
     if shape == "square":
         return torch.maximum(au, av) <= 0.66
     if shape == "triangle":  # equilateral, centroid at the origin, circumradius 0.95
@@ -80,7 +83,7 @@ def _shape_masks(shape, u, v):
         return inside
     if shape == "ring":
         r2 = u * u + v * v
-        return (r2 <= 0.95 ** 2) & (r2 >= 0.55 ** 2)
+        return (r2 <= 0.95**2) & (r2 >= 0.55**2)
     if shape == "bar":
         return (au <= 0.95) & (av <= 0.3)
     if shape == "cross":
@@ -117,7 +120,7 @@ def _texture(texture, u, v):
     if texture == "dots":  # a lattice of discs, period 1/1.3 radius
         du = torch.remainder(1.3 * u + 0.5, 1.0) - 0.5
         dv = torch.remainder(1.3 * v + 0.5, 1.0) - 0.5
-        return torch.where(du * du + dv * dv < 0.3 ** 2, 1.0, -0.6)
+        return torch.where(du * du + dv * dv < 0.3**2, 1.0, -0.6)
     raise AssertionError(texture)
 
 
@@ -131,8 +134,9 @@ class SyntheticSegmentation(Dataset):
     num_classes = NUM_CLASSES
     class_names = CLASS_NAMES
 
-    def __init__(self, split="train", num_images=None, image_size=64, seed=0, transform=None, cache=False,
-                 normalize=True):
+    def __init__(
+        self, split="train", num_images=None, image_size=64, seed=0, transform=None, cache=False, normalize=True
+    ):
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if num_images is None:
@@ -167,23 +171,27 @@ class SyntheticSegmentation(Dataset):
         grid = rng.choice((2, 3))
         count = rng.randint(1, 4) if grid == 2 else rng.randint(2, 6)
         scene_classes = SCENE_TYPES[scene][1]
-        classes = [rng.randint(1, NUM_CLASSES - 1) if rng.random() < STRAY_PROBABILITY
-                   else rng.choice(scene_classes) for _ in range(count)]
+        classes = [
+            rng.randint(1, NUM_CLASSES - 1) if rng.random() < STRAY_PROBABILITY else rng.choice(scene_classes)
+            for _ in range(count)
+        ]
         cells = rng.sample(range(grid * grid), count)
         objects = []
-        for cls, cell in zip(classes, cells):
-            objects.append({
-                "class": cls,
-                "row": cell // grid,
-                "col": cell % grid,
-                # centre jitter and radius in cell units: 0.06 + 0.43 < 0.5, so objects stay in their cell
-                "jitter": (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)),
-                "radius": rng.uniform(0.27, 0.43),
-                "angle": rng.uniform(0, 2 * math.pi),
-                "hue_shift": rng.uniform(-0.02, 0.02),
-                "brightness": rng.uniform(0.85, 1.1),
-                "light_angle": rng.uniform(0, 2 * math.pi),
-            })
+        for cls, cell in zip(classes, cells, strict=True):
+            objects.append(
+                {
+                    "class": cls,
+                    "row": cell // grid,
+                    "col": cell % grid,
+                    # centre jitter and radius in cell units: 0.06 + 0.43 < 0.5, so objects stay in their cell
+                    "jitter": (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)),
+                    "radius": rng.uniform(0.27, 0.43),
+                    "angle": rng.uniform(0, 2 * math.pi),
+                    "hue_shift": rng.uniform(-0.02, 0.02),
+                    "brightness": rng.uniform(0.85, 1.1),
+                    "light_angle": rng.uniform(0, 2 * math.pi),
+                }
+            )
         return {"scene": scene, "grid": grid, "objects": objects, "noise_seed": rng.getrandbits(62)}
 
     def classes_in(self, i):
@@ -226,8 +234,9 @@ class SyntheticSegmentation(Dataset):
             light = math.cos(obj["light_angle"]) * u[j] + math.sin(obj["light_angle"]) * v[j]
             shading[j] = (1 + 0.22 * _texture(texture, u[j], v[j])) * (1 + 0.12 * light)
             hue, sat, val = CLASS_HSV[cls]
-            colours[j] = torch.tensor(colorsys.hsv_to_rgb((hue + obj["hue_shift"]) % 1.0, sat,
-                                                          min(1.0, val * obj["brightness"])))
+            colours[j] = torch.tensor(
+                colorsys.hsv_to_rgb((hue + obj["hue_shift"]) % 1.0, sat, min(1.0, val * obj["brightness"]))
+            )
             a = _ANCHOR_U.get(shape, 0.0) * obj["radius"] * min(cell_h, cell_w)
             anchor_x.append(float(cx[j]) + a * math.cos(obj["angle"]))
             anchor_y.append(float(cy[j]) + a * math.sin(obj["angle"]))
@@ -253,8 +262,9 @@ class SyntheticSegmentation(Dataset):
         base = torch.tensor(SCENE_TYPES[scene][2]) + 0.06 * (torch.rand(3, generator=gen) - 0.5)
         coarse = torch.randn(1, 1, 5, 5, generator=gen)
         luminance = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
-        tint = F.interpolate(torch.randn(1, 3, 3, 3, generator=gen), size=(h, w), mode="bilinear",
-                             align_corners=False)[0]
+        tint = F.interpolate(torch.randn(1, 3, 3, 3, generator=gen), size=(h, w), mode="bilinear", align_corners=False)[
+            0
+        ]
         gradient = torch.linspace(0.08, -0.08, h)[None, :, None] * torch.randn((), generator=gen).sign()
         grain = torch.randn(1, h, w, generator=gen)
         return base[:, None, None] + 0.09 * luminance + 0.03 * tint + gradient + 0.04 * grain

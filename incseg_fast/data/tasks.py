@@ -4,6 +4,7 @@ A task is a list of steps; each step is the list of class ids it adds (step 0 in
 background 0). Class ids are the dataset's own ids: every table here adds classes in dataset
 order, so a class keeps its id through all steps and "remapping" only hides classes.
 """
+
 import hashlib
 import json
 import os

@@ -4,6 +4,7 @@ image: float (3, H, W) in [0, 1] (before `Normalize`); label: int64 (H, W), 255 
 Random transforms draw from torch's global generator (or the one given), so DataLoader
 workers, which torch seeds differently, augment differently.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +26,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _check_pair(image, label):
     if image.dim() != 3 or label.dim() != 2 or image.shape[1:] != label.shape:
-        raise ValueError(f"expected image (C, H, W) and label (H, W) of the same size, "
-                         f"got {tuple(image.shape)} and {tuple(label.shape)}")
+        raise ValueError(
+            f"expected image (C, H, W) and label (H, W) of the same size, "
+            f"got {tuple(image.shape)} and {tuple(label.shape)}"
+        )
 
 
 def _resize_pair(image, label, size):
@@ -85,7 +88,7 @@ class RandomCrop:
             image, label, h, w = padded, padded_label, ph, pw
         top = int(torch.randint(h - th + 1, (), generator=self.generator))
         left = int(torch.randint(w - tw + 1, (), generator=self.generator))
-        return image[:, top:top + th, left:left + tw], label[top:top + th, left:left + tw]
+        return image[:, top : top + th, left : left + tw], label[top : top + th, left : left + tw]
 
 
 class RandomHorizontalFlip:
@@ -127,7 +130,7 @@ class CenterCrop:
         if h < th or w < tw:
             raise ValueError(f"CenterCrop{self.size} needs an input at least that large, got {(h, w)}")
         top, left = (h - th) // 2, (w - tw) // 2
-        return image[:, top:top + th, left:left + tw], label[top:top + th, left:left + tw]
+        return image[:, top : top + th, left : left + tw], label[top : top + th, left : left + tw]
 
 
 class Normalize:

@@ -10,6 +10,7 @@ Expected layout under `root`:
                                                            "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
                                                            lines are read too)
 """
+
 import os
 
 from ._files import DataFileError, FileSegmentation, require_path
@@ -17,8 +18,27 @@ from ._files import DataFileError, FileSegmentation, require_path
 __all__ = ["VOCSegmentation", "VOC_CLASS_NAMES"]
 
 VOC_CLASS_NAMES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 
 

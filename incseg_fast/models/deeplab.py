@@ -5,6 +5,7 @@
 feature-distillation target; with CAF the attended ``z-bar``), ``features`` the pre-classifier
 head output (CAF's ``h``), and with CAF ``projected`` (the input of the next step's fusion).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,9 @@ from .resnet import build_backbone
 def _conv_bn_relu(cin, cout, kernel=1, dilation=1):
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class ASPP(nn.Module):
@@ -30,11 +33,12 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, channels: int, rates):
         super().__init__()
         self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_channels, channels)] +
-            [_conv_bn_relu(in_channels, channels, 3, r) for r in rates])
+            [_conv_bn_relu(in_channels, channels)] + [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
+        )
         # no BatchNorm on the pooled 1x1 branch: it would fail on a training batch of one image
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
-                                  nn.ReLU(inplace=True))
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False), nn.ReLU(inplace=True)
+        )
         self.project = _conv_bn_relu(channels * (len(rates) + 2), channels)
 
     def forward(self, x):
@@ -124,13 +128,13 @@ class NonLocalProjection(nn.Module):
         self.g = nn.Conv2d(channels, inner, 1)
         self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
         nn.init.zeros_(self.out[1].weight)
-        self.scale = inner ** -0.5
+        self.scale = inner**-0.5
 
     def forward(self, z):
         b, _, h, w = z.shape
-        query = self.theta(z).flatten(2).transpose(1, 2)           # (B, N, C')
-        key = self.phi(z).flatten(2)                                # (B, C', N)
-        value = self.g(z).flatten(2).transpose(1, 2)               # (B, N, C')
+        query = self.theta(z).flatten(2).transpose(1, 2)  # (B, N, C')
+        key = self.phi(z).flatten(2)  # (B, C', N)
+        value = self.g(z).flatten(2).transpose(1, 2)  # (B, N, C')
         attention = torch.softmax((query @ key) * self.scale, dim=-1)  # (B, N, N)
         context = (attention @ value).transpose(1, 2).reshape(b, -1, h, w)
         return z + self.out(context)
@@ -167,7 +171,7 @@ class ContinualAttentiveFusion(nn.Module):
             self.fuse.weight.zero_()
             self.fuse.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
             self.fuse.bias.zero_()
-        self.spatial = nn.Conv2d(channels, 1, 1)   # mean over the outputs of w_sp * v, then a sigmoid
+        self.spatial = nn.Conv2d(channels, 1, 1)  # mean over the outputs of w_sp * v, then a sigmoid
         self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v), then a sigmoid
 
     def forward(self, z, old_projected=None, *, backend="auto"):
@@ -181,8 +185,9 @@ class ContinualAttentiveFusion(nn.Module):
 
 
 class IncrementalSegmenter(nn.Module):
-    def __init__(self, backbone: str, classes_per_step, *, output_stride=16, head_channels=None,
-                 aspp_rates=None, caf=False):
+    def __init__(
+        self, backbone: str, classes_per_step, *, output_stride=16, head_channels=None, aspp_rates=None, caf=False
+    ):
         super().__init__()
         self.backbone_name = backbone
         self.encoder = build_backbone(backbone, output_stride)
@@ -207,10 +212,14 @@ class IncrementalSegmenter(nn.Module):
 
     def config(self) -> dict:
         """What is needed to rebuild this model (stored in checkpoints)."""
-        return {"backbone": self.backbone_name, "classes_per_step": self.classifier.classes_per_step,
-                "output_stride": self.encoder.output_stride, "head_channels": self.classifier.in_channels,
-                "aspp_rates": [b[0].dilation[0] for b in self.head.aspp.branches[1:]],
-                "caf": self.caf is not None}
+        return {
+            "backbone": self.backbone_name,
+            "classes_per_step": self.classifier.classes_per_step,
+            "output_stride": self.encoder.output_stride,
+            "head_channels": self.classifier.in_channels,
+            "aspp_rates": [b[0].dilation[0] for b in self.head.aspp.branches[1:]],
+            "caf": self.caf is not None,
+        }
 
     def forward(self, images, old_projected=None):
         """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only)."""
@@ -219,7 +228,6 @@ class IncrementalSegmenter(nn.Module):
         if self.caf is not None:
             z, out["projected"] = self.caf(z, old_projected, backend=self.loss_backend)
         h = self.head(z)
-        out["logits"] = F.interpolate(self.classifier(h), size=images.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+        out["logits"] = F.interpolate(self.classifier(h), size=images.shape[-2:], mode="bilinear", align_corners=False)
         out["encoder"], out["features"] = z, h
         return out

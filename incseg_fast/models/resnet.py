@@ -4,6 +4,7 @@ state dict saved to a file loads directly (nothing is downloaded here).
 The last stages trade stride for dilation to reach an output stride of 16 or 8, as in
 torchvision's ``replace_stride_with_dilation`` (the layout DeepLabV3 and MiB use).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,7 @@ from .._errors import first_line
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation,
-                     dilation=dilation, bias=False)
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -76,8 +76,9 @@ class ResNet(nn.Module):
     def __init__(self, block, layers, *, output_stride=16, width=64, light_stem=False):
         super().__init__()
         if output_stride not in (4, 8, 16, 32) or (output_stride == 4 and not light_stem):
-            raise ValueError(f"output_stride must be 8, 16 or 32 (or 4 with the small variants' light stem), "
-                             f"got {output_stride!r}")
+            raise ValueError(
+                f"output_stride must be 8, 16 or 32 (or 4 with the small variants' light stem), got {output_stride!r}"
+            )
         self.inplanes = width
         self.dilation = 1
         if light_stem:
@@ -111,8 +112,9 @@ class ResNet(nn.Module):
             stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+            )
         layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
@@ -164,9 +166,11 @@ def load_pretrained(backbone: ResNet, path: str | Path) -> None:
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise ValueError(f"pretrained state dict {path} does not match the backbone: "
-                         f"missing {_head(missing)}, unexpected {_head(unexpected)}, other shapes {_head(mismatched)}")
-    backbone.load_state_dict(state, strict=False)
+        raise ValueError(
+            f"pretrained state dict {path} does not match the backbone: "
+            f"missing {_head(missing)}, unexpected {_head(unexpected)}, other shapes {_head(mismatched)}"
+        )
+    backbone.load_state_dict(state, strict=True)
 
 
 def _head(keys, n=5):

@@ -9,6 +9,7 @@ autograd formulas of each op family are registered once per namespace. A backend
     incseg_fast_triton          Triton kernels (backend "triton"), registered by incseg_fast.triton
     incseg_fast_cuda_emulator   the CUDA kernels run thread by thread on CPU tensors (tests only)
 """
+
 import torch
 
 from . import attention as _attention
@@ -40,8 +41,9 @@ class OpBackend:
         return _logit_losses.logit_losses(self.ops, x, target, y, gamma, mask, **options)
 
     def attentive_distillation(self, f, g, a, b, *, reduction, detach_spatial):
-        return _attention.attentive_distillation(self.ops, f, g, a, b, reduction=reduction,
-                                                 detach_spatial=detach_spatial)
+        return _attention.attentive_distillation(
+            self.ops, f, g, a, b, reduction=reduction, detach_spatial=detach_spatial
+        )
 
     def structured_attention(self, v, a_ch, a_sp):
         return _attention.structured_attention(self.ops, v, a_ch, a_sp)

@@ -1,4 +1,5 @@
-"""Fake kernels, autograd and contract wrappers of the attention ops (MATH.md#feature-losses), written once for every namespace.
+"""Fake kernels, autograd and contract wrappers of the attention ops (MATH.md#feature-losses),
+written once for every namespace.
 
 The forward op of attentive distillation returns, besides the loss, the small per-pixel state its
 backward needs (the normalised spatial maps Ŝ_f, Ŝ_g and their difference, 1/N per image and, when
@@ -6,6 +7,7 @@ the spatial map is differentiated, P = dL/dŜ per unit of upstream gradient), so
 the features once more and never recomputes a reduction over the whole image. Every implementation
 family saves the same state in the same layout (csrc/ops.cpp).
 """
+
 import torch
 
 from ..vocabulary import accumulation_dtype
@@ -32,9 +34,10 @@ def _attentive_distillation_forward_fake(f, g, a, b, reduction, save_spatial_gra
     return loss, spatial, inv_norm, pixel_grad
 
 
-def _attentive_distillation_backward_fake(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction,
-                                          spatial_chain, output_mask):
-    return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (f, g, a, b)))
+def _attentive_distillation_backward_fake(
+    grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction, spatial_chain, output_mask
+):
+    return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (f, g, a, b), strict=True))
 
 
 def _attentive_distillation_setup_context(ctx, inputs, output):
@@ -50,9 +53,10 @@ def _attentive_distillation_backward(ops):
     def backward(ctx, grad_loss, *_state_grads):
         f, g, a, b, spatial, inv_norm, pixel_grad = ctx.saved_tensors
         output_mask = list(ctx.needs_input_grad[:4])
-        grads = ops.attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad,
-                                                    ctx.reduction, ctx.spatial_chain, output_mask)
-        return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), None, None)
+        grads = ops.attentive_distillation_backward(
+            grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, ctx.reduction, ctx.spatial_chain, output_mask
+        )
+        return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask, strict=True)), None, None)
 
     return backward
 
@@ -63,8 +67,7 @@ def attentive_distillation(ops, f, g, a, b, *, reduction, detach_spatial):
     Returns a 0-dim float32 tensor (float64 for float64 inputs), differentiable w.r.t. f, g, a, b.
     """
     # The forward saves dL/dŜ only when a backward through the spatial map can follow.
-    save_spatial_grad = (not detach_spatial and torch.is_grad_enabled()
-                         and (f.requires_grad or g.requires_grad))
+    save_spatial_grad = not detach_spatial and torch.is_grad_enabled() and (f.requires_grad or g.requires_grad)
     loss, _, _, _ = ops.attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad)
     return loss
 
@@ -77,7 +80,7 @@ def _structured_attention_fake(v, a_ch, a_sp):
 
 
 def _structured_attention_backward_fake(grad_out, v, a_ch, a_sp, output_mask):
-    return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (v, a_ch, a_sp)))
+    return tuple(_empty_unless(wanted, like) for wanted, like in zip(output_mask, (v, a_ch, a_sp), strict=True))
 
 
 def _structured_attention_setup_context(ctx, inputs, output):
@@ -89,7 +92,7 @@ def _structured_attention_backward(ops):
         v, a_ch, a_sp = ctx.saved_tensors
         output_mask = list(ctx.needs_input_grad)
         grads = ops.structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask)
-        return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask))
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, output_mask, strict=True))
 
     return backward
 
@@ -110,8 +113,13 @@ def register(namespace):
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
-    torch.library.register_autograd(f"{namespace}::attentive_distillation_forward",
-                                    _attentive_distillation_backward(ops),
-                                    setup_context=_attentive_distillation_setup_context)
-    torch.library.register_autograd(f"{namespace}::structured_attention", _structured_attention_backward(ops),
-                                    setup_context=_structured_attention_setup_context)
+    torch.library.register_autograd(
+        f"{namespace}::attentive_distillation_forward",
+        _attentive_distillation_backward(ops),
+        setup_context=_attentive_distillation_setup_context,
+    )
+    torch.library.register_autograd(
+        f"{namespace}::structured_attention",
+        _structured_attention_backward(ops),
+        setup_context=_structured_attention_setup_context,
+    )

@@ -5,6 +5,7 @@ are what ``logit_losses_bwd`` needs (per-pixel log-normalisers (B, 4, H, W) and 
 non-ignored pixels), so the backward is one fused pass over the logits. The schemas are in
 csrc/ops.cpp; every implementation family (compiled, Triton) has the same ones in its own namespace.
 """
+
 import torch
 
 from ..vocabulary import accumulation_dtype
@@ -31,8 +32,24 @@ def _forward_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, igno
     )
 
 
-def _backward_fake(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd, alpha,
-                   ignore_index, reduction):
+def _backward_fake(
+    grad_ce,
+    grad_kd,
+    x,
+    target,
+    y,
+    gamma,
+    mask,
+    stats,
+    valid_count,
+    *,
+    old_classes,
+    ce,
+    kd,
+    alpha,
+    ignore_index,
+    reduction,
+):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -57,8 +74,16 @@ def _autograd_backward(ops):
         if grad_ce is None or grad_kd is None:
             zeros = torch.zeros(ctx.loss_shape, dtype=accumulation_dtype(x.dtype), device=x.device)
         grad_x = ops.logit_losses_bwd(
-            zeros if grad_ce is None else grad_ce, zeros if grad_kd is None else grad_kd,
-            x, target, y, gamma, mask, stats, valid_count, **ctx.modes,
+            zeros if grad_ce is None else grad_ce,
+            zeros if grad_kd is None else grad_kd,
+            x,
+            target,
+            y,
+            gamma,
+            mask,
+            stats,
+            valid_count,
+            **ctx.modes,
         )
         return grad_x, None, None, None, None
 
@@ -70,14 +95,24 @@ def register(namespace):
     ops = getattr(torch.ops, namespace)
     torch.library.register_fake(f"{namespace}::logit_losses_fwd", _forward_fake)
     torch.library.register_fake(f"{namespace}::logit_losses_bwd", _backward_fake)
-    torch.library.register_autograd(f"{namespace}::logit_losses_fwd", _autograd_backward(ops),
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        f"{namespace}::logit_losses_fwd", _autograd_backward(ops), setup_context=_setup_context
+    )
 
 
 def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
     """The backend contract of DEVELOPERS.md on ``ops`` (a torch.ops namespace); returns ``(ce_loss, kd_loss)``."""
     ce_loss, kd_loss, _, _ = ops.logit_losses_fwd(
-        x, target, y, gamma, mask, old_classes=old_classes, ce=ce, kd=kd, alpha=alpha,
-        ignore_index=ignore_index, reduction=reduction,
+        x,
+        target,
+        y,
+        gamma,
+        mask,
+        old_classes=old_classes,
+        ce=ce,
+        kd=kd,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
     return ce_loss, kd_loss

@@ -15,6 +15,7 @@ Payloads: ``kind="step"``, the final checkpoint of a step (model config, weights
 ``kind="epoch"``, the last finished epoch of an unfinished step (weights, optimizer, history).
 Formats 1 and 2 were plain ``torch.save`` files, which cannot be verified: they are refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,17 +58,20 @@ def _read_header(path: Path, f) -> tuple[str, int]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if start != MAGIC:
         if start.startswith(_ZIP):
-            raise CheckpointError(f"{path} is a PyTorch file without incseg_fast's checkpoint header: another "
-                                  "program's file, or a checkpoint of incseg_fast 0.1 (format 1-2, which cannot be "
-                                  "verified: train it again)")
+            raise CheckpointError(
+                f"{path} is a PyTorch file without incseg_fast's checkpoint header: another "
+                "program's file, or a checkpoint of incseg_fast 0.1 (format 1-2, which cannot be "
+                "verified: train it again)"
+            )
         raise CheckpointError(f"{path} is not an incseg_fast checkpoint (it does not start with the header)")
     line = f.readline(200)
     match = _HEADER.fullmatch(line)
     if match is None:
         raise CheckpointError(f"checkpoint {path} has a damaged header (truncated or corrupt)")
     if int(match.group(1)) != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {int(match.group(1))}; this incseg_fast reads "
-                              f"format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {int(match.group(1))}; this incseg_fast reads format {CHECKPOINT_FORMAT}"
+        )
     return match.group(2).decode(), int(match.group(3))
 
 
@@ -103,8 +107,10 @@ def load_checkpoint(path, kind: str = "step") -> dict:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses anything but tensors and plain data
-        raise CheckpointError(f"checkpoint {path} was refused: it holds more than tensors and plain data, "
-                              f"and loading it could run code ({first_line(error)})") from None
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds more than tensors and plain data, "
+            f"and loading it could run code ({first_line(error)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("kind") not in REQUIRED:
         raise CheckpointError(f"checkpoint {path} does not hold an incseg_fast step or epoch")
     if payload["kind"] != kind:

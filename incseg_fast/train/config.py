@@ -11,6 +11,7 @@ Defaults (MiB / ILT / CAF papers, DeepLabV3 ResNet-101, output stride 16):
 Every run uses SGD (momentum 0.9, weight decay 1e-4, Nesterov off) with the poly schedule
 ``lr = base * (1 - iter / max_iter) ** 0.9`` within each step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,14 +22,14 @@ from dataclasses import dataclass
 class Method:
     """How a method trains a step > 0 (step 0 is plain cross-entropy for all of them)."""
 
-    ce: str                 # "plain" | "unbiased"
-    kd: str                 # "none" | "plain" | "unbiased" | "balanced"
+    ce: str  # "plain" | "unbiased"
+    kd: str  # "none" | "plain" | "unbiased" | "balanced"
     lambda_kd: float = 0.0
     lambda_fd: float = 0.0  # ILT's L2 distillation of the encoder output
     lambda_ad: float = 0.0  # CAF's attentive distillation (SPEC 3.1), on z-bar and h
     balanced_init: bool = False
     caf_module: bool = False
-    joint: bool = False     # all classes in one step (the offline upper bound)
+    joint: bool = False  # all classes in one step (the offline upper bound)
 
 
 METHODS = {
@@ -36,36 +37,59 @@ METHODS = {
     "lwf": Method(ce="plain", kd="plain", lambda_kd=100.0),
     "ilt": Method(ce="plain", kd="plain", lambda_kd=100.0, lambda_fd=100.0),
     "mib": Method(ce="unbiased", kd="unbiased", lambda_kd=10.0, balanced_init=True),
-    "caf": Method(ce="unbiased", kd="balanced", lambda_kd=10.0, lambda_ad=1000.0, balanced_init=True,
-                  caf_module=True),
+    "caf": Method(ce="unbiased", kd="balanced", lambda_kd=10.0, lambda_ad=1000.0, balanced_init=True, caf_module=True),
     "joint": Method(ce="plain", kd="none", joint=True),
 }
 
 DATASET_DEFAULTS = {
-    "voc": dict(task="15-5", lr=0.01, lr_incremental=0.001, epochs=30, batch_size=24, image_size=512,
-                backbone="resnet101", output_stride=16),
-    "ade": dict(task="100-50", lr=0.01, lr_incremental=0.001, epochs=60, batch_size=24, image_size=512,
-                backbone="resnet101", output_stride=16),
-    "synthetic": dict(task="15-5", lr=0.1, lr_incremental=0.05, epochs=12, batch_size=8, image_size=48,
-                      backbone="tiny", output_stride=4),
+    "voc": dict(
+        task="15-5",
+        lr=0.01,
+        lr_incremental=0.001,
+        epochs=30,
+        batch_size=24,
+        image_size=512,
+        backbone="resnet101",
+        output_stride=16,
+    ),
+    "ade": dict(
+        task="100-50",
+        lr=0.01,
+        lr_incremental=0.001,
+        epochs=60,
+        batch_size=24,
+        image_size=512,
+        backbone="resnet101",
+        output_stride=16,
+    ),
+    "synthetic": dict(
+        task="15-5",
+        lr=0.1,
+        lr_incremental=0.05,
+        epochs=12,
+        batch_size=8,
+        image_size=48,
+        backbone="tiny",
+        output_stride=4,
+    ),
 }
 
 
 @dataclass
 class TrainConfig:
     dataset: str = "synthetic"
-    task: str | None = None             # None = the dataset's default (voc/synthetic 15-5, ade 100-50)
+    task: str | None = None  # None = the dataset's default (voc/synthetic 15-5, ade 100-50)
     method: str = "mib"
-    mode: str = "disjoint"              # image selection: "disjoint" | "overlapped"
-    root: str | None = None             # dataset root for voc / ade
+    mode: str = "disjoint"  # image selection: "disjoint" | "overlapped"
+    root: str | None = None  # dataset root for voc / ade
     out: str = "runs/train"
     # None = the dataset's default from DATASET_DEFAULTS
     backbone: str | None = None
     output_stride: int | None = None
-    pretrained: str | None = None       # torchvision ResNet state dict file
-    lr: float | None = None             # step 0
+    pretrained: str | None = None  # torchvision ResNet state dict file
+    lr: float | None = None  # step 0
     lr_incremental: float | None = None  # steps > 0
-    epochs: int | None = None           # step 0
+    epochs: int | None = None  # step 0
     epochs_incremental: int | None = None  # steps > 0 (defaults to epochs)
     batch_size: int | None = None
     image_size: int | None = None
@@ -76,13 +100,13 @@ class TrainConfig:
     lambda_fd: float | None = None
     lambda_ad: float | None = None
     alpha: float = 1.0
-    freeze_encoder: bool = False        # ILT's E_F
+    freeze_encoder: bool = False  # ILT's E_F
     # synthetic data only
     train_images: int = 600
     val_images: int = 200
     data_seed: int = 0
-    eval_protocol: str = "mib"          # "mib" (unseen classes ignored) | "plop" (counted as background)
-    amp: str = "auto"                   # "auto" (bf16/fp16 on CUDA, off on CPU) | "none" | "bf16" | "fp16"
+    eval_protocol: str = "mib"  # "mib" (unseen classes ignored) | "plop" (counted as background)
+    amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU) | "none" | "bf16" | "fp16"
     loss_backend: str = "auto"
     device: str = "auto"
     workers: int = 0
@@ -90,14 +114,17 @@ class TrainConfig:
     step0_checkpoint: str | None = None  # reuse a trained step 0 (same architecture) instead of training it
     progress: bool = True
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every None replaced by the dataset's and the method's defaults."""
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"dataset must be one of {sorted(DATASET_DEFAULTS)}, got {self.dataset!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        for name, options in (("mode", ("disjoint", "overlapped")), ("eval_protocol", ("mib", "plop")),
-                              ("amp", ("auto", "none", "bf16", "fp16"))):
+        for name, options in (
+            ("mode", ("disjoint", "overlapped")),
+            ("eval_protocol", ("mib", "plop")),
+            ("amp", ("auto", "none", "bf16", "fp16")),
+        ):
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
         cfg = dataclasses.replace(self)
@@ -136,10 +163,20 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
         ("lambda_fd", spec.lambda_fd, cfg.method == "ilt", method, "ilt's feature distillation"),
         ("freeze_encoder", False, cfg.method == "ilt", method, "ilt (E_F)"),
         ("lambda_ad", spec.lambda_ad, spec.caf_module, method, "caf's attentive distillation"),
-        ("lr_incremental", DATASET_DEFAULTS[cfg.dataset]["lr_incremental"], not spec.joint, method,
-         "the steps after step 0; joint trains one step with --lr"),
-        ("epochs_incremental", cfg.epochs, not spec.joint, method,
-         "the steps after step 0; joint trains one step with --epochs"),
+        (
+            "lr_incremental",
+            DATASET_DEFAULTS[cfg.dataset]["lr_incremental"],
+            not spec.joint,
+            method,
+            "the steps after step 0; joint trains one step with --lr",
+        ),
+        (
+            "epochs_incremental",
+            cfg.epochs,
+            not spec.joint,
+            method,
+            "the steps after step 0; joint trains one step with --epochs",
+        ),
         ("step0_checkpoint", None, not spec.joint, method, "incremental methods; joint trains every class at once"),
         ("root", None, not synthetic, dataset, "voc and ade; synthetic data is generated"),
         ("train_images", TrainConfig.train_images, synthetic, dataset, "synthetic data"),

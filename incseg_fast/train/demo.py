@@ -5,6 +5,7 @@ and forgets them; MiB's unbiased losses and balanced initialisation keep them. S
 identical for ``ft`` and ``mib`` (plain cross-entropy, same seed), so it is trained once and
 reused (``--step0-checkpoint``); ``caf`` has its own architecture and trains its own step 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,17 @@ from .trainer import StepPlan, run
 # Tuned so that the full demo runs in about 4 minutes on the shared 2-core development machine
 # and mib keeps far more of the old classes than ft (measured figures: docs/TRAINER.md).
 # Step 1 uses LR 0.05: at 0.01 no method learned the new classes well (ft new mIoU 12; at 0.05, 55).
-FULL = dict(image_size=48, train_images=800, val_images=200, epochs=12, epochs_incremental=8,
-            batch_size=8, lr=0.1, lr_incremental=0.05, output_stride=4)
+FULL = dict(
+    image_size=48,
+    train_images=800,
+    val_images=200,
+    epochs=12,
+    epochs_incremental=8,
+    batch_size=8,
+    lr=0.1,
+    lr_incremental=0.05,
+    output_stride=4,
+)
 # bumped when the models, the demo or the files change, so that an old runs/demo is not resumed
 # (4: CAF's structured attention has sigmoid gates; the quick demo's settings; 5: checkpoint
 # format 3 and options.json)
@@ -39,8 +49,17 @@ DEMO_LAMBDA_AD = 1.0
 # forgets and both learn the new ones. Step 0 needs several hundred iterations before it learns
 # more than the background (at the old 32x32, 160 scenes, 2 + 2 epochs every method ended at the
 # background-only 5.7 old / 0.0 new mIoU): 600 iterations of batch 4 at 40x40.
-QUICK = dict(image_size=40, train_images=400, val_images=200, epochs=10, epochs_incremental=5,
-             batch_size=4, lr=0.1, lr_incremental=0.05, output_stride=4)
+QUICK = dict(
+    image_size=40,
+    train_images=400,
+    val_images=200,
+    epochs=10,
+    epochs_incremental=5,
+    batch_size=4,
+    lr=0.1,
+    lr_incremental=0.05,
+    output_stride=4,
+)
 
 
 def _settings_match(out: Path, settings: dict) -> bool:
@@ -48,8 +67,9 @@ def _settings_match(out: Path, settings: dict) -> bool:
     return path.exists() and json.loads(path.read_text()) == settings
 
 
-def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf"), loss_backend="auto",
-             progress=True, threads=1) -> dict:
+def run_demo(
+    out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf"), loss_backend="auto", progress=True, threads=1
+) -> dict:
     """Train the demo's methods (an unchanged, interrupted demo resumes) and print the table.
 
     ``threads``: torch's intra-op threads. One is the default because these convolutions are
@@ -63,7 +83,14 @@ def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf
     if unknown:
         raise ValueError(f"methods must be incremental methods (ft, lwf, ilt, mib, caf), got {sorted(unknown)}")
     out = Path(out)
-    settings = {"version": DEMO_VERSION, **(QUICK if quick else FULL), "caf_lambda_ad": DEMO_LAMBDA_AD, "seed": seed, "methods": methods, "loss_backend": loss_backend}
+    settings = {
+        "version": DEMO_VERSION,
+        **(QUICK if quick else FULL),
+        "caf_lambda_ad": DEMO_LAMBDA_AD,
+        "seed": seed,
+        "methods": methods,
+        "loss_backend": loss_backend,
+    }
     if not _settings_match(out, settings):
         # results of other settings would be mixed into the tables: start this folder over
         # (every method's folder: one left by a demo with other --methods would be kept otherwise)
@@ -74,10 +101,20 @@ def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "demo_settings.json", json.dumps(settings, indent=1))
 
-    base = TrainConfig(dataset="synthetic", task="15-5", mode="disjoint", out=str(out), backbone="tiny",
-                       seed=seed, data_seed=seed, device="cpu", amp="none",
-                       loss_backend=loss_backend, progress=progress,
-                       **{k: settings[k] for k in FULL})
+    base = TrainConfig(
+        dataset="synthetic",
+        task="15-5",
+        mode="disjoint",
+        out=str(out),
+        backbone="tiny",
+        seed=seed,
+        data_seed=seed,
+        device="cpu",
+        amp="none",
+        loss_backend=loss_backend,
+        progress=progress,
+        **{k: settings[k] for k in FULL},
+    )
     start = time.perf_counter()
     timings = {}
     shared_step0 = out / "ft" / "step0.pt"
@@ -102,16 +139,24 @@ def run_demo(out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf
     print(f"synthetic 15-5 disjoint, {'quick' if quick else 'full'} demo, mIoU (%) after the last step:")
     print(report["table"])
     final = {m: entries[-1] for m, entries in report["results"].items()}
-    if "ft" in final and "mib" in final and final["ft"]["miou_old"] is not None \
-            and final["mib"]["miou_old"] is not None:
+    if (
+        "ft" in final
+        and "mib" in final
+        and final["ft"]["miou_old"] is not None
+        and final["mib"]["miou_old"] is not None
+    ):
         gap = final["mib"]["miou_old"] - final["ft"]["miou_old"]
-        print(f"old classes: mib {final['mib']['miou_old']:.1f} vs ft {final['ft']['miou_old']:.1f} "
-              f"({gap:+.1f} points)")
+        print(
+            f"old classes: mib {final['mib']['miou_old']:.1f} vs ft {final['ft']['miou_old']:.1f} ({gap:+.1f} points)"
+        )
     print("time: " + ", ".join(f"{m} {t:.0f}s" for m, t in timings.items()) + f"; total {total:.0f}s")
     if quick:
         print("joint (the offline upper bound) runs in the full demo only")
     if report["plot_message"]:
         print(report["plot_message"])
-    print(f"files in {out.resolve()}: results.json, results.csv, results.md"
-          + ("" if report["plot_message"] else ", miou.png") + ", <method>/metrics.json, <method>/step<k>.pt")
+    print(
+        f"files in {out.resolve()}: results.json, results.csv, results.md"
+        + ("" if report["plot_message"] else ", miou.png")
+        + ", <method>/metrics.json, <method>/step<k>.pt"
+    )
     return report

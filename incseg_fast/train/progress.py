@@ -1,4 +1,5 @@
 """A dependency-free progress line: fraction done, running loss and images per second."""
+
 from __future__ import annotations
 
 import sys
@@ -36,8 +37,10 @@ class Progress:
         width = 20
         filled = width * self.done // self.total
         bar = "#" * filled + "." * (width - filled)
-        line = (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
-                f"loss {self.loss_sum / self.done:.4f} {self.images_per_second:.1f} img/s")
+        line = (
+            f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
+            f"loss {self.loss_sum / self.done:.4f} {self.images_per_second:.1f} img/s"
+        )
         if self.interactive:
             self.stream.write("\r" + line + ("\n" if final else ""))
         else:

@@ -8,6 +8,7 @@ Layout of an output folder::
     OUT/results.json                {method: [{"step", "miou_old", "miou_new", "miou_all"}, ...]}
     OUT/results.csv, OUT/results.md, OUT/miou.png
 """
+
 from __future__ import annotations
 
 import csv
@@ -96,6 +97,7 @@ def plot(metrics: dict[str, list[dict]], path: Path) -> str | None:
     """mIoU (all classes) across steps per method; returns a message when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -126,13 +128,15 @@ def write_reports(out: Path, task_steps: list[list[int]] | None = None) -> dict:
     """
     out = Path(out)
     metrics = collect(out)
-    summary = {m: [{"step": e["step"], **{k: e[k] for k in SUMMARY_KEYS}} for e in entries]
-               for m, entries in metrics.items()}
+    summary = {
+        m: [{"step": e["step"], **{k: e[k] for k in SUMMARY_KEYS}} for e in entries] for m, entries in metrics.items()
+    }
     refresh_file(out / "results.json", json.dumps(summary, indent=1))
 
     num_classes = max((len(e["iou"]) for entries in metrics.values() for e in entries), default=0)
-    rows = [["method", "step", "miou_old", "miou_new", "miou_all", "mpa", "mca"]
-            + [f"iou_{c}" for c in range(num_classes)]]
+    rows = [
+        ["method", "step", "miou_old", "miou_new", "miou_all", "mpa", "mca"] + [f"iou_{c}" for c in range(num_classes)]
+    ]
     for method, entries in metrics.items():
         for e in entries:
             values = [e[k] for k in ("miou_old", "miou_new", "miou_all", "mpa", "mca")] + list(e["iou"])

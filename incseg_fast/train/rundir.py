@@ -10,6 +10,7 @@ Not recorded, free to change between runs: ``root`` (the data may move), ``out``
 ``progress`` and the CPU threads. An interrupted step resumes bit-identically only with the
 same values of these too.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,27 @@ from .._atomic import remove_stale_temporaries, write_atomic
 from .config import METHODS, TrainConfig
 
 OPTIONS_FILE = "options.json"
-TASK_OPTIONS = ("dataset", "task", "mode", "image_size", "train_images", "val_images", "data_seed",
-                "eval_protocol")
-METHOD_OPTIONS = ("backbone", "output_stride", "pretrained", "step0_checkpoint", "lr", "lr_incremental", "epochs",
-                  "epochs_incremental", "batch_size", "momentum", "weight_decay", "lambda_kd", "lambda_fd",
-                  "lambda_ad", "alpha", "freeze_encoder", "seed", "amp")
+TASK_OPTIONS = ("dataset", "task", "mode", "image_size", "train_images", "val_images", "data_seed", "eval_protocol")
+METHOD_OPTIONS = (
+    "backbone",
+    "output_stride",
+    "pretrained",
+    "step0_checkpoint",
+    "lr",
+    "lr_incremental",
+    "epochs",
+    "epochs_incremental",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "lambda_kd",
+    "lambda_fd",
+    "lambda_ad",
+    "alpha",
+    "freeze_encoder",
+    "seed",
+    "amp",
+)
 REPORTS = ("results.json", "results.csv", "results.md", "miou.png")
 
 
@@ -50,8 +67,10 @@ def _read_options(path: Path) -> dict | None:
 def _conflict(folder: Path, stored: dict | None, wanted: dict) -> str | None:
     """Why the results in ``folder`` (trained with ``stored``) cannot be continued with ``wanted``."""
     if stored is None:
-        return (f"{folder} holds results without a record of their options (from incseg_fast 0.1, or an "
-                "interrupted --overwrite)")
+        return (
+            f"{folder} holds results without a record of their options (from incseg_fast 0.1, or an "
+            "interrupted --overwrite)"
+        )
     differ = [k for k in wanted if stored.get(k) != wanted[k]]
     if not differ:
         return None
@@ -68,8 +87,9 @@ def _settle(options_path: Path, wanted: dict, results: list[Path], overwrite: bo
         return
     conflict = _conflict(options_path.parent, stored, wanted) if results else None
     if conflict and not overwrite:
-        raise RunOptionsError(f"{conflict}: rerun with the same options, use a new --out, or pass --overwrite "
-                              "to discard them")
+        raise RunOptionsError(
+            f"{conflict}: rerun with the same options, use a new --out, or pass --overwrite to discard them"
+        )
     if conflict:
         print(f"--overwrite: {conflict}; removing them")
         options_path.unlink(missing_ok=True)  # first: a kill below leaves results without options, never mixed
@@ -92,10 +112,19 @@ def prepare_run_directory(cfg: TrainConfig, precision: str, *, overwrite: bool =
     method_dir = out / cfg.method
     options = {**{k: getattr(cfg, k) for k in TASK_OPTIONS + METHOD_OPTIONS}, "amp": precision}
     method_dirs = [out / m for m in METHODS if _holds_results(out / m)]
-    _settle(out / OPTIONS_FILE, {k: options[k] for k in TASK_OPTIONS}, method_dirs, overwrite,
-            derived=[out / r for r in REPORTS])
-    _settle(method_dir / OPTIONS_FILE, {k: options[k] for k in METHOD_OPTIONS},
-            [method_dir] if _holds_results(method_dir) else [], overwrite)
+    _settle(
+        out / OPTIONS_FILE,
+        {k: options[k] for k in TASK_OPTIONS},
+        method_dirs,
+        overwrite,
+        derived=[out / r for r in REPORTS],
+    )
+    _settle(
+        method_dir / OPTIONS_FILE,
+        {k: options[k] for k in METHOD_OPTIONS},
+        [method_dir] if _holds_results(method_dir) else [],
+        overwrite,
+    )
     for folder in (out, method_dir, out / "cache"):
         remove_stale_temporaries(folder)
     return method_dir

@@ -10,6 +10,7 @@ weights and its metrics. Everything else (``metrics.json``, the reports) is rebu
 final checkpoints, so a kill at any moment leaves either the committed step or the partial one,
 and the same command finishes the run as if it had not been killed (docs/RELIABILITY.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,10 @@ from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory
 
-
 # ------------------------------------------------------------------------------------------
 # Environment: device, mixed precision, seeding, checkpoints
 # ------------------------------------------------------------------------------------------
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -70,7 +71,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def _seed(*parts: int) -> int:
     value = 0
     for p in parts:
-        value = (value * 1_000_003 + int(p)) % (2 ** 31 - 1)
+        value = (value * 1_000_003 + int(p)) % (2**31 - 1)
     return value
 
 
@@ -84,6 +85,7 @@ def seed_everything(seed: int) -> None:
 # Data
 # ------------------------------------------------------------------------------------------
 
+
 def _dataset(cfg: TrainConfig, split: str):
     """The base dataset of ``split`` ("train" | "val") with the data package's default transforms
     (voc / ade: random scale, crop and flip for training, resize + centre crop for validation)."""
@@ -91,8 +93,14 @@ def _dataset(cfg: TrainConfig, split: str):
 
     if cfg.dataset == "synthetic":
         # cache: rendered scenes stay in memory instead of being drawn again every epoch
-        return build_dataset("synthetic", split, image_size=cfg.image_size, cache=True, seed=cfg.data_seed,
-                             num_images=cfg.train_images if split == "train" else cfg.val_images)
+        return build_dataset(
+            "synthetic",
+            split,
+            image_size=cfg.image_size,
+            cache=True,
+            seed=cfg.data_seed,
+            num_images=cfg.train_images if split == "train" else cfg.val_images,
+        )
     return build_dataset(cfg.dataset, split, root=cfg.root, image_size=cfg.image_size)
 
 
@@ -118,11 +126,13 @@ class StepPlan:
             self.index, self.report_step = 0, last
         else:
             self.train_steps, self.index, self.report_step = self.task_steps, step, step
-        seen = [c for s in self.train_steps[:self.index + 1] for c in s]
+        seen = [c for s in self.train_steps[: self.index + 1] for c in s]
         if sorted(seen) != list(range(len(seen))):
-            raise ValueError(f"task {cfg.task!r}: the classes of steps 0..{self.index} must be the "
-                             "contiguous ids 0..N-1 (the model's channel c is class c)")
-        self.classes_per_step = [len(s) for s in self.train_steps[:self.index + 1]]
+            raise ValueError(
+                f"task {cfg.task!r}: the classes of steps 0..{self.index} must be the "
+                "contiguous ids 0..N-1 (the model's channel c is class c)"
+            )
+        self.classes_per_step = [len(s) for s in self.train_steps[: self.index + 1]]
         self.num_classes = sum(self.classes_per_step)
         self.old_classes = len(self.task_steps[0])
 
@@ -141,8 +151,9 @@ def _val_subset(cfg: TrainConfig, plan: StepPlan, base):
     """Every validation image; classes not seen yet are ignored (mib) or background (plop)."""
     from ..data import IncrementalSubset, eval_label_lut
 
-    return IncrementalSubset(base, range(len(base)),
-                             eval_label_lut(plan.train_steps, plan.index, protocol=cfg.eval_protocol))
+    return IncrementalSubset(
+        base, range(len(base)), eval_label_lut(plan.train_steps, plan.index, protocol=cfg.eval_protocol)
+    )
 
 
 def _check_files(*subsets) -> None:
@@ -157,6 +168,7 @@ def _check_files(*subsets) -> None:
 # Models and checkpoints
 # ------------------------------------------------------------------------------------------
 
+
 def model_from_checkpoint(ckpt: dict, device) -> IncrementalSegmenter:
     model = IncrementalSegmenter(**ckpt["model"])
     model.load_state_dict(ckpt["state_dict"])
@@ -168,15 +180,18 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
     spec = cfg.method_spec
     torch.manual_seed(_seed(cfg.seed, plan.index, 10_000))
     if plan.index == 0:
-        model = IncrementalSegmenter(cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride,
-                                     caf=spec.caf_module)
+        model = IncrementalSegmenter(
+            cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride, caf=spec.caf_module
+        )
         if cfg.pretrained:
             load_pretrained(model.encoder, cfg.pretrained)
         return model.to(device), None
     previous = method_dir / f"step{plan.index - 1}.pt"
     if not previous.exists():
-        raise FileNotFoundError(f"step {plan.index} needs the previous step's checkpoint {previous}; "
-                                f"train step {plan.index - 1} first (or every step with --step all)")
+        raise FileNotFoundError(
+            f"step {plan.index} needs the previous step's checkpoint {previous}; "
+            f"train step {plan.index - 1} first (or every step with --step all)"
+        )
     ckpt = load_checkpoint(previous)
     old = model_from_checkpoint(ckpt, device)
     old.eval()
@@ -191,6 +206,7 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
 # ------------------------------------------------------------------------------------------
 # Loss of one batch
 # ------------------------------------------------------------------------------------------
+
 
 def _needs_teacher(cfg: TrainConfig) -> bool:
     """Whether steps > 0 run the old model (fine-tuning does not)."""
@@ -210,8 +226,16 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
     old_classes = plan.num_classes - plan.classes_per_step[-1] if incremental else plan.num_classes
     kd_mode = spec.kd if old is not None else "none"
     y = old_out["logits"].to(x.dtype) if kd_mode != "none" else None
-    ce, kd = isf.incremental_loss(x, labels, y, old_classes=old_classes, ce=spec.ce if incremental else "plain",
-                                  kd=kd_mode, alpha=cfg.alpha, backend=cfg.loss_backend)
+    ce, kd = isf.incremental_loss(
+        x,
+        labels,
+        y,
+        old_classes=old_classes,
+        ce=spec.ce if incremental else "plain",
+        kd=kd_mode,
+        alpha=cfg.alpha,
+        backend=cfg.loss_backend,
+    )
     loss = ce + cfg.lambda_kd * kd
     if old is not None and cfg.lambda_fd:
         loss = loss + cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
@@ -221,8 +245,9 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
             f, g = out[key], old_out[key].to(out[key].dtype)
             with torch.no_grad():
                 b = getattr(old, se)(g)
-            loss = loss + cfg.lambda_ad * isf.attentive_distillation(f, g, getattr(model, se)(f), b,
-                                                                     backend=cfg.loss_backend)
+            loss = loss + cfg.lambda_ad * isf.attentive_distillation(
+                f, g, getattr(model, se)(f), b, backend=cfg.loss_backend
+            )
     return loss
 
 
@@ -230,9 +255,19 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
 # Evaluation
 # ------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model, dataset, *, num_classes: int, old_classes: int, batch_size: int, device,
-             amp: torch.dtype | None = None, workers: int = 0) -> dict:
+def evaluate(
+    model,
+    dataset,
+    *,
+    num_classes: int,
+    old_classes: int,
+    batch_size: int,
+    device,
+    amp: torch.dtype | None = None,
+    workers: int = 0,
+) -> dict:
     """Per-class IoU and old/new/all mIoU, mPA, mCA (percent) of ``model`` on ``dataset``."""
     from ..metrics import ConfusionMatrix
 
@@ -249,6 +284,7 @@ def evaluate(model, dataset, *, num_classes: int, old_classes: int, batch_size: 
 # Training
 # ------------------------------------------------------------------------------------------
 
+
 def method_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / cfg.method
 
@@ -261,11 +297,16 @@ def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
     """Copy a trained step 0 (``--step0-checkpoint``) instead of training it again."""
     source = Path(cfg.step0_checkpoint)
     model = load_checkpoint(source)["model"]
-    needed = {"backbone": cfg.backbone, "output_stride": cfg.output_stride, "caf": cfg.method_spec.caf_module,
-              "classes_per_step": plan.classes_per_step}
+    needed = {
+        "backbone": cfg.backbone,
+        "output_stride": cfg.output_stride,
+        "caf": cfg.method_spec.caf_module,
+        "classes_per_step": plan.classes_per_step,
+    }
     if any(model[key] != value for key, value in needed.items()):
-        raise ValueError(f"--step0-checkpoint {source} has a different architecture ({model}) than this run "
-                         f"needs ({needed})")
+        raise ValueError(
+            f"--step0-checkpoint {source} has a different architecture ({model}) than this run needs ({needed})"
+        )
     write_atomic(final, source.read_bytes())  # verified above, and again whenever it is loaded
 
 
@@ -318,46 +359,96 @@ def _train(cfg: TrainConfig, plan: StepPlan, train_set, device, autocast_dtype, 
     for epoch in range(start_epoch, epochs):
         seed_everything(_seed(cfg.seed, plan.index, epoch))
         order = torch.Generator().manual_seed(_seed(cfg.seed, plan.index, epoch, 1))
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
-                            drop_last=drop_last, num_workers=cfg.workers)
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=order,
+            drop_last=drop_last,
+            num_workers=cfg.workers,
+        )
         model.train()
         if frozen_encoder:
             model.encoder.eval()  # E_F: the frozen encoder keeps its BatchNorm statistics too
-        progress = Progress(iters_per_epoch, f"[{cfg.method}] step {plan.report_step} epoch {epoch + 1}/{epochs}",
-                            enabled=cfg.progress)
+        progress = Progress(
+            iters_per_epoch, f"[{cfg.method}] step {plan.report_step} epoch {epoch + 1}/{epochs}", enabled=cfg.progress
+        )
         loss_sum = 0.0
         for i, batch in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = base_lr * (1 - (epoch * iters_per_epoch + i) / max_iters) ** 0.9
-            loss_value = _sgd_step(cfg, plan, model, teacher, optimizer, scaler, batch, device, autocast_dtype,
-                                   f"step {plan.report_step}, epoch {epoch}, iteration {i}")
+            loss_value = _sgd_step(
+                cfg,
+                plan,
+                model,
+                teacher,
+                optimizer,
+                scaler,
+                batch,
+                device,
+                autocast_dtype,
+                f"step {plan.report_step}, epoch {epoch}, iteration {i}",
+            )
             loss_sum += loss_value
             progress.update(batch[0].shape[0], loss_value)
-        history.append({"epoch": epoch, "loss": loss_sum / max(iters_per_epoch, 1),
-                        "images_per_s": progress.images_per_second})
-        save_checkpoint({"kind": "epoch", "epoch": epoch, "history": history, "state_dict": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "config": dataclasses.asdict(cfg)}, partial)
+        history.append(
+            {"epoch": epoch, "loss": loss_sum / max(iters_per_epoch, 1), "images_per_s": progress.images_per_second}
+        )
+        save_checkpoint(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "history": history,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "config": dataclasses.asdict(cfg),
+            },
+            partial,
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     return model, history
 
 
-def _train_and_commit(cfg: TrainConfig, plan: StepPlan, device, autocast_dtype, final: Path, partial: Path,
-                      on_epoch_end) -> None:
+def _train_and_commit(
+    cfg: TrainConfig, plan: StepPlan, device, autocast_dtype, final: Path, partial: Path, on_epoch_end
+) -> None:
     train_set = _train_subset(cfg, plan, _dataset(cfg, "train"))
     val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
     _check_files(train_set, val_set)
     model, history = _train(cfg, plan, train_set, device, autocast_dtype, partial, on_epoch_end)
     start = time.perf_counter()
-    metrics = evaluate(model, val_set, num_classes=plan.num_classes, old_classes=plan.old_classes,
-                       batch_size=cfg.batch_size, device=device, amp=autocast_dtype, workers=cfg.workers)
-    entry = {"step": plan.report_step, **metrics, "history": history,
-             "eval_seconds": round(time.perf_counter() - start, 2)}
+    metrics = evaluate(
+        model,
+        val_set,
+        num_classes=plan.num_classes,
+        old_classes=plan.old_classes,
+        batch_size=cfg.batch_size,
+        device=device,
+        amp=autocast_dtype,
+        workers=cfg.workers,
+    )
+    entry = {
+        "step": plan.report_step,
+        **metrics,
+        "history": history,
+        "eval_seconds": round(time.perf_counter() - start, 2),
+    }
     # the commit of the step: weights and metrics in one rename
-    save_checkpoint({"kind": "step", "model": model.config(), "state_dict": model.state_dict(), "metrics": entry,
-                     "task_steps": plan.task_steps, "train_steps": plan.train_steps, "index": plan.index,
-                     "config": dataclasses.asdict(cfg)}, final)
+    save_checkpoint(
+        {
+            "kind": "step",
+            "model": model.config(),
+            "state_dict": model.state_dict(),
+            "metrics": entry,
+            "task_steps": plan.task_steps,
+            "train_steps": plan.train_steps,
+            "index": plan.index,
+            "config": dataclasses.asdict(cfg),
+        },
+        final,
+    )
     partial.unlink(missing_ok=True)
 
 
@@ -392,16 +483,18 @@ def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
     last = len(StepPlan(cfg, 0).task_steps) - 1
     if cfg.method_spec.joint:
         if steps is not None and list(steps) != [last]:
-            raise ValueError(f"joint trains every class in one step, reported as step {last}: "
-                             f"use --step all (or {last})")
+            raise ValueError(
+                f"joint trains every class in one step, reported as step {last}: use --step all (or {last})"
+            )
         steps = [last]
     elif steps is None:
         steps = range(last + 1)
     return [train_step(cfg, k, overwrite=overwrite) for k in steps]
 
 
-def evaluate_checkpoint(path, *, root=None, device="auto", amp="auto", batch_size=None, workers=0,
-                        eval_protocol=None) -> dict:
+def evaluate_checkpoint(
+    path, *, root=None, device="auto", amp="auto", batch_size=None, workers=0, eval_protocol=None
+) -> dict:
     """Metrics of a final step checkpoint on the validation split of the step it was trained for."""
     ckpt = load_checkpoint(path)
     cfg = TrainConfig(**ckpt["config"])
@@ -414,6 +507,13 @@ def evaluate_checkpoint(path, *, root=None, device="auto", amp="auto", batch_siz
     model = model_from_checkpoint(ckpt, torch_device)
     val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
     _check_files(val_set)
-    return evaluate(model, val_set, num_classes=plan.num_classes, old_classes=plan.old_classes,
-                    batch_size=batch_size or cfg.batch_size,
-                    device=torch_device, amp=amp_dtype(amp, torch_device), workers=workers)
+    return evaluate(
+        model,
+        val_set,
+        num_classes=plan.num_classes,
+        old_classes=plan.old_classes,
+        batch_size=batch_size or cfg.batch_size,
+        device=torch_device,
+        amp=amp_dtype(amp, torch_device),
+        workers=workers,
+    )

@@ -6,6 +6,7 @@ launchers as the ops' CUDA kernels, and as their CPU kernels for ``TRITON_INTERP
 through ``incseg_fast.ops.TRITON`` (the backend "triton" of the public API). The interpreter mode is
 read when the kernels are decorated: set ``TRITON_INTERPRET=1`` before this package is imported.
 """
+
 import os
 
 import torch

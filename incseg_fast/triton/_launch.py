@@ -6,6 +6,7 @@ registers. The grid is (pixel blocks, batch), with a channel-group axis for the 
 (channel_groups). The values are fixed defaults (no autotune): the ops are memory-bound, and
 autotuning is slow under the interpreter.
 """
+
 import functools
 import os
 
@@ -37,7 +38,7 @@ def interpreter():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

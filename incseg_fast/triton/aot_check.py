@@ -9,6 +9,7 @@ arguments and H*W are compiled as 16-divisible, the specialisation Triton's JIT 
 contiguous maps with H*W % 16 == 0. Run it without TRITON_INTERPRET (the interpreter replaces the
 kernels at import). Exit status 1 if any kernel fails to compile.
 """
+
 import argparse
 import itertools
 import os
@@ -26,14 +27,26 @@ from triton.compiler import ASTSource
 from ..vocabulary import CE_MODES, KD_MODES
 from . import _launch, attention
 from .logit_losses import (
-    _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel, _lowest, _needed_statistics,
+    _finish_reduction_kernel,
+    _logit_losses_bwd_kernel,
+    _logit_losses_fwd_kernel,
+    _lowest,
+    _needed_statistics,
 )
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FLOAT_SCALARS = {"alpha_high", "alpha_low"}
 _ATTENTION_ACC_POINTERS = {
-    "spatial_part_ptr", "spatial_ptr", "loss_part_ptr", "p_part_ptr", "grad_ptr", "sgrad_ptr",
-    "grad_a_part_ptr", "grad_b_part_ptr", "grad_a_ch_part_ptr", "grad_a_sp_part_ptr",
+    "spatial_part_ptr",
+    "spatial_ptr",
+    "loss_part_ptr",
+    "p_part_ptr",
+    "grad_ptr",
+    "sgrad_ptr",
+    "grad_a_part_ptr",
+    "grad_b_part_ptr",
+    "grad_a_ch_part_ptr",
+    "grad_a_sp_part_ptr",
 }
 
 
@@ -59,7 +72,8 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps):
             signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
     aligned = [name for name in names if name not in constexprs and (name.endswith("_ptr") or name == "HW")]
     source = ASTSource(
-        kernel, signature,
+        kernel,
+        signature,
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )
@@ -78,7 +92,7 @@ def _logit_loss_variants(quick):
     if quick:
         modes = [("unbiased", "balanced"), ("plain", "plain"), ("none", "unbiased")]
     for ce, kd in modes:
-        for reduction in (("mean",) if quick else ("mean", "none")):
+        for reduction in ("mean",) if quick else ("mean", "none"):
             yield ce, kd, reduction, torch.float32, "i64", default
     yield "unbiased", "unbiased", "mean", torch.bfloat16, "i64", default
     if not quick:
@@ -96,39 +110,71 @@ def _kernels(quick):
         block_c = _launch.GPU_BLOCK_C
         need_lse, need_old, need_bg = _needed_statistics(ce, kd)
         acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
-        pointers = {name: acc_name for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr",
-                                                "gamma_ptr", "mask_ptr")}
-        pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype],
-                        target_ptr=target_type)
-        constexprs = dict(CE=ce, KD=kd, HAS_MASK=kd != "none", PER_PIXEL=reduction == "none", ACC=acc,
-                          NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
-                          BLOCK_C=block_c, BLOCK_P=block_p)
+        pointers = {
+            name: acc_name
+            for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr", "mask_ptr")
+        }
+        pointers.update(
+            x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr=target_type
+        )
+        constexprs = dict(
+            CE=ce,
+            KD=kd,
+            HAS_MASK=kd != "none",
+            PER_PIXEL=reduction == "none",
+            ACC=acc,
+            NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+        )
         label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} {block_c}x{block_p}"
-        yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"),
-               constexprs, num_warps)
-        yield (f"{label} backward", _logit_losses_bwd_kernel, dict(pointers, count_ptr="i64"),
-               dict(constexprs, MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg),
-               num_warps)
+        yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"), constexprs, num_warps)
+        yield (
+            f"{label} backward",
+            _logit_losses_bwd_kernel,
+            dict(pointers, count_ptr="i64"),
+            dict(constexprs, MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg),
+            num_warps,
+        )
 
     for reduce in (True, False):
-        yield (f"_finish_reduction_kernel REDUCE={reduce}", _finish_reduction_kernel,
-               {"count_part_ptr": "i32", "count_ptr": "i64"},
-               dict(REDUCE=reduce, MEAN=reduce, ACC=tl.float32, BLOCK=1024), _launch.GPU_NUM_WARPS)
+        yield (
+            f"_finish_reduction_kernel REDUCE={reduce}",
+            _finish_reduction_kernel,
+            {"count_part_ptr": "i32", "count_ptr": "i64"},
+            dict(REDUCE=reduce, MEAN=reduce, ACC=tl.float32, BLOCK=1024),
+            _launch.GPU_NUM_WARPS,
+        )
 
-    for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16)):
+    for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
         pointers = {name: "fp32" for name in _ATTENTION_ACC_POINTERS}
-        for name in ("v_ptr", "a_ch_ptr", "a_sp_ptr", "out_ptr", "grad_out_ptr", "grad_v_ptr", "f_ptr", "g_ptr",
-                     "a_ptr", "b_ptr", "grad_f_ptr", "grad_g_ptr"):
+        for name in (
+            "v_ptr",
+            "a_ch_ptr",
+            "a_sp_ptr",
+            "out_ptr",
+            "grad_out_ptr",
+            "grad_v_ptr",
+            "f_ptr",
+            "g_ptr",
+            "a_ptr",
+            "b_ptr",
+            "grad_f_ptr",
+            "grad_g_ptr",
+        ):
             pointers[name] = _TL_NAMES[dtype]
         pixel_blocks = _GPU_PIXEL_BLOCKS[:1] if quick or dtype != torch.float32 else _GPU_PIXEL_BLOCKS
-        for (block_p, num_warps), (kernel, flags) in itertools.product(pixel_blocks, (
-            (attention._structured_attention_fwd_kernel, {}),
-            (attention._structured_attention_bwd_kernel, dict(NEED_V=True, NEED_CH=True, NEED_SP=True)),
-            (attention._ad_spatial_kernel, {}),
-            (attention._ad_loss_kernel, dict(SAVE_P=True)),
-            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_F=True, NEED_G=True, NEED_A=True, NEED_B=True)),
-            (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_F=True, NEED_G=False, NEED_A=True, NEED_B=False)),
-        )):
+        for (block_p, num_warps), (kernel, flags) in itertools.product(
+            pixel_blocks,
+            (
+                (attention._structured_attention_fwd_kernel, {}),
+                (attention._structured_attention_bwd_kernel, dict(NEED_V=True, NEED_CH=True, NEED_SP=True)),
+                (attention._ad_spatial_kernel, {}),
+                (attention._ad_loss_kernel, dict(SAVE_P=True)),
+                (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_F=True, NEED_G=True, NEED_A=True, NEED_B=True)),
+                (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_F=True, NEED_G=False, NEED_A=True, NEED_B=False)),
+            ),
+        ):
             tiles = dict(ACC=tl.float32, BLOCK_C=_launch.GPU_BLOCK_C, BLOCK_P=block_p)
             label = f"{kernel.fn.__name__} {flags or ''} {dtype} {_launch.GPU_BLOCK_C}x{block_p}"
             yield label, kernel, pointers, dict(tiles, **flags), num_warps

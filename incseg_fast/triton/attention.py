@@ -8,6 +8,7 @@ are the kernels of the ops incseg_fast_triton::attentive_distillation_forward/ba
 structured_attention(_backward) (schemas in csrc/ops.cpp; fake kernels and autograd in
 incseg_fast/ops/attention.py). Gradient derivations are beside the kernels.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -15,8 +16,12 @@ import triton.language as tl
 from ..vocabulary import FEATURE_REDUCTIONS
 from . import _launch
 
-__all__ = ["attentive_distillation_forward", "attentive_distillation_backward", "structured_attention",
-           "structured_attention_backward"]
+__all__ = [
+    "attentive_distillation_forward",
+    "attentive_distillation_backward",
+    "structured_attention",
+    "structured_attention_backward",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +46,16 @@ def _program_tile(HW, channels_per_group, C, BLOCK_P: tl.constexpr):
 # Structured attention (MATH.md#sab): out = (1 + a_ch[b,c] a_sp[b,p]) v[b,c,p].
 @triton.jit
 def _structured_attention_fwd_kernel(
-    v_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, HW, channels_per_group,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    v_ptr,
+    a_ch_ptr,
+    a_sp_ptr,
+    out_ptr,
+    C,
+    HW,
+    channels_per_group,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     a_sp = tl.load(a_sp_ptr + b * HW + p, mask=in_image, other=0.0).to(ACC)
@@ -61,13 +74,22 @@ def _structured_attention_fwd_kernel(
 # channel group), dL/da_ch[c] = sum_p G v a_sp (one partial per pixel block).
 @triton.jit
 def _structured_attention_bwd_kernel(
-    grad_out_ptr, v_ptr, a_ch_ptr, a_sp_ptr,
-    grad_v_ptr,          # out: (B, C, HW) dL/dv (NEED_V)
+    grad_out_ptr,
+    v_ptr,
+    a_ch_ptr,
+    a_sp_ptr,
+    grad_v_ptr,  # out: (B, C, HW) dL/dv (NEED_V)
     grad_a_sp_part_ptr,  # out: (groups, B, HW) per-group partials of dL/da_sp (NEED_SP)
     grad_a_ch_part_ptr,  # out: (B, pixel blocks, C) per-block partials of dL/da_ch (NEED_CH)
-    C, HW, channels_per_group,
-    NEED_V: tl.constexpr, NEED_CH: tl.constexpr, NEED_SP: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    C,
+    HW,
+    channels_per_group,
+    NEED_V: tl.constexpr,
+    NEED_CH: tl.constexpr,
+    NEED_SP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     pixel_part = b * tl.num_programs(0) + tl.program_id(0)
@@ -88,8 +110,9 @@ def _structured_attention_bwd_kernel(
             if NEED_SP:
                 grad_a_sp += tl.sum(grad_times_v * a_ch[:, None], axis=0)
             if NEED_CH:
-                tl.store(grad_a_ch_part_ptr + pixel_part * C + c, tl.sum(grad_times_v * a_sp[None, :], axis=1),
-                         mask=in_c)
+                tl.store(
+                    grad_a_ch_part_ptr + pixel_part * C + c, tl.sum(grad_times_v * a_sp[None, :], axis=1), mask=in_c
+                )
     if NEED_SP:
         group_row = tl.program_id(1) * tl.num_programs(2) + b
         tl.store(grad_a_sp_part_ptr + group_row * HW + p, grad_a_sp, mask=in_image)
@@ -144,12 +167,27 @@ def structured_attention_backward(grad_out, v, a_ch, a_sp, output_mask):
     grad_a_sp_parts = v.new_empty((grid[1], B, H, W), dtype=acc_torch) if want_sp else v
     grad_a_ch_parts = v.new_empty((B, grid[0], C), dtype=acc_torch) if want_ch else v
     _structured_attention_bwd_kernel[grid](
-        grad_out, v, a_ch, a_sp, grad_v, grad_a_sp_parts, grad_a_ch_parts, C, H * W, per_group,
-        NEED_V=want_v, NEED_CH=want_ch, NEED_SP=want_sp, ACC=acc_tl, **meta,
+        grad_out,
+        v,
+        a_ch,
+        a_sp,
+        grad_v,
+        grad_a_sp_parts,
+        grad_a_ch_parts,
+        C,
+        H * W,
+        per_group,
+        NEED_V=want_v,
+        NEED_CH=want_ch,
+        NEED_SP=want_sp,
+        ACC=acc_tl,
+        **meta,
     )
-    return (grad_v if want_v else v.new_empty((0,)),
-            grad_a_ch_parts.sum(dim=1).to(a_ch.dtype) if want_ch else a_ch.new_empty((0,)),
-            grad_a_sp_parts.sum(dim=0).to(a_sp.dtype) if want_sp else a_sp.new_empty((0,)))
+    return (
+        grad_v if want_v else v.new_empty((0,)),
+        grad_a_ch_parts.sum(dim=1).to(a_ch.dtype) if want_ch else a_ch.new_empty((0,)),
+        grad_a_sp_parts.sum(dim=0).to(a_sp.dtype) if want_sp else a_sp.new_empty((0,)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +220,8 @@ def _saved_maps(spatial_ptr, b, p, in_image, HW):
 def _difference(f, g, a, b_att, s_hat_f, s_hat_g, delta_s_hat):
     """D = (a Ŝ_f + 1) f - (b Ŝ_g + 1) g, written so that nearly equal pairs keep their precision."""
     return (f - g) * (1.0 + b_att[:, None] * s_hat_g[None, :]) + f * (
-        (a - b_att)[:, None] * s_hat_f[None, :] + b_att[:, None] * delta_s_hat[None, :])
+        (a - b_att)[:, None] * s_hat_f[None, :] + b_att[:, None] * delta_s_hat[None, :]
+    )
 
 
 @triton.jit
@@ -206,10 +245,15 @@ def _load_pair(f_ptr, g_ptr, a_ptr, b_ptr, b, c, in_c, offsets, tile_mask, C, AC
 
 @triton.jit
 def _ad_spatial_kernel(
-    f_ptr, g_ptr,
+    f_ptr,
+    g_ptr,
     spatial_part_ptr,  # out: (3, groups, B, HW) per-group partials of S_f, S_g, ΔS
-    C, HW, channels_per_group,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    C,
+    HW,
+    channels_per_group,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     s_f = tl.zeros([BLOCK_P], dtype=ACC)
@@ -231,12 +275,20 @@ def _ad_spatial_kernel(
 
 @triton.jit
 def _ad_loss_kernel(
-    f_ptr, g_ptr, a_ptr, b_ptr,
-    spatial_ptr,     # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
-    loss_part_ptr,   # out: (B, groups, pixel blocks) partial sums of D^2
-    p_part_ptr,      # out: (2, groups, B, HW) per-group partials of P_f, P_g (SAVE_P)
-    C, HW, channels_per_group,
-    SAVE_P: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    f_ptr,
+    g_ptr,
+    a_ptr,
+    b_ptr,
+    spatial_ptr,  # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
+    loss_part_ptr,  # out: (B, groups, pixel blocks) partial sums of D^2
+    p_part_ptr,  # out: (2, groups, B, HW) per-group partials of P_f, P_g (SAVE_P)
+    C,
+    HW,
+    channels_per_group,
+    SAVE_P: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     s_hat_f, s_hat_g, delta_s_hat = _saved_maps(spatial_ptr, b, p, in_image, HW)
@@ -268,15 +320,29 @@ def _ad_loss_kernel(
 # sgrad is formed by torch from the saved P (two (B, H, W) maps) before the one pass over f and g.
 @triton.jit
 def _ad_bwd_kernel(
-    f_ptr, g_ptr, a_ptr, b_ptr,
-    spatial_ptr,     # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
-    grad_ptr,        # 0-dim upstream gradient of the loss
-    sgrad_ptr,       # (2, B, HW) sgrad_f, sgrad_g (read when SPATIAL)
-    grad_f_ptr, grad_g_ptr,            # out: (B, C, HW) (NEED_F, NEED_G)
-    grad_a_part_ptr, grad_b_part_ptr,  # out: (B, pixel blocks, C) partials (NEED_A, NEED_B)
-    C, HW, channels_per_group, divisor,
-    SPATIAL: tl.constexpr, NEED_F: tl.constexpr, NEED_G: tl.constexpr, NEED_A: tl.constexpr,
-    NEED_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    f_ptr,
+    g_ptr,
+    a_ptr,
+    b_ptr,
+    spatial_ptr,  # (3, B, HW) the saved maps Ŝ_f, Ŝ_g, ΔŜ
+    grad_ptr,  # 0-dim upstream gradient of the loss
+    sgrad_ptr,  # (2, B, HW) sgrad_f, sgrad_g (read when SPATIAL)
+    grad_f_ptr,
+    grad_g_ptr,  # out: (B, C, HW) (NEED_F, NEED_G)
+    grad_a_part_ptr,
+    grad_b_part_ptr,  # out: (B, pixel blocks, C) partials (NEED_A, NEED_B)
+    C,
+    HW,
+    channels_per_group,
+    divisor,
+    SPATIAL: tl.constexpr,
+    NEED_F: tl.constexpr,
+    NEED_G: tl.constexpr,
+    NEED_A: tl.constexpr,
+    NEED_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, p, in_image, c_start, c_stop = _program_tile(HW, channels_per_group, C, BLOCK_P)
     B = tl.num_programs(2)
@@ -302,8 +368,7 @@ def _ad_bwd_kernel(
         if NEED_A:
             tl.store(grad_a_part_ptr + pixel_part * C + c, tl.sum(w_diff * s_hat_f[None, :] * f, axis=1), mask=in_c)
         if NEED_B:
-            tl.store(grad_b_part_ptr + pixel_part * C + c, -tl.sum(w_diff * s_hat_g[None, :] * g, axis=1),
-                     mask=in_c)
+            tl.store(grad_b_part_ptr + pixel_part * C + c, -tl.sum(w_diff * s_hat_g[None, :] * g, axis=1), mask=in_c)
 
 
 def _check_attentive_distillation(f, g, a, b, reduction):
@@ -346,8 +411,9 @@ def _saved_state(spatial_sums):
     # which must not reach the pixels whose Ŝ is 0.
     close = (norm_f <= 2 * norm_g) & (norm_g <= 2 * norm_f) & (norm_f != 0) & torch.isfinite(norm_sum)
     both = close[:, None, None]
-    delta_s_hat = torch.where(both, delta_s * inv_f[:, None, None]
-                              - s_g * (norm_difference * inv_f * inv_g)[:, None, None], s_hat_f - s_hat_g)
+    delta_s_hat = torch.where(
+        both, delta_s * inv_f[:, None, None] - s_g * (norm_difference * inv_f * inv_g)[:, None, None], s_hat_f - s_hat_g
+    )
     return torch.stack([s_hat_f, s_hat_g, delta_s_hat]).to(dtype), torch.stack([inv_f, inv_g]).to(dtype)
 
 
@@ -365,8 +431,9 @@ def attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad):
 
     loss_parts = f.new_empty((B, grid[1], grid[0]), dtype=acc_torch)
     p_parts = f.new_empty((2, grid[1], B, H, W), dtype=acc_torch) if save_spatial_grad else loss_parts
-    _ad_loss_kernel[grid](f, g, a, b, spatial, loss_parts, p_parts, C, H * W, per_group,
-                          SAVE_P=save_spatial_grad, ACC=acc_tl, **meta)
+    _ad_loss_kernel[grid](
+        f, g, a, b, spatial, loss_parts, p_parts, C, H * W, per_group, SAVE_P=save_spatial_grad, ACC=acc_tl, **meta
+    )
     loss = loss_parts.sum()
     if reduction == "mean":
         loss = loss / f.numel()
@@ -374,20 +441,25 @@ def attentive_distillation_forward(f, g, a, b, reduction, save_spatial_grad):
     return loss, spatial, inv_norm, pixel_grad
 
 
-def attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction, spatial_chain,
-                                    output_mask):
+def attentive_distillation_backward(
+    grad_loss, f, g, a, b, spatial, inv_norm, pixel_grad, reduction, spatial_chain, output_mask
+):
     """The kernel of incseg_fast_triton::attentive_distillation_backward: (df, dg, da, db), empty where masked."""
     _check_attentive_distillation(f, g, a, b, reduction)
     B, C, H, W = f.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(f.dtype)
     if tuple(spatial.shape) != (3, B, H, W) or tuple(inv_norm.shape) != (2, B):
-        raise ValueError(f"spatial and inv_norm must be the forward's {(3, B, H, W)} and {(2, B)} saved state, "
-                         f"got {tuple(spatial.shape)} and {tuple(inv_norm.shape)}")
+        raise ValueError(
+            f"spatial and inv_norm must be the forward's {(3, B, H, W)} and {(2, B)} saved state, "
+            f"got {tuple(spatial.shape)} and {tuple(inv_norm.shape)}"
+        )
     want_f, want_g, want_a, want_b = output_mask
     use_pixel_grad = spatial_chain and (want_f or want_g)
     if use_pixel_grad and tuple(pixel_grad.shape) != (2, B, H, W):
-        raise ValueError(f"pixel_grad must be the forward's {(2, B, H, W)} saved P (forward with "
-                         f"save_spatial_grad), got {tuple(pixel_grad.shape)}")
+        raise ValueError(
+            f"pixel_grad must be the forward's {(2, B, H, W)} saved P (forward with "
+            f"save_spatial_grad), got {tuple(pixel_grad.shape)}"
+        )
     _launch.check_device(grad_loss, spatial, inv_norm)
     empty = (f.new_empty((0,)), g.new_empty((0,)), a.new_empty((0,)), b.new_empty((0,)))
     if not any(output_mask):
@@ -404,10 +476,32 @@ def attentive_distillation_backward(grad_loss, f, g, a, b, spatial, inv_norm, pi
     grad_a_parts = f.new_empty((B, grid[0], C), dtype=acc_torch) if want_a else f
     grad_b_parts = f.new_empty((B, grid[0], C), dtype=acc_torch) if want_b else f
     _ad_bwd_kernel[grid](
-        f, g, a, b, spatial, grad_loss.to(acc_torch), sgrad, grad_f, grad_g, grad_a_parts, grad_b_parts,
-        C, H * W, per_group, f.numel() if reduction == "mean" else 1,
-        SPATIAL=use_pixel_grad, NEED_F=want_f, NEED_G=want_g, NEED_A=want_a, NEED_B=want_b, ACC=acc_tl, **meta,
+        f,
+        g,
+        a,
+        b,
+        spatial,
+        grad_loss.to(acc_torch),
+        sgrad,
+        grad_f,
+        grad_g,
+        grad_a_parts,
+        grad_b_parts,
+        C,
+        H * W,
+        per_group,
+        f.numel() if reduction == "mean" else 1,
+        SPATIAL=use_pixel_grad,
+        NEED_F=want_f,
+        NEED_G=want_g,
+        NEED_A=want_a,
+        NEED_B=want_b,
+        ACC=acc_tl,
+        **meta,
     )
-    return (grad_f if want_f else empty[0], grad_g if want_g else empty[1],
-            grad_a_parts.sum(dim=1).to(a.dtype) if want_a else empty[2],
-            grad_b_parts.sum(dim=1).to(b.dtype) if want_b else empty[3])
+    return (
+        grad_f if want_f else empty[0],
+        grad_g if want_g else empty[1],
+        grad_a_parts.sum(dim=1).to(a.dtype) if want_a else empty[2],
+        grad_b_parts.sum(dim=1).to(b.dtype) if want_b else empty[3],
+    )

@@ -10,6 +10,7 @@ derivations are written beside the kernels.
 The launchers below are the kernels of the ops ``incseg_fast_triton::logit_losses_fwd`` and
 ``logit_losses_bwd`` (schemas in csrc/ops.cpp, fake kernels and autograd in incseg_fast/ops).
 """
+
 import struct
 
 import torch
@@ -25,7 +26,6 @@ __all__ = ["logit_losses_fwd", "logit_losses_bwd"]
 # Rows of the saved statistics (B, NUM_STATS, H, W), as in csrc/common/logit_math.h.
 _NUM_STATS = tl.constexpr(NUM_STATS)
 _STAT_LSE, _STAT_LSE_OLD, _STAT_LSE_BG, _STAT_LSE_TEACHER = (tl.constexpr(row) for row in range(NUM_STATS))
-
 
 
 @triton.jit
@@ -51,17 +51,29 @@ def _logaddexp(a, b):
 # KD terms are multiplied by the mask.
 @triton.jit
 def _logit_losses_fwd_kernel(
-    x_ptr,          # (B, C, HW) logits
-    target_ptr,     # (B, HW) labels (any int dtype); unread when CE == "none"
-    y_ptr,          # (B, Co, HW) teacher logits; unread when KD == "none"
-    gamma_ptr,      # (B,) balanced-KD weight; read only when KD == "balanced"
-    mask_ptr,       # (B, HW) distillation weight; read only when HAS_MASK
-    ce_ptr, kd_ptr,  # out: per-pixel maps (PER_PIXEL) or one partial sum per program
-    count_ptr,      # out: non-ignored pixels per program (int32)
-    stats_ptr,      # out: (B, 4, HW) lse, lse_old, lse_bg, lse_teacher (0 when KD == "none")
-    C, Co, HW, alpha_high, alpha_low, ignore_index,
-    CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr,
-    ACC: tl.constexpr, NEG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_ptr,  # (B, C, HW) logits
+    target_ptr,  # (B, HW) labels (any int dtype); unread when CE == "none"
+    y_ptr,  # (B, Co, HW) teacher logits; unread when KD == "none"
+    gamma_ptr,  # (B,) balanced-KD weight; read only when KD == "balanced"
+    mask_ptr,  # (B, HW) distillation weight; read only when HAS_MASK
+    ce_ptr,
+    kd_ptr,  # out: per-pixel maps (PER_PIXEL) or one partial sum per program
+    count_ptr,  # out: non-ignored pixels per program (int32)
+    stats_ptr,  # out: (B, 4, HW) lse, lse_old, lse_bg, lse_teacher (0 when KD == "none")
+    C,
+    Co,
+    HW,
+    alpha_high,
+    alpha_low,
+    ignore_index,
+    CE: tl.constexpr,
+    KD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    ACC: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -93,8 +105,9 @@ def _logit_losses_fwd_kernel(
         # Channel-only lane masks: out-of-image pixels load as 0 and give finite, unused statistics.
         old_lane = (c < Co)[:, None]
         new_lane = ((c >= Co) & (c < C))[:, None]
-        xs = tl.load(x_ptr + (b * C + c[:, None]) * HW + p[None, :],
-                     mask=(c < C)[:, None] & in_image[None, :], other=0.0).to(ACC)
+        xs = tl.load(
+            x_ptr + (b * C + c[:, None]) * HW + p[None, :], mask=(c < C)[:, None] & in_image[None, :], other=0.0
+        ).to(ACC)
         new_max_old = tl.maximum(max_old, tl.max(tl.where(old_lane, xs, NEG), axis=0))
         new_max_new = tl.maximum(max_new, tl.max(tl.where(new_lane, xs, NEG), axis=0))
         shifted = tl.where(old_lane, xs - new_max_old[None, :], tl.where(new_lane, xs - new_max_new[None, :], NEG))
@@ -107,8 +120,9 @@ def _logit_losses_fwd_kernel(
             x_target += tl.sum(tl.where(c[:, None] == target[None, :], xs, 0.0), axis=0)
         if KD != "none":
             if c0 < Co:
-                ys = tl.load(y_ptr + (b * Co + c[:, None]) * HW + p[None, :],
-                             mask=old_lane & in_image[None, :], other=0.0).to(ACC)
+                ys = tl.load(
+                    y_ptr + (b * Co + c[:, None]) * HW + p[None, :], mask=old_lane & in_image[None, :], other=0.0
+                ).to(ACC)
                 scaled = tl.where(old_lane, alpha * ys, NEG)
                 new_max = tl.maximum(max_teacher, tl.max(scaled, axis=0))
                 rescale = tl.exp(max_teacher - new_max)
@@ -181,15 +195,35 @@ def _logit_losses_fwd_kernel(
 # both sets, is computed per pixel from x_0.
 @triton.jit
 def _logit_losses_bwd_kernel(
-    x_ptr, target_ptr, y_ptr, gamma_ptr, mask_ptr,  # the forward's inputs (see the forward kernel)
-    stats_ptr,      # (B, 4, HW) the forward's statistics; only the rows the modes need are read
-    count_ptr,      # 0-dim int64: non-ignored pixels (the CE "mean" denominator, read on the device)
-    grad_ce_ptr, grad_kd_ptr,  # upstream gradients: (B, HW) maps (PER_PIXEL) or 0-dim
-    grad_x_ptr,     # out: (B, C, HW) dL/dx in x's dtype
-    C, Co, HW, alpha_high, alpha_low, ignore_index, kd_divisor,
-    CE: tl.constexpr, KD: tl.constexpr, HAS_MASK: tl.constexpr, PER_PIXEL: tl.constexpr, MEAN: tl.constexpr,
-    NEED_LSE: tl.constexpr, NEED_OLD: tl.constexpr, NEED_BG: tl.constexpr,
-    ACC: tl.constexpr, NEG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_ptr,
+    target_ptr,
+    y_ptr,
+    gamma_ptr,
+    mask_ptr,  # the forward's inputs (see the forward kernel)
+    stats_ptr,  # (B, 4, HW) the forward's statistics; only the rows the modes need are read
+    count_ptr,  # 0-dim int64: non-ignored pixels (the CE "mean" denominator, read on the device)
+    grad_ce_ptr,
+    grad_kd_ptr,  # upstream gradients: (B, HW) maps (PER_PIXEL) or 0-dim
+    grad_x_ptr,  # out: (B, C, HW) dL/dx in x's dtype
+    C,
+    Co,
+    HW,
+    alpha_high,
+    alpha_low,
+    ignore_index,
+    kd_divisor,
+    CE: tl.constexpr,
+    KD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PER_PIXEL: tl.constexpr,
+    MEAN: tl.constexpr,
+    NEED_LSE: tl.constexpr,
+    NEED_OLD: tl.constexpr,
+    NEED_BG: tl.constexpr,
+    ACC: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -300,8 +334,9 @@ def _logit_losses_bwd_kernel(
         if KD != "none":
             if c0 < Co:
                 in_teacher = ((c >= first_teacher_channel) & (c < Co))[:, None]
-                ys = tl.load(y_ptr + (b * Co + c[:, None]) * HW + p[None, :],
-                             mask=in_teacher & in_image[None, :], other=0.0).to(ACC)
+                ys = tl.load(
+                    y_ptr + (b * Co + c[:, None]) * HW + p[None, :], mask=in_teacher & in_image[None, :], other=0.0
+                ).to(ACC)
                 q = tl.exp(alpha * ys - lse_teacher[None, :])
                 grad -= tl.where(in_teacher, w_teacher[None, :] * q, 0.0)
         tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=load_mask)
@@ -311,8 +346,18 @@ def _logit_losses_bwd_kernel(
 # one program: deterministic, and one launch instead of a chain of small torch reductions.
 @triton.jit
 def _finish_reduction_kernel(
-    ce_part_ptr, kd_part_ptr, count_part_ptr, ce_ptr, kd_ptr, count_ptr, num_parts, kd_divisor,
-    REDUCE: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ce_part_ptr,
+    kd_part_ptr,
+    count_part_ptr,
+    ce_ptr,
+    kd_ptr,
+    count_ptr,
+    num_parts,
+    kd_divisor,
+    REDUCE: tl.constexpr,
+    MEAN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     ce_total = tl.zeros([BLOCK], dtype=ACC)
     kd_total = tl.zeros([BLOCK], dtype=ACC)
@@ -415,31 +460,77 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
     kd_out = x.new_empty(loss_shape, dtype=acc_torch)
     counts = x.new_empty((programs,), dtype=torch.int32)
     _logit_losses_fwd_kernel[grid](
-        x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
-        x if mask is None else mask, ce_out, kd_out, counts, stats,
-        C, old_classes, HW, *_split_float(alpha), int(ignore_index),
-        CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=per_pixel,
-        ACC=acc_tl, NEG=_lowest(acc_torch), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        x,
+        x if target is None else target,
+        x if y is None else y,
+        x if gamma is None else gamma,
+        x if mask is None else mask,
+        ce_out,
+        kd_out,
+        counts,
+        stats,
+        C,
+        old_classes,
+        HW,
+        *_split_float(alpha),
+        int(ignore_index),
+        CE=ce,
+        KD=kd,
+        HAS_MASK=mask is not None,
+        PER_PIXEL=per_pixel,
+        ACC=acc_tl,
+        NEG=_lowest(acc_torch),
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=num_warps,
     )
     valid_count = x.new_empty((), dtype=torch.int64)
     ce_loss, kd_loss = (ce_out, kd_out) if per_pixel else (x.new_empty((), dtype=acc_torch) for _ in range(2))
     _finish_reduction_kernel[(1,)](
-        ce_out, kd_out, counts, ce_loss, kd_loss, valid_count, programs, B * HW,
-        REDUCE=not per_pixel, MEAN=reduction == "mean", ACC=acc_tl, BLOCK=_launch.reduction_block(programs),
+        ce_out,
+        kd_out,
+        counts,
+        ce_loss,
+        kd_loss,
+        valid_count,
+        programs,
+        B * HW,
+        REDUCE=not per_pixel,
+        MEAN=reduction == "mean",
+        ACC=acc_tl,
+        BLOCK=_launch.reduction_block(programs),
     )
     return ce_loss, kd_loss, stats, valid_count
 
 
-def logit_losses_bwd(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_count, *, old_classes, ce, kd,
-                     alpha, ignore_index, reduction):
+def logit_losses_bwd(
+    grad_ce,
+    grad_kd,
+    x,
+    target,
+    y,
+    gamma,
+    mask,
+    stats,
+    valid_count,
+    *,
+    old_classes,
+    ce,
+    kd,
+    alpha,
+    ignore_index,
+    reduction,
+):
     """The kernel of incseg_fast_triton::logit_losses_bwd: dL/dx from both upstream gradients."""
     _check_modes(ce, kd, reduction)
     _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
     B, C, H, W = x.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
     if tuple(stats.shape) != (B, NUM_STATS, H, W) or stats.dtype != acc_torch:
-        raise ValueError(f"stats must be the forward's {(B, NUM_STATS, H, W)} {acc_torch} statistics, "
-                         f"got {tuple(stats.shape)} {stats.dtype}")
+        raise ValueError(
+            f"stats must be the forward's {(B, NUM_STATS, H, W)} {acc_torch} statistics, "
+            f"got {tuple(stats.shape)} {stats.dtype}"
+        )
     loss_shape = (B, H, W) if reduction == "none" else ()
     for name, grad in (("grad_ce", grad_ce), ("grad_kd", grad_kd)):
         if tuple(grad.shape) != loss_shape:
@@ -455,11 +546,34 @@ def logit_losses_bwd(grad_ce, grad_kd, x, target, y, gamma, mask, stats, valid_c
     grad_x = torch.empty_like(x)
     need_lse, need_old, need_bg = _needed_statistics(ce, kd)
     _logit_losses_bwd_kernel[grid](
-        x, x if target is None else target, x if y is None else y, x if gamma is None else gamma,
-        x if mask is None else mask, stats, valid_count, grad_ce, grad_kd, grad_x,
-        C, old_classes, HW, *_split_float(alpha), int(ignore_index), B * HW if reduction == "mean" else 1,
-        CE=ce, KD=kd, HAS_MASK=mask is not None, PER_PIXEL=reduction == "none", MEAN=reduction == "mean",
-        NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg,
-        ACC=acc_tl, NEG=_lowest(acc_torch), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        x,
+        x if target is None else target,
+        x if y is None else y,
+        x if gamma is None else gamma,
+        x if mask is None else mask,
+        stats,
+        valid_count,
+        grad_ce,
+        grad_kd,
+        grad_x,
+        C,
+        old_classes,
+        HW,
+        *_split_float(alpha),
+        int(ignore_index),
+        B * HW if reduction == "mean" else 1,
+        CE=ce,
+        KD=kd,
+        HAS_MASK=mask is not None,
+        PER_PIXEL=reduction == "none",
+        MEAN=reduction == "mean",
+        NEED_LSE=need_lse,
+        NEED_OLD=need_old,
+        NEED_BG=need_bg,
+        ACC=acc_tl,
+        NEG=_lowest(acc_torch),
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=num_warps,
     )
     return grad_x
