@@ -18,7 +18,7 @@ from incseg_fast.data import (
     train_label_lut,
 )
 
-# class counts per step, written out from SPEC §4 (and MiB's / PLOP's tables)
+# class counts per step, written out from docs/DATA.md#protocol (and MiB's / PLOP's tables)
 EXPECTED_STEP_SIZES = {
     ("voc", "offline"): [21],
     ("voc", "19-1"): [20, 1],

@@ -1,4 +1,4 @@
-// Fused CPU kernels for attentive distillation (SPEC 3.1) and structured attention (SPEC 3.2).
+// Fused CPU kernels for attentive distillation (docs/MATH.md#ad) and structured attention (docs/MATH.md#sab).
 //
 // Layout: NCHW contiguous (other layouts are made contiguous first). For one image and channel the
 // H*W pixels are contiguous, so every hot loop runs over a tile of contiguous pixels and the channel

@@ -1,4 +1,4 @@
-// Fused CPU kernels for the logit losses (SPEC 2): incseg_fast::logit_losses_fwd / logit_losses_bwd.
+// Fused CPU kernels for the logit losses (docs/MATH.md#logit-losses): incseg_fast::logit_losses_fwd / logit_losses_bwd.
 // One op covers ce in {unbiased, plain, none} x kd in {unbiased, balanced, plain, none} x
 // reduction in {mean, sum, none}; the per-pixel math lives in common/logit_math.h.
 //

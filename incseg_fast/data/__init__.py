@@ -1,4 +1,4 @@
-"""Datasets, transforms and the class-incremental protocol of the trainer (SPEC §4)."""
+"""Datasets, transforms and the class-incremental protocol of the trainer (docs/DATA.md#protocol)."""
 
 from . import transforms as T
 from ._files import DataFileError

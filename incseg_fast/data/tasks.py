@@ -1,4 +1,4 @@
-"""The class-incremental protocol (SPEC §4): task tables, image selection, label remapping.
+"""The class-incremental protocol (docs/DATA.md#protocol): task tables, image selection, label remapping.
 
 A task is a list of steps; each step is the list of class ids it adds (step 0 includes the
 background 0). Class ids are the dataset's own ids: every table here adds classes in dataset

@@ -26,7 +26,7 @@ class Method:
     kd: str  # "none" | "plain" | "unbiased" | "balanced"
     lambda_kd: float = 0.0
     lambda_fd: float = 0.0  # ILT's L2 distillation of the encoder output
-    lambda_ad: float = 0.0  # CAF's attentive distillation (SPEC 3.1), on z-bar and h
+    lambda_ad: float = 0.0  # CAF's attentive distillation (docs/MATH.md#ad), on z-bar and h
     balanced_init: bool = False
     caf_module: bool = False
     joint: bool = False  # all classes in one step (the offline upper bound)

@@ -1,4 +1,4 @@
-"""The continual-segmentation training loop (SPEC §4).
+"""The continual-segmentation training loop (docs/DATA.md#protocol).
 
 One call of :func:`train_step` trains one step of one method and evaluates it; :func:`run`
 trains a range of steps. Every epoch ends with an atomic checkpoint (``stepK.partial.pt``); a
