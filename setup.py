@@ -73,7 +73,9 @@ def _extensions():
         _flag("INCSEG_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     )
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++20", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction, so a product such as alpha * y rounds the same in every
+    # ISA copy of a kernel and in the CUDA emulator (docs/RELIABILITY.md#numerics).
+    cxx += ["-std=c++20", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     macros = []
     ext_cls = CppExtension

@@ -1,8 +1,9 @@
 """The numerical faults found by the property tests (tests/test_properties.py) and by the reliability
 issue, each kept as the failing case that showed it (docs/RELIABILITY.md#numerics).
 
-A fault of the CPU kernels (csrc/cpu), which this change does not touch, is marked xfail(strict=True)
-on "cpu" with its diagnosis: the test starts passing, and then fails as an XPASS, when it is fixed.
+Three of them were faults of the CPU kernels (csrc/cpu), fixed since: FMA contraction of alpha * y in
+the AVX copies (now -ffp-contract=off), a float32 loss built from a double above FLT_MAX, and a
+folded backward coefficient that overflowed with a huge gamma (now the direct form).
 """
 
 import pytest
@@ -15,11 +16,6 @@ from incseg_fast import reference
 NAN, INF = float("nan"), float("inf")
 
 
-def xfail_on_cpu(request, backend, reason):
-    if backend == "cpu":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def _relative_error(actual, expected):
     actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     return ((actual - expected).abs().max() / expected.abs().max()).item()
@@ -29,21 +25,11 @@ def _relative_error(actual, expected):
 # Issue fault (a): the distillation gradient of a one-hot teacher at large |alpha * y|.
 # ---------------------------------------------------------------------------------------------
 
-CPU_FMA = (
-    "csrc/cpu: GCC contracts alpha * y - lse_q into an FMA in the AVX2/AVX-512 copies of the "
-    "backward (and alpha * y - max_y in the forward) while the forward's max_y holds the rounded "
-    "product, so q_max = exp(rounding error of alpha * y_max) instead of 1: an error of up to half an "
-    "ulp of |alpha y| (4e-4 of the gradient's scale here, 3e-3 at |alpha y| ~ 1e5; exact with "
-    "INCSEG_CPU_ISA=baseline, which has no FMA). Fix: -ffp-contract=off for the CPU kernels, with "
-    "z = logit::scaled_teacher_logit(alpha, y) in the three places that form alpha * y"
-)
-
 
 @pytest.mark.parametrize("name", ["knowledge_distillation", "unbiased_knowledge_distillation"])
-def test_one_hot_teacher_at_large_scaled_logits_is_exact(request, backend, generator, name):
+def test_one_hot_teacher_at_large_scaled_logits_is_exact(backend, generator, name):
     """Teacher logits of magnitude ~1e3 scaled by alpha = 3.3 (not a power of two): q is one-hot in
     float32 and exactly representable, so the gradient must be exact to RTOL, as it is in float64."""
-    xfail_on_cpu(request, backend, CPU_FMA)
     device = device_for(backend)
     x = (2 * torch.randn(2, 6, 5, 7, generator=generator)).to(device).requires_grad_()
     y = (1e3 * torch.randn(2, 4, 5, 7, generator=generator)).to(device)
@@ -85,19 +71,9 @@ def test_nan_or_inf_logit_reaches_both_losses(backend, generator, tensor, channe
         assert torch.isfinite(xb.grad[0, :, 1]).all(), "a NaN leaked into another pixel's gradient"
 
 
-CPU_FOLDED_OVERFLOW = (
-    "csrc/cpu/logit_losses_cpu.cpp backward_tile: the factored form folds bg_set * exp(lse - lse_bg) "
-    "(and old_set * exp(lse - lse_old)) into the coefficient of p_c; with bg_set = -w gamma q_0 "
-    "~ -1e35 and exp(...) up to e^40 the coefficient overflows float32 and the gradient is -inf "
-    "where the reference's is ~-1e34. Fix: take the direct form for a tile whose folded "
-    "coefficients are not all finite (a bit test next to too_far)"
-)
-
-
-def test_balanced_distillation_with_a_huge_gamma_stays_finite(request, backend, generator):
+def test_balanced_distillation_with_a_huge_gamma_stays_finite(backend, generator):
     """gamma = 1e35 (the API accepts any finite gamma >= 0; a computed one reaches ~1e38) with little
     mass in the new classes: the gradients are ~1e34, finite and exact (found by the properties on cpu)."""
-    xfail_on_cpu(request, backend, CPU_FOLDED_OVERFLOW)
     device = device_for(backend)
     x = 3 * torch.randn(1, 6, 3, 3, generator=generator)
     x[:, 3:] -= 8
@@ -191,17 +167,8 @@ def test_attentive_distillation_features_of_very_different_magnitudes(backend):
         assert _relative_error(leaf.grad, ref_leaf.grad) <= RTOL[torch.float32], f"d{name}"
 
 
-CPU_OVERFLOW = (
-    "csrc/cpu/attention_cpu.cpp: the forward builds the loss with at::full({}, total * scale, float32 "
-    "options) from a double; c10 refuses a finite double above FLT_MAX (RuntimeError 'value cannot "
-    "be converted to type float without overflow'). Fix: static_cast<acc_t>(total * scale) first "
-    "(+inf, as every other backend returns)"
-)
-
-
-def test_attentive_distillation_overflowing_loss_is_not_an_exception(request, backend, generator):
+def test_attentive_distillation_overflowing_loss_is_not_an_exception(backend, generator):
     """Features of 1e20: sum D^2 ~ 1e41 does not fit in float32; the loss is +inf or NaN, never an error."""
-    xfail_on_cpu(request, backend, CPU_OVERFLOW)
     device = device_for(backend)
     f, g = (1e20 * torch.randn(2, 3, 4, 5, generator=generator)).to(device), torch.zeros(2, 3, 4, 5, device=device)
     a = torch.rand(2, 3, generator=generator).to(device)

@@ -494,7 +494,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward_cpu(co
     total = forward_squared_sum(f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), a.data_ptr<acc_t>(),
                                 b.data_ptr<acc_t>(), a_minus_b.data_ptr<acc_t>(), batch, channels, pixels, out);
   });
-  Tensor loss = at::full({}, total * scale, f.options().dtype(acc_dtype));
+  // Rounded to the loss dtype here: c10 refuses a finite double above FLT_MAX, where the float loss is +inf.
+  const double value = acc_dtype == at::kFloat ? static_cast<double>(static_cast<float>(total * scale)) : total * scale;
+  Tensor loss = at::full({}, value, f.options().dtype(acc_dtype));
   return {loss, state.spatial, state.inv_norm, state.pixel_grad};
 }
 

@@ -546,7 +546,7 @@ INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
   // per-pixel factors fold into one coefficient of p_c per channel range and each logit needs one
   // exp (plus one per teacher logit) instead of up to three. It needs p_c to be a normal float
   // wherever those terms matter; a tile whose old or background set holds less than e^-kMaxLogRatio
-  // of some pixel's probability mass takes the direct form instead.
+  // of some pixel's probability mass, or whose folded coefficients overflow, takes the direct form.
   constexpr acc_t kMaxLogRatio = 40;
   acc_t full0[kTile], full_old[kTile], full_new[kTile];
   int32_t too_far = 0;  // an integer OR: GCC does not vectorise a float max reduction
@@ -559,6 +559,10 @@ INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
     full0[p] = full[p] + old_term + bg_term;
     full_old[p] = full[p] + old_term;
     full_new[p] = full[p] + bg_term;
+    // A folded coefficient can overflow where the direct form's terms do not (a huge gamma): v - v
+    // is 0 exactly for finite v and NaN for an infinity.
+    const acc_t folded_check = (full0[p] - full0[p]) + (full_old[p] - full_old[p]) + (full_new[p] - full_new[p]);
+    too_far |= static_cast<int32_t>(!(folded_check == acc_t(0)));
   }
   const BwdTileView<scalar_t> view{xb,      yb,     gb,      lse,    lse_old, lse_bg, lse_q,    full,
                                    old_set, bg_set, teacher, target, extra0,  full0,  full_old, full_new,
