@@ -78,10 +78,14 @@ HOST_DEVICE uint16_t float_to_half(float v) {
   const float denorm_magic = float_of(((127u - 15u) + (23u - 10u) + 1u) << 23);
   const uint32_t subnormal = bits_of(float_of(a) + denorm_magic) - bits_of(denorm_magic);
   const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
-  uint32_t out = a < (113u << 23) ? subnormal : normal;
-  out = a >= ((127u + 16u) << 23) ? special : out;
-  return static_cast<uint16_t>(out | sign);
+  const uint32_t special = 0x7c00u | (static_cast<uint32_t>(a > 0x7f800000u) << 9);  // inf, or NaN 0x7e00
+  // Bit masks, not ?:, pick the result: GCC turns ?: into branches that leave the float add above
+  // conditional, will not if-convert it then (-ftrapping-math), and so does not vectorise a CPU loop
+  // that stores float16 without AVX-512's masked operations.
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(a < (113u << 23));
+  const uint32_t is_special = 0u - static_cast<uint32_t>(a >= ((127u + 16u) << 23));
+  const uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  return static_cast<uint16_t>((special & is_special) | (finite & ~is_special) | sign);
 #endif
 }
 

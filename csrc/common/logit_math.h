@@ -13,15 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/dtype.h"
 #include "common/macros.h"
-
-// The kernels call these from loops they need vectorised; GCC only vectorises a loop whose calls
-// were all inlined, so on the host they are forced inline.
-#if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__HIPCC__)
-#define LOGIT_MATH HOST_DEVICE __attribute__((always_inline))
-#else
-#define LOGIT_MATH HOST_DEVICE
-#endif
 
 namespace incseg {
 namespace logit {
@@ -39,42 +32,22 @@ constexpr int kNumStats = 4;
 
 // Bit-level selects for the host polynomials below: GCC will not if-convert a float compare under
 // the default -ftrapping-math, which would stop the loops calling them from vectorising.
-LOGIT_MATH uint32_t float_bits(float v) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-  return __float_as_uint(v);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits;
-#endif
-}
-
-LOGIT_MATH float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-  return __uint_as_float(bits);
-#else
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-#endif
-}
-
 // `v` itself where it is NaN or +-inf (every exponent bit set), else `result`.
-LOGIT_MATH float pass_non_finite(float v, float result) {
-  const uint32_t keep_v = 0u - static_cast<uint32_t>((float_bits(v) & 0x7f800000u) == 0x7f800000u);
-  return bits_float((float_bits(v) & keep_v) | (float_bits(result) & ~keep_v));
+HOST_DEVICE float pass_non_finite(float v, float result) {
+  const uint32_t keep_v = 0u - static_cast<uint32_t>((bits_of(v) & 0x7f800000u) == 0x7f800000u);
+  return float_of((bits_of(v) & keep_v) | (bits_of(result) & ~keep_v));
 }
 
 // max that keeps a NaN of either operand (a plain a > b ? a : b drops a NaN `a`, so a running
 // maximum would forget a NaN logit and an empty-looking set could hide it). The float version keeps
 // `a` by a select on the bits: written as `a > b || isnan(a) ? a : b` (the NaN test on the bits too),
 // GCC 12 at -O3 compiled the CPU kernel's maximum pass into one that dropped the NaN.
-LOGIT_MATH float lm_max(float a, float b) {
+HOST_DEVICE float lm_max(float a, float b) {
   const float larger = a > b ? a : b;
-  const uint32_t keep_a = 0u - static_cast<uint32_t>((float_bits(a) & 0x7fffffffu) > 0x7f800000u);
-  return bits_float((float_bits(a) & keep_a) | (float_bits(larger) & ~keep_a));
+  const uint32_t keep_a = 0u - static_cast<uint32_t>((bits_of(a) & 0x7fffffffu) > 0x7f800000u);
+  return float_of((bits_of(a) & keep_a) | (bits_of(larger) & ~keep_a));
 }
-LOGIT_MATH double lm_max(double a, double b) {
+HOST_DEVICE double lm_max(double a, double b) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   // The device takes maxima only of statistics whose sums already carry any NaN (logit_stream.h's
   // lse_step keeps it); the second compare cost LogitForwardKernel<double, 1> a spill on sm_90.
@@ -90,7 +63,7 @@ LOGIT_MATH double lm_max(double a, double b) {
 // coefficients), about 1 ulp, vectorisable. NaN and +inf come back unchanged, as from logf: an
 // exp-sum is NaN exactly when a logit that decides it is NaN or +inf (RELIABILITY.md#numerics). On the
 // device: logf.
-LOGIT_MATH float lm_log(float v) {
+HOST_DEVICE float lm_log(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return logf(v);
 #else
@@ -114,7 +87,7 @@ LOGIT_MATH float lm_log(float v) {
   return pass_non_finite(v, log_v);
 #endif
 }
-LOGIT_MATH double lm_log(double v) { return log(v); }
+HOST_DEVICE double lm_log(double v) { return log(v); }
 
 // exp for float32. On the host it is a Cody-Waite reduction plus a degree-6 polynomial (about
 // 1 ulp) written without floating-point compares: GCC will not if-convert a float compare under
@@ -124,7 +97,7 @@ LOGIT_MATH double lm_log(double v) { return log(v); }
 // but finite (+inf gives NaN): the kernels only take exp of x - max <= 0. NaN of either sign gives
 // NaN (x86's default NaN, from inf - inf, has the sign bit set: the clamp must not catch it), so a
 // NaN or +inf logit reaches the loss (RELIABILITY.md#numerics). On the device: expf.
-LOGIT_MATH float lm_exp(float v) {
+HOST_DEVICE float lm_exp(float v) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(v);
 #else
@@ -160,32 +133,32 @@ LOGIT_MATH float lm_exp(float v) {
   return p * scale;
 #endif
 }
-LOGIT_MATH double lm_exp(double v) { return exp(v); }
+HOST_DEVICE double lm_exp(double v) { return exp(v); }
 
 // Scale of CE's "mean" from valid_count, the number of non-ignored pixels: 1 / max(valid_count, 1).
 // With no valid pixel every CE term is 0, so the loss and its gradient come out 0 without a branch;
 // a device kernel reads valid_count where it is (no host sync).
 template <typename T>
-LOGIT_MATH T ce_mean_scale(int64_t valid_count) {
+HOST_DEVICE T ce_mean_scale(int64_t valid_count) {
   return T(1) / static_cast<T>(valid_count > 1 ? valid_count : 1);
 }
 
 template <typename T>
-LOGIT_MATH T neg_inf() {
+HOST_DEVICE T neg_inf() {
   return -static_cast<T>(INFINITY);
 }
 
-// `sum` where `max` is not -inf, else 0 (a select on the bits: see float_bits).
-LOGIT_MATH float zero_where_minus_inf(float max, float sum) {
-  const uint32_t keep = 0u - static_cast<uint32_t>(float_bits(max) != 0xff800000u);
-  return bits_float(float_bits(sum) & keep);
+// `sum` where `max` is not -inf, else 0 (a select on the bits: see pass_non_finite).
+HOST_DEVICE float zero_where_minus_inf(float max, float sum) {
+  const uint32_t keep = 0u - static_cast<uint32_t>(bits_of(max) != 0xff800000u);
+  return float_of(bits_of(sum) & keep);
 }
-LOGIT_MATH double zero_where_minus_inf(double max, double sum) { return max == neg_inf<double>() ? 0.0 : sum; }
+HOST_DEVICE double zero_where_minus_inf(double max, double sum) { return max == neg_inf<double>() ? 0.0 : sum; }
 
 // 0 for a finite m, NaN for m = +-inf or NaN: added to a statistic shifted by m so that an infinite
 // logit (which the shifted sums would turn into a finite or infinite value) gives NaN.
 template <typename T>
-LOGIT_MATH T nan_if_infinite(T m) {
+HOST_DEVICE T nan_if_infinite(T m) {
   return m - m;
 }
 
@@ -204,7 +177,7 @@ struct StudentStats {
 // it is taken as 0. An infinite maximum (a +inf logit) makes the statistics NaN, as the float64
 // reference's are: the shifted exps below would otherwise hide it (RELIABILITY.md#numerics).
 template <typename T>
-LOGIT_MATH StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum_new, T x0) {
+HOST_DEVICE StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum_new, T x0) {
   // Each union of ranges is re-shifted by its own max; exp(-inf - m) is (about) 0 when C == Co.
   sum_new = zero_where_minus_inf(max_new, sum_new);
   StudentStats<T> s;
@@ -218,7 +191,7 @@ LOGIT_MATH StudentStats<T> finish_student(T max_old, T sum_old, T max_new, T sum
 
 // MATH.md#unce at a non-ignored pixel with label t; x_t is the label's logit.
 template <typename T>
-LOGIT_MATH T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const StudentStats<T>& s, T x_t) {
+HOST_DEVICE T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const StudentStats<T>& s, T x_t) {
   if (mode == CeMode::kUnbiased && t < old_classes) return s.lse - s.lse_old;
   return s.lse - x_t;
 }
@@ -231,14 +204,14 @@ LOGIT_MATH T ce_pixel_loss(CeMode mode, int64_t t, int64_t old_classes, const St
 // 1e4). On the device the product is __fmul_rn / __dmul_rn, which nvcc never contracts. On the host
 // it is the plain product: host code calling this must be compiled without contraction
 // (-ffp-contract=off), as the CUDA emulator's baseline x86-64 build is (RELIABILITY.md#numerics).
-LOGIT_MATH float scaled_teacher_logit(float alpha, float y) {
+HOST_DEVICE float scaled_teacher_logit(float alpha, float y) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(alpha, y);
 #else
   return alpha * y;
 #endif
 }
-LOGIT_MATH double scaled_teacher_logit(double alpha, double y) {
+HOST_DEVICE double scaled_teacher_logit(double alpha, double y) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(alpha, y);
 #else
@@ -262,7 +235,7 @@ struct TeacherSums {
 // NaN when the teacher's maximum is infinite: q = softmax(alpha y) is undefined there (the float64
 // reference's is NaN), while the shifted sums would give a one-hot q (RELIABILITY.md#numerics).
 template <typename T>
-LOGIT_MATH T teacher_lse(const TeacherSums<T>& ts) {
+HOST_DEVICE T teacher_lse(const TeacherSums<T>& ts) {
   return ts.max_y + lm_log(ts.e0 + ts.sum_rest) + nan_if_infinite(ts.max_y);
 }
 
@@ -276,7 +249,7 @@ struct KdFactors {
 };
 
 template <typename T>
-LOGIT_MATH KdFactors<T> kd_factors(KdMode mode, T gamma) {
+HOST_DEVICE KdFactors<T> kd_factors(KdMode mode, T gamma) {
   KdFactors<T> f;
   f.plain = mode == KdMode::kPlain ? T(1) : T(0);
   f.background = mode == KdMode::kUnbiased || mode == KdMode::kBalanced ? T(1) : T(0);
@@ -289,8 +262,8 @@ LOGIT_MATH KdFactors<T> kd_factors(KdMode mode, T gamma) {
 //   plain:              sum_{c<Co} q_c (x_c - lse_old)
 //   unbiased, balanced: g q_0 (lse_bg - lse) + sum_{1<=c<Co} q_c (x_c - lse)
 template <typename T>
-LOGIT_MATH T kd_pixel_loss(const KdFactors<T>& f, int64_t old_classes, const StudentStats<T>& s,
-                           const TeacherSums<T>& ts, T shift) {
+HOST_DEVICE T kd_pixel_loss(const KdFactors<T>& f, int64_t old_classes, const StudentStats<T>& s,
+                            const TeacherSums<T>& ts, T shift) {
   // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
   // it, it kept a register live across the double division's slow path (a spill on sm_90).
   const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
@@ -329,7 +302,7 @@ struct GradCoefs {
 // old_label is 1 where unbiased CE sees a background/old label (t < Co), else 0. Written with
 // factors instead of per-pixel branches so that a loop over pixels vectorises.
 template <typename T>
-LOGIT_MATH GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T old_label, T g_ce, T g_kd, T q0) {
+HOST_DEVICE GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T old_label, T g_ce, T g_kd, T q0) {
   // A multiply by 1/Co, not a division per pixel: an exact division is a slow-path call on the GPU.
   const T w = g_kd * (T(1) / static_cast<T>(old_classes));
   GradCoefs<T> k;
@@ -346,7 +319,7 @@ LOGIT_MATH GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T
 // target term (the caller adds k.target at c == t); terms whose set does not contain the channel
 // are passed as 0 by the caller.
 template <typename T>
-LOGIT_MATH T logit_grad(const GradCoefs<T>& k, T p_full, T p_old, T p_bg, T q) {
+HOST_DEVICE T logit_grad(const GradCoefs<T>& k, T p_full, T p_old, T p_bg, T q) {
   return k.full * p_full + k.old_set * p_old + k.bg_set * p_bg + k.teacher * q;
 }
 

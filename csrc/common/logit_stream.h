@@ -15,7 +15,7 @@ namespace logit {
 // A NaN v becomes the maximum, so that the sum turns NaN and the maximum tells that the set is not
 // empty (logit_math.h's finish_student takes a set whose maximum is -inf as empty).
 template <typename T>
-LOGIT_MATH void lse_step(T v, T& max, T& rescale, T& term) {
+HOST_DEVICE void lse_step(T v, T& max, T& rescale, T& term) {
   const bool up = v > max || v != v;
   const T e = v == max ? T(1) : lm_exp(up ? max - v : v - max);
   rescale = up ? e : T(1);
@@ -28,11 +28,11 @@ struct StreamingLse {
   T max;
   T sum;  // sum of exp(v - max) over the values seen
 
-  LOGIT_MATH void start(T v) {
+  HOST_DEVICE void start(T v) {
     max = v;
     sum = T(1);
   }
-  LOGIT_MATH void add(T v) {
+  HOST_DEVICE void add(T v) {
     T rescale, term;
     lse_step(v, max, rescale, term);
     sum = sum * rescale + term;
@@ -50,12 +50,12 @@ struct StreamingOldChannels {
   StreamingLse<T> student;
   TeacherSums<T> teacher;
 
-  LOGIT_MATH void start(T x0, T z0) {
+  HOST_DEVICE void start(T x0, T z0) {
     student.start(x0);
     teacher = TeacherSums<T>{z0, T(1), T(0), T(0)};  // x_0 - max_old = 0
   }
   // Channel c >= 1: student logit x and scaled teacher logit z.
-  LOGIT_MATH void add(T x, T z, T plain) {
+  HOST_DEVICE void add(T x, T z, T plain) {
     T rescale, term;
     lse_step(z, teacher.max_y, rescale, term);
     teacher.e0 *= rescale;

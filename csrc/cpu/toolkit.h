@@ -23,13 +23,8 @@
 #include <type_traits>
 #include <utility>
 
-// GCC only vectorises a loop whose calls were all inlined, and a kernel's `run` must be inlined
-// into each ISA copy to be compiled for that ISA.
-#if defined(__GNUC__)
-#define INCSEG_FORCE_INLINE inline __attribute__((always_inline))
-#else
-#define INCSEG_FORCE_INLINE inline
-#endif
+#include "common/dtype.h"
+#include "common/macros.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define INCSEG_CPU_X86_COPIES 1
@@ -130,46 +125,6 @@ void run_best(Args&&... args) {
 // float for float16, bfloat16 and float32; double for float64.
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
-
-INCSEG_FORCE_INLINE uint32_t float_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-}
-
-INCSEG_FORCE_INLINE float bits_float(uint32_t b) {
-  float v;
-  std::memcpy(&v, &b, sizeof(v));
-  return v;
-}
-
-// float16 <-> float32 with integer selects only: c10::Half's conversions branch, which keeps the
-// loops that load or store float16 from vectorising. Round to nearest even, like c10.
-INCSEG_FORCE_INLINE float half_to_float(uint16_t h) {
-  const uint32_t magnitude = h & 0x7fffu;
-  // Rebias the exponent by a multiply (handles subnormals), then force inf/NaN's exponent.
-  const float v = bits_float(magnitude << 13) * bits_float((254u - 15u) << 23);
-  const uint32_t b = float_bits(v) | (magnitude >= 0x7c00u ? 0x7f800000u : 0u);
-  return bits_float(b | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-INCSEG_FORCE_INLINE uint16_t float_to_half(float v) {
-  const uint32_t b = float_bits(v);
-  const uint32_t sign = (b & 0x80000000u) >> 16;
-  const uint32_t a = b & 0x7fffffffu;  // |v|
-  // Subnormal half: adding 0.5 (2^-1) aligns the 10 result bits at the bottom, rounding RNE.
-  const float denorm_magic = bits_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
-  const uint32_t subnormal = float_bits(bits_float(a) + denorm_magic) - float_bits(denorm_magic);
-  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t special = 0x7c00u | (static_cast<uint32_t>(a > 0x7f800000u) << 9);  // inf, or NaN 0x7e00
-  // Bit masks, not ?:, pick the result: GCC turns ?: into branches that leave the float add above
-  // conditional, will not if-convert it then (-ftrapping-math), and so does not vectorise the loop
-  // without AVX-512's masked operations.
-  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(a < (113u << 23));
-  const uint32_t is_special = 0u - static_cast<uint32_t>(a >= ((127u + 16u) << 23));
-  const uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
-  return static_cast<uint16_t>((special & is_special) | (finite & ~is_special) | sign);
-}
 
 // p[i] as acc_t; every kernel loads stored elements through this.
 template <typename acc_t, typename scalar_t>
