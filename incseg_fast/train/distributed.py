@@ -157,7 +157,7 @@ class GlobalBatches:
             yield rank_share(self.processes, batch)
 
 
-def share_weights(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def share_weights(labels: torch.Tensor, ignore_index: int) -> tuple[float, float]:
     """(weight of the CE "mean", weight of the terms that average over every pixel) of this share.
 
     DDP averages the processes' gradients, so the model follows the gradient of the mean over
@@ -166,14 +166,12 @@ def share_weights(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
     counts non-ignored pixels (each share has its own number), the other terms every pixel
     (the same for equal shares: weight 1). With one process both weights are 1.
     """
-    counts = torch.tensor(
-        [(labels != ignore_index).sum().item(), labels.numel()], dtype=torch.float64, device=labels.device
-    )
     if not dist.is_initialized():
-        return torch.tensor(1.0), torch.tensor(1.0)
+        return 1.0, 1.0
+    counts = torch.stack([(labels != ignore_index).sum(), torch.tensor(labels.numel(), device=labels.device)])
     totals = all_reduce_sum(counts)
-    weights = counts * dist.get_world_size() / totals.clamp(min=1)
-    return weights[0].float().cpu(), weights[1].float().cpu()
+    weights = counts.double() * dist.get_world_size() / totals.clamp(min=1).double()
+    return weights[0].item(), weights[1].item()
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -225,7 +223,14 @@ def synchronise_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            synced = GlooSyncBatchNorm(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                device=child.running_mean.device,
+                dtype=child.running_mean.dtype,
+            )
             synced.load_state_dict(child.state_dict())
             if child.affine:  # the same Parameter objects: an optimizer built before still holds them
                 synced.weight, synced.bias = child.weight, child.bias
