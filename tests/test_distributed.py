@@ -25,8 +25,15 @@ import incseg_fast
 import incseg_fast as isf
 from incseg_fast._atomic import KILL_VARIABLE
 from incseg_fast.cli import main
-from incseg_fast.train import load_checkpoint
-from incseg_fast.train.distributed import GlobalBatches, Processes, rank_share, share_weights, synchronise_batch_norm
+from incseg_fast.train import RunOptionsError, load_checkpoint
+from incseg_fast.train.distributed import (
+    GlobalBatches,
+    Processes,
+    on_main,
+    rank_share,
+    share_weights,
+    synchronise_batch_norm,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,6 +232,22 @@ def test_share_weights_make_the_mean_over_processes_the_loss_of_the_global_batch
     # DDP's averaged gradient: each process's gradient / 2
     assert torch.allclose(torch.cat([s["grad"] for s in shares]) / 2, logits.grad, rtol=0, atol=1e-15)
     assert [float(s["pixel_weight"]) for s in shares] == [1.0, 1.0]  # equal shares
+
+
+def _fails_on_rank_zero(rank):
+    def check_the_run_directory():
+        raise RunOptionsError("runs/x holds results of --lr 0.1, not --lr 0.2")
+
+    try:
+        on_main(Processes(world_size=2, rank=rank), check_the_run_directory)
+    except RunOptionsError as error:
+        return {"message": torch.tensor(list(str(error).encode()))}
+    return {}
+
+
+def test_an_error_of_rank_zero_stops_every_process_with_its_message():
+    for result in _in_two_processes(_fails_on_rank_zero):
+        assert bytes(result["message"].tolist()).decode() == "runs/x holds results of --lr 0.1, not --lr 0.2"
 
 
 def test_global_batches_do_not_depend_on_the_number_of_processes():

@@ -16,6 +16,7 @@ together when they fail.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -85,17 +86,28 @@ def on_main(processes: Processes, action, *args):
     """
     if not processes.distributed:
         return action(*args)
-    outcome = [None]
+    outcome, failure = [None], None
     if processes.is_main:
         try:
             outcome[0] = ("value", action(*args))
         except Exception as error:  # handed to the other processes, then raised here too
-            outcome[0] = ("error", error)
+            failure = error
+            outcome[0] = ("error", error if _picklable(error) else RuntimeError(f"on rank 0: {error}"))
     dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     kind, value = outcome[0]
     if kind == "error":
         raise value
     return value
+
+
+def _picklable(error: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # e.g. an exception class whose __init__ takes other arguments than its args
+        return False
+    return True
 
 
 def main_first(processes: Processes, action, *args):
