@@ -144,8 +144,8 @@ class GlobalBatches:
     """This process's share of each global batch of an epoch (a batch sampler for a DataLoader).
 
     The global batches come from one seeded permutation per epoch, so they are the same for any
-    number of processes; ``drop_last``: the images after the last full batch are left out, as
-    the one-process loop always did (a step with fewer images than one batch trains on them all).
+    number of processes. The images after the last full batch are left out, as the one-process
+    loop always did; a step with fewer images than one batch trains on them all, in one batch.
     """
 
     def __init__(self, num_images: int, batch_size: int, processes: Processes, seed: int):
