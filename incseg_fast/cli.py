@@ -9,15 +9,17 @@ Any other exception is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from ._backends import BackendUnavailableError
-from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig, per_dataset, per_method
+from .train.config import TrainConfig
 from .vocabulary import BACKEND_CHOICES
 
 # what a user can cause and fix: bad options or files, other options in --out, divergence, memory
@@ -60,89 +62,33 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dataset",
-        default="synthetic",
-        choices=sorted(DATASET_DEFAULTS),
-        help="dataset (default: synthetic, generated in memory; voc/ade need --root)",
-    )
-    p.add_argument("--root", default=None, help="dataset folder (voc and ade only)")
-    p.add_argument(
-        "--task",
-        default=None,
-        help="task: voc/synthetic 19-1, 15-5, 15-1 (=15-5s), 10-1, offline; "
-        f"ade 100-50, 100-10, 50-50, 100-5, offline (default: {per_dataset('task')})",
-    )
-    p.add_argument(
-        "--mode",
-        default="disjoint",
-        choices=("disjoint", "overlapped"),
-        help="image selection per step (default: disjoint)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help=f"training crop (voc/ade) or image side (synthetic) (default: {per_dataset('image_size')})",
-    )
-    p.add_argument(
-        "--train-images",
-        type=int,
-        default=TrainConfig.train_images,
-        help=f"synthetic only: number of training images (default {TrainConfig.train_images})",
-    )
-    p.add_argument(
-        "--val-images",
-        type=int,
-        default=TrainConfig.val_images,
-        help=f"synthetic only: number of validation images (default {TrainConfig.val_images})",
-    )
-    p.add_argument(
-        "--data-seed",
-        type=int,
-        default=TrainConfig.data_seed,
-        help=f"synthetic only: seed of the generated scenes (default {TrainConfig.data_seed})",
-    )
-    p.add_argument(
-        "--eval-protocol",
-        default="mib",
-        choices=("mib", "plop"),
-        help="unseen classes at evaluation: ignored (mib, default) or background (plop)",
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--amp",
-        default="auto",
-        choices=("auto", "none", "bf16", "fp16"),
-        help="mixed precision: auto = bf16 (fp16 without bf16 support) on CUDA, off on CPU; bf16 also works on CPU",
-    )
-    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {per_dataset('batch_size')})")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument(
-        "--loss-backend",
-        default="auto",
-        choices=BACKEND_CHOICES,
-        help="implementation of the losses: auto (fused kernel for the device), reference, "
-        "cpu, cuda, triton (default auto)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress line")
+def _field_type(annotation):
+    """The argparse type of a TrainConfig field: int for ``int | None``, and so on."""
+    options = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    return options[0]
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field: its name, type, default, choices and help are the field's."""
+    types = typing.get_type_hints(TrainConfig)
+    for option in dataclasses.fields(TrainConfig):
+        cli = dict(option.metadata["cli"])
+        flag = cli.pop("flag", "--" + option.name.replace("_", "-"))
+        kind = _field_type(types[option.name])
+        if kind is bool:  # a flag: it turns the default over
+            action = "store_false" if option.default else "store_true"
+            p.add_argument(flag, dest=option.name, action=action, help=option.metadata["help"])
+        else:
+            p.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"], **cli)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    _add_config_options(p)
     p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)",
-    )
-    _add_debug(p)
-
-
-def _add_train(p: argparse.ArgumentParser) -> None:
-    _add_common(p)
-    p.add_argument(
-        "--method",
-        default="mib",
-        choices=sorted(METHODS),
-        help="ft, lwf, ilt, mib, caf, or joint (all classes at once, the upper bound); default mib",
     )
     p.add_argument(
         "--step",
@@ -152,117 +98,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "joint has one step, the task's last",
     )
     p.add_argument(
-        "--out",
-        default="runs/train",
-        help="output folder (default runs/train); rerunning the same command there resumes",
-    )
-    p.add_argument(
         "--overwrite",
         action="store_true",
         help="discard results in --out that were trained with other options (without it, such a "
         "rerun stops and names the option that differs)",
     )
-    p.add_argument(
-        "--backbone",
-        default=None,
-        choices=("resnet18", "resnet50", "resnet101", "tiny", "small"),
-        help=f"encoder (default: {per_dataset('backbone')})",
-    )
-    p.add_argument(
-        "--output-stride",
-        type=int,
-        default=None,
-        choices=(4, 8, 16),
-        help=f"encoder output stride via dilation (default: {per_dataset('output_stride')}; "
-        "4 only for the tiny/small backbones)",
-    )
-    p.add_argument(
-        "--pretrained",
-        default=None,
-        metavar="PATH",
-        help="resnet backbones: torchvision ImageNet state dict file (torch.save(model.state_dict())); "
-        "nothing is downloaded",
-    )
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs of step 0 (default: {per_dataset('epochs')})")
-    p.add_argument(
-        "--epochs-incremental",
-        type=int,
-        default=None,
-        help="epochs of each later step (default: same as --epochs; not for joint)",
-    )
-    p.add_argument("--lr", type=float, default=None, help=f"step-0 learning rate (default: {per_dataset('lr')})")
-    p.add_argument(
-        "--lr-incremental",
-        type=float,
-        default=None,
-        help=f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)",
-    )
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)")
-    p.add_argument(
-        "--lambda-kd", type=float, default=None, help=f"logit distillation weight (default: {per_method('lambda_kd')})"
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=TrainConfig.alpha,
-        help=f"teacher logit scale of the distillation (lwf, ilt, mib, caf; default {TrainConfig.alpha:g})",
-    )
-    p.add_argument(
-        "--lambda-fd",
-        type=float,
-        default=None,
-        help=f"L2 distillation weight of the encoder output ({per_method('lambda_fd')})",
-    )
-    p.add_argument("--freeze-encoder", action="store_true", help="ilt only: freeze the encoder in steps > 0 (E_F)")
-    p.add_argument(
-        "--lambda-ad", type=float, default=None, help=f"attentive distillation weight ({per_method('lambda_ad')})"
-    )
-    p.add_argument(
-        "--step0-checkpoint",
-        default=None,
-        metavar="PATH",
-        help="reuse this trained step-0 checkpoint (same architecture) instead of training step 0",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
+    _add_debug(p)
 
 
 def _config(args) -> TrainConfig:
-    return TrainConfig(
-        dataset=args.dataset,
-        task=args.task,
-        method=args.method,
-        mode=args.mode,
-        root=args.root,
-        out=args.out,
-        backbone=args.backbone,
-        output_stride=args.output_stride,
-        pretrained=args.pretrained,
-        lr=args.lr,
-        lr_incremental=args.lr_incremental,
-        epochs=args.epochs,
-        epochs_incremental=args.epochs_incremental,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        lambda_kd=args.lambda_kd,
-        lambda_fd=args.lambda_fd,
-        lambda_ad=args.lambda_ad,
-        alpha=args.alpha,
-        freeze_encoder=args.freeze_encoder,
-        train_images=args.train_images,
-        val_images=args.val_images,
-        data_seed=args.data_seed,
-        eval_protocol=args.eval_protocol,
-        amp=args.amp,
-        loss_backend=args.loss_backend,
-        device=args.device,
-        workers=args.workers,
-        seed=args.seed,
-        step0_checkpoint=args.step0_checkpoint,
-        progress=not args.no_progress,
-    )
+    return TrainConfig(**{option.name: getattr(args, option.name) for option in dataclasses.fields(TrainConfig)})
 
 
 def _set_threads(threads) -> None:
@@ -271,12 +116,17 @@ def _set_threads(threads) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import run
+    from .train import distributed, run
     from .train.results import PLOT_SKIPPED
 
     _set_threads(args.threads)
     cfg = _config(args).resolved()
-    run(cfg, None if args.step == "all" else [args.step], overwrite=args.overwrite)
+    try:
+        run(cfg, None if args.step == "all" else [args.step], overwrite=args.overwrite)
+    finally:
+        distributed.stop()
+    if not distributed.from_environment().is_main:
+        return 0  # under torchrun, rank 0 alone reports
     out = Path(cfg.out)
     print((out / "results.md").read_text())  # written by the last step, with every method in --out
     if not (out / "miou.png").exists():

@@ -248,3 +248,20 @@ def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys, monkeypat
     image.write_bytes(image.read_bytes()[:300])
     monkeypatch.setattr(FileSegmentation, "check_files", lambda self, indices: None)  # as if it had passed
     _one_error_line(capsys, argv, f"image {image} cannot be read")
+
+
+def test_train_options_are_the_config_fields():
+    """One place per option: the command line's defaults are TrainConfig's, and every field is an option."""
+    import dataclasses
+
+    from incseg_fast.cli import _config
+    from incseg_fast.train import TrainConfig
+
+    assert _config(build_parser().parse_args(["train"])) == TrainConfig()
+    flipped = _config(build_parser().parse_args(["train", "--no-progress", "--no-sync-bn", "--freeze-encoder"]))
+    assert (flipped.progress, flipped.sync_bn, flipped.freeze_encoder) == (False, False, True)
+    text = " ".join(build_parser().format_help().split()) + " ".join(
+        _subparsers(build_parser())["train"].format_help().split()
+    )
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata["cli"].get("flag", "--" + field.name.replace("_", "-")) in text, field.name

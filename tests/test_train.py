@@ -273,3 +273,18 @@ def test_reports_without_matplotlib(tmp_path, monkeypatch):
         1
     ] == "ft,0,50.0000,,50.0000,91.0000,60.0000,90.0000,,10.0000"
     assert "| ft | 0 | 50.0 | - | 50.0 |" in report["table"]
+
+
+def test_the_loss_backend_runs_the_structured_attention_of_the_new_and_the_old_model(tmp_path, monkeypatch):
+    calls = []  # (backend, whether gradients are recorded: the new model in training; not: the old one)
+    fused = isf.structured_attention
+
+    def spy(v, a_ch, a_sp, *, backend="auto"):
+        calls.append((backend, torch.is_grad_enabled()))
+        return fused(v, a_ch, a_sp, backend=backend)
+
+    monkeypatch.setattr(isf, "structured_attention", spy)
+    cfg = tiny_config(tmp_path, "caf", loss_backend="reference", lambda_ad=1.0, train_images=16)
+    run(cfg)
+    assert ("reference", False) in calls and ("reference", True) in calls
+    assert {backend for backend, _ in calls} == {"reference"}

@@ -186,7 +186,15 @@ class ContinualAttentiveFusion(nn.Module):
 
 class IncrementalSegmenter(nn.Module):
     def __init__(
-        self, backbone: str, classes_per_step, *, output_stride=16, head_channels=None, aspp_rates=None, caf=False
+        self,
+        backbone: str,
+        classes_per_step,
+        *,
+        output_stride=16,
+        head_channels=None,
+        aspp_rates=None,
+        caf=False,
+        loss_backend="auto",
     ):
         super().__init__()
         self.backbone_name = backbone
@@ -203,8 +211,9 @@ class IncrementalSegmenter(nn.Module):
         self.se_features = SqueezeExcitation(head_channels) if caf else None
         self.head = DeepLabV3Head(cin, head_channels, aspp_rates)
         self.classifier = IncrementalClassifier(head_channels, classes_per_step)
-        # backend of the fused structured-attention op in the CAF module (the trainer sets it)
-        self.loss_backend = "auto"
+        # backend of the fused structured-attention op in the CAF module (not part of config():
+        # the trainer passes its --loss-backend to the new and the old model alike)
+        self.loss_backend = loss_backend
 
     @property
     def num_classes(self) -> int:

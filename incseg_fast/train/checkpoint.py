@@ -39,6 +39,14 @@ REQUIRED = {
 }
 
 
+def make_payload(kind: str, **fields) -> dict:
+    """The payload of a checkpoint of ``kind``: exactly the fields :data:`REQUIRED` names (the schema
+    :func:`load_checkpoint` checks when it reads one)."""
+    if set(fields) != set(REQUIRED[kind]):
+        raise TypeError(f"a {kind} checkpoint holds {sorted(REQUIRED[kind])}, got {sorted(fields)}")
+    return {"kind": kind, **fields}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 

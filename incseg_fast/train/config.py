@@ -15,7 +15,9 @@ Every run uses SGD (momentum 0.9, weight decay 1e-4, Nesterov off) with the poly
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..vocabulary import BACKEND_CHOICES
 
 
 @dataclass(frozen=True)
@@ -75,58 +77,136 @@ DATASET_DEFAULTS = {
 }
 
 
+def per_dataset(key: str) -> str:
+    """The defaults of ``key`` for the help texts, e.g. "voc/ade 0.001, synthetic 0.05"."""
+    groups: dict = {}
+    for dataset, defaults in DATASET_DEFAULTS.items():
+        groups.setdefault(defaults[key], []).append(dataset)
+    return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
+
+
+def per_method(key: str) -> str:
+    """The methods' defaults of ``key`` where it applies, e.g. "lwf/ilt 100, mib/caf 10"."""
+    groups: dict = {}
+    for name, method in METHODS.items():
+        if getattr(method, key):
+            groups.setdefault(getattr(method, key), []).append(name)
+    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())
+
+
+def option(default, help: str, **cli):
+    """A TrainConfig field that is a command-line option of ``train`` (incseg_fast/cli.py builds
+    them from these fields): ``help`` its help text (``%(default)s`` is the default), ``cli`` more
+    argparse arguments (``choices``, ``metavar``; ``flag``: the option's name when it is not the
+    field's, e.g. ``--no-progress`` for a True default that the flag turns off)."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+BACKBONES = ("resnet18", "resnet50", "resnet101", "tiny", "small")
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "synthetic"
-    task: str | None = None  # None = the dataset's default (voc/synthetic 15-5, ade 100-50)
-    method: str = "mib"
-    mode: str = "disjoint"  # image selection: "disjoint" | "overlapped"
-    root: str | None = None  # dataset root for voc / ade
-    out: str = "runs/train"
-    # None = the dataset's default from DATASET_DEFAULTS
-    backbone: str | None = None
-    output_stride: int | None = None
-    pretrained: str | None = None  # torchvision ResNet state dict file
-    lr: float | None = None  # step 0
-    lr_incremental: float | None = None  # steps > 0
-    epochs: int | None = None  # step 0
-    epochs_incremental: int | None = None  # steps > 0 (defaults to epochs)
-    batch_size: int | None = None
-    image_size: int | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    # method hyper-parameters: None = the method's default in METHODS
-    lambda_kd: float | None = None
-    lambda_fd: float | None = None
-    lambda_ad: float | None = None
-    alpha: float = 1.0
-    freeze_encoder: bool = False  # ILT's E_F
-    # synthetic data only
-    train_images: int = 600
-    val_images: int = 200
-    data_seed: int = 0
-    eval_protocol: str = "mib"  # "mib" (unseen classes ignored) | "plop" (counted as background)
-    amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU) | "none" | "bf16" | "fp16"
-    loss_backend: str = "auto"
-    device: str = "auto"
-    workers: int = 0
-    seed: int = 0
-    step0_checkpoint: str | None = None  # reuse a trained step 0 (same architecture) instead of training it
-    progress: bool = True
+    """The options of a training run; None = the dataset's or the method's default, resolved by
+    :meth:`resolved` from DATASET_DEFAULTS and METHODS (the help texts are generated from them)."""
+
+    dataset: str = option(
+        "synthetic",
+        "dataset (default: synthetic, generated in memory; voc/ade need --root)",
+        choices=sorted(DATASET_DEFAULTS),
+    )
+    root: str | None = option(None, "dataset folder (voc and ade only)")
+    task: str | None = option(
+        None,
+        "task: voc/synthetic 19-1, 15-5, 15-1 (=15-5s), 10-1, offline; "
+        f"ade 100-50, 100-10, 50-50, 100-5, offline (default: {per_dataset('task')})",
+    )
+    mode: str = option(
+        "disjoint", "image selection per step (default: %(default)s)", choices=("disjoint", "overlapped")
+    )
+    image_size: int | None = option(
+        None, f"training crop (voc/ade) or image side (synthetic) (default: {per_dataset('image_size')})"
+    )
+    train_images: int = option(600, "synthetic only: number of training images (default %(default)s)")
+    val_images: int = option(200, "synthetic only: number of validation images (default %(default)s)")
+    data_seed: int = option(0, "synthetic only: seed of the generated scenes (default %(default)s)")
+    eval_protocol: str = option(
+        "mib",
+        "unseen classes at evaluation: ignored (mib, default) or background (plop)",
+        choices=("mib", "plop"),
+    )
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    amp: str = option(
+        "auto",
+        "mixed precision: auto = bf16 (fp16 without bf16 support) on CUDA, off on CPU; bf16 also works on CPU",
+        choices=("auto", "none", "bf16", "fp16"),
+    )
+    batch_size: int | None = option(
+        None,
+        "the global batch: under torchrun it is split evenly across the processes "
+        f"(default: {per_dataset('batch_size')})",
+    )
+    workers: int = option(0, "DataLoader worker processes (default %(default)s)")
+    loss_backend: str = option(
+        "auto",
+        "implementation of the losses (and of CAF's structured attention in the new and the old "
+        "model): auto (fused kernel for the device), reference, cpu, cuda, triton (default auto)",
+        choices=BACKEND_CHOICES,
+    )
+    progress: bool = option(True, "no progress line", flag="--no-progress")
+    method: str = option(
+        "mib",
+        "ft, lwf, ilt, mib, caf, or joint (all classes at once, the upper bound); default mib",
+        choices=sorted(METHODS),
+    )
+    out: str = option("runs/train", "output folder (default %(default)s); rerunning the same command there resumes")
+    backbone: str | None = option(None, f"encoder (default: {per_dataset('backbone')})", choices=BACKBONES)
+    output_stride: int | None = option(
+        None,
+        f"encoder output stride via dilation (default: {per_dataset('output_stride')}; "
+        "4 only for the tiny/small backbones)",
+        choices=(4, 8, 16),
+    )
+    pretrained: str | None = option(
+        None,
+        "resnet backbones: torchvision ImageNet state dict file (torch.save(model.state_dict())); "
+        "nothing is downloaded",
+        metavar="PATH",
+    )
+    epochs: int | None = option(None, f"epochs of step 0 (default: {per_dataset('epochs')})")
+    epochs_incremental: int | None = option(
+        None, "epochs of each later step (default: same as --epochs; not for joint)"
+    )
+    lr: float | None = option(None, f"step-0 learning rate (default: {per_dataset('lr')})")
+    lr_incremental: float | None = option(
+        None, f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)"
+    )
+    momentum: float = option(0.9, "SGD momentum (default %(default)s)")
+    weight_decay: float = option(1e-4, "SGD weight decay (default %(default)s)")
+    lambda_kd: float | None = option(None, f"logit distillation weight (default: {per_method('lambda_kd')})")
+    alpha: float = option(1.0, "teacher logit scale of the distillation (lwf, ilt, mib, caf; default %(default)g)")
+    lambda_fd: float | None = option(
+        None, f"L2 distillation weight of the encoder output (default: {per_method('lambda_fd')})"
+    )
+    freeze_encoder: bool = option(False, "ilt only: freeze the encoder in steps > 0 (E_F)")
+    lambda_ad: float | None = option(None, f"attentive distillation weight (default: {per_method('lambda_ad')})")
+    step0_checkpoint: str | None = option(
+        None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
+    )
+    seed: int = option(0, "seed of initialisation and data order (default %(default)s)")
+    sync_bn: bool = option(
+        True,
+        "under torchrun: batch norm of the student with each process's own batch statistics "
+        "(default: the statistics of the global batch, synchronised across processes)",
+        flag="--no-sync-bn",
+    )
 
     def resolved(self) -> TrainConfig:
         """A copy with every None replaced by the dataset's and the method's defaults."""
-        if self.dataset not in DATASET_DEFAULTS:
-            raise ValueError(f"dataset must be one of {sorted(DATASET_DEFAULTS)}, got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        for name, options in (
-            ("mode", ("disjoint", "overlapped")),
-            ("eval_protocol", ("mib", "plop")),
-            ("amp", ("auto", "none", "bf16", "fp16")),
-        ):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
+        for option_field in dataclasses.fields(self):
+            choices, value = option_field.metadata["cli"].get("choices"), getattr(self, option_field.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"{option_field.name} must be one of {list(choices)}, got {value!r}")
         cfg = dataclasses.replace(self)
         for key, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(cfg, key) is None:
@@ -188,20 +268,3 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
         if not applies and getattr(cfg, name) != neutral:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to {choice} (it is for {purpose})")
-
-
-def per_dataset(key: str) -> str:
-    """The defaults of ``key`` for the help texts, e.g. "voc/ade 0.001, synthetic 0.05"."""
-    groups: dict = {}
-    for dataset, defaults in DATASET_DEFAULTS.items():
-        groups.setdefault(defaults[key], []).append(dataset)
-    return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
-
-
-def per_method(key: str) -> str:
-    """The methods' defaults of ``key`` where it applies, e.g. "lwf/ilt 100, mib/caf 10"."""
-    groups: dict = {}
-    for name, method in METHODS.items():
-        if getattr(method, key):
-            groups.setdefault(getattr(method, key), []).append(name)
-    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())

@@ -23,17 +23,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import incseg_fast as isf
 
 from .._atomic import write_atomic
 from ..models import IncrementalSegmenter, load_pretrained
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, make_payload, save_checkpoint
 from .config import TrainConfig
+from .distributed import (
+    GlobalBatches,
+    Processes,
+    all_reduce_sum,
+    check_global_batch,
+    from_environment,
+    main_first,
+    on_main,
+    process_device,
+    share_weights,
+    synchronise_batch_norm,
+)
+from .distributed import start as start_processes
 from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory
+
+ONE_PROCESS = Processes()
+IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label tables
 
 # ------------------------------------------------------------------------------------------
 # Environment: device, mixed precision, seeding, checkpoints
@@ -109,8 +125,9 @@ class StepPlan:
 
     ``train_steps``: the class ids per step as trained (``joint``: one step with every class);
     ``index``: the training step; ``report_step``: the step number in the results (``joint`` is
-    reported at the task's last step, the point it is the upper bound of); ``old_classes``: the
-    task's step-0 class count, the old/new split of the metrics.
+    reported at the task's last step, the point it is the upper bound of); ``base_classes``: the
+    task's step-0 class count, the old/new split of the metrics; ``previous_classes``: the classes
+    of the steps before this one, the old model's channels (the distillation's Co).
     """
 
     def __init__(self, cfg: TrainConfig, step: int):
@@ -134,7 +151,8 @@ class StepPlan:
             )
         self.classes_per_step = [len(s) for s in self.train_steps[: self.index + 1]]
         self.num_classes = sum(self.classes_per_step)
-        self.old_classes = len(self.task_steps[0])
+        self.base_classes = len(self.task_steps[0])
+        self.previous_classes = sum(self.classes_per_step[:-1])
 
 
 def _train_subset(cfg: TrainConfig, plan: StepPlan, base):
@@ -164,24 +182,45 @@ def _check_files(*subsets) -> None:
             check(subset.indices)
 
 
+class _SeededImages(Dataset):
+    """The training images of one epoch, each augmented with torch's generator seeded from (the
+    epoch's seed, its index): an image's augmentation does not depend on which process or
+    DataLoader worker loads it, nor on the images loaded before it."""
+
+    def __init__(self, images, epoch_seed: int):
+        self.images, self.epoch_seed = images, epoch_seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        torch.manual_seed(_seed(self.epoch_seed, index))
+        return self.images[index]
+
+
 # ------------------------------------------------------------------------------------------
 # Models and checkpoints
 # ------------------------------------------------------------------------------------------
 
 
-def model_from_checkpoint(ckpt: dict, device) -> IncrementalSegmenter:
-    model = IncrementalSegmenter(**ckpt["model"])
+def model_from_checkpoint(ckpt: dict, device, *, loss_backend: str = "auto") -> IncrementalSegmenter:
+    model = IncrementalSegmenter(**ckpt["model"], loss_backend=loss_backend)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device)
 
 
 def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
-    """(new model, frozen old model or None) for the step, before any partial-epoch resume."""
+    """(new model, frozen old model or None) for the step, before any partial-epoch resume; both
+    run CAF's structured attention on ``cfg.loss_backend``."""
     spec = cfg.method_spec
     torch.manual_seed(_seed(cfg.seed, plan.index, 10_000))
     if plan.index == 0:
         model = IncrementalSegmenter(
-            cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride, caf=spec.caf_module
+            cfg.backbone,
+            plan.classes_per_step,
+            output_stride=cfg.output_stride,
+            caf=spec.caf_module,
+            loss_backend=cfg.loss_backend,
         )
         if cfg.pretrained:
             load_pretrained(model.encoder, cfg.pretrained)
@@ -193,10 +232,10 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
             f"train step {plan.index - 1} first (or every step with --step all)"
         )
     ckpt = load_checkpoint(previous)
-    old = model_from_checkpoint(ckpt, device)
+    old = model_from_checkpoint(ckpt, device, loss_backend=cfg.loss_backend)
     old.eval()
     old.requires_grad_(False)
-    model = model_from_checkpoint(ckpt, device)
+    model = model_from_checkpoint(ckpt, device, loss_backend=cfg.loss_backend)
     model.classifier.add_step(plan.classes_per_step[-1])
     if spec.balanced_init:
         model.classifier.balanced_init()
@@ -213,40 +252,48 @@ def _needs_teacher(cfg: TrainConfig) -> bool:
     return cfg.method_spec.kd != "none" or bool(cfg.lambda_fd) or cfg.method_spec.caf_module
 
 
-def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
-    """The step's objective; ``old`` is the frozen previous model, None at step 0 and for ft."""
+def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0)):
+    """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
+    frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
+    for the CE and for the terms that average over every pixel (1 with one process)."""
     spec = cfg.method_spec
     old_out = None
     if old is not None:
         with torch.no_grad():
             old_out = old(images)
-    out = model(images, old_out.get("projected") if old_out is not None else None)
+    out = net(images, old_out.get("projected") if old_out is not None else None)
     x = out["logits"]
     incremental = plan.index > 0
-    old_classes = plan.num_classes - plan.classes_per_step[-1] if incremental else plan.num_classes
     kd_mode = spec.kd if old is not None else "none"
     y = old_out["logits"].to(x.dtype) if kd_mode != "none" else None
     ce, kd = isf.incremental_loss(
         x,
         labels,
         y,
-        old_classes=old_classes,
+        old_classes=plan.previous_classes if incremental else plan.num_classes,
         ce=spec.ce if incremental else "plain",
         kd=kd_mode,
         alpha=cfg.alpha,
+        ignore_index=IGNORE_INDEX,
         backend=cfg.loss_backend,
     )
-    loss = ce + cfg.lambda_kd * kd
+    ce_weight, pixel_weight = weights
+    return ce_weight * ce + pixel_weight * _distillation(cfg, student, kd, out, old, old_out)
+
+
+def _distillation(cfg: TrainConfig, student, kd, out, old, old_out):
+    """The terms that average over every pixel (or feature element): KD, ILT's L2, CAF's AD."""
+    loss = cfg.lambda_kd * kd
     if old is not None and cfg.lambda_fd:
         loss = loss + cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
-    if old is not None and cfg.lambda_ad and spec.caf_module:
+    if old is not None and cfg.lambda_ad and cfg.method_spec.caf_module:
         # CAF eq. 8: the pairs (z-bar, z-bar old) and (h, h old), each with its own SE attention
         for key, se in (("encoder", "se_encoder"), ("features", "se_features")):
             f, g = out[key], old_out[key].to(out[key].dtype)
             with torch.no_grad():
                 b = getattr(old, se)(g)
             loss = loss + cfg.lambda_ad * isf.attentive_distillation(
-                f, g, getattr(model, se)(f), b, backend=cfg.loss_backend
+                f, g, getattr(student, se)(f), b, backend=cfg.loss_backend
             )
     return loss
 
@@ -262,26 +309,33 @@ def evaluate(
     dataset,
     *,
     num_classes: int,
-    old_classes: int,
+    base_classes: int,
     batch_size: int,
     device,
     amp: torch.dtype | None = None,
     workers: int = 0,
+    processes: Processes = ONE_PROCESS,
 ) -> dict:
-    """Per-class IoU and old/new/all mIoU, mPA, mCA (percent) of ``model`` on ``dataset``."""
+    """Per-class IoU and old/new/all mIoU, mPA, mCA (percent) of ``model`` on ``dataset``; the
+    ids below ``base_classes`` are "old". With several processes each evaluates every
+    ``world_size``-th image and the confusion matrices are summed."""
     from ..metrics import ConfusionMatrix
 
     model.eval()
     matrix = ConfusionMatrix(num_classes)
+    if processes.distributed:
+        dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         with _autocast(device, amp):
             logits = model(images.to(device))["logits"]
         matrix.update(logits.argmax(1).cpu(), labels)
-    return matrix.compute(old_classes)
+    if processes.distributed:  # NCCL reduces device tensors only
+        matrix.matrix = all_reduce_sum(matrix.matrix.to(device)).cpu()
+    return matrix.compute(base_classes)
 
 
 # ------------------------------------------------------------------------------------------
-# Training
+# Training: prepare the step, restore a partial step, train epochs, write checkpoints, finish
 # ------------------------------------------------------------------------------------------
 
 
@@ -291,6 +345,35 @@ def method_dir(cfg: TrainConfig) -> Path:
 
 def _precision(autocast_dtype: torch.dtype | None) -> str:
     return {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+
+
+@dataclasses.dataclass
+class _Step:
+    """What every part of one step's training needs to know."""
+
+    cfg: TrainConfig
+    plan: StepPlan
+    processes: Processes
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    final: Path  # the step's final checkpoint (its commit)
+    partial: Path  # its last finished epoch
+
+    @property
+    def label(self) -> str:
+        return f"[{self.cfg.method}] step {self.plan.report_step}"
+
+
+@dataclasses.dataclass
+class _Training:
+    """The models and the optimizer of a step being trained."""
+
+    student: IncrementalSegmenter
+    net: torch.nn.Module  # what the loss calls: the student, or its DDP wrapper
+    teacher: IncrementalSegmenter | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    history: list  # per finished epoch: loss, images/s
 
 
 def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
@@ -310,146 +393,208 @@ def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
     write_atomic(final, source.read_bytes())  # verified above, and again whenever it is loaded
 
 
-def _resume(cfg: TrainConfig, plan: StepPlan, partial: Path, model, optimizer, scaler) -> tuple[int, list]:
-    """(first epoch to train, loss history so far), loading the step's last finished epoch if there is one."""
-    if not partial.exists():
-        return 0, []
-    state = load_checkpoint(partial, kind="epoch")
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if cfg.progress:
-        print(f"[{cfg.method}] step {plan.report_step}: resuming after epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1, state["history"]
+def _settle_run_directory(step: _Step, overwrite: bool) -> None:
+    """Rank 0's part of preparing a step: check the options in --out, remove what a kill left,
+    and put a reused step 0 in place."""
+    prepare_run_directory(step.cfg, _precision(step.autocast_dtype), overwrite=overwrite)
+    if step.final.exists():
+        step.partial.unlink(missing_ok=True)  # left by a kill between the commit and its removal
+    elif step.plan.index == 0 and step.cfg.step0_checkpoint:
+        _reuse_step0(step.cfg, step.plan, step.final)
 
 
-def _sgd_step(cfg, plan, model, teacher, optimizer, scaler, batch, device, autocast_dtype, where: str) -> float:
-    """One optimisation step on ``batch``; returns the loss."""
-    images, labels = (t.to(device, non_blocking=True) for t in batch)
-    with _autocast(device, autocast_dtype):
-        loss = _batch_loss(cfg, plan, model, teacher, images, labels)
-    loss_value = loss.item()
+def prepare_step(cfg: TrainConfig, step: int, overwrite: bool = False) -> _Step:
+    """The step's plan, device and files, with the run directory checked (by rank 0; every
+    process goes on once it is done)."""
+    cfg = cfg.resolved()
+    plan = StepPlan(cfg, step)
+    processes = from_environment()
+    check_global_batch(processes, cfg.batch_size)
+    device = process_device(processes, resolve_device(cfg.device))
+    start_processes(processes, device)
+    folder = method_dir(cfg)
+    prepared = _Step(
+        cfg=cfg if processes.is_main else dataclasses.replace(cfg, progress=False),
+        plan=plan,
+        processes=processes,
+        device=device,
+        autocast_dtype=amp_dtype(cfg.amp, device),
+        final=folder / f"step{plan.report_step}.pt",
+        partial=folder / f"step{plan.report_step}.partial.pt",
+    )
+    on_main(processes, _settle_run_directory, prepared, overwrite)
+    return prepared
+
+
+def _start_training(step: _Step) -> _Training:
+    """The step's models (the student's batch norm synchronised across processes unless
+    --no-sync-bn), optimizer and gradient scaler, before any partial-epoch resume."""
+    cfg, plan = step.cfg, step.plan
+    student, teacher = _build_model(cfg, plan, method_dir(cfg), step.device)
+    if plan.index > 0 and cfg.freeze_encoder:
+        student.encoder.requires_grad_(False)
+    if step.processes.distributed and cfg.sync_bn:
+        student = synchronise_batch_norm(student, step.device)
+    base_lr = cfg.lr if plan.index == 0 else cfg.lr_incremental
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(step.device.type, enabled=step.autocast_dtype == torch.float16)
+    teacher = teacher if _needs_teacher(cfg) else None
+    return _Training(student, student, teacher, optimizer, scaler, history=[])
+
+
+def _restore_partial_step(step: _Step, training: _Training) -> int:
+    """Load the step's last finished epoch if there is one (every process loads the same file);
+    returns the first epoch to train."""
+    if not step.partial.exists():
+        return 0
+    state = load_checkpoint(step.partial, kind="epoch")
+    training.student.load_state_dict(state["state_dict"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scaler.load_state_dict(state["scaler"])
+    training.history = state["history"]
+    if step.cfg.progress:
+        print(f"{step.label}: resuming after epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1
+
+
+def _distribute(step: _Step, training: _Training) -> None:
+    """Wrap the student in DDP when there are several processes (after the resume: DDP starts
+    every process from rank 0's weights, which are those of the same file)."""
+    if not step.processes.distributed:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = step.cfg
+    # CAF's fusion and SE blocks take no part in a step without the old model or without
+    # lambda_AD; DDP must then look for unused parameters. It must not otherwise: the SE blocks
+    # run outside DDP's forward (in the loss), which that search would count as unused.
+    uses_everything = training.teacher is not None and bool(cfg.lambda_ad)
+    training.net = DistributedDataParallel(
+        training.student,
+        device_ids=[step.device.index] if step.device.type == "cuda" else None,
+        find_unused_parameters=cfg.method_spec.caf_module and not uses_everything,
+    )
+
+
+def _global_mean(value: torch.Tensor, processes: Processes) -> float:
+    """The mean over processes of a scalar (the loss of the global batch)."""
+    if not processes.distributed:
+        return value.item()
+    return all_reduce_sum(value.detach().float().reshape(1).to(value.device)).item() / processes.world_size
+
+
+def _sgd_step(step: _Step, training: _Training, batch, where: str) -> float:
+    """One optimisation step on this process's share of a global batch; returns the global loss."""
+    cfg, plan = step.cfg, step.plan
+    images, labels = (t.to(step.device, non_blocking=True) for t in batch)
+    weights = share_weights(labels, IGNORE_INDEX)
+    with _autocast(step.device, step.autocast_dtype):
+        loss = _batch_loss(cfg, plan, training.net, training.student, training.teacher, images, labels, weights)
+    loss_value = _global_mean(loss, step.processes)  # every process stops on a non-finite loss
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"non-finite loss at {where}: lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
     return loss_value
 
 
-def _train(cfg: TrainConfig, plan: StepPlan, train_set, device, autocast_dtype, partial: Path, on_epoch_end):
-    """The step's model after its epochs (resumed from ``partial``), and its loss history."""
-    model, teacher = _build_model(cfg, plan, method_dir(cfg), device)
-    teacher = teacher if _needs_teacher(cfg) else None
-    model.loss_backend = cfg.loss_backend
-    frozen_encoder = cfg.freeze_encoder and plan.index > 0
-    if frozen_encoder:
-        model.encoder.requires_grad_(False)
-    base_lr = cfg.lr if plan.index == 0 else cfg.lr_incremental
+def _train_epoch(step: _Step, training: _Training, train_set, epoch: int) -> None:
+    """One epoch of global batches; appends its loss and throughput to the history."""
+    cfg, plan = step.cfg, step.plan
     epochs = cfg.epochs if plan.index == 0 else cfg.epochs_incremental
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    start_epoch, history = _resume(cfg, plan, partial, model, optimizer, scaler)
-
-    drop_last = len(train_set) > cfg.batch_size
-    iters_per_epoch = len(train_set) // cfg.batch_size if drop_last else 1
-    max_iters = epochs * iters_per_epoch
-    for epoch in range(start_epoch, epochs):
-        seed_everything(_seed(cfg.seed, plan.index, epoch))
-        order = torch.Generator().manual_seed(_seed(cfg.seed, plan.index, epoch, 1))
-        loader = DataLoader(
-            train_set,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=order,
-            drop_last=drop_last,
-            num_workers=cfg.workers,
-        )
-        model.train()
-        if frozen_encoder:
-            model.encoder.eval()  # E_F: the frozen encoder keeps its BatchNorm statistics too
-        progress = Progress(
-            iters_per_epoch, f"[{cfg.method}] step {plan.report_step} epoch {epoch + 1}/{epochs}", enabled=cfg.progress
-        )
-        loss_sum = 0.0
-        for i, batch in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr * (1 - (epoch * iters_per_epoch + i) / max_iters) ** 0.9
-            loss_value = _sgd_step(
-                cfg,
-                plan,
-                model,
-                teacher,
-                optimizer,
-                scaler,
-                batch,
-                device,
-                autocast_dtype,
-                f"step {plan.report_step}, epoch {epoch}, iteration {i}",
-            )
-            loss_sum += loss_value
-            progress.update(batch[0].shape[0], loss_value)
-        history.append(
-            {"epoch": epoch, "loss": loss_sum / max(iters_per_epoch, 1), "images_per_s": progress.images_per_second}
-        )
-        save_checkpoint(
-            {
-                "kind": "epoch",
-                "epoch": epoch,
-                "history": history,
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "config": dataclasses.asdict(cfg),
-            },
-            partial,
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return model, history
+    base_lr = cfg.lr if plan.index == 0 else cfg.lr_incremental
+    seed_everything(_seed(cfg.seed, plan.index, epoch))
+    batches = GlobalBatches(len(train_set), cfg.batch_size, step.processes, _seed(cfg.seed, plan.index, epoch, 1))
+    images = _SeededImages(train_set, _seed(cfg.seed, plan.index, epoch, 2))
+    loader = DataLoader(images, batch_sampler=batches, num_workers=cfg.workers)
+    training.net.train()
+    if plan.index > 0 and cfg.freeze_encoder:
+        training.student.encoder.eval()  # E_F: the frozen encoder keeps its BatchNorm statistics too
+    progress = Progress(len(batches), f"{step.label} epoch {epoch + 1}/{epochs}", enabled=cfg.progress)
+    max_iters = epochs * len(batches)
+    for i, batch in enumerate(loader):
+        for group in training.optimizer.param_groups:
+            group["lr"] = base_lr * (1 - (epoch * len(batches) + i) / max_iters) ** 0.9
+        where = f"step {plan.report_step}, epoch {epoch}, iteration {i}"
+        progress.update(min(cfg.batch_size, len(train_set)), _sgd_step(step, training, batch, where))
+    training.history.append(
+        {"epoch": epoch, "loss": progress.loss_sum / len(batches), "images_per_s": progress.images_per_second}
+    )
 
 
-def _train_and_commit(
-    cfg: TrainConfig, plan: StepPlan, device, autocast_dtype, final: Path, partial: Path, on_epoch_end
-) -> None:
-    train_set = _train_subset(cfg, plan, _dataset(cfg, "train"))
-    val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
-    _check_files(train_set, val_set)
-    model, history = _train(cfg, plan, train_set, device, autocast_dtype, partial, on_epoch_end)
+def _write_epoch_checkpoint(step: _Step, training: _Training, epoch: int) -> None:
+    payload = make_payload(
+        "epoch",
+        epoch=epoch,
+        history=training.history,
+        state_dict=training.student.state_dict(),
+        optimizer=training.optimizer.state_dict(),
+        scaler=training.scaler.state_dict(),
+        config=dataclasses.asdict(step.cfg),
+    )
+    on_main(step.processes, save_checkpoint, payload, step.partial)
+
+
+def _commit(step: _Step, model, entry: dict) -> None:
+    """The commit of the step: weights and metrics in one rename."""
+    payload = make_payload(
+        "step",
+        model=model.config(),
+        state_dict=model.state_dict(),
+        metrics=entry,
+        task_steps=step.plan.task_steps,
+        train_steps=step.plan.train_steps,
+        index=step.plan.index,
+        config=dataclasses.asdict(step.cfg),
+    )
+    save_checkpoint(payload, step.final)
+    step.partial.unlink(missing_ok=True)
+
+
+def _finish_step(step: _Step, model, history: list, val_set) -> None:
+    """Evaluate the trained model and commit the step (rank 0 writes)."""
+    cfg, plan = step.cfg, step.plan
     start = time.perf_counter()
     metrics = evaluate(
         model,
         val_set,
         num_classes=plan.num_classes,
-        old_classes=plan.old_classes,
-        batch_size=cfg.batch_size,
-        device=device,
-        amp=autocast_dtype,
+        base_classes=plan.base_classes,
+        batch_size=cfg.batch_size // step.processes.world_size,
+        device=step.device,
+        amp=step.autocast_dtype,
         workers=cfg.workers,
+        processes=step.processes,
     )
-    entry = {
-        "step": plan.report_step,
-        **metrics,
-        "history": history,
-        "eval_seconds": round(time.perf_counter() - start, 2),
-    }
-    # the commit of the step: weights and metrics in one rename
-    save_checkpoint(
-        {
-            "kind": "step",
-            "model": model.config(),
-            "state_dict": model.state_dict(),
-            "metrics": entry,
-            "task_steps": plan.task_steps,
-            "train_steps": plan.train_steps,
-            "index": plan.index,
-            "config": dataclasses.asdict(cfg),
-        },
-        final,
-    )
-    partial.unlink(missing_ok=True)
+    entry = {"step": plan.report_step, **metrics, "history": history}
+    entry["eval_seconds"] = round(time.perf_counter() - start, 2)
+    on_main(step.processes, _commit, step, model, entry)
+
+
+def _train_and_commit(step: _Step, on_epoch_end) -> None:
+    cfg, plan = step.cfg, step.plan
+    # rank 0 first: it writes the cache of the image selection that the others then read
+    train_set = main_first(step.processes, _train_subset, cfg, plan, _dataset(cfg, "train"))
+    val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
+    on_main(step.processes, _check_files, train_set, val_set)
+    training = _start_training(step)
+    first_epoch = _restore_partial_step(step, training)
+    _distribute(step, training)
+    for epoch in range(first_epoch, cfg.epochs if plan.index == 0 else cfg.epochs_incremental):
+        _train_epoch(step, training, train_set, epoch)
+        _write_epoch_checkpoint(step, training, epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    _finish_step(step, training.student, training.history, val_set)
+
+
+def _report(step: _Step) -> list[dict]:
+    entries = sync_metrics(method_dir(step.cfg))
+    write_reports(Path(step.cfg.out), step.plan.task_steps)
+    return entries
 
 
 def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: bool = False) -> dict:
@@ -458,23 +603,13 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: boo
     A step whose final checkpoint exists is not trained again: its metrics are read back from it.
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. ``overwrite``:
     results of other options in ``cfg.out`` are discarded instead of stopping the run (rundir.py).
+    Under torchrun, every process calls it (docs/TRAINER.md#distributed).
     """
-    cfg = cfg.resolved()
-    plan = StepPlan(cfg, step)
-    device = resolve_device(cfg.device)
-    autocast_dtype = amp_dtype(cfg.amp, device)
-    out_dir = prepare_run_directory(cfg, _precision(autocast_dtype), overwrite=overwrite)
-    final = out_dir / f"step{plan.report_step}.pt"
-    partial = out_dir / f"step{plan.report_step}.partial.pt"
-    if final.exists():
-        partial.unlink(missing_ok=True)  # left by a kill between the commit and its removal
-    elif plan.index == 0 and cfg.step0_checkpoint:
-        _reuse_step0(cfg, plan, final)
-    else:
-        _train_and_commit(cfg, plan, device, autocast_dtype, final, partial, on_epoch_end)
-    entries = sync_metrics(out_dir)
-    write_reports(Path(cfg.out), plan.task_steps)
-    return next(e for e in entries if e["step"] == plan.report_step)
+    prepared = prepare_step(cfg, step, overwrite)
+    if not prepared.final.exists():
+        _train_and_commit(prepared, on_epoch_end)
+    entries = on_main(prepared.processes, _report, prepared)
+    return next(e for e in entries if e["step"] == prepared.plan.report_step)
 
 
 def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
@@ -489,6 +624,13 @@ def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
         steps = [last]
     elif steps is None:
         steps = range(last + 1)
+    processes = from_environment()
+    if processes.distributed and processes.is_main:
+        check_global_batch(processes, cfg.batch_size)
+        print(
+            f"{processes.world_size} processes: global batch {cfg.batch_size}, "
+            f"{cfg.batch_size // processes.world_size} images per process"
+        )
     return [train_step(cfg, k, overwrite=overwrite) for k in steps]
 
 
@@ -511,7 +653,7 @@ def evaluate_checkpoint(
         model,
         val_set,
         num_classes=plan.num_classes,
-        old_classes=plan.old_classes,
+        base_classes=plan.base_classes,
         batch_size=batch_size or cfg.batch_size,
         device=torch_device,
         amp=amp_dtype(amp, torch_device),
