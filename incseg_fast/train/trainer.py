@@ -14,6 +14,7 @@ and the same command finishes the run as if it had not been killed (docs/RELIABI
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -180,9 +181,8 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
     spec = cfg.method_spec
     torch.manual_seed(_seed(cfg.seed, plan.index, 10_000))
     if plan.index == 0:
-        model = IncrementalSegmenter(
-            cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride, caf=spec.caf_module
-        )
+        # every method's step 0 is the same network (CAF's modules join at step 1), so it can be shared
+        model = IncrementalSegmenter(cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride)
         if cfg.pretrained:
             load_pretrained(model.encoder, cfg.pretrained)
         return model.to(device), None
@@ -200,7 +200,20 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
     model.classifier.add_step(plan.classes_per_step[-1])
     if spec.balanced_init:
         model.classifier.balanced_init()
+    add_caf_modules(cfg, model, old)
     return model, old
+
+
+def add_caf_modules(cfg: TrainConfig, model, old) -> None:
+    """Give a step > 0 the CAF modules its previous step lacks (step 0 never has them): the fusion
+    module, which starts as the identity, and the attentive distillation's channel attentions,
+    the old model's a frozen copy of the new one's (as when they were carried over untrained)."""
+    if cfg.method_spec.caf_module and model.caf is None:
+        model.add_fusion()
+    if cfg.lambda_ad and model.se_encoder is None:
+        model.add_squeeze_excitation()
+        old.se_encoder = copy.deepcopy(model.se_encoder).requires_grad_(False)
+        old.se_features = copy.deepcopy(model.se_features).requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,11 +223,18 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
 
 def _needs_teacher(cfg: TrainConfig) -> bool:
     """Whether steps > 0 run the old model (fine-tuning does not)."""
-    return cfg.method_spec.kd != "none" or bool(cfg.lambda_fd) or cfg.method_spec.caf_module
+    spec = cfg.method_spec
+    return spec.kd != "none" or bool(cfg.lambda_fd) or bool(cfg.lambda_ad) or spec.caf_module
 
 
 def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
     """The step's objective; ``old`` is the frozen previous model, None at step 0 and for ft."""
+    return sum(loss_terms(cfg, plan, model, old, images, labels).values())
+
+
+def loss_terms(cfg: TrainConfig, plan: StepPlan, model, old, images, labels) -> dict:
+    """The weighted terms of the step's objective by name ("ce", "kd", "fd", "ad_z", "ad_h"),
+    those the method uses; their sum is the loss (tools/caf_terms.py measures them one by one)."""
     spec = cfg.method_spec
     old_out = None
     if old is not None:
@@ -236,19 +256,21 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
         alpha=cfg.alpha,
         backend=cfg.loss_backend,
     )
-    loss = ce + cfg.lambda_kd * kd
+    terms = {"ce": ce}
+    if kd_mode != "none":
+        terms["kd"] = cfg.lambda_kd * kd
     if old is not None and cfg.lambda_fd:
-        loss = loss + cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
-    if old is not None and cfg.lambda_ad and spec.caf_module:
+        terms["fd"] = cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
+    if old is not None and cfg.lambda_ad:
         # CAF eq. 8: the pairs (z-bar, z-bar old) and (h, h old), each with its own SE attention
-        for key, se in (("encoder", "se_encoder"), ("features", "se_features")):
+        for name, key, se in (("ad_z", "encoder", "se_encoder"), ("ad_h", "features", "se_features")):
             f, g = out[key], old_out[key].to(out[key].dtype)
             with torch.no_grad():
                 b = getattr(old, se)(g)
-            loss = loss + cfg.lambda_ad * isf.attentive_distillation(
+            terms[name] = cfg.lambda_ad * isf.attentive_distillation(
                 f, g, getattr(model, se)(f), b, backend=cfg.loss_backend
             )
-    return loss
+    return terms
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,7 +322,7 @@ def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
     needed = {
         "backbone": cfg.backbone,
         "output_stride": cfg.output_stride,
-        "caf": cfg.method_spec.caf_module,
+        "caf": False,
         "classes_per_step": plan.classes_per_step,
     }
     if any(model[key] != value for key, value in needed.items()):
@@ -474,7 +496,29 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: boo
         _train_and_commit(cfg, plan, device, autocast_dtype, final, partial, on_epoch_end)
     entries = sync_metrics(out_dir)
     write_reports(Path(cfg.out), plan.task_steps)
+    picture = out_dir / f"predictions_step{plan.report_step}.png"
+    if not picture.exists():  # drawn from the committed checkpoint: a kill before it is redrawn here
+        message = write_predictions(cfg, plan.report_step, {cfg.method: final}, picture)
+        if message and cfg.progress:
+            print(message)
     return next(e for e in entries if e["step"] == plan.report_step)
+
+
+def write_predictions(cfg: TrainConfig, step: int, checkpoints: dict, path: Path) -> str | None:
+    """Draw ``path``: the first validation images of step ``step``, their ground truth and the
+    predictions of the final checkpoints ``checkpoints`` ({column title: path}). Returns None, or
+    why nothing was drawn (no matplotlib)."""
+    from .pictures import picture_samples, predict, write_predictions_picture
+
+    val_set = _val_subset(cfg, StepPlan(cfg, step), _dataset(cfg, "val"))
+    images, labels = picture_samples(val_set)
+    device = resolve_device(cfg.device)
+    predictions = {
+        title: predict(model_from_checkpoint(load_checkpoint(checkpoint), device), images, device)
+        for title, checkpoint in checkpoints.items()
+    }
+    class_names = getattr(val_set.dataset, "class_names", None)
+    return write_predictions_picture(path, images, labels, predictions, class_names)
 
 
 def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
