@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from ._backends import BackendUnavailableError
-from .train.config import DATASET_DEFAULTS, METHODS, TrainConfig, per_dataset, per_method
+from .train.config import CAF_KD_CHOICES, CAF_LAMBDA_AD, DATASET_DEFAULTS, METHODS, TrainConfig, per_dataset, per_method
 from .vocabulary import BACKEND_CHOICES
 
 # what a user can cause and fix: bad options or files, other options in --out, divergence, memory
@@ -216,7 +216,21 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--freeze-encoder", action="store_true", help="ilt only: freeze the encoder in steps > 0 (E_F)")
     p.add_argument(
-        "--lambda-ad", type=float, default=None, help=f"attentive distillation weight ({per_method('lambda_ad')})"
+        "--lambda-ad",
+        type=float,
+        default=None,
+        help="caf only: attentive distillation weight (default: "
+        + ", ".join(f"{d} {v:g}" for d, v in CAF_LAMBDA_AD.items())
+        + "; 0 = off)",
+    )
+    p.add_argument(
+        "--kd",
+        default=None,
+        choices=CAF_KD_CHOICES,
+        help="caf only: logit distillation, none, unbiased (MiB's) or balanced (BKD, the default)",
+    )
+    p.add_argument(
+        "--no-fusion", action="store_true", help="caf only: without the fusion module (projection, fusion, SAB)"
     )
     p.add_argument(
         "--step0-checkpoint",
@@ -249,6 +263,8 @@ def _config(args) -> TrainConfig:
         lambda_kd=args.lambda_kd,
         lambda_fd=args.lambda_fd,
         lambda_ad=args.lambda_ad,
+        kd=args.kd,
+        caf_module=False if args.no_fusion else None,
         alpha=args.alpha,
         freeze_encoder=args.freeze_encoder,
         train_images=args.train_images,
@@ -313,7 +329,26 @@ def _cmd_demo(args) -> int:
         loss_backend=args.loss_backend,
         progress=not args.no_progress,
         threads=args.threads,
+        task=args.task,
     )
+    return 0
+
+
+def _cmd_ablate(args) -> int:
+    from .train.ablate import run_ablation
+
+    _set_threads(args.threads)
+    if args.method != "caf":
+        raise ValueError("--method does not apply to ablate (its rows are caf runs)")
+    if args.step != "all":
+        raise ValueError("--step does not apply to ablate (every row trains every step of the task)")
+    for flag, given in (("--kd", args.kd is not None), ("--no-fusion", args.no_fusion)):
+        if given:
+            raise ValueError(f"{flag} does not apply to ablate (its rows switch it)")
+    cfg = _config(args)
+    report = run_ablation(cfg, overwrite=args.overwrite)
+    print(report["table"])
+    print(f"results in {Path(cfg.out).resolve()} (results.json, results.md; one folder per row)")
     return 0
 
 
@@ -332,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench}")
 
     _add_train(
         sub.add_parser(
@@ -379,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ft,mib,caf",
         help="comma-separated incremental methods (the full demo adds joint; default ft,mib,caf)",
     )
+    p.add_argument(
+        "--task",
+        default="15-5",
+        choices=("15-5", "15-1", "19-1", "10-1"),
+        help="task (default 15-5; 15-1 adds the five classes one step at a time, six steps)",
+    )
     p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES, help="loss implementation (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument(
@@ -388,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: robust when other jobs share the cores)",
     )
     _add_debug(p)
+
+    p = sub.add_parser(
+        "ablate",
+        help="CAF's Table III: fusion module, attentive and balanced distillation on and off",
+        description="Trains caf with its fusion module (SAB), attentive distillation (AD) and balanced "
+        "distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row), each row in "
+        "OUT/<row>/ from one shared step 0, and writes the old/new/all mIoU table to results.md/json. "
+        "The options are train's; --method, --step, --kd and --no-fusion do not apply. Rerunning resumes.",
+    )
+    _add_train(p)
+    p.set_defaults(method="caf", out="runs/ablate")
+    for action in p._actions:  # train's options that the rows set themselves
+        if action.dest in ("method", "step", "kd", "no_fusion"):
+            action.help = argparse.SUPPRESS
+        if action.dest == "out":
+            action.help = "output folder (default runs/ablate); rerunning the same command there resumes"
 
     sub.add_parser(
         "bench",
@@ -414,7 +471,8 @@ def main(argv=None) -> int:
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -41,6 +41,15 @@ METHODS = {
     "joint": Method(ce="plain", kd="none", joint=True),
 }
 
+# CAF's lambda_AD per dataset. The attentive distillation is a squared error on raw features: the
+# curvature of the objective grows linearly with lambda_AD, and momentum SGD needs
+# lr * lambda_max < 3.8. The papers' 1000 goes with ResNet-101 features and an incremental LR of
+# 0.001; at the synthetic data's 0.05 it diverges within a few iterations, 100 too, and 10 spikes
+# (docs/TRAINER.md, "CAF's structured attention" and "CAF on the synthetic data").
+CAF_LAMBDA_AD = {"voc": 1000.0, "ade": 1000.0, "synthetic": 1.0}
+# the logit distillations CAF's ablation switches between (Table III: none, KD, BKD)
+CAF_KD_CHOICES = ("none", "unbiased", "balanced")
+
 DATASET_DEFAULTS = {
     "voc": dict(
         task="15-5",
@@ -101,6 +110,9 @@ class TrainConfig:
     lambda_ad: float | None = None
     alpha: float = 1.0
     freeze_encoder: bool = False  # ILT's E_F
+    # caf only, CAF's Table III switches (incseg-fast ablate): None = the method's default
+    kd: str | None = None  # logit distillation: "none" | "unbiased" (MiB's) | "balanced" (BKD)
+    caf_module: bool | None = None  # the fusion module (projection, fusion, structured attention)
     # synthetic data only
     train_images: int = 600
     val_images: int = 200
@@ -137,6 +149,13 @@ class TrainConfig:
         for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, getattr(method, key))
+        if self.method == "caf" and self.lambda_ad is None:
+            cfg.lambda_ad = CAF_LAMBDA_AD[cfg.dataset]
+        if self.method == "caf":
+            cfg.kd = method.kd if cfg.kd is None else cfg.kd
+            cfg.caf_module = method.caf_module if cfg.caf_module is None else cfg.caf_module
+            if cfg.kd not in CAF_KD_CHOICES:
+                raise ValueError(f"kd must be one of {list(CAF_KD_CHOICES)}, got {cfg.kd!r}")
         for key in ("epochs", "epochs_incremental", "batch_size", "image_size", "train_images", "val_images"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -145,7 +164,10 @@ class TrainConfig:
 
     @property
     def method_spec(self) -> Method:
-        return METHODS[self.method]
+        """The method, with the switches ``kd`` and ``caf_module`` applied where they are set."""
+        spec = METHODS[self.method]
+        overrides = {k: getattr(self, k) for k in ("kd", "caf_module") if getattr(self, k) is not None}
+        return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
 def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
@@ -162,7 +184,9 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
         ("alpha", 1.0, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
         ("lambda_fd", spec.lambda_fd, cfg.method == "ilt", method, "ilt's feature distillation"),
         ("freeze_encoder", False, cfg.method == "ilt", method, "ilt (E_F)"),
-        ("lambda_ad", spec.lambda_ad, spec.caf_module, method, "caf's attentive distillation"),
+        ("lambda_ad", METHODS[cfg.method].lambda_ad, cfg.method == "caf", method, "caf's attentive distillation"),
+        ("kd", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
+        ("caf_module", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
         (
             "lr_incremental",
             DATASET_DEFAULTS[cfg.dataset]["lr_incremental"],
