@@ -8,6 +8,7 @@ import torch
 from incseg_fast.cli import main
 from incseg_fast.train import load_checkpoint
 from incseg_fast.train.ablate import ROWS
+from incseg_fast.train.config import CAF_LAMBDA_AD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +60,7 @@ def test_the_switches_change_the_configuration_and_the_network(ablation):
         assert cfg["kd"] == row.kd
         assert cfg["caf_module"] is row.fusion and model["caf"] is row.fusion
         assert (cfg["lambda_ad"] > 0) is row.ad and model["se_blocks"] is row.ad
-        assert (cfg["lambda_ad"] == 1.0) is row.ad  # the synthetic data's default lambda_AD
+        assert (cfg["lambda_ad"] == CAF_LAMBDA_AD["synthetic"]) is row.ad  # the default lambda_AD when on
         # every row started from the one shared step 0
         first = load_checkpoint(ablation / row.folder / "caf" / "step0.pt")["state_dict"]
         assert all(torch.equal(first[k], step0[k]) for k in step0)

@@ -6,7 +6,7 @@ each weighted term of the objective alone (cross-entropy, logit distillation, at
 of z-bar and of h) and records its value and the norm of that gradient over the trainable parameters.
 Prints, per epoch, the mean of each and the step's mIoU.
 
-    python tools/caf_terms.py --step0 runs/demo/ft/step0.pt --out /tmp/terms [--quick] [--lambda-ad 10]
+    python tools/caf_terms.py --step0 runs/demo/ft/step0.pt --out /tmp/terms [--quick] [--lambda-ad 10] [--gamma logits]
 """
 
 from __future__ import annotations
@@ -20,8 +20,22 @@ from pathlib import Path
 
 import torch
 
+from incseg_fast.reference import balanced_gamma
 from incseg_fast.train import TrainConfig, train_step, trainer
 from incseg_fast.train.demo import FULL, QUICK
+
+
+def _gamma_of_pooled_probabilities(y):
+    with torch.no_grad():
+        pooled = y.float().softmax(1).mean((2, 3)).softmax(1)
+        return pooled[:, 1:].sum(1) / pooled[:, 0]
+
+
+GAMMA_READINGS = {
+    "share": trainer.background_share_gamma,
+    "logits": balanced_gamma,
+    "probabilities": _gamma_of_pooled_probabilities,
+}
 
 
 def main(argv=None) -> int:
@@ -35,6 +49,13 @@ def main(argv=None) -> int:
     p.add_argument("--lambda-kd", type=float, default=None)
     p.add_argument("--kd", default=None, choices=("none", "unbiased", "balanced"))
     p.add_argument("--no-fusion", action="store_true")
+    p.add_argument(
+        "--gamma",
+        default="share",
+        choices=sorted(GAMMA_READINGS),
+        help="BKD's gamma: share (the trainer's), logits (the library's default: softmax of pooled logits), "
+        "probabilities (softmax of pooled probabilities, eq. 11 read literally)",
+    )
     p.add_argument("--every", type=int, default=10, help="measure every N iterations (default 10)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -72,6 +93,7 @@ def main(argv=None) -> int:
         return sum(terms.values())
 
     trainer._batch_loss = measuring_loss
+    trainer.background_share_gamma = GAMMA_READINGS[args.gamma]
     train_step(dataclasses.replace(cfg), 0)
     entry = train_step(cfg, 1, on_epoch_end=lambda epoch: calls.update(epoch=epoch + 1))
 

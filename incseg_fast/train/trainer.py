@@ -232,6 +232,20 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
     return sum(loss_terms(cfg, plan, model, old, images, labels).values())
 
 
+def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
+    """BKD's γ per image as the trainer reads CAF eq. 11: the old model's non-background probability
+    mass over its background mass, averaged over the image's pixels (γ_b = (1 - p̄_0) / p̄_0).
+
+    The library's default (MATH.md#bkd-gamma) takes the softmax of the pooled logits instead; on the
+    synthetic data that γ is about 1e-4 (the pooled background logit leads by ~10), which drops
+    the background term, and the softmax of pooled probabilities is about 6, which multiplies it:
+    neither re-weights it by the share the paper describes. Measured: docs/TRAINER.md, "CAF on
+    the synthetic data"."""
+    with torch.no_grad():
+        p_background = y.float().softmax(1)[:, 0].mean((1, 2))
+        return (1 - p_background) / p_background.clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def loss_terms(cfg: TrainConfig, plan: StepPlan, model, old, images, labels) -> dict:
     """The weighted terms of the step's objective by name ("ce", "kd", "fd", "ad_z", "ad_h"),
     those the method uses; their sum is the loss (tools/caf_terms.py measures them one by one)."""
@@ -254,6 +268,7 @@ def loss_terms(cfg: TrainConfig, plan: StepPlan, model, old, images, labels) -> 
         ce=spec.ce if incremental else "plain",
         kd=kd_mode,
         alpha=cfg.alpha,
+        gamma=background_share_gamma(y) if kd_mode == "balanced" else None,
         backend=cfg.loss_backend,
     )
     terms = {"ce": ce}
