@@ -34,7 +34,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablate") / "run"
-    assert main(["ablate", "--out", str(out), *TINY]) == 0
+    # a train option that only some rows use: the others keep its neutral value instead of stopping
+    assert main(["ablate", "--out", str(out), *TINY, "--lambda-kd", "5"]) == 0
     return out
 
 
@@ -61,6 +62,7 @@ def test_the_switches_change_the_configuration_and_the_network(ablation):
         assert cfg["caf_module"] is row.fusion and model["caf"] is row.fusion
         assert (cfg["lambda_ad"] > 0) is row.ad and model["se_blocks"] is row.ad
         assert (cfg["lambda_ad"] == CAF_LAMBDA_AD["synthetic"]) is row.ad  # the default lambda_AD when on
+        assert cfg["lambda_kd"] == (5.0 if row.kd != "none" else 10.0)
         # every row started from the one shared step 0
         first = load_checkpoint(ablation / row.folder / "caf" / "step0.pt")["state_dict"]
         assert all(torch.equal(first[k], step0[k]) for k in step0)
@@ -69,7 +71,7 @@ def test_the_switches_change_the_configuration_and_the_network(ablation):
 def test_rerun_resumes_without_training(ablation):
     stamps = {p: p.stat().st_mtime_ns for p in ablation.glob("*/*/step*.pt")}
     assert len(stamps) == 1 + 2 * len(ROWS)
-    assert main(["ablate", "--out", str(ablation), *TINY]) == 0
+    assert main(["ablate", "--out", str(ablation), *TINY, "--lambda-kd", "5"]) == 0
     assert {p: p.stat().st_mtime_ns for p in ablation.glob("*/*/step*.pt")} == stamps
 
 

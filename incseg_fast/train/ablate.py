@@ -48,13 +48,17 @@ SHARED_STEP0 = "step0"
 
 
 def row_config(base: TrainConfig, row: Row, step0: Path) -> TrainConfig:
-    """The ``caf`` configuration of one row: ``base`` (resolved, method caf) with the row's switches."""
+    """The ``caf`` configuration of one row: ``base`` (resolved, method caf) with the row's switches.
+    A row without logit distillation takes the neutral lambda_kd and alpha (they do not apply to it)."""
+    distils = row.kd != "none"
     return dataclasses.replace(
         base,
         out=str(Path(base.out) / row.folder),
         caf_module=row.fusion,
         lambda_ad=base.lambda_ad if row.ad else 0.0,
         kd=row.kd,
+        lambda_kd=base.lambda_kd if distils else None,
+        alpha=base.alpha if distils else TrainConfig.alpha,
         step0_checkpoint=str(step0),
     ).resolved()
 
@@ -66,9 +70,15 @@ def run_ablation(cfg: TrainConfig, *, overwrite: bool = False) -> dict:
     if base.step0_checkpoint is None:
         # the shared step 0: a plain network trained with cross-entropy, like every method's
         shared = dataclasses.replace(
-            base, method="ft", out=str(Path(base.out) / SHARED_STEP0), lambda_ad=None, lambda_kd=None, kd=None
+            base,
+            method="ft",
+            out=str(Path(base.out) / SHARED_STEP0),
+            lambda_ad=None,
+            lambda_kd=None,
+            kd=None,
+            caf_module=None,
+            alpha=TrainConfig.alpha,
         )
-        shared.caf_module = None
         run(shared, [0], overwrite=overwrite)
         step0 = Path(shared.out) / "ft" / "step0.pt"
     else:
