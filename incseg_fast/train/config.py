@@ -150,9 +150,8 @@ class TrainConfig:
         for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, getattr(method, key))
-        if self.method == "caf" and self.lambda_ad is None:
-            cfg.lambda_ad = CAF_LAMBDA_AD[cfg.dataset]
         if self.method == "caf":
+            cfg.lambda_ad = CAF_LAMBDA_AD[cfg.dataset] if self.lambda_ad is None else self.lambda_ad
             cfg.kd = method.kd if cfg.kd is None else cfg.kd
             cfg.caf_module = method.caf_module if cfg.caf_module is None else cfg.caf_module
             if cfg.kd not in CAF_KD_CHOICES:
