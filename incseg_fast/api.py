@@ -135,18 +135,32 @@ def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
 
 
 def incremental_loss(
-    x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255, backend="auto"
+    x,
+    t,
+    y,
+    *,
+    old_classes,
+    ce="unbiased",
+    kd="unbiased",
+    alpha=1.0,
+    mask=None,
+    gamma=None,
+    ignore_index=255,
+    backend="auto",
 ):
     """MATH.md#incremental-loss: the classification and distillation terms in one fused op, each reduced with "mean".
 
     Returns ``(ce, kd)``, two differentiable scalars: write ``loss = ce + lambda_kd * kd``.
     ``ce`` in {"unbiased", "plain"}; ``kd`` in {"unbiased", "balanced", "plain", "none"} (``y`` may be
     None only with "none", and kd is then a zero scalar). ``mask`` weights the distillation term only.
+    ``gamma`` (B,): BKD's background weight (MATH.md#bkd-gamma), computed from ``y`` when None.
     """
     ce = check.choice(ce, "ce", INCREMENTAL_CE_MODES)
     kd = check.choice(kd, "kd", KD_MODES)
     if kd != "none" and y is None:
         raise ValueError(f"y (the old model's logits) is required with kd={kd!r}")
+    if gamma is not None and kd != "balanced":
+        raise ValueError(f"gamma weights the balanced distillation only; kd={kd!r} takes none")
     return _logit_losses(
         x,
         t,
@@ -156,7 +170,7 @@ def incremental_loss(
         kd=kd,
         alpha=alpha,
         mask=mask,
-        gamma=None,
+        gamma=gamma,
         ignore_index=ignore_index,
         reduction="mean",
         backend=backend,

@@ -68,22 +68,26 @@ def _field_type(annotation):
     return options[0]
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field: its name, type, default, choices and help are the field's."""
+def _add_config_options(p: argparse.ArgumentParser, hidden=()) -> None:
+    """One option per TrainConfig field: its name, type, default, choices and help are the field's
+    (``hidden``: fields whose options a sub-command sets itself, left out of its help)."""
     types = typing.get_type_hints(TrainConfig)
     for option in dataclasses.fields(TrainConfig):
         cli = dict(option.metadata["cli"])
         flag = cli.pop("flag", "--" + option.name.replace("_", "-"))
+        help_text = argparse.SUPPRESS if option.name in hidden else option.metadata["help"]
         kind = _field_type(types[option.name])
-        if kind is bool:  # a flag: it turns the default over
+        if kind is bool and "const" in cli:  # a flag that sets a value over the default None
+            p.add_argument(flag, dest=option.name, action="store_const", const=cli["const"], help=help_text)
+        elif kind is bool:  # a flag: it turns the default over
             action = "store_false" if option.default else "store_true"
-            p.add_argument(flag, dest=option.name, action=action, help=option.metadata["help"])
+            p.add_argument(flag, dest=option.name, action=action, help=help_text)
         else:
-            p.add_argument(flag, type=kind, default=option.default, help=option.metadata["help"], **cli)
+            p.add_argument(flag, type=kind, default=option.default, help=help_text, **cli)
 
 
-def _add_train(p: argparse.ArgumentParser) -> None:
-    _add_config_options(p)
+def _add_train(p: argparse.ArgumentParser, hidden=()) -> None:
+    _add_config_options(p, hidden)
     p.add_argument(
         "--threads",
         type=_positive_int,
@@ -94,7 +98,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--step",
         type=_step,
         default="all",
-        help="step to train (its previous step's checkpoint must exist in --out) or 'all' (default); "
+        help=argparse.SUPPRESS
+        if "step" in hidden
+        else "step to train (its previous step's checkpoint must exist in --out) or 'all' (default); "
         "joint has one step, the task's last",
     )
     p.add_argument(
@@ -163,7 +169,26 @@ def _cmd_demo(args) -> int:
         loss_backend=args.loss_backend,
         progress=not args.no_progress,
         threads=args.threads,
+        task=args.task,
     )
+    return 0
+
+
+def _cmd_ablate(args) -> int:
+    from .train.ablate import run_ablation
+
+    _set_threads(args.threads)
+    if args.method != "caf":
+        raise ValueError("--method does not apply to ablate (its rows are caf runs)")
+    if args.step != "all":
+        raise ValueError("--step does not apply to ablate (every row trains every step of the task)")
+    for flag, given in (("--kd", args.kd is not None), ("--no-fusion", args.caf_module is not None)):
+        if given:
+            raise ValueError(f"{flag} does not apply to ablate (its rows switch it)")
+    cfg = _config(args)
+    report = run_ablation(cfg, overwrite=args.overwrite)
+    print(report["table"])
+    print(f"results in {Path(cfg.out).resolve()} (results.json, results.md; one folder per row)")
     return 0
 
 
@@ -182,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench}")
 
     _add_train(
         sub.add_parser(
@@ -229,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ft,mib,caf",
         help="comma-separated incremental methods (the full demo adds joint; default ft,mib,caf)",
     )
+    p.add_argument(
+        "--task",
+        default="15-5",
+        choices=("15-5", "15-1", "19-1", "10-1"),
+        help="task (default 15-5; 15-1 adds the five classes one step at a time, six steps)",
+    )
     p.add_argument("--loss-backend", default="auto", choices=BACKEND_CHOICES, help="loss implementation (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument(
@@ -238,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: robust when other jobs share the cores)",
     )
     _add_debug(p)
+
+    p = sub.add_parser(
+        "ablate",
+        help="CAF's Table III: fusion module, attentive and balanced distillation on and off",
+        description="Trains caf with its fusion module (SAB), attentive distillation (AD) and balanced "
+        "distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row), each row in "
+        "OUT/<row>/ from one shared step 0, and writes the old/new/all mIoU table to results.md/json. "
+        "The options are train's; --method, --step, --kd and --no-fusion do not apply. Rerunning resumes.",
+    )
+    _add_train(p, hidden=("method", "step", "kd", "caf_module"))  # the rows set these themselves
+    p.set_defaults(method="caf", out="runs/ablate")
 
     sub.add_parser(
         "bench",
@@ -264,7 +306,8 @@ def main(argv=None) -> int:
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -21,7 +21,7 @@ def test_public_signatures():
         "balanced_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, "
         "backend='auto')",
         "incremental_loss": "(x, t, y, *, old_classes, ce='unbiased', kd='unbiased', alpha=1.0, mask=None, "
-        "ignore_index=255, backend='auto')",
+        "gamma=None, ignore_index=255, backend='auto')",
         "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
         "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
         "available_backends": "()",

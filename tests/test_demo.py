@@ -54,3 +54,24 @@ def test_quick_demo_makes_the_point(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/step*.pt")} == stamps
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_demo_task_15_1_runs_six_steps_and_draws_them(tmp_path, capsys, monkeypatch):
+    from incseg_fast.train import demo
+
+    # the quick demo's shape at a few seconds' scale: enough images that every one-class step finds some
+    tiny = dict(demo.QUICK, image_size=32, train_images=160, val_images=8, epochs=1, epochs_incremental=1, batch_size=8)
+    monkeypatch.setattr(demo, "QUICK", tiny)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--task", "15-1", "--methods", "mib", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic 15-1 disjoint" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"ft", "mib"}
+    for entries in results.values():
+        assert [e["step"] for e in entries] == [0, 1, 2, 3, 4, 5]
+    assert "| old (0-15) | new (16-20) |" in (out / "results.md").read_text()
+    assert (out / "miou.png").stat().st_size > 0
+    for step in range(6):
+        assert (out / f"predictions_step{step}.png").stat().st_size > 0
+    assert f"{(out / 'predictions_step5.png').resolve()}" in printed

@@ -183,7 +183,7 @@ def test_bad_configuration_is_rejected(tmp_path):
 
 
 def test_step0_checkpoint_must_match_the_architecture(tmp_path, step0):
-    cfg = dataclasses.replace(tiny_config(tmp_path, "caf"), step0_checkpoint=str(step0))
+    cfg = dataclasses.replace(tiny_config(tmp_path, "mib", output_stride=8), step0_checkpoint=str(step0))
     with pytest.raises(ValueError, match="architecture"):
         train_step(cfg, 0)
 

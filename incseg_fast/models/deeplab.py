@@ -145,12 +145,14 @@ class ContinualAttentiveFusion(nn.Module):
     features with a non-local block, fuse them with a 1x1 conv, and reweight the result with
     the structured attention ``(1 + A_CH (x) A_SP) * v``.
 
-    Without old features (step 0, evaluation) the fusion is skipped, the paper's "skip"
-    strategy. A_SP and A_CH use MATH.md#sab's collapsed form (a one-output 1x1 conv and a
-    matrix-vector product on the pooled features), each followed by a sigmoid gate, so the
-    structured attention ``1 + A_CH (x) A_SP`` stays in (1, 2), as the attention of the
-    attentive distillation does (sigmoid channel attention, normalised spatial map) and as the
-    authors' code bounds it (sigmoid channel attention, max-normalised spatial map).
+    Without old features (evaluation) the fusion is skipped, the paper's "skip" strategy. A_SP
+    and A_CH use MATH.md#sab's collapsed form (a one-output 1x1 conv and a matrix-vector product
+    on the pooled features), gated by a sigmoid and a tanh, so the structured attention
+    ``1 + A_CH (x) A_SP`` stays in (0, 2), bounded as the attention of the attentive distillation
+    is (sigmoid channel attention, normalised spatial map) and as the authors' code bounds it
+    (sigmoid channel attention, max-normalised spatial map). A_CH's weights start at zero, and
+    with the non-local block and the fusion the whole module starts as the identity: it joins a
+    trained step-0 network at step 1 without changing what it computes.
 
     Why the gates: with the linear A_SP and A_CH of CAF eq. 1-2 the output is cubic in ``v`` and
     the gates' scale is free (the head's BatchNorm hides it from the segmentation loss), while the
@@ -172,14 +174,17 @@ class ContinualAttentiveFusion(nn.Module):
             self.fuse.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
             self.fuse.bias.zero_()
         self.spatial = nn.Conv2d(channels, 1, 1)  # mean over the outputs of w_sp * v, then a sigmoid
-        self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v), then a sigmoid
+        self.channel = nn.Linear(channels, channels)  # w_ch applied to GAP(v), then a tanh
+        # A_CH starts at 0, so the structured attention starts as the identity too
+        nn.init.zeros_(self.channel.weight)
+        nn.init.zeros_(self.channel.bias)
 
     def forward(self, z, old_projected=None, *, backend="auto"):
         """Returns (the attended features z-bar, this model's projection of z)."""
         projected = self.project(z)
         v = projected if old_projected is None else self.fuse(torch.cat([projected, old_projected], 1))
         a_sp = torch.sigmoid(self.spatial(v)[:, 0])
-        a_ch = torch.sigmoid(self.channel(v.mean((2, 3))))
+        a_ch = torch.tanh(self.channel(v.mean((2, 3))))
         out = isf.structured_attention(v, a_ch.to(v.dtype), a_sp.to(v.dtype), backend=backend)
         return out, projected
 
@@ -194,8 +199,11 @@ class IncrementalSegmenter(nn.Module):
         head_channels=None,
         aspp_rates=None,
         caf=False,
+        se_blocks=None,
         loss_backend="auto",
     ):
+        """``caf``: with the fusion module; ``se_blocks``: with the attentive distillation's channel
+        attentions (None: the same as ``caf``, as in checkpoints that predate the switch)."""
         super().__init__()
         self.backbone_name = backbone
         self.encoder = build_backbone(backbone, output_stride)
@@ -206,9 +214,10 @@ class IncrementalSegmenter(nn.Module):
             scale = 16 // self.encoder.output_stride
             aspp_rates = (2, 4, 6) if small else tuple(r * scale for r in (6, 12, 18))
         cin = self.encoder.out_channels
+        se_blocks = caf if se_blocks is None else se_blocks
         self.caf = ContinualAttentiveFusion(cin) if caf else None
-        self.se_encoder = SqueezeExcitation(cin) if caf else None
-        self.se_features = SqueezeExcitation(head_channels) if caf else None
+        self.se_encoder = SqueezeExcitation(cin) if se_blocks else None
+        self.se_features = SqueezeExcitation(head_channels) if se_blocks else None
         self.head = DeepLabV3Head(cin, head_channels, aspp_rates)
         self.classifier = IncrementalClassifier(head_channels, classes_per_step)
         # backend of the fused structured-attention op in the CAF module (not part of config():
@@ -228,12 +237,26 @@ class IncrementalSegmenter(nn.Module):
             "head_channels": self.classifier.in_channels,
             "aspp_rates": [b[0].dilation[0] for b in self.head.aspp.branches[1:]],
             "caf": self.caf is not None,
+            "se_blocks": self.se_encoder is not None,
         }
+
+    def add_fusion(self) -> None:
+        """Add CAF's fusion module to a model trained without it; it starts as the identity (the
+        projection, the fusion and the structured attention all do), so the model computes what it did."""
+        device = self.classifier.heads[0].weight.device
+        self.caf = ContinualAttentiveFusion(self.encoder.out_channels).to(device)
+
+    def add_squeeze_excitation(self) -> None:
+        """Add the attentive distillation's channel attentions (CAF eq. 5) to a model trained without them."""
+        device = self.classifier.heads[0].weight.device
+        self.se_encoder = SqueezeExcitation(self.encoder.out_channels).to(device)
+        self.se_features = SqueezeExcitation(self.classifier.in_channels).to(device)
 
     def forward(self, images, old_projected=None):
         """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only)."""
         z = self.encoder(images)
-        out = {}
+        # without the fusion module the projection is the identity (the module's initial state)
+        out = {"projected": z}
         if self.caf is not None:
             z, out["projected"] = self.caf(z, old_projected, backend=self.loss_backend)
         h = self.head(z)

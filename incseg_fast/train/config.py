@@ -43,6 +43,16 @@ METHODS = {
     "joint": Method(ce="plain", kd="none", joint=True),
 }
 
+# CAF's lambda_AD per dataset. The attentive distillation is a squared error on raw features: the
+# curvature of the objective grows linearly with lambda_AD, and momentum SGD needs
+# lr * lambda_max < 3.8. The papers' 1000 goes with ResNet-101 features and an incremental LR of
+# 0.001; at the synthetic data's 0.05 it diverges within a few iterations, 100 too, and 10 spikes.
+# Of the stable 0, 0.1 and 1, 0.1 gave the best all-class mIoU on the demo (1 pins the features
+# the new classes need): docs/TRAINER.md, "CAF on the synthetic data".
+CAF_LAMBDA_AD = {"voc": 1000.0, "ade": 1000.0, "synthetic": 0.1}
+# the logit distillations CAF's ablation switches between (Table III: none, KD, BKD)
+CAF_KD_CHOICES = ("none", "unbiased", "balanced")
+
 DATASET_DEFAULTS = {
     "voc": dict(
         task="15-5",
@@ -189,7 +199,21 @@ class TrainConfig:
         None, f"L2 distillation weight of the encoder output (default: {per_method('lambda_fd')})"
     )
     freeze_encoder: bool = option(False, "ilt only: freeze the encoder in steps > 0 (E_F)")
-    lambda_ad: float | None = option(None, f"attentive distillation weight (default: {per_method('lambda_ad')})")
+    lambda_ad: float | None = option(
+        None,
+        "caf only: attentive distillation weight (default: "
+        + ", ".join(f"{d} {v:g}" for d, v in CAF_LAMBDA_AD.items())
+        + "; 0 = off)",
+    )
+    # caf only, CAF's Table III switches (incseg-fast ablate): None = the method's default
+    kd: str | None = option(
+        None,
+        "caf only: logit distillation, none, unbiased (MiB's) or balanced (BKD, the default)",
+        choices=CAF_KD_CHOICES,
+    )
+    caf_module: bool | None = option(
+        None, "caf only: without the fusion module (projection, fusion, SAB)", flag="--no-fusion", const=False
+    )
     step0_checkpoint: str | None = option(
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
     )
@@ -217,6 +241,12 @@ class TrainConfig:
         for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, getattr(method, key))
+        if self.method == "caf":
+            cfg.lambda_ad = CAF_LAMBDA_AD[cfg.dataset] if self.lambda_ad is None else self.lambda_ad
+            cfg.kd = method.kd if cfg.kd is None else cfg.kd
+            cfg.caf_module = method.caf_module if cfg.caf_module is None else cfg.caf_module
+            if cfg.kd not in CAF_KD_CHOICES:
+                raise ValueError(f"kd must be one of {list(CAF_KD_CHOICES)}, got {cfg.kd!r}")
         for key in ("epochs", "epochs_incremental", "batch_size", "image_size", "train_images", "val_images"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -225,7 +255,10 @@ class TrainConfig:
 
     @property
     def method_spec(self) -> Method:
-        return METHODS[self.method]
+        """The method, with the switches ``kd`` and ``caf_module`` applied where they are set."""
+        spec = METHODS[self.method]
+        overrides = {k: getattr(self, k) for k in ("kd", "caf_module") if getattr(self, k) is not None}
+        return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
 def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
@@ -242,7 +275,9 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
         ("alpha", 1.0, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
         ("lambda_fd", spec.lambda_fd, cfg.method == "ilt", method, "ilt's feature distillation"),
         ("freeze_encoder", False, cfg.method == "ilt", method, "ilt (E_F)"),
-        ("lambda_ad", spec.lambda_ad, spec.caf_module, method, "caf's attentive distillation"),
+        ("lambda_ad", METHODS[cfg.method].lambda_ad, cfg.method == "caf", method, "caf's attentive distillation"),
+        ("kd", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
+        ("caf_module", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
         (
             "lr_incremental",
             DATASET_DEFAULTS[cfg.dataset]["lr_incremental"],

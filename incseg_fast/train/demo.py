@@ -2,8 +2,8 @@
 
 Fine-tuning learns the new classes from images where the old ones are labelled background,
 and forgets them; MiB's unbiased losses and balanced initialisation keep them. Step 0 is
-identical for ``ft`` and ``mib`` (plain cross-entropy, same seed), so it is trained once and
-reused (``--step0-checkpoint``); ``caf`` has its own architecture and trains its own step 0.
+identical for every method (plain cross-entropy, same seed, the same network: CAF's modules join
+at step 1), so it is trained once by ``ft`` and reused (``--step0-checkpoint``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from .._atomic import write_atomic
+from ..data import get_task
 from .config import METHODS, TrainConfig
-from .results import write_reports
-from .trainer import StepPlan, run
+from .pictures import PICTURE_IMAGES
+from .results import final_checkpoints, write_reports
+from .trainer import StepPlan, run, write_predictions
 
 # Tuned so that the full demo runs in about 4 minutes on the shared 2-core development machine
 # and mib keeps far more of the old classes than ft (measured figures: docs/TRAINER.md).
@@ -37,14 +39,8 @@ FULL = dict(
 )
 # bumped when the models, the demo or the files change, so that an old runs/demo is not resumed
 # (4: CAF's structured attention has sigmoid gates; the quick demo's settings; 5: checkpoint
-# format 3 and options.json)
-DEMO_VERSION = 5
-# CAF's lambda_AD: the attentive distillation is a squared error on raw features, so the largest
-# Hessian eigenvalue of the step-1 objective grows linearly with lambda_AD (measured: 26, 300 and
-# 3045 for 1, 10 and 100) and momentum SGD needs lr * lambda_max < 3.8: at the demo's step-1 LR
-# 0.05, 100 diverges within a few iterations and 10 spikes; 1 is stable. The papers' 1000 goes
-# with an incremental LR of 0.001 and ResNet-101 features (docs/TRAINER.md).
-DEMO_LAMBDA_AD = 1.0
+# format 3 and options.json; 6: caf shares step 0, its modules join at step 1)
+DEMO_VERSION = 6
 # The same at small scale, in about a minute of one core: mib keeps the old classes that ft
 # forgets and both learn the new ones. Step 0 needs several hundred iterations before it learns
 # more than the background (at the old 32x32, 160 scenes, 2 + 2 epochs every method ended at the
@@ -68,9 +64,19 @@ def _settings_match(out: Path, settings: dict) -> bool:
 
 
 def run_demo(
-    out="runs/demo", *, quick=False, seed=0, methods=("ft", "mib", "caf"), loss_backend="auto", progress=True, threads=1
+    out="runs/demo",
+    *,
+    quick=False,
+    seed=0,
+    methods=("ft", "mib", "caf"),
+    loss_backend="auto",
+    progress=True,
+    threads=1,
+    task="15-5",
 ) -> dict:
     """Train the demo's methods (an unchanged, interrupted demo resumes) and print the table.
+
+    ``task``: a task of the synthetic data (VOC's: 15-5, 15-1 = five steps of one class, 19-1, 10-1).
 
     ``threads``: torch's intra-op threads. One is the default because these convolutions are
     small and on a busy machine several OpenMP threads wait on each other (measured: 2 threads
@@ -83,10 +89,11 @@ def run_demo(
     if unknown:
         raise ValueError(f"methods must be incremental methods (ft, lwf, ilt, mib, caf), got {sorted(unknown)}")
     out = Path(out)
+    get_task("synthetic", task)  # an unknown task stops here, before anything is removed
     settings = {
         "version": DEMO_VERSION,
+        "task": task,
         **(QUICK if quick else FULL),
-        "caf_lambda_ad": DEMO_LAMBDA_AD,
         "seed": seed,
         "methods": methods,
         "loss_backend": loss_backend,
@@ -98,12 +105,14 @@ def run_demo(
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("results.json", "results.csv", "results.md", "miou.png", "options.json"):
             (out / name).unlink(missing_ok=True)
+        for picture in out.glob("predictions_step*.png"):
+            picture.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "demo_settings.json", json.dumps(settings, indent=1))
 
     base = TrainConfig(
         dataset="synthetic",
-        task="15-5",
+        task=task,
         mode="disjoint",
         out=str(out),
         backbone="tiny",
@@ -126,17 +135,17 @@ def run_demo(
         cfg = dataclasses.replace(base, method=method)
         if method == "joint":  # one step: the incremental steps' settings do not apply
             cfg.lr_incremental = cfg.epochs_incremental = None
-        if method in ("lwf", "ilt", "mib"):
+        if method in ("lwf", "ilt", "mib", "caf"):
             cfg.step0_checkpoint = str(shared_step0)
-        if method == "caf":
-            cfg.lambda_ad = DEMO_LAMBDA_AD
         run(cfg)
         timings[method] = time.perf_counter() - t0
     total = time.perf_counter() - start
 
-    report = write_reports(out, StepPlan(base.resolved(), 0).task_steps)
+    task_steps = StepPlan(base.resolved(), 0).task_steps
+    report = write_reports(out, task_steps)
+    pictures, picture_message = _draw_predictions(base.resolved(), out, len(task_steps))
     print()
-    print(f"synthetic 15-5 disjoint, {'quick' if quick else 'full'} demo, mIoU (%) after the last step:")
+    print(f"synthetic {task} disjoint, {'quick' if quick else 'full'} demo, mIoU (%) after the last step:")
     print(report["table"])
     final = {m: entries[-1] for m, entries in report["results"].items()}
     if (
@@ -154,9 +163,32 @@ def run_demo(
         print("joint (the offline upper bound) runs in the full demo only")
     if report["plot_message"]:
         print(report["plot_message"])
+    if picture_message:
+        print(picture_message)
+    else:
+        where = pictures[-1].resolve()
+        print(f"predictions of each method on {PICTURE_IMAGES} validation images: {where} (one per step)")
     print(
         f"files in {out.resolve()}: results.json, results.csv, results.md"
         + ("" if report["plot_message"] else ", miou.png")
         + ", <method>/metrics.json, <method>/step<k>.pt"
     )
     return report
+
+
+def _draw_predictions(cfg: TrainConfig, out: Path, steps: int) -> tuple[list[Path], str | None]:
+    """``out/predictions_stepK.png`` for every step: one column per method with a checkpoint of that
+    step (joint at the last step). Returns (the pictures, None) or ([], why none was drawn)."""
+    pictures = []
+    for step in range(steps):
+        columns = {}
+        for method in METHODS:
+            checkpoint = final_checkpoints(out / method).get(step)
+            if checkpoint is not None:
+                columns[method] = checkpoint
+        path = out / f"predictions_step{step}.png"
+        message = write_predictions(cfg, step, columns, path)
+        if message:
+            return [], message
+        pictures.append(path)
+    return pictures, None

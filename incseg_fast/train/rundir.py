@@ -39,6 +39,8 @@ METHOD_OPTIONS = (
     "lambda_ad",
     "alpha",
     "freeze_encoder",
+    "kd",
+    "caf_module",
     "seed",
     "amp",
 )

@@ -14,6 +14,7 @@ and the same command finishes the run as if it had not been killed (docs/RELIABI
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -215,12 +216,9 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
     spec = cfg.method_spec
     torch.manual_seed(_seed(cfg.seed, plan.index, 10_000))
     if plan.index == 0:
+        # every method's step 0 is the same network (CAF's modules join at step 1), so it can be shared
         model = IncrementalSegmenter(
-            cfg.backbone,
-            plan.classes_per_step,
-            output_stride=cfg.output_stride,
-            caf=spec.caf_module,
-            loss_backend=cfg.loss_backend,
+            cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride, loss_backend=cfg.loss_backend
         )
         if cfg.pretrained:
             load_pretrained(model.encoder, cfg.pretrained)
@@ -239,7 +237,20 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
     model.classifier.add_step(plan.classes_per_step[-1])
     if spec.balanced_init:
         model.classifier.balanced_init()
+    add_caf_modules(cfg, model, old)
     return model, old
+
+
+def add_caf_modules(cfg: TrainConfig, model, old) -> None:
+    """Give a step > 0 the CAF modules its previous step lacks (step 0 never has them): the fusion
+    module, which starts as the identity, and the attentive distillation's channel attentions,
+    the old model's a frozen copy of the new one's (as when they were carried over untrained)."""
+    if cfg.method_spec.caf_module and model.caf is None:
+        model.add_fusion()
+    if cfg.lambda_ad and model.se_encoder is None:
+        model.add_squeeze_excitation()
+        old.se_encoder = copy.deepcopy(model.se_encoder).requires_grad_(False)
+        old.se_features = copy.deepcopy(model.se_features).requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,13 +260,38 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
 
 def _needs_teacher(cfg: TrainConfig) -> bool:
     """Whether steps > 0 run the old model (fine-tuning does not)."""
-    return cfg.method_spec.kd != "none" or bool(cfg.lambda_fd) or cfg.method_spec.caf_module
+    spec = cfg.method_spec
+    return spec.kd != "none" or bool(cfg.lambda_fd) or bool(cfg.lambda_ad) or spec.caf_module
 
 
 def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0)):
     """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
     frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
     for the CE and for the terms that average over every pixel (1 with one process)."""
+    terms = loss_terms(cfg, plan, net, student, old, images, labels)
+    ce_weight, pixel_weight = weights
+    return ce_weight * terms.pop("ce") + pixel_weight * sum(terms.values())
+
+
+def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
+    """BKD's γ per image as the trainer reads CAF eq. 11: the old model's non-background probability
+    mass over its background mass, averaged over the image's pixels (γ_b = (1 - p̄_0) / p̄_0).
+
+    The library's default (MATH.md#bkd-gamma) takes the softmax of the pooled logits instead; on the
+    synthetic data that γ is about 1e-4 (the pooled background logit leads by ~10), which drops
+    the background term, and the softmax of pooled probabilities is about 6, which multiplies it:
+    neither re-weights it by the share the paper describes. Measured: docs/TRAINER.md, "CAF on
+    the synthetic data"."""
+    with torch.no_grad():
+        p_background = y.float().softmax(1)[:, 0].mean((1, 2))
+        return (1 - p_background) / p_background.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels) -> dict:
+    """The weighted terms of the step's objective by name ("ce", "kd", "fd", "ad_z", "ad_h"),
+    those the method uses; their sum is the loss (tools/caf_terms.py measures them one by one).
+    ``net`` runs ``student`` (itself, or its DDP wrapper); every term but "ce" averages over every
+    pixel or feature element."""
     spec = cfg.method_spec
     old_out = None
     if old is not None:
@@ -275,27 +311,24 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, lab
         kd=kd_mode,
         alpha=cfg.alpha,
         ignore_index=IGNORE_INDEX,
+        gamma=background_share_gamma(y) if kd_mode == "balanced" else None,
         backend=cfg.loss_backend,
     )
-    ce_weight, pixel_weight = weights
-    return ce_weight * ce + pixel_weight * _distillation(cfg, student, kd, out, old, old_out)
-
-
-def _distillation(cfg: TrainConfig, student, kd, out, old, old_out):
-    """The terms that average over every pixel (or feature element): KD, ILT's L2, CAF's AD."""
-    loss = cfg.lambda_kd * kd
+    terms = {"ce": ce}
+    if kd_mode != "none":
+        terms["kd"] = cfg.lambda_kd * kd
     if old is not None and cfg.lambda_fd:
-        loss = loss + cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
-    if old is not None and cfg.lambda_ad and cfg.method_spec.caf_module:
+        terms["fd"] = cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
+    if old is not None and cfg.lambda_ad:
         # CAF eq. 8: the pairs (z-bar, z-bar old) and (h, h old), each with its own SE attention
-        for key, se in (("encoder", "se_encoder"), ("features", "se_features")):
+        for name, key, se in (("ad_z", "encoder", "se_encoder"), ("ad_h", "features", "se_features")):
             f, g = out[key], old_out[key].to(out[key].dtype)
             with torch.no_grad():
                 b = getattr(old, se)(g)
-            loss = loss + cfg.lambda_ad * isf.attentive_distillation(
+            terms[name] = cfg.lambda_ad * isf.attentive_distillation(
                 f, g, getattr(student, se)(f), b, backend=cfg.loss_backend
             )
-    return loss
+    return terms
 
 
 # ------------------------------------------------------------------------------------------
@@ -383,7 +416,7 @@ def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
     needed = {
         "backbone": cfg.backbone,
         "output_stride": cfg.output_stride,
-        "caf": cfg.method_spec.caf_module,
+        "caf": False,
         "classes_per_step": plan.classes_per_step,
     }
     if any(model[key] != value for key, value in needed.items()):
@@ -594,7 +627,17 @@ def _train_and_commit(step: _Step, on_epoch_end) -> None:
 def _report(step: _Step) -> list[dict]:
     entries = sync_metrics(method_dir(step.cfg))
     write_reports(Path(step.cfg.out), step.plan.task_steps)
+    _draw_predictions(step)
     return entries
+
+
+def _draw_predictions(step: _Step) -> None:
+    cfg, plan = step.cfg, step.plan
+    picture = step.final.parent / f"predictions_step{plan.report_step}.png"
+    if not picture.exists():  # drawn from the committed checkpoint: a kill before it is redrawn here
+        message = write_predictions(cfg, plan.report_step, {cfg.method: step.final}, picture)
+        if message and cfg.progress:
+            print(message)
 
 
 def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: bool = False) -> dict:
@@ -610,6 +653,23 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: boo
         _train_and_commit(prepared, on_epoch_end)
     entries = on_main(prepared.processes, _report, prepared)
     return next(e for e in entries if e["step"] == prepared.plan.report_step)
+
+
+def write_predictions(cfg: TrainConfig, step: int, checkpoints: dict, path: Path) -> str | None:
+    """Draw ``path``: the first validation images of step ``step``, their ground truth and the
+    predictions of the final checkpoints ``checkpoints`` ({column title: path}). Returns None, or
+    why nothing was drawn (no matplotlib)."""
+    from .pictures import picture_samples, predict, write_predictions_picture
+
+    val_set = _val_subset(cfg, StepPlan(cfg, step), _dataset(cfg, "val"))
+    images, labels = picture_samples(val_set)
+    device = resolve_device(cfg.device)
+    predictions = {
+        title: predict(model_from_checkpoint(load_checkpoint(checkpoint), device), images, device)
+        for title, checkpoint in checkpoints.items()
+    }
+    class_names = getattr(val_set.dataset, "class_names", None)
+    return write_predictions_picture(path, images, labels, predictions, class_names)
 
 
 def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
