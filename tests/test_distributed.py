@@ -279,8 +279,8 @@ def test_two_processes_train_the_model_of_one(two_processes, tmp_path):
 
 def test_a_killed_two_process_run_resumes_to_the_same_result(two_processes, tmp_path):
     out = tmp_path / "killed"
-    # write boundary 26: rank 0 is killed in step 1, after its first epoch's checkpoint
-    assert torchrun(out, kill_at=26) != 0
+    # write boundary 28 (two per file written): rank 0 is killed in step 1, after its first epoch's checkpoint
+    assert torchrun(out, kill_at=28) != 0
     assert (out / "caf" / "step0.pt").exists() and not (out / "caf" / "step1.pt").exists()
     assert (out / "caf" / "step1.partial.pt").exists()
     _finished(out)

@@ -284,7 +284,8 @@ def test_the_loss_backend_runs_the_structured_attention_of_the_new_and_the_old_m
         return fused(v, a_ch, a_sp, backend=backend)
 
     monkeypatch.setattr(isf, "structured_attention", spy)
-    cfg = tiny_config(tmp_path, "caf", loss_backend="reference", lambda_ad=1.0, train_images=16)
-    run(cfg)
+    # CAF's fusion module joins at step 1, so the old model has one from step 2 on
+    cfg = tiny_config(tmp_path, "caf", task="15-1", loss_backend="reference", lambda_ad=1.0, train_images=160)
+    run(cfg, steps=[0, 1, 2])
     assert ("reference", False) in calls and ("reference", True) in calls
     assert {backend for backend, _ in calls} == {"reference"}

@@ -665,7 +665,9 @@ def write_predictions(cfg: TrainConfig, step: int, checkpoints: dict, path: Path
     images, labels = picture_samples(val_set)
     device = resolve_device(cfg.device)
     predictions = {
-        title: predict(model_from_checkpoint(load_checkpoint(checkpoint), device), images, device)
+        title: predict(
+            model_from_checkpoint(load_checkpoint(checkpoint), device, loss_backend=cfg.loss_backend), images, device
+        )
         for title, checkpoint in checkpoints.items()
     }
     class_names = getattr(val_set.dataset, "class_names", None)
