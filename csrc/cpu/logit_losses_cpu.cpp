@@ -325,8 +325,10 @@ struct ForwardTiles {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
-    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
+    at::OptionalIntArrayRef size) {
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  TORCH_CHECK_VALUE(!in.upsample, "size= is not implemented by the cpu backend yet");
   const logit::ForwardTensors out = logit::allocate_forward_outputs(in);
   const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
   std::vector<double> tile_ce(plan.items), tile_kd(plan.items);
@@ -599,8 +601,9 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
                                 const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
                                 const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                                 c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
-                                c10::string_view reduction) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+                                c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  TORCH_CHECK_VALUE(!in.upsample, "size= is not implemented by the cpu backend yet");
   logit::check_backward(in, grad_ce, grad_kd, stats, valid_count);
   const bool per_pixel = in.reduction == Reduction::kNone;
   // The CPU may read valid_count on the host (a device backend must not: see logit_host.h).

@@ -91,8 +91,10 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
-    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
+    at::OptionalIntArrayRef size) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  TORCH_CHECK_VALUE(!in.upsample, "size= is not implemented by the cuda and cuda_emulator backends yet");
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
   auto outputs = allocate_forward_outputs(in);
@@ -133,8 +135,9 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
                             const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
                             const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                             c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
-                            c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+                            c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  TORCH_CHECK_VALUE(!in.upsample, "size= is not implemented by the cuda and cuda_emulator backends yet");
   check_backward(in, grad_ce, grad_kd, stats, valid_count);
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);

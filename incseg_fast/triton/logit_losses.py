@@ -440,9 +440,15 @@ def _contiguous(tensor):
     return None if tensor is None else tensor.contiguous()
 
 
-def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+def _check_no_size(size):
+    if size is not None:
+        raise ValueError("size= is not implemented by the triton backend yet")
+
+
+def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     """The kernel of incseg_fast_triton::logit_losses_fwd: (ce_loss, kd_loss, stats, valid_count)."""
     _check_modes(ce, kd, reduction)
+    _check_no_size(size)
     _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
     _launch.check_device(x, target, y, gamma, mask)
     x, target, y, gamma, mask = (_contiguous(t) for t in (x, target, y, gamma, mask))
@@ -520,9 +526,11 @@ def logit_losses_bwd(
     alpha,
     ignore_index,
     reduction,
+    size=None,
 ):
     """The kernel of incseg_fast_triton::logit_losses_bwd: dL/dx from both upstream gradients."""
     _check_modes(ce, kd, reduction)
+    _check_no_size(size)
     _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd)
     B, C, H, W = x.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
