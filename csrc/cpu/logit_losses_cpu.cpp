@@ -331,64 +331,94 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
 // size=: the logits bilinearly upsampled on the fly (MATH.md#upsampling, common/upsample.h)
 // ------------------------------------------------------------------------------------------
 
-// The row and column taps of a tile's output pixels into one plane geometry (x's h x w, or y's).
-// Coordinates are in acc_t: float, and double for float64 logits, as F.interpolate forms them.
+// The upsampling is separable: an output row r mixes two input rows, m = (1 - l_r) x[i0] + l_r x[i1]
+// (in_w values per channel, cheap), and then each output column q mixes two values of m,
+// (1 - l_q) m[j0] + l_q m[j1], a gather from L1 in a loop over q that vectorises. It is the same
+// bilinear weight per sample as upsample::bilinear, with the two axes taken in the other order
+// (results differ from F.interpolate's by rounding only).
+
+// The column taps of one plane geometry (in_w samples to W columns), for every output column,
+// and the runs of output columns that read the same pair of samples: run j is the columns
+// [run_begin[j], run_begin[j + 1]) whose j0 == j (j0 never decreases with q).
 template <typename acc_t>
-struct TileTaps {
-  std::vector<upsample::BasicTap<acc_t>> row, col;
-  int64_t in_w = 0;
-  TileTaps() : row(kTile), col(kTile) {}
+struct ColumnTaps {
+  std::vector<int32_t> j0, j1;
+  std::vector<acc_t> c0, c1;  // weights of j0 and j1
+  std::vector<int64_t> run_begin;
+
+  ColumnTaps(int64_t in_w, int64_t W) : j0(W), j1(W), c0(W), c1(W), run_begin(in_w + 1, W) {
+    const acc_t scale = upsample::source_scale<acc_t>(in_w, W);
+    for (int64_t q = W - 1; q >= 0; --q) {
+      const auto tap = upsample::tap(q, scale, in_w);
+      j0[q] = static_cast<int32_t>(tap.i0);
+      j1[q] = static_cast<int32_t>(tap.i1);
+      c1[q] = tap.l1;
+      c0[q] = acc_t(1) - tap.l1;
+      run_begin[tap.i0] = q;
+    }
+    for (int64_t j = in_w - 1; j >= 0; --j) run_begin[j] = std::min(run_begin[j], run_begin[j + 1]);
+  }
 };
 
-// Taps of the output pixels [p0, p0 + n) of an H x W image into an in_h x in_w plane.
-template <typename acc_t>
-void plan_tile_taps(TileTaps<acc_t>& taps, int64_t in_h, int64_t in_w, const Inputs& in, int64_t p0, int64_t n) {
-  const acc_t row_scale = upsample::source_scale<acc_t>(in_h, in.H);
-  const acc_t col_scale = upsample::source_scale<acc_t>(in_w, in.W);
-  taps.in_w = in_w;
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t q = p0 + p;
-    taps.row[p] = upsample::tap(q / in.W, row_scale, in_h);
-    taps.col[p] = upsample::tap(q % in.W, col_scale, in_w);
-  }
-}
-
-// rows[c * kTile + p] = channel c of `planes` (channels planes of in_h x in_w) upsampled to the
-// tile's pixel p, in acc_t (not rounded to the logits' dtype).
+// One plane geometry of the upsampling: channels planes of in_h x in_w, their column taps.
 template <typename scalar_t, typename acc_t>
-INCSEG_FORCE_INLINE void upsample_tile(const scalar_t* planes, int64_t channels, int64_t in_h,
-                                       const TileTaps<acc_t>& taps, int64_t n, acc_t* rows) {
-  const int64_t plane = in_h * taps.in_w;
-  const upsample::BasicTap<acc_t>* __restrict__ row = taps.row.data();
-  const upsample::BasicTap<acc_t>* __restrict__ col = taps.col.data();
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* __restrict__ src = planes + c * plane;
-    acc_t* __restrict__ out = rows + c * kTile;
-    const auto sample = [src](int64_t i) { return load<acc_t>(src, i); };
-    for (int64_t p = 0; p < n; ++p) out[p] = upsample::bilinear<acc_t>(sample, row[p], col[p], taps.in_w);
+struct UpsampledPlanes {
+  const scalar_t* planes;  // channel 0 of the image
+  int64_t channels, in_h, in_w;
+  const ColumnTaps<acc_t>* cols;
+};
+
+// rows[c * kTile + p] = channel c upsampled to pixel p of the tile (output pixels [p0, p0 + n) of
+// an image with W columns), in acc_t (not rounded to the logits' dtype). mix: in_w scratch values.
+template <typename scalar_t, typename acc_t>
+INCSEG_FORCE_INLINE void upsample_tile(const UpsampledPlanes<scalar_t, acc_t>& src, int64_t H, int64_t W, int64_t p0,
+                                       int64_t n, acc_t* __restrict__ mix, acc_t* rows) {
+  const int64_t plane = src.in_h * src.in_w;
+  const acc_t row_scale = upsample::source_scale<acc_t>(src.in_h, H);
+  const int32_t* __restrict__ j0 = src.cols->j0.data();
+  const int32_t* __restrict__ j1 = src.cols->j1.data();
+  const acc_t* __restrict__ c0 = src.cols->c0.data();
+  const acc_t* __restrict__ c1 = src.cols->c1.data();
+  for (int64_t done = 0; done < n;) {  // one output row's part of the tile at a time
+    const int64_t r = (p0 + done) / W, q0 = (p0 + done) % W, len = std::min(n - done, W - q0);
+    const auto tap = upsample::tap(r, row_scale, src.in_h);
+    const acc_t r1 = tap.l1, r0 = acc_t(1) - r1;
+    const int64_t j_first = j0[q0], j_last = j1[q0 + len - 1];
+    for (int64_t c = 0; c < src.channels; ++c) {
+      const scalar_t* __restrict__ top = src.planes + c * plane + tap.i0 * src.in_w;
+      const scalar_t* __restrict__ bottom = src.planes + c * plane + tap.i1 * src.in_w;
+      for (int64_t j = j_first; j <= j_last; ++j) mix[j] = r0 * load<acc_t>(top, j) + r1 * load<acc_t>(bottom, j);
+      acc_t* __restrict__ out = rows + c * kTile + done - q0;
+      for (int64_t q = q0; q < q0 + len; ++q) out[q] = c0[q] * mix[j0[q]] + c1[q] * mix[j1[q]];
+    }
+    done += len;
   }
 }
 
 // One thread's scratch for upsampled tiles: the tile's logits (C rows of x, Co of y, kTile each),
-// their taps and, in the backward, dL/dx_up of the tile (C rows) and an output row's column sums.
+// the column taps and, in the backward, dL/dx_up of the tile (C rows) and an output row's column
+// sums (C x w).
 template <typename acc_t>
 struct UpsampleScratch {
-  std::vector<acc_t> x, y, grad, column_sums;
-  TileTaps<acc_t> x_taps, y_taps;
+  std::vector<acc_t> x, y, grad, column_sums, mix;
+  ColumnTaps<acc_t> x_cols, y_cols;
   UpsampleScratch(const Inputs& in, bool backward)
       : x(in.C * kTile),
         y(in.kd != KdMode::kNone ? in.Co * kTile : 0),
         grad(backward ? in.C * kTile : 0),
-        column_sums(backward ? in.C * in.w : 0) {}
+        column_sums(backward ? in.C * in.w : 0),
+        mix(std::max(in.w, in.yw)),
+        x_cols(in.w, in.W),
+        y_cols(in.kd != KdMode::kNone ? in.yw : 0, in.kd != KdMode::kNone ? in.W : 0) {}
 
   // Interpolates the tile (image b, output pixels [p0, p0 + n)) of x and, with distillation, y.
   template <typename scalar_t>
   void fill(const Inputs& in, const scalar_t* x_all, const scalar_t* y_all, int64_t b, int64_t p0, int64_t n) {
-    plan_tile_taps(x_taps, in.h, in.w, in, p0, n);
-    upsample_tile(x_all + b * in.C * in.h * in.w, in.C, in.h, x_taps, n, x.data());
+    const UpsampledPlanes<scalar_t, acc_t> xs{x_all + b * in.C * in.h * in.w, in.C, in.h, in.w, &x_cols};
+    upsample_tile(xs, in.H, in.W, p0, n, mix.data(), x.data());
     if (!y.empty()) {
-      plan_tile_taps(y_taps, in.yh, in.yw, in, p0, n);
-      upsample_tile(y_all + b * in.Co * in.yh * in.yw, in.Co, in.yh, y_taps, n, y.data());
+      const UpsampledPlanes<scalar_t, acc_t> ys{y_all + b * in.Co * in.yh * in.yw, in.Co, in.yh, in.yw, &y_cols};
+      upsample_tile(ys, in.H, in.W, p0, n, mix.data(), y.data());
     }
   }
   TileRows<acc_t> rows() const { return {x.data(), y.empty() ? nullptr : y.data(), kTile}; }
@@ -765,20 +795,33 @@ struct UpsampledBackwardBands {
   static INCSEG_FORCE_INLINE void sum_output_row(const BwdArgs<scalar_t>& a, UpsampleScratch<acc_t>& scratch, int64_t b,
                                                  int64_t r) {
     const Inputs& in = *a.in;
-    const int64_t w = in.w;
     std::fill(scratch.column_sums.begin(), scratch.column_sums.end(), acc_t(0));
     for (int64_t col0 = 0; col0 < in.W; col0 += kTile) {
       const int64_t n = std::min(kTile, in.W - col0), p0 = r * in.W + col0;
       scratch.fill(in, a.x, a.y, b, p0, n);
       backward_pixels<scalar_t, acc_t, kOld, kBg, kTeacher>(a, b, p0, n, scratch.rows(), scratch.grad.data());
-      const upsample::BasicTap<acc_t>* __restrict__ col = scratch.x_taps.col.data();
-      for (int64_t c = 0; c < in.C; ++c) {
-        const acc_t* __restrict__ g = scratch.grad.data() + c * kTile;
-        acc_t* __restrict__ sums = scratch.column_sums.data() + c * w;
-        for (int64_t p = 0; p < n; ++p) {
-          sums[col[p].i0] += (acc_t(1) - col[p].l1) * g[p];
-          sums[col[p].i1] += col[p].l1 * g[p];
+      reduce_columns(scratch, in, col0, n);
+    }
+  }
+
+  // column_sums[c * w + j] += the chunk's G weighted by the column taps, one run of columns that
+  // read the same pair of samples at a time (two sums in registers per run).
+  static INCSEG_FORCE_INLINE void reduce_columns(UpsampleScratch<acc_t>& scratch, const Inputs& in, int64_t col0,
+                                                 int64_t n) {
+    const ColumnTaps<acc_t>& cols = scratch.x_cols;
+    for (int64_t c = 0; c < in.C; ++c) {
+      const acc_t* __restrict__ g = scratch.grad.data() + c * kTile;
+      acc_t* __restrict__ sums = scratch.column_sums.data() + c * in.w;
+      for (int64_t q = col0; q < col0 + n;) {
+        const int64_t j = cols.j0[q], end = std::min(cols.run_begin[j + 1], col0 + n);
+        acc_t s0 = 0, s1 = 0;
+        for (int64_t k = q; k < end; ++k) {
+          s0 += cols.c0[k] * g[k - col0];
+          s1 += cols.c1[k] * g[k - col0];
         }
+        sums[j] += s0;
+        sums[cols.j1[q]] += s1;
+        q = end;
       }
     }
   }
