@@ -126,6 +126,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="implementation of the losses: auto (fused kernel for the device), reference, "
         "cpu, cuda, triton (default auto)",
     )
+    p.add_argument(
+        "--materialise-upsampled-logits",
+        action="store_true",
+        help="upsample the logits to the labels' resolution before the losses (MiB's way) instead of "
+        "letting the fused losses upsample them (size=, the default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument(
         "--threads",
@@ -257,6 +263,7 @@ def _config(args) -> TrainConfig:
         eval_protocol=args.eval_protocol,
         amp=args.amp,
         loss_backend=args.loss_backend,
+        materialise_upsampled_logits=args.materialise_upsampled_logits,
         device=args.device,
         workers=args.workers,
         seed=args.seed,

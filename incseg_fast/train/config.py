@@ -108,6 +108,9 @@ class TrainConfig:
     eval_protocol: str = "mib"  # "mib" (unseen classes ignored) | "plop" (counted as background)
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU) | "none" | "bf16" | "fp16"
     loss_backend: str = "auto"
+    # True: the model upsamples its logits and the losses take them at the labels' resolution
+    # (MiB's way); False: the fused losses upsample them (size=, MATH.md#upsampling)
+    materialise_upsampled_logits: bool = False
     device: str = "auto"
     workers: int = 0
     seed: int = 0

@@ -216,11 +216,15 @@ def _needs_teacher(cfg: TrainConfig) -> bool:
 def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
     """The step's objective; ``old`` is the frozen previous model, None at step 0 and for ft."""
     spec = cfg.method_spec
+    # The logits stay at the network's resolution and the losses upsample them to the labels'
+    # (size=, MATH.md#upsampling), unless the switch asks for MiB's interpolate-then-loss.
+    upsample = cfg.materialise_upsampled_logits
+    size = None if upsample else tuple(labels.shape[-2:])
     old_out = None
     if old is not None:
         with torch.no_grad():
-            old_out = old(images)
-    out = model(images, old_out.get("projected") if old_out is not None else None)
+            old_out = old(images, upsample=upsample)
+    out = model(images, old_out.get("projected") if old_out is not None else None, upsample=upsample)
     x = out["logits"]
     incremental = plan.index > 0
     old_classes = plan.num_classes - plan.classes_per_step[-1] if incremental else plan.num_classes
@@ -234,6 +238,7 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, model, old, images, labels):
         ce=spec.ce if incremental else "plain",
         kd=kd_mode,
         alpha=cfg.alpha,
+        size=size,
         backend=cfg.loss_backend,
     )
     loss = ce + cfg.lambda_kd * kd
