@@ -7,6 +7,11 @@ saves them (csrc/ops.cpp). One backward pass reads x, y, t and those statistics 
 dL/dx once, combining both upstream gradients. No logits-sized temporary is created. The gradient
 derivations are written beside the kernels.
 
+With ``size=`` (MATH.md#upsampling) the forward interpolates every logit of x and y it reads from its
+four low-resolution samples (``UPSAMPLE``, ``_tap``, ``_sample``) and saves the statistics at the
+output resolution; the backward is the gather of logit_losses_upsampled.py, which shares this
+backward's per-pixel factors (``_pixel_gradient_factors``) and channel tiles (``_channel_grad``).
+
 The launchers below are the kernels of the ops ``incseg_fast_triton::logit_losses_fwd`` and
 ``logit_losses_bwd`` (schemas in csrc/ops.cpp, fake kernels and autograd in incseg_fast/ops).
 """
