@@ -30,9 +30,5 @@ def pytest_generate_tests(metafunc):
         device=device,
         quick=metafunc.config.getoption("--bench-quick"),
     )
-    provider_names = ["eager", "compiled"] + bench_cases.fused_backends(device)
-    metafunc.parametrize(
-        "case, provider",
-        [(case, provider) for case in selected for provider in provider_names],
-        ids=[f"{case.name}-{provider}" for case in selected for provider in provider_names],
-    )
+    pairs = [(case, provider) for case in selected for provider in bench_cases.provider_names(case.op, device)]
+    metafunc.parametrize("case, provider", pairs, ids=[f"{case.name}-{provider}" for case, provider in pairs])

@@ -29,15 +29,20 @@ void define_schemas(torch::Library& m) {
   // 0-dim or (B, H, W), plus what the backward needs: stats (B, 4, H, W) = per-pixel
   // (lse, lse_old, lse_bg, lse of alpha*y; the last is 0 when kd == none) and valid_count, the
   // int64 number of non-ignored pixels (0-dim, on x's device).
+  // size = [H, W] (MATH.md#upsampling): the losses of F.interpolate(x, size, mode="bilinear",
+  // align_corners=False) and likewise of y, interpolated on the fly; x is then (B, C, h, w) and y
+  // (B, Co, h', w') at their own resolutions (h, h' <= H; w, w' <= W), while target, mask, the
+  // per-pixel losses and stats live at the output resolution (B, H, W). size = None: H, W are x's.
   m.def(
       "logit_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? gamma, Tensor? mask, *, int old_classes, "
-      "str ce, str kd, float alpha, int ignore_index, str reduction) "
+      "str ce, str kd, float alpha, int ignore_index, str reduction, int[]? size=None) "
       "-> (Tensor ce_loss, Tensor kd_loss, Tensor stats, Tensor valid_count)");
-  // dL/dx (x's dtype, contiguous) for upstream gradients grad_ce, grad_kd shaped like the losses.
+  // dL/dx (x's dtype and shape, contiguous; with size= at x's own resolution) for upstream
+  // gradients grad_ce, grad_kd shaped like the losses.
   m.def(
       "logit_losses_bwd(Tensor grad_ce, Tensor grad_kd, Tensor x, Tensor? target, Tensor? y, Tensor? gamma, "
       "Tensor? mask, Tensor stats, Tensor valid_count, *, int old_classes, str ce, str kd, float alpha, "
-      "int ignore_index, str reduction) -> Tensor");
+      "int ignore_index, str reduction, int[]? size=None) -> Tensor");
 
   // ---- attentive distillation and structured attention ----
   // Forward returns (loss, spatial (3, B, H, W) = Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g, 1/N (2, B) for f then g,

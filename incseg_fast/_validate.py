@@ -82,15 +82,51 @@ def logits(x, name="x"):
     return float_tensor(x, name, 4)
 
 
-def teacher(y, x, name="y", x_name="x"):
-    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant."""
+def output_size(size, x, name="size", x_name="x"):
+    """``size=(H, W)`` of the fused upsampling (MATH.md#upsampling), or None. Returns (H, W) as a tuple
+    of ints. Upsampling only: H >= h and W >= w for x (B, C, h, w)."""
+    if size is None:
+        return None
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
+        raise TypeError(f"{name} must be None or a pair (H, W) of ints, got {size!r}")
+    H, W = (integer(value, name) for value in size)
+    if H < 1 or W < 1:
+        raise ValueError(f"{name} must be (H, W) with H, W >= 1, got {(H, W)}")
+    h, w = x.shape[2:]
+    if h < 1 or w < 1:
+        raise ValueError(f"{name}= upsamples {x_name}, which needs a resolution h, w >= 1; got {tuple(x.shape)}")
+    if H < h or W < w:
+        raise ValueError(
+            f"{name}={(H, W)} is smaller than {x_name}'s resolution ({h}, {w}): "
+            "the losses upsample only (downsampling is not supported)"
+        )
+    return H, W
+
+
+def pixel_shape(x, size):
+    """(B, H, W) of labels, masks and per-pixel losses: size's resolution when given, else x's own."""
+    return (x.shape[0], *(x.shape[2:] if size is None else size))
+
+
+def teacher(y, x, name="y", x_name="x", size=None, size_name="size"):
+    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant.
+    With ``size=(H, W)``, y may have any resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W."""
     float_tensor(y, name, 4)
     same_device_dtype(y, name, x, x_name)
     B, C, H, W = x.shape
-    if y.shape[0] != B or y.shape[2:] != x.shape[2:]:
+    if size is None and (y.shape[0] != B or y.shape[2:] != x.shape[2:]):
         raise ValueError(
             f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like {x_name}, got {tuple(y.shape)}"
         )
+    if size is not None:
+        if y.shape[0] != B:
+            raise ValueError(f"{name} must have {x_name}'s batch size B={B}, got shape {tuple(y.shape)}")
+        h, w = y.shape[2:]
+        if not (1 <= h <= size[0] and 1 <= w <= size[1]):
+            raise ValueError(
+                f"{name} must have a resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W for "
+                f"{size_name}={tuple(size)} (downsampling is not supported), got shape {tuple(y.shape)}"
+            )
     if not 1 <= y.shape[1] <= C:
         raise ValueError(f"{name} has Co={y.shape[1]} channels; need 1 <= Co <= C={C} (Co > C is not allowed)")
     if y.requires_grad and torch.is_grad_enabled():
@@ -105,14 +141,15 @@ def old_classes(value, x, name="old_classes"):
     return integer(value, name, minimum=1, maximum=x.shape[1])
 
 
-def labels(t, x, ignore_index, name="t", x_name="x"):
-    """Labels (B, H, W) of an integer dtype, each in [0, C) or equal to ignore_index."""
+def labels(t, x, ignore_index, name="t", x_name="x", size=None):
+    """Labels (B, H, W) of an integer dtype, each in [0, C) or equal to ignore_index; (H, W) = size if given."""
     tensor(t, name)
     if t.dtype not in LABEL_DTYPES:
         raise TypeError(f"{name} must be an int64, int32 or uint8 tensor of class indices, got {t.dtype}")
-    B, C, H, W = x.shape
-    if t.shape != (B, H, W):
-        raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(t.shape)}")
+    C = x.shape[1]
+    pixels = pixel_shape(x, size)
+    if t.shape != pixels:
+        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(t.shape)}")
     same_device(t, name, x, x_name)
     out_of_range = ((t < 0) | (t >= C)) & ~ignored(t, ignore_index)
     if torch.compiler.is_compiling():
@@ -128,16 +165,16 @@ def labels(t, x, ignore_index, name="t", x_name="x"):
     return t
 
 
-def mask(m, x, name="mask", x_name="x"):
-    """Optional per-pixel weight (B, H, W), bool or float; returned as contiguous float32."""
+def mask(m, x, name="mask", x_name="x", size=None):
+    """Optional per-pixel weight (B, H, W), bool or float; returned as contiguous float32. (H, W) = size if given."""
     if m is None:
         return None
     tensor(m, name)
     if m.dtype != torch.bool and m.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a bool or floating tensor, got {m.dtype}")
-    B, _, H, W = x.shape
-    if m.shape != (B, H, W):
-        raise ValueError(f"{name} must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(m.shape)}")
+    pixels = pixel_shape(x, size)
+    if m.shape != pixels:
+        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(m.shape)}")
     same_device(m, name, x, x_name)
     return m.detach().to(accumulation_dtype(x.dtype)).contiguous()
 

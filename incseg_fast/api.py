@@ -30,31 +30,40 @@ def _for_inputs(implementation, tensor):
 
 # How the arguments are named in the caller's code: the public functions' names by default; the
 # MiB drop-in modules (incseg_fast.losses) pass their own, so every error names what the caller wrote.
-NAMES = dict(x="x", t="t", y="y", old_classes="old_classes", mask="mask")
+NAMES = dict(x="x", t="t", y="y", old_classes="old_classes", mask="mask", size="size")
 
 
-def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend, names=NAMES):
-    """Validate the arguments of any logit loss and run the chosen backend."""
+def _logit_losses(
+    x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_index, reduction, backend, size=None, names=NAMES
+):
+    """Validate the arguments of any logit loss and run the chosen backend.
+
+    ``size=(H, W)`` (MATH.md#upsampling): the loss of the bilinear upsampling of x and y to (H, W);
+    t and mask are then (B, H, W) and x, y may each have any lower resolution.
+    """
     check.logits(x, names["x"])
+    size = check.output_size(size, x, names["size"], names["x"])
     ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     alpha = check.teacher_scale(alpha)
     if kd != "none":
-        check.teacher(y, x, names["y"], names["x"])
+        check.teacher(y, x, names["y"], names["x"], size, names["size"])
         if old_classes is None:  # the distillation-only losses: Co is the teacher's channel count
             old_classes = y.shape[1]
     old_classes = check.old_classes(old_classes, x, names["old_classes"])
     if ce != "none":
-        check.labels(t, x, ignore_index, names["t"], names["x"])
+        check.labels(t, x, ignore_index, names["t"], names["x"], size)
     if kd != "none" and y.shape[1] != old_classes:
         raise ValueError(
             f"{names['old_classes']}={old_classes} but {names['y']} has {y.shape[1]} channels; they must be equal"
         )
-    mask = check.mask(mask, x, names["mask"], names["x"])
+    mask = check.mask(mask, x, names["mask"], names["x"], size)
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
         if gamma is None:
-            gamma = balanced_gamma(y)  # float32 (float64 for float64 y), like a checked gamma
+            # float32 (float64 for float64 y), like a checked gamma; from y as given, at its own
+            # resolution also with size= (MATH.md#upsampling)
+            gamma = balanced_gamma(y)
     else:
         gamma = None
     implementation = _for_inputs(resolve(backend, x.device), x)
@@ -70,14 +79,18 @@ def _logit_losses(x, t, y, *, old_classes, ce, kd, alpha, mask, gamma, ignore_in
         alpha=alpha,
         ignore_index=ignore_index,
         reduction=reduction,
+        size=size,
     )
 
 
-def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean", backend="auto"):
+def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean", size=None, backend="auto"):
     """MATH.md#unce (MiB's unbiased cross-entropy): old classes and background share the background label.
 
     ``x`` (B, C, H, W) logits, ``t`` (B, H, W) labels, ``old_classes`` = Co. With Co == 1 this is
     ordinary cross-entropy. ``reduction="mean"`` divides by the non-ignored pixels (0 if none).
+    ``size=(H, W)``: the loss of ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
+    for x at its own resolution (B, C, h, w), computed without materialising it (MATH.md#upsampling);
+    the same keyword on every logit loss.
     """
     return _logit_losses(
         x,
@@ -92,10 +105,11 @@ def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="me
         ignore_index=ignore_index,
         reduction=reduction,
         backend=backend,
+        size=size,
     )[0]
 
 
-def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
+def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, size, backend):
     return _logit_losses(
         x,
         None,
@@ -109,29 +123,41 @@ def _distillation(kd, x, y, *, alpha, mask, reduction, gamma, backend):
         ignore_index=255,
         reduction=reduction,
         backend=backend,
+        size=size,
     )[1]
 
 
-def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
+def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", size=None, backend="auto"):
     """MATH.md#kd (LwF / ILT's output distillation, as MiB implements it).
 
     ``y`` (B, Co, H, W) old-model logits; the new logits are narrowed to their first Co channels.
     ``mask`` (B, H, W) bool or float weights the per-pixel loss; ``"mean"`` is over all pixels.
+    ``size=(H, W)``: the loss of the bilinear upsampling of x and y (each at its own resolution) to
+    (H, W), as in unbiased_cross_entropy; mask is then (B, H, W).
     """
-    return _distillation("plain", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, backend=backend)
+    return _distillation(
+        "plain", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, size=size, backend=backend
+    )
 
 
-def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", backend="auto"):
+def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", size=None, backend="auto"):
     """MATH.md#unkd (MiB's unbiased distillation): the old background matches background + new classes."""
-    return _distillation("unbiased", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, backend=backend)
+    return _distillation(
+        "unbiased", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=None, size=size, backend=backend
+    )
 
 
-def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, backend="auto"):
+def balanced_knowledge_distillation(
+    x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, size=None, backend="auto"
+):
     """MATH.md#bkd (CAF's balanced distillation): the background term weighted per image by gamma.
 
-    ``gamma`` (B,) may be given; otherwise it is computed from ``y`` (no gradient).
+    ``gamma`` (B,) may be given; otherwise it is computed from ``y`` as given (no gradient; with
+    ``size=`` from the low-resolution y, MATH.md#upsampling).
     """
-    return _distillation("balanced", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, backend=backend)
+    return _distillation(
+        "balanced", x, y, alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, size=size, backend=backend
+    )
 
 
 def incremental_loss(
@@ -146,6 +172,7 @@ def incremental_loss(
     mask=None,
     gamma=None,
     ignore_index=255,
+    size=None,
     backend="auto",
 ):
     """MATH.md#incremental-loss: the classification and distillation terms in one fused op, each reduced with "mean".
@@ -154,6 +181,8 @@ def incremental_loss(
     ``ce`` in {"unbiased", "plain"}; ``kd`` in {"unbiased", "balanced", "plain", "none"} (``y`` may be
     None only with "none", and kd is then a zero scalar). ``mask`` weights the distillation term only.
     ``gamma`` (B,): BKD's background weight (MATH.md#bkd-gamma), computed from ``y`` when None.
+    ``size=(H, W)``: the losses of the bilinear upsampling of x and y to the labels' (H, W)
+    (MATH.md#upsampling), the one-argument change of a MiB-style trainer.
     """
     ce = check.choice(ce, "ce", INCREMENTAL_CE_MODES)
     kd = check.choice(kd, "kd", KD_MODES)
@@ -174,6 +203,7 @@ def incremental_loss(
         ignore_index=ignore_index,
         reduction="mean",
         backend=backend,
+        size=size,
     )
 
 

@@ -5,7 +5,9 @@ them in by changing one import::
 
     from incseg_fast.losses import UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss
 
-Each module also takes a keyword ``backend`` ("auto" by default) passed to the public API.
+Each module also takes a keyword ``backend`` ("auto" by default) passed to the public API, and
+``forward`` a keyword ``size=(H, W)``: the loss of the inputs (and the old model's logits)
+bilinearly upsampled to the labels' resolution, without materialising them (MATH.md#upsampling).
 Differences from MiB, on purpose: an all-ignored batch gives 0 (MiB: NaN); ``C == Co`` works in
 the unbiased distillation (MiB's indexing breaks); ``old_cl=None`` means no old classes, i.e.
 ordinary cross-entropy (MiB fails).
@@ -18,7 +20,7 @@ from . import _validate as check
 from . import api
 
 # The modules' argument names, so that every error names what the caller wrote.
-_NAMES = dict(x="inputs", t="targets", y="targets", old_classes="old_cl", mask="mask")
+_NAMES = dict(x="inputs", t="targets", y="targets", old_classes="old_cl", mask="mask", size="size")
 
 
 class UnbiasedCrossEntropy(nn.Module):
@@ -33,7 +35,7 @@ class UnbiasedCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
 
-    def forward(self, inputs, targets, mask=None):
+    def forward(self, inputs, targets, mask=None, *, size=None):
         if mask is not None:
             check.tensor(targets, "targets")
             check.tensor(mask, "mask")
@@ -59,6 +61,7 @@ class UnbiasedCrossEntropy(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             backend=self.backend,
+            size=size,
             names=_NAMES,
         )[0]
 
@@ -72,7 +75,7 @@ class _Distillation(nn.Module):
         self.alpha = alpha
         self.backend = backend
 
-    def forward(self, inputs, targets, mask=None):
+    def forward(self, inputs, targets, mask=None, *, size=None):
         """``targets`` are the old model's logits; ``mask`` (bool or float, B×H×W) weights pixels."""
         return api._logit_losses(
             inputs,
@@ -87,6 +90,7 @@ class _Distillation(nn.Module):
             ignore_index=255,
             reduction=self.reduction,
             backend=self.backend,
+            size=size,
             names=_NAMES,
         )[1]
 

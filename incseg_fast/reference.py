@@ -9,6 +9,7 @@ The functions here do not validate their arguments: the public API (``incseg_fas
 """
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -20,6 +21,7 @@ __all__ = [
     "attentive_distillation",
     "structured_attention",
     "logit_losses",
+    "upsample",
     "ignored",
 ]
 
@@ -27,6 +29,13 @@ __all__ = [
 def _upcast(t):
     """Promote to at least float32 (float64 stays float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def upsample(v, size):
+    """MATH.md#upsampling: the logits every loss sees with ``size=(H, W)``; ``v`` itself for None."""
+    if size is None:
+        return v
+    return F.interpolate(v, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,9 +148,13 @@ def _reduce_distillation(loss_map, mask, reduction):
 # ---------------------------------------------------------------------------------------------
 
 
-def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
-    """Both terms of MATH.md#logit-losses in one call; see DEVELOPERS.md for the canonical arguments."""
-    x = _upcast(x)
+def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
+    """Both terms of MATH.md#logit-losses in one call; see DEVELOPERS.md for the canonical arguments.
+
+    With ``size=(H, W)``, literally the losses of ``upsample(x, size)`` and ``upsample(y, size)``
+    (MATH.md#upsampling), interpolated in the computation dtype; ``gamma`` is the caller's.
+    """
+    x = upsample(_upcast(x), size)
     B, _, H, W = x.shape
     zeros = x.new_zeros((B, H, W)) if reduction == "none" else x.new_zeros(())
 
@@ -154,7 +167,7 @@ def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignor
     if kd == "none":
         kd_loss = zeros.clone()
     else:
-        y = _upcast(y).to(x.dtype)
+        y = upsample(_upcast(y).to(x.dtype), size)
         if kd == "plain":
             loss_map = _kd_map(x, y, alpha)
         elif kd == "unbiased":
@@ -170,7 +183,7 @@ def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignor
 # ---------------------------------------------------------------------------------------------
 
 
-def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean"):
+def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="mean", size=None):
     return logit_losses(
         x,
         t,
@@ -183,10 +196,11 @@ def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="me
         alpha=1.0,
         ignore_index=ignore_index,
         reduction=reduction,
+        size=size,
     )[0]
 
 
-def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None):
+def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None, size=None):
     return logit_losses(
         x,
         None,
@@ -199,24 +213,28 @@ def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None):
         alpha=alpha,
         ignore_index=255,
         reduction=reduction,
+        size=size,
     )[1]
 
 
-def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean"):
-    return _distillation(x, y, "plain", alpha=alpha, mask=mask, reduction=reduction)
+def knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", size=None):
+    return _distillation(x, y, "plain", alpha=alpha, mask=mask, reduction=reduction, size=size)
 
 
-def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean"):
-    return _distillation(x, y, "unbiased", alpha=alpha, mask=mask, reduction=reduction)
+def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", size=None):
+    return _distillation(x, y, "unbiased", alpha=alpha, mask=mask, reduction=reduction, size=size)
 
 
-def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None):
+def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, size=None):
+    """gamma, when not given, comes from ``y`` as given (at its own resolution, MATH.md#upsampling)."""
     if gamma is None:
         gamma = balanced_gamma(y)
-    return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, gamma=gamma)
+    return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, size=size)
 
 
-def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255):
+def incremental_loss(
+    x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255, size=None
+):
     """MATH.md#incremental-loss: (ce, kd), both reduced with 'mean'."""
     gamma = balanced_gamma(y) if kd == "balanced" else None
     return logit_losses(
@@ -231,6 +249,7 @@ def incremental_loss(x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alph
         alpha=alpha,
         ignore_index=ignore_index,
         reduction="mean",
+        size=size,
     )
 
 

@@ -15,13 +15,15 @@ from incseg_fast import reference as ref
 
 def test_public_signatures():
     expected = {
-        "unbiased_cross_entropy": "(x, t, old_classes, *, ignore_index=255, reduction='mean', backend='auto')",
-        "knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
-        "unbiased_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', backend='auto')",
-        "balanced_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, "
+        "unbiased_cross_entropy": "(x, t, old_classes, *, ignore_index=255, reduction='mean', size=None, "
         "backend='auto')",
+        "knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', size=None, backend='auto')",
+        "unbiased_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', size=None, "
+        "backend='auto')",
+        "balanced_knowledge_distillation": "(x, y, *, alpha=1.0, mask=None, reduction='mean', gamma=None, "
+        "size=None, backend='auto')",
         "incremental_loss": "(x, t, y, *, old_classes, ce='unbiased', kd='unbiased', alpha=1.0, mask=None, "
-        "gamma=None, ignore_index=255, backend='auto')",
+        "gamma=None, ignore_index=255, size=None, backend='auto')",
         "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
         "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
         "available_backends": "()",

@@ -149,3 +149,81 @@ def test_batch_beyond_the_grid_limit_is_a_clear_error(device_ops):
 def test_emulator_backend_is_hidden_from_auto_and_listing():
     assert CUDA_EMULATOR not in _backends.available_backends()
     assert _backends.resolve("auto", torch.device("cpu")) is not ops.CUDA_EMULATOR
+
+
+# ---- size= (MATH.md#upsampling): the forward through UpsampledPixel, the gather backward ----
+
+
+def _upsampled_inputs(generator, *, B=2, C=19, Co=11, x_size=(9, 17), y_size=(5, 6), size=(37, 70), dtype):
+    x = (3 * torch.randn(B, C, *x_size, generator=generator, dtype=torch.float64)).to(dtype)
+    y = (2 * torch.randn(B, Co, *y_size, generator=generator, dtype=torch.float64)).to(dtype)
+    t = torch.randint(0, C, (B, *size), generator=generator)
+    t[torch.rand(B, *size, generator=generator) < 0.2] = 255
+    mask = torch.rand(B, *size, generator=generator, dtype=torch.float64).float()
+    return x, y, t, mask
+
+
+def _run_upsampled(ops_namespace, device, x, t, y, mask, size, *, kd="balanced", reduction="mean"):
+    """Forward and backward of the op with size=, and the float64 reference of the same (interpolate,
+    then the loss) with the same upstream gradients; returns (ours, reference) triples."""
+    gamma = reference.balanced_gamma(y).float() if kd == "balanced" else None
+    modes = dict(old_classes=y.shape[1], ce="unbiased", kd=kd, alpha=0.9, ignore_index=255, reduction=reduction)
+    on_device = [v.to(device) if v is not None else None for v in (x, t, y, gamma, mask)]
+    ce_loss, kd_loss, stats, count = ops_namespace.logit_losses_fwd(*on_device, size=list(size), **modes)
+    generator = torch.Generator().manual_seed(7)
+    grad_ce, grad_kd = (0.5 + torch.rand(ce_loss.shape, generator=generator, dtype=ce_loss.dtype) for _ in range(2))
+    grad_x = ops_namespace.logit_losses_bwd(
+        grad_ce.to(device), grad_kd.to(device), *on_device, stats, count, size=list(size), **modes
+    )
+
+    x64 = x.double().requires_grad_()
+    upsample = torch.nn.Upsample(size=tuple(size), mode="bilinear", align_corners=False)
+    expected = reference.logit_losses(
+        upsample(x64), t, upsample(y.double()), None if gamma is None else gamma.double(), mask.double(), **modes
+    )
+    (expected_grad,) = torch.autograd.grad(
+        (expected[0] * grad_ce.double()).sum() + (expected[1] * grad_kd.double()).sum(), x64
+    )
+    return (ce_loss, kd_loss, grad_x), (*expected, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_upsampled_channel_groups_pixel_blocks_and_teacher_resolution(device_ops, generator, dtype, reduction):
+    """C = 19, Co = 11: the backward's 8-channel groups are [0, 8), [8, 16) across Co and the tail
+    [16, 19); x's 9 x 17 = 153 elements take two 128-thread blocks; y has its own 5 x 6; the output
+    37 x 70 is no multiple of either."""
+    ops_namespace, device = device_ops
+    x, y, t, mask = _upsampled_inputs(generator, dtype=dtype)
+    ours, expected = _run_upsampled(ops_namespace, device, x, t, y, mask, (37, 70), reduction=reduction)
+    assert ours[2].shape == x.shape and ours[2].dtype == dtype
+    for actual, wanted, what in zip(ours, expected, ("ce", "kd", "dL/dx"), strict=True):
+        _assert_close(actual, wanted, RTOL[dtype], what)
+
+
+@pytest.mark.parametrize(
+    "x_size,y_size,size",
+    [((1, 1), (1, 2), (7, 5)), ((2, 3), (2, 3), (64, 96)), ((3, 2), (4, 4), (4, 4)), ((4, 5), (2, 2), (128, 80))],
+)
+def test_upsampled_edges_single_pixel_factor_32_identity_and_mixed(device_ops, generator, x_size, y_size, size):
+    """A 1 x 1 map (every output reads one sample), factor 32 on both axes, H = h (the identity
+    along rows), and factors 32 and 16 with y at factor 64 and 40."""
+    ops_namespace, device = device_ops
+    x, y, t, mask = _upsampled_inputs(
+        generator, C=6, Co=3, x_size=x_size, y_size=y_size, size=size, dtype=torch.float32
+    )
+    ours, expected = _run_upsampled(ops_namespace, device, x, t, y, mask, size, kd="unbiased", reduction="sum")
+    for actual, wanted, what in zip(ours, expected, ("ce", "kd", "dL/dx"), strict=True):
+        _assert_close(actual, wanted, RTOL[torch.float32], what)
+
+
+def test_upsampled_gradient_is_deterministic(device_ops, generator):
+    """The gather sums each element's output pixels in a fixed order: the same bits run to run."""
+    ops_namespace, device = device_ops
+    x, y, t, mask = _upsampled_inputs(
+        generator, B=3, C=21, Co=16, x_size=(12, 16), y_size=(12, 16), size=(96, 128), dtype=torch.float32
+    )
+    first, _ = _run_upsampled(ops_namespace, device, x, t, y, mask, (96, 128))
+    second, _ = _run_upsampled(ops_namespace, device, x, t, y, mask, (96, 128))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

@@ -9,7 +9,7 @@ import torch
 
 import incseg_fast as isf
 from incseg_fast.train import TrainConfig, evaluate_checkpoint, run, train_step
-from incseg_fast.train.trainer import amp_dtype, load_checkpoint
+from incseg_fast.train.trainer import amp_dtype, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,6 +129,36 @@ def test_reference_and_fused_backends_train_alike(tmp_path, step0, method):
     for key in ("miou_old", "miou_new", "miou_all", "mpa", "mca"):
         assert fused[key] == pytest.approx(ref[key], abs=0.05), key
     assert fused["history"][0]["loss"] == pytest.approx(ref["history"][0]["loss"], rel=1e-4)
+
+
+@pytest.mark.skipif("cpu" not in isf.available_backends(), reason="the compiled cpu backend is not built")
+def test_fused_upsampling_trains_like_materialised_logits(tmp_path, step0):
+    """The losses' size= (logits at the network's resolution), the reference backend (interpolate,
+    then the loss) and --materialise-upsampled-logits (the model interpolates) train alike."""
+    variants = {
+        "fused": dict(loss_backend="cpu"),
+        "reference": dict(loss_backend="reference"),
+        "materialised": dict(loss_backend="cpu", materialise_upsampled_logits=True),
+    }
+    results = {}
+    for name, overrides in variants.items():
+        cfg = tiny_config(tmp_path / name, "mib", step0_checkpoint=str(step0), **overrides)
+        results[name] = run(cfg)[-1]
+    fused = results["fused"]
+    for name in ("reference", "materialised"):
+        for key in ("miou_old", "miou_new", "miou_all", "mpa", "mca"):
+            assert fused[key] == pytest.approx(results[name][key], abs=0.05), (name, key)
+        assert fused["history"][0]["loss"] == pytest.approx(results[name]["history"][0]["loss"], rel=1e-4), name
+
+
+def test_model_returns_logits_at_its_own_resolution_without_upsample(tmp_path, step0):
+    model = model_from_checkpoint(load_checkpoint(step0), "cpu")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        low = model(images, upsample=False)["logits"]
+        full = model(images)["logits"]
+    assert low.shape[-2:] == (32 // model.encoder.output_stride,) * 2
+    torch.testing.assert_close(full, torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear"))
 
 
 def test_mib_starts_step1_from_the_balanced_initialisation(tmp_path, step0):

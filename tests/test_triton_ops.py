@@ -590,3 +590,67 @@ def test_gpu_large_tiles_match_reference(generator):
             ignore_index=IGNORE,
             reduction="mean",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# size= (MATH.md#upsampling): the forward with UPSAMPLE and the gather backward
+# (logit_losses_upsampled.py). tests/test_parity_upsample.py runs every mode and odd size; these
+# add the gather's tiling and, on a GPU, its real tiles and determinism.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_upsampled(generator, *, B=2, C, Co, x_size, y_size, size, dtype=torch.float32, reduction="mean"):
+    """UNCE + BKD with a mask through the backend with size=, against interpolate + reference in float64;
+    returns dL/dx."""
+    x = (3 * torch.randn(B, C, *x_size, generator=generator, dtype=torch.float64)).to(dtype)
+    y = (2 * torch.randn(B, Co, *y_size, generator=generator, dtype=torch.float64)).to(dtype)
+    target = torch.randint(0, C, (B, *size), generator=generator)
+    target[torch.rand(B, *size, generator=generator) < 0.2] = IGNORE
+    mask = torch.rand(B, *size, generator=generator)
+    gamma = 0.2 + 2 * torch.rand(B, generator=generator)
+    options = dict(old_classes=Co, ce="unbiased", kd="balanced", alpha=0.8, ignore_index=IGNORE, reduction=reduction)
+    upsample = torch.nn.Upsample(size=size, mode="bilinear", align_corners=False)
+    x_ref = x.double().requires_grad_()
+    expected = reference.logit_losses(
+        upsample(x_ref), target, upsample(y.double()), gamma.double(), mask.double(), **options
+    )
+    upstream = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    torch.autograd.backward(list(expected), upstream)
+
+    x_dev = x.to(DEVICE).requires_grad_()
+    losses = triton_backend.logit_losses(
+        x_dev, target.to(DEVICE), y.to(DEVICE), gamma.to(DEVICE), mask.to(DEVICE), size=size, **options
+    )
+    for actual, wanted, what in zip(losses, expected, ("ce loss", "kd loss"), strict=True):
+        assert_close_scaled(actual, wanted, dtype, what)
+    torch.autograd.backward(list(losses), [u.to(DEVICE, loss.dtype) for u, loss in zip(upstream, losses, strict=True)])
+    assert x_dev.grad.shape == x.shape and x_dev.grad.dtype == dtype
+    assert_close_scaled(x_dev.grad, x_ref.grad, dtype, "dL/dx")
+    return x_dev.grad
+
+
+def test_upsampled_channel_blocks_across_old_classes_and_element_blocks(generator):
+    """C = 11, Co = 9: the second channel block [8, 11) starts below Co (teacher lanes 8 only); x's
+    12 x 12 = 144 elements with 4 column readers each take several element blocks of the gather."""
+    check_upsampled(generator, C=11, Co=9, x_size=(12, 12), y_size=(7, 12), size=(20, 23), reduction="none")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "C,Co,x_size,size",
+    [(21, 16, (32, 32), (256, 256)), (21, 16, (16, 16), (256, 256)), (151, 100, (8, 12), (128, 192))],
+    ids=["voc-stride-8", "voc-stride-16", "ade-stride-16"],
+)
+def test_gpu_upsampled_tiles_match_reference(generator, C, Co, x_size, size):
+    """On a GPU: one pixel per thread in the forward, 8 channels x 128 lanes in the gather; VOC and
+    ADE channel counts at output strides 8 and 16 (column readers 16 and 32: no padded lanes)."""
+    check_upsampled(generator, C=C, Co=Co, x_size=x_size, y_size=x_size, size=size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_upsampled_gradient_is_deterministic(generator):
+    """The gather adds each element's output pixels in a fixed order: the same bits run to run."""
+    first = check_upsampled(generator, C=21, Co=16, x_size=(24, 40), y_size=(24, 40), size=(190, 317))
+    generator.manual_seed(20261121)
+    second = check_upsampled(generator, C=21, Co=16, x_size=(24, 40), y_size=(24, 40), size=(190, 317))
+    assert torch.equal(first, second)

@@ -5,7 +5,8 @@
 Made to run under compute-sanitizer (tools/gpu_check.py): few, small launches that still reach
 every kernel instantiation (float32, float64, bfloat16, float16; pixel counts that take the
 one-pixel-per-thread tails and multiples of 16 that take the packed loads; every loss mode and
-reduction; gradient subsets), and a result check so that it is a useful smoke test on its own.
+reduction; the logit losses with size=; gradient subsets), and a result check so that it is a
+useful smoke test on its own.
 The ops are called through the backend contract of DEVELOPERS.md (``incseg_fast.ops.OpBackend``)
 and compared with ``incseg_fast.reference`` run on float64 copies of the same values, at the
 parity suites' tolerances (``incseg_fast.vocabulary.RTOL``). ``--backend cpu`` or ``cuda_emulator``
@@ -73,10 +74,12 @@ def _backward(outputs, upstream):
         torch.autograd.backward([o for o, _ in pairs], [u.to(o.device, o.dtype) for o, u in pairs])
 
 
-def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, label_dtype, with_mask):
+def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, label_dtype, with_mask, low_res=None):
+    """low_res = ((h, w), (h', w')): x and y at those resolutions, the losses taken with size=(H, W)."""
     B, C, Co, H, W = shape
-    x = 3 * torch.randn((B, C, H, W), generator=generator, dtype=torch.float64)
-    y = 2 * torch.randn((B, Co, H, W), generator=generator, dtype=torch.float64)
+    (h, w), (yh, yw) = low_res or ((H, W), (H, W))
+    x = 3 * torch.randn((B, C, h, w), generator=generator, dtype=torch.float64)
+    y = 2 * torch.randn((B, Co, yh, yw), generator=generator, dtype=torch.float64)
     (x_low,), (x_exact,) = _leaves([x], dtype, device, [True])
     y_low = y.to(dtype).to(device) if kd != "none" else None
     y_exact = y_low.to("cpu", torch.float64) if y_low is not None else None
@@ -89,6 +92,8 @@ def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, labe
     gamma = (0.2 + 2 * torch.rand((B,), generator=generator, dtype=torch.float64)) if kd == "balanced" else None
     mask = torch.rand((B, H, W), generator=generator, dtype=torch.float64) if with_mask else None
     options = dict(old_classes=Co, ce=ce, kd=kd, alpha=0.7, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if low_res is not None:
+        options["size"] = (H, W)
     loss_shape = (B, H, W) if reduction == "none" else ()
     upstream = [torch.randn(loss_shape, generator=generator, dtype=torch.float64) for _ in range(2)]
 
@@ -172,6 +177,25 @@ def cases():
                     with_mask=with_mask,
                 ),
             )
+    # size=: the upsampled forward and the gather backward; 19 channels take the CUDA gather's 8-channel
+    # groups across Co and a tail, x's 9 x 17 elements two blocks, and y has its own resolution.
+    for i, dtype in enumerate(DTYPES):
+        ce, kd = modes[(5 * i) % len(modes)]
+        yield (
+            "logit losses",
+            f"{str(dtype)[6:]} size=(37, 70) x 9x17 y 5x6 ce={ce} kd={kd} {REDUCTIONS[i % 3]}",
+            logit_case,
+            dict(
+                dtype=dtype,
+                shape=(2, 19, 11, 37, 70),
+                ce=ce,
+                kd=kd,
+                reduction=REDUCTIONS[i % 3],
+                label_dtype=torch.int64,
+                with_mask=kd != "none",
+                low_res=((9, 17), (5, 6)),
+            ),
+        )
     for shape in ((2, 5, 5, 7, 9), (2, 5, 1, 7, 9)):  # the C == Co and Co == 1 edges
         yield (
             "logit losses",

@@ -44,9 +44,15 @@ inline Reduction parse_reduction(c10::string_view s) {
 
 // The checked inputs of either op, contiguous, on x's device. target is defined iff ce != none,
 // y iff kd != none; gamma (balanced KD) and mask are converted to acc_dtype.
+// Resolutions: H, W (HW = H*W pixels) is the output resolution, that of target, mask, the
+// per-pixel losses and stats. x is (B, C, h, w) and y (B, Co, yh, yw); without size= all three
+// equal H, W, and with size=[H, W] (upsample) x and y are bilinearly upsampled to H, W on the fly
+// (MATH.md#upsampling).
 struct Inputs {
   at::Tensor x, target, y, gamma, mask;
   int64_t B = 0, C = 0, Co = 0, H = 0, W = 0, HW = 0;
+  int64_t h = 0, w = 0, yh = 0, yw = 0;
+  bool upsample = false;
   CeMode ce = CeMode::kNone;
   KdMode kd = KdMode::kNone;
   Reduction reduction = Reduction::kMean;
@@ -68,9 +74,16 @@ inline at::Tensor checked_target(const at::Tensor& x, const std::optional<at::Te
 
 inline at::Tensor checked_teacher(const Inputs& in, const std::optional<at::Tensor>& y) {
   TORCH_CHECK_VALUE(y.has_value(), "y is required when kd != 'none'");
-  TORCH_CHECK_VALUE(
-      y->dim() == 4 && y->size(0) == in.B && y->size(1) == in.Co && y->size(2) == in.H && y->size(3) == in.W,
-      "y must be (B, old_classes, H, W) = (", in.B, ", ", in.Co, ", ", in.H, ", ", in.W, "), got ", y->sizes());
+  TORCH_CHECK_VALUE(y->dim() == 4 && y->size(0) == in.B && y->size(1) == in.Co, "y must be (B, old_classes, ",
+                    in.upsample ? "h', w'" : "H, W", ") with B=", in.B, ", old_classes=", in.Co, ", got ", y->sizes());
+  if (in.upsample) {
+    TORCH_CHECK_VALUE(y->size(2) >= 1 && y->size(3) >= 1 && y->size(2) <= in.H && y->size(3) <= in.W,
+                      "y must have a resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W for size=[H, W] = [", in.H,
+                      ", ", in.W, "] (downsampling is not supported), got ", y->sizes());
+  } else {
+    TORCH_CHECK_VALUE(y->size(2) == in.H && y->size(3) == in.W, "y must be (B, old_classes, H, W) = (", in.B, ", ",
+                      in.Co, ", ", in.H, ", ", in.W, "), got ", y->sizes());
+  }
   TORCH_CHECK_TYPE(y->scalar_type() == in.x.scalar_type(), "y must have x's dtype ", in.x.scalar_type(), ", got ",
                    y->scalar_type());
   TORCH_CHECK_VALUE(y->device() == in.x.device(), "y must be on x's device");
@@ -95,24 +108,42 @@ inline at::Tensor checked_gamma(const Inputs& in, const std::optional<at::Tensor
   return gamma->to(in.acc_dtype).contiguous();
 }
 
+// The output resolution: size=[H, W] when given (checked against x's h, w), else x's own.
+inline void set_resolutions(Inputs& in, const at::Tensor& x, at::OptionalIntArrayRef size) {
+  in.h = x.size(2);
+  in.w = x.size(3);
+  in.upsample = size.has_value();
+  if (!in.upsample) {
+    in.H = in.h;
+    in.W = in.w;
+    return;
+  }
+  TORCH_CHECK_VALUE(size->size() == 2, "size must be [H, W], got ", *size);
+  in.H = (*size)[0];
+  in.W = (*size)[1];
+  TORCH_CHECK_VALUE(in.H >= 1 && in.W >= 1, "size must be [H, W] with H, W >= 1, got ", *size);
+  TORCH_CHECK_VALUE(in.h >= 1 && in.w >= 1, "size= needs x with a resolution h, w >= 1, got x of shape ", x.sizes());
+  TORCH_CHECK_VALUE(in.H >= in.h && in.W >= in.w, "size=[H, W] must not be smaller than x's resolution (", in.h, ", ",
+                    in.w, "): downsampling is not supported, got size=", *size);
+}
+
 // The arguments both ops share, checked; messages name the argument.
 inline Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& target,
                            const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& gamma,
                            const std::optional<at::Tensor>& mask, int64_t old_classes, c10::string_view ce,
-                           c10::string_view kd, c10::string_view reduction) {
+                           c10::string_view kd, c10::string_view reduction, at::OptionalIntArrayRef size) {
   Inputs in;
   in.ce = parse_ce(ce);
   in.kd = parse_kd(kd);
   in.reduction = parse_reduction(reduction);
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be (B, C, ", size.has_value() ? "h, w" : "H, W", "), got ", x.sizes());
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
                    "x must be float16, bfloat16, float32 or float64, got ", dt);
   in.acc_dtype = at::toOpMathType(dt);
   in.B = x.size(0);
   in.C = x.size(1);
-  in.H = x.size(2);
-  in.W = x.size(3);
+  set_resolutions(in, x, size);
   in.HW = in.H * in.W;
   in.Co = old_classes;
   TORCH_CHECK_VALUE(1 <= old_classes && old_classes <= in.C, "old_classes must be in [1, C=", in.C, "], got ",
@@ -121,6 +152,8 @@ inline Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>&
   if (in.ce != CeMode::kNone) in.target = checked_target(x, target, pixel_shape(in));
   if (in.kd != KdMode::kNone) {
     in.y = checked_teacher(in, y);
+    in.yh = in.y.size(2);
+    in.yw = in.y.size(3);
     if (mask.has_value()) in.mask = checked_mask(in, *mask);
   }
   if (in.kd == KdMode::kBalanced) in.gamma = checked_gamma(in, gamma);

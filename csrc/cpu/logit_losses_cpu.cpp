@@ -47,6 +47,7 @@
 
 #include "common/logit_host.h"
 #include "common/logit_math.h"
+#include "common/upsample.h"
 #include "cpu/toolkit.h"
 
 namespace incseg {
@@ -147,16 +148,27 @@ struct FwdArgs {
   int64_t* tile_valid;
 };
 
-template <typename scalar_t, bool kWithKd>
-INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
+// The logits of one tile's pixels as the tile math reads them: channel c of pixel p at
+// x[c * stride + p] (and y likewise). row_t is scalar_t for the logits in place (stride H*W) and
+// acc_t for a tile's upsampled logits in scratch rows (stride kTile, see upsample_tile).
+template <typename row_t>
+struct TileRows {
+  const row_t* x;
+  const row_t* y;  // null without distillation
+  int64_t stride;
+};
+
+// The forward of `tile` (image b, output pixels [p0, p0 + n)) from its logits `rows`.
+template <typename scalar_t, typename row_t, bool kWithKd>
+INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile, const TileRows<row_t>& rows) {
   using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
-  const int64_t C = in.C, Co = in.Co, HW = in.HW;
+  const int64_t C = in.C, Co = in.Co, HW = in.HW, stride = rows.stride;
   const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
   // n <= kTile always (kTiles); saying so bounds the vector loops for the compiler (~4% faster).
   const int64_t n = std::min(kTile, a.plan.length(tile));
-  const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
-  const scalar_t* __restrict__ yb = kWithKd ? a.y + b * Co * HW + p0 : nullptr;
+  const row_t* __restrict__ xb = rows.x;
+  const row_t* __restrict__ yb = rows.y;
   const acc_t alpha = a.alpha;
   const acc_t plain_kd = in.kd == KdMode::kPlain ? acc_t(1) : acc_t(0);
 
@@ -167,13 +179,13 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
   prefetch_next_tile(xb);
   for (int64_t p = 0; p < n; ++p) max_old[p] = load<acc_t>(xb, p);
   for (int64_t c = 1; c < Co; ++c) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
+    const row_t* __restrict__ xc = xb + c * stride;
     prefetch_next_tile(xc);
     for (int64_t p = 0; p < n; ++p) max_old[p] = logit::lm_max(max_old[p], load<acc_t>(xc, p));
   }
   for (int64_t p = 0; p < n; ++p) max_new[p] = logit::neg_inf<acc_t>();
   for (int64_t c = Co; c < C; ++c) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
+    const row_t* __restrict__ xc = xb + c * stride;
     prefetch_next_tile(xc);
     for (int64_t p = 0; p < n; ++p) max_new[p] = logit::lm_max(max_new[p], load<acc_t>(xc, p));
   }
@@ -181,7 +193,7 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
     prefetch_next_tile(yb);
     for (int64_t p = 0; p < n; ++p) max_y[p] = alpha * load<acc_t>(yb, p);
     for (int64_t c = 1; c < Co; ++c) {
-      const scalar_t* __restrict__ yc = yb + c * HW;
+      const row_t* __restrict__ yc = yb + c * stride;
       prefetch_next_tile(yc);
       for (int64_t p = 0; p < n; ++p) max_y[p] = logit::lm_max(max_y[p], alpha * load<acc_t>(yc, p));
     }
@@ -201,11 +213,11 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
   // Channels go in pairs: one update of the per-pixel accumulators per two rows.
   int64_t c = 1;
   for (; c + 1 < Co; c += 2) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
-    const scalar_t* __restrict__ xd = xc + HW;
+    const row_t* __restrict__ xc = xb + c * stride;
+    const row_t* __restrict__ xd = xc + stride;
     if (kWithKd) {
-      const scalar_t* __restrict__ yc = yb + c * HW;
-      const scalar_t* __restrict__ yd = yc + HW;
+      const row_t* __restrict__ yc = yb + c * stride;
+      const row_t* __restrict__ yd = yc + stride;
       for (int64_t p = 0; p < n; ++p) {
         const acc_t xv = load<acc_t>(xc, p) - max_old[p];
         const acc_t xw = load<acc_t>(xd, p) - max_old[p];
@@ -222,9 +234,9 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
     }
   }
   if (c < Co) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
+    const row_t* __restrict__ xc = xb + c * stride;
     if (kWithKd) {
-      const scalar_t* __restrict__ yc = yb + c * HW;
+      const row_t* __restrict__ yc = yb + c * stride;
       for (int64_t p = 0; p < n; ++p) {
         const acc_t xv = load<acc_t>(xc, p) - max_old[p];
         sum_old[p] += logit::lm_exp(xv);
@@ -238,14 +250,14 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
   }
   for (int64_t p = 0; p < n; ++p) sum_new[p] = acc_t(0);
   for (c = Co; c + 1 < C; c += 2) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
-    const scalar_t* __restrict__ xd = xc + HW;
+    const row_t* __restrict__ xc = xb + c * stride;
+    const row_t* __restrict__ xd = xc + stride;
     for (int64_t p = 0; p < n; ++p) {
       sum_new[p] += logit::lm_exp(load<acc_t>(xc, p) - max_new[p]) + logit::lm_exp(load<acc_t>(xd, p) - max_new[p]);
     }
   }
   if (c < C) {
-    const scalar_t* __restrict__ xc = xb + c * HW;
+    const row_t* __restrict__ xc = xb + c * stride;
     for (int64_t p = 0; p < n; ++p) sum_new[p] += logit::lm_exp(load<acc_t>(xc, p) - max_new[p]);
   }
 
@@ -293,7 +305,7 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
       if (t != a.ignore_index) {
         check_label(t, C);
         const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
-        ce_loss[p] = logit::ce_pixel_loss(in.ce, t, Co, s, load<acc_t>(xb + t * HW, p));
+        ce_loss[p] = logit::ce_pixel_loss(in.ce, t, Co, s, load<acc_t>(xb + t * stride, p));
         ++valid;
       }
     }
@@ -315,6 +327,111 @@ INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) 
   a.tile_valid[tile] = valid;
 }
 
+// ------------------------------------------------------------------------------------------
+// size=: the logits bilinearly upsampled on the fly (MATH.md#upsampling, common/upsample.h)
+// ------------------------------------------------------------------------------------------
+
+// The upsampling is separable: an output row r mixes two input rows, m = (1 - l_r) x[i0] + l_r x[i1]
+// (in_w values per channel, cheap), and then each output column q mixes two values of m,
+// (1 - l_q) m[j0] + l_q m[j1], a gather from L1 in a loop over q that vectorises. It is the same
+// bilinear weight per sample as upsample::bilinear, with the two axes taken in the other order
+// (results differ from F.interpolate's by rounding only).
+
+// The column taps of one plane geometry (in_w samples to W columns), for every output column,
+// and the runs of output columns that read the same pair of samples: run j is the columns
+// [run_begin[j], run_begin[j + 1]) whose j0 == j (j0 never decreases with q).
+template <typename acc_t>
+struct ColumnTaps {
+  std::vector<int32_t> j0, j1;
+  std::vector<acc_t> c0, c1;  // weights of j0 and j1
+  std::vector<int64_t> run_begin;
+
+  ColumnTaps(int64_t in_w, int64_t W) : j0(W), j1(W), c0(W), c1(W), run_begin(in_w + 1, W) {
+    const acc_t scale = upsample::source_scale<acc_t>(in_w, W);
+    for (int64_t q = W - 1; q >= 0; --q) {
+      const auto tap = upsample::tap(q, scale, in_w);
+      j0[q] = static_cast<int32_t>(tap.i0);
+      j1[q] = static_cast<int32_t>(tap.i1);
+      c1[q] = tap.l1;
+      c0[q] = acc_t(1) - tap.l1;
+      run_begin[tap.i0] = q;
+    }
+    for (int64_t j = in_w - 1; j >= 0; --j) run_begin[j] = std::min(run_begin[j], run_begin[j + 1]);
+  }
+};
+
+// One plane geometry of the upsampling: channels planes of in_h x in_w, their column taps.
+template <typename scalar_t, typename acc_t>
+struct UpsampledPlanes {
+  const scalar_t* planes;  // channel 0 of the image
+  int64_t channels, in_h, in_w;
+  const ColumnTaps<acc_t>* cols;
+};
+
+// rows[c * kTile + p] = channel c upsampled to pixel p of the tile (output pixels [p0, p0 + n) of
+// an image with W columns), in acc_t (not rounded to the logits' dtype). mix: in_w scratch values.
+template <typename scalar_t, typename acc_t>
+INCSEG_FORCE_INLINE void upsample_tile(const UpsampledPlanes<scalar_t, acc_t>& src, int64_t H, int64_t W, int64_t p0,
+                                       int64_t n, acc_t* __restrict__ mix, acc_t* rows) {
+  const int64_t plane = src.in_h * src.in_w;
+  const acc_t row_scale = upsample::source_scale<acc_t>(src.in_h, H);
+  const int32_t* __restrict__ j0 = src.cols->j0.data();
+  const int32_t* __restrict__ j1 = src.cols->j1.data();
+  const acc_t* __restrict__ c0 = src.cols->c0.data();
+  const acc_t* __restrict__ c1 = src.cols->c1.data();
+  for (int64_t done = 0; done < n;) {  // one output row's part of the tile at a time
+    const int64_t r = (p0 + done) / W, q0 = (p0 + done) % W, len = std::min(n - done, W - q0);
+    const auto tap = upsample::tap(r, row_scale, src.in_h);
+    const acc_t r1 = tap.l1, r0 = acc_t(1) - r1;
+    const int64_t j_first = j0[q0], j_last = j1[q0 + len - 1];
+    for (int64_t c = 0; c < src.channels; ++c) {
+      const scalar_t* __restrict__ top = src.planes + c * plane + tap.i0 * src.in_w;
+      const scalar_t* __restrict__ bottom = src.planes + c * plane + tap.i1 * src.in_w;
+      for (int64_t j = j_first; j <= j_last; ++j) mix[j] = r0 * load<acc_t>(top, j) + r1 * load<acc_t>(bottom, j);
+      acc_t* __restrict__ out = rows + c * kTile + done - q0;
+      for (int64_t q = q0; q < q0 + len; ++q) out[q] = c0[q] * mix[j0[q]] + c1[q] * mix[j1[q]];
+    }
+    done += len;
+  }
+}
+
+// One thread's scratch for upsampled tiles: the tile's logits (C rows of x, Co of y, kTile each),
+// the column taps and, in the backward, dL/dx_up of the tile (C rows) and an output row's column
+// sums (C x w).
+template <typename acc_t>
+struct UpsampleScratch {
+  std::vector<acc_t> x, y, grad, column_sums, mix;
+  ColumnTaps<acc_t> x_cols, y_cols;
+  UpsampleScratch(const Inputs& in, bool backward)
+      : x(in.C * kTile),
+        y(in.kd != KdMode::kNone ? in.Co * kTile : 0),
+        grad(backward ? in.C * kTile : 0),
+        column_sums(backward ? in.C * in.w : 0),
+        mix(std::max(in.w, in.yw)),
+        x_cols(in.w, in.W),
+        y_cols(in.kd != KdMode::kNone ? in.yw : 0, in.kd != KdMode::kNone ? in.W : 0) {}
+
+  // Interpolates the tile (image b, output pixels [p0, p0 + n)) of x and, with distillation, y.
+  template <typename scalar_t>
+  void fill(const Inputs& in, const scalar_t* x_all, const scalar_t* y_all, int64_t b, int64_t p0, int64_t n) {
+    const UpsampledPlanes<scalar_t, acc_t> xs{x_all + b * in.C * in.h * in.w, in.C, in.h, in.w, &x_cols};
+    upsample_tile(xs, in.H, in.W, p0, n, mix.data(), x.data());
+    if (!y.empty()) {
+      const UpsampledPlanes<scalar_t, acc_t> ys{y_all + b * in.Co * in.yh * in.yw, in.Co, in.yh, in.yw, &y_cols};
+      upsample_tile(ys, in.H, in.W, p0, n, mix.data(), y.data());
+    }
+  }
+  TileRows<acc_t> rows() const { return {x.data(), y.empty() ? nullptr : y.data(), kTile}; }
+};
+
+template <typename scalar_t, bool kWithKd>
+INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
+  const Inputs& in = *a.in;
+  const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
+  const TileRows<scalar_t> rows{a.x + b * in.C * in.HW + p0, kWithKd ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
+  forward_pixels<scalar_t, scalar_t, kWithKd>(a, tile, rows);
+}
+
 template <typename scalar_t, bool kWithKd>
 struct ForwardTiles {
   static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -322,11 +439,25 @@ struct ForwardTiles {
   }
 };
 
+// size=: each tile's logits are interpolated into scratch rows, then the same tile math runs on them.
+template <typename scalar_t, bool kWithKd>
+struct UpsampledForwardTiles {
+  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+    const Inputs& in = *a.in;
+    UpsampleScratch<acc_type<scalar_t>> scratch(in, /*backward=*/false);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      scratch.fill(in, a.x, a.y, a.plan.image(tile), a.plan.begin(tile), a.plan.length(tile));
+      forward_pixels<scalar_t, acc_type<scalar_t>, kWithKd>(a, tile, scratch.rows());
+    }
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
-    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
+    at::OptionalIntArrayRef size) {
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
   const logit::ForwardTensors out = logit::allocate_forward_outputs(in);
   const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
   std::vector<double> tile_ce(plan.items), tile_kd(plan.items);
@@ -350,11 +481,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     a.tile_kd = tile_kd.data();
     a.tile_valid = tile_valid.data();
     cpu::parallel_over_items(plan.items, (in.C + in.Co) * plan.tile, [&](int64_t begin, int64_t end) {
-      if (in.kd != KdMode::kNone) {
-        cpu::run_best<ForwardTiles<scalar_t, true>>(a, begin, end);
-      } else {
-        cpu::run_best<ForwardTiles<scalar_t, false>>(a, begin, end);
-      }
+      const bool with_kd = in.kd != KdMode::kNone;
+      if (in.upsample && with_kd) return cpu::run_best<UpsampledForwardTiles<scalar_t, true>>(a, begin, end);
+      if (in.upsample) return cpu::run_best<UpsampledForwardTiles<scalar_t, false>>(a, begin, end);
+      if (with_kd) return cpu::run_best<ForwardTiles<scalar_t, true>>(a, begin, end);
+      cpu::run_best<ForwardTiles<scalar_t, false>>(a, begin, end);
     });
   });
 
@@ -397,17 +528,18 @@ struct BwdArgs {
 };
 
 // What the channel passes of one backward tile read: the tile's rows and its per-pixel arrays.
-template <typename scalar_t>
+// row_t as in TileRows: dL/dx_c of pixel p goes to gb[c * stride + p].
+template <typename row_t>
 struct BwdTileView {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* xb;
-  const scalar_t* yb;
-  scalar_t* gb;
+  using acc_t = acc_type<row_t>;
+  const row_t* xb;
+  const row_t* yb;
+  row_t* gb;
   const acc_t *lse, *lse_old, *lse_bg, *lse_q;
   const acc_t *full, *old_set, *bg_set, *teacher, *target, *extra0;
   const acc_t *full0, *full_old, *full_new;  // factored coefficients of p_c per channel range
   const int32_t* label;
-  int64_t n, C, Co, HW;
+  int64_t n, C, Co, stride;
   acc_t alpha;
 };
 
@@ -435,7 +567,7 @@ INCSEG_FORCE_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p
 template <bool kFactored, bool kOld, bool kBg, bool kTeacher, typename scalar_t>
 INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t n = v.n, HW = v.HW;
+  const int64_t n = v.n, stride = v.stride;
   const acc_t* __restrict__ lse_q = v.lse_q;
   const acc_t* __restrict__ extra0 = v.extra0;
   prefetch_next_tile(v.xb);
@@ -445,13 +577,13 @@ INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
     v.gb[p] = to_storage<scalar_t>(g + extra0[p]);
   }
   for (int64_t c = 1; c < v.Co; ++c) {
-    const scalar_t* __restrict__ xc = v.xb + c * HW;
-    scalar_t* __restrict__ gc = v.gb + c * HW;
+    const scalar_t* __restrict__ xc = v.xb + c * stride;
+    scalar_t* __restrict__ gc = v.gb + c * stride;
     prefetch_next_tile(xc);
     prefetch_next_tile(gc, true);
     const int32_t cf = static_cast<int32_t>(c);
     if (kTeacher) {
-      const scalar_t* __restrict__ yc = v.yb + c * HW;
+      const scalar_t* __restrict__ yc = v.yb + c * stride;
       prefetch_next_tile(yc);
       for (int64_t p = 0; p < n; ++p) {
         const acc_t q = logit::lm_exp(v.alpha * load<acc_t>(yc, p) - lse_q[p]);
@@ -466,8 +598,8 @@ INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
     }
   }
   for (int64_t c = v.Co; c < v.C; ++c) {
-    const scalar_t* __restrict__ xc = v.xb + c * HW;
-    scalar_t* __restrict__ gc = v.gb + c * HW;
+    const scalar_t* __restrict__ xc = v.xb + c * stride;
+    scalar_t* __restrict__ gc = v.gb + c * stride;
     prefetch_next_tile(xc);
     prefetch_next_tile(gc, true);
     const int32_t cf = static_cast<int32_t>(c);
@@ -478,17 +610,18 @@ INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
   }
 }
 
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
+// dL/dx of image b's output pixels [p0, p0 + n), n <= kTile, from their logits `rows` into
+// grad[c * rows.stride + p].
+template <typename scalar_t, typename row_t, bool kOld, bool kBg, bool kTeacher>
+INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t>& a, int64_t b, int64_t p0, int64_t n,
+                                         const TileRows<row_t>& rows, row_t* grad) {
   using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const int64_t C = in.C, Co = in.Co, HW = in.HW;
-  const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
-  // n <= kTile always (kTiles); saying so bounds the vector loops for the compiler (~4% faster).
-  const int64_t n = std::min(kTile, a.plan.length(tile));
-  const scalar_t* __restrict__ xb = a.x + b * C * HW + p0;
-  const scalar_t* __restrict__ yb = kTeacher ? a.y + b * Co * HW + p0 : nullptr;
-  scalar_t* __restrict__ gb = a.grad_x + b * C * HW + p0;
+  n = std::min(kTile, n);  // bounds the vector loops for the compiler (~4% faster)
+  const row_t* __restrict__ xb = rows.x;
+  const row_t* __restrict__ yb = rows.y;
+  row_t* __restrict__ gb = grad;
   const acc_t* __restrict__ stats = a.stats + b * logit::kNumStats * HW + p0;
   const acc_t* __restrict__ lse = stats + logit::kStatLse * HW;
   const acc_t* __restrict__ lse_old = stats + logit::kStatLseOld * HW;
@@ -564,9 +697,9 @@ INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
     const acc_t folded_check = (full0[p] - full0[p]) + (full_old[p] - full_old[p]) + (full_new[p] - full_new[p]);
     too_far |= static_cast<int32_t>(!(folded_check == acc_t(0)));
   }
-  const BwdTileView<scalar_t> view{xb,      yb,     gb,      lse,    lse_old, lse_bg, lse_q,    full,
-                                   old_set, bg_set, teacher, target, extra0,  full0,  full_old, full_new,
-                                   label,   n,      C,       Co,     HW,      alpha};
+  const BwdTileView<row_t> view{xb,      yb,     gb,      lse,    lse_old,     lse_bg, lse_q,    full,
+                                old_set, bg_set, teacher, target, extra0,      full0,  full_old, full_new,
+                                label,   n,      C,       Co,     rows.stride, alpha};
   // The form is chosen per tile, outside the pixel loops (which must stay branch-free to vectorise).
   if (!too_far) {
     backward_channels<true, kOld, kBg, kTeacher>(view);
@@ -576,26 +709,190 @@ INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile)
 }
 
 template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
+  const Inputs& in = *a.in;
+  const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
+  const int64_t offset = b * in.C * in.HW + p0;
+  const TileRows<scalar_t> rows{a.x + offset, kTeacher ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
+  backward_pixels<scalar_t, scalar_t, kOld, kBg, kTeacher>(a, b, p0, a.plan.length(tile), rows, a.grad_x + offset);
+}
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
 struct BackwardTiles {
   static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, kOld, kBg, kTeacher>(a, tile);
   }
 };
 
-// The tiles [begin, end) with the exponential families the modes need (see grad_coefs):
-// exp(x - lse_old) for unbiased CE and plain KD, exp(x - lse_bg) and q for unbiased/balanced KD,
-// q for plain KD.
-template <typename scalar_t>
-void run_backward_tiles(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+// Kernel<scalar_t, kOld, kBg, kTeacher>::run(a, args...) with the exponential families the modes
+// need (see grad_coefs): exp(x - lse_old) for unbiased CE and plain KD, exp(x - lse_bg) and q for
+// unbiased/balanced KD, q for plain KD.
+template <template <typename, bool, bool, bool> class Kernel, typename scalar_t, typename... Args>
+void run_for_modes(const BwdArgs<scalar_t>& a, const Args&... args) {
   const Inputs& in = *a.in;
   const bool old_set = in.ce == CeMode::kUnbiased || in.kd == KdMode::kPlain;
   const bool bg_set = in.kd == KdMode::kUnbiased || in.kd == KdMode::kBalanced;
   const bool teacher = in.kd != KdMode::kNone;
-  if (bg_set && old_set) return cpu::run_best<BackwardTiles<scalar_t, true, true, true>>(a, begin, end);
-  if (bg_set) return cpu::run_best<BackwardTiles<scalar_t, false, true, true>>(a, begin, end);
-  if (teacher) return cpu::run_best<BackwardTiles<scalar_t, true, false, true>>(a, begin, end);  // plain KD
-  if (old_set) return cpu::run_best<BackwardTiles<scalar_t, true, false, false>>(a, begin, end);
-  cpu::run_best<BackwardTiles<scalar_t, false, false, false>>(a, begin, end);
+  if (bg_set && old_set) return cpu::run_best<Kernel<scalar_t, true, true, true>>(a, args...);
+  if (bg_set) return cpu::run_best<Kernel<scalar_t, false, true, true>>(a, args...);
+  if (teacher) return cpu::run_best<Kernel<scalar_t, true, false, true>>(a, args...);  // plain KD
+  if (old_set) return cpu::run_best<Kernel<scalar_t, true, false, false>>(a, args...);
+  cpu::run_best<Kernel<scalar_t, false, false, false>>(a, args...);
+}
+
+// ---- size=: the backward gathered at the logits' own resolution (MATH.md#upsampling) ----
+//
+// Per channel x_up = R x Cᵀ, with R (H x h) and Cᵀ's transpose (W x w) the bilinear weights, two
+// per output row or column (upsample::tap). So dL/dx = Rᵀ G C for G = dL/dx_up, and G[c, p] is a
+// function of pixel p's saved stats, x_up, y_up, label, mask and upstream gradient only: exactly
+// what backward_pixels computes, run on a tile's upsampled rows (UpsampleScratch). Each output row
+// of G is reduced over its columns into column_sums (C x w), then added, weighted by its two row
+// taps, to two rows of dL/dx. No full-resolution tensor exists: the scratch is per thread.
+//
+// Determinism: an image's output rows are cut into bands fixed by the shapes alone (RowBands).
+// Band k alone writes dL/dx rows [kL, (k+1)L), summing its output rows in order; the bottom taps
+// of its last output rows may reach row (k+1)L, the next band's, and that share goes to the band's
+// own carry row, added afterwards in band order (finish_upsampled_grad). Every element is thus
+// summed in one fixed order, whatever the thread count.
+
+// Band k of an image holds the output rows whose top tap i0 lies in [kL, (k+1)L): a contiguous
+// range of rows, since i0 grows with the row.
+struct RowBands {
+  int64_t low_rows = 1;            // L
+  int64_t count = 0;               // bands per image
+  std::vector<int64_t> first_row;  // the output row where band k starts; count + 1 entries
+};
+
+template <typename acc_t>
+RowBands plan_row_bands(const Inputs& in) {
+  constexpr int64_t kBandsPerImage = 8;  // work items for the threads; each band costs one carry row
+  RowBands bands;
+  bands.low_rows = (in.h + kBandsPerImage - 1) / kBandsPerImage;
+  bands.count = (in.h + bands.low_rows - 1) / bands.low_rows;
+  bands.first_row.assign(bands.count + 1, in.H);
+  const acc_t scale = upsample::source_scale<acc_t>(in.h, in.H);
+  for (int64_t r = in.H - 1; r >= 0; --r) bands.first_row[upsample::tap(r, scale, in.h).i0 / bands.low_rows] = r;
+  for (int64_t k = bands.count - 1; k >= 0; --k)
+    bands.first_row[k] = std::min(bands.first_row[k], bands.first_row[k + 1]);
+  return bands;
+}
+
+template <typename acc_t>
+struct UpsampledGrad {
+  acc_t* grad;   // (B, C, h, w): dL/dx in acc_t (grad_x itself for float32 and float64 logits)
+  acc_t* carry;  // (B, bands, C, w)
+  const RowBands* bands;
+};
+
+template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+struct UpsampledBackwardBands {
+  using acc_t = acc_type<scalar_t>;
+
+  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t>& a, const UpsampledGrad<acc_t>& out, int64_t begin,
+                                      int64_t end) {
+    UpsampleScratch<acc_t> scratch(*a.in, /*backward=*/true);
+    const int64_t count = out.bands->count;
+    for (int64_t item = begin; item < end; ++item) band(a, out, scratch, item / count, item % count);
+  }
+
+  // column_sums[c * w + j] = sum over the columns q of output row r of C[q, j] G[c, r, q].
+  static INCSEG_FORCE_INLINE void sum_output_row(const BwdArgs<scalar_t>& a, UpsampleScratch<acc_t>& scratch, int64_t b,
+                                                 int64_t r) {
+    const Inputs& in = *a.in;
+    std::fill(scratch.column_sums.begin(), scratch.column_sums.end(), acc_t(0));
+    for (int64_t col0 = 0; col0 < in.W; col0 += kTile) {
+      const int64_t n = std::min(kTile, in.W - col0), p0 = r * in.W + col0;
+      scratch.fill(in, a.x, a.y, b, p0, n);
+      backward_pixels<scalar_t, acc_t, kOld, kBg, kTeacher>(a, b, p0, n, scratch.rows(), scratch.grad.data());
+      reduce_columns(scratch, in, col0, n);
+    }
+  }
+
+  // column_sums[c * w + j] += the chunk's G weighted by the column taps, one run of columns that
+  // read the same pair of samples at a time (two sums in registers per run).
+  static INCSEG_FORCE_INLINE void reduce_columns(UpsampleScratch<acc_t>& scratch, const Inputs& in, int64_t col0,
+                                                 int64_t n) {
+    const ColumnTaps<acc_t>& cols = scratch.x_cols;
+    for (int64_t c = 0; c < in.C; ++c) {
+      const acc_t* __restrict__ g = scratch.grad.data() + c * kTile;
+      acc_t* __restrict__ sums = scratch.column_sums.data() + c * in.w;
+      for (int64_t q = col0; q < col0 + n;) {
+        const int64_t j = cols.j0[q], end = std::min(cols.run_begin[j + 1], col0 + n);
+        acc_t s0 = 0, s1 = 0;
+        for (int64_t k = q; k < end; ++k) {
+          s0 += cols.c0[k] * g[k - col0];
+          s1 += cols.c1[k] * g[k - col0];
+        }
+        sums[j] += s0;
+        sums[cols.j1[q]] += s1;
+        q = end;
+      }
+    }
+  }
+
+  // Band k of image b: dL/dx rows [kL, (k+1)L) and the band's carry row.
+  static INCSEG_FORCE_INLINE void band(const BwdArgs<scalar_t>& a, const UpsampledGrad<acc_t>& out,
+                                       UpsampleScratch<acc_t>& scratch, int64_t b, int64_t k) {
+    const Inputs& in = *a.in;
+    const RowBands& bands = *out.bands;
+    const int64_t C = in.C, w = in.w, plane = in.h * in.w;
+    const int64_t lo = k * bands.low_rows, hi = std::min(lo + bands.low_rows, in.h);
+    acc_t* grad = out.grad + b * C * plane;
+    acc_t* carry = out.carry + (b * bands.count + k) * C * w;
+    for (int64_t c = 0; c < C; ++c) std::fill(grad + c * plane + lo * w, grad + c * plane + hi * w, acc_t(0));
+    std::fill(carry, carry + C * w, acc_t(0));
+    const acc_t row_scale = upsample::source_scale<acc_t>(in.h, in.H);
+    for (int64_t r = bands.first_row[k]; r < bands.first_row[k + 1]; ++r) {
+      sum_output_row(a, scratch, b, r);
+      const auto tap = upsample::tap(r, row_scale, in.h);
+      const acc_t r1 = tap.l1, r0 = acc_t(1) - r1;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* __restrict__ sums = scratch.column_sums.data() + c * w;
+        acc_t* top = grad + c * plane + tap.i0 * w;
+        acc_t* bottom = tap.i1 < hi ? grad + c * plane + tap.i1 * w : carry + c * w;
+        for (int64_t j = 0; j < w; ++j) top[j] += r0 * sums[j];
+        for (int64_t j = 0; j < w; ++j) bottom[j] += r1 * sums[j];
+      }
+    }
+  }
+};
+
+// Adds each band's carry row to the first row of the next band, in band order, and rounds dL/dx to
+// the logits' dtype where it was accumulated in acc_t; one (image, channel) plane per work item.
+template <typename scalar_t, typename acc_t>
+void finish_upsampled_grad(const Inputs& in, const UpsampledGrad<acc_t>& out, scalar_t* grad_x) {
+  const RowBands& bands = *out.bands;
+  const int64_t plane = in.h * in.w, w = in.w;
+  cpu::parallel_over_items(in.B * in.C, plane, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / in.C, c = item % in.C;
+      acc_t* grad = out.grad + item * plane;
+      for (int64_t k = 0; k + 1 < bands.count; ++k) {
+        const acc_t* carry = out.carry + ((b * bands.count + k) * in.C + c) * w;
+        acc_t* row = grad + (k + 1) * bands.low_rows * w;
+        for (int64_t j = 0; j < w; ++j) row[j] += carry[j];
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t i = 0; i < plane; ++i) grad_x[item * plane + i] = to_storage<scalar_t>(grad[i]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void run_upsampled_backward(const BwdArgs<scalar_t>& a, at::Tensor& grad_x) {
+  using acc_t = acc_type<scalar_t>;
+  const Inputs& in = *a.in;
+  const RowBands bands = plan_row_bands<acc_t>(in);
+  const auto acc_options = grad_x.options().dtype(in.acc_dtype);
+  at::Tensor grad = std::is_same_v<scalar_t, acc_t> ? grad_x : at::empty(grad_x.sizes(), acc_options);
+  at::Tensor carry = at::empty({in.B, bands.count, in.C, in.w}, acc_options);
+  const UpsampledGrad<acc_t> out{grad.mutable_data_ptr<acc_t>(), carry.mutable_data_ptr<acc_t>(), &bands};
+  const int64_t band_cost = (in.C + in.Co) * in.W * (in.H + bands.count - 1) / bands.count;
+  cpu::parallel_over_items(in.B * bands.count, band_cost, [&](int64_t begin, int64_t end) {
+    run_for_modes<UpsampledBackwardBands>(a, out, begin, end);
+  });
+  finish_upsampled_grad(in, out, grad_x.mutable_data_ptr<scalar_t>());
 }
 
 at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
@@ -603,8 +900,8 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
                                 const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
                                 const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                                 c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
-                                c10::string_view reduction) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+                                c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
   logit::check_backward(in, grad_ce, grad_kd, stats, valid_count);
   const bool per_pixel = in.reduction == Reduction::kNone;
   // The CPU may read valid_count on the host (a device backend must not: see logit_host.h).
@@ -638,8 +935,9 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
     a.ignore_index = ignore_index;
     a.plan = plan;
     a.grad_x = grad_x.mutable_data_ptr<scalar_t>();
+    if (in.upsample) return run_upsampled_backward(a, grad_x);
     cpu::parallel_over_items(plan.items, (in.C + in.Co) * plan.tile,
-                             [&](int64_t begin, int64_t end) { run_backward_tiles(a, begin, end); });
+                             [&](int64_t begin, int64_t end) { run_for_modes<BackwardTiles>(a, begin, end); });
   });
   return grad_x;
 }

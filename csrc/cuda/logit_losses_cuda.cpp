@@ -33,6 +33,16 @@ LabelType label_type(const at::Tensor& target) {
   }
 }
 
+// The axes of the upsampling with size=; without distillation y's are x's (y is not read).
+template <typename coord_t>
+Upsampling<coord_t> upsampling(const Inputs& in) {
+  if (!in.upsample) return Upsampling<coord_t>{};
+  const bool with_y = in.y.defined();
+  return Upsampling<coord_t>{upsample_axis<coord_t>(in.h, in.H), upsample_axis<coord_t>(in.w, in.W),
+                             upsample_axis<coord_t>(with_y ? in.yh : in.h, in.H),
+                             upsample_axis<coord_t>(with_y ? in.yw : in.w, in.W)};
+}
+
 template <typename scalar_t, typename k_scalar_t = typename KernelType<scalar_t>::type>
 LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ignore_index) {
   using acc_t = accumulate_t<k_scalar_t>;
@@ -49,7 +59,9 @@ LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ig
                                  in.Co,
                                  in.HW,
                                  in.ce,
-                                 in.kd};
+                                 in.kd,
+                                 in.upsample,
+                                 upsampling<acc_t>(in)};
 }
 
 // Runs the kernels on the CPU, one thread after another.
@@ -57,17 +69,13 @@ struct HostEmulation : glue::HostDevice {
   template <typename scalar_t>
   static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
                       const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
-    with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-      run_on_host(LogitForwardKernel<scalar_t, decltype(vec)::value>{in, out}, plan.grid_x, plan.grid_y);
-    });
+    with_forward_kernel(in, out, plan, [&](const auto& kernel) { run_on_host(kernel, plan.grid_x, plan.grid_y); });
     finish_forward_on_host(out, plan.warps, totals);
   }
 
   template <typename scalar_t>
   static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
-    with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-      run_on_host(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y);
-    });
+    with_backward_kernel(in, grad, plan, [&](const auto& kernel) { run_on_host(kernel, plan.grid_x, plan.grid_y); });
   }
 };
 
@@ -91,8 +99,9 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
-    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+    c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
+    at::OptionalIntArrayRef size) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
   auto outputs = allocate_forward_outputs(in);
@@ -106,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
-    const LaunchPlan plan = plan_launch<k_scalar_t>(in.B, in.HW, aligned);
+    const LogitInputs<k_scalar_t> inputs = kernel_inputs<scalar_t>(in, alpha, ignore_index);
+    const LaunchPlan plan = plan_forward(inputs, aligned);
     at::Tensor partials = at::empty({reduce ? 2 * plan.warps : 0}, acc_options);
     at::Tensor valid_partial = at::empty({plan.warps}, x.options().dtype(at::kInt));
     acc_t* partial = partials.mutable_data_ptr<acc_t>();
@@ -122,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
                                       reduce ? ce_loss.mutable_data_ptr<acc_t>() : nullptr,
                                       reduce ? kd_loss.mutable_data_ptr<acc_t>() : nullptr,
                                       valid_count.mutable_data_ptr<int64_t>()};
-    Device::forward(kernel_inputs<scalar_t>(in, alpha, ignore_index), out, totals, plan);
+    Device::forward(inputs, out, totals, plan);
   });
   return {ce_loss, kd_loss, outputs.stats, valid_count};
 }
@@ -133,8 +143,8 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
                             const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
                             const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                             c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
-                            c10::string_view reduction) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction);
+                            c10::string_view reduction, at::OptionalIntArrayRef size) {
+  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
   check_backward(in, grad_ce, grad_kd, stats, valid_count);
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
@@ -150,7 +160,8 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
-    const LaunchPlan plan = plan_launch<k_scalar_t>(in.B, in.HW, aligned);
+    const LogitInputs<k_scalar_t> inputs = kernel_inputs<scalar_t>(in, alpha, ignore_index);
+    const LaunchPlan plan = plan_backward(inputs, aligned);
     const BackwardBuffers<k_scalar_t> grad{saved.const_data_ptr<acc_t>(),
                                            valid_count.const_data_ptr<int64_t>(),
                                            g_ce.const_data_ptr<acc_t>(),
@@ -159,7 +170,7 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
                                            in.reduction == Reduction::kMean,
                                            static_cast<acc_t>(kd_scale(in)),
                                            reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>())};
-    Device::backward(kernel_inputs<scalar_t>(in, alpha, ignore_index), grad, plan);
+    Device::backward(inputs, grad, plan);
   });
   return grad_x;
 }

@@ -39,9 +39,8 @@ int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<s
                          const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan, void* stream) {
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   cudaError_t error = cudaSuccess;
-  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    error = launch_on_device(LogitForwardKernel<scalar_t, decltype(vec)::value>{in, out}, plan.grid_x, plan.grid_y,
-                             cuda_stream);
+  with_forward_kernel(in, out, plan, [&](const auto& kernel) {
+    error = launch_on_device(kernel, plan.grid_x, plan.grid_y, cuda_stream);
   });
   if (error != cudaSuccess) return error;
   finish_forward_kernel<scalar_t><<<1, kSumThreads, 0, cuda_stream>>>(out, plan.warps, totals);
@@ -52,9 +51,8 @@ template <typename scalar_t>
 int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream) {
   cudaError_t error = cudaSuccess;
-  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    error = launch_on_device(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x, plan.grid_y,
-                             static_cast<cudaStream_t>(stream));
+  with_backward_kernel(in, grad, plan, [&](const auto& kernel) {
+    error = launch_on_device(kernel, plan.grid_x, plan.grid_y, static_cast<cudaStream_t>(stream));
   });
   return error;
 }

@@ -15,7 +15,14 @@
 // added up in a fixed order by a second kernel (deterministic, no atomics).
 // Backward: the per-pixel gradient coefficients of logit_math.h (grad_coefs), then one pass over
 // the channels writing dL/dx with one exponential per logit (plus one per teacher logit), each
-// channel range shifted by its own log-normaliser (set_factors below).
+// channel range shifted by its own log-normaliser (channel_factors below).
+//
+// With size= (MATH.md#upsampling) the losses are those of the bilinear upsampling of x and y to the
+// labels' H x W. The forward is the same kernel reading each channel value through UpsampledPixel
+// (one output pixel per thread, four low-resolution samples per value) instead of SamePixels. The
+// backward (UpsampledBackwardKernel) gathers: one thread per low-resolution element of
+// kGatherChannels channels, summing w * dL/dx_up over the output pixels that read it, in a fixed
+// order (deterministic, no atomics, nothing of the output's size besides the saved statistics).
 #include <cstdint>
 #include <type_traits>
 
@@ -23,6 +30,7 @@
 #include "common/grid.h"
 #include "common/logit_math.h"
 #include "common/logit_stream.h"
+#include "common/upsample.h"
 
 namespace incseg {
 namespace logit {
@@ -40,12 +48,59 @@ HOST_DEVICE int64_t read_label(const void* target, LabelType type, int64_t i) {
   }
 }
 
-// What both kernels read. Pointers the modes do not use are null.
+// One axis of the bilinear upsampling (common/upsample.h): `in` samples of the logits to `out` of
+// the output, coordinates in coord_t (the accumulation type). The scales are formed on the host (a
+// division on the device is a slow-path call).
+template <typename coord_t>
+struct UpsampleAxis {
+  int64_t in;
+  int64_t out;
+  coord_t scale;      // upsample::source_scale(in, out)
+  coord_t inv_scale;  // out / in: where the readers of an input sample start (first_reader)
+  int64_t readers;    // a bound on how many output indices read one input sample: ceil(2 out / in) + 3
+};
+
+template <typename coord_t>
+UpsampleAxis<coord_t> upsample_axis(int64_t in, int64_t out) {
+  return UpsampleAxis<coord_t>{in, out, upsample::source_scale<coord_t>(in, out),
+                               static_cast<coord_t>(out) / static_cast<coord_t>(in), (2 * out + in - 1) / in + 3};
+}
+
+// Output index d reads input sample i when its tap has i0 == i or i1 == i, i.e. when i - 1 <= s(d) < i + 1
+// for s(d) = (d + 0.5) * scale - 0.5: d >= (i - 0.5) / scale - 0.5. first_reader is that bound less
+// one (for the rounding of s and of this float expression; below 0 it is 0, and there the cast's
+// truncation equals floor), and the readers are within [first_reader, first_reader + readers): the
+// span of d is 2 / scale, plus one each for the floor, the margin and the rounding. Indices in that
+// range that do not read i get weight 0 from tap_weight.
+template <typename coord_t>
+HOST_DEVICE int64_t first_reader(const UpsampleAxis<coord_t>& axis, int64_t i) {
+  const coord_t d = (static_cast<coord_t>(i) - coord_t(0.5)) * axis.inv_scale - coord_t(0.5);
+  return d < coord_t(1) ? 0 : static_cast<int64_t>(d) - 1;
+}
+
+// The weight with which the output index of `tap` reads input sample i: the adjoint of
+// upsample::bilinear along one axis (both weights when i0 == i1 at the last sample).
+template <typename acc_t>
+HOST_DEVICE acc_t tap_weight(const upsample::BasicTap<acc_t>& tap, int64_t i) {
+  const acc_t l1 = tap.l1;
+  return (tap.i0 == i ? acc_t(1) - l1 : acc_t(0)) + (tap.i1 == i ? l1 : acc_t(0));
+}
+
+// The logits' resolutions when the losses are taken on their upsampling to H x W (size=).
+template <typename coord_t>
+struct Upsampling {
+  UpsampleAxis<coord_t> x_rows, x_cols;  // x (h, w) to (H, W)
+  UpsampleAxis<coord_t> y_rows, y_cols;  // y (h', w') to (H, W); unused when kd == none
+};
+
+// What both kernels read. Pointers the modes do not use are null. Every per-pixel tensor (labels,
+// mask, statistics, loss maps, their upstream gradients) has HW = H * W pixels per image; so do x
+// and y, except with `upsampled`, where they have their own resolutions (up).
 template <typename scalar_t>
 struct LogitInputs {
   using acc_t = accumulate_t<scalar_t>;
-  const scalar_t* x;   // (B, C, HW)
-  const scalar_t* y;   // (B, Co, HW), kd != none
+  const scalar_t* x;   // (B, C, HW), or (B, C, h, w) upsampled
+  const scalar_t* y;   // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
   const void* target;  // (B, HW) labels of label_type, ce != none
   LabelType label_type;
   const acc_t* gamma;  // (B,), kd == balanced
@@ -55,6 +110,70 @@ struct LogitInputs {
   int64_t B, C, Co, HW;
   CeMode ce;
   KdMode kd;
+  bool upsampled;
+  Upsampling<acc_t> up;  // with upsampled
+};
+
+// Where a kernel reads the channel values of a thread's Source::kVec pixels. SamePixels: x and y at
+// those pixels, one 16-byte pack per channel row when kVec > 1.
+template <typename scalar_t, int kPixels>
+struct SamePixels {
+  using acc_t = accumulate_t<scalar_t>;
+  static constexpr int kVec = kPixels;
+  const scalar_t* x;  // channel 0 of the first pixel
+  const scalar_t* y;  // null without distillation
+  int64_t HW;
+
+  HOST_DEVICE static SamePixels at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p0) {
+    return SamePixels{in.x + b * in.C * in.HW + p0, in.y != nullptr ? in.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
+  }
+  HOST_DEVICE void x_at(int64_t c, acc_t (&out)[kVec]) const { load_pack<kVec>(x + c * HW, out); }
+  HOST_DEVICE void y_at(int64_t c, acc_t (&out)[kVec]) const { load_pack<kVec>(y + c * HW, out); }
+};
+
+// The two taps of one output pixel (row Y, column X) into a plane of `rows` x `cols` samples.
+template <typename acc_t>
+struct PlaneTaps {
+  upsample::BasicTap<acc_t> row;
+  upsample::BasicTap<acc_t> col;
+  int64_t width;
+
+  HOST_DEVICE static PlaneTaps at(const UpsampleAxis<acc_t>& rows, const UpsampleAxis<acc_t>& cols, int64_t Y,
+                                  int64_t X) {
+    return PlaneTaps{upsample::tap(Y, rows.scale, rows.in), upsample::tap(X, cols.scale, cols.in), cols.in};
+  }
+  // The upsampled value of `plane` at the pixel, in acc_t (not rounded to the logits' dtype).
+  template <typename scalar_t>
+  HOST_DEVICE acc_t sample(const scalar_t* plane) const {
+    return upsample::bilinear<acc_t>([plane](int64_t i) { return to_accumulate(plane[i]); }, row, col, width);
+  }
+};
+
+// UpsampledPixel: x and y upsampled to one output pixel, each value interpolated from four samples.
+template <typename scalar_t>
+struct UpsampledPixel {
+  using acc_t = accumulate_t<scalar_t>;
+  static constexpr int kVec = 1;
+  const scalar_t* x;  // channel 0 of the image
+  const scalar_t* y;  // null without distillation
+  int64_t x_plane;
+  int64_t y_plane;
+  PlaneTaps<acc_t> x_taps;
+  PlaneTaps<acc_t> y_taps;
+
+  HOST_DEVICE static UpsampledPixel at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p) {
+    const Upsampling<acc_t>& up = in.up;
+    const int64_t Y = p / up.x_cols.out, X = p % up.x_cols.out;
+    const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
+    return UpsampledPixel{in.x + b * in.C * x_plane,
+                          in.y != nullptr ? in.y + b * in.Co * y_plane : nullptr,
+                          x_plane,
+                          y_plane,
+                          PlaneTaps<acc_t>::at(up.x_rows, up.x_cols, Y, X),
+                          PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X)};
+  }
+  HOST_DEVICE void x_at(int64_t c, acc_t (&out)[1]) const { out[0] = x_taps.sample(x + c * x_plane); }
+  HOST_DEVICE void y_at(int64_t c, acc_t (&out)[1]) const { out[0] = y_taps.sample(y + c * y_plane); }
 };
 
 template <typename scalar_t>
@@ -76,10 +195,12 @@ HOST_DEVICE acc_t bad_label_loss() {
   return acc_t(0) / acc_t(0);
 }
 
-template <typename scalar_t, int kVec>
+// Source: SamePixels<scalar_t, kVec> or UpsampledPixel<scalar_t> (where the channel values come from).
+template <typename scalar_t, typename Source>
 struct LogitForwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
+  static constexpr int kVec = Source::kVec;
   LogitInputs<scalar_t> in;
   ForwardBuffers<scalar_t> out;
 
@@ -100,8 +221,7 @@ struct LogitForwardKernel {
   HOST_DEVICE void pixels(int64_t b, int64_t p0, acc_t& ce_sum, acc_t& kd_sum, int32_t& valid) const {
     const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
     const acc_t plain = in.kd == KdMode::kPlain ? acc_t(1) : acc_t(0);
-    const scalar_t* x = in.x + b * in.C * in.HW + p0;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
+    const Source source = Source::at(in, b, p0);
     int64_t label[kVec];
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) label[i] = with_ce ? read_label(in.target, in.label_type, b * in.HW + p0 + i) : -1;
@@ -109,8 +229,8 @@ struct LogitForwardKernel {
     acc_t xv[kVec], zv[kVec], x0[kVec], x_label[kVec];
     StreamingOldChannels<acc_t> old[kVec];
     StreamingLse<acc_t> fresh[kVec];  // the new channels [Co, C)
-    load_pack<kVec>(x, x0);
-    if (with_kd) load_pack<kVec>(y, zv);
+    source.x_at(0, x0);
+    if (with_kd) source.y_at(0, zv);
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
       old[i].start(x0[i], with_kd ? scaled_teacher_logit(in.alpha, zv[i]) : acc_t(0));
@@ -118,8 +238,8 @@ struct LogitForwardKernel {
       x_label[i] = label[i] == 0 ? x0[i] : acc_t(0);
     }
     for (int64_t c = 1; c < in.Co; ++c) {
-      load_pack<kVec>(x + c * in.HW, xv);
-      if (with_kd) load_pack<kVec>(y + c * in.HW, zv);
+      source.x_at(c, xv);
+      if (with_kd) source.y_at(c, zv);
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
         if (with_kd) {
@@ -131,7 +251,7 @@ struct LogitForwardKernel {
       }
     }
     for (int64_t c = in.Co; c < in.C; ++c) {
-      load_pack<kVec>(x + c * in.HW, xv);
+      source.x_at(c, xv);
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
         fresh[i].add(xv[i]);
@@ -228,6 +348,63 @@ HOST_DEVICE T channel0_grad(const GradCoefs<T>& k, T x0, T q0, T lse, T lse_old,
          k.teacher0 * q0 + (label == 0 ? k.target : T(0));
 }
 
+// dL/dx_c of an old channel c in [1, Co) from its logit x and teacher probability q (0 without KD).
+template <typename T>
+HOST_DEVICE T old_channel_grad(const ChannelFactors<T>& f, int64_t c, T x, T q) {
+  return f.old * lm_exp(x - f.lse_old) + f.teacher * q + (f.label == c ? f.target : T(0));
+}
+
+// dL/dx_c of a new channel c in [Co, C) from its logit x.
+template <typename T>
+HOST_DEVICE T new_channel_grad(const ChannelFactors<T>& f, int64_t c, T x) {
+  return f.fresh * lm_exp(x - f.lse_bg) + (f.label == c ? f.target : T(0));
+}
+
+// What the backward reads for one pixel, in the accumulation type.
+template <typename T>
+struct PixelInputs {
+  T lse, lse_old, lse_bg, lse_q;  // saved statistics (lse_q: 0 without distillation)
+  T g_ce, g_kd;                   // upstream gradients, scaled by the reduction
+  T mask;                         // 1 without a mask
+  T y0;                           // the teacher's background logit (0 without distillation)
+  int64_t label;                  // -1 without a CE term
+};
+
+// One pixel's backward: grad_coefs' coefficients k, the other channels' factors and q_0.
+template <typename T>
+struct PixelGradient {
+  GradCoefs<T> k;
+  ChannelFactors<T> f;
+  T q0;
+};
+
+template <typename scalar_t, typename T>
+HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t>& in, const KdFactors<T>& factors,
+                                            const PixelInputs<T>& px) {
+  const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
+  const bool counted = with_ce && px.label != in.ignore_index;
+  const bool in_range = px.label >= 0 && px.label < in.C;
+  const T ce_weight = !counted ? T(0) : in_range ? px.g_ce : bad_label_loss<T>();
+  const T old_label = in.ce == CeMode::kUnbiased && counted && px.label < in.Co ? T(1) : T(0);
+  const int32_t channel = counted && in_range ? static_cast<int32_t>(px.label) : -1;
+  const T q0 = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, px.y0) - px.lse_q) : T(0);
+  const GradCoefs<T> k = grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? px.g_kd * px.mask : T(0), q0);
+  return PixelGradient<T>{k, channel_factors(k, px.lse, px.lse_old, px.lse_bg, with_kd ? px.lse_q : T(0), channel), q0};
+}
+
+// The upstream gradients of reductions "mean" and "sum" (one scalar each), scaled by the reduction.
+template <typename T>
+struct ScalarUpstream {
+  T ce;
+  T kd;
+};
+
+template <typename scalar_t, typename T = accumulate_t<scalar_t>>
+HOST_DEVICE ScalarUpstream<T> scalar_upstream(const BackwardBuffers<scalar_t>& grad) {
+  return ScalarUpstream<T>{*grad.grad_ce * (grad.ce_mean ? ce_mean_scale<T>(*grad.valid_count) : T(1)),
+                           *grad.grad_kd * grad.kd_scale};
+}
+
 template <typename scalar_t, int kVec>
 struct LogitBackwardKernel {
   using acc_t = accumulate_t<scalar_t>;
@@ -248,12 +425,11 @@ struct LogitBackwardKernel {
       load_pack<kVec>(grad.grad_kd + b * in.HW + p0, g_kd);
       return;
     }
-    const acc_t ce = *grad.grad_ce * (grad.ce_mean ? ce_mean_scale<acc_t>(*grad.valid_count) : acc_t(1));
-    const acc_t kd = *grad.grad_kd * grad.kd_scale;
+    const ScalarUpstream<acc_t> scalar = scalar_upstream(grad);
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
-      g_ce[i] = ce;
-      g_kd[i] = kd;
+      g_ce[i] = scalar.ce;
+      g_kd[i] = scalar.kd;
     }
   }
 
@@ -282,16 +458,10 @@ struct LogitBackwardKernel {
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
       const int64_t label = with_ce ? read_label(in.target, in.label_type, b * in.HW + p0 + i) : -1;
-      const bool counted = with_ce && label != in.ignore_index;
-      const bool in_range = label >= 0 && label < in.C;
-      const acc_t ce_weight = !counted ? acc_t(0) : in_range ? g_ce[i] : bad_label_loss<acc_t>();
-      const acc_t old_label = in.ce == CeMode::kUnbiased && counted && label < in.Co ? acc_t(1) : acc_t(0);
-      const int32_t channel = counted && in_range ? static_cast<int32_t>(label) : -1;
-      const acc_t q0 = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, y0[i]) - lse_q[i]) : acc_t(0);
-      const GradCoefs<acc_t> k =
-          grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? g_kd[i] * mask[i] : acc_t(0), q0);
-      g0[i] = channel0_grad(k, x0[i], q0, lse[i], lse_old[i], lse_bg[i], channel);
-      f[i] = channel_factors(k, lse[i], lse_old[i], lse_bg[i], with_kd ? lse_q[i] : acc_t(0), channel);
+      const PixelInputs<acc_t> px{lse[i], lse_old[i], lse_bg[i], lse_q[i], g_ce[i], g_kd[i], mask[i], y0[i], label};
+      const PixelGradient<acc_t> pg = pixel_gradient(in, factors, px);
+      g0[i] = channel0_grad(pg.k, x0[i], pg.q0, lse[i], lse_old[i], lse_bg[i], pg.f.label);
+      f[i] = pg.f;
     }
   }
 
@@ -310,24 +480,131 @@ struct LogitBackwardKernel {
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) {
         const acc_t q = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, z[i]) - f[i].lse_teacher) : acc_t(0);
-        g[i] = f[i].old * lm_exp(xv[i] - f[i].lse_old) + f[i].teacher * q + (f[i].label == c ? f[i].target : acc_t(0));
+        g[i] = old_channel_grad(f[i], c, xv[i], q);
       }
       store_pack<kVec>(gx + c * in.HW, g);
     }
     for (int64_t c = in.Co; c < in.C; ++c) {
       load_pack<kVec>(x + c * in.HW, xv);
       INCSEG_UNROLL
-      for (int i = 0; i < kVec; ++i) {
-        g[i] = f[i].fresh * lm_exp(xv[i] - f[i].lse_bg) + (f[i].label == c ? f[i].target : acc_t(0));
-      }
+      for (int i = 0; i < kVec; ++i) g[i] = new_channel_grad(f[i], c, xv[i]);
       store_pack<kVec>(gx + c * in.HW, g);
     }
   }
 };
 
-// The launch of either kernel (both have 128-thread blocks): blocks over one image's pixels (x),
-// images (y), pixels per thread (1 or kPackedPixels, common/grid.h), and the number of warps
-// (per-warp partials).
+// Channels per thread of the upsampled backward: each output pixel's coefficients are recomputed
+// once for this many channels.
+constexpr int kGatherChannels = 8;
+
+// The backward with size= (MATH.md#upsampling): dL/dx at x's own resolution, by a gather.
+//
+// x_up = U x channel by channel, U the separable bilinear upsampling: x_up[c, Y, X] =
+// sum_{i, j} R[Y, i] K[X, j] x[c, i, j] with the tap weights R (rows) and K (columns) of
+// common/upsample.h. So dL/dx = U^T dL/dx_up:
+//   dL/dx[c, i, j] = sum_{Y, X} R[Y, i] K[X, j] G[c, Y, X],   G[c, p] = dL/dx_up[c, p],
+// and G at output pixel p is the per-pixel gradient of MATH.md#logit-backward evaluated at x_up[:, p]
+// and y_up[:, p]: per channel, a function of p's saved statistics, label, mask and upstream gradients,
+// of x_up[c, p] and (c < Co) y_up[c, p] only. R[Y, i] is nonzero only for the few rows Y whose taps
+// read row i (first_reader, readers), K likewise.
+//
+// One thread owns one element (i, j) of x for kGatherChannels consecutive channels: it walks those
+// rows, then columns, in increasing order, rebuilds each pixel's coefficients (pixel_gradient) once
+// for its channels, interpolates x_up[c, p] (and y_up) from four samples, and adds R K G to one
+// accumulator per channel. The order is fixed: the same result run to run, and no atomics.
+// Consecutive threads own consecutive (i, j): the stores of dL/dx coalesce, and neighbours read
+// overlapping output pixels (through the cache). Every output pixel is visited by the up to four
+// elements (2 x 2) that its taps read, each recomputing G there: the price of a gather without
+// shared memory.
+template <typename scalar_t>
+struct UpsampledBackwardKernel {
+  using acc_t = accumulate_t<scalar_t>;
+  static constexpr int kThreads = 128;
+  static constexpr int kChannels = kGatherChannels;
+  LogitInputs<scalar_t> in;
+  BackwardBuffers<scalar_t> grad;
+
+  // Blocks along grid x: (channel group) x (blocks over x's h * w pixels); images along grid y.
+  HOST_DEVICE void operator()(const ThreadIndex& index) const {
+    const UpsampleAxis<acc_t>& rows = in.up.x_rows;
+    const UpsampleAxis<acc_t>& cols = in.up.x_cols;
+    const int64_t pixels = rows.in * cols.in;
+    const int64_t pixel_blocks = ceil_div(pixels, kThreads);
+    const int64_t q = (index.block_x % pixel_blocks) * kThreads + index.thread;
+    if (q >= pixels) return;
+    const int64_t b = index.block_y, c0 = index.block_x / pixel_blocks * kChannels;
+    const int64_t i = q / cols.in, j = q % cols.in;
+    const ScalarUpstream<acc_t> scalar = grad.per_pixel ? ScalarUpstream<acc_t>{} : scalar_upstream(grad);
+    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.gamma[b] : acc_t(1));
+    acc_t sum[kChannels] = {};
+    const int64_t first_row = first_reader(rows, i), first_col = first_reader(cols, j);
+    const int64_t row_end = first_row + rows.readers < rows.out ? first_row + rows.readers : rows.out;
+    const int64_t col_end = first_col + cols.readers < cols.out ? first_col + cols.readers : cols.out;
+    for (int64_t Y = first_row; Y < row_end; ++Y) {
+      const upsample::BasicTap<acc_t> row = upsample::tap(Y, rows.scale, rows.in);
+      const acc_t row_weight = tap_weight<acc_t>(row, i);
+      if (row_weight == acc_t(0)) continue;
+      for (int64_t X = first_col; X < col_end; ++X) {
+        const upsample::BasicTap<acc_t> col = upsample::tap(X, cols.scale, cols.in);
+        const acc_t col_weight = tap_weight<acc_t>(col, j);
+        if (col_weight == acc_t(0)) continue;
+        const PlaneTaps<acc_t> x_taps{row, col, cols.in};
+        add_pixel(b, Y, X, x_taps, row_weight * col_weight, c0, scalar, factors, sum);
+      }
+    }
+    scalar_t* gx = grad.grad_x + (b * in.C + c0) * pixels + q;
+    INCSEG_UNROLL
+    for (int k = 0; k < kChannels; ++k) {
+      if (c0 + k < in.C) gx[k * pixels] = Storage<scalar_t>::from(sum[k]);
+    }
+  }
+
+  // sum[k] += weight * G[c0 + k, p] at output pixel p = (Y, X), whose taps into x are x_taps.
+  HOST_DEVICE void add_pixel(int64_t b, int64_t Y, int64_t X, const PlaneTaps<acc_t>& x_taps, acc_t weight, int64_t c0,
+                             const ScalarUpstream<acc_t>& scalar, const KdFactors<acc_t>& factors,
+                             acc_t (&sum)[kChannels]) const {
+    const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
+    const Upsampling<acc_t>& up = in.up;
+    const int64_t p = Y * up.x_cols.out + X, pixel = b * in.HW + p;
+    const acc_t* stats = grad.stats + b * kNumStats * in.HW + p;
+    const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
+    const scalar_t* x = in.x + b * in.C * x_plane;
+    const scalar_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
+    const PlaneTaps<acc_t> y_taps = with_kd ? PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X) : x_taps;
+    const PixelInputs<acc_t> px{stats[kStatLse * in.HW],
+                                stats[kStatLseOld * in.HW],
+                                stats[kStatLseBg * in.HW],
+                                with_kd ? stats[kStatLseTeacher * in.HW] : acc_t(0),
+                                grad.per_pixel ? grad.grad_ce[pixel] : scalar.ce,
+                                grad.per_pixel ? grad.grad_kd[pixel] : scalar.kd,
+                                in.mask != nullptr && with_kd ? in.mask[pixel] : acc_t(1),
+                                with_kd ? y_taps.sample(y) : acc_t(0),
+                                with_ce ? read_label(in.target, in.label_type, pixel) : -1};
+    const PixelGradient<acc_t> pg = pixel_gradient(in, factors, px);
+    INCSEG_UNROLL
+    for (int k = 0; k < kChannels; ++k) {
+      const int64_t c = c0 + k;
+      if (c >= in.C) break;
+      const acc_t xc = x_taps.sample(x + c * x_plane);
+      acc_t g;
+      if (c == 0) {
+        g = channel0_grad(pg.k, xc, pg.q0, px.lse, px.lse_old, px.lse_bg, pg.f.label);
+      } else if (c < in.Co) {
+        const acc_t z = with_kd ? scaled_teacher_logit(in.alpha, y_taps.sample(y + c * y_plane)) : acc_t(0);
+        g = old_channel_grad(pg.f, c, xc, with_kd ? lm_exp(z - pg.f.lse_teacher) : acc_t(0));
+      } else {
+        g = new_channel_grad(pg.f, c, xc);
+      }
+      sum[k] += weight * g;
+    }
+  }
+};
+
+// The launch of a kernel (all have 128-thread blocks) and the number of its warps (the forward's
+// per-warp partials). Without size=, both kernels put blocks over one image's pixels on grid x,
+// images on grid y, and 1 or kPackedPixels pixels (common/grid.h) on each thread. With size=, the
+// forward has one output pixel per thread; the backward puts (channel group, block of x's pixels)
+// on grid x.
 struct LaunchPlan {
   int pixels_per_thread;
   int64_t grid_x;
@@ -337,10 +614,49 @@ struct LaunchPlan {
 
 template <typename scalar_t>
 LaunchPlan plan_launch(int64_t batch, int64_t pixels, bool aligned_16_bytes) {
-  using Kernel = LogitForwardKernel<scalar_t, 1>;
+  using Kernel = LogitForwardKernel<scalar_t, SamePixels<scalar_t, 1>>;
   const int vec = aligned_16_bytes && pixels % kPackedPixels<scalar_t> == 0 ? kPackedPixels<scalar_t> : 1;
   const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads) * vec);
   return LaunchPlan{vec, grid_x, batch, warps_in_grid<Kernel>(grid_x, batch)};
+}
+
+template <typename scalar_t>
+LaunchPlan plan_forward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+  return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes && !in.upsampled);
+}
+
+template <typename scalar_t>
+LaunchPlan plan_backward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+  if (!in.upsampled) return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes);
+  using Kernel = UpsampledBackwardKernel<scalar_t>;
+  const int64_t pixels = in.up.x_rows.in * in.up.x_cols.in;
+  const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads)) * ceil_div(in.C, int64_t(Kernel::kChannels));
+  return LaunchPlan{1, grid_x, in.B, warps_in_grid<Kernel>(grid_x, in.B)};
+}
+
+// fn(kernel) with the forward kernel for the inputs and the plan (launched or emulated by the caller).
+template <typename scalar_t, typename Fn>
+void with_forward_kernel(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out, const LaunchPlan& plan,
+                         Fn&& fn) {
+  if (in.upsampled) {
+    fn(LogitForwardKernel<scalar_t, UpsampledPixel<scalar_t>>{in, out});
+    return;
+  }
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
+    fn(LogitForwardKernel<scalar_t, SamePixels<scalar_t, decltype(vec)::value>>{in, out});
+  });
+}
+
+// fn(kernel) with the backward kernel for the inputs and the plan.
+template <typename scalar_t, typename Fn>
+void with_backward_kernel(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+                          const LaunchPlan& plan, Fn&& fn) {
+  if (in.upsampled) {
+    fn(UpsampledBackwardKernel<scalar_t>{in, grad});
+    return;
+  }
+  with_pixels_per_thread<scalar_t>(
+      plan.pixels_per_thread, [&](auto vec) { fn(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}); });
 }
 
 // What the second forward kernel writes from the per-warp partials.

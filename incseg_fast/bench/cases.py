@@ -11,6 +11,7 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from incseg_fast import reference
 from incseg_fast.vocabulary import FUSED_BACKENDS
@@ -30,14 +31,18 @@ BACKENDS_FOR_DEVICE = {"cpu": ("cpu",), "cuda": tuple(b for b in FUSED_BACKENDS 
 @dataclasses.dataclass(frozen=True)
 class Size:
     name: str
-    kind: str  # "logits": dims B, C, Co, H, W; "features": dims B, C, H, W
+    kind: str  # "logits": dims B, C, Co, H, W; "features": B, C, H, W; "upsampled": B, C, Co, H, W, stride
     dims: tuple
     cuda_only: bool = False
     dtypes: tuple = ()  # dtype names this size runs in when none is asked for; empty: DEFAULT_DTYPE only
     quick: bool = False
 
     def describe(self):
-        letters = ("B", "C", "Co", "H", "W") if self.kind == "logits" else ("B", "C", "H", "W")
+        letters = {
+            "logits": ("B", "C", "Co", "H", "W"),
+            "features": ("B", "C", "H", "W"),
+            "upsampled": ("B", "C", "Co", "H", "W", "stride"),
+        }[self.kind]
         return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims, strict=True))
 
 
@@ -50,9 +55,17 @@ SIZES = {
         Size("feat2048", "features", (4, 2048, 32, 32)),
         Size("feat256", "features", (4, 256, 64, 64)),
         Size("feat2048x64", "features", (8, 2048, 64, 64), cuda_only=True),
+        # Issue 9: labels at H x W, logits at the network's resolution (H / stride, W / stride).
+        Size("voc_s8", "upsampled", (4, 21, 16, 256, 256, 8)),
+        Size("voc_s16", "upsampled", (4, 21, 16, 256, 256, 16)),
+        Size("ade_s8", "upsampled", (2, 151, 101, 256, 256, 8)),
+        Size("voc512_s8", "upsampled", (8, 21, 16, 512, 512, 8), cuda_only=True),
+        Size("voc512_s16", "upsampled", (8, 21, 16, 512, 512, 16), cuda_only=True),
+        Size("ade512_s8", "upsampled", (4, 151, 101, 512, 512, 8), cuda_only=True),
         # Small odd shapes for smoke tests (--quick).
         Size("quick_logits", "logits", (2, 21, 16, 45, 53), quick=True),
         Size("quick_features", "features", (2, 96, 19, 23), quick=True),
+        Size("quick_upsampled", "upsampled", (2, 21, 16, 45, 53, 8), quick=True),
     )
 }
 
@@ -66,6 +79,14 @@ class Inputs:
     grad_names: tuple
     upstream: tuple
     primary: str  # the tensor whose size is the unit of the memory figure (logits or features)
+    unit_bytes: int = None  # the unit itself where it is not the primary tensor's size
+
+    def unit(self):
+        """Bytes of the memory figure's unit: the primary tensor, or unit_bytes where given."""
+        if self.unit_bytes is not None:
+            return self.unit_bytes
+        primary = self.arguments[self.primary]
+        return primary.numel() * primary.element_size()
 
     def tensors(self):
         return {k: v for k, v in self.arguments.items() if isinstance(v, torch.Tensor)}
@@ -86,7 +107,7 @@ class Inputs:
                 v.requires_grad_(k in self.grad_names)
             arguments[k] = v
         upstream = tuple(u.to(dtype) for u in self.upstream)
-        return Inputs(arguments, self.grad_names, upstream, self.primary)
+        return Inputs(arguments, self.grad_names, upstream, self.primary, self.unit_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +147,22 @@ def make_logit_inputs(dims, dtype, device, generator, *, with_target, with_teach
     else:
         arguments["old_classes"] = Co
     return _finish(arguments, ("x",), upstream, "x", dtype, device)
+
+
+def make_upsampled_inputs(dims, dtype, device, generator):
+    """Logits x (B, C, h, w) and y (B, Co, h, w) at the network's resolution h = H // stride, labels
+    (B, H, W); the memory unit is one full-resolution logits tensor (B, C, H, W)."""
+    B, C, Co, H, W, stride = dims
+    h, w = H // stride, W // stride
+    arguments = {
+        "x": _randn((B, C, h, w), generator, 3.0),
+        "t": _labels(B, C, H, W, generator),
+        "y": _randn((B, Co, h, w), generator, 3.0),
+        "size": (H, W),
+    }
+    inputs = _finish(arguments, ("x",), [torch.tensor(1.0), torch.tensor(KD_WEIGHT)], "x", dtype, device)
+    inputs.unit_bytes = B * C * H * W * inputs.arguments["x"].element_size()
+    return inputs
 
 
 def make_distillation_inputs(dims, dtype, device, generator):
@@ -177,6 +214,22 @@ def reference_incremental_loss_balanced(x, t, y):
 
 def fused_incremental_loss_balanced(x, t, y, *, backend):
     return _api().incremental_loss(x, t, y, old_classes=y.shape[1], ce="unbiased", kd="balanced", backend=backend)
+
+
+def _upsample(v, size):
+    return F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+
+
+def reference_incremental_loss_upsampled(x, t, y, size):
+    """What a MiB-style trainer runs: interpolate both models' logits, then the loss."""
+    return reference.incremental_loss(_upsample(x, size), t, _upsample(y, size), old_classes=y.shape[1])
+
+
+def fused_incremental_loss_upsampled(x, t, y, size, *, backend, fused_upsampling):
+    """The fused loss on interpolated logits, or (fused_upsampling) on the logits as they are with size=."""
+    if fused_upsampling:
+        return _api().incremental_loss(x, t, y, old_classes=y.shape[1], size=size, backend=backend)
+    return _api().incremental_loss(_upsample(x, size), t, _upsample(y, size), old_classes=y.shape[1], backend=backend)
 
 
 def reference_unbiased_cross_entropy(x, t, old_classes):
@@ -255,6 +308,14 @@ OPS = {
             reference_knowledge_distillation,
             fused_knowledge_distillation,
             ("voc", "ade"),
+        ),
+        Op(
+            "incremental_loss_upsampled",
+            "upsampled",
+            make_upsampled_inputs,
+            reference_incremental_loss_upsampled,
+            fused_incremental_loss_upsampled,
+            ("voc_s8", "voc_s16", "ade_s8", "voc512_s8", "voc512_s16", "ade512_s8"),
         ),
         Op(
             "attentive_distillation",
@@ -346,12 +407,27 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+# The suffix of the fused-upsampling providers of the "upsampled" cases: backend "cpu" is
+# interpolate + the fused loss, "cpu-size" the fused loss with size= (issue 9).
+FUSED_UPSAMPLING = "-size"
+
+
 def providers(op, device, names=None):
-    """Ordered (name, callable) for ``op``: eager, compiled, then the fused backends.
+    """Ordered (name, callable) for ``op``: eager, compiled, then the fused backends (for an
+    "upsampled" op each twice: after interpolate, and with the fused upsampling).
     ``names`` keeps only those providers (None: all)."""
     found = [("eager", op.reference), ("compiled", _compiled(op.reference))]
-    found += [(b, functools.partial(op.fused, backend=b)) for b in fused_backends(device)]
+    for b in fused_backends(device):
+        if op.kind == "upsampled":
+            found.append((b, functools.partial(op.fused, backend=b, fused_upsampling=False)))
+            found.append((b + FUSED_UPSAMPLING, functools.partial(op.fused, backend=b, fused_upsampling=True)))
+        else:
+            found.append((b, functools.partial(op.fused, backend=b)))
     return [(n, fn) for n, fn in found if names is None or n in names]
+
+
+def provider_names(op, device):
+    return [name for name, _ in providers(op, device)]
 
 
 def run_forward(fn, inputs):

@@ -27,6 +27,11 @@ from incseg_fast.bench import cases as bench_cases
 from incseg_fast.bench import measure
 
 LOGIT_OPS_MEMORY_LIMIT = 1.25  # issue #3: fused fwd+bwd peak extra memory <= 1.25 x logits
+# Issue 9, the fused upsampling: fwd+bwd >= 2x interpolate + the fused loss (and, on a GPU, >= 4x
+# compiled), peak extra memory <= 0.35 x one full-resolution logits tensor.
+UPSAMPLING_SPEEDUP = 2.0
+UPSAMPLING_SPEEDUP_VS_COMPILED_GPU = 4.0
+UPSAMPLING_MEMORY_LIMIT = 0.35
 
 
 def _log(message):
@@ -96,7 +101,7 @@ def measure_case(case, provider_names, *, reps, warmup):
         "size": case.size.name,
         "dims": case.size.describe(),
         "dtype": case.dtype_name,
-        "primary_bytes": inputs.arguments[inputs.primary].numel() * inputs.arguments[inputs.primary].element_size(),
+        "primary_bytes": inputs.unit(),
         "bytes_fwd": bench_cases.minimal_bytes(inputs, outputs, backward=False),
         "bytes_fwd_bwd": bench_cases.minimal_bytes(inputs, outputs, backward=True),
         "providers": {},
@@ -253,6 +258,7 @@ def evaluate_targets(records):
                         value >= 1.5,
                         f"{value:.2f}x",
                     )
+    _judge_upsampling(records, judge)
     for record in records:
         # The memory target is about the real sizes; a smoke-test size has too few channels.
         if bench_cases.OPS[record["op"]].kind != "logits" or bench_cases.SIZES[record["size"]].quick:
@@ -266,6 +272,36 @@ def evaluate_targets(records):
                 f"{ratio:.2f}x",
             )
     return verdicts
+
+
+def _judge_upsampling(records, judge):
+    """Issue 9's targets for every fused backend b with both providers: b-size against b, and
+    against compiled on a GPU."""
+    for record in records:
+        if bench_cases.OPS[record["op"]].kind != "upsampled" or bench_cases.SIZES[record["size"]].quick:
+            continue
+        results = record["providers"]
+        head = f"{record['op']} {record['size']} {record['dtype']}"
+        for name, fused in results.items():
+            backend = name.removesuffix(bench_cases.FUSED_UPSAMPLING)
+            if backend == name or "fwd_median_s" not in fused:
+                continue
+            plain = results.get(backend, {})
+            if "fwd_median_s" in plain:
+                value = plain["fwd_bwd_median_s"] / fused["fwd_bwd_median_s"]
+                goal = UPSAMPLING_SPEEDUP
+                judge(f"{head} fwd+bwd, {name} >= {goal:g}x interpolate + fused loss", value >= goal, f"{value:.2f}x")
+            compiled = results.get("compiled", {})
+            if backend != "cpu" and "fwd_median_s" in compiled:
+                value = compiled["fwd_bwd_median_s"] / fused["fwd_bwd_median_s"]
+                goal = UPSAMPLING_SPEEDUP_VS_COMPILED_GPU
+                judge(f"{head} fwd+bwd, {name} >= {goal:g}x compiled", value >= goal, f"{value:.2f}x")
+            ratio = fused["peak_extra_bytes"] / record["primary_bytes"]
+            judge(
+                f"{head} peak extra memory, {name} <= {UPSAMPLING_MEMORY_LIMIT}x full-resolution logits",
+                ratio <= UPSAMPLING_MEMORY_LIMIT,
+                f"{ratio:.2f}x",
+            )
 
 
 def format_header(info, args, copy_bytes_per_s, fused):

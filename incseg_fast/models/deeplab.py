@@ -1,7 +1,8 @@
 """DeepLabV3 (ASPP head) with MiB's incremental classifier, and the CAF modules.
 
 ``IncrementalSegmenter.forward`` returns a dict:
-``logits`` (B, C, H, W) at the input resolution, ``encoder`` the backbone output (ILT's
+``logits`` (B, C, H, W) at the input resolution (with ``upsample=False`` at the network's own,
+H / output_stride: the fused losses upsample them with ``size=``), ``encoder`` the backbone output (ILT's
 feature-distillation target; with CAF the attended ``z-bar``), ``features`` the pre-classifier
 head output (CAF's ``h``), and with CAF ``projected`` (the input of the next step's fusion).
 """
@@ -252,14 +253,18 @@ class IncrementalSegmenter(nn.Module):
         self.se_encoder = SqueezeExcitation(self.encoder.out_channels).to(device)
         self.se_features = SqueezeExcitation(self.classifier.in_channels).to(device)
 
-    def forward(self, images, old_projected=None):
-        """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only)."""
+    def forward(self, images, old_projected=None, *, upsample=True):
+        """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only);
+        ``upsample=False``: the logits at the network's resolution (MATH.md#upsampling)."""
         z = self.encoder(images)
         # without the fusion module the projection is the identity (the module's initial state)
         out = {"projected": z}
         if self.caf is not None:
             z, out["projected"] = self.caf(z, old_projected, backend=self.loss_backend)
         h = self.head(z)
-        out["logits"] = F.interpolate(self.classifier(h), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.classifier(h)
+        if upsample:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        out["logits"] = logits
         out["encoder"], out["features"] = z, h
         return out

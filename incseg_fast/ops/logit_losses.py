@@ -4,6 +4,10 @@
 are what ``logit_losses_bwd`` needs (per-pixel log-normalisers (B, 4, H, W) and the number of
 non-ignored pixels), so the backward is one fused pass over the logits. The schemas are in
 csrc/ops.cpp; every implementation family (compiled, Triton) has the same ones in its own namespace.
+
+With ``size=[H, W]`` (MATH.md#upsampling) the ops compute the losses of the bilinear upsampling of x
+(B, C, h, w) and y (B, Co, h', w') to H, W: everything per pixel (losses, stats) is (B, ·, H, W)
+and the gradient is x's own (B, C, h, w).
 """
 
 import torch
@@ -13,17 +17,19 @@ from ..vocabulary import accumulation_dtype
 __all__ = ["register", "logit_losses"]
 
 NUM_STATS = 4  # rows of the saved per-pixel statistics: lse, lse_old, lse_bg, lse of alpha*y
-_MODE_KEYS = ("old_classes", "ce", "kd", "alpha", "ignore_index", "reduction")
+_MODE_KEYS = ("old_classes", "ce", "kd", "alpha", "ignore_index", "reduction", "size")
 
 
-def _loss_shape(x, reduction):
-    return (x.shape[0], x.shape[2], x.shape[3]) if reduction == "none" else ()
+def _output_resolution(x, size):
+    """(H, W): the resolution of the per-pixel losses and statistics, size= when given, else x's own."""
+    return tuple(x.shape[2:]) if size is None else tuple(size)
 
 
-def _forward_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+def _forward_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     dtype = accumulation_dtype(x.dtype)
-    shape = _loss_shape(x, reduction)
-    B, _, H, W = x.shape
+    H, W = _output_resolution(x, size)
+    B = x.shape[0]
+    shape = (B, H, W) if reduction == "none" else ()
     return (
         x.new_empty(shape, dtype=dtype),
         x.new_empty(shape, dtype=dtype),
@@ -49,6 +55,7 @@ def _backward_fake(
     alpha,
     ignore_index,
     reduction,
+    size=None,
 ):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -100,7 +107,7 @@ def register(namespace):
     )
 
 
-def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction):
+def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     """The backend contract of DEVELOPERS.md on ``ops`` (a torch.ops namespace); returns ``(ce_loss, kd_loss)``."""
     ce_loss, kd_loss, _, _ = ops.logit_losses_fwd(
         x,
@@ -114,5 +121,6 @@ def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, 
         alpha=alpha,
         ignore_index=ignore_index,
         reduction=reduction,
+        size=size,
     )
     return ce_loss, kd_loss

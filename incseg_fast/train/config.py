@@ -218,6 +218,11 @@ class TrainConfig:
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
     )
     seed: int = option(0, "seed of initialisation and data order (default %(default)s)")
+    materialise_upsampled_logits: bool = option(
+        False,
+        "upsample the logits to the labels' resolution before the losses (MiB's way) instead of "
+        "letting the fused losses upsample them (size=, MATH.md#upsampling; the default)",
+    )
     sync_bn: bool = option(
         True,
         "under torchrun: batch norm of the student with each process's own batch statistics "

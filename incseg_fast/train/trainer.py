@@ -293,11 +293,15 @@ def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labe
     ``net`` runs ``student`` (itself, or its DDP wrapper); every term but "ce" averages over every
     pixel or feature element."""
     spec = cfg.method_spec
+    # The logits stay at the network's resolution and the losses upsample them to the labels'
+    # (size=, MATH.md#upsampling), unless the switch asks for MiB's interpolate-then-loss.
+    upsample = cfg.materialise_upsampled_logits
+    size = None if upsample else tuple(labels.shape[-2:])
     old_out = None
     if old is not None:
         with torch.no_grad():
-            old_out = old(images)
-    out = net(images, old_out.get("projected") if old_out is not None else None)
+            old_out = old(images, upsample=upsample)
+    out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample)
     x = out["logits"]
     incremental = plan.index > 0
     kd_mode = spec.kd if old is not None else "none"
@@ -312,6 +316,7 @@ def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labe
         alpha=cfg.alpha,
         ignore_index=IGNORE_INDEX,
         gamma=background_share_gamma(y) if kd_mode == "balanced" else None,
+        size=size,
         backend=cfg.loss_backend,
     )
     terms = {"ce": ce}

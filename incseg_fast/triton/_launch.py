@@ -28,6 +28,7 @@ GPU_NUM_WARPS = 4
 # fast; the channel tile is the GPU's, so the same multi-tile paths run.
 INTERPRETER_BLOCK_C = 8
 INTERPRETER_BLOCK_P = 32
+INTERPRETER_GATHER_BLOCK_P = 128
 # Few enough that tests with C > 16 run the channel-split (grouped) attention paths.
 INTERPRETER_PROGRAMS_WANTED = 4
 INTERPRETER_MIN_GROUP_CHANNELS = 16
@@ -64,6 +65,20 @@ def tiles(channels, pixels, batch, dtype, device):
             while num_warps > 1 and triton.cdiv(pixels, block_p) * batch < _programs_wanted(device):
                 block_p //= 2
                 num_warps //= 2
+    block_c = min(block_c, triton.next_power_of_2(max(channels, 1)))
+    block_p = min(block_p, max(16, triton.next_power_of_2(max(pixels, 1))))
+    return block_c, block_p, num_warps
+
+
+def gather_tiles(channels, pixels):
+    """(BLOCK_C, BLOCK_P, num_warps) for kernels that interpolate each value from four addresses (the
+    logit losses with size=): one pixel per thread on a GPU, where there are no contiguous packs to
+    load and four pixels' taps spilled registers (python -m incseg_fast.triton.aot_check); 128-pixel
+    blocks under the interpreter (fewer, larger numpy steps)."""
+    if interpreter():
+        block_c, block_p, num_warps = INTERPRETER_BLOCK_C, INTERPRETER_GATHER_BLOCK_P, 1
+    else:
+        block_c, block_p, num_warps = GPU_BLOCK_C, 32 * GPU_NUM_WARPS, GPU_NUM_WARPS
     block_c = min(block_c, triton.next_power_of_2(max(channels, 1)))
     block_p = min(block_p, max(16, triton.next_power_of_2(max(pixels, 1))))
     return block_c, block_p, num_warps

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..vocabulary import CE_MODES, KD_MODES
-from . import _launch, attention
+from . import _launch, attention, logit_losses_upsampled
 from .logit_losses import (
     _finish_reduction_kernel,
     _logit_losses_bwd_kernel,
@@ -103,39 +103,90 @@ def _logit_loss_variants(quick):
             yield "unbiased", "balanced", "mean", torch.float32, "i64", pixel_block
 
 
-def _kernels(quick):
-    """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
+# (ce, kd, reduction, dtype) of the size= kernels: the forward with UPSAMPLE and the gather backward.
+def _upsampled_variants(quick):
+    yield "unbiased", "balanced", "mean", torch.float32
+    if not quick:
+        yield "plain", "plain", "none", torch.float32
+        yield "none", "unbiased", "sum", torch.float32
+        yield "unbiased", "none", "mean", torch.bfloat16
+        yield "unbiased", "balanced", "mean", torch.float64
+
+
+def _logit_pointers(dtype, target_type):
+    acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
+    pointers = {
+        name: acc_name
+        for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr", "mask_ptr")
+    }
+    pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr=target_type)
+    return pointers
+
+
+def _logit_constexprs(ce, kd, reduction, dtype):
+    """The constexprs the forward and backward kernels share, and the backward's own."""
+    _, acc = _launch.accumulator_dtype(dtype)
+    need_lse, need_old, need_bg = _needed_statistics(ce, kd)
+    shared = dict(
+        CE=ce,
+        KD=kd,
+        HAS_MASK=kd != "none",
+        PER_PIXEL=reduction == "none",
+        ACC=acc,
+        NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
+        BLOCK_C=_launch.GPU_BLOCK_C,
+    )
+    backward = dict(MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg)
+    return shared, backward
+
+
+def _logit_kernels(quick):
+    """The logit-loss variants: (label, kernel, pointer types, constexprs, num_warps)."""
     for ce, kd, reduction, dtype, target_type, (block_p, num_warps) in _logit_loss_variants(quick):
-        _, acc = _launch.accumulator_dtype(dtype)
-        block_c = _launch.GPU_BLOCK_C
-        need_lse, need_old, need_bg = _needed_statistics(ce, kd)
-        acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
-        pointers = {
-            name: acc_name
-            for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr", "mask_ptr")
-        }
-        pointers.update(
-            x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr=target_type
+        pointers = _logit_pointers(dtype, target_type)
+        shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
+        constexprs = dict(shared, BLOCK_P=block_p)
+        label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} 8x{block_p}"
+        yield (
+            f"{label} forward",
+            _logit_losses_fwd_kernel,
+            dict(pointers, count_ptr="i32"),
+            dict(constexprs, UPSAMPLE=False),
+            num_warps,
         )
-        constexprs = dict(
-            CE=ce,
-            KD=kd,
-            HAS_MASK=kd != "none",
-            PER_PIXEL=reduction == "none",
-            ACC=acc,
-            NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-        )
-        label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} {block_c}x{block_p}"
-        yield (f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"), constexprs, num_warps)
         yield (
             f"{label} backward",
             _logit_losses_bwd_kernel,
             dict(pointers, count_ptr="i64"),
-            dict(constexprs, MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg),
+            dict(constexprs, **backward),
             num_warps,
         )
+    for ce, kd, reduction, dtype in _upsampled_variants(quick):
+        pointers = _logit_pointers(dtype, "i64")
+        shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
+        _, block_p, forward_warps = _launch.gather_tiles(_launch.GPU_BLOCK_C, _launch.GPU_BLOCK_P)
+        cols = 32  # factor 16: 32 column readers per element
+        block_c, block_e, num_warps = logit_losses_upsampled.tiles(_launch.GPU_BLOCK_C, cols, dtype)
+        label = f"logit_losses size= ce={ce} kd={kd} reduction={reduction} {dtype}"
+        yield (
+            f"{label} forward 8x{block_p}",
+            _logit_losses_fwd_kernel,
+            dict(pointers, count_ptr="i32"),
+            dict(shared, UPSAMPLE=True, BLOCK_P=block_p),
+            forward_warps,
+        )
+        yield (
+            f"{label} backward (gather) {block_c}x{block_e}x{cols}",
+            logit_losses_upsampled._upsampled_bwd_kernel,
+            dict(pointers, count_ptr="i64"),
+            dict(shared, BLOCK_C=block_c, BLOCK_E=block_e, COLS=cols, **backward),
+            num_warps,
+        )
+
+
+def _kernels(quick):
+    """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
+    yield from _logit_kernels(quick)
 
     for reduce in (True, False):
         yield (
