@@ -333,7 +333,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
 
 // The upsampling is separable: an output row r mixes two input rows, m = (1 - l_r) x[i0] + l_r x[i1]
 // (in_w values per channel, cheap), and then each output column q mixes two values of m,
-// (1 - l_q) m[j0] + l_q m[j1], a gather from L1 in a loop over q that vectorises. It is the same
+// (1 - l_q) m[j0] + l_q m[j1]: two loads from m (in L1) per output value, not four. It is the same
 // bilinear weight per sample as upsample::bilinear, with the two axes taken in the other order
 // (results differ from F.interpolate's by rounding only).
 
@@ -388,8 +388,8 @@ INCSEG_FORCE_INLINE void upsample_tile(const UpsampledPlanes<scalar_t, acc_t>& s
       const scalar_t* __restrict__ top = src.planes + c * plane + tap.i0 * src.in_w;
       const scalar_t* __restrict__ bottom = src.planes + c * plane + tap.i1 * src.in_w;
       for (int64_t j = j_first; j <= j_last; ++j) mix[j] = r0 * load<acc_t>(top, j) + r1 * load<acc_t>(bottom, j);
-      acc_t* __restrict__ out = rows + c * kTile + done - q0;
-      for (int64_t q = q0; q < q0 + len; ++q) out[q] = c0[q] * mix[j0[q]] + c1[q] * mix[j1[q]];
+      acc_t* __restrict__ out = rows + c * kTile + done;
+      for (int64_t q = q0; q < q0 + len; ++q) out[q - q0] = c0[q] * mix[j0[q]] + c1[q] * mix[j1[q]];
     }
     done += len;
   }
