@@ -26,7 +26,7 @@ import torch
 from incseg_fast.bench import cases as bench_cases
 from incseg_fast.bench import measure
 
-LOGIT_OPS_MEMORY_LIMIT = 1.25  # issue #3: fused fwd+bwd peak extra memory <= 1.25 x logits
+LOGIT_OPS_MEMORY_LIMIT = 1.25  # fused fwd+bwd peak extra memory <= 1.25 x logits
 # Issue 9, the fused upsampling: fwd+bwd >= 2x interpolate + the fused loss (and, on a GPU, >= 4x
 # compiled), peak extra memory <= 0.35 x one full-resolution logits tensor.
 UPSAMPLING_SPEEDUP = 2.0
@@ -364,7 +364,7 @@ def main(argv=None):
         print(f"\nnot measured ({why}): {', '.join(not_measured)}")
     verdicts = evaluate_targets(records)
     if verdicts:
-        print("\ntargets (issue #3):")
+        print("\ntargets (the issues' targets for this device):")
         for description, verdict, detail in verdicts:
             print(f"  {verdict:<8} {description}: {detail}")
     end_load = measure.machine(args.device)["load_average"]
