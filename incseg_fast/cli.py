@@ -94,15 +94,11 @@ def _add_train(p: argparse.ArgumentParser, hidden=()) -> None:
         default=None,
         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)",
     )
-    p.add_argument(
-        "--step",
-        type=_step,
-        default="all",
-        help=argparse.SUPPRESS
-        if "step" in hidden
-        else "step to train (its previous step's checkpoint must exist in --out) or 'all' (default); "
-        "joint has one step, the task's last",
+    step_help = (
+        "step to train (its previous step's checkpoint must exist in --out) or 'all' (default); "
+        "joint has one step, the task's last"
     )
+    p.add_argument("--step", type=_step, default="all", help=argparse.SUPPRESS if "step" in hidden else step_help)
     p.add_argument(
         "--overwrite",
         action="store_true",
