@@ -58,11 +58,19 @@ IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label ta
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ValueError(f"--device {name} is not a device the trainer runs on: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count() and device.type == "cuda":
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
