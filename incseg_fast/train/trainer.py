@@ -39,6 +39,7 @@ from .distributed import (
     from_environment,
     main_first,
     on_main,
+    peers_answer,
     process_device,
     share_weights,
     synchronise_batch_norm,
@@ -471,6 +472,16 @@ def _settle_run_directory(step: _Step, overwrite: bool) -> None:
         _reuse_step0(step)
 
 
+# options that may differ between the processes of one job: where the data is on each machine,
+# the loader workers and the progress line (rank 0 alone prints it)
+PER_PROCESS_OPTIONS = ("root", "workers", "progress")
+
+
+def _options_of_every_process(cfg: TrainConfig) -> dict:
+    """The options every process of one job must share."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS_OPTIONS}
+
+
 def prepare_step(cfg: TrainConfig, step: int, overwrite: bool = False) -> _Step:
     """The step's plan, device and files, with the run directory checked (by rank 0; every
     process goes on once it is done)."""
@@ -479,7 +490,7 @@ def prepare_step(cfg: TrainConfig, step: int, overwrite: bool = False) -> _Step:
     processes = from_environment()
     check_global_batch(processes, cfg.batch_size)
     device = process_device(processes, resolve_device(cfg.device))
-    start_processes(processes, device)
+    start_processes(processes, device, cfg.dist_timeout_s, _options_of_every_process(cfg))
     folder = method_dir(cfg)
     prepared = _Step(
         cfg=cfg if processes.is_main else dataclasses.replace(cfg, progress=False),
@@ -685,10 +696,11 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: boo
     results of other options in ``cfg.out`` are discarded instead of stopping the run (rundir.py).
     Under torchrun, every process calls it (docs/TRAINER.md#distributed).
     """
-    prepared = prepare_step(cfg, step, overwrite)
-    if not prepared.final.exists():
-        _train_and_commit(prepared, on_epoch_end)
-    entries = on_main(prepared.processes, _report, prepared)
+    with peers_answer(from_environment(), cfg.dist_timeout_s):
+        prepared = prepare_step(cfg, step, overwrite)
+        if not prepared.final.exists():
+            _train_and_commit(prepared, on_epoch_end)
+        entries = on_main(prepared.processes, _report, prepared)
     return next(e for e in entries if e["step"] == prepared.plan.report_step)
 
 
