@@ -8,8 +8,8 @@ A rerun whose options differ from those of the results already in ``OUT`` stops 
 Not recorded, free to change between runs: ``root`` (the data may move), ``out``, ``device``,
 ``loss_backend`` and ``materialise_upsampled_logits`` (the same math; results differ by rounding),
 the number of processes under torchrun (the same up to rounding with synchronised batch norm),
-``sync_bn`` (it matters only with several processes), ``workers``, ``progress`` and the CPU
-threads. An interrupted step resumes bit-identically only with the same values of these too.
+``sync_bn`` (it matters only with several processes), ``dist_timeout_s``, ``workers``, ``progress``
+and the CPU threads. An interrupted step resumes bit-identically only with the same values of these too.
 """
 
 from __future__ import annotations
