@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 
@@ -117,10 +118,8 @@ class Range:
 
     def problem(self, value, kind: type) -> str | None:
         """None when ``value`` is in the range, else what it must be ("must be an integer >= 1")."""
-        if kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = numbers.Integral if kind is int else numbers.Real
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
         ok = ok and (value > self.low if self.low_open else value >= self.low)
         ok = ok and (self.high is None or value < self.high)
         if ok:
