@@ -272,9 +272,9 @@ def test_train_options_are_the_config_fields():
     [
         (["--method", "mib", "--lambda-kd", "nan"], ["argument --lambda-kd: must be a finite number >= 0, got 'nan'"]),
         (["--method", "mib", "--lambda-kd", "-1"], ["argument --lambda-kd: must be a finite number >= 0, got '-1'"]),
-        (["--lr-incremental", "nan"], ["argument --lr-incremental: must be a finite number > 0"]),
-        (["--lr", "inf"], ["argument --lr: must be a finite number > 0"]),
-        (["--lr", "0"], ["argument --lr: must be a finite number > 0"]),
+        (["--lr-incremental", "nan"], ["argument --lr-incremental: must be a finite number >= 0"]),
+        (["--lr", "inf"], ["argument --lr: must be a finite number >= 0"]),
+        (["--lr", "-0.1"], ["argument --lr: must be a finite number >= 0"]),
         (["--momentum", "2"], ["argument --momentum: must be a finite number in [0, 1), got '2'"]),
         (["--weight-decay=-1e-4"], ["argument --weight-decay: must be a finite number >= 0"]),
         (["--method", "mib", "--alpha", "0"], ["argument --alpha: must be a finite number > 0"]),
@@ -305,7 +305,7 @@ def test_the_config_refuses_what_the_command_line_refuses():
     for field, value, words in (
         ("momentum", float("nan"), "--momentum must be a finite number in [0, 1), got nan"),
         ("workers", -1, "--workers must be an integer >= 0, got -1"),
-        ("lr", 0.0, "--lr must be a finite number > 0, got 0.0"),
+        ("lr", -1.0, "--lr must be a finite number >= 0, got -1.0"),
         ("out", "", "--out must name a folder"),
     ):
         with pytest.raises(ValueError, match=re.escape(words)):

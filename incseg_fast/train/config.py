@@ -232,9 +232,9 @@ class TrainConfig:
     epochs_incremental: int | None = option(
         None, "epochs of each later step (default: same as --epochs; not for joint)", AT_LEAST_ONE
     )
-    lr: float | None = option(None, f"step-0 learning rate (default: {per_dataset('lr')})", POSITIVE)
+    lr: float | None = option(None, f"step-0 learning rate (default: {per_dataset('lr')})", NOT_NEGATIVE)
     lr_incremental: float | None = option(
-        None, f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)", POSITIVE
+        None, f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)", NOT_NEGATIVE
     )
     momentum: float = option(0.9, "SGD momentum (default %(default)s)", FRACTION)
     weight_decay: float = option(1e-4, "SGD weight decay (default %(default)s)", NOT_NEGATIVE)
