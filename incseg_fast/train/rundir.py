@@ -153,7 +153,7 @@ def prepare_run_directory(cfg: TrainConfig, precision: str, *, overwrite: bool =
     own_results = [method_dir] if _holds_results(method_dir) and not shared_conflict else []
     own_conflict = _settlement(method_dir / OPTIONS_FILE, own, own_results, overwrite)
     _record(out / OPTIONS_FILE, shared, shared_conflict, removed=method_dirs + [out / r for r in REPORTS])
-    _record(method_dir / OPTIONS_FILE, own, own_conflict, removed=[method_dir] if own_conflict else [])
+    _record(method_dir / OPTIONS_FILE, own, own_conflict, removed=[method_dir])
     for folder in (out, method_dir, out / "cache"):
         remove_stale_temporaries(folder)
     return method_dir

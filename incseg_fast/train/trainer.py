@@ -69,7 +69,7 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name} is not a device the trainer runs on: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA device is available")
-    if device.index is not None and device.index >= torch.cuda.device_count() and device.type == "cuda":
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
