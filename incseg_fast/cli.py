@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -19,28 +20,36 @@ import torch
 
 from . import __version__
 from ._backends import BackendUnavailableError
-from .train.config import TrainConfig
+from ._errors import OneLineParser
+from .train.config import AT_LEAST_ONE, NOT_NEGATIVE, Range, TrainConfig, option_type
 from .vocabulary import BACKEND_CHOICES
 
 # what a user can cause and fix: bad options or files, other options in --out, divergence, memory
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, BackendUnavailableError, torch.OutOfMemoryError)
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, BackendUnavailableError, MemoryError)
+_ENFORCE_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\] [^.]*\. ")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, as every other expected error (argparse prints the whole usage)."""
+def _no_memory(error: BaseException) -> bool:
+    """An allocation that failed: CUDA's OutOfMemoryError, Python's and NumPy's MemoryError, or
+    the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
-    def error(self, message):
-        self.exit(2, f"incseg-fast: error: {message} (see {self.prog} --help)\n")
 
+def _number(kind: type, valid: Range):
+    """An argparse type: ``text`` as a ``kind`` (int or float) in ``valid``, else a usage error
+    ("argument --lr: must be a finite number > 0, got 'nan'")."""
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        problem = valid.problem(value, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _step(text: str):
@@ -62,12 +71,6 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _field_type(annotation):
-    """The argparse type of a TrainConfig field: int for ``int | None``, and so on."""
-    options = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
-    return options[0]
-
-
 def _add_config_options(p: argparse.ArgumentParser, hidden=()) -> None:
     """One option per TrainConfig field: its name, type, default, choices and help are the field's
     (``hidden``: fields whose options a sub-command sets itself, left out of its help)."""
@@ -76,21 +79,22 @@ def _add_config_options(p: argparse.ArgumentParser, hidden=()) -> None:
         cli = dict(option.metadata["cli"])
         flag = cli.pop("flag", "--" + option.name.replace("_", "-"))
         help_text = argparse.SUPPRESS if option.name in hidden else option.metadata["help"]
-        kind = _field_type(types[option.name])
+        kind, valid = option_type(types[option.name]), option.metadata["valid"]
         if kind is bool and "const" in cli:  # a flag that sets a value over the default None
             p.add_argument(flag, dest=option.name, action="store_const", const=cli["const"], help=help_text)
         elif kind is bool:  # a flag: it turns the default over
             action = "store_false" if option.default else "store_true"
             p.add_argument(flag, dest=option.name, action=action, help=help_text)
         else:
-            p.add_argument(flag, type=kind, default=option.default, help=help_text, **cli)
+            parse = _number(kind, valid) if valid else kind
+            p.add_argument(flag, type=parse, default=option.default, help=help_text, **cli)
 
 
 def _add_train(p: argparse.ArgumentParser, hidden=()) -> None:
     _add_config_options(p, hidden)
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_number(int, AT_LEAST_ONE),
         default=None,
         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)",
     )
@@ -195,7 +199,7 @@ def _cmd_bench(rest) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="incseg-fast",
         description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.",
     )
@@ -224,15 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset folder for voc / ade (default: the one used in training)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: as trained)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument(
+        "--batch-size", type=_number(int, AT_LEAST_ONE), default=None, help="batch size (default: as trained)"
+    )
+    p.add_argument("--workers", type=_number(int, NOT_NEGATIVE), default=0, help="DataLoader workers")
     p.add_argument(
         "--eval-protocol",
         default=None,
         choices=("mib", "plop"),
         help="unseen classes ignored (mib) or background (plop); default: as trained",
     )
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=_number(int, AT_LEAST_ONE), default=None, help="torch CPU threads (default: torch's choice)"
+    )
     _add_debug(p)
 
     p = sub.add_parser(
@@ -244,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="a smaller run without joint (about a minute of one idle core)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and scenes (default 0)")
+    p.add_argument(
+        "--seed",
+        type=_number(int, NOT_NEGATIVE),
+        default=0,
+        help="seed of initialisation, data order and scenes (default 0)",
+    )
     p.add_argument(
         "--methods",
         default="ft,mib,caf",
@@ -260,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_number(int, AT_LEAST_ONE),
         default=1,
         help="torch CPU threads (default 1: robust when other jobs share the cores)",
     )
@@ -293,6 +306,8 @@ def _one_line(error: BaseException) -> str:
         # an error in a DataLoader worker comes wrapped in the worker's traceback, whose last
         # line is the original "<type>: <message>"
         text = lines[-1].split(": ", 1)[-1]
+    if _no_memory(error):
+        text = f"no memory left: {_ENFORCE_PREFIX.sub('', text)} (lower --image-size or --batch-size)"
     return " ".join(text.split())
 
 
@@ -310,8 +325,8 @@ def main(argv=None) -> int:
         resumes = " (rerun the same command to resume)" if args.command in ("train", "demo") else ""
         print(f"incseg-fast: interrupted{resumes}", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as error:
-        if args.debug:
+    except (*EXPECTED_ERRORS, RuntimeError) as error:
+        if args.debug or not (isinstance(error, EXPECTED_ERRORS) or _no_memory(error)):
             raise
         print(f"incseg-fast: error: {_one_line(error)}", file=sys.stderr)
         return 2

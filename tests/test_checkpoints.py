@@ -4,11 +4,13 @@ file refused with one line that names it (docs/RELIABILITY.md#checkpoint-safety)
 import hashlib
 import io
 import pickle
+import re
 
 import pytest
 import torch
 
 from incseg_fast.train.checkpoint import (
+    CHECKPOINT_FORMAT,
     MAGIC,
     CheckpointError,
     checkpoint_digest,
@@ -25,6 +27,7 @@ STEP = {
     "task_steps": [[0, 1]],
     "train_steps": [[0, 1]],
     "index": 0,
+    "identity": {"method": "mib", "step": 0, "classes": [[0, 1]], "task": "15-5", "lr": 0.1},
 }
 
 
@@ -41,7 +44,8 @@ class WritesAMarker:
 def _with_header(payload_bytes: bytes) -> bytes:
     """A file with a valid incseg_fast header around any payload (a checksum is no signature)."""
     digest = hashlib.sha256(payload_bytes).hexdigest()
-    return MAGIC + f"format 3 sha256 {digest} bytes {len(payload_bytes)}\n".encode() + payload_bytes
+    header = f"format {CHECKPOINT_FORMAT} sha256 {digest} bytes {len(payload_bytes)}\n"
+    return MAGIC + header.encode() + payload_bytes
 
 
 def _torch_bytes(obj) -> bytes:
@@ -78,7 +82,8 @@ def _damaged(tmp_path):
         "a bare state dict": (_torch_bytes(torch.nn.Linear(2, 2).state_dict()), "without incseg_fast's checkpoint"),
         "format 2 (no header)": (_torch_bytes({"format": 2, **STEP}), "format 1-2"),
         "a pickle": (pickle.dumps({"state_dict": {}}), "not an incseg_fast checkpoint"),
-        "newer format": (data.replace(b"format 3", b"format 9", 1), "format 9"),
+        "newer format": (data.replace(f"format {CHECKPOINT_FORMAT}".encode(), b"format 9", 1), "format 9"),
+        "format 3 (no identity)": (data.replace(f"format {CHECKPOINT_FORMAT}".encode(), b"format 3", 1), "format 3"),
         "no metadata": (_with_header(_torch_bytes({"w": torch.ones(2)})), "does not hold an incseg_fast step"),
         "missing key": (_with_header(_torch_bytes({k: v for k, v in STEP.items() if k != "config"})), "lacks config"),
         "an epoch": (_with_header(_torch_bytes({**STEP, "kind": "epoch"})), "is an epoch checkpoint"),
@@ -112,3 +117,34 @@ def test_a_crafted_file_is_refused_without_running_its_code(tmp_path, wrapping):
     with pytest.raises(CheckpointError, match="step0.pt"):
         load_checkpoint(path)
     assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+def test_the_digest_is_that_of_a_verified_payload(tmp_path):
+    """The digest that decides whether metrics.json is up to date comes from a payload that was
+    checked: a damage the header does not show (its last 4 KB) is found without loading."""
+    path = tmp_path / "step0.pt"
+    save_checkpoint({**STEP, "state_dict": {"w": torch.arange(4096.0)}}, path)
+    data = path.read_bytes()
+    for damaged, words in (
+        (data[:-4096], "truncated"),
+        (data[:-4096] + bytes(4096), "corrupt"),  # a zeroed tail
+        (data[:-1000] + bytes([data[-1000] ^ 0x40]) + data[-999:], "corrupt"),  # a flipped bit
+    ):
+        path.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=f"step0.pt is {words}"):
+            checkpoint_digest(path)
+
+
+def test_a_checkpoint_of_another_run_or_step_is_refused(tmp_path):
+    path = tmp_path / "step0.pt"
+    save_checkpoint(STEP, path)
+    assert load_checkpoint(path, identity={"method": "mib", "step": 0, "task": "15-5"})["index"] == 0
+    for expected, words in (
+        ({"method": "caf", "step": 0}, "it holds --method mib, not --method caf"),
+        ({"step": 1, "task": "15-1"}, "it holds step 0, --task 15-5, not step 1, --task 15-1"),
+        ({"classes": [[0, 1], [2]]}, "it holds the classes [[0, 1]], not the classes [[0, 1], [2]]"),
+    ):
+        with pytest.raises(
+            CheckpointError, match=re.escape(f"checkpoint {path} belongs to another run or step: {words}")
+        ):
+            load_checkpoint(path, identity=expected)

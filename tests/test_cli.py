@@ -265,3 +265,84 @@ def test_train_options_are_the_config_fields():
     )
     for field in dataclasses.fields(TrainConfig):
         assert field.metadata["cli"].get("flag", "--" + field.name.replace("_", "-")) in text, field.name
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--method", "mib", "--lambda-kd", "nan"], ["argument --lambda-kd: must be a finite number >= 0, got 'nan'"]),
+        (["--method", "mib", "--lambda-kd", "-1"], ["argument --lambda-kd: must be a finite number >= 0, got '-1'"]),
+        (["--lr-incremental", "nan"], ["argument --lr-incremental: must be a finite number >= 0"]),
+        (["--lr", "inf"], ["argument --lr: must be a finite number >= 0"]),
+        (["--lr", "-0.1"], ["argument --lr: must be a finite number >= 0"]),
+        (["--momentum", "2"], ["argument --momentum: must be a finite number in [0, 1), got '2'"]),
+        (["--weight-decay=-1e-4"], ["argument --weight-decay: must be a finite number >= 0"]),
+        (["--method", "mib", "--alpha", "0"], ["argument --alpha: must be a finite number > 0"]),
+        (["--method", "ilt", "--lambda-fd", "nan"], ["argument --lambda-fd: must be a finite number >= 0"]),
+        (["--method", "caf", "--lambda-ad=-inf"], ["argument --lambda-ad: must be a finite number >= 0"]),
+        (["--workers", "-1"], ["argument --workers: must be an integer >= 0, got '-1'"]),
+        (["--epochs", "0"], ["argument --epochs: must be an integer >= 1, got '0'"]),
+        (["--batch-size", "2.5"], ["argument --batch-size: must be an integer >= 1, got '2.5'"]),
+        (["--image-size", "-3"], ["argument --image-size: must be an integer >= 1"]),
+        (["--seed", "-1"], ["argument --seed: must be an integer >= 0"]),
+        (["--dist-timeout-s", "0"], ["argument --dist-timeout-s: must be a finite number > 0"]),
+        (["--dist-timeout-s", "nan"], ["argument --dist-timeout-s: must be a finite number > 0"]),
+        (["--out", ""], ["--out must name a folder"]),
+        (["--device", "xyz"], ["--device xyz is not a device"]),
+        (["--device", "meta"], ["--device meta is not a device"]),
+        (["--device", "cpu:1"], ["--device cpu:1 is not a device"]),
+    ],
+)
+def test_bad_option_values_are_one_line(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)  # --out "" would write here
+    _one_error_line(capsys, ["train", "--out", str(tmp_path / "run"), *TINY, *argv], *words)
+    assert not any(tmp_path.iterdir()), "nothing is written"
+
+
+def test_the_config_refuses_what_the_command_line_refuses():
+    from incseg_fast.train import TrainConfig
+
+    for field, value, words in (
+        ("momentum", float("nan"), "--momentum must be a finite number in [0, 1), got nan"),
+        ("workers", -1, "--workers must be an integer >= 0, got -1"),
+        ("lr", -1.0, "--lr must be a finite number >= 0, got -1.0"),
+        ("out", "", "--out must name a folder"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            TrainConfig(**{field: value}).resolved()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--batch-size", "-1"], ["argument --batch-size: must be an integer >= 1"]),
+        (["--workers", "-1"], ["argument --workers: must be an integer >= 0"]),
+        (["--device", "meta"], ["--device meta is not a device"]),
+    ],
+)
+def test_eval_option_values_are_checked(tmp_path, capsys, argv, words):
+    out = str(tmp_path)
+    assert main(["train", "--method", "ft", "--step", "0", "--out", out, *TINY]) == 0
+    capsys.readouterr()
+    _one_error_line(capsys, ["eval", str(tmp_path / "ft" / "step0.pt"), *argv], *words)
+
+
+def test_an_allocation_failure_is_one_line(tmp_path, capsys):
+    # 200000 x 200000 pixels: the CPU allocator refuses the image (no torch.OutOfMemoryError on CPU)
+    _one_error_line(
+        capsys,
+        ["train", "--method", "ft", "--out", str(tmp_path), *TINY, "--image-size", "200000", "--train-images", "2"],
+        "no memory left",
+    )
+
+
+def test_an_empty_validation_list_is_refused_before_training(tmp_path, capsys):
+    argv = _voc_run(tmp_path, "--step", "0")
+    val_list = tmp_path / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    val_list.write_text("\n")
+    _one_error_line(capsys, argv, f"image list {val_list} is empty")
+    assert not list((tmp_path / "run").rglob("*.pt")), "nothing is trained"
+
+
+def test_bench_usage_errors_are_one_line(capsys):
+    _one_error_line(capsys, ["bench", "--frobnicate"], "unrecognized arguments: --frobnicate")

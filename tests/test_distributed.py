@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from queue import Empty
 
@@ -25,7 +26,7 @@ import incseg_fast
 import incseg_fast as isf
 from incseg_fast._atomic import KILL_VARIABLE
 from incseg_fast.cli import main
-from incseg_fast.train import RunOptionsError, load_checkpoint
+from incseg_fast.train import RunOptionsError, distributed, load_checkpoint
 from incseg_fast.train.distributed import (
     GlobalBatches,
     Processes,
@@ -108,8 +109,8 @@ def _kill_everything(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def torchrun(out: Path, *extra, kill_at=None) -> int:
-    """Run the command in two processes into ``out``; returns torchrun's exit status."""
+def _start_torchrun(out: Path, *extra, kill_at=None) -> subprocess.Popen:
+    """torchrun of the command in two processes into ``out``, started (its output in ``out``.log)."""
     env = {**os.environ, "PYTHONPATH": str(CHECKOUT), "OMP_NUM_THREADS": "1"}
     env.pop(KILL_VARIABLE, None)
     if kill_at is not None:
@@ -117,11 +118,16 @@ def torchrun(out: Path, *extra, kill_at=None) -> int:
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     argv += ["--master-port", str(_free_port()), "-m", "incseg_fast", *COMMAND, *extra, "--out", str(out)]
     with open(f"{out}.log", "a") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return process.wait(TIMEOUT_S)
-        finally:
-            _kill_everything(process)
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def torchrun(out: Path, *extra, kill_at=None) -> int:
+    """Run the command in two processes into ``out``; returns torchrun's exit status."""
+    process = _start_torchrun(out, *extra, kill_at=kill_at)
+    try:
+        return process.wait(TIMEOUT_S)
+    finally:
+        _kill_everything(process)
 
 
 def _finished(out: Path, *extra) -> Path:
@@ -304,3 +310,135 @@ def test_a_global_batch_that_does_not_divide_is_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err == "incseg-fast: error: --batch-size 7 (the global batch) does not divide evenly across 2 processes\n"
     assert not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------- stuck, mismatched and orphaned processes
+
+
+def _rank_in_child(argv, rank, port, log, other_code):
+    """``incseg_fast.cli.main(argv)`` as rank ``rank`` of two processes started without torchrun
+    (env://, Gloo), its output in ``log``; ``other_code``: as if it ran another version."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # not pytest's capture
+    for name in ("TORCHELASTIC_RUN_ID", KILL_VARIABLE):
+        os.environ.pop(name, None)
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    if other_code:
+        distributed.code_version = lambda: "incseg_fast 9.9 (sources 000000000000)"
+    sys.exit(main(argv))
+
+
+def _two_ranks(tmp_path, argv0, argv1, other_code=False):
+    """The two ranks, forked from this process (torch already imported), started."""
+    context, port = multiprocessing.get_context("fork"), _free_port()
+    ranks = []
+    for rank, argv in enumerate((argv0, argv1)):
+        log = tmp_path / f"rank{rank}.log"
+        ranks.append(context.Process(target=_rank_in_child, args=(argv, rank, port, log, other_code and rank == 1)))
+        ranks[-1].start()
+    return ranks
+
+
+def _error_line(log: Path) -> str:
+    """The one error line of a rank's output, its last line (after rank 0's progress lines and
+    the warnings of DDP's C++ code)."""
+    lines = log.read_text().splitlines()
+    errors = [line for line in lines if line.startswith("incseg-fast: error: ")]
+    assert errors and errors == lines[-1:], lines
+    return errors[0]
+
+
+def _stop_all(processes):
+    for process in processes:
+        process.kill()
+        process.join()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--lr", "0.5"], "--lr differs between the processes: 0.02 on rank 0, 0.5 on rank 1"),
+        (["--seed", "3"], "--seed differs between the processes: 0 on rank 0, 3 on rank 1"),
+        (["--batch-size", "4"], "--batch-size differs between the processes: 8 on rank 0, 4 on rank 1"),
+        (["--train-images", "40"], "--train-images differs between the processes: 48 on rank 0, 40 on rank 1"),
+        ([], "the processes run different code: incseg_fast"),
+    ],
+)
+def test_processes_with_other_options_or_code_stop_before_training(tmp_path, extra, words):
+    out = ["--out", str(tmp_path / "run")]
+    ranks = _two_ranks(tmp_path, [*COMMAND, *out], [*COMMAND, *extra, *out], other_code=not extra)
+    try:
+        for rank in ranks:
+            rank.join(60)
+        assert [rank.exitcode for rank in ranks] == [2, 2]
+    finally:
+        _stop_all(ranks)
+    for rank in (0, 1):
+        assert _error_line(tmp_path / f"rank{rank}.log").startswith(f"incseg-fast: error: {words}")
+    assert not (tmp_path / "run").exists(), "nothing is written"
+
+
+def test_a_stopped_process_is_named_within_the_timeout(tmp_path):
+    """Rank 1 is stopped (SIGSTOP) during step 0: rank 0 stops after --dist-timeout-s with one line
+    naming it, where it used to wait for Gloo's 30 minutes."""
+    argv = [*COMMAND, "--epochs", "100", "--dist-timeout-s", "8", "--out", str(tmp_path / "run")]
+    ranks = _two_ranks(tmp_path, argv, argv)
+    try:
+        partial = tmp_path / "run" / "caf" / "step0.partial.pt"
+        for _ in range(int(TIMEOUT_S / 0.2)):  # until the first epoch is written
+            if partial.exists() or not ranks[0].is_alive():
+                break
+            time.sleep(0.2)
+        assert partial.exists(), (tmp_path / "rank0.log").read_text()
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        ranks[0].join(40)
+        waited = time.monotonic() - stopped
+        assert ranks[0].exitcode == 2, (ranks[0].exitcode, (tmp_path / "rank0.log").read_text())
+    finally:
+        _stop_all(ranks)
+    line = _error_line(tmp_path / "rank0.log")
+    assert line.startswith("incseg-fast: error: rank 1 did not answer within --dist-timeout-s 8 (stopped"), line
+    assert waited < 30, waited
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; its new parent has not reaped it yet
+
+
+def test_a_killed_torchrun_ends_its_workers(tmp_path):
+    """SIGKILL of torchrun's agent, which cannot forward it, ends the workers (they used to train
+    on: torchrun starts them in sessions of their own)."""
+    out = tmp_path / "run"
+    process = _start_torchrun(out, "--epochs", "50")
+    workers = []
+    try:
+        for _ in range(int(TIMEOUT_S / 0.2)):  # until both processes have joined and rank 0 has written
+            if (out / "options.json").exists() or process.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert (out / "options.json").exists(), Path(f"{out}.log").read_text()[-3000:]
+        workers = _descendants(process.pid)
+        assert len(workers) == 2, workers
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        for _ in range(100):
+            if not any(_alive(pid) for pid in workers):
+                break
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "the workers outlived torchrun"
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _kill_everything(process)

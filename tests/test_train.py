@@ -281,6 +281,7 @@ def test_voc_layout_end_to_end(tmp_path):
 def test_reports_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
+    from incseg_fast.train.checkpoint import make_payload, save_checkpoint
     from incseg_fast.train.results import write_reports
 
     (tmp_path / "ft").mkdir()
@@ -293,7 +294,9 @@ def test_reports_without_matplotlib(tmp_path, monkeypatch):
         "mpa": 91.0,
         "mca": 60.0,
     }
-    (tmp_path / "ft" / "metrics.json").write_text(json.dumps([entry]))
+    fields = dict(model={}, state_dict={}, config={}, task_steps=[], train_steps=[], index=0)
+    payload = make_payload("step", metrics=entry, identity={"method": "ft", "step": 0}, **fields)
+    save_checkpoint(payload, tmp_path / "ft" / "step0.pt")  # the reports come from the checkpoints
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     report = write_reports(tmp_path)
     assert "matplotlib" in report["plot_message"]

@@ -15,7 +15,6 @@ max relative error of outputs and gradients against the reference run in float64
 Progress goes to stderr, the report to stdout.
 """
 
-import argparse
 import functools
 import json
 import sys
@@ -23,6 +22,7 @@ import time
 
 import torch
 
+from incseg_fast._errors import OneLineParser
 from incseg_fast.bench import cases as bench_cases
 from incseg_fast.bench import measure
 
@@ -43,7 +43,7 @@ def _names(text):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m incseg_fast.bench", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m incseg_fast.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small odd sizes and few repetitions (a smoke test)")
     parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
     parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")

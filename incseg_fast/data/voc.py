@@ -49,7 +49,10 @@ def _read_ids(path):
     except UnicodeDecodeError:
         raise DataFileError(f"image list {path} is not a text file") from None
     # the first token is either "<id>" or a path ending in "<id>.jpg"
-    return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
+    ids = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
+    if not ids:  # refused before a step trains, not after it (its evaluation would have no image)
+        raise DataFileError(f"image list {path} is empty (it names no image)")
+    return ids
 
 
 class VOCSegmentation(FileSegmentation):

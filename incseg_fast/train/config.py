@@ -15,6 +15,9 @@ Every run uses SGD (momentum 0.9, weight decay 1e-4, Nesterov off) with the poly
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 
 from ..vocabulary import BACKEND_CHOICES
@@ -104,12 +107,51 @@ def per_method(key: str) -> str:
     return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())
 
 
-def option(default, help: str, **cli):
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: finite, from ``low`` (included) or above it (``low_open``),
+    below ``high`` (excluded) when it has one."""
+
+    low: float
+    low_open: bool = False
+    high: float | None = None
+
+    def problem(self, value, kind: type) -> str | None:
+        """None when ``value`` is in the range, else what it must be ("must be an integer >= 1")."""
+        number = numbers.Integral if kind is int else numbers.Real
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > self.low if self.low_open else value >= self.low)
+        ok = ok and (self.high is None or value < self.high)
+        if ok:
+            return None
+        what = "an integer" if kind is int else "a finite number"
+        if self.high is not None:
+            return f"must be {what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g})"
+        return f"must be {what} {'>' if self.low_open else '>='} {self.low:g}"
+
+
+AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, FRACTION = Range(1), Range(0), Range(0, low_open=True), Range(0, high=1)
+
+
+def option(default, help: str, valid: Range | None = None, **cli):
     """A TrainConfig field that is a command-line option of ``train`` (incseg_fast/cli.py builds
-    them from these fields): ``help`` its help text (``%(default)s`` is the default), ``cli`` more
-    argparse arguments (``choices``, ``metavar``; ``flag``: the option's name when it is not the
-    field's, e.g. ``--no-progress`` for a True default that the flag turns off)."""
-    return field(default=default, metadata={"help": help, "cli": cli})
+    them from these fields): ``help`` its help text (``%(default)s`` is the default), ``valid`` the
+    range of a numeric option (checked when the command line is parsed and by
+    :meth:`TrainConfig.resolved`), ``cli`` more argparse arguments (``choices``, ``metavar``;
+    ``flag``: the option's name when it is not the field's, e.g. ``--no-progress`` for a True
+    default that the flag turns off)."""
+    return field(default=default, metadata={"help": help, "valid": valid, "cli": cli})
+
+
+def flag_of(name: str) -> str:
+    """The command-line option of the TrainConfig field ``name`` ("lr_incremental" -> "--lr-incremental")."""
+    return "--" + name.replace("_", "-")
+
+
+def option_type(annotation) -> type:
+    """The type of a TrainConfig field's values: int for ``int | None``, and so on."""
+    options = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    return options[0]
 
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "tiny", "small")
@@ -135,11 +177,13 @@ class TrainConfig:
         "disjoint", "image selection per step (default: %(default)s)", choices=("disjoint", "overlapped")
     )
     image_size: int | None = option(
-        None, f"training crop (voc/ade) or image side (synthetic) (default: {per_dataset('image_size')})"
+        None,
+        f"training crop (voc/ade) or image side (synthetic) (default: {per_dataset('image_size')})",
+        AT_LEAST_ONE,
     )
-    train_images: int = option(600, "synthetic only: number of training images (default %(default)s)")
-    val_images: int = option(200, "synthetic only: number of validation images (default %(default)s)")
-    data_seed: int = option(0, "synthetic only: seed of the generated scenes (default %(default)s)")
+    train_images: int = option(600, "synthetic only: number of training images (default %(default)s)", AT_LEAST_ONE)
+    val_images: int = option(200, "synthetic only: number of validation images (default %(default)s)", AT_LEAST_ONE)
+    data_seed: int = option(0, "synthetic only: seed of the generated scenes (default %(default)s)", NOT_NEGATIVE)
     eval_protocol: str = option(
         "mib",
         "unseen classes at evaluation: ignored (mib, default) or background (plop)",
@@ -155,8 +199,9 @@ class TrainConfig:
         None,
         "the global batch: under torchrun it is split evenly across the processes "
         f"(default: {per_dataset('batch_size')})",
+        AT_LEAST_ONE,
     )
-    workers: int = option(0, "DataLoader worker processes (default %(default)s)")
+    workers: int = option(0, "DataLoader worker processes (default %(default)s)", NOT_NEGATIVE)
     loss_backend: str = option(
         "auto",
         "implementation of the losses (and of CAF's structured attention in the new and the old "
@@ -183,20 +228,24 @@ class TrainConfig:
         "nothing is downloaded",
         metavar="PATH",
     )
-    epochs: int | None = option(None, f"epochs of step 0 (default: {per_dataset('epochs')})")
+    epochs: int | None = option(None, f"epochs of step 0 (default: {per_dataset('epochs')})", AT_LEAST_ONE)
     epochs_incremental: int | None = option(
-        None, "epochs of each later step (default: same as --epochs; not for joint)"
+        None, "epochs of each later step (default: same as --epochs; not for joint)", AT_LEAST_ONE
     )
-    lr: float | None = option(None, f"step-0 learning rate (default: {per_dataset('lr')})")
+    lr: float | None = option(None, f"step-0 learning rate (default: {per_dataset('lr')})", NOT_NEGATIVE)
     lr_incremental: float | None = option(
-        None, f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)"
+        None, f"learning rate of later steps (default: {per_dataset('lr_incremental')}; not for joint)", NOT_NEGATIVE
     )
-    momentum: float = option(0.9, "SGD momentum (default %(default)s)")
-    weight_decay: float = option(1e-4, "SGD weight decay (default %(default)s)")
-    lambda_kd: float | None = option(None, f"logit distillation weight (default: {per_method('lambda_kd')})")
-    alpha: float = option(1.0, "teacher logit scale of the distillation (lwf, ilt, mib, caf; default %(default)g)")
+    momentum: float = option(0.9, "SGD momentum (default %(default)s)", FRACTION)
+    weight_decay: float = option(1e-4, "SGD weight decay (default %(default)s)", NOT_NEGATIVE)
+    lambda_kd: float | None = option(
+        None, f"logit distillation weight (default: {per_method('lambda_kd')})", NOT_NEGATIVE
+    )
+    alpha: float = option(
+        1.0, "teacher logit scale of the distillation (lwf, ilt, mib, caf; default %(default)g)", POSITIVE
+    )
     lambda_fd: float | None = option(
-        None, f"L2 distillation weight of the encoder output (default: {per_method('lambda_fd')})"
+        None, f"L2 distillation weight of the encoder output (default: {per_method('lambda_fd')})", NOT_NEGATIVE
     )
     freeze_encoder: bool = option(False, "ilt only: freeze the encoder in steps > 0 (E_F)")
     lambda_ad: float | None = option(
@@ -204,6 +253,7 @@ class TrainConfig:
         "caf only: attentive distillation weight (default: "
         + ", ".join(f"{d} {v:g}" for d, v in CAF_LAMBDA_AD.items())
         + "; 0 = off)",
+        NOT_NEGATIVE,
     )
     # caf only, CAF's Table III switches (incseg-fast ablate): None = the method's default
     kd: str | None = option(
@@ -217,7 +267,7 @@ class TrainConfig:
     step0_checkpoint: str | None = option(
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
     )
-    seed: int = option(0, "seed of initialisation and data order (default %(default)s)")
+    seed: int = option(0, "seed of initialisation and data order (default %(default)s)", NOT_NEGATIVE)
     materialise_upsampled_logits: bool = option(
         False,
         "upsample the logits to the labels' resolution before the losses (MiB's way) instead of "
@@ -229,13 +279,16 @@ class TrainConfig:
         "(default: the statistics of the global batch, synchronised across processes)",
         flag="--no-sync-bn",
     )
+    dist_timeout_s: float = option(
+        600.0,
+        "under torchrun: seconds a process waits for the others (in a collective operation, or for "
+        "rank 0's file work) before it stops and names the rank that did not answer (default %(default)g)",
+        POSITIVE,
+    )
 
     def resolved(self) -> TrainConfig:
         """A copy with every None replaced by the dataset's and the method's defaults."""
-        for option_field in dataclasses.fields(self):
-            choices, value = option_field.metadata["cli"].get("choices"), getattr(self, option_field.name)
-            if choices is not None and value is not None and value not in choices:
-                raise ValueError(f"{option_field.name} must be one of {list(choices)}, got {value!r}")
+        self.check_values()
         cfg = dataclasses.replace(self)
         for key, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(cfg, key) is None:
@@ -252,11 +305,23 @@ class TrainConfig:
             cfg.caf_module = method.caf_module if cfg.caf_module is None else cfg.caf_module
             if cfg.kd not in CAF_KD_CHOICES:
                 raise ValueError(f"kd must be one of {list(CAF_KD_CHOICES)}, got {cfg.kd!r}")
-        for key in ("epochs", "epochs_incremental", "batch_size", "image_size", "train_images", "val_images"):
-            if getattr(cfg, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        cfg.check_values()
         _reject_options_that_do_not_apply(cfg)
         return cfg
+
+    def check_values(self) -> None:
+        """Every option that is set holds one of its choices or a number in its range; --out names a folder."""
+        types = typing.get_type_hints(TrainConfig)
+        for option_field in dataclasses.fields(self):
+            name, value = option_field.name, getattr(self, option_field.name)
+            choices, valid = option_field.metadata["cli"].get("choices"), option_field.metadata["valid"]
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"{flag_of(name)} must be one of {list(choices)}, got {value!r}")
+            problem = valid.problem(value, option_type(types[name])) if valid and value is not None else None
+            if problem:
+                raise ValueError(f"{flag_of(name)} {problem}, got {value!r}")
+        if not str(self.out).strip():
+            raise ValueError("--out must name a folder, got an empty name (it would write into the current folder)")
 
     @property
     def method_spec(self) -> Method:
@@ -306,5 +371,4 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
     )
     for name, neutral, applies, choice, purpose in rules:
         if not applies and getattr(cfg, name) != neutral:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} does not apply to {choice} (it is for {purpose})")
+            raise ValueError(f"{flag_of(name)} does not apply to {choice} (it is for {purpose})")

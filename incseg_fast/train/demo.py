@@ -39,8 +39,9 @@ FULL = dict(
 )
 # bumped when the models, the demo or the files change, so that an old runs/demo is not resumed
 # (4: CAF's structured attention has sigmoid gates; the quick demo's settings; 5: checkpoint
-# format 3 and options.json; 6: caf shares step 0, its modules join at step 1)
-DEMO_VERSION = 6
+# format 3 and options.json; 6: caf shares step 0, its modules join at step 1; 7: checkpoint
+# format 4, which records the run identity)
+DEMO_VERSION = 7
 # The same at small scale, in about a minute of one core: mib keeps the old classes that ft
 # forgets and both learn the new ones. Step 0 needs several hundred iterations before it learns
 # more than the background (at the old 32x32, 160 scenes, 2 + 2 epochs every method ended at the

@@ -11,17 +11,33 @@ processes, which is what DDP's averaged gradient differentiates, is the one-proc
 (:func:`share_weights`). Only rank 0 writes files; :func:`on_main` runs its writes and hands
 their outcome, a value or the exception, to every process, so the others wait for them and stop
 together when they fail.
+
+What keeps a job from hanging or diverging silently: every process dies with torchrun's agent
+(:func:`_end_with_the_launcher`); the processes compare their options and code when they join
+(:func:`check_same_options`); every wait is bounded by ``--dist-timeout-s``, after which
+:func:`peers_answer` names the ranks that did not answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import hashlib
 import os
 import pickle
+import signal
+import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .._errors import first_line
 
 
 @dataclass(frozen=True)
@@ -63,15 +79,147 @@ def process_device(processes: Processes, device: torch.device) -> torch.device:
     return device
 
 
-def start(processes: Processes, device: torch.device) -> None:
-    """Join the process group (once per process): NCCL for CUDA devices, Gloo otherwise."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+ROLL_CALL_S = 10.0  # at most this long, the processes whose wait failed report in before one is named
+
+
+class PeerTimeoutError(TimeoutError):
+    """A process did not answer within --dist-timeout-s; the message names its rank."""
+
+
+class ProcessesDisagreeError(ValueError):
+    """The processes of one job were started with other options or other code."""
+
+
+def _end_with_the_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this process when torchrun's agent (its parent) ends.
+
+    The agent starts every worker in a session of its own (so that it can signal the worker's
+    process group), so a worker does not get the signals of the agent's terminal or group, and a
+    SIGKILL of the agent, which cannot forward anything, used to leave the workers training. If
+    the agent died before this call, joining the process group fails: torchrun's agent hosts its store.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def start(processes: Processes, device: torch.device, timeout_s: float, options: dict) -> None:
+    """Join the process group (once per process): NCCL for CUDA devices, Gloo otherwise; every wait
+    is bounded by ``timeout_s`` (--dist-timeout-s). Then check that every process has the same
+    ``options`` and code (:func:`check_same_options`)."""
     if not processes.distributed or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", rank=processes.rank, world_size=processes.world_size
+    _end_with_the_launcher()
+    try:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=processes.rank,
+            world_size=processes.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except RuntimeError as error:
+        if not _lost_peer(error):
+            raise
+        raise PeerTimeoutError(
+            f"not every process joined within --dist-timeout-s {timeout_s:g} ({first_line(error)})"
+        ) from error
+    check_same_options(processes, options)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """incseg_fast's version and a digest of its Python sources (processes of one job must run the same code)."""
+    from .. import __version__
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return f"incseg_fast {__version__} (sources {digest.hexdigest()[:12]})"
+
+
+def _where(values: list) -> str:
+    """ "0.1 on ranks 0, 2, 0.5 on rank 1" for the values of the ranks."""
+    ranks: dict = {}
+    for rank, value in enumerate(values):
+        ranks.setdefault(repr(value), ([], value))[0].append(rank)
+    return ", ".join(
+        f"{value} on rank{'s' if len(found) > 1 else ''} {', '.join(map(str, found))}"
+        for found, value in ranks.values()
     )
+
+
+def check_same_options(processes: Processes, options: dict) -> None:
+    """Stop every process, before anything is trained, when the processes differ in their code or
+    in ``options`` ({name: value}): they would train different weights, or hang on batches of
+    different sizes."""
+    everyone = [None] * processes.world_size
+    dist.all_gather_object(everyone, (code_version(), options))
+    codes = [code for code, _ in everyone]
+    if len(set(codes)) > 1:
+        raise ProcessesDisagreeError(f"the processes run different code: {_where(codes)}")
+    for name in options:
+        values = [theirs.get(name) for _, theirs in everyone]
+        if len(set(map(repr, values))) > 1:
+            raise ProcessesDisagreeError(
+                f"--{name.replace('_', '-')} differs between the processes: {_where(values)} "
+                "(every process must be started with the same options)"
+            )
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a wait that timed out or a connection to another process that broke."""
+    text = str(error).lower()
+    return "timed out" in text or "connection" in text
+
+
+def _answered(rank: int) -> str:
+    return f"incseg_fast/answered/{rank}"
+
+
+def _roll_call(processes: Processes, grace_s: float) -> list[int] | None:
+    """The ranks that did not report in within ``grace_s`` (every process whose wait failed reports
+    in here), or None when the store does not answer either (it lives in torchrun's agent, or
+    in rank 0 without torchrun)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=grace_s))
+        store.set(_answered(processes.rank), "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [rank for rank in range(processes.world_size) if not store.check([_answered(rank)])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def peers_answer(processes: Processes, timeout_s: float):
+    """Turn a wait for other processes that failed (--dist-timeout-s passed, or a connection broke)
+    into one line that names the ranks that did not answer."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (processes.distributed and dist.is_initialized() and _lost_peer(error)):
+            raise
+        silent = _roll_call(processes, min(timeout_s, ROLL_CALL_S))
+        if silent is None:
+            who = "a process (and the rendezvous store, in torchrun or in rank 0)"
+        elif silent:
+            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+        else:
+            raise
+        raise PeerTimeoutError(
+            f"{who} did not answer within --dist-timeout-s {timeout_s:g} (stopped, hung, killed or "
+            "unreachable; raise the option if it was only busy)"
+        ) from error
 
 
 def stop() -> None:

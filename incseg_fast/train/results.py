@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 from .._atomic import refresh_file
-from .checkpoint import checkpoint_digest, load_checkpoint
+from .checkpoint import check_identity, checkpoint_digest, load_checkpoint
+from .rundir import read_recorded_options
 
 SUMMARY_KEYS = ("miou_old", "miou_new", "miou_all")
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "caf", "joint")
@@ -48,17 +49,25 @@ def sync_metrics(method_dir: Path) -> list[dict]:
 
     A step's checkpoint holds its metrics, so a run killed between writing the checkpoint and
     this file loses nothing: an entry that is missing, or that came from another file than the
-    checkpoint now on disk (``checkpoint_sha256``), is read from the checkpoint again.
+    checkpoint now on disk (``checkpoint_sha256``), is read from the checkpoint again. Only the
+    checkpoints on disk are reported, each verified (its payload against its SHA-256, its
+    identity against the method, the step of its name and the options recorded in the folder).
     """
-    path = Path(method_dir) / "metrics.json"
-    entries = {e["step"]: e for e in _read_entries(path)}
+    method_dir = Path(method_dir)
+    path = method_dir / "metrics.json"
+    cached = {e["step"]: e for e in _read_entries(path) if "identity" in e}
+    options = read_recorded_options(method_dir)
+    entries = []
     for step, checkpoint in final_checkpoints(method_dir).items():
         digest = checkpoint_digest(checkpoint)
-        if entries.get(step, {}).get("checkpoint_sha256") != digest:
-            entries[step] = {**load_checkpoint(checkpoint)["metrics"], "checkpoint_sha256": digest}
-    ordered = [entries[step] for step in sorted(entries)]
-    refresh_file(path, json.dumps(ordered, indent=1))
-    return ordered
+        entry = cached.get(step)
+        if entry is None or entry.get("checkpoint_sha256") != digest:
+            payload = load_checkpoint(checkpoint)
+            entry = {**payload["metrics"], "identity": payload["identity"], "checkpoint_sha256": digest}
+        check_identity(checkpoint, entry["identity"], {"method": method_dir.name, "step": step, **options})
+        entries.append(entry)
+    refresh_file(path, json.dumps(entries, indent=1))
+    return entries
 
 
 def _sorted_methods(names):

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import incseg_fast as isf
 
-from .._atomic import write_atomic
 from ..models import IncrementalSegmenter, load_pretrained
 from .checkpoint import load_checkpoint, make_payload, save_checkpoint
 from .config import TrainConfig
@@ -40,6 +39,7 @@ from .distributed import (
     from_environment,
     main_first,
     on_main,
+    peers_answer,
     process_device,
     share_weights,
     synchronise_batch_norm,
@@ -47,7 +47,7 @@ from .distributed import (
 from .distributed import start as start_processes
 from .progress import Progress
 from .results import sync_metrics, write_reports
-from .rundir import prepare_run_directory
+from .rundir import prepare_run_directory, recorded_options
 
 ONE_PROCESS = Processes()
 IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label tables
@@ -58,11 +58,19 @@ IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label ta
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise ValueError(f"--device {name} is not a device the trainer runs on: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -210,7 +218,18 @@ def model_from_checkpoint(ckpt: dict, device, *, loss_backend: str = "auto") -> 
     return model.to(device)
 
 
-def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
+def run_identity(cfg: TrainConfig, plan: StepPlan, precision: str) -> dict:
+    """What a checkpoint of this run's step records, and is checked against when it is read
+    (checkpoint.check_identity): the method, the step, its classes and the options of the results."""
+    return {
+        "method": cfg.method,
+        "step": plan.report_step,
+        "classes": plan.train_steps[: plan.index + 1],
+        **recorded_options(cfg, precision),
+    }
+
+
+def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device, precision: str):
     """(new model, frozen old model or None) for the step, before any partial-epoch resume; both
     run CAF's structured attention on ``cfg.loss_backend``."""
     spec = cfg.method_spec
@@ -229,7 +248,7 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device):
             f"step {plan.index} needs the previous step's checkpoint {previous}; "
             f"train step {plan.index - 1} first (or every step with --step all)"
         )
-    ckpt = load_checkpoint(previous)
+    ckpt = load_checkpoint(previous, identity=run_identity(cfg, StepPlan(cfg, plan.index - 1), precision))
     old = model_from_checkpoint(ckpt, device, loss_backend=cfg.loss_backend)
     old.eval()
     old.requires_grad_(False)
@@ -401,6 +420,14 @@ class _Step:
     def label(self) -> str:
         return f"[{self.cfg.method}] step {self.plan.report_step}"
 
+    @property
+    def precision(self) -> str:
+        return _precision(self.autocast_dtype)
+
+    @property
+    def identity(self) -> dict:
+        return run_identity(self.cfg, self.plan, self.precision)
+
 
 @dataclasses.dataclass
 class _Training:
@@ -414,10 +441,13 @@ class _Training:
     history: list  # per finished epoch: loss, images/s
 
 
-def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
-    """Copy a trained step 0 (``--step0-checkpoint``) instead of training it again."""
+def _reuse_step0(step: _Step) -> None:
+    """Copy a trained step 0 (``--step0-checkpoint``) instead of training it again; the copy
+    records this run's identity (whose options name the file it came from)."""
+    cfg, plan = step.cfg, step.plan
     source = Path(cfg.step0_checkpoint)
-    model = load_checkpoint(source)["model"]
+    payload = load_checkpoint(source)
+    model = payload["model"]
     needed = {
         "backbone": cfg.backbone,
         "output_stride": cfg.output_stride,
@@ -428,17 +458,28 @@ def _reuse_step0(cfg: TrainConfig, plan: StepPlan, final: Path) -> None:
         raise ValueError(
             f"--step0-checkpoint {source} has a different architecture ({model}) than this run needs ({needed})"
         )
-    write_atomic(final, source.read_bytes())  # verified above, and again whenever it is loaded
+    save_checkpoint({**payload, "identity": step.identity}, step.final)
 
 
 def _settle_run_directory(step: _Step, overwrite: bool) -> None:
     """Rank 0's part of preparing a step: check the options in --out, remove what a kill left,
     and put a reused step 0 in place."""
-    prepare_run_directory(step.cfg, _precision(step.autocast_dtype), overwrite=overwrite)
+    prepare_run_directory(step.cfg, step.precision, overwrite=overwrite)
     if step.final.exists():
-        step.partial.unlink(missing_ok=True)  # left by a kill between the commit and its removal
+        if step.partial.exists():  # left by a kill between the commit and its removal
+            step.partial.unlink()  # (only then: a finished run on a read-only disk is reported too)
     elif step.plan.index == 0 and step.cfg.step0_checkpoint:
-        _reuse_step0(step.cfg, step.plan, step.final)
+        _reuse_step0(step)
+
+
+# options that may differ between the processes of one job: where the data is on each machine,
+# the loader workers and the progress line (rank 0 alone prints it)
+PER_PROCESS_OPTIONS = ("root", "workers", "progress")
+
+
+def _options_of_every_process(cfg: TrainConfig) -> dict:
+    """The options every process of one job must share."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_PROCESS_OPTIONS}
 
 
 def prepare_step(cfg: TrainConfig, step: int, overwrite: bool = False) -> _Step:
@@ -449,7 +490,7 @@ def prepare_step(cfg: TrainConfig, step: int, overwrite: bool = False) -> _Step:
     processes = from_environment()
     check_global_batch(processes, cfg.batch_size)
     device = process_device(processes, resolve_device(cfg.device))
-    start_processes(processes, device)
+    start_processes(processes, device, cfg.dist_timeout_s, _options_of_every_process(cfg))
     folder = method_dir(cfg)
     prepared = _Step(
         cfg=cfg if processes.is_main else dataclasses.replace(cfg, progress=False),
@@ -468,7 +509,7 @@ def _start_training(step: _Step) -> _Training:
     """The step's models (the student's batch norm synchronised across processes unless
     --no-sync-bn), optimizer and gradient scaler, before any partial-epoch resume."""
     cfg, plan = step.cfg, step.plan
-    student, teacher = _build_model(cfg, plan, method_dir(cfg), step.device)
+    student, teacher = _build_model(cfg, plan, method_dir(cfg), step.device, step.precision)
     if plan.index > 0 and cfg.freeze_encoder:
         student.encoder.requires_grad_(False)
     if step.processes.distributed and cfg.sync_bn:
@@ -486,7 +527,7 @@ def _restore_partial_step(step: _Step, training: _Training) -> int:
     returns the first epoch to train."""
     if not step.partial.exists():
         return 0
-    state = load_checkpoint(step.partial, kind="epoch")
+    state = load_checkpoint(step.partial, kind="epoch", identity=step.identity)
     training.student.load_state_dict(state["state_dict"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.scaler.load_state_dict(state["scaler"])
@@ -572,6 +613,7 @@ def _write_epoch_checkpoint(step: _Step, training: _Training, epoch: int) -> Non
         optimizer=training.optimizer.state_dict(),
         scaler=training.scaler.state_dict(),
         config=dataclasses.asdict(step.cfg),
+        identity=step.identity,
     )
     on_main(step.processes, save_checkpoint, payload, step.partial)
 
@@ -587,6 +629,7 @@ def _commit(step: _Step, model, entry: dict) -> None:
         train_steps=step.plan.train_steps,
         index=step.plan.index,
         config=dataclasses.asdict(step.cfg),
+        identity=step.identity,
     )
     save_checkpoint(payload, step.final)
     step.partial.unlink(missing_ok=True)
@@ -653,10 +696,11 @@ def train_step(cfg: TrainConfig, step: int, *, on_epoch_end=None, overwrite: boo
     results of other options in ``cfg.out`` are discarded instead of stopping the run (rundir.py).
     Under torchrun, every process calls it (docs/TRAINER.md#distributed).
     """
-    prepared = prepare_step(cfg, step, overwrite)
-    if not prepared.final.exists():
-        _train_and_commit(prepared, on_epoch_end)
-    entries = on_main(prepared.processes, _report, prepared)
+    with peers_answer(from_environment(), cfg.dist_timeout_s):
+        prepared = prepare_step(cfg, step, overwrite)
+        if not prepared.final.exists():
+            _train_and_commit(prepared, on_epoch_end)
+        entries = on_main(prepared.processes, _report, prepared)
     return next(e for e in entries if e["step"] == prepared.plan.report_step)
 
 
