@@ -23,6 +23,9 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 # Accepted by name, never chosen by "auto" nor listed by available_backends().
 CUDA_EMULATOR = "cuda_emulator"
 
+# The CPU kernels' instruction-set copies, narrowest first (the position is csrc/cpu/toolkit.h's Isa).
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 

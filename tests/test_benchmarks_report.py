@@ -106,3 +106,48 @@ def test_an_explicit_dtype_applies_to_every_size():
     # voc512 runs in both dtypes by default; a dtype asked for is the only one
     assert names(None) == ["incremental_loss-voc512-fp32", "incremental_loss-voc512-bf16", "incremental_loss-ade-fp32"]
     assert names("bf16") == ["incremental_loss-voc512-bf16", "incremental_loss-ade-bf16"]
+
+
+def _isa_copy_providers():
+    return [n for n in cases.provider_names(cases.OPS["incremental_loss"], "cpu") if cases.CPU_ISA_SEPARATOR in n]
+
+
+def test_mib_code_and_every_isa_copy_are_providers_and_match_the_reference(tmp_path):
+    """MiB's loss code (what a user runs today) and each other CPU ISA copy give the reference's results."""
+    providers = [cases.MIB, *_isa_copy_providers()]
+    out = tmp_path / "report.json"
+    arguments = ["--quick", "--ops", "incremental_loss,unbiased_cross_entropy,knowledge_distillation"]
+    arguments += ["--providers", ",".join(providers), "--reps", "1", "--warmup", "1", "--json", str(out)]
+    assert report.main(arguments) == 0
+    results = json.loads(out.read_text())
+    assert len(results["cases"]) == 3
+    for case in results["cases"]:
+        assert sorted(case["providers"]) == sorted(providers), case["op"]
+        for name, measured in case["providers"].items():
+            assert measured["max_rel_err"] < 1e-5, (case["op"], name)
+
+
+def _record(size, seconds_by_provider):
+    providers = {
+        name: {"fwd_median_s": s, "fwd_bwd_median_s": s, "peak_extra_bytes": 1e8}
+        for name, s in seconds_by_provider.items()
+    }
+    record = {"op": "incremental_loss", "size": size, "dtype": "fp32", "providers": providers}
+    record.update(bytes_fwd_bwd=5e8, copy_bytes_per_s=1e10, primary_bytes=1e8)
+    record["speedups"] = report.speedups(record)
+    return record
+
+
+def test_targets_quote_mib_compiled_and_skip_the_scalar_copy_for_speed():
+    records = [
+        _record("voc", {"eager": 1.0, "compiled": 0.2, cases.MIB_COMPILED: 0.36, "cpu": 0.1, "cpu:baseline": 0.3}),
+        _record("ade", {cases.MIB_COMPILED: 1.0, "cpu": 0.3}),
+    ]
+    verdicts = {description: (verdict, value) for description, verdict, value in report.evaluate_targets(records)}
+    assert verdicts["incremental_loss voc fp32 fwd+bwd, cpu >= 3.5x mib-compiled"] == ("met", "3.60x")
+    assert verdicts["incremental_loss ade fp32 fwd+bwd, cpu >= 4x mib-compiled"] == ("NOT met", "3.33x")
+    assert verdicts["incremental_loss voc fp32 fwd+bwd, cpu >= 40% of copy bandwidth"] == ("met", "50%")
+    # the scalar copy is judged for memory, not for speed
+    assert [d for d in verdicts if "cpu:baseline" in d] == [
+        "incremental_loss voc fp32 peak extra memory, cpu:baseline <= 1.25x logits"
+    ]

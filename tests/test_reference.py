@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from incseg_fast import reference as ref
+from incseg_fast.bench.mib import (
+    mib_knowledge_distillation,
+    mib_unbiased_cross_entropy,
+    mib_unbiased_knowledge_distillation,
+)
 from incseg_fast.vocabulary import REDUCTIONS
 
 LN = math.log
@@ -117,42 +122,8 @@ def test_structured_attention_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. MiB-style eager chains (the computation MiB's utils/loss.py performs).
+# 2. MiB-style eager chains (the computation MiB's utils/loss.py performs; incseg_fast/bench/mib.py).
 # ---------------------------------------------------------------------------------------------
-
-
-def mib_unbiased_cross_entropy(inputs, targets, old_cl, ignore_index=255, reduction="mean"):
-    outputs = torch.zeros_like(inputs)
-    den = torch.logsumexp(inputs, dim=1)
-    outputs[:, 0] = torch.logsumexp(inputs[:, 0:old_cl], dim=1) - den
-    outputs[:, old_cl:] = inputs[:, old_cl:] - den.unsqueeze(dim=1)
-    labels = targets.clone()
-    labels[targets < old_cl] = 0
-    return F.nll_loss(outputs, labels, ignore_index=ignore_index, reduction=reduction)
-
-
-def mib_knowledge_distillation(inputs, targets, mask=None, reduction="mean", alpha=1.0):
-    inputs = inputs.narrow(1, 0, targets.shape[1])
-    outputs = torch.log_softmax(inputs, dim=1)
-    labels = torch.softmax(targets * alpha, dim=1)
-    loss = (outputs * labels).mean(dim=1)
-    if mask is not None:
-        loss = loss * mask.float()
-    return {"mean": -torch.mean(loss), "sum": -torch.sum(loss), "none": -loss}[reduction]
-
-
-def mib_unbiased_knowledge_distillation(inputs, targets, mask=None, reduction="mean", alpha=1.0):
-    new_cl = inputs.shape[1] - targets.shape[1]
-    targets = targets * alpha
-    new_bkg_idx = torch.tensor([0] + list(range(targets.shape[1], inputs.shape[1])))
-    den = torch.logsumexp(inputs, dim=1)
-    outputs_no_bgk = inputs[:, 1:-new_cl] - den.unsqueeze(dim=1)
-    outputs_bkg = torch.logsumexp(torch.index_select(inputs, index=new_bkg_idx, dim=1), dim=1) - den
-    labels = torch.softmax(targets, dim=1)
-    loss = (labels[:, 0] * outputs_bkg + (labels[:, 1:] * outputs_no_bgk).sum(dim=1)) / targets.shape[1]
-    if mask is not None:
-        loss = loss * mask.float()
-    return {"mean": -torch.mean(loss), "sum": -torch.sum(loss), "none": -loss}[reduction]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

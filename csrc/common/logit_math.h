@@ -102,21 +102,19 @@ HOST_DEVICE float lm_exp(float v) {
   return expf(v);
 #else
   // Negative floats below -87.3 have sign-magnitude bit patterns in (kMinBits, kMinusInfBits]; the
-  // patterns above -inf's are NaNs, which pass. One unsigned compare tests the range.
+  // patterns above -inf's are NaNs, which pass. One unsigned compare tests the range, and the clamp
+  // is a select on the bits: written as `cond ? kMinBits : vb`, GCC 12 left the AVX2 copies of every
+  // loop calling lm_exp scalar ("control flow in loop") while it vectorised the AVX-512 ones.
   const uint32_t kMinBits = 0xC2AE999Au;       // -87.3f
   const uint32_t kMinusInfBits = 0xFF800000u;  // -inf
-  uint32_t vb;
-  std::memcpy(&vb, &v, sizeof(vb));
-  vb = vb - (kMinBits + 1u) < kMinusInfBits - kMinBits ? kMinBits : vb;
-  std::memcpy(&v, &vb, sizeof(v));
+  const uint32_t vb = bits_of(v);
+  const uint32_t below = 0u - static_cast<uint32_t>(vb - (kMinBits + 1u) < kMinusInfBits - kMinBits);
+  v = float_of((below & kMinBits) | (~below & vb));
   // n = round(v * log2(e)) with the 1.5*2^23 shifter, which also leaves n in the low bits of t.
   const float shifter = 12582912.0f;
   const float t = v * 1.44269504088896341f + shifter;
   const float n = t - shifter;
-  int32_t tb, shifter_bits;
-  std::memcpy(&tb, &t, sizeof(tb));
-  std::memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
-  int32_t ni = tb - shifter_bits;
+  int32_t ni = static_cast<int32_t>(bits_of(t) - bits_of(shifter));
   ni = ni > 127 ? 127 : ni;
   const float r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
   const float r2 = r * r;
@@ -127,10 +125,7 @@ HOST_DEVICE float lm_exp(float v) {
   p = p * r + 1.6666520686e-01f;
   p = p * r + 4.9999993452e-01f;
   p = p * r2 + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * float_of(static_cast<uint32_t>(ni + 127) << 23);
 #endif
 }
 HOST_DEVICE double lm_exp(double v) { return exp(v); }

@@ -58,20 +58,33 @@ inline Isa widest_supported_isa() {
   return best;
 }
 
+inline Isa isa_from_name(std::string_view name, std::string_view what) {
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "baseline") return Isa::kBaseline;
+  TORCH_CHECK_VALUE(false, what, " must be 'baseline', 'avx2' or 'avx512', got '", name, "'");
+}
+
 // INCSEG_CPU_ISA as an upper bound; unset or empty means no cap.
 inline Isa isa_cap_from_environment() {
   const char* value = std::getenv("INCSEG_CPU_ISA");
   const std::string_view cap = value != nullptr ? value : "";
-  if (cap.empty() || cap == "avx512") return Isa::kAvx512;
-  if (cap == "avx2") return Isa::kAvx2;
-  if (cap == "baseline") return Isa::kBaseline;
-  TORCH_CHECK_VALUE(false, "INCSEG_CPU_ISA must be 'baseline', 'avx2' or 'avx512' (or unset), got '", cap, "'");
+  if (cap.empty()) return Isa::kAvx512;
+  return isa_from_name(cap, "INCSEG_CPU_ISA");
 }
 
-// Detected once per process (an inline function's static is one object across translation units).
-inline Isa active_isa() {
-  static const Isa isa = std::min(widest_supported_isa(), isa_cap_from_environment());
+// The copy run_best picks: the widest the CPU supports under the cap, which starts as INCSEG_CPU_ISA
+// (read once per process) and which set_isa_cap changes, so that a benchmark can run every copy in
+// one process, side by side. An inline function's static is one object across translation units.
+inline std::atomic<int>& isa_in_use() {
+  static std::atomic<int> isa{static_cast<int>(std::min(widest_supported_isa(), isa_cap_from_environment()))};
   return isa;
+}
+
+inline Isa active_isa() { return static_cast<Isa>(isa_in_use().load(std::memory_order_relaxed)); }
+
+inline void set_isa_cap(Isa cap) {
+  isa_in_use().store(static_cast<int>(std::min(widest_supported_isa(), cap)), std::memory_order_relaxed);
 }
 
 // The widest copy of Kernel that run_best compiles and runs: Kernel::kWidestIsa where a kernel

@@ -7,6 +7,7 @@ Every provider is called the same way: ``fn(**inputs.arguments) -> tuple of outp
 ``torch.autograd.backward(outputs, inputs.upstream)`` for the backward.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from incseg_fast import reference
+from incseg_fast.bench import mib
 from incseg_fast.vocabulary import FUSED_BACKENDS
 
 IGNORE_INDEX = 255
@@ -232,6 +234,19 @@ def fused_incremental_loss_upsampled(x, t, y, size, *, backend, fused_upsampling
     return _api().incremental_loss(_upsample(x, size), t, _upsample(y, size), old_classes=y.shape[1], backend=backend)
 
 
+def mib_incremental_loss_upsampled(x, t, y, size):
+    """MiB's way: its module interpolates both models' logits, then its loss modules run on them."""
+    return mib.mib_incremental_loss(_upsample(x, size), t, _upsample(y, size))
+
+
+def mib_unbiased_cross_entropy(x, t, old_classes):
+    return (mib.mib_unbiased_cross_entropy(x, t, old_classes),)
+
+
+def mib_knowledge_distillation(x, y):
+    return (mib.mib_knowledge_distillation(x, y),)
+
+
 def reference_unbiased_cross_entropy(x, t, old_classes):
     return (reference.unbiased_cross_entropy(x, t, old_classes),)
 
@@ -272,6 +287,7 @@ class Op:
     reference: object
     fused: object
     sizes: tuple  # the default sizes (CUDA-only ones are dropped on CPU)
+    mib: object = None  # the same outputs computed as MiB's loss modules compute them, where MiB has the loss
 
 
 OPS = {
@@ -284,6 +300,7 @@ OPS = {
             reference_incremental_loss,
             fused_incremental_loss,
             ("voc", "ade", "voc512"),
+            mib.mib_incremental_loss,
         ),
         Op(
             "incremental_loss_balanced",
@@ -300,6 +317,7 @@ OPS = {
             reference_unbiased_cross_entropy,
             fused_unbiased_cross_entropy,
             ("voc", "ade"),
+            mib_unbiased_cross_entropy,
         ),
         Op(
             "knowledge_distillation",
@@ -308,6 +326,7 @@ OPS = {
             reference_knowledge_distillation,
             fused_knowledge_distillation,
             ("voc", "ade"),
+            mib_knowledge_distillation,
         ),
         Op(
             "incremental_loss_upsampled",
@@ -316,6 +335,7 @@ OPS = {
             reference_incremental_loss_upsampled,
             fused_incremental_loss_upsampled,
             ("voc_s8", "voc_s16", "ade_s8", "voc512_s8", "voc512_s16", "ade512_s8"),
+            mib_incremental_loss_upsampled,
         ),
         Op(
             "attentive_distillation",
@@ -412,17 +432,45 @@ def _compiled(fn):
 FUSED_UPSAMPLING = "-size"
 
 
+# What a user runs today: MiB's loss modules as MiB writes them (bench/mib.py), eager and compiled.
+MIB = "mib"
+MIB_COMPILED = "mib-compiled"
+# The providers every fused one is compared with (speedup = their time / the fused one's).
+BASELINE_PROVIDERS = ("eager", "compiled", MIB, MIB_COMPILED)
+
+# The providers "cpu:<isa>" run backend "cpu" with its kernels' <isa> copy (incseg_fast.cpu_isa), one
+# for each copy this CPU supports besides the one "cpu" runs, so that a copy that falls behind shows.
+CPU_ISA_SEPARATOR = ":"
+
+
+def _cpu_isa_providers(op):
+    from incseg_fast import cpu_isa
+
+    found = []
+    for isa in reversed(cpu_isa.supported_cpu_isas()):
+        if isa != cpu_isa.active_cpu_isa():
+            fn = functools.partial(op.fused, backend="cpu")
+            fn.cpu_isa = isa  # read by run_forward and run_forward_backward
+            found.append(("cpu" + CPU_ISA_SEPARATOR + isa, fn))
+    return found
+
+
 def providers(op, device, names=None):
-    """Ordered (name, callable) for ``op``: eager, compiled, then the fused backends (for an
-    "upsampled" op each twice: after interpolate, and with the fused upsampling).
-    ``names`` keeps only those providers (None: all)."""
+    """Ordered (name, callable) for ``op``: eager, compiled, MiB's code (eager and compiled) where
+    MiB has the loss, then the fused backends (for an
+    "upsampled" op each twice: after interpolate, and with the fused upsampling; for backend "cpu"
+    also each of its other ISA copies). ``names`` keeps only those providers (None: all)."""
     found = [("eager", op.reference), ("compiled", _compiled(op.reference))]
+    if op.mib is not None:
+        found += [(MIB, op.mib), (MIB_COMPILED, _compiled(op.mib))]
     for b in fused_backends(device):
         if op.kind == "upsampled":
             found.append((b, functools.partial(op.fused, backend=b, fused_upsampling=False)))
             found.append((b + FUSED_UPSAMPLING, functools.partial(op.fused, backend=b, fused_upsampling=True)))
         else:
             found.append((b, functools.partial(op.fused, backend=b)))
+            if b == "cpu":
+                found += _cpu_isa_providers(op)
     return [(n, fn) for n, fn in found if names is None or n in names]
 
 
@@ -430,14 +478,26 @@ def provider_names(op, device):
     return [name for name, _ in providers(op, device)]
 
 
+def _provider_context(fn):
+    """The CPU ISA cap of a "cpu:<isa>" provider, around its forward and its backward alike."""
+    isa = getattr(fn, "cpu_isa", None)
+    if isa is None:
+        return contextlib.nullcontext()
+    from incseg_fast.cpu_isa import cpu_isa_cap
+
+    return cpu_isa_cap(isa)
+
+
 def run_forward(fn, inputs):
-    return tuple(fn(**inputs.arguments))
+    with _provider_context(fn):
+        return tuple(fn(**inputs.arguments))
 
 
 def run_forward_backward(fn, inputs):
-    outputs = run_forward(fn, inputs)
-    upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
-    torch.autograd.backward(outputs, upstream)
+    with _provider_context(fn):
+        outputs = tuple(fn(**inputs.arguments))
+        upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
+        torch.autograd.backward(outputs, upstream)
     return outputs
 
 
