@@ -87,6 +87,7 @@ TEST_FILES = (
     "tests/test_properties.py",
     "tests/test_hostile_inputs.py",
     "tests/test_compile_training_step.py",
+    "tests/test_validation.py",
 )
 # Parametrisations by backend name: "cuda" (not the CPU emulation "cuda_emulator", which `make test`
 # runs), "triton" (every test of test_triton_ops.py and the triton backend elsewhere) and tests
