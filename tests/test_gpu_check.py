@@ -360,6 +360,18 @@ def test_ncu_csv_gives_one_record_per_launch_in_base_units():
     assert "dram_pct" not in backward and "sm__inst_executed.sum" not in backward
 
 
+def test_ncu_csv_of_a_version_with_other_columns():
+    text = (
+        '"ID","Process ID","Process Name","Host Name","Kernel Name","Kernel Time","Context","Stream",'
+        '"Section Name","Metric Name","Metric Unit","Metric Value"\n'
+        '"3","1","python3","h","_ad_bwd_kernel","2026-Dec-06 09:00:00","1","7","Command line profiler metrics",'
+        '"dram__bytes_write.sum","Kbyte","2,048.5"\n'
+    )
+    assert ncu_report.parse(text) == [
+        {"id": 3, "kernel": "_ad_bwd_kernel", "grid": "", "block": "", "write_bytes": pytest.approx(2_048_500)}
+    ]
+
+
 def test_ncu_table_shows_the_achieved_rate_and_the_short_kernel_names():
     lines = ncu_report.format_table(ncu_report.parse(ncu_output()))
     assert lines[1].split() == [

@@ -1,7 +1,8 @@
 """Per-kernel figures from Nsight Compute's CSV (`ncu --csv --metrics ...`), for tools/gpu_check.py.
 
 ncu prints one row per kernel launch and metric ("ID", ..., "Kernel Name", ..., "Metric Name",
-"Metric Unit", "Metric Value") after its own "==PROF==" lines and the program's output; `parse`
+"Metric Unit", "Metric Value"; some versions add "Kernel Time" or leave out the block and grid
+sizes) after its own "==PROF==" lines and the program's output; `parse`
 keeps the rows of METRICS, converts their units to bytes, seconds and percent, and returns one
 record per launch in launch order.
 """
@@ -59,7 +60,12 @@ def parse(text):
             continue
         record = kernels.setdefault(
             row["ID"],
-            {"id": int(row["ID"]), "kernel": row["Kernel Name"], "grid": row["Grid Size"], "block": row["Block Size"]},
+            {
+                "id": int(row["ID"]),
+                "kernel": row["Kernel Name"],
+                "grid": row.get("Grid Size", ""),
+                "block": row.get("Block Size", ""),
+            },
         )
         record[key] = _value(row["Metric Value"], row["Metric Unit"], row["Metric Name"])
     return sorted(kernels.values(), key=lambda record: record["id"])
