@@ -419,6 +419,20 @@ def test_nvcc_must_match_torchs_cuda_major():
     assert gpu_check.cuda_major_mismatch("garbage", "13.0") == "nvcc's version is unknown"
 
 
+def test_preflight_names_each_missing_piece():
+    nvcc = "Cuda compilation tools, release 13.0, V13.0.48"
+    tools = {"compute-sanitizer": "/usr/local/cuda/bin/compute-sanitizer", "ncu": None, "ninja": "/usr/bin/ninja"}
+    modules = {"pytest": True, "xdist": False}
+    assert gpu_check.preflight_problems(tools, modules, nvcc, "13.0") == [
+        "ncu not found",
+        "pytest-xdist not importable",
+    ]
+    everything = {name: "/bin/" + name for name in tools}
+    assert gpu_check.preflight_problems(everything, {"pytest": True, "xdist": True}, nvcc, "13.0") == []
+    assert gpu_check.preflight_problems(everything, {"pytest": True}, None, "13.0") == ["nvcc not found"]
+    assert gpu_check.preflight_problems(everything, {}, nvcc, "12.8") == ["nvcc is CUDA 13.0, torch is CUDA 12.8"]
+
+
 # ---------------------------------------------------------------------------------------------
 # How steps report: a failing command fails its step; a missing tool is named, not a crash.
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ DRY_SLOWDOWN = 5  # the dry run's budgets: this machine's CPU standing in for an
 DEVICE_INFO = r"""
 import importlib.util, json, platform, torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "modules": {m: importlib.util.find_spec(m) is not None for m in ("pytest", "xdist")}}
+        "modules": {m: importlib.util.find_spec(m) is not None for m in ("pytest", "xdist")}}  # PACKAGES
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -244,6 +244,18 @@ class Check:
 # ---------------------------------------------------------------------------------------------
 
 
+PACKAGES = {"pytest": "pytest", "xdist": "pytest-xdist"}  # importable module -> its package
+
+
+def preflight_problems(tools, modules, nvcc_version, torch_cuda):
+    """What the GPU steps lack, each named: tools not found ({name: path or None}), modules not
+    importable ({module: found}), no nvcc or one of another CUDA major than torch's."""
+    problems = [f"{name} not found" for name, path in tools.items() if path is None]
+    problems += [f"{PACKAGES[module]} not importable" for module, found in modules.items() if not found]
+    mismatch = cuda_major_mismatch(nvcc_version, torch_cuda) if nvcc_version else "nvcc not found"
+    return problems + ([mismatch] if mismatch else [])
+
+
 def preflight(check):
     """Device, versions and tools (into check.target); None when the device cannot be queried."""
     command = gpu_plan.Command([sys.executable, "-c", DEVICE_INFO])
@@ -280,10 +292,7 @@ def preflight(check):
         "versions", f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
     )
     check.summary("", f"nvcc: {info['nvcc']}")
-    problems = [f"{name} not found" for name, path in tools.items() if path is None]
-    problems += [f"{module} not importable" for module, found in info["modules"].items() if not found]
-    mismatch = cuda_major_mismatch(nvcc_version, info["cuda"]) if nvcc else "nvcc not found"
-    problems += [mismatch] if mismatch else []
+    problems = preflight_problems(tools, info["modules"], nvcc_version, info["cuda"])
     if not problems:
         check.summary(
             "preflight",
