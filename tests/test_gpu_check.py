@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import gpu_check  # noqa: E402
 import gpu_load  # noqa: E402
 import gpu_plan  # noqa: E402
+import gpu_smoke  # noqa: E402
 import ncu_report  # noqa: E402
 
 from incseg_fast.bench import cases as bench_cases  # noqa: E402
@@ -123,6 +124,34 @@ def test_commands_never_take_the_compiled_provider_outside_the_optional_step():
         assert "compiled" not in argv[argv.index("--providers") + 1].split(",")
     argv = gpu_plan.bench_command(target, "fp32", 1, compiled=True).argv
     assert argv[argv.index("--providers") + 1].split(",")[0] == "compiled"
+
+
+def test_the_tiny_smoke_reaches_every_op_family_in_every_dtype_with_and_without_size():
+    tiny = list(gpu_smoke.tiny_cases())
+    for family in gpu_smoke.FAMILIES:
+        assert {c[3]["dtype"] for c in tiny if c[0] == family} == set(gpu_smoke.TINY_DTYPES), family
+    for dtype in gpu_smoke.TINY_DTYPES:
+        logit = [c[3] for c in tiny if c[0] == "logit losses" and c[3]["dtype"] == dtype]
+        assert any("low_res" in k for k in logit) and any("low_res" not in k for k in logit)
+        shapes = [k["shape"] for k in logit if "low_res" not in k]
+        assert {(H * W) % 16 == 0 for *_, H, W in shapes} == {True, False}  # packed loads and tails
+
+
+def test_the_smoke_runs_on_cpu_tensors_and_filters_dtypes(capsys):
+    assert gpu_smoke.main(["--tiny", "--backend", "cuda_emulator", "--dtypes", "bfloat16"]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == "gpu-smoke: PASS: backend cuda_emulator, 7 cases passed, 0 failed"
+    )
+    if not torch.cuda.is_available():
+        assert gpu_smoke.main(["--tiny", "--backend", "cuda", "--dtypes", "float32"]) == 1
+        assert "FAIL  backend cuda: --backend cuda needs a CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [["--backend", "cuda,gpu"], ["--dtypes", "bf16"]])
+def test_the_smoke_names_an_unknown_backend_or_dtype(capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_smoke.main(option)
+    assert exit_.value.code == 2 and f"unknown {option[1].split(',')[-1]}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,10 +482,12 @@ def _python(code):
     "code, failed", [("print('gpu-smoke: PASS: 3 cases')", []), ("raise SystemExit(3)", ["smoke"])]
 )
 def test_a_step_fails_when_its_command_fails(check, monkeypatch, code, failed):
-    monkeypatch.setattr(gpu_plan, "smoke_command", lambda target: _python(code))
+    parts = [("cuda all dtypes", _python("print('gpu-smoke: PASS: 7 cases')")), ("triton float32", _python(code))]
+    monkeypatch.setattr(gpu_plan, "smoke_commands", lambda target: parts)
     gpu_check.smoke(check)
     assert check.failed == failed
-    assert check.lines[0].startswith(f"{'smoke':<{gpu_check.LABEL}}{'FAIL' if failed else 'ok'}")
+    assert check.lines[0] == f"{'smoke':<{gpu_check.LABEL}}{'FAIL: 1' if failed else 'ok: 2'} of 2 passed, in parallel"
+    assert check.lines[2].startswith(f"{'  triton float32':<{gpu_check.LABEL}}{'FAIL' if failed else 'ok'}")
 
 
 def test_a_command_past_its_limit_is_interrupted(check):
@@ -493,7 +524,7 @@ def test_sanitizer_step_needs_a_clean_summary_from_every_tool(check, monkeypatch
     )
     gpu_check.sanitizers(check)
     assert check.failed == ["sanitizers"]
-    assert check.lines[0].startswith(f"{'sanitizers':<{gpu_check.LABEL}}FAIL: 3 of 4 clean")
+    assert check.lines[0].startswith(f"{'sanitizers':<{gpu_check.LABEL}}FAIL: 3 of 4 passed")
     tools = [line for line in check.lines[1:] if not line.startswith(" " * gpu_check.LABEL)]
     verdicts = {line.split()[0]: line.split()[1] for line in tools}
     assert verdicts == {"memcheck": "ok:", "racecheck": "FAIL:", "synccheck": "ok:", "initcheck": "ok:"}

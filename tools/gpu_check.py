@@ -384,18 +384,41 @@ def smoke(check):
     limit = check.limit("smoke")
     if limit == 0:
         return
-    status, text, seconds, timed_out = check.run("smoke", gpu_plan.smoke_command(check.target), limit)
+    parts = gpu_plan.smoke_commands(check.target)
+    results = check.run_together("smoke", [command for _, command in parts], limit)
+    report_parts(
+        check, "smoke", [(part, smoke_result(result)) for (part, _), result in zip(parts, results, strict=True)]
+    )
+
+
+def smoke_result(result):
+    """(ok, summary lines) of one gpu_smoke.py run."""
+    status, text, seconds, timed_out = result
     verdict = [line for line in text.splitlines() if line.startswith("gpu-smoke:")]
     ok = status == 0 and not timed_out and bool(verdict) and "PASS" in verdict[-1]
-    check.summary(
-        "smoke",
+    lines = [
         f"{'ok' if ok else 'FAIL'}: {verdict[-1] if verdict else 'gpu-smoke did not finish'} "
-        f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})",
-    )
+        f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})"
+    ]
     if not ok:
-        for line in [s for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "Traceback"))][:4]:
-            check.summary("", f"{line.strip()[:150]}")
-        check.fail("smoke")
+        lines += [s.strip()[:150] for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "Traceback"))][:4]
+    return ok, lines
+
+
+def report_parts(check, step, parts):
+    """A step's line (how many of its parallel parts passed), then each part's lines: [(part, (ok, lines))]."""
+    passed = sum(ok for _, (ok, _) in parts)
+    check.summary(
+        step,
+        f"{'ok' if passed == len(parts) else 'FAIL'}{' (dry run)' if check.dry else ''}: "
+        f"{passed} of {len(parts)} passed, in parallel",
+    )
+    for part, (_, lines) in parts:
+        check.summary(f"  {part}", lines[0])
+        for line in lines[1:]:
+            check.summary("", line)
+    if passed < len(parts):
+        check.fail(step)
 
 
 def junit_counts(path):
@@ -467,47 +490,30 @@ def sanitizers(check):
         check.fail(step)
         return
     results = check.run_together(step, commands, limit)
-    verdicts = [
-        sanitizer_result(check, tool, result) for tool, result in zip(gpu_plan.SANITIZERS, results, strict=True)
-    ]
-    clean = sum(ok for ok, _ in verdicts)
-    seconds = max(result[2] for result in results)
-    check.summary(
+    report_parts(
+        check,
         step,
-        f"{'ok' if clean == len(verdicts) else 'FAIL'}{' (dry run)' if check.dry else ''}: "
-        f"{clean} of {len(verdicts)} clean, in parallel ({seconds:.0f} s)",
+        [
+            (tool, sanitizer_result(check, tool, result))
+            for tool, result in zip(gpu_plan.SANITIZERS, results, strict=True)
+        ],
     )
-    for tool, (_, lines) in zip(gpu_plan.SANITIZERS, verdicts, strict=True):
-        check.summary(f"  {tool}", lines[0])
-        for line in lines[1:]:
-            check.summary("", line)
-    if clean < len(verdicts):
-        check.fail(step)
 
 
 def sanitizer_result(check, tool, result):
     """(ok, summary lines) of one compute-sanitizer tool's run; the dry run's ran the program alone."""
-    status, text, seconds, timed_out = result
-    verdict = [line for line in text.splitlines() if line.startswith("gpu-smoke:")]
-    smoke_ok = bool(verdict) and "PASS" in verdict[-1] and status == 0 and not timed_out
+    smoke_ok, smoke_lines = smoke_result(result)
+    smoke = smoke_lines[0].split(": ", 1)[1]  # without its own verdict
     if check.dry:
         absent = "" if check.found.get("compute-sanitizer") else "compute-sanitizer not found here; "
         shown = gpu_plan.shown(gpu_plan.sanitizer_command(check.gpu_target(), tool))
-        lines = [
-            f"{'ok' if smoke_ok else 'FAIL'} ({absent}the program {'passed' if smoke_ok else 'FAILED'} "
-            f"without the tool); would run: {shown}"
-        ]
-        ok = smoke_ok
-    else:
-        clean, tool_summary = sanitizer_verdict(text)
-        ok = smoke_ok and clean
-        lines = [
-            f"{'ok' if ok else 'FAIL'}: {tool_summary}; {verdict[-1] if verdict else 'gpu-smoke did not finish'} "
-            f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})"
-        ]
-    if not ok:
-        lines += [s.strip()[:150] for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "========= "))][:3]
-    return ok, lines
+        verdict = f"{'ok' if smoke_ok else 'FAIL'} ({absent}without the tool: {smoke}); would run: {shown}"
+        return smoke_ok, [verdict] + smoke_lines[1:]
+    clean, tool_summary = sanitizer_verdict(result[1])
+    lines = [f"{'ok' if smoke_ok and clean else 'FAIL'}: {tool_summary}; {smoke}"] + smoke_lines[1:]
+    if not clean:
+        lines += [s.strip()[:150] for s in result[1].splitlines() if s.startswith("========= ")][:3]
+    return smoke_ok and clean, lines
 
 
 def ncu(check):

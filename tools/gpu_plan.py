@@ -52,7 +52,8 @@ STEPS = (
         "smoke",
         45,
         20,
-        "tools/gpu_smoke.py --tiny: every op forward and backward, cuda and triton, fp32/bf16/fp16, against float64",
+        "tools/gpu_smoke.py --tiny: every op forward and backward, cuda and triton, fp32/bf16/fp16, against "
+        "float64 (4 processes in parallel)",
     ),
     Step("bench fp32", 55, 20, "incseg_fast.bench, eager and the fused providers (no torch.compile)"),
     Step("bench bf16", 45, 15, "the same in bf16"),
@@ -103,6 +104,9 @@ COMPILED_SIZES = ("voc512_b24", "voc512_s16_b24")
 DRY_BENCH_SIZES = ("quick_logits", "quick_upsampled", "quick_features")
 GPU_BACKENDS = ("cuda", "triton")
 FUSED_UPSAMPLING = "-size"  # incseg_fast.bench.cases.FUSED_UPSAMPLING (checked by the tests)
+
+# (backend, dtype) of each smoke process (gpu_smoke.py --tiny; None: every dtype of its --tiny).
+SMOKE_PARTS = (("cuda", None), ("triton", "float32"), ("triton", "bfloat16"), ("triton", "float16"))
 
 SANITIZERS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Every tensor its own allocation, so that an out-of-bounds access cannot land in a pooled neighbour
@@ -170,9 +174,16 @@ def build_command(target, arch):
     return Command([target.python, "setup.py", "build_ext", "--inplace"], env)
 
 
-def smoke_command(target):
-    backends = "cuda_emulator,triton" if target.dry else ",".join(GPU_BACKENDS)
-    return Command([target.python, "tools/gpu_smoke.py", "--tiny", "--backend", backends], interpreter_env(target))
+def smoke_commands(target):
+    """[(part, Command)] run side by side: the cuda backend, and the Triton backend one dtype per process
+    (compiling each kernel on first use takes most of its time)."""
+    parts = []
+    for backend, dtype in SMOKE_PARTS:
+        argv = [target.python, "tools/gpu_smoke.py", "--tiny", "--backend"]
+        argv.append("cuda_emulator" if target.dry and backend == "cuda" else backend)
+        argv += ["--dtypes", dtype] if dtype else []
+        parts.append((f"{backend} {dtype or 'all dtypes'}", Command(argv, interpreter_env(target))))
+    return parts
 
 
 def bench_providers(backends, compiled=False):
@@ -288,7 +299,7 @@ def format_plan(target):
     )
     lines += ["", "commands (on the GPU):"]
     lines += [f"  build:      {shown(build_command(target, '<device arch>'))}"]
-    lines += [f"  smoke:      {shown(smoke_command(target))}"]
+    lines += [f"  smoke:      {shown(command)}" for _, command in smoke_commands(target)]
     for dtype in ("fp32", "bf16"):
         lines.append(f"  bench {dtype}: {shown(bench_command(target, dtype, '<limit - 20>'))}")
     lines.append(f"  tests:      {shown(tests_command(target))}")

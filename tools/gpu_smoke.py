@@ -1,6 +1,6 @@
 """Every compiled op once, forward and backward, on small odd shapes, checked against the float64 reference.
 
-    python3 tools/gpu_smoke.py [--backend cuda,triton,cpu,cuda_emulator] [--tiny]
+    python3 tools/gpu_smoke.py [--backend cuda,triton,cpu,cuda_emulator] [--tiny] [--dtypes float32,...]
 
 Made to run under compute-sanitizer (tools/gpu_check.py): few, small launches that still reach
 every kernel instantiation (float32, float64, bfloat16, float16; pixel counts that take the
@@ -318,17 +318,35 @@ def _backend_list(text):
     return names
 
 
+DTYPE_NAMES = {_name(dtype): dtype for dtype in DTYPES}
+
+
+def _dtype_list(text):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(DTYPE_NAMES)})"
+        )
+    return [DTYPE_NAMES[n] for n in names]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tools/gpu_smoke.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--backend", type=_backend_list, default=["cuda"], help=f"comma-separated, from {','.join(BACKENDS)}"
     )
     parser.add_argument("--tiny", action="store_true", help="every op and kernel once per dtype (tiny_cases)")
+    parser.add_argument(
+        "--dtypes", type=_dtype_list, help=f"comma-separated, from {','.join(DTYPE_NAMES)} (default: all)"
+    )
     args = parser.parse_args(argv)
     if not ops.HAS_EXTENSION:
         print(f"gpu-smoke: FAIL: incseg_fast._C is not built ({ops.IMPORT_ERROR})")
         return 1
-    selected = list(tiny_cases() if args.tiny else cases())
+    selected = [
+        c for c in (tiny_cases() if args.tiny else cases()) if args.dtypes is None or c[3]["dtype"] in args.dtypes
+    ]
     passed = failed = 0
     missing = []
     for name in args.backend:
