@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import gpu_check  # noqa: E402
 import gpu_load  # noqa: E402
 import gpu_plan  # noqa: E402
+import gpu_results  # noqa: E402
 import gpu_smoke  # noqa: E402
 import ncu_report  # noqa: E402
 
@@ -276,7 +277,7 @@ def test_the_dry_runs_selection_runs_some_tests(tmp_path):
     command = gpu_plan.tests_command(target)
     result = subprocess.run(command.argv, cwd=ROOT, env=dict(os.environ, **command.env), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:]
-    total, failures, errors, skipped, _ = gpu_check.junit_counts(str(tmp_path / "tests.xml"))
+    total, failures, errors, skipped, _ = gpu_results.junit_counts(str(tmp_path / "tests.xml"))
     assert total - skipped > 0 and failures == errors == 0
 
 
@@ -436,30 +437,30 @@ def test_ncu_output_without_a_table_or_with_an_unknown_unit():
     ],
 )
 def test_sanitizer_verdict(output, clean, summary):
-    found_clean, found = gpu_check.sanitizer_verdict(output)
+    found_clean, found = gpu_results.sanitizer_verdict(output)
     assert found_clean == clean and found.startswith(summary)
 
 
 def test_nvcc_must_match_torchs_cuda_major():
     nvcc = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.48\n"
-    assert gpu_check.cuda_major_mismatch(nvcc, "13.0") is None
-    assert gpu_check.cuda_major_mismatch(nvcc, "12.8") == "nvcc is CUDA 13.0, torch is CUDA 12.8"
-    assert gpu_check.cuda_major_mismatch(nvcc, None) == "torch has no CUDA"
-    assert gpu_check.cuda_major_mismatch("garbage", "13.0") == "nvcc's version is unknown"
+    assert gpu_results.cuda_major_mismatch(nvcc, "13.0") is None
+    assert gpu_results.cuda_major_mismatch(nvcc, "12.8") == "nvcc is CUDA 13.0, torch is CUDA 12.8"
+    assert gpu_results.cuda_major_mismatch(nvcc, None) == "torch has no CUDA"
+    assert gpu_results.cuda_major_mismatch("garbage", "13.0") == "nvcc's version is unknown"
 
 
 def test_preflight_names_each_missing_piece():
     nvcc = "Cuda compilation tools, release 13.0, V13.0.48"
     tools = {"compute-sanitizer": "/usr/local/cuda/bin/compute-sanitizer", "ncu": None, "ninja": "/usr/bin/ninja"}
     modules = {"pytest": True, "xdist": False}
-    assert gpu_check.preflight_problems(tools, modules, nvcc, "13.0") == [
+    assert gpu_results.preflight_problems(tools, modules, nvcc, "13.0") == [
         "ncu not found",
         "pytest-xdist not importable",
     ]
     everything = {name: "/bin/" + name for name in tools}
-    assert gpu_check.preflight_problems(everything, {"pytest": True, "xdist": True}, nvcc, "13.0") == []
-    assert gpu_check.preflight_problems(everything, {"pytest": True}, None, "13.0") == ["nvcc not found"]
-    assert gpu_check.preflight_problems(everything, {}, nvcc, "12.8") == ["nvcc is CUDA 13.0, torch is CUDA 12.8"]
+    assert gpu_results.preflight_problems(everything, {"pytest": True, "xdist": True}, nvcc, "13.0") == []
+    assert gpu_results.preflight_problems(everything, {"pytest": True}, None, "13.0") == ["nvcc not found"]
+    assert gpu_results.preflight_problems(everything, {}, nvcc, "12.8") == ["nvcc is CUDA 13.0, torch is CUDA 12.8"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tools"), ROOT]  # the plan's modules, and the in-place build for --plan
 import gpu_load  # noqa: E402
 import gpu_plan  # noqa: E402
+import gpu_results  # noqa: E402
 import ncu_report  # noqa: E402
 
 LABEL = 15  # width of the step labels in the summary
@@ -49,7 +49,7 @@ DRY_SLOWDOWN = 5  # the dry run's budgets: this machine's CPU standing in for an
 DEVICE_INFO = r"""
 import importlib.util, json, platform, torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "modules": {m: importlib.util.find_spec(m) is not None for m in ("pytest", "xdist")}}  # PACKAGES
+        "modules": {m: importlib.util.find_spec(m) is not None for m in ("pytest", "xdist")}}
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -112,19 +112,6 @@ def _tool(name, cuda_home):
         if found is None and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             found = candidate
     return found
-
-
-def cuda_major_mismatch(nvcc_version_text, torch_cuda):
-    """Why nvcc cannot build for this torch (nvcc's 'release X.Y' has another major), or None."""
-    words = (nvcc_version_text or "").replace(",", " ").split()
-    release = words[words.index("release") + 1] if "release" in words[:-1] else None
-    if not torch_cuda:
-        return "torch has no CUDA"
-    if release is None:
-        return "nvcc's version is unknown"
-    if release.split(".")[0] != torch_cuda.split(".")[0]:
-        return f"nvcc is CUDA {release}, torch is CUDA {torch_cuda}"
-    return None
 
 
 class Check:
@@ -244,18 +231,6 @@ class Check:
 # ---------------------------------------------------------------------------------------------
 
 
-PACKAGES = {"pytest": "pytest", "xdist": "pytest-xdist"}  # importable module -> its package
-
-
-def preflight_problems(tools, modules, nvcc_version, torch_cuda):
-    """What the GPU steps lack, each named: tools not found ({name: path or None}), modules not
-    importable ({module: found}), no nvcc or one of another CUDA major than torch's."""
-    problems = [f"{name} not found" for name, path in tools.items() if path is None]
-    problems += [f"{PACKAGES[module]} not importable" for module, found in modules.items() if not found]
-    mismatch = cuda_major_mismatch(nvcc_version, torch_cuda) if nvcc_version else "nvcc not found"
-    return problems + ([mismatch] if mismatch else [])
-
-
 def preflight(check):
     """Device, versions and tools (into check.target); None when the device cannot be queried."""
     command = gpu_plan.Command([sys.executable, "-c", DEVICE_INFO])
@@ -292,7 +267,7 @@ def preflight(check):
         "versions", f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
     )
     check.summary("", f"nvcc: {info['nvcc']}")
-    problems = preflight_problems(tools, info["modules"], nvcc_version, info["cuda"])
+    problems = gpu_results.preflight_problems(tools, info["modules"], nvcc_version, info["cuda"])
     if not problems:
         check.summary(
             "preflight",
@@ -387,22 +362,10 @@ def smoke(check):
     parts = gpu_plan.smoke_commands(check.target)
     results = check.run_together("smoke", [command for _, command in parts], limit)
     report_parts(
-        check, "smoke", [(part, smoke_result(result)) for (part, _), result in zip(parts, results, strict=True)]
+        check,
+        "smoke",
+        [(part, gpu_results.smoke_result(result)) for (part, _), result in zip(parts, results, strict=True)],
     )
-
-
-def smoke_result(result):
-    """(ok, summary lines) of one gpu_smoke.py run."""
-    status, text, seconds, timed_out = result
-    verdict = [line for line in text.splitlines() if line.startswith("gpu-smoke:")]
-    ok = status == 0 and not timed_out and bool(verdict) and "PASS" in verdict[-1]
-    lines = [
-        f"{'ok' if ok else 'FAIL'}: {verdict[-1] if verdict else 'gpu-smoke did not finish'} "
-        f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})"
-    ]
-    if not ok:
-        lines += [s.strip()[:150] for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "Traceback"))][:4]
-    return ok, lines
 
 
 def report_parts(check, step, parts):
@@ -421,21 +384,6 @@ def report_parts(check, step, parts):
         check.fail(step)
 
 
-def junit_counts(path):
-    """(tests, failures, errors, skipped, failed test ids) from a JUnit XML file, or None."""
-    try:
-        root = ElementTree.parse(path).getroot()
-    except (OSError, ElementTree.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-    counts = [sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")]
-    failed = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}")
-    return (*counts, failed)
-
-
 def tests(check):
     limit = check.limit("tests")
     if limit == 0:
@@ -443,7 +391,7 @@ def tests(check):
     xml = os.path.join(check.out, "tests.xml")
     _remove(xml)
     status, text, seconds, timed_out = check.run("tests", gpu_plan.tests_command(check.target), limit)
-    counts = junit_counts(xml)
+    counts = gpu_results.junit_counts(xml)
     if counts is None:
         check.summary(
             "tests",
@@ -470,15 +418,6 @@ def tests(check):
         check.fail("tests")
 
 
-def sanitizer_verdict(text):
-    """(clean, the tool's summary) from compute-sanitizer's output: its last '... SUMMARY:' line
-    ('ERROR SUMMARY: 0 errors'; racecheck: 'RACECHECK SUMMARY: 0 hazards displayed (0 errors, ...)')."""
-    summaries = [line.split("SUMMARY:", 1)[1].strip() for line in text.splitlines() if "SUMMARY:" in line]
-    if not summaries:
-        return False, "no error summary"
-    return summaries[-1].startswith(("0 errors", "0 hazards")), summaries[-1]
-
-
 def sanitizers(check):
     step = "sanitizers"
     limit = check.limit(step)
@@ -502,14 +441,14 @@ def sanitizers(check):
 
 def sanitizer_result(check, tool, result):
     """(ok, summary lines) of one compute-sanitizer tool's run; the dry run's ran the program alone."""
-    smoke_ok, smoke_lines = smoke_result(result)
+    smoke_ok, smoke_lines = gpu_results.smoke_result(result)
     smoke = smoke_lines[0].split(": ", 1)[1]  # without its own verdict
     if check.dry:
         absent = "" if check.found.get("compute-sanitizer") else "compute-sanitizer not found here; "
         shown = gpu_plan.shown(gpu_plan.sanitizer_command(check.gpu_target(), tool))
         verdict = f"{'ok' if smoke_ok else 'FAIL'} ({absent}without the tool: {smoke}); would run: {shown}"
         return smoke_ok, [verdict] + smoke_lines[1:]
-    clean, tool_summary = sanitizer_verdict(result[1])
+    clean, tool_summary = gpu_results.sanitizer_verdict(result[1])
     lines = [f"{'ok' if smoke_ok and clean else 'FAIL'}: {tool_summary}; {smoke}"] + smoke_lines[1:]
     if not clean:
         lines += [s.strip()[:150] for s in result[1].splitlines() if s.startswith("========= ")][:3]
@@ -583,7 +522,7 @@ def bench(check, dtype, compiled=False):
         )
         check.fail(step)
         return
-    problems = bench_problems(results, command)
+    problems = gpu_results.bench_problems(results, command)
     # Running out of the time budget leaves cases unmeasured (listed), which is not a failure; a
     # provider that raised or is missing, or a report that crashed, is.
     ok = (status == 0 or timed_out) and not problems and bool(results["cases"])
@@ -594,59 +533,11 @@ def bench(check, dtype, compiled=False):
         f"{f', {len(skipped)} not (time budget)' if skipped else ''}; "
         f"copy {results['copy_bytes_per_s'] / 1e9:.0f} GB/s ({seconds:.0f} s)",
     )
-    check.lines += bench_table(results)
+    check.lines += gpu_results.bench_table(results)
     for item in problems[:4]:
         check.summary("", item)
     if not ok:
         check.fail(step)
-
-
-def bench_problems(results, command):
-    """Cases that failed (out of memory), providers that failed, and providers asked for (--providers)
-    that a case lacks."""
-    asked = command.argv[command.argv.index("--providers") + 1].split(",")
-    problems = [f"case failed: {failed['case']}: {failed['error'][:100]}" for failed in results.get("failed_cases", [])]
-    for case in results["cases"]:
-        head = f"{case['op']}-{case['size']}-{case['dtype']}"
-        problems += [f"provider failed: {head} {name}" for name, r in case["providers"].items() if "error" in r]
-        upsampled = case["op"] == "incremental_loss_upsampled"
-        expected = [p for p in asked if upsampled or not p.endswith(gpu_plan.FUSED_UPSAMPLING)]
-        problems += [f"provider missing: {head} {name}" for name in expected if name not in case["providers"]]
-    return problems
-
-
-def bench_table(results):
-    """fwd+bwd median per provider, with the fused providers' speedup over the baseline (eager or compiled)."""
-    providers = []
-    for case in results["cases"]:
-        providers += [p for p in case["providers"] if p not in providers]
-    width = max([len(f"{c['op']} {c['size']} {c['dtype']}") for c in results["cases"]] + [36]) + 2
-    baseline = "compiled" if "compiled" in providers else "eager"
-    lines = [f"  {f'fwd+bwd ms (x: speedup vs {baseline})':<{width}}" + "".join(f"{p:>15}" for p in providers)]
-    for case in results["cases"]:
-        cells = []
-        base = case["providers"].get(baseline, {}).get("fwd_bwd_median_s")
-        for p in providers:
-            r = case["providers"].get(p, {})
-            if "error" in r:
-                cells.append("FAILED")
-            elif "fwd_bwd_median_s" not in r:
-                cells.append("-")
-            elif p in ("eager", "compiled") or not base:
-                cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f}")
-            else:
-                cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f} ({base / r['fwd_bwd_median_s']:.1f}x)")
-        lines.append(
-            f"  {case['op'] + ' ' + case['size'] + ' ' + case['dtype']:<{width}}" + "".join(f"{c:>15}" for c in cells)
-        )
-    targets = results.get("targets", [])
-    missed = [t for t in targets if t["verdict"] != "met"]
-    if targets:
-        lines.append(
-            f"  targets: {len(targets) - len(missed)} met, {len(missed)} not met"
-            + (": " + "; ".join(f"{t['target']} ({t['value']})" for t in missed[:3]) if missed else "")
-        )
-    return lines
 
 
 def run_steps(check):
