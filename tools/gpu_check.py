@@ -172,51 +172,59 @@ class Check:
         """Runs the commands side by side, each in its own process group, for at most `limit` seconds
         (then SIGINT, and SIGKILL GRACE_S later); their output goes to the log. The dry run leaves the
         tool prefix (command.wraps) off. Returns [(exit status, output, seconds, timed out)]."""
-        started = []
-        for command in commands:
-            argv = command.argv if self.dry else (command.wraps or []) + command.argv
-            self.note(f"{step}: {' '.join('<script>' if chr(10) in w else w for w in argv)}  (limit {limit} s)")
-            for script in [word for word in argv if "\n" in word]:
-                self.log.write(script.strip() + "\n")
-            environment = dict(os.environ)
-            environment.pop("TRITON_INTERPRET", None)  # Triton runs on the GPU, unless the dry run says
-            environment.update(command.env)
-            output = tempfile.TemporaryFile("w+", errors="replace")
-            process = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env=environment,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-            started.append((process, output, time.monotonic()))
-        end = time.monotonic() + max(limit, 1)
-        results = [self._finish(step, process, output, begin, end) for process, output, begin in started]
+        started = [self._start(step, command, limit) for command in commands]
+        processes = [process for process, _, _ in started]
+        ended = self._wait(processes, {}, time.monotonic() + max(limit, 1))
+        late = [process for process in processes if process not in ended]
+        for process in late:  # pytest and the benchmark report still write their reports
+            self._signal(process, signal.SIGINT)
+        ended = self._wait(processes, ended, time.monotonic() + gpu_plan.GRACE_S)
+        results = []
+        for process, output, begin in started:
+            self._signal(process, signal.SIGKILL)  # what is still running of it: all of it when late
+            status = process.wait()
+            output.seek(0)
+            text = output.read()
+            output.close()
+            seconds = ended.get(process, time.monotonic()) - begin
+            timed_out = process in late
+            self.log.write(text if text.endswith("\n") or not text else text + "\n")
+            self.note(f"{step}: exit status {status}{', TIMED OUT' if timed_out else ''} after {seconds:.0f} s")
+            results.append((status, text, seconds, timed_out))
         return results
 
-    def _finish(self, step, process, output, begin, end):
-        timed_out = False
-        try:
-            status = process.wait(timeout=max(end - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self._signal(process, signal.SIGINT)
-            try:
-                status = process.wait(timeout=gpu_plan.GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._signal(process, signal.SIGKILL)
-                status = process.wait()
-        self._signal(process, signal.SIGKILL)  # what the command left running in its group
-        output.seek(0)
-        text = output.read()
-        output.close()
-        seconds = time.monotonic() - begin
-        self.log.write(text if text.endswith("\n") or not text else text + "\n")
-        self.note(f"{step}: exit status {status}{', TIMED OUT' if timed_out else ''} after {seconds:.0f} s")
-        return status, text, seconds, timed_out
+    def _start(self, step, command, limit):
+        """(process, its output file, start time) of a command, in a process group of its own."""
+        argv = command.argv if self.dry else (command.wraps or []) + command.argv
+        self.note(f"{step}: {' '.join('<script>' if chr(10) in w else w for w in argv)}  (limit {limit} s)")
+        for script in [word for word in argv if "\n" in word]:
+            self.log.write(script.strip() + "\n")
+        environment = dict(os.environ)
+        environment.pop("TRITON_INTERPRET", None)  # Triton runs on the GPU, unless the dry run says
+        environment.update(command.env)
+        output = tempfile.TemporaryFile("w+", errors="replace")
+        process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        return process, output, time.monotonic()
+
+    @staticmethod
+    def _wait(processes, ended, until):
+        """{process: when it ended} for those that ended by `until` (`ended`: those known already)."""
+        ended = dict(ended)
+        while len(ended) < len(processes) and time.monotonic() < until:
+            for process in processes:
+                if process not in ended and process.poll() is not None:
+                    ended[process] = time.monotonic()
+            time.sleep(0.05)
+        return ended
 
     @staticmethod
     def _signal(process, sig):
