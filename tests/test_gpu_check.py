@@ -485,12 +485,12 @@ def _python(code):
     "code, failed", [("print('gpu-smoke: PASS: 3 cases')", []), ("raise SystemExit(3)", ["smoke"])]
 )
 def test_a_step_fails_when_its_command_fails(check, monkeypatch, code, failed):
-    parts = [("cuda all dtypes", _python("print('gpu-smoke: PASS: 7 cases')")), ("triton float32", _python(code))]
+    parts = [("cuda", _python("print('gpu-smoke: PASS: 7 cases')")), ("triton fp32", _python(code))]
     monkeypatch.setattr(gpu_plan, "smoke_commands", lambda target: parts)
     gpu_check.smoke(check)
     assert check.failed == failed
     assert check.lines[0] == f"{'smoke':<{gpu_check.LABEL}}{'FAIL: 1' if failed else 'ok: 2'} of 2 passed, in parallel"
-    assert check.lines[2].startswith(f"{'  triton float32':<{gpu_check.LABEL}}{'FAIL' if failed else 'ok'}")
+    assert check.lines[2].startswith(f"{'  triton fp32':<{gpu_check.LABEL}}{'FAIL' if failed else 'ok'}")
 
 
 def test_commands_past_their_limit_are_interrupted_together(check):

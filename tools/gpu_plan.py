@@ -105,8 +105,13 @@ DRY_BENCH_SIZES = ("quick_logits", "quick_upsampled", "quick_features")
 GPU_BACKENDS = ("cuda", "triton")
 FUSED_UPSAMPLING = "-size"  # incseg_fast.bench.cases.FUSED_UPSAMPLING (checked by the tests)
 
-# (backend, dtype) of each smoke process (gpu_smoke.py --tiny; None: every dtype of its --tiny).
-SMOKE_PARTS = (("cuda", None), ("triton", "float32"), ("triton", "bfloat16"), ("triton", "float16"))
+# (part, backend, dtype) of each smoke process (gpu_smoke.py --tiny; None: every dtype of --tiny).
+SMOKE_PARTS = (
+    ("cuda", "cuda", None),
+    ("triton fp32", "triton", "float32"),
+    ("triton bf16", "triton", "bfloat16"),
+    ("triton fp16", "triton", "float16"),
+)
 
 SANITIZERS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Every tensor its own allocation, so that an out-of-bounds access cannot land in a pooled neighbour
@@ -178,11 +183,11 @@ def smoke_commands(target):
     """[(part, Command)] run side by side: the cuda backend, and the Triton backend one dtype per process
     (compiling each kernel on first use takes most of its time)."""
     parts = []
-    for backend, dtype in SMOKE_PARTS:
+    for part, backend, dtype in SMOKE_PARTS:
         argv = [target.python, "tools/gpu_smoke.py", "--tiny", "--backend"]
         argv.append("cuda_emulator" if target.dry and backend == "cuda" else backend)
         argv += ["--dtypes", dtype] if dtype else []
-        parts.append((f"{backend} {dtype or 'all dtypes'}", Command(argv, interpreter_env(target))))
+        parts.append((part, Command(argv, interpreter_env(target))))
     return parts
 
 
