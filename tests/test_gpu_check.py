@@ -83,6 +83,12 @@ def test_the_optional_step_is_last_and_the_only_one():
     assert [s.name for s in gpu_plan.STEPS if s.optional] == [gpu_plan.STEPS[-1].name] == ["bench compiled"]
 
 
+def test_every_summary_label_leaves_a_space_before_its_text():
+    parts = [part for part, *_ in gpu_plan.SMOKE_PARTS] + list(gpu_plan.SANITIZERS)
+    labels = [s.name for s in gpu_plan.STEPS] + ["  " + part for part in parts] + ["device", "versions", "verdict"]
+    assert max(len(label) for label in labels) < gpu_check.LABEL
+
+
 def test_plan_prints_every_step_budget_file_and_case(capsys):
     assert gpu_check.main(["--plan"]) == 0
     plan = capsys.readouterr().out
