@@ -27,6 +27,7 @@ Exit status: 0 when every step passed, 1 when one failed, 2 when nothing could r
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -106,9 +107,11 @@ def _remove(*paths):
 
 
 def _tool(name, cuda_home):
-    """A CUDA tool from PATH, else from the toolkit torch builds with."""
+    """A CUDA tool from PATH, else from the toolkit torch builds with, else the newest Nsight Compute."""
+    candidates = [os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)] if cuda_home else []
+    candidates += sorted(glob.glob(f"/opt/nvidia/nsight-compute/*/{name}"), reverse=True)
     found = shutil.which(name)
-    for candidate in [os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)] if cuda_home else []:
+    for candidate in candidates:
         if found is None and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             found = candidate
     return found
