@@ -309,7 +309,7 @@ def load_or_build(check, info):
         installed = gpu_load.install_prebuilt(library, os.path.join(ROOT, "incseg_fast"))
         check.note(f"{step}: installed {os.path.relpath(library, ROOT)} as {os.path.relpath(installed, ROOT)}")
         ext = extension_info(check)
-        if ext and ext["has_extension"] and (ext["has_cuda_kernels"] or check.dry):
+        if ext and ext["has_extension"] and ext["has_cuda_kernels"]:
             check.summary(
                 step,
                 f"ok: prebuilt {os.path.relpath(library, ROOT)} (manifest matches, sha256 ok); "
@@ -319,8 +319,7 @@ def load_or_build(check, info):
         why_not = f"the prebuilt extension does not load with CUDA kernels ({ext and ext['import_error']})"
         _remove(installed)
     check.note(f"{step}: no prebuilt extension: {why_not}")
-    command = gpu_plan.build_command(check.target, info.get("capability", "<device arch>"))
-    if check.dry:
+    if check.dry:  # the extension of make setup, and the build a GPU machine would run
         command = gpu_plan.build_command(check.gpu_target(), "<device arch>")
         ext = extension_info(check)
         ok = bool(ext and ext["has_extension"])
@@ -332,7 +331,7 @@ def load_or_build(check, info):
         if not ok:
             check.fail(step)
         return ok
-    return build(check, command, why_not)
+    return build(check, gpu_plan.build_command(check.target, info["capability"]), why_not)
 
 
 def build(check, command, why_not):
@@ -341,7 +340,9 @@ def build(check, command, why_not):
     limit = check.limit(step)
     if limit == 0:
         return False
-    status, text, seconds, timed_out = check.run(step, command, limit)
+    # The step's limit covers the extension's check after the build too.
+    extension_s = check.seconds(gpu_plan.STEP["load-or-build"].budget_s)
+    status, text, seconds, timed_out = check.run(step, command, max(limit - extension_s, 1))
     how = f"no prebuilt ({why_not}); {' '.join(f'{k}={v}' for k, v in command.env.items())}; {seconds:.0f} s"
     if status != 0:
         check.summary(step, f"FAIL: build {'timed out, ' if timed_out else ''}exit status {status} ({how})")
