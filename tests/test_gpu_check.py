@@ -519,6 +519,53 @@ def test_missing_tools_are_named_and_their_steps_fail_without_running(check):
     assert "compute-sanitizer not found" in check.lines[0] and "ncu not found" in check.lines[1]
 
 
+GPU_INFO = {"torch": "2.11.0+cu130", "cuda": "13.0", "capability": "9.0"}
+
+
+@pytest.fixture
+def repository(tmp_path, monkeypatch):
+    """A repository with a matching prebuilt extension and an older build in incseg_fast/."""
+    root = tmp_path / "repository"
+    write_prebuilt(root / "prebuilt", data=b"prebuilt")
+    (root / "incseg_fast").mkdir()
+    (root / "incseg_fast" / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"older")
+    monkeypatch.setattr(gpu_check, "ROOT", str(root))
+    return root
+
+
+def _extension(has_cuda_kernels):
+    return lambda check: {"has_extension": True, "has_cuda_kernels": has_cuda_kernels, "import_error": None}
+
+
+def test_load_or_build_installs_a_matching_prebuilt_and_says_so(check, monkeypatch, repository):
+    monkeypatch.setattr(gpu_check, "extension_info", _extension(True))
+    assert gpu_check.load_or_build(check, GPU_INFO)
+    assert check.lines == [
+        f"{'load-or-build':<{gpu_check.LABEL}}ok: prebuilt prebuilt/torch-2.11.0-cu13/_C.abi3.so (manifest matches, "
+        "sha256 ok); HAS_CUDA_KERNELS true"
+    ]
+    assert os.listdir(repository / "incseg_fast") == ["_C.abi3.so"]
+
+
+@pytest.mark.parametrize(
+    "capability, has_cuda_kernels, why",
+    [
+        ("10.0", True, "built for archs 8.0, 9.0, the device is 10.0"),
+        ("9.0", False, "the prebuilt extension does not load with CUDA kernels"),
+    ],
+)
+def test_load_or_build_builds_for_the_device_when_the_prebuilt_will_not_do(
+    check, monkeypatch, repository, capability, has_cuda_kernels, why
+):
+    built = []
+    monkeypatch.setattr(gpu_check, "extension_info", _extension(has_cuda_kernels))
+    monkeypatch.setattr(gpu_check, "build", lambda check, command, why_not: built.append((command, why_not)) or True)
+    assert gpu_check.load_or_build(check, dict(GPU_INFO, capability=capability))
+    ((command, why_not),) = built
+    assert why_not.startswith(why) and command.env["TORCH_CUDA_ARCH_LIST"] == capability
+    assert "_C.abi3.so" not in os.listdir(repository / "incseg_fast")  # a prebuilt that failed is not left
+
+
 def test_ncu_step_puts_the_parsed_table_in_the_summary_and_the_csv_in_out(check, monkeypatch, tmp_path):
     check.found = {"ncu": True}
     (tmp_path / "ncu_output.txt").write_text(ncu_output())
