@@ -1,7 +1,7 @@
 """The plan of `make gpu-check` (tools/gpu_check.py): its steps in order, each one's time budget, and
 the command each step runs, on a GPU and, for `make gpu-dry-run`, on this machine's CPU.
 
-    python3 tools/gpu_check.py --plan      prints it (no GPU, no torch needed)
+    python3 tools/gpu_check.py --plan      prints it (no GPU needed)
 
 Budgets are wall-clock seconds on an H100. A step gets at most its budget, and never so much that a
 later required step would be left less than its minimum; a step that runs out is interrupted
@@ -17,7 +17,7 @@ import os
 
 BUDGET_S = 440
 GRACE_S = 15  # from the interrupt at a step's limit to killing it
-DEADLINE_S = 480  # what the device machine's call allows the check, start-up included
+DEADLINE_S = 480  # the check must end within 8 minutes of its start on an H100, start-up included
 START_S = 10  # python and torch start-up before the first step, counted from the command's start
 BUILD_BUDGET_S = 240  # load-or-build when no prebuilt extension matches
 MAX_JOBS = "16"
