@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report lint cuda-check gpu-check clean
+.PHONY: setup test demo bench report lint cuda-check gpu-check gpu-dry-run clean
 
 setup: $(STAMP_BUILD)
 
@@ -52,6 +52,11 @@ cuda-check: $(STAMP_DEPS)
 gpu-check:
 	@test -n "$(OUT)" || { echo "gpu-check: give a folder for the results: make gpu-check OUT=<folder>"; exit 2; }
 	$(PYTHON) tools/gpu_check.py "$(OUT)"
+
+# gpu-check's steps on this machine's CPU (CUDA emulator, Triton interpreter, tiny sizes; the
+# sanitizer and ncu commands printed): a typo in a step fails here, not on a GPU.
+gpu-dry-run: setup
+	$(PY) tools/gpu_check.py --dry-run "$(or $(OUT),build/gpu-dry-run)"
 
 clean:
 	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)

@@ -9,6 +9,7 @@ gradient each call must allocate.
 import json
 
 import pytest
+import torch
 
 from incseg_fast.bench import cases, measure, report
 
@@ -92,6 +93,29 @@ def test_max_seconds_stops_starting_cases_and_lists_the_others(tmp_path):
     results = json.loads(out.read_text())
     assert results["cases"] == []
     assert results["not_measured"] == ["incremental_loss-quick_logits-fp32", "structured_attention-quick_features-fp32"]
+
+
+def test_a_case_out_of_memory_is_listed_and_the_others_still_run(tmp_path, monkeypatch):
+    measured = report.measure_case
+
+    def measure_or_run_out(case, *args, **kwargs):
+        if case.op.name == "incremental_loss":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB")
+        return measured(case, *args, **kwargs)
+
+    monkeypatch.setattr(report, "measure_case", measure_or_run_out)
+    out = tmp_path / "report.json"
+    argv = ["--quick", "--ops", "incremental_loss,structured_attention", "--providers", "eager"]
+    assert report.main(argv + ["--reps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [c["op"] for c in results["cases"]] == ["structured_attention"]
+    assert results["failed_cases"] == [
+        {
+            "case": "incremental_loss-quick_logits-fp32",
+            "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB",
+        }
+    ]
+    assert results["not_measured"] == []
 
 
 def test_an_explicit_dtype_applies_to_every_size():

@@ -149,7 +149,7 @@ def test_unknown_and_unavailable_backends():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mixed_devices_raise():
+def test_gpu_mixed_devices_raise():
     x, t, y = _inputs()
     with pytest.raises(ValueError, match="y is on cuda"):
         isf.knowledge_distillation(x, y.cuda())

@@ -1,34 +1,33 @@
 """Everything that needs a GPU, in one call on a bare GPU machine: `make gpu-check OUT=<folder>`.
 
-    python3 tools/gpu_check.py OUT [--budget-s 420]
+    python3 tools/gpu_check.py OUT [--budget-s 440]     on a GPU machine
+    python3 tools/gpu_check.py --plan                  the steps, budgets, commands, files and cases
+    python3 tools/gpu_check.py --dry-run OUT           every step's command on this CPU (make gpu-dry-run)
 
 Run it with the python3 whose torch has CUDA (not .venv, which has the CPU build); it installs
 nothing and needs no network. It stops at once, before building anything, when OUT is missing,
-torch does not import or torch.cuda.is_available() is false. Otherwise, in order:
+torch does not import or torch.cuda.is_available() is false. Otherwise it runs the steps of
+tools/gpu_plan.py in order (--plan prints them): preflight, load-or-build (the prebuilt extension
+of `make gpu-prebuild` when it matches, else a build for this GPU), smoke, the benchmarks without
+torch.compile, the tests in parallel, the compute-sanitizer tools, ncu, and, on what time is left,
+the benchmarks against torch.compile. Later steps run even when an earlier one failed, where they
+can (nothing runs without an extension). Each step gets its budget, cut so that the later ones
+keep their minimums; a step that runs out is interrupted (SIGINT: pytest and the benchmark report
+still write their reports). The whole check ends inside 8 minutes on an H100 whatever happens.
 
-  1. device and versions: GPU name, compute capability, SMs, memory, driver; python, torch, CUDA,
-     Triton, nvcc and compute-sanitizer versions;
-  2. build: `python3 setup.py build_ext --inplace` for the local GPU only (TORCH_CUDA_ARCH_LIST from
-     the device, MAX_JOBS=16, INCSEG_FORCE_CUDA=1 so that a missing toolkit fails loudly), then
-     checks that incseg_fast.ops.HAS_CUDA_KERNELS is true;
-  3. tests: the parity, op and Triton suites, their cuda/triton/gpu parametrisations (TEST_SELECTION);
-  4. compute-sanitizer memcheck on tools/gpu_smoke.py (every op of the cuda backend, forward and
-     backward, checked against the float64 reference), with torch's caching allocator off so that
-     every tensor is its own allocation and an out-of-bounds access cannot land in a neighbour;
-  5. the benchmark report on CUDA, float32 then bfloat16 (BENCH_SIZES).
-
-Later steps run even when an earlier one failed, where they can (nothing runs without a build).
-Each step gets a share of a total time budget (--budget-s, default 420 s, so that the whole check
-ends inside 8 minutes on an H100 whatever happens); a step that runs out is interrupted (SIGINT:
-pytest and the benchmark report still write their reports), and the benchmark report is told its
-share (--max-seconds) so that it stops starting cases in time.
-OUT receives at most 7 files, no folders: summary.txt (printed last), gpu_check.log (every
-command and its output), tests.xml (JUnit), bench_{fp32,bf16}.{json,md}.
+--dry-run runs the same steps on the CPU: the CUDA emulator and the Triton interpreter stand in for
+the GPU, at tiny sizes and a few tests; the compute-sanitizer and ncu steps run their program
+without the tool and print the exact command they would run. Its exit status is 1 when any step
+command failed, so a typo fails CI rather than a GPU run.
+OUT receives summary.txt (one screen, printed last), gpu_check.log (every command and its output),
+tests.xml (JUnit), bench_{fp32,bf16,compiled}.json and ncu.csv.
 Exit status: 0 when every step passed, 1 when one failed, 2 when nothing could run.
 """
 
 import argparse
+import dataclasses
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -37,42 +36,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "tools"), ROOT]  # the plan's modules, and the in-place build for --plan
+import gpu_load  # noqa: E402
+import gpu_plan  # noqa: E402
+import gpu_results  # noqa: E402
+import ncu_report  # noqa: E402
 
-TEST_FILES = [
-    "tests/test_parity_logit_losses.py",
-    "tests/test_parity_attention.py",
-    "tests/test_ops_logit_losses.py",
-    "tests/test_ops_attention.py",
-    "tests/test_triton_ops.py",
-    "tests/test_compile_training_step.py",
-]
-# Parametrisations by backend name: "cuda" (not the CPU emulation "cuda_emulator", which `make test`
-# runs), "triton" (every test of test_triton_ops.py and the triton backend of the parity suites) and
-# tests named for the GPU (test_gpu_*).
-TEST_SELECTION = "(cuda and not cuda_emulator) or triton or gpu"
-BENCH_SIZES = "voc512,ade,feat2048x64,voc512_s8,voc512_s16"  # the last two: issue 9 (size=)
-MAX_JOBS = "16"
-LABEL = 12  # width of the step labels in the summary
-BUDGET_S = 420  # all steps; a step's overrun is taken from the later ones, so only the last adds GRACE_S
-GRACE_S = 15  # from the interrupt at a step's limit to killing it
-# Per step: (most seconds it may take, seconds kept for it while earlier steps run).
-PLAN = {
-    "build": (300, 60),
-    "tests": (240, 60),
-    "sanitizer": (150, 45),
-    "bench fp32": (200, 60),
-    "bench bf16": (200, 60),
-}
+LABEL = 15  # width of the step labels in the summary
+DRY_SLOWDOWN = 5  # the dry run's budgets: this machine's CPU standing in for an H100
 
 DEVICE_INFO = r"""
-import json, platform, torch
-p = torch.cuda.get_device_properties(0)
-info = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-        "memory_gib": round(p.total_memory / 2**30, 1), "device_count": torch.cuda.device_count(),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+import importlib.util, json, platform, torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "modules": {m: importlib.util.find_spec(m) is not None for m in ("pytest", "xdist")}}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
 try:
     import triton
     info["triton"] = triton.__version__
@@ -102,6 +84,13 @@ def _first_line(text):
     return lines[0] if lines else ""
 
 
+def _last_json(text):
+    try:
+        return json.loads(text.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
 def _quick(command):
     """Output of a short command, or None when it cannot run."""
     try:
@@ -118,23 +107,37 @@ def _remove(*paths):
 
 
 def _tool(name, cuda_home):
-    """A CUDA tool from PATH, else from the toolkit torch builds with."""
+    """A CUDA tool from PATH, else from the toolkit torch builds with, else the newest Nsight Compute."""
+    candidates = [os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)] if cuda_home else []
+    candidates += sorted(glob.glob(f"/opt/nvidia/nsight-compute/*/{name}"), reverse=True)
     found = shutil.which(name)
-    for candidate in [os.path.join(cuda_home, "bin", name), os.path.join(cuda_home, name, name)] if cuda_home else []:
+    for candidate in candidates:
         if found is None and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             found = candidate
     return found
 
 
 class Check:
-    def __init__(self, out, budget_s):
+    def __init__(self, out, budget_s, dry):
         self.out = out
+        self.dry = dry
         self.begin = time.monotonic()
         self.deadline = self.begin + budget_s
         self.budget_s = budget_s
         self.log = open(os.path.join(out, "gpu_check.log"), "w")
         self.lines = []  # the summary
         self.failed = []  # names of the steps that failed
+        self.target = gpu_plan.Target(sys.executable, out, dry=dry)
+        self.found = {}  # tool -> found (preflight)
+        self.building = False
+
+    def gpu_target(self):
+        """The target a GPU run would have: what the dry run shows as the commands it would run."""
+        return dataclasses.replace(self.target, dry=False)
+
+    def seconds(self, budget_s):
+        """A fixed budget, longer in the dry run."""
+        return budget_s * (DRY_SLOWDOWN if self.dry else 1)
 
     def note(self, message):
         """A progress line on stdout and in the log."""
@@ -145,60 +148,86 @@ class Check:
 
     def summary(self, label, text):
         """A line of the summary: a step's label, or none for a continuation line."""
-        self.lines.append(f"{label:<{LABEL}}{text}" if label else f"{'':<{LABEL}}{text}")
+        self.lines.append(f"{label or '':<{LABEL}}{text}")
 
     def fail(self, step):
         if step not in self.failed:
             self.failed.append(step)
 
-    def limit(self, step, later, share=None):
-        """Seconds `step` may take: its cap, what is left after the reserves of the `later` steps, and
-        at most `share` of what is left."""
-        left = self.deadline - time.monotonic()
-        limit = min(PLAN[step][0], left - sum(PLAN[s][1] for s in later))
-        if share is not None:
-            limit = min(limit, left * share)
-        return max(int(limit), 10)
+    def limit(self, step):
+        """Seconds `step` may take now (gpu_plan.step_limit; the dry run's budgets are DRY_SLOWDOWN
+        times longer), or 0 with a summary line when it must not run."""
+        scale = DRY_SLOWDOWN if self.dry else 1
+        left = (self.deadline - time.monotonic()) / scale
+        limit = gpu_plan.step_limit(step, left, self.building) * scale
+        if limit == 0:
+            optional = gpu_plan.STEP[step].optional
+            self.summary(step, f"{'skipped' if optional else 'FAIL: not run'}: {left * scale:.0f} s left of the budget")
+            if not optional:
+                self.fail(step)
+        return limit
 
-    def run(self, step, command, limit, env=None):
-        """Runs `command` in its own process group for at most `limit` seconds (then SIGINT, and SIGKILL
-        GRACE_S later); its output goes to the log. Returns (exit status, output, seconds, timed out)."""
-        shown = [word if "\n" not in word else "<script>" for word in command]
-        self.note(f"{step}: {' '.join(shown)}  (limit {limit} s)")
-        if "<script>" in shown:
-            self.log.write("".join(word for word in command if "\n" in word).strip() + "\n")
-        environment = dict(os.environ, **(env or {}))
-        environment.pop("TRITON_INTERPRET", None)  # Triton runs on the GPU here
-        begin = time.monotonic()
-        timed_out = False
-        with tempfile.TemporaryFile("w+", errors="replace") as output:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=environment,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-            try:
-                status = process.wait(timeout=max(limit, 1))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                self._signal(process, signal.SIGINT)
-                try:
-                    status = process.wait(timeout=GRACE_S)
-                except subprocess.TimeoutExpired:
-                    self._signal(process, signal.SIGKILL)
-                    status = process.wait()
-            self._signal(process, signal.SIGKILL)  # what the command left running in its group
+    def run(self, step, command, limit):
+        """Runs a gpu_plan.Command for at most `limit` seconds; see run_together."""
+        return self.run_together(step, [command], limit)[0]
+
+    def run_together(self, step, commands, limit):
+        """Runs the commands side by side, each in its own process group, for at most `limit` seconds
+        (then SIGINT, and SIGKILL GRACE_S later); their output goes to the log. The dry run leaves the
+        tool prefix (command.wraps) off. Returns [(exit status, output, seconds, timed out)]."""
+        started = [self._start(step, command, limit) for command in commands]
+        processes = [process for process, _, _ in started]
+        ended = self._wait(processes, {}, time.monotonic() + max(limit, 1))
+        late = [process for process in processes if process not in ended]
+        for process in late:  # pytest and the benchmark report still write their reports
+            self._signal(process, signal.SIGINT)
+        ended = self._wait(processes, ended, time.monotonic() + gpu_plan.GRACE_S)
+        results = []
+        for process, output, begin in started:
+            self._signal(process, signal.SIGKILL)  # what is still running of it: all of it when late
+            status = process.wait()
             output.seek(0)
             text = output.read()
-        seconds = time.monotonic() - begin
-        self.log.write(text if text.endswith("\n") or not text else text + "\n")
-        self.note(f"{step}: exit status {status}{', TIMED OUT' if timed_out else ''} after {seconds:.0f} s")
-        return status, text, seconds, timed_out
+            output.close()
+            seconds = ended.get(process, time.monotonic()) - begin
+            timed_out = process in late
+            self.log.write(text if text.endswith("\n") or not text else text + "\n")
+            self.note(f"{step}: exit status {status}{', TIMED OUT' if timed_out else ''} after {seconds:.0f} s")
+            results.append((status, text, seconds, timed_out))
+        return results
+
+    def _start(self, step, command, limit):
+        """(process, its output file, start time) of a command, in a process group of its own."""
+        argv = command.argv if self.dry else (command.wraps or []) + command.argv
+        self.note(f"{step}: {' '.join('<script>' if chr(10) in w else w for w in argv)}  (limit {limit} s)")
+        for script in [word for word in argv if "\n" in word]:
+            self.log.write(script.strip() + "\n")
+        environment = dict(os.environ)
+        environment.pop("TRITON_INTERPRET", None)  # Triton runs on the GPU, unless the dry run says
+        environment.update(command.env)
+        output = tempfile.TemporaryFile("w+", errors="replace")
+        process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        return process, output, time.monotonic()
+
+    @staticmethod
+    def _wait(processes, ended, until):
+        """{process: when it ended} for those that ended by `until` (`ended`: those known already)."""
+        ended = dict(ended)
+        while len(ended) < len(processes) and time.monotonic() < until:
+            for process in processes:
+                if process not in ended and process.poll() is not None:
+                    ended[process] = time.monotonic()
+            time.sleep(0.05)
+        return ended
 
     @staticmethod
     def _signal(process, sig):
@@ -213,112 +242,168 @@ class Check:
 # ---------------------------------------------------------------------------------------------
 
 
-def record_environment(check):
-    status, text, _, _ = check.run("device", [sys.executable, "-c", DEVICE_INFO], 120)
-    try:
-        info = json.loads(text.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        check.summary("device", f"FAIL: could not query the device (exit status {status}; see gpu_check.log)")
-        check.fail("device")
+def preflight(check):
+    """Device, versions and tools (into check.target); None when the device cannot be queried."""
+    command = gpu_plan.Command([sys.executable, "-c", DEVICE_INFO])
+    status, text, _, _ = check.run("preflight", command, check.limit("preflight"))
+    info = _last_json(text)
+    if info is None:
+        check.summary("preflight", f"FAIL: could not query torch (exit status {status}; see gpu_check.log)")
+        check.fail("preflight")
         return None
-    driver = _first_line(_quick(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
-    nvcc = _tool("nvcc", info.get("cuda_home"))
+    nvcc = _tool("nvcc", info["cuda_home"])
     nvcc_version = _quick([nvcc, "--version"]) if nvcc else None
-    info["nvcc"] = nvcc_version.strip().splitlines()[-1] if nvcc_version else "not found"
-    info["nvcc_path"] = nvcc
-    sanitizer = _tool("compute-sanitizer", info.get("cuda_home"))
-    info["compute_sanitizer_path"] = sanitizer
-    sanitizer_version = _quick([sanitizer, "--version"]) if sanitizer else None
-    info["compute_sanitizer"] = sanitizer_version.strip().splitlines()[-1] if sanitizer_version else "not found"
-    info["driver"] = driver or "unknown"
-    check.log.write(json.dumps(info, indent=1) + "\n")
-    others = f" (device 0 of {info['device_count']})" if info["device_count"] > 1 else ""
-    check.summary(
-        "device",
-        f"{info['name']}{others}, sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
-        f"{info['memory_gib']} GiB; driver {info['driver']}",
+    release = [line for line in (nvcc_version or "").splitlines() if "release" in line]
+    info["nvcc"] = release[0].strip() if release else "not found"
+    info["driver"] = _first_line(_quick(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+    tools = {name: _tool(name, info["cuda_home"]) for name in ("compute-sanitizer", "ncu", "ninja")}
+    check.found = {name: path is not None for name, path in tools.items()}
+    check.target = gpu_plan.Target(
+        sys.executable,
+        check.out,
+        dry=check.dry,
+        xdist=info["modules"]["xdist"],
+        sanitizer=tools["compute-sanitizer"] or "compute-sanitizer",
+        ncu=tools["ncu"] or "ncu",
     )
+    check.log.write(json.dumps({**info, "tools": tools}, indent=1) + "\n")
+    if "name" in info:
+        others = f" (device 0 of {info['device_count']})" if info["device_count"] > 1 else ""
+        check.summary(
+            "device",
+            f"{info['name']}{others}, sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
+            f"{info['memory_gib']} GiB; driver {info['driver'] or 'unknown'}",
+        )
     check.summary(
         "versions", f"python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}"
     )
-    check.summary("", f"nvcc: {info['nvcc']}; compute-sanitizer: {info['compute_sanitizer']}")
+    check.summary("", f"nvcc: {info['nvcc']}")
+    problems = gpu_results.preflight_problems(tools, info["modules"], nvcc_version, info["cuda"])
+    if not problems:
+        check.summary(
+            "preflight",
+            "ok: nvcc matches torch's CUDA major; ninja, pytest, pytest-xdist, compute-sanitizer, ncu present",
+        )
+    elif check.dry:  # this machine has no GPU tools: what a GPU machine lacking them would report
+        check.summary("preflight", f"ok (dry run; on a GPU machine this would FAIL: {'; '.join(problems)})")
+    else:
+        check.summary("preflight", f"FAIL: {'; '.join(problems)}")
+        check.fail("preflight")
     return info
 
 
-def build(check, info):
-    arch_list = info["capability"]
-    env = {"TORCH_CUDA_ARCH_LIST": arch_list, "MAX_JOBS": MAX_JOBS, "INCSEG_FORCE_CUDA": "1"}
-    status, text, seconds, timed_out = check.run(
-        "build",
-        [sys.executable, "setup.py", "build_ext", "--inplace"],
-        check.limit("build", ["tests", "sanitizer", "bench fp32", "bench bf16"]),
-        env,
+def extension_info(check):
+    """What incseg_fast.ops reports of the extension, or None when it does not import."""
+    command = gpu_plan.Command([sys.executable, "-c", EXTENSION_INFO])
+    _, text, _, _ = check.run("extension", command, check.seconds(gpu_plan.STEP["load-or-build"].budget_s))
+    return _last_json(text)
+
+
+def load_or_build(check, info):
+    """The prebuilt extension when it matches, else a build; True when an extension loads."""
+    step = "load-or-build"
+    library, why_not = gpu_load.match_prebuilt(
+        os.path.join(ROOT, "prebuilt"), info["torch"], info["cuda"], info.get("capability")
     )
-    how = f"TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={MAX_JOBS}; {seconds:.0f} s"
+    if library is not None:
+        installed = gpu_load.install_prebuilt(library, os.path.join(ROOT, "incseg_fast"))
+        check.note(f"{step}: installed {os.path.relpath(library, ROOT)} as {os.path.relpath(installed, ROOT)}")
+        ext = extension_info(check)
+        if ext and ext["has_extension"] and ext["has_cuda_kernels"]:
+            check.summary(
+                step,
+                f"ok: prebuilt {os.path.relpath(library, ROOT)} (manifest matches, sha256 ok); "
+                f"HAS_CUDA_KERNELS {str(ext['has_cuda_kernels']).lower()}",
+            )
+            return True
+        why_not = f"the prebuilt extension does not load with CUDA kernels ({ext and ext['import_error']})"
+        _remove(installed)
+    check.note(f"{step}: no prebuilt extension: {why_not}")
+    if check.dry:  # the extension of make setup, and the build a GPU machine would run
+        command = gpu_plan.build_command(check.gpu_target(), "<device arch>")
+        ext = extension_info(check)
+        ok = bool(ext and ext["has_extension"])
+        check.summary(
+            step,
+            f"{'ok' if ok else 'FAIL'} (dry run): no prebuilt ({why_not}); the local build "
+            f"{'loads' if ok else 'does not load'}; would run: {gpu_plan.shown(command)}",
+        )
+        if not ok:
+            check.fail(step)
+        return ok
+    return build(check, gpu_plan.build_command(check.target, info["capability"]), why_not)
+
+
+def build(check, command, why_not):
+    step = "load-or-build"
+    check.building = True
+    limit = check.limit(step)
+    if limit == 0:
+        return False
+    # The step's limit covers the extension's check after the build too.
+    extension_s = check.seconds(gpu_plan.STEP["load-or-build"].budget_s)
+    status, text, seconds, timed_out = check.run(step, command, max(limit - extension_s, 1))
+    how = f"no prebuilt ({why_not}); {' '.join(f'{k}={v}' for k, v in command.env.items())}; {seconds:.0f} s"
     if status != 0:
-        errors = [line for line in text.splitlines() if "error" in line.lower()][:3]
-        check.summary("build", f"FAIL ({'timed out, ' if timed_out else ''}exit status {status}; {how})")
-        for line in errors:
+        check.summary(step, f"FAIL: build {'timed out, ' if timed_out else ''}exit status {status} ({how})")
+        for line in [line for line in text.splitlines() if "error" in line.lower()][:3]:
             check.summary("", f"{line.strip()[:150]}")
-        check.fail("build")
+        check.fail(step)
         return False
-    _, text, _, _ = check.run("extension", [sys.executable, "-c", EXTENSION_INFO], 120)
-    try:
-        ext = json.loads(text.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        check.summary("build", f"FAIL: built, but incseg_fast does not import ({how}; see gpu_check.log)")
-        check.fail("build")
-        return False
-    if not ext["has_extension"]:
-        check.summary("build", f"FAIL: built, but incseg_fast._C does not load: {ext['import_error']} ({how})")
-        check.fail("build")
+    ext = extension_info(check)
+    if ext is None or not ext["has_extension"]:
+        error = ext["import_error"] if ext else "incseg_fast does not import; see gpu_check.log"
+        check.summary(step, f"FAIL: built, but incseg_fast._C does not load: {error} ({how})")
+        check.fail(step)
         return False
     backends = ", ".join(ext["backends"])
     if ext["has_cuda_kernels"]:
-        check.summary("build", f"ok ({how}); HAS_CUDA_KERNELS true; backends {backends}")
+        check.summary(step, f"ok: built ({how}); HAS_CUDA_KERNELS true; backends {backends}")
     else:
-        check.summary("build", f"FAIL: built ({how}) but HAS_CUDA_KERNELS is false; backends {backends}")
+        check.summary(step, f"FAIL: built ({how}) but HAS_CUDA_KERNELS is false; backends {backends}")
         missing = ", ".join(name.split("::")[-1] for name in ext["without_cuda_kernel"])
         check.summary("", f"no CUDA kernel: {missing[:200]}")
-        check.fail("build")
+        check.fail(step)
     return True
 
 
-def junit_counts(path):
-    """(tests, failures, errors, skipped, failed test ids) from a JUnit XML file, or None."""
-    try:
-        root = ElementTree.parse(path).getroot()
-    except (OSError, ElementTree.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-    counts = [sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")]
-    failed = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}")
-    return (*counts, failed)
+def smoke(check):
+    limit = check.limit("smoke")
+    if limit == 0:
+        return
+    parts = gpu_plan.smoke_commands(check.target)
+    results = check.run_together("smoke", [command for _, command in parts], limit)
+    report_parts(
+        check,
+        "smoke",
+        [(part, gpu_results.smoke_result(result)) for (part, _), result in zip(parts, results, strict=True)],
+    )
+
+
+def report_parts(check, step, parts):
+    """A step's line (how many of its parallel parts passed), then each part's lines: [(part, (ok, lines))]."""
+    passed = sum(ok for _, (ok, _) in parts)
+    check.summary(
+        step,
+        f"{'ok' if passed == len(parts) else 'FAIL'}{' (dry run)' if check.dry else ''}: "
+        f"{passed} of {len(parts)} passed, in parallel",
+    )
+    for part, (_, lines) in parts:
+        check.summary(f"  {part}", lines[0])
+        for line in lines[1:]:
+            check.summary("", line)
+    if passed < len(parts):
+        check.fail(step)
 
 
 def tests(check):
+    limit = check.limit("tests")
+    if limit == 0:
+        return
     xml = os.path.join(check.out, "tests.xml")
     _remove(xml)
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-rfEs",
-        "-p",
-        "no:cacheprovider",
-        *TEST_FILES,
-        "-k",
-        TEST_SELECTION,
-        f"--junitxml={xml}",
-    ]
-    status, text, seconds, timed_out = check.run(
-        "tests", command, check.limit("tests", ["sanitizer", "bench fp32", "bench bf16"])
-    )
-    counts = junit_counts(xml)
+    status, text, seconds, timed_out = check.run("tests", gpu_plan.tests_command(check.target), limit)
+    counts = gpu_results.junit_counts(xml)
     if counts is None:
         check.summary(
             "tests",
@@ -330,12 +415,12 @@ def tests(check):
     total, failures, errors, skipped, failed_ids = counts
     passed = total - failures - errors - skipped
     ok = status == 0 and not timed_out and failures == errors == 0 and passed > 0
-    verdict = "ok" if ok else "FAIL"
     extra = ", TIMED OUT (interrupted)" if timed_out else ("" if status in (0, 1) else f", exit status {status}")
+    serial = "" if check.target.xdist else "; pytest-xdist missing: ran without -n"
     check.summary(
         "tests",
-        f"{verdict}: {passed} passed, {failures} failed, {errors} errors, {skipped} skipped "
-        f"of {total} ({seconds:.0f} s{extra})",
+        f"{'ok' if ok else 'FAIL'}: {passed} passed, {failures} failed, {errors} errors, {skipped} skipped "
+        f"of {total} ({seconds:.0f} s{extra}{serial})",
     )
     for test_id in failed_ids[:6]:
         check.summary("", f"failed: {test_id[:140]}")
@@ -345,75 +430,98 @@ def tests(check):
         check.fail("tests")
 
 
-def sanitizer(check, info):
-    tool = info.get("compute_sanitizer_path")
-    if tool is None:
-        check.summary("sanitizer", "FAIL: compute-sanitizer not found (PATH, CUDA_HOME/bin)")
-        check.fail("sanitizer")
+def sanitizers(check):
+    step = "sanitizers"
+    limit = check.limit(step)
+    if limit == 0:
         return
-    command = [
-        tool,
-        "--tool",
-        "memcheck",
-        "--error-exitcode",
-        "1",
-        "--print-limit",
-        "20",
-        sys.executable,
-        "tools/gpu_smoke.py",
-    ]
-    status, text, seconds, timed_out = check.run(
-        "sanitizer",
-        command,
-        check.limit("sanitizer", ["bench fp32", "bench bf16"]),
-        {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-    )
-    errors = [line for line in text.splitlines() if "ERROR SUMMARY:" in line]
-    smoke = [line for line in text.splitlines() if line.startswith("gpu-smoke:")]
-    memcheck = errors[-1].split("ERROR SUMMARY:")[-1].strip() if errors else "no error summary"
-    clean = bool(errors) and memcheck.startswith("0 error")
-    smoke_ok = bool(smoke) and "PASS" in smoke[-1]
-    ok = status == 0 and clean and smoke_ok and not timed_out
-    check.summary(
-        "sanitizer",
-        f"{'ok' if ok else 'FAIL'}: memcheck {memcheck}; "
-        f"{smoke[-1] if smoke else 'gpu-smoke did not finish'} "
-        f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})",
-    )
-    if not ok:
-        for line in [s for s in text.splitlines() if s.startswith(("FAIL", "MISSING", "========= Invalid"))][:4]:
-            check.summary("", f"{line.strip()[:150]}")
-        check.fail("sanitizer")
-
-
-def bench(check, dtype, later, share):
-    step = f"bench {dtype}"
-    limit = check.limit(step, later, share)
-    if limit < 30:
-        check.summary(step, f"FAIL: not run, {limit} s left of the budget")
+    commands = [gpu_plan.sanitizer_command(check.target, tool) for tool in gpu_plan.SANITIZERS]
+    if not check.found.get("compute-sanitizer") and not check.dry:
+        check.summary(step, "FAIL: compute-sanitizer not found (PATH, CUDA_HOME/bin)")
         check.fail(step)
         return
-    json_path, markdown_path = (os.path.join(check.out, f"bench_{dtype}.{ext}") for ext in ("json", "md"))
-    _remove(json_path, markdown_path)  # a report left by an earlier run must not be read as this one's
-    # --dtype also for fp32: without it voc512 runs in bf16 as well. --max-seconds: the report starts
-    # no case after that; one still running at the limit is interrupted and the report keeps the others.
-    command = [
-        sys.executable,
-        "-m",
-        "incseg_fast.bench",
-        "--device",
-        "cuda",
-        "--sizes",
-        BENCH_SIZES,
-        "--dtype",
-        dtype,
-        "--json",
-        json_path,
-        "--markdown",
-        markdown_path,
-        "--max-seconds",
-        str(max(limit - 20, 1)),
-    ]
+    results = check.run_together(step, commands, limit)
+    report_parts(
+        check,
+        step,
+        [
+            (tool, sanitizer_result(check, tool, result))
+            for tool, result in zip(gpu_plan.SANITIZERS, results, strict=True)
+        ],
+    )
+
+
+def sanitizer_result(check, tool, result):
+    """(ok, summary lines) of one compute-sanitizer tool's run; the dry run's ran the program alone."""
+    smoke_ok, smoke_lines = gpu_results.smoke_result(result)
+    smoke = smoke_lines[0].split(": ", 1)[1]  # without its own verdict
+    if check.dry:
+        absent = "" if check.found.get("compute-sanitizer") else "compute-sanitizer not found here; "
+        shown = gpu_plan.shown(gpu_plan.sanitizer_command(check.gpu_target(), tool))
+        verdict = f"{'ok' if smoke_ok else 'FAIL'} ({absent}without the tool: {smoke}); would run: {shown}"
+        return smoke_ok, [verdict] + smoke_lines[1:]
+    clean, tool_summary = gpu_results.sanitizer_verdict(result[1])
+    lines = [f"{'ok' if smoke_ok and clean else 'FAIL'}: {tool_summary}; {smoke}"] + smoke_lines[1:]
+    if not clean:
+        lines += [s.strip()[:150] for s in result[1].splitlines() if s.startswith("========= ")][:3]
+    return smoke_ok and clean, lines
+
+
+def ncu(check):
+    step = "ncu"
+    limit = check.limit(step)
+    if limit == 0:
+        return
+    command = gpu_plan.ncu_command(check.target)
+    if not check.found.get("ncu") and not check.dry:
+        check.summary(step, "FAIL: ncu not found (PATH, CUDA_HOME/bin)")
+        check.fail(step)
+        return
+    csv_path = os.path.join(check.out, "ncu.csv")
+    _remove(csv_path)
+    status, text, seconds, timed_out = check.run(step, command, limit)
+    workload = [line for line in text.splitlines() if line.startswith("ncu-workload:")]
+    workload_ok = bool(workload) and "PASS" in workload[-1]
+    if check.dry:
+        ok = status == 0 and workload_ok
+        absent = "" if check.found.get("ncu") else "ncu not found here; "
+        shown = gpu_plan.shown(gpu_plan.ncu_command(check.gpu_target()))
+        check.summary(
+            step,
+            f"{'ok' if ok else 'FAIL'} (dry run: {absent}the workload {'passed' if ok else 'FAILED'}"
+            f" without ncu); would run: {shown}",
+        )
+    else:
+        with open(csv_path, "w") as f:
+            f.write("\n".join(line for line in text.splitlines() if line.startswith('"')) + "\n")
+        try:
+            kernels = ncu_report.parse(text)
+        except ValueError as error:
+            kernels, workload = [], [f"ncu output not understood: {error}"]
+        ok = status == 0 and workload_ok and bool(kernels) and not timed_out
+        check.summary(
+            step,
+            f"{'ok' if ok else 'FAIL'}: {len(kernels)} launches profiled; "
+            f"{workload[-1] if workload else 'the workload did not finish'} "
+            f"({seconds:.0f} s{', TIMED OUT' if timed_out else ''})",
+        )
+        check.lines += ncu_report.format_table(kernels)
+    if not ok:
+        for line in [s for s in text.splitlines() if s.startswith(("FAIL", "==ERROR==", "Traceback"))][:3]:
+            check.summary("", f"{line.strip()[:150]}")
+        check.fail(step)
+
+
+def bench(check, dtype, compiled=False):
+    step = "bench compiled" if compiled else f"bench {dtype}"
+    limit = check.limit(step)
+    if limit == 0:
+        return
+    json_path = gpu_plan.bench_json(check.target, "compiled" if compiled else dtype)
+    _remove(json_path)  # a report left by an earlier run must not be read as this one's
+    # --max-seconds: the report starts no case after that; one still running at the limit is
+    # interrupted and the report keeps the others.
+    command = gpu_plan.bench_command(check.target, dtype, max(limit - 20, 1), compiled)
     status, text, seconds, timed_out = check.run(step, command, limit)
     try:
         with open(json_path) as f:
@@ -426,69 +534,42 @@ def bench(check, dtype, later, share):
         )
         check.fail(step)
         return
-    failed_providers = [
-        f"{c['op']}-{c['size']}-{c['dtype']} {name}"
-        for c in results["cases"]
-        for name, r in c["providers"].items()
-        if "error" in r
-    ]
+    problems = gpu_results.bench_problems(results, command)
     # Running out of the time budget leaves cases unmeasured (listed), which is not a failure; a
-    # provider that raised, or a report that crashed, is.
-    ok = (status == 0 or timed_out) and not failed_providers and bool(results["cases"])
+    # provider that raised or is missing, or a report that crashed, is.
+    ok = (status == 0 or timed_out) and not problems and bool(results["cases"])
     skipped = results.get("not_measured", [])
     check.summary(
         step,
-        f"{'ok' if ok else 'FAIL'}: {len(results['cases'])} cases measured"
+        f"{'ok' if ok else 'FAIL'}{' (dry run)' if check.dry else ''}: {len(results['cases'])} cases measured"
         f"{f', {len(skipped)} not (time budget)' if skipped else ''}; "
         f"copy {results['copy_bytes_per_s'] / 1e9:.0f} GB/s ({seconds:.0f} s)",
     )
-    check.lines += bench_table(results)
-    for item in failed_providers[:4]:
-        check.summary("", f"provider failed: {item}")
+    check.lines += gpu_results.bench_table(results)
+    for item in problems[:4]:
+        check.summary("", item)
     if not ok:
         check.fail(step)
 
 
-def bench_table(results):
-    """fwd+bwd median per provider, with the fused providers' speedup over torch.compile."""
-    providers = []
-    for case in results["cases"]:
-        providers += [p for p in case["providers"] if p not in providers]
-    width = max([len(f"{c['op']} {c['size']} {c['dtype']}") for c in results["cases"]] + [36]) + 2
-    lines = [f"  {'fwd+bwd ms (x: speedup vs compiled)':<{width}}" + "".join(f"{p:>15}" for p in providers)]
-    for case in results["cases"]:
-        cells = []
-        compiled = case["providers"].get("compiled", {}).get("fwd_bwd_median_s")
-        for p in providers:
-            r = case["providers"].get(p, {})
-            if "error" in r:
-                cells.append("FAILED")
-            elif "fwd_bwd_median_s" not in r:
-                cells.append("-")
-            elif p in ("eager", "compiled") or not compiled:
-                cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f}")
-            else:
-                cells.append(f"{r['fwd_bwd_median_s'] * 1e3:.2f} ({compiled / r['fwd_bwd_median_s']:.1f}x)")
-        lines.append(
-            f"  {case['op'] + ' ' + case['size'] + ' ' + case['dtype']:<{width}}" + "".join(f"{c:>15}" for c in cells)
-        )
-    targets = results.get("targets", [])
-    missed = [t for t in targets if t["verdict"] != "met"]
-    if targets:
-        lines.append(
-            f"  targets: {len(targets) - len(missed)} met, {len(missed)} not met"
-            + (": " + "; ".join(f"{t['target']} ({t['value']})" for t in missed[:3]) if missed else "")
-        )
-    return lines
+def run_steps(check):
+    info = preflight(check)
+    ready = info is not None and load_or_build(check, info)
+    if not ready:
+        for step in gpu_plan.STEPS[2:]:
+            check.summary(step.name, "not run (no extension)")
+        return
+    smoke(check)
+    bench(check, "fp32")
+    bench(check, "bf16")
+    tests(check)
+    sanitizers(check)
+    ncu(check)
+    bench(check, "fp32", compiled=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tools/gpu_check.py", description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", help="folder for the results (created)")
-    parser.add_argument(
-        "--budget-s", type=float, default=BUDGET_S, help=f"total seconds for all steps (default {BUDGET_S})"
-    )
-    args = parser.parse_args(argv)
+def start_gpu_check(args):
+    """None when the GPU check can start, else its exit status (after saying why not)."""
     if not args.out:
         print("gpu-check: no OUT folder given (make gpu-check OUT=<folder>); nothing run", flush=True)
         return 2
@@ -501,13 +582,36 @@ def main(argv=None):
             flush=True,
         )
         return 2
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print(
             f"gpu-check: no CUDA device: torch.cuda.is_available() is false (torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}, {sys.executable}); nothing built or run",
+            f"CUDA {torch.version.cuda}, {sys.executable}); nothing built or run (make gpu-dry-run runs the "
+            f"steps on the CPU)",
             flush=True,
         )
         return 2
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tools/gpu_check.py", description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", help="folder for the results (created)")
+    parser.add_argument("--plan", action="store_true", help="print the steps, budgets, commands and cases; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="run every step's command on the CPU (no GPU)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=gpu_plan.BUDGET_S,
+        help=f"total seconds for all steps (default {gpu_plan.BUDGET_S}; the dry run's are "
+        f"{DRY_SLOWDOWN} times longer)",
+    )
+    args = parser.parse_args(argv)
+    if args.plan:
+        print(gpu_plan.format_plan(gpu_plan.Target("python3", "OUT")))
+        return 0
+    refused = start_gpu_check(args)
+    if refused is not None:
+        return refused
 
     # A process started with SIGINT ignored (a background job of a non-interactive shell) passes that
     # on to its children, and Python then never raises KeyboardInterrupt: handle SIGINT here, so the
@@ -515,26 +619,15 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    check = Check(out, args.budget_s)
+    check = Check(out, args.budget_s * (DRY_SLOWDOWN if args.dry_run else 1), args.dry_run)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    check.note(f"results in {out}; budget {args.budget_s:.0f} s")
-    info = record_environment(check)
-    if info is None:
-        built = False
-    else:
-        built = build(check, info)
-    if built:
-        tests(check)
-        sanitizer(check, info)
-        bench(check, "fp32", ["bench bf16"], share=0.5)
-        bench(check, "bf16", [], share=None)
-    else:
-        for step in ("tests", "sanitizer", "bench fp32", "bench bf16"):
-            check.summary(step, "not run (no build)")
+    check.note(f"results in {out}; budget {check.budget_s:.0f} s{'; DRY RUN on the CPU' if args.dry_run else ''}")
+    run_steps(check)
 
     total = time.monotonic() - check.begin
     verdict = "PASS" if not check.failed else f"FAIL ({', '.join(check.failed)})"
-    head = [f"incseg_fast gpu-check, {started}, {total:.0f} s (budget {args.budget_s:.0f} s)"]
+    kind = "gpu-dry-run" if args.dry_run else "gpu-check"
+    head = [f"incseg_fast {kind}, {started}, {total:.0f} s (budget {check.budget_s:.0f} s)"]
     files = sorted(set(os.listdir(out)) | {"summary.txt"})
     tail = [f"{'verdict':<{LABEL}}{verdict}", f"{'files':<{LABEL}}{out}: {' '.join(files)}"]
     text = "\n".join(head + check.lines + tail) + "\n"

@@ -1,17 +1,20 @@
 """Every compiled op once, forward and backward, on small odd shapes, checked against the float64 reference.
 
-    python3 tools/gpu_smoke.py [--backend cuda|cpu|cuda_emulator]
+    python3 tools/gpu_smoke.py [--backend cuda,triton,cpu,cuda_emulator] [--tiny] [--dtypes float32,...]
 
 Made to run under compute-sanitizer (tools/gpu_check.py): few, small launches that still reach
 every kernel instantiation (float32, float64, bfloat16, float16; pixel counts that take the
 one-pixel-per-thread tails and multiples of 16 that take the packed loads; every loss mode and
 reduction; the logit losses with size=; gradient subsets), and a result check so that it is a
-useful smoke test on its own.
+useful smoke test on its own. ``--tiny`` keeps every op and kernel, forward and backward, in
+float32, bfloat16 and float16 on one odd and one packed shape, with one loss mode each: what the
+slower compute-sanitizer tools and the first compilation of each Triton kernel can afford.
 The ops are called through the backend contract of DEVELOPERS.md (``incseg_fast.ops.OpBackend``)
 and compared with ``incseg_fast.reference`` run on float64 copies of the same values, at the
-parity suites' tolerances (``incseg_fast.vocabulary.RTOL``). ``--backend cpu`` or ``cuda_emulator``
-runs the same script on CPU tensors (to check the script itself without a GPU).
-Prints one line per case and a verdict; exits 1 on any mismatch, error or missing CUDA kernel.
+parity suites' tolerances (``incseg_fast.vocabulary.RTOL``). ``--backend`` takes a comma-separated
+list, run in turn; ``cpu``, ``cuda_emulator`` and ``triton`` under ``TRITON_INTERPRET=1`` run on
+CPU tensors (to check the script itself without a GPU).
+Prints one line per case and a verdict per backend; exits 1 on any mismatch, error or missing kernel.
 """
 
 import argparse
@@ -23,7 +26,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
-from incseg_fast import ops, reference  # noqa: E402
+from incseg_fast import _backends, ops, reference  # noqa: E402
 from incseg_fast.vocabulary import CE_MODES, KD_MODES, REDUCTIONS, RTOL  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -155,82 +158,94 @@ def structured_case(backend, device, generator, dtype, shape, wanted):
     return max(errors)
 
 
+def _name(dtype):
+    return str(dtype)[6:]
+
+
+def _logit(dtype, shape, ce, kd, reduction, label_dtype, with_mask, low_res=None):
+    """A logit-losses case (family, description, function, keyword arguments)."""
+    where = f"size={shape[3:]} x {low_res[0][0]}x{low_res[0][1]} y {low_res[1][0]}x{low_res[1][1]}" if low_res else ""
+    return (
+        "logit losses",
+        f"{_name(dtype)} {where or shape} ce={ce} kd={kd} {reduction} {_name(label_dtype)}"
+        f"{' mask' if with_mask else ''}",
+        logit_case,
+        dict(
+            dtype=dtype,
+            shape=shape,
+            ce=ce,
+            kd=kd,
+            reduction=reduction,
+            label_dtype=label_dtype,
+            with_mask=with_mask,
+            **({"low_res": low_res} if low_res else {}),
+        ),
+    )
+
+
+def _attentive(dtype, shape, reduction, detach, wanted):
+    grads = "".join(n for n, w in zip("fgab", wanted, strict=True) if w)
+    return (
+        "attentive distillation",
+        f"{_name(dtype)} {shape} {reduction} detach_spatial={detach} grads={grads}",
+        attentive_case,
+        dict(dtype=dtype, shape=shape, reduction=reduction, detach_spatial=detach, wanted=wanted),
+    )
+
+
+def _structured(dtype, shape, wanted):
+    grads = ",".join(n for n, w in zip(("v", "a_ch", "a_sp"), wanted, strict=True) if w)
+    return (
+        "structured attention",
+        f"{_name(dtype)} {shape} grads={grads}",
+        structured_case,
+        dict(dtype=dtype, shape=shape, wanted=wanted),
+    )
+
+
+# size=: the upsampled forward and the gather backward; 19 channels take the CUDA gather's 8-channel
+# groups across Co and a tail, x's 9 x 17 elements two blocks, and y has its own resolution.
+UPSAMPLED_SHAPE = (2, 19, 11, 37, 70)
+UPSAMPLED_LOW_RES = ((9, 17), (5, 6))
+
+
 def cases():
     """(family, description, function, keyword arguments) of every call."""
     modes = [(ce, kd) for ce, kd in itertools.product(CE_MODES, KD_MODES) if (ce, kd) != ("none", "none")]
     for dtype, shape in itertools.product(DTYPES, LOGIT_SHAPES):
         for i, (ce, kd) in enumerate(modes):
-            reduction, label_dtype = REDUCTIONS[i % 3], LABEL_DTYPES[i % 3]
-            with_mask = kd != "none" and i % 2 == 0
-            yield (
-                "logit losses",
-                f"{str(dtype)[6:]} {shape} ce={ce} kd={kd} {reduction} {str(label_dtype)[6:]}"
-                f"{' mask' if with_mask else ''}",
-                logit_case,
-                dict(
-                    dtype=dtype,
-                    shape=shape,
-                    ce=ce,
-                    kd=kd,
-                    reduction=reduction,
-                    label_dtype=label_dtype,
-                    with_mask=with_mask,
-                ),
-            )
-    # size=: the upsampled forward and the gather backward; 19 channels take the CUDA gather's 8-channel
-    # groups across Co and a tail, x's 9 x 17 elements two blocks, and y has its own resolution.
+            yield _logit(dtype, shape, ce, kd, REDUCTIONS[i % 3], LABEL_DTYPES[i % 3], kd != "none" and i % 2 == 0)
     for i, dtype in enumerate(DTYPES):
         ce, kd = modes[(5 * i) % len(modes)]
-        yield (
-            "logit losses",
-            f"{str(dtype)[6:]} size=(37, 70) x 9x17 y 5x6 ce={ce} kd={kd} {REDUCTIONS[i % 3]}",
-            logit_case,
-            dict(
-                dtype=dtype,
-                shape=(2, 19, 11, 37, 70),
-                ce=ce,
-                kd=kd,
-                reduction=REDUCTIONS[i % 3],
-                label_dtype=torch.int64,
-                with_mask=kd != "none",
-                low_res=((9, 17), (5, 6)),
-            ),
-        )
+        yield _logit(dtype, UPSAMPLED_SHAPE, ce, kd, REDUCTIONS[i % 3], torch.int64, kd != "none", UPSAMPLED_LOW_RES)
     for shape in ((2, 5, 5, 7, 9), (2, 5, 1, 7, 9)):  # the C == Co and Co == 1 edges
-        yield (
-            "logit losses",
-            f"float32 {shape} ce=unbiased kd=unbiased mean",
-            logit_case,
-            dict(
-                dtype=torch.float32,
-                shape=shape,
-                ce="unbiased",
-                kd="unbiased",
-                reduction="mean",
-                label_dtype=torch.int64,
-                with_mask=False,
-            ),
-        )
+        yield _logit(torch.float32, shape, "unbiased", "unbiased", "mean", torch.int64, False)
     subsets = ((True, True, True, True), (True, False, True, False), (False, True, False, True))
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
         for j, (reduction, detach) in enumerate(itertools.product(("mean", "sum"), (False, True))):
-            wanted = subsets[(i + j) % len(subsets)]
-            yield (
-                "attentive distillation",
-                f"{str(dtype)[6:]} {shape} {reduction} detach_spatial={detach} "
-                f"grads={''.join(n for n, w in zip('fgab', wanted, strict=True) if w)}",
-                attentive_case,
-                dict(dtype=dtype, shape=shape, reduction=reduction, detach_spatial=detach, wanted=wanted),
-            )
+            yield _attentive(dtype, shape, reduction, detach, subsets[(i + j) % len(subsets)])
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
-        wanted = ((True, True, True), (False, True, True), (True, False, False))[i % 3]
-        yield (
-            "structured attention",
-            f"{str(dtype)[6:]} {shape} grads="
-            f"{','.join(n for n, w in zip(('v', 'a_ch', 'a_sp'), wanted, strict=True) if w)}",
-            structured_case,
-            dict(dtype=dtype, shape=shape, wanted=wanted),
-        )
+        yield _structured(dtype, shape, ((True, True, True), (False, True, True), (True, False, False))[i % 3])
+
+
+TINY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The same channel groups, blocks and teacher resolution on fewer output pixels (the Triton
+# interpreter takes seconds per upsampled call).
+TINY_UPSAMPLED_SHAPE = (2, 19, 11, 13, 23)
+
+
+def tiny_cases():
+    """Every op and kernel, forward and backward, once per dtype of TINY_DTYPES: the logit losses on
+    the odd shape and the packed one (two mode pairs, both with a mask) and with size=, the attention
+    ops on both shapes with every gradient."""
+    for dtype in TINY_DTYPES:
+        odd, packed = LOGIT_SHAPES
+        yield _logit(dtype, odd, "unbiased", "unbiased", "mean", torch.int64, True)
+        yield _logit(dtype, packed, "plain", "balanced", "none", torch.int32, True)
+        yield _logit(dtype, TINY_UPSAMPLED_SHAPE, "unbiased", "unbiased", "sum", torch.int64, True, UPSAMPLED_LOW_RES)
+        for shape in FEATURE_SHAPES:
+            yield _attentive(dtype, shape, "mean", False, (True, True, True, True))
+            yield _structured(dtype, shape, (True, True, True))
 
 
 def missing_kernels(namespace, dispatch_key):
@@ -245,26 +260,35 @@ def missing_kernels(namespace, dispatch_key):
     return missing
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tools/gpu_smoke.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", choices=("cuda", "cpu", "cuda_emulator"), default="cuda")
-    args = parser.parse_args(argv)
-    if not ops.HAS_EXTENSION:
-        print(f"gpu-smoke: FAIL: incseg_fast._C is not built ({ops.IMPORT_ERROR})")
-        return 1
-    if args.backend == "cuda" and not torch.cuda.is_available():
-        print("gpu-smoke: FAIL: --backend cuda needs a CUDA device")
-        return 1
-    backend = ops.CUDA_EMULATOR if args.backend == "cuda_emulator" else ops.COMPILED
-    device = "cuda" if args.backend == "cuda" else "cpu"
+BACKENDS = ("cuda", "triton", "cpu", "cuda_emulator")
+
+
+def backend_and_device(name):
+    """(OpBackend, device) of a backend name; ValueError when it cannot run here."""
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--backend cuda needs a CUDA device")
+        return ops.COMPILED, "cuda"
+    if name == "triton":  # on CPU tensors only under TRITON_INTERPRET=1 (resolve says so)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return _backends.resolve("triton", torch.device(device)), device
+    return (ops.CUDA_EMULATOR if name == "cuda_emulator" else ops.COMPILED), "cpu"
+
+
+def run_backend(name, selected_cases):
+    """Runs the cases on one backend, one line each; returns (passed, failed, families without kernels)."""
+    try:
+        backend, device = backend_and_device(name)
+    except (ValueError, RuntimeError) as error:
+        print(f"FAIL  backend {name}: {error}")
+        return 0, 1, {}
     missing = missing_kernels(backend.namespace, "CUDA" if device == "cuda" else "CPU")
     for family, names in missing.items():
-        print(f"MISSING {family}: no {device.upper()} kernel for {', '.join(names)} (its calls are skipped)")
-
+        print(f"MISSING {name} {family}: no {device.upper()} kernel for {', '.join(names)} (its calls are skipped)")
     generator = torch.Generator().manual_seed(20261121)
     passed = failed = 0
     worst = {}
-    for family, description, function, kwargs in cases():
+    for family, description, function, kwargs in selected_cases:
         if family in missing:
             continue
         try:
@@ -274,17 +298,65 @@ def main(argv=None):
         except Exception as exception:  # report every case, then fail
             failed += 1
             detail = str(exception) if isinstance(exception, Mismatch) else traceback.format_exc(limit=3)
-            print(f"FAIL  {family}: {description}: {detail.strip()}")
+            print(f"FAIL  {name} {family}: {description}: {detail.strip()}")
             continue
         passed += 1
         worst[family] = max(worst.get(family, 0.0), error)
-        print(f"ok    {family}: {description} (max rel err {error:.1e})")
+        print(f"ok    {name} {family}: {description} (max rel err {error:.1e})")
     for family, error in worst.items():
-        print(f"{family}: worst relative error {error:.1e}")
+        print(f"{name} {family}: worst relative error {error:.1e}")
+    return passed, failed, missing
+
+
+def _backend_list(text):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(BACKENDS)})"
+        )
+    return names
+
+
+DTYPE_NAMES = {_name(dtype): dtype for dtype in DTYPES}
+
+
+def _dtype_list(text):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(DTYPE_NAMES)})"
+        )
+    return [DTYPE_NAMES[n] for n in names]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tools/gpu_smoke.py", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--backend", type=_backend_list, default=["cuda"], help=f"comma-separated, from {','.join(BACKENDS)}"
+    )
+    parser.add_argument("--tiny", action="store_true", help="every op and kernel once per dtype (tiny_cases)")
+    parser.add_argument(
+        "--dtypes", type=_dtype_list, help=f"comma-separated, from {','.join(DTYPE_NAMES)} (default: all)"
+    )
+    args = parser.parse_args(argv)
+    if not ops.HAS_EXTENSION:
+        print(f"gpu-smoke: FAIL: incseg_fast._C is not built ({ops.IMPORT_ERROR})")
+        return 1
+    selected = [
+        c for c in (tiny_cases() if args.tiny else cases()) if args.dtypes is None or c[3]["dtype"] in args.dtypes
+    ]
+    passed = failed = 0
+    missing = []
+    for name in args.backend:
+        backend_passed, backend_failed, backend_missing = run_backend(name, selected)
+        passed, failed = passed + backend_passed, failed + backend_failed
+        missing += [f"{name} {family}" for family in backend_missing]
     ok = failed == 0 and not missing and passed > 0
     print(
-        f"gpu-smoke: {'PASS' if ok else 'FAIL'}: backend {args.backend}, {passed} cases passed, {failed} failed"
-        f"{', missing kernels for ' + ', '.join(missing) if missing else ''}"
+        f"gpu-smoke: {'PASS' if ok else 'FAIL'}: backend {','.join(args.backend)}, {passed} cases passed, "
+        f"{failed} failed{', missing kernels for ' + ', '.join(missing) if missing else ''}"
     )
     return 0 if ok else 1
 

@@ -54,6 +54,9 @@ SIZES = {
         Size("voc", "logits", (4, 21, 16, 256, 256)),
         Size("ade", "logits", (2, 151, 101, 128, 128)),
         Size("voc512", "logits", (8, 21, 16, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
+        # The papers' batch of 24 at 512 x 512 (tools/gpu_check.py): logits far beyond a GPU's L2.
+        Size("voc512_b24", "logits", (24, 21, 16, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
+        Size("ade512_b24", "logits", (24, 151, 101, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
         Size("feat2048", "features", (4, 2048, 32, 32)),
         Size("feat256", "features", (4, 256, 64, 64)),
         Size("feat2048x64", "features", (8, 2048, 64, 64), cuda_only=True),
@@ -64,6 +67,7 @@ SIZES = {
         Size("voc512_s8", "upsampled", (8, 21, 16, 512, 512, 8), cuda_only=True),
         Size("voc512_s16", "upsampled", (8, 21, 16, 512, 512, 16), cuda_only=True),
         Size("ade512_s8", "upsampled", (4, 151, 101, 512, 512, 8), cuda_only=True),
+        Size("voc512_s16_b24", "upsampled", (24, 21, 16, 512, 512, 16), cuda_only=True, dtypes=("fp32", "bf16")),
         # Small odd shapes for smoke tests (--quick).
         Size("quick_logits", "logits", (2, 21, 16, 45, 53), quick=True),
         Size("quick_features", "features", (2, 96, 19, 23), quick=True),

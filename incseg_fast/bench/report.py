@@ -370,12 +370,20 @@ def main(argv=None):
     fused = bench_cases.fused_backends(args.device)
     print(format_header(info, args, copy_bytes_per_s, fused), flush=True)
 
-    records, interrupted = [], False
+    records, failed_cases, done, interrupted = [], [], 0, False
     try:
         for case in selected:
             if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
                 break
-            record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
+            try:
+                record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
+            except torch.OutOfMemoryError as error:  # a size too large for this device: the others still run
+                failed_cases.append({"case": case.name, "error": f"OutOfMemoryError: {error}".splitlines()[0][:200]})
+                _log(f"{case.name}: FAILED, out of memory")
+                torch.cuda.empty_cache()
+                done += 1
+                continue
+            done += 1
             record["speedups"] = speedups(record)
             record["copy_bytes_per_s"] = copy_bytes_per_s
             records.append(record)
@@ -384,7 +392,9 @@ def main(argv=None):
         interrupted = True
         _log("interrupted: reporting the cases measured so far")
 
-    not_measured = [case.name for case in selected[len(records) :]]
+    for failed in failed_cases:
+        print(f"\nfailed: {failed['case']}: {failed['error']}")
+    not_measured = [case.name for case in selected[done:]]
     if not_measured:
         why = "interrupted" if interrupted else f"--max-seconds {args.max_seconds:g} spent"
         print(f"\nnot measured ({why}): {', '.join(not_measured)}")
@@ -410,6 +420,7 @@ def main(argv=None):
                     "copy_bytes_per_s": copy_bytes_per_s,
                     "fused_backends": fused,
                     "cases": records,
+                    "failed_cases": failed_cases,
                     "not_measured": not_measured,
                     "targets": [dict(zip(("target", "verdict", "value"), v, strict=True)) for v in verdicts],
                 },
