@@ -551,22 +551,63 @@ def _has_ptxas():
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
+def _run_without_interpreter(command):
+    """``command`` from the repository root, with the real Triton compiler (no TRITON_INTERPRET)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+
+
 @pytest.mark.skipif(not _has_ptxas(), reason="triton's bundled ptxas is not installed")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter checks no types or layouts: compile the GPU variants for sm_90 with ptxas."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    result = _run_without_interpreter([sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"])
     assert result.returncode == 0, result.stdout + result.stderr
     for kernel in ("forward", "backward", "_structured_attention_bwd_kernel", "_ad_bwd_kernel"):
         assert kernel in result.stdout
-    assert "FAIL" not in result.stdout
+    assert "FAIL" not in result.stdout  # compile errors and unrounded float32 products in the PTX
+
+
+def test_contracted_products_are_the_unrounded_float32_ones():
+    """aot_check's PTX rule: a float32 fma without .ftz, or a float32 mul/add/sub without a rounding
+    modifier, is a product added unrounded; libdevice's fma.rn.ftz.f32, rounded operations and
+    float64 are not."""
+    aot_check = importlib.import_module("incseg_fast.triton.aot_check")
+    contracted = [
+        "\tfma.rn.f32 \t%r5, %r1, %r2, %r3;",
+        "\t@%p1 fma.rn.f32 \t%r5, %r1, %r2, %r3;",
+        "\tmul.f32 \t%r4, %r1, %r2;",
+        "\tadd.f32 \t%r6, %r4, %r3;",
+        "\tsub.f32 \t%r6, %r4, %r3;",
+    ]
+    rounded = [
+        "\tfma.rn.ftz.f32 \t%r5, %r1, %r2, %r3;",
+        "\tmul.rn.f32 \t%r4, %r1, %r2;",
+        "\tsub.rn.f32 \t%r6, %r4, %r3;",
+        "\tfma.rn.f64 \t%rd5, %rd1, %rd2, %rd3;",
+        "\tmul.lo.s32 \t%r4, %r1, %r2;",
+        "\tex2.approx.f32 \t%r7, %r6;",
+    ]
+    found = aot_check.contracted_products("\n".join(contracted + rounded))
+    assert found == [line.strip() for line in contracted]
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="triton's bundled ptxas is not installed")
+def test_without_fp_fusion_the_backward_rounds_alpha_times_y():
+    """The logit backward (q = exp(alpha y - lse_t)) compiled for sm_90: with Triton's FMA contraction
+    its PTX adds unrounded products, with the launchers' option (enable_fp_fusion=False) none."""
+    script = (
+        "from incseg_fast.triton import aot_check\n"
+        "label, kernel, pointers, consts, warps = next(\n"
+        "    v for v in aot_check.kernels(quick=True) if 'kd=balanced' in v[0] and v[0].endswith('backward'))\n"
+        "for name, options in (('fused', {'enable_fp_fusion': True}), ('launched', {})):\n"
+        "    ptx = aot_check.compile_kernel(kernel, pointers, consts, 90, warps, **options).asm['ptx']\n"
+        "    print(name, len(aot_check.contracted_products(ptx)))\n"
+    )
+    result = _run_without_interpreter([sys.executable, "-W", "ignore", "-c", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = dict(line.split() for line in result.stdout.splitlines())
+    assert int(counts["fused"]) > 0 and int(counts["launched"]) == 0, result.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -72,8 +72,9 @@ def _resources(cubin):
     return "registers {} stack {} shared {}".format(*match.groups()) if match else "resources unknown"
 
 
-def compile_kernel(kernel, pointer_types, constexprs, arch, num_warps, fp_fusion=_launch.FP_FUSION):
-    """The compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``) for GPUTarget("cuda", arch)."""
+def compile_kernel(kernel, pointer_types, constexprs, arch, num_warps, **options):
+    """The compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``) for GPUTarget("cuda", arch), with the
+    launchers' options (``enable_fp_fusion``) unless ``options`` (Triton's) say otherwise."""
     names = kernel.arg_names
     signature = {}
     for name in names:
@@ -90,7 +91,7 @@ def compile_kernel(kernel, pointer_types, constexprs, arch, num_warps, fp_fusion
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )
-    options = {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
+    options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION, **options}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -123,13 +124,14 @@ def _gpu_tiles(dtype, halved):
 
 def _logit_loss_variants(quick):
     """(ce, kd, reduction, dtype, target type, (BLOCK_C, BLOCK_P, num_warps))."""
-    modes = [(ce, kd) for ce in CE_MODES for kd in KD_MODES if (ce, kd) != ("none", "none")]
+    # Every mode with "mean"; "none" (per-pixel stores instead of partial sums) once per CE and KD mode.
+    modes = [(ce, kd, "mean") for ce in CE_MODES for kd in KD_MODES if (ce, kd) != ("none", "none")]
+    modes += [("unbiased", "unbiased", "none"), ("plain", "plain", "none"), ("none", "balanced", "none")]
     if quick:
-        modes = [("unbiased", "balanced"), ("plain", "plain"), ("none", "unbiased")]
+        modes = [("unbiased", "balanced", "mean"), ("plain", "plain", "mean"), ("none", "unbiased", "mean")]
     (float32_tile,) = _gpu_tiles(torch.float32, halved=False)
-    for ce, kd in modes:
-        for reduction in ("mean",) if quick else ("mean", "none"):
-            yield ce, kd, reduction, torch.float32, "i64", float32_tile
+    for ce, kd, reduction in modes:
+        yield ce, kd, reduction, torch.float32, "i64", float32_tile
     for tile in _gpu_tiles(torch.bfloat16, halved=not quick):
         yield "unbiased", "unbiased", "mean", torch.bfloat16, "i64", tile
     if not quick:
@@ -259,11 +261,11 @@ def kernels(quick):
     yield from _attention_kernels(quick)
 
 
-def compiled_kernels(quick, arch):
+def compiled_kernels(quick, arch, **options):
     """(label, compiled kernel or the exception that stopped it) for each variant, in order."""
     for label, kernel, pointers, constexprs, num_warps in kernels(quick):
         try:
-            yield label, compile_kernel(kernel, pointers, constexprs, arch, num_warps)
+            yield label, compile_kernel(kernel, pointers, constexprs, arch, num_warps, **options)
         except Exception as error:  # report every failing variant, then fail
             yield label, error
 

@@ -31,6 +31,7 @@ from .logit_math import (
     STAT_LSE_TEACHER,
     STAT_ROWS,
     channel_grad,
+    load_target,
     logaddexp,
     pixel_gradient_factors,
     sample,
@@ -121,10 +122,9 @@ def _logit_losses_fwd_kernel(
     x_target = zeros
 
     if CE != "none":
-        target = tl.load(target_ptr + pix, mask=in_image, other=ignore_index).to(tl.int64)
-        valid = in_image & (target != ignore_index)
+        target, valid = load_target(target_ptr + pix, in_image, ignore_index)
     else:
-        target = tl.zeros([BLOCK_P], dtype=tl.int64)
+        target = tl.zeros([BLOCK_P], dtype=tl.int32)
         valid = tl.zeros([BLOCK_P], dtype=tl.int1)
 
     for c0 in range(0, C, BLOCK_C):

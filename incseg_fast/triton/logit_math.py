@@ -55,6 +55,20 @@ def logaddexp(a, b):
     return high + tl.log(1.0 + tl.exp(low - high))
 
 
+# The label of each pixel as a channel index: t in [0, C) where valid (t != ignore_index and the pixel
+# is on), -1 elsewhere. int32 (the labels may be int64): half the registers of the forward's
+# per-pixel state (the bfloat16 forward needed 255 registers with int64 labels, 181 with these).
+@triton.jit
+def load_target(
+    targets,  # pointers to the pixels' labels (any int dtype)
+    on,  # the pixels to read
+    ignore_index,
+):
+    label = tl.load(targets, mask=on, other=ignore_index)
+    valid = on & (label != ignore_index)
+    return tl.where(valid, label.to(tl.int32), -1), valid
+
+
 # q = exp(alpha y - lse_teacher), the teacher's probability. alpha y is rounded before the
 # subtraction (no fused multiply-add): the forward's running maximum holds the rounded product, and
 # a one-hot teacher at |alpha y| ~ 1e4 must give q = exp(0) = 1, not exp(the product's rounding error).
@@ -175,11 +189,10 @@ def pixel_gradient_factors(
     coef_bg = zeros
     w_target = zeros
     w_teacher = zeros
-    target = tl.zeros(on.shape, dtype=tl.int64)
+    target = tl.zeros(on.shape, dtype=tl.int32)
 
     if CE != "none":
-        target = tl.load(target_ptr + pix, mask=on, other=ignore_index).to(tl.int64)
-        valid = on & (target != ignore_index)
+        target, valid = load_target(target_ptr + pix, on, ignore_index)
         if PER_PIXEL:
             w_ce = tl.load(grad_ce_ptr + pix, mask=on, other=0.0).to(ACC)
         else:
