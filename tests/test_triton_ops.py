@@ -568,6 +568,46 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "FAIL" not in result.stdout  # compile errors and unrounded float32 products in the PTX
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records the launches through the interpreter")
+def test_every_launch_disables_fp_fusion(monkeypatch, generator):
+    """Every kernel launch passes enable_fp_fusion=False (the interpreter drops it, the GPU compiles with it)."""
+    interpreter = importlib.import_module("triton.runtime.interpreter")
+    launches = []
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(kernel, *args, **kwargs):
+        launches.append((kernel.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return run(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    inputs = make_logit_inputs(generator, 1, 5, 3, 4, 5, torch.float32, ce="unbiased", kd="balanced", with_mask=True)
+    options = dict(old_classes=3, ce="unbiased", kd="balanced", alpha=1.0, ignore_index=IGNORE, reduction="mean")
+    check_logit_losses(*inputs, dtype=torch.float32, generator=generator, **options)
+    check_upsampled(generator, B=1, C=5, Co=3, x_size=(3, 4), y_size=(3, 4), size=(6, 8))
+    f, g = (random(generator, 1, 4, 3, 5, dtype=torch.float32) for _ in range(2))
+    a, b = (random(generator, 1, 4, dtype=torch.float32, positive=True) for _ in range(2))
+    options = dict(reduction="mean", detach_spatial=False)
+    check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=True, **options)
+    v = random(generator, 1, 4, 3, 5, dtype=torch.float32, positive=True).requires_grad_()
+    triton_backend.structured_attention(v, a.requires_grad_(), f[:, 0].requires_grad_()).sum().backward()
+    kernels = {name for name, _ in launches}
+    assert {"_logit_losses_fwd_kernel", "_logit_losses_bwd_kernel", "_upsampled_bwd_kernel"} <= kernels
+    assert {"_finish_reduction_kernel", "_ad_bwd_kernel", "_structured_attention_bwd_kernel"} <= kernels
+    assert all(fusion is False for _, fusion in launches), [name for name, fusion in launches if fusion is not False]
+
+
+def test_gpu_tiles_keep_each_pixels_channels_in_one_thread():
+    """A thread loads 128 bits per channel (4 float32 or 8 16-bit pixels); the GPU tile puts one such
+    pack per thread along the pixel axis, so a thread holds the whole channel tile of its pixels
+    (32 values), and the channel reductions need no shared memory."""
+    launch = importlib.import_module("incseg_fast.triton._launch")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pixels_per_thread = 128 // torch.finfo(dtype).bits
+        block_c, block_p, num_warps = launch.gpu_tile(dtype)
+        assert block_p == pixels_per_thread * 32 * num_warps, dtype
+        assert block_c * pixels_per_thread == 32, dtype
+
+
 def test_contracted_products_are_the_unrounded_float32_ones():
     """aot_check's PTX rule: a float32 fma without .ftz, or a float32 mul/add/sub without a rounding
     modifier, is a product added unrounded; libdevice's fma.rn.ftz.f32, rounded operations and

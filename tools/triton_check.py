@@ -16,7 +16,8 @@ Triton for sm_<arch> with the launchers' options (the real compiler, not the int
    to stay there: a trade of its own for occupancy, which CUDA 12.8's makes without spilling.)
 
 One line per kernel and a final verdict; the exit status is non-zero on any failure. Needs ptxas on
-PATH (next to nvcc) and Triton; no GPU. The PTX is generated for the PTX ISA version of that ptxas.
+PATH (next to nvcc; --ptxas names another, e.g. the one bundled with the GPU machines' Triton) and
+Triton; no GPU. The PTX is generated for the PTX ISA version of that ptxas.
 """
 
 import argparse
@@ -88,10 +89,11 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90)")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the variants")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="ptxas runs at once")
+    parser.add_argument("--ptxas", default="ptxas", help="the ptxas to assemble with (default: the one on PATH)")
     args = parser.parse_args(argv)
-    ptxas = shutil.which("ptxas")
+    ptxas = shutil.which(args.ptxas)
     if ptxas is None:
-        print("triton-check: FAIL: ptxas (CUDA's, next to nvcc) is not on PATH", file=sys.stderr)
+        print(f"triton-check: FAIL: ptxas not found: {args.ptxas} (CUDA's is next to nvcc)", file=sys.stderr)
         return 2
     try:
         from incseg_fast.triton import aot_check

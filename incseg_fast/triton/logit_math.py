@@ -15,8 +15,8 @@ Values that travel together are tuples (Triton passes them to jit functions as o
 
 Rounding: every kernel is compiled with ``enable_fp_fusion=False`` (``_launch.FP_FUSION``), so a
 product such as ``alpha * y`` is rounded before it is compared or subtracted, as on the CPU
-(``-ffp-contract=off``) and in the CUDA kernels (``__fmul_rn``); ``aot_check`` fails on any
-``fma.f32`` in the compiled kernels.
+(``-ffp-contract=off``) and in the CUDA kernels (``__fmul_rn``); ``aot_check`` fails on an
+unrounded float32 product in the kernels' PTX.
 """
 
 import triton
@@ -56,8 +56,8 @@ def logaddexp(a, b):
 
 
 # The label of each pixel as a channel index: t in [0, C) where valid (t != ignore_index and the pixel
-# is on), -1 elsewhere. int32 (the labels may be int64): half the registers of the forward's
-# per-pixel state (the bfloat16 forward needed 255 registers with int64 labels, 181 with these).
+# is on), -1 elsewhere. int32 whatever the labels' dtype: one register per pixel, not two (the
+# bfloat16 forward's 4 x 1024 tile needed 255 registers with int64 labels, 181 with these).
 @triton.jit
 def load_target(
     targets,  # pointers to the pixels' labels (any int dtype)
