@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTER_CEILING = 255  # per thread, on every architecture Triton compiles for
 SPILL_TOLERANCE = 16  # bytes stored or loaded by a kernel below the ceiling (ptxas's occupancy trade)
 
-os.environ.pop("TRITON_INTERPRET", None)  # read when the kernels are decorated: before the import below
 sys.path.insert(0, ROOT)  # this checkout's package, even where another one is installed
 
 from cuda_check import parse_ptxas  # noqa: E402  (tools/, next to this file)
@@ -95,6 +94,7 @@ def main(argv=None):
     if ptxas is None:
         print(f"triton-check: FAIL: ptxas not found: {args.ptxas} (CUDA's is next to nvcc)", file=sys.stderr)
         return 2
+    os.environ.pop("TRITON_INTERPRET", None)  # read when the kernels are decorated, at this import
     try:
         from incseg_fast.triton import aot_check
     except ImportError as error:
