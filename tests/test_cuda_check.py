@@ -121,3 +121,17 @@ def test_unmatched_packed_templates_names_the_stale_ones():
     kernels = [{"short": f"{name}<float, 4>"} for name in cuda_check.PACKED_TEMPLATES[1:]]
     kernels.append({"short": f"{cuda_check.PACKED_TEMPLATES[0]}<float, 1>"})  # unpacked only
     assert cuda_check.unmatched_packed_templates(kernels) == [cuda_check.PACKED_TEMPLATES[0]]
+
+
+def test_kept_cubins_by_architecture(tmp_path):
+    for name in ("k.compute_80.cubin", "k.compute_90.cubin", "k.ptx"):
+        (tmp_path / name).write_text("")
+    assert cuda_check.kept_cubins(str(tmp_path), ["80", "90"]) == {
+        "sm_80": str(tmp_path / "k.compute_80.cubin"),
+        "sm_90": str(tmp_path / "k.compute_90.cubin"),
+    }
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / "k.cubin").write_text("")  # nvcc's name with one architecture
+    assert cuda_check.kept_cubins(str(single), ["90"]) == {"sm_90": str(single / "k.cubin")}
+    assert cuda_check.kept_cubins(str(single), ["80", "90"]) == {}

@@ -276,14 +276,24 @@ def find_nvdisasm(nvcc):
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def sass_stores(keep_dir, nvdisasm):
+def kept_cubins(keep_dir, archs):
+    """{"sm_XX": path} of the cubins `nvcc --keep` left: `<file>.compute_XX.cubin`, or `<file>.cubin` when
+    it compiled for one architecture only."""
+    found = {}
+    for cubin in sorted(glob.glob(os.path.join(keep_dir, "*.cubin"))):
+        m = re.search(r"\.(?:compute|sm)_(\d+)a?\.cubin$", cubin)
+        if m or len(archs) == 1:
+            found["sm_" + (m.group(1) if m else archs[0])] = cubin
+    return found
+
+
+def sass_stores(keep_dir, archs, nvdisasm):
     """{(mangled kernel, "sm_XX"): [(bits, file, line)]} from the cubins nvcc kept, or a problem string."""
     found = {}
-    cubins = sorted(glob.glob(os.path.join(keep_dir, "*.cubin")))
-    if not cubins:
-        return "nvcc kept no cubin"
-    for cubin in cubins:
-        arch = "sm_" + re.search(r"(\d+)a?\.cubin$", cubin).group(1)
+    cubins = kept_cubins(keep_dir, archs)
+    if sorted(cubins) != sorted(f"sm_{a}" for a in archs):
+        return f"nvcc kept cubins for {', '.join(sorted(cubins)) or 'no architecture'}"
+    for arch, cubin in cubins.items():
         result = subprocess.run([nvdisasm, "-c", "-gi", cubin], capture_output=True, text=True)
         if result.returncode != 0:
             return f"nvdisasm failed on {os.path.basename(cubin)}: {result.stderr.strip()[:200]}"
@@ -337,7 +347,7 @@ def check_kernels(path, archs, nvcc, nvdisasm, torch_flags, tmp):
     warnings = _warnings(output)
     problems = []
     if result.returncode == 0:
-        stores = sass_stores(keep_dir, nvdisasm)
+        stores = sass_stores(keep_dir, archs, nvdisasm)
         if isinstance(stores, str):
             problems.append(stores)
             stores = {}
