@@ -8,7 +8,7 @@
    bytes, printed per kernel. Any warning, any spill or a compile error fails the check.
    Each architecture's SASS (nvdisasm of the cubins nvcc keeps, with line info) gives every
    kernel's global stores by width. A packed kernel (one whose threads own 16-byte packs of pixels:
-   PACKED_KERNEL below) must store 128 bits at a time; its only narrower stores may be the per-warp
+   PACKED_TEMPLATES below) must store 128 bits at a time; its only narrower stores may be the per-warp
    partials of common/grid.h's warp_sum_to (one value per warp by design, told apart by the line
    the store comes from). Any other store narrower than 128 bits there fails the check.
 2. Every csrc/cuda/*.cpp (the torch glue, compiled by the host compiler) gets a syntax-only compile

@@ -33,6 +33,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -306,11 +307,11 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def compile_sm90(path, nvdisasm, tmp):
+def compile_sm90(path, nvcc, nvdisasm, tmp):
     """(registers by kernel short name, SASS functions by short name) of one .cu for sm_90."""
     keep = os.path.join(tmp, os.path.basename(path) + ".keep")
     os.makedirs(keep)
-    command = ["nvcc", "-c", path, "-o", os.path.join(keep, "out.o"), "-I", os.path.join(ROOT, "csrc"),
+    command = [nvcc, "-c", path, "-o", os.path.join(keep, "out.o"), "-I", os.path.join(ROOT, "csrc"),
                *cuda_check.BUILD_NVCC_FLAGS, *cuda_check._nvcc_flags_from_torch(), "-Xptxas", "-v",
                "--keep", "--keep-dir", keep, "-gencode", f"arch=compute_{ARCH},code=sm_{ARCH}"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -330,14 +331,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
-    nvdisasm = cuda_check.find_nvdisasm("nvcc")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("gpu-model: nvcc is not on PATH", file=sys.stderr)
+        return 2
+    nvdisasm = cuda_check.find_nvdisasm(nvcc)
     if nvdisasm is None:
         print("gpu-model: no nvdisasm (CUDA toolkit, or Triton's copy: pip install triton)", file=sys.stderr)
         return 2
     registers, functions = {}, {}
     with tempfile.TemporaryDirectory(prefix="incseg_gpu_model_") as tmp:
         for name in ("logit_losses_kernels.cu", "attention_kernels.cu"):
-            r, f = compile_sm90(os.path.join(ROOT, "csrc", "cuda", name), nvdisasm, tmp)
+            r, f = compile_sm90(os.path.join(ROOT, "csrc", "cuda", name), nvcc, nvdisasm, tmp)
             registers.update(r)
             functions.update(f)
     files = {}
