@@ -8,7 +8,7 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report lint cuda-check gpu-check gpu-dry-run clean
+.PHONY: setup test demo bench report lint cuda-check gpu-model gpu-check gpu-dry-run clean
 
 setup: $(STAMP_BUILD)
 
@@ -48,6 +48,10 @@ lint: $(STAMP_DEPS)
 cuda-check: $(STAMP_DEPS)
 	$(PY) tools/cuda_check.py
 	$(PY) tools/triton_check.py
+
+# The modelled H100 time of the hot CUDA kernels from their sm_90 SASS (docs/KERNELS.md); nvcc, no GPU.
+gpu-model: $(STAMP_DEPS)
+	$(PY) tools/gpu_model.py
 
 # On a GPU machine, with the python3 whose torch has CUDA (no .venv, no install): build, GPU tests,
 # compute-sanitizer, benchmarks; results in $(OUT). Stops at once without a GPU.

@@ -126,9 +126,9 @@ struct Storage<BFloat16> {
   HOST_DEVICE static BFloat16 from(float v) { return BFloat16{float_to_bfloat16(v)}; }
 };
 
-// kVec consecutive elements, aligned so that a load or store of one pack is one wide access, or
-// 16-byte accesses for a larger pack (float32 statistics next to 8 pixels of bfloat16). Callers
-// guarantee the alignment: 16 bytes, or the pack's size if smaller.
+// kVec consecutive elements, aligned so that a load of one pack is one wide access, or 16-byte
+// accesses for a larger pack (float32 statistics next to 8 pixels of bfloat16); store_pack stores
+// them 16 bytes at a time. Callers guarantee the alignment: 16 bytes, or the pack's size if smaller.
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Pack {
   T value[kVec];
@@ -141,12 +141,33 @@ HOST_DEVICE void load_pack(const T* p, acc_t (&out)[kVec]) {
   for (int i = 0; i < kVec; ++i) out[i] = static_cast<acc_t>(to_accumulate(pack.value[i]));
 }
 
+// Stores 16 bytes at p (16-byte aligned, global memory). On the device, one explicit 128-bit store
+// (STG.E.128): a plain copy of a Pack is split into element stores, which the compiler joins again
+// only where it can prove the address aligned, and inside the kernels' channel loops it cannot (their
+// stores were all 32-bit). Plain st.global, not CUDA's __stwb, which compiles to a STRONG.SM store.
+HOST_DEVICE void store_16_bytes(void* p, const void* bytes) {
+#if defined(__CUDA_ARCH__)
+  uint4 v;
+  memcpy(&v, bytes, sizeof(v));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+#else
+  std::memcpy(p, bytes, 16);
+#endif
+}
+
 template <int kVec, typename T, typename acc_t>
 HOST_DEVICE void store_pack(T* p, const acc_t (&in)[kVec]) {
   Pack<T, kVec> pack;
   INCSEG_UNROLL
   for (int i = 0; i < kVec; ++i) pack.value[i] = Storage<T>::from(in[i]);
-  *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+  if constexpr (sizeof(pack) % 16 == 0) {
+    INCSEG_UNROLL
+    for (int k = 0; k < static_cast<int>(sizeof(pack) / 16); ++k) {
+      store_16_bytes(reinterpret_cast<char*>(p) + 16 * k, reinterpret_cast<const char*>(&pack) + 16 * k);
+    }
+  } else {
+    *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+  }
 }
 
 }  // namespace incseg
