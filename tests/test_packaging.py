@@ -2,11 +2,15 @@
 `benchmarks` at the top level, whose `incseg-fast bench` runs from outside the repository."""
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -194,3 +198,28 @@ def test_the_make_build_shows_ninja_s_counter_and_diagnostics_and_logs_everythin
         "  UserWarning: Attempted to use ninja as the BuildExtension backend but we could not find ninja.",
     ]
     assert log.read_text() == build_output
+
+
+def test_python_m_build_makes_an_sdist_that_builds_and_a_wheel_with_the_license(tmp_path):
+    pytest.importorskip("build")
+    # INCSEG_SKIP_EXT=1: the wheel (built from the sdist) without compiling; the sdist is the same
+    environment = dict(os.environ, INCSEG_SKIP_EXT="1")
+    command = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(REPOSITORY)]
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (sdist,) = tmp_path.glob("incseg_fast-*.tar.gz")
+    (wheel,) = tmp_path.glob("incseg_fast-*.whl")
+    prefix = sdist.name.removesuffix(".tar.gz") + "/"
+    carried = {name.removeprefix(prefix) for name in tarfile.open(sdist).getnames()}
+    sources = {str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "csrc").rglob("*") if p.is_file()}
+    needed = {"setup.py", "build_requirements.py", "pyproject.toml", "README.md", "LICENSE", "CITATION.cff"}
+    assert sources and sources | needed | {"CHANGELOG.md"} <= carried
+    licenses = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith("LICENSE")]
+    assert len(licenses) == 1 and ".dist-info/" in licenses[0]
+
+
+def test_citation_and_changelog_name_the_package_s_version():
+    version = re.search(r'^version = "([^"]+)"', (REPOSITORY / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert re.search(rf"^version: {re.escape(version)}$", (REPOSITORY / "CITATION.cff").read_text(), re.MULTILINE)
+    assert f"## [{version}]" in (REPOSITORY / "CHANGELOG.md").read_text()
+    assert "MIT License" in (REPOSITORY / "LICENSE").read_text()
