@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from ._backends import BackendUnavailableError
-from .train.config import TrainConfig
+from .train.config import TrainConfig, option_flag
 from .vocabulary import BACKEND_CHOICES
 
 # what a user can cause and fix: bad options or files, other options in --out, divergence, memory
@@ -74,7 +73,8 @@ def _add_config_options(p: argparse.ArgumentParser, hidden=()) -> None:
     types = typing.get_type_hints(TrainConfig)
     for option in dataclasses.fields(TrainConfig):
         cli = dict(option.metadata["cli"])
-        flag = cli.pop("flag", "--" + option.name.replace("_", "-"))
+        cli.pop("flag", None)
+        flag = option_flag(option.name)
         help_text = argparse.SUPPRESS if option.name in hidden else option.metadata["help"]
         kind = _field_type(types[option.name])
         if kind is bool and "const" in cli:  # a flag that sets a value over the default None
@@ -123,6 +123,10 @@ def _cmd_train(args) -> int:
 
     _set_threads(args.threads)
     cfg = _config(args).resolved()
+    if distributed.from_environment().is_main:
+        from .train.startup import start_line
+
+        print(start_line([cfg]))
     try:
         run(cfg, None if args.step == "all" else [args.step], overwrite=args.overwrite)
     finally:
@@ -188,10 +192,30 @@ def _cmd_ablate(args) -> int:
     return 0
 
 
+def _cmd_env(args) -> int:
+    from ._environment import report
+
+    print("\n".join(report()))
+    return 0
+
+
 def _cmd_bench(rest) -> int:
     from .bench.report import main as report_main  # imported on use: it loads the profiler
 
     return report_main(rest) or 0
+
+
+class _VersionAction(argparse.Action):
+    """--version: the package, torch and the kernels built (loads the extension, so only when asked)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ._environment import version_text
+
+        print(version_text(parser.prog))
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="incseg-fast",
         description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="the package's, torch's and the kernels' versions")
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench,env}")
 
     _add_train(
         sub.add_parser(
@@ -283,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs python -m incseg_fast.bench with the remaining arguments.",
         add_help=False,
     )
+    sub.add_parser(
+        "env",
+        help="what runs where: torch, the kernels built, Triton, each backend and why not, the GPUs",
+        description="Prints torch and its CUDA, whether incseg_fast._C has CUDA kernels and for which "
+        "architectures, Triton, the CPU kernels' instruction set, each backend available or not (and why), "
+        "and the GPUs seen. Include its output in a bug report.",
+    )
     return parser
 
 
@@ -302,7 +333,7 @@ def main(argv=None) -> int:
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate}
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate, "env": _cmd_env}
         return commands[args.command](args)
     except KeyboardInterrupt:
         if args.debug:

@@ -306,5 +306,10 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
     )
     for name, neutral, applies, choice, purpose in rules:
         if not applies and getattr(cfg, name) != neutral:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} does not apply to {choice} (it is for {purpose})")
+            raise ValueError(f"{option_flag(name)} does not apply to {choice} (it is for {purpose})")
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of TrainConfig field ``name``: ``--no-fusion`` for caf_module, else from the name."""
+    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return field.metadata["cli"].get("flag", "--" + name.replace("_", "-"))
