@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -117,3 +118,41 @@ def run_summary(device: torch.device, loss_backend: str, losses, amp: torch.dtyp
     amp_text = "none (float32)" if amp is None else str(amp).removeprefix("torch.")
     count = f"{threads} CPU thread{'s' * (threads != 1)}"
     return f"device {device}; losses {', '.join(losses)} on {chosen}; AMP {amp_text}; {count}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The machine in one phrase, for measured figures: CPU model and count, kernels' ISA, torch."""
+    isa = cpu_isa()
+    kernels = f", CPU kernels {isa}" if isa else ""
+    return f"{_cpu_model()} ({os.cpu_count()} CPUs{kernels}), torch {torch.__version__}"
+
+
+def source_commit() -> str:
+    """The git commit of the source tree the package runs from (``+changes`` when it differs), or "unknown"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        changed = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")

@@ -158,19 +158,33 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .train.demo import run_demo
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 0,1,2, got {text!r}") from None
 
-    run_demo(
-        out=args.out,
+
+def _cmd_demo(args) -> int:
+    from .train.demo import run_demo, run_demo_seeds, seeds_markdown
+
+    options = dict(
         quick=args.quick,
-        seed=args.seed,
         methods=args.methods.split(","),
         loss_backend=args.loss_backend,
-        progress=not args.no_progress,
-        threads=args.threads,
         task=args.task,
+        threads=args.threads,
     )
+    common = dict(options, progress=not args.no_progress, overwrite=args.overwrite)
+    if args.seeds is None:
+        seed = 0 if args.seed is None else args.seed
+        results = {seed: run_demo(out=args.out, seed=seed, **common)["results"]}
+    elif args.seed is not None:
+        raise ValueError("--seed and --seeds both given: --seeds runs every seed it names")
+    else:
+        results = run_demo_seeds(args.seeds, out=args.out, **common)
+    if args.markdown:
+        print(seeds_markdown(results, **options))
     return 0
 
 
@@ -267,8 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, results.csv, results.md and miou.png.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller run without joint (about a minute of one idle core)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and scenes (default 0)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: one per variant: runs/demo, runs/demo-quick, runs/demo-15-1, "
+        "runs/demo-quick-15-1, ...; with --seeds, runs/demo-seeds and so on, a seed<N> folder per seed)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results of other settings in --out (without it, such a run stops and says what differs)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order and scenes (default 0)")
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="run the demo once per seed (e.g. 0,1,2), each in its own folder under --out",
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the results as the README's table: mean ± standard deviation over the seeds, the machine, "
+        "and a stamp of the settings and commit",
+    )
     p.add_argument(
         "--methods",
         default="ft,mib,caf",
