@@ -216,7 +216,7 @@ def _cmd_env(args) -> int:
 def _cmd_bench(rest) -> int:
     from .bench.report import main as report_main  # imported on use: it loads the profiler
 
-    return report_main(rest) or 0
+    return report_main(rest, prog="incseg-fast bench") or 0
 
 
 class _VersionAction(argparse.Action):

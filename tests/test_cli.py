@@ -86,10 +86,10 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_bench_forwards_its_arguments(monkeypatch):
     seen = []
     fake = types.ModuleType("incseg_fast.bench.report")
-    fake.main = lambda argv: seen.append(argv) or 3
+    fake.main = lambda argv, prog: seen.append((argv, prog)) or 3
     monkeypatch.setitem(sys.modules, "incseg_fast.bench.report", fake)
     assert main(["bench", "--quick", "--out", "x"]) == 3
-    assert seen == [["--quick", "--out", "x"]]
+    assert seen == [(["--quick", "--out", "x"], "incseg-fast bench")]
 
 
 # ---------------------------------------------------------------- the error contract (docs/RELIABILITY.md#cli)

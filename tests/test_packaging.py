@@ -223,3 +223,15 @@ def test_citation_and_changelog_name_the_package_s_version():
     assert re.search(rf"^version: {re.escape(version)}$", (REPOSITORY / "CITATION.cff").read_text(), re.MULTILINE)
     assert f"## [{version}]" in (REPOSITORY / "CHANGELOG.md").read_text()
     assert "MIT License" in (REPOSITORY / "LICENSE").read_text()
+
+
+def test_shipped_code_and_documents_name_no_issue_numbers():
+    shipped = [*REPOSITORY.glob("incseg_fast/**/*.py"), *REPOSITORY.glob("tools/*.py"), *REPOSITORY.glob("docs/*.md")]
+    shipped += [REPOSITORY / name for name in ("README.md", "DEVELOPERS.md", "CHANGELOG.md", "setup.py")]
+    numbered = re.compile(r"\bissues?\s*#?\d+", re.IGNORECASE)
+    found = [
+        f"{path.relative_to(REPOSITORY)}: {match.group()}"
+        for path in shipped
+        for match in numbered.finditer(path.read_text())
+    ]
+    assert found == []

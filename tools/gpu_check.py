@@ -53,7 +53,7 @@ TEST_FILES = [
 # runs), "triton" (every test of test_triton_ops.py and the triton backend of the parity suites) and
 # tests named for the GPU (test_gpu_*).
 TEST_SELECTION = "(cuda and not cuda_emulator) or triton or gpu"
-BENCH_SIZES = "voc512,ade,feat2048x64,voc512_s8,voc512_s16"  # the last two: issue 9 (size=)
+BENCH_SIZES = "voc512,ade,feat2048x64,voc512_s8,voc512_s16"  # the last two: the fused upsampling (size=)
 MAX_JOBS = "16"
 LABEL = 12  # width of the step labels in the summary
 BUDGET_S = 420  # all steps; a step's overrun is taken from the later ones, so only the last adds GRACE_S
