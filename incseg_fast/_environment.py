@@ -45,7 +45,7 @@ def kernels_built() -> str:
     if not ops.HAS_EXTENSION:
         return "no compiled kernels (incseg_fast._C is not built: the reference backend only)"
     isa = cpu_isa()
-    cpu = f"CPU ({isa})" if isa else "CPU"
+    cpu = f"CPU (running {isa} here)" if isa else "CPU"
     if not ops.HAS_CUDA_KERNELS:
         return f"{cpu}; no CUDA kernels"
     archs = cuda_archs()

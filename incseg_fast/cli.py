@@ -166,8 +166,10 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _cmd_demo(args) -> int:
+    from ._environment import source_commit
     from .train.demo import run_demo, run_demo_seeds, seeds_markdown
 
+    commit = source_commit()  # the code that trains, whatever changes while it runs
     options = dict(
         quick=args.quick,
         methods=args.methods.split(","),
@@ -184,7 +186,7 @@ def _cmd_demo(args) -> int:
     else:
         results = run_demo_seeds(args.seeds, out=args.out, **common)
     if args.markdown:
-        print(seeds_markdown(results, **options))
+        print(seeds_markdown(results, commit=commit, **options))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .._atomic import write_atomic
-from .._environment import machine, source_commit
+from .._environment import machine
 from ..data import get_task
 from .config import METHODS, TrainConfig
 from .pictures import PICTURE_IMAGES
@@ -273,17 +273,19 @@ def _mean_and_spread(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def seeds_markdown(results_by_seed: dict[int, dict], *, quick, methods, loss_backend, task, threads) -> str:
+def seeds_markdown(results_by_seed: dict[int, dict], *, quick, methods, loss_backend, task, threads, commit) -> str:
     """The table of the README: each method's old/new/all mIoU after the last step, mean ± standard
-    deviation over the seeds, with the machine, and the stamp of the settings and commit."""
+    deviation over the seeds, with the machine, and the stamp of the settings and of the commit
+    that trained them (``source_commit()`` taken when the run started)."""
     seeds = sorted(results_by_seed)
     stamp = settings_stamp(seeds, quick=quick, methods=methods, loss_backend=loss_backend, task=task)
     command = "incseg-fast demo" + " --quick" * quick + (f" --task {task}" if task != "15-5" else "")
     command += f" --seeds {','.join(map(str, seeds))} --markdown"
     old_label, new_label = old_new_labels(get_task("synthetic", task))
     lines = [
-        f"<!-- demo table: {command}; settings {stamp}; commit {source_commit()} -->",
-        f"mIoU (%) after the last step, mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
+        f"<!-- demo table: {command}; settings {stamp}; commit {commit} -->",
+        f"synthetic {task} disjoint, {'quick' if quick else 'full'} demo: mIoU (%) after the last step, "
+        f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
         f"{machine()}, {threads} thread{'s' * (threads != 1)}:",
         "",
         f"| method | {old_label} | {new_label} | all |",
