@@ -100,7 +100,8 @@ def test_every_text_is_at_least_12_pixels_and_the_title_names_step_and_task():
     images = torch.randn(PICTURE_IMAGES, 3, 24, 24, generator=generator)
     labels = torch.randint(0, 21, (PICTURE_IMAGES, 24, 24), generator=generator)
     title = "synthetic 15-5 disjoint, step 1"
-    fig = predictions_figure(images, labels, {"ft": labels, "mib": labels}, None, title)
+    names = [f"class-{c}-with-a-long-name" for c in range(21)]
+    fig = predictions_figure(images, labels, {"every method": labels}, names, title)
     try:
         legend_texts = fig.legends[0].get_texts()
         assert len(legend_texts) == 22  # 21 classes and "ignored"
@@ -114,7 +115,9 @@ def test_every_text_is_at_least_12_pixels_and_the_title_names_step_and_task():
         renderer = fig.canvas.get_renderer()
         grid_bottom = min(ax.get_window_extent(renderer).y0 for ax in fig.axes)
         grid_top = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
-        assert fig.legends[0].get_window_extent(renderer).y1 <= grid_bottom
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert legend.y1 <= grid_bottom and legend.y0 >= 0
+        assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width  # the longest names fit across
         assert fig._suptitle.get_window_extent(renderer).y0 >= grid_top
     finally:
         plt.close(fig)

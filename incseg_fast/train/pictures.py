@@ -87,10 +87,12 @@ def write_predictions_picture(path, images, labels, predictions: dict, class_nam
     return None
 
 
-def legend_inches(entries: int, columns: int) -> tuple[int, float]:
-    """(legend columns, height of the legend strip below the grid) for ``entries`` at TEXT_PIXELS."""
-    per_row = max(1, min(entries, round(PANEL_INCHES * columns * DPI) // 110))
-    rows = -(-entries // per_row)
+def legend_inches(labels: list[str], columns: int) -> tuple[int, float]:
+    """(legend columns, height of the legend strip below the grid) for ``labels`` at TEXT_PIXELS in
+    a picture of ``columns`` panels: as many legend columns as the longest label lets fit."""
+    entry_pixels = (0.65 * max(map(len, labels)) + 4) * TEXT_PIXELS  # text, patch and gaps
+    per_row = max(1, min(len(labels), int(PANEL_INCHES * columns * DPI // entry_pixels)))
+    rows = -(-len(labels) // per_row)
     return per_row, (rows * 1.6 * TEXT_PIXELS + 10) / DPI
 
 
@@ -105,7 +107,7 @@ def predictions_figure(images, labels, predictions: dict, class_names, title: st
     palette = voc_palette()
     handles = [Patch(color=palette[c] / 255, label=_class_name(class_names, c)) for c in shown]
     handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
-    legend_columns, legend_height = legend_inches(len(handles), len(columns))
+    legend_columns, legend_height = legend_inches([h.get_label() for h in handles], len(columns))
     height = PANEL_INCHES * rows + legend_height + TITLE_INCHES
     fig, axes = plt.subplots(rows, len(columns), figsize=(PANEL_INCHES * len(columns), height), dpi=DPI, squeeze=False)
     for r in range(rows):
