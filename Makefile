@@ -1,12 +1,16 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv (once), install pinned dependencies (once) and build the extension.
 PYTHON ?= python3
+SHELL  := /bin/bash
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
+BUILD_LOG   := $(VENV)/build.log
+# extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU index>" (README)
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup test demo bench report lint cuda-check gpu-model gpu-check gpu-dry-run clean
 
@@ -15,14 +19,20 @@ setup: $(STAMP_BUILD)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned (an open range would pull the CUDA build); it is skipped when already importable.
+# torch is pinned; it is skipped when already importable. Which build the package index serves
+# (CPU or CUDA) is the index's choice: README.md, "Two commands".
 $(STAMP_DEPS): $(PY) requirements-dev.txt
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
+# About 20 CPU-minutes of C++ (more with CUDA kernels): say so first, then show ninja's counter,
+# with the whole output in $(BUILD_LOG) (its end is printed when the build fails).
 $(STAMP_BUILD): $(STAMP_DEPS) $(EXT_SOURCES)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q -e . --no-build-isolation --no-deps
+	@jobs=$${MAX_JOBS:-2}; echo "building the C++ extension: about $$(( (20 + jobs - 1) / jobs )) minutes here" \
+		"with MAX_JOBS=$$jobs (more jobs: faster, on more cores); full log in $(BUILD_LOG)"
+	@set -o pipefail; MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -v -e . --no-build-isolation --no-deps 2>&1 \
+		| $(PY) tools/build_progress.py $(BUILD_LOG) || { tail -n 30 $(BUILD_LOG); exit 1; }
 	touch $@
 
 test: setup

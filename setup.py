@@ -13,14 +13,16 @@ Environment switches:
 
 import glob
 import os
-
-from setuptools import setup
+import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_requirements.py, beside this file, whichever folder the build runs in
+import build_requirements  # noqa: E402  (standard library only)
 
+build_requirements.check()  # before setuptools and torch are imported: one line saying what to install
+_flag = build_requirements.flag
 
-def _flag(name):
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+from setuptools import setup  # noqa: E402
 
 
 def _default_cuda_arch_list(torch):

@@ -9,6 +9,7 @@ lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpret
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -67,13 +68,43 @@ def _module(name):
     return _MODULES[name]
 
 
+def auto_choice(device):
+    """The backend that ``backend="auto"`` runs for tensors on ``device`` (CUDA: cuda > triton >
+    reference; otherwise cpu > reference)."""
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return next(n for n in order if unavailable_reason(n) is None)
+
+
+class ReferenceFallbackWarning(UserWarning):
+    """``backend="auto"`` runs plain PyTorch on CUDA tensors: neither fused GPU backend can run."""
+
+
+_warned_reference_on_cuda = False
+
+
+def _warn_reference_on_cuda():
+    """Once per process: a CUDA user expects fused kernels, and would otherwise not know why they are slow."""
+    global _warned_reference_on_cuda
+    if _warned_reference_on_cuda:
+        return
+    _warned_reference_on_cuda = True
+    warnings.warn(
+        "incseg_fast: backend='auto' runs the reference backend (plain PyTorch, slower and heavier) on CUDA "
+        f"tensors: cuda is unavailable ({unavailable_reason('cuda')}), and so is triton "
+        f"({unavailable_reason('triton')}); `incseg-fast env` says more",
+        ReferenceFallbackWarning,
+        stacklevel=4,
+    )
+
+
 def resolve(backend, device):
     """The backend module for a call whose tensors live on ``device``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-        name = next(n for n in order if unavailable_reason(n) is None)
+        name = auto_choice(device)
+        if name == "reference" and device.type == "cuda":
+            _warn_reference_on_cuda()
         return _module(name)
 
     reason = unavailable_reason(backend)  # raises ValueError for unknown names

@@ -108,6 +108,17 @@ def pixel_shape(x, size):
     return (x.shape[0], *(x.shape[2:] if size is None else size))
 
 
+def size_hint(value, name, x, size):
+    """``: pass size=...`` when ``value`` (B, ..., H, W) is at a higher resolution than x and no size
+    was given: a MiB-style trainer whose logits stay at the network's resolution (MATH.md#upsampling)."""
+    if size is not None or value.dim() < 3 or value.shape[0] != x.shape[0]:
+        return ""
+    (H, W), (h, w) = value.shape[-2:], x.shape[2:]
+    if (H, W) == (h, w) or H < h or W < w:
+        return ""
+    return f": pass size={name}.shape[-2:] to compute the loss at that resolution (the logits are upsampled to it)"
+
+
 def teacher(y, x, name="y", x_name="x", size=None, size_name="size"):
     """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant.
     With ``size=(H, W)``, y may have any resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W."""
@@ -117,6 +128,7 @@ def teacher(y, x, name="y", x_name="x", size=None, size_name="size"):
     if size is None and (y.shape[0] != B or y.shape[2:] != x.shape[2:]):
         raise ValueError(
             f"{name} must have shape (B, Co, H, W) = ({B}, Co, {H}, {W}) like {x_name}, got {tuple(y.shape)}"
+            + (" (or pass size=(H, W), the labels' resolution, to upsample both to it)" if y.shape[0] == B else "")
         )
     if size is not None:
         if y.shape[0] != B:
@@ -149,7 +161,8 @@ def labels(t, x, ignore_index, name="t", x_name="x", size=None):
     C = x.shape[1]
     pixels = pixel_shape(x, size)
     if t.shape != pixels:
-        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(t.shape)}")
+        hint = size_hint(t, name, x, size)
+        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(t.shape)}{hint}")
     same_device(t, name, x, x_name)
     out_of_range = ((t < 0) | (t >= C)) & ~ignored(t, ignore_index)
     if torch.compiler.is_compiling():
@@ -174,7 +187,8 @@ def mask(m, x, name="mask", x_name="x", size=None):
         raise TypeError(f"{name} must be a bool or floating tensor, got {m.dtype}")
     pixels = pixel_shape(x, size)
     if m.shape != pixels:
-        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(m.shape)}")
+        hint = size_hint(m, name, x, size)
+        raise ValueError(f"{name} must have shape (B, H, W) = {pixels}, got {tuple(m.shape)}{hint}")
     same_device(m, name, x, x_name)
     return m.detach().to(accumulation_dtype(x.dtype)).contiguous()
 

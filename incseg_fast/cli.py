@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from ._backends import BackendUnavailableError
 from ._errors import OneLineParser
-from .train.config import AT_LEAST_ONE, NOT_NEGATIVE, Range, TrainConfig, option_type
+from .train.config import AT_LEAST_ONE, NOT_NEGATIVE, Range, TrainConfig, option_flag, option_type
 from .vocabulary import BACKEND_CHOICES
 
 # what a user can cause and fix: bad options or files, other options in --out, divergence, memory
@@ -77,7 +76,8 @@ def _add_config_options(p: argparse.ArgumentParser, hidden=()) -> None:
     types = typing.get_type_hints(TrainConfig)
     for option in dataclasses.fields(TrainConfig):
         cli = dict(option.metadata["cli"])
-        flag = cli.pop("flag", "--" + option.name.replace("_", "-"))
+        cli.pop("flag", None)
+        flag = option_flag(option.name)
         help_text = argparse.SUPPRESS if option.name in hidden else option.metadata["help"]
         kind, valid = option_type(types[option.name]), option.metadata["valid"]
         if kind is bool and "const" in cli:  # a flag that sets a value over the default None
@@ -127,6 +127,10 @@ def _cmd_train(args) -> int:
 
     _set_threads(args.threads)
     cfg = _config(args).resolved()
+    if distributed.from_environment().is_main:
+        from .train.startup import start_line
+
+        print(start_line([cfg]))
     try:
         run(cfg, None if args.step == "all" else [args.step], overwrite=args.overwrite)
     finally:
@@ -158,19 +162,35 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .train.demo import run_demo
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 0,1,2, got {text!r}") from None
 
-    run_demo(
-        out=args.out,
+
+def _cmd_demo(args) -> int:
+    from ._environment import source_commit
+    from .train.demo import run_demo, run_demo_seeds, seeds_markdown
+
+    commit = source_commit()  # the code that trains, whatever changes while it runs
+    options = dict(
         quick=args.quick,
-        seed=args.seed,
         methods=args.methods.split(","),
         loss_backend=args.loss_backend,
-        progress=not args.no_progress,
-        threads=args.threads,
         task=args.task,
+        threads=args.threads,
     )
+    common = dict(options, progress=not args.no_progress, overwrite=args.overwrite)
+    if args.seeds is None:
+        seed = 0 if args.seed is None else args.seed
+        results = {seed: run_demo(out=args.out, seed=seed, **common)["results"]}
+    elif args.seed is not None:
+        raise ValueError("--seed and --seeds both given: --seeds runs every seed it names")
+    else:
+        results = run_demo_seeds(args.seeds, out=args.out, **common)
+    if args.markdown:
+        print(seeds_markdown(results, commit=commit, **options))
     return 0
 
 
@@ -192,10 +212,30 @@ def _cmd_ablate(args) -> int:
     return 0
 
 
+def _cmd_env(args) -> int:
+    from ._environment import report
+
+    print("\n".join(report()))
+    return 0
+
+
 def _cmd_bench(rest) -> int:
     from .bench.report import main as report_main  # imported on use: it loads the profiler
 
-    return report_main(rest) or 0
+    return report_main(rest, prog="incseg-fast bench") or 0
+
+
+class _VersionAction(argparse.Action):
+    """--version: the package, torch and the kernels built (loads the extension, so only when asked)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ._environment import version_text
+
+        print(version_text(parser.prog))
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="incseg-fast",
         description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="the package's, torch's and the kernels' versions")
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,ablate,bench,env}")
 
     _add_train(
         sub.add_parser(
@@ -251,12 +291,34 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, results.csv, results.md and miou.png.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller run without joint (about a minute of one idle core)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: one per variant: runs/demo, runs/demo-quick, runs/demo-15-1, "
+        "runs/demo-quick-15-1, ...; with --seeds, runs/demo-seeds and so on, a seed<N> folder per seed)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results of other settings in --out (without it, such a run stops and says what differs)",
+    )
     p.add_argument(
         "--seed",
         type=_number(int, NOT_NEGATIVE),
-        default=0,
+        default=None,
         help="seed of initialisation, data order and scenes (default 0)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="run the demo once per seed (e.g. 0,1,2), each in its own folder under --out",
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the results as the README's table: mean ± standard deviation over the seeds, the machine, "
+        "and a stamp of the settings and commit",
     )
     p.add_argument(
         "--methods",
@@ -296,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs python -m incseg_fast.bench with the remaining arguments.",
         add_help=False,
     )
+    sub.add_parser(
+        "env",
+        help="what runs where: torch, the kernels built, Triton, each backend and why not, the GPUs",
+        description="Prints torch and its CUDA, whether incseg_fast._C has CUDA kernels and for which "
+        "architectures, Triton, the CPU kernels' instruction set, each backend available or not (and why), "
+        "and the GPUs seen. Include its output in a bug report.",
+    )
     return parser
 
 
@@ -317,7 +386,7 @@ def main(argv=None) -> int:
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate}
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "ablate": _cmd_ablate, "env": _cmd_env}
         return commands[args.command](args)
     except KeyboardInterrupt:
         if args.debug:

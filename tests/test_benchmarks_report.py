@@ -175,3 +175,43 @@ def test_targets_quote_mib_compiled_and_skip_the_scalar_copy_for_speed():
     assert [d for d in verdicts if "cpu:baseline" in d] == [
         "incremental_loss voc fp32 peak extra memory, cpu:baseline <= 1.25x logits"
     ]
+
+
+def _timed_record(fwd_s, fwd_bwd_s):
+    result = {"fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s}
+    result["fwd_median_s"], result["fwd_bwd_median_s"] = measure.median(fwd_s), measure.median(fwd_bwd_s)
+    return {"op": "incremental_loss", "size": "voc", "dtype": "fp32", "providers": {"cpu": result}}
+
+
+def test_a_report_whose_repetitions_disagree_says_the_machine_was_noisy():
+    quiet = _timed_record([1.0e-3, 1.1e-3, 1.0e-3], [3.0e-3, 3.2e-3, 3.1e-3])
+    assert report.noisy_measurements([quiet]) == [] and report.format_noise([]) == ""
+    forward_slower = _timed_record([5.0e-3, 5.1e-3, 5.2e-3], [3.0e-3, 3.2e-3, 3.1e-3])
+    spread = _timed_record([1.0e-3, 1.1e-3, 1.0e-3], [3.0e-3, 9.0e-3, 3.1e-3])
+    noisy = report.noisy_measurements([quiet, forward_slower, spread])
+    assert noisy == [
+        "incremental_loss voc fp32 cpu: fwd 5.10 ms > fwd+bwd 3.10 ms",
+        "incremental_loss voc fp32 cpu: fwd+bwd repetitions 3.00 to 9.00 ms",
+    ]
+    assert report.format_noise(noisy).startswith("the machine was noisy: the repetitions of 2 measurement(s) disagree")
+
+
+def test_help_explains_every_provider_and_names_the_command_typed(capsys):
+    from incseg_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: incseg-fast bench ")
+    assert "--device {cpu,cuda}   where the tensors live" in text
+    explained = text.split("providers (the columns of each case):")[1]
+    for op in cases.OPS.values():
+        for device in ("cpu", "cuda"):
+            for name, _ in cases.providers(op, device):
+                assert name in explained, name
+    for name in ("cuda", "triton", "cuda-size", "triton-size"):  # also where no GPU lists them
+        assert name in explained
+    with pytest.raises(SystemExit):
+        report.parse_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m incseg_fast.bench ")

@@ -86,10 +86,10 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_bench_forwards_its_arguments(monkeypatch):
     seen = []
     fake = types.ModuleType("incseg_fast.bench.report")
-    fake.main = lambda argv: seen.append(argv) or 3
+    fake.main = lambda argv, prog: seen.append((argv, prog)) or 3
     monkeypatch.setitem(sys.modules, "incseg_fast.bench.report", fake)
     assert main(["bench", "--quick", "--out", "x"]) == 3
-    assert seen == [["--quick", "--out", "x"]]
+    assert seen == [(["--quick", "--out", "x"], "incseg-fast bench")]
 
 
 # ---------------------------------------------------------------- the error contract (docs/RELIABILITY.md#cli)
@@ -109,13 +109,16 @@ def _one_error_line(capsys, argv, *words):
     return err
 
 
-def test_version(capsys):
-    from incseg_fast import __version__
+def test_version_names_the_package_torch_and_the_kernels(capsys):
+    from incseg_fast import __version__, ops
+    from incseg_fast._environment import kernels_built
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out == f"incseg-fast {__version__}\n"
+    expected = f"incseg-fast {__version__} (torch {torch.__version__}; kernels: {kernels_built()})\n"
+    assert capsys.readouterr().out == expected
+    assert ("no CUDA kernels" in expected) == (ops.HAS_EXTENSION and not ops.HAS_CUDA_KERNELS)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +132,7 @@ def test_version(capsys):
         (["--root", "data/VOC"], ["--root does not apply to --dataset synthetic"]),
         (["--dataset", "voc", "--root", "data/VOC", "--train-images", "10"], ["--train-images does not apply"]),
         (["--backbone", "tiny", "--pretrained", "r.pth"], ["--pretrained does not apply to --backbone tiny"]),
+        (["--method", "mib", "--no-fusion"], ["--no-fusion does not apply to --method mib"]),
         (["--method", "joint", "--step", "0"], ["joint trains every class in one step, reported as step 1"]),
         (["--task", "100-50"], ["task '100-50' is not defined for 'voc'"]),
         (["--threads", "0"], ["argument --threads: must be an integer >= 1"]),

@@ -8,10 +8,13 @@ import torch
 
 from incseg_fast.train import run
 from incseg_fast.train.pictures import (
+    DPI,
     PANEL_INCHES,
     PICTURE_IMAGES,
     PICTURES_SKIPPED,
+    TEXT_PIXELS,
     colorize,
+    predictions_figure,
     voc_palette,
     write_predictions_picture,
 )
@@ -64,14 +67,20 @@ def _tiny(out, method):
     )
 
 
-def test_each_step_writes_its_predictions_grid(tmp_path):
+def test_each_step_writes_its_predictions_grid(tmp_path, monkeypatch):
     image = pytest.importorskip("matplotlib.image")
+    from incseg_fast.train import pictures
+
+    titles, draw = [], pictures.write_predictions_picture
+    monkeypatch.setattr(pictures, "write_predictions_picture", lambda *a: titles.append(a[-1]) or draw(*a))
     run(_tiny(tmp_path, "mib"))
+    assert titles == ["synthetic 15-5 disjoint, step 0", "synthetic 15-5 disjoint, step 1"]
     for step in (0, 1):
         pixels = image.imread(tmp_path / "mib" / f"predictions_step{step}.png")
-        # rows = images; columns = image, ground truth, the prediction; 80 dpi; a legend strip below
+        # rows = images; columns = image, ground truth, the prediction; a title above, a legend below
         rows, columns = PICTURE_IMAGES, 3
-        assert pixels.shape[:2] == (round(80 * (PANEL_INCHES * rows + 0.9)), round(80 * PANEL_INCHES * columns))
+        assert pixels.shape[1] == round(DPI * PANEL_INCHES * columns)
+        assert pixels.shape[0] > DPI * PANEL_INCHES * rows + 3 * TEXT_PIXELS
     # the ground truth is drawn in the palette: every class of the first image appears in its colour
     from incseg_fast.train import trainer
     from incseg_fast.train.pictures import picture_samples
@@ -81,3 +90,34 @@ def test_each_step_writes_its_predictions_grid(tmp_path):
     drawn = {tuple(c) for c in np.unique((pixels[..., :3] * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)}
     wanted = {tuple(c) for c in colorize(labels[0].numpy()).reshape(-1, 3)}
     assert len(wanted) > 1 and wanted <= drawn
+
+
+def test_every_text_is_at_least_12_pixels_and_the_title_names_step_and_task():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(PICTURE_IMAGES, 3, 24, 24, generator=generator)
+    labels = torch.randint(0, 21, (PICTURE_IMAGES, 24, 24), generator=generator)
+    title = "synthetic 15-5 disjoint, step 1"
+    names = [f"class-{c}-with-a-long-name" for c in range(21)]
+    fig = predictions_figure(images, labels, {"every method": labels}, names, title)
+    try:
+        legend_texts = fig.legends[0].get_texts()
+        assert len(legend_texts) == 22  # 21 classes and "ignored"
+        texts = [*legend_texts, fig._suptitle, *(ax.title for ax in fig.axes)]
+        for text in texts:
+            if text.get_text():
+                assert text.get_fontsize() * fig.dpi / 72 >= 12, text.get_text()
+        assert fig._suptitle.get_text() == title
+        # nothing overlaps: the legend lies below the grid, the title above it
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        grid_bottom = min(ax.get_window_extent(renderer).y0 for ax in fig.axes)
+        grid_top = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert legend.y1 <= grid_bottom and legend.y0 >= 0
+        assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width  # the longest names fit across
+        assert fig._suptitle.get_window_extent(renderer).y0 >= grid_top
+    finally:
+        plt.close(fig)

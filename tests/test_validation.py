@@ -164,3 +164,32 @@ def test_mixed_devices_raise_with_meta_tensors():
         isf.knowledge_distillation(x, y.to("meta"))
     with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
         isf.knowledge_distillation(x, y, mask=torch.ones(2, 5, 3, device="meta"))
+
+
+def test_labels_or_teacher_at_another_resolution_suggest_size(backend):
+    """A MiB-style trainer ported without size=: the error says how to compute the loss at the labels' resolution."""
+    from incseg_fast.losses import UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss
+
+    x, _, y = _inputs(H=5, W=3)
+    labels = torch.randint(0, 6, (2, 20, 12))
+    hint = "pass size=targets.shape[-2:] to compute the loss at that resolution"
+    with pytest.raises(ValueError, match=r"got \(2, 20, 12\): " + hint.replace("[", r"\[").replace("]", r"\]")):
+        UnbiasedCrossEntropy(old_cl=4, backend=backend)(x, labels)
+    with pytest.raises(ValueError, match=r"got \(2, 20, 12\): pass size=t\.shape"):
+        isf.unbiased_cross_entropy(x, labels, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"mask must .* got \(2, 20, 12\): pass size=mask\.shape"):
+        isf.knowledge_distillation(x, y, mask=torch.ones(2, 20, 12), backend=backend)
+    # labels smaller than the logits: size= would not help (it upsamples only), so no hint
+    with pytest.raises(ValueError) as smaller:
+        isf.unbiased_cross_entropy(x, labels[:, :2, :2], 4, backend=backend)
+    assert "size=" not in str(smaller.value)
+
+    # distillation: teacher logits at another resolution are an error, never a loss at the lower one
+    upsampled_teacher = torch.nn.functional.interpolate(y, size=(20, 12), mode="bilinear")
+    with pytest.raises(ValueError, match=r"got \(2, 4, 20, 12\) \(or pass size=\(H, W\)"):
+        UnbiasedKnowledgeDistillationLoss(backend=backend)(x, upsampled_teacher)
+    with pytest.raises(ValueError, match=r"like x, got \(2, 4, 20, 12\) \(or pass size="):
+        isf.unbiased_knowledge_distillation(x, upsampled_teacher, backend=backend)
+    # and with size= the same calls compute the loss of the upsampled logits
+    assert torch.isfinite(UnbiasedCrossEntropy(old_cl=4, backend=backend)(x, labels, size=labels.shape[-2:]))
+    assert torch.isfinite(UnbiasedKnowledgeDistillationLoss(backend=backend)(x, upsampled_teacher, size=(20, 12)))

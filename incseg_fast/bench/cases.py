@@ -60,7 +60,7 @@ SIZES = {
         Size("feat2048", "features", (4, 2048, 32, 32)),
         Size("feat256", "features", (4, 256, 64, 64)),
         Size("feat2048x64", "features", (8, 2048, 64, 64), cuda_only=True),
-        # Issue 9: labels at H x W, logits at the network's resolution (H / stride, W / stride).
+        # size=: labels at H x W, logits at the network's resolution (H / stride, W / stride).
         Size("voc_s8", "upsampled", (4, 21, 16, 256, 256, 8)),
         Size("voc_s16", "upsampled", (4, 21, 16, 256, 256, 16)),
         Size("ade_s8", "upsampled", (2, 151, 101, 256, 256, 8)),
@@ -432,7 +432,7 @@ def _compiled(fn):
 
 
 # The suffix of the fused-upsampling providers of the "upsampled" cases: backend "cpu" is
-# interpolate + the fused loss, "cpu-size" the fused loss with size= (issue 9).
+# interpolate + the fused loss, "cpu-size" the fused loss with size= (MATH.md#upsampling).
 FUSED_UPSAMPLING = "-size"
 
 

@@ -15,6 +15,7 @@ max relative error of outputs and gradients against the reference run in float64
 Progress goes to stderr, the report to stdout.
 """
 
+import argparse
 import functools
 import json
 import sys
@@ -25,6 +26,7 @@ import torch
 from incseg_fast._errors import OneLineParser
 from incseg_fast.bench import cases as bench_cases
 from incseg_fast.bench import measure
+from incseg_fast.vocabulary import CPU_ISAS
 
 # incremental_loss fwd+bwd: (baseline provider, least speedup of every fused provider) per size.
 INCREMENTAL_LOSS_SPEEDUPS = {
@@ -33,11 +35,13 @@ INCREMENTAL_LOSS_SPEEDUPS = {
 }
 COPY_SHARE = 0.4  # incremental_loss voc fwd+bwd: minimal bytes / time >= this share of the copy bandwidth
 LOGIT_OPS_MEMORY_LIMIT = 1.25  # fused fwd+bwd peak extra memory <= 1.25 x logits
-# Issue 9, the fused upsampling: fwd+bwd >= 2x interpolate + the fused loss (and, on a GPU, >= 4x
+# The fused upsampling (size=): fwd+bwd >= 2x interpolate + the fused loss (and, on a GPU, >= 4x
 # compiled), peak extra memory <= 0.35 x one full-resolution logits tensor.
 UPSAMPLING_SPEEDUP = 2.0
 UPSAMPLING_SPEEDUP_VS_COMPILED_GPU = 4.0
 UPSAMPLING_MEMORY_LIMIT = 0.35
+# The slowest fwd+bwd repetition over the fastest beyond which the machine was too noisy to quote.
+NOISE_RATIO = 2.0
 
 
 def _log(message):
@@ -48,9 +52,36 @@ def _names(text):
     return [n for n in text.split(",") if n] if text else None
 
 
-def parse_args(argv):
-    parser = OneLineParser(prog="python -m incseg_fast.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small odd sizes and few repetitions (a smoke test)")
+PROVIDERS_HELP = f"""providers (the columns of each case):
+  eager       the reference (incseg_fast.reference): plain PyTorch, run eagerly
+  compiled    torch.compile of the reference (compiled on first use: most of a --quick run's time)
+  {bench_cases.MIB}, {bench_cases.MIB_COMPILED}
+              MiB's loss code as MiB writes it (incseg_fast/bench/mib.py), eager and torch.compile'd:
+              what a user runs today (the ops MiB has: UNCE, KD, UNKD)
+  cpu, cuda, triton
+              the fused backends available for --device, through the public API (backend=...);
+              for the upsampled ops: F.interpolate to the labels' size, then the fused loss
+  {", ".join("cpu" + bench_cases.CPU_ISA_SEPARATOR + isa for isa in CPU_ISAS)}
+              backend cpu with its kernels' baseline, AVX2 or AVX-512 copy: one for each copy this
+              CPU has besides the one "cpu" runs (incseg_fast.cpu_isa)
+  cpu{bench_cases.FUSED_UPSAMPLING}, cuda{bench_cases.FUSED_UPSAMPLING}, triton{bench_cases.FUSED_UPSAMPLING}
+              the upsampled ops only: the fused loss with size=, which upsamples without
+              materialising the full-resolution logits (MATH.md#upsampling)"""
+
+
+def parse_args(argv, prog="python -m incseg_fast.bench"):
+    parser = OneLineParser(
+        prog=prog,
+        description=__doc__.split("\n")[0],
+        epilog=PROVIDERS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small odd sizes and few repetitions, a smoke test: about 100 s on a 2-core machine, most of it "
+        "compiling the 'compiled' provider (--providers without it: about 15 s)",
+    )
     parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
     parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")
     parser.add_argument(
@@ -58,9 +89,16 @@ def parse_args(argv):
         choices=("fp32", "bf16"),
         help="run every case in this dtype only (default: fp32, and voc512 in fp32 and bf16)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--providers", type=_names, help="comma-separated subset of eager, compiled and the fused backends"
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the tensors live, and so which fused backends run (default: cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=_names,
+        help="comma-separated subset of the providers below (default: all that run on --device)",
     )
     parser.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, quick 3)")
     parser.add_argument(
@@ -204,6 +242,36 @@ def format_case(record, copy_bytes_per_s):
     return "\n".join(lines)
 
 
+def noisy_measurements(records):
+    """The measurements whose repetitions disagree, one phrase each: a forward slower than the
+    forward+backward that contains it, or fwd+bwd repetitions more than NOISE_RATIO apart."""
+    found = []
+    for record in records:
+        for name, result in record["providers"].items():
+            if "fwd_median_s" not in result:
+                continue
+            where = f"{record['op']} {record['size']} {record['dtype']} {name}"
+            forward, both = result["fwd_median_s"] * 1e3, result["fwd_bwd_median_s"] * 1e3
+            if forward > both:
+                found.append(f"{where}: fwd {forward:.2f} ms > fwd+bwd {both:.2f} ms")
+            fastest, slowest = min(result["fwd_bwd_s"]), max(result["fwd_bwd_s"])
+            if slowest > NOISE_RATIO * fastest:
+                found.append(f"{where}: fwd+bwd repetitions {fastest * 1e3:.2f} to {slowest * 1e3:.2f} ms")
+    return found
+
+
+def format_noise(noisy):
+    """The report's warning when repetitions disagree (empty when they agree)."""
+    if not noisy:
+        return ""
+    shown = "; ".join(noisy[:5]) + (f"; and {len(noisy) - 5} more" if len(noisy) > 5 else "")
+    return (
+        f"the machine was noisy: the repetitions of {len(noisy)} measurement(s) disagree ({shown}). "
+        "Other work competed for the cores or memory (see the load averages): do not quote these "
+        "figures; rerun on an idle machine, or with more --reps"
+    )
+
+
 def format_markdown(records, copy_bytes_per_s, verdicts):
     """The per-case figures and the target verdicts as Markdown tables (for docs/BENCHMARKS.md)."""
     lines = [
@@ -248,7 +316,7 @@ def _speed_judged(record):
 
 
 def evaluate_targets(records):
-    """The targets of docs/BENCHMARKS.md, each as (description, verdict, detail) for every fused backend."""
+    """The speed and memory targets (BENCHMARKS.md), each as (description, verdict, detail) for every fused backend."""
     verdicts = []
 
     def judge(description, ok, detail):
@@ -300,8 +368,8 @@ def evaluate_targets(records):
 
 
 def _judge_upsampling(records, judge):
-    """Issue 9's targets for every fused backend b with both providers: b-size against b, and
-    against compiled on a GPU."""
+    """The fused upsampling's targets for every fused backend b with both providers: b-size against
+    b, and against compiled on a GPU."""
     for record in records:
         if bench_cases.OPS[record["op"]].kind != "upsampled" or bench_cases.SIZES[record["size"]].quick:
             continue
@@ -354,9 +422,9 @@ def format_header(info, args, copy_bytes_per_s, fused):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv=None, prog="python -m incseg_fast.bench"):
     started = time.monotonic()
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     selected = bench_cases.select_cases(
         ops=args.ops, sizes=args.sizes, dtype_name=args.dtype, device=args.device, quick=args.quick
     )
@@ -400,15 +468,20 @@ def main(argv=None):
         print(f"\nnot measured ({why}): {', '.join(not_measured)}")
     verdicts = evaluate_targets(records)
     if verdicts:
-        print("\ntargets (the issues' targets for this device):")
+        print("\ntargets (docs/BENCHMARKS.md, for this device):")
         for description, verdict, detail in verdicts:
             print(f"  {verdict:<8} {description}: {detail}")
     end_load = measure.machine(args.device)["load_average"]
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in end_load)}")
+    noisy = noisy_measurements(records)
+    if noisy:
+        print("\n" + format_noise(noisy))
 
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(records, copy_bytes_per_s, verdicts))
+            if noisy:
+                f.write("\n" + format_noise(noisy) + "\n")
         _log(f"wrote {args.markdown}")
     if args.json:
         with open(args.json, "w") as f:
@@ -422,6 +495,7 @@ def main(argv=None):
                     "cases": records,
                     "failed_cases": failed_cases,
                     "not_measured": not_measured,
+                    "noisy": noisy,
                     "targets": [dict(zip(("target", "verdict", "value"), v, strict=True)) for v in verdicts],
                 },
                 f,

@@ -143,9 +143,11 @@ def option(default, help: str, valid: Range | None = None, **cli):
     return field(default=default, metadata={"help": help, "valid": valid, "cli": cli})
 
 
-def flag_of(name: str) -> str:
-    """The command-line option of the TrainConfig field ``name`` ("lr_incremental" -> "--lr-incremental")."""
-    return "--" + name.replace("_", "-")
+def option_flag(name: str) -> str:
+    """The command-line flag of TrainConfig field ``name``: ``--no-fusion`` for caf_module, else from the
+    name ("lr_incremental" -> "--lr-incremental")."""
+    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return field.metadata["cli"].get("flag", "--" + name.replace("_", "-"))
 
 
 def option_type(annotation) -> type:
@@ -316,10 +318,10 @@ class TrainConfig:
             name, value = option_field.name, getattr(self, option_field.name)
             choices, valid = option_field.metadata["cli"].get("choices"), option_field.metadata["valid"]
             if choices is not None and value is not None and value not in choices:
-                raise ValueError(f"{flag_of(name)} must be one of {list(choices)}, got {value!r}")
+                raise ValueError(f"{option_flag(name)} must be one of {list(choices)}, got {value!r}")
             problem = valid.problem(value, option_type(types[name])) if valid and value is not None else None
             if problem:
-                raise ValueError(f"{flag_of(name)} {problem}, got {value!r}")
+                raise ValueError(f"{option_flag(name)} {problem}, got {value!r}")
         if not str(self.out).strip():
             raise ValueError("--out must name a folder, got an empty name (it would write into the current folder)")
 
@@ -371,4 +373,4 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
     )
     for name, neutral, applies, choice, purpose in rules:
         if not applies and getattr(cfg, name) != neutral:
-            raise ValueError(f"{flag_of(name)} does not apply to {choice} (it is for {purpose})")
+            raise ValueError(f"{option_flag(name)} does not apply to {choice} (it is for {purpose})")

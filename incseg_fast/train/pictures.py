@@ -21,6 +21,10 @@ IGNORE_COLOUR = (255, 255, 255)  # label 255, "ignored", is white
 PICTURES_SKIPPED = "matplotlib is not installed: skipped the predictions picture (pip install matplotlib)"
 PICTURE_IMAGES = 4  # validation images per picture: the first ones, the same after every step
 PANEL_INCHES = 1.6  # side of one image in the grid
+DPI = 80
+TEXT_PIXELS = 12  # every title and legend entry: legible at the picture's own size
+TEXT_POINTS = TEXT_PIXELS * 72 / DPI
+TITLE_INCHES = 2.2 * TEXT_PIXELS / DPI  # the strip above the grid for the picture's title
 
 
 def voc_palette(num_colours: int = 256) -> np.ndarray:
@@ -64,41 +68,60 @@ def predict(model, images: torch.Tensor, device) -> torch.Tensor:
     return model(images.to(device))["logits"].argmax(1).cpu()
 
 
-def write_predictions_picture(path, images, labels, predictions: dict, class_names) -> str | None:
+def write_predictions_picture(path, images, labels, predictions: dict, class_names, title: str = "") -> str | None:
     """Rows = images; columns = image, ground truth, then one per entry of ``predictions``
-    ({column title: (N, H, W) label maps}). Returns None, or why nothing was written."""
+    ({column title: (N, H, W) label maps}); ``title`` above the grid. Returns None, or why nothing
+    was written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
     except ImportError:
         return PICTURES_SKIPPED
+    fig = predictions_figure(images, labels, predictions, class_names, title)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=DPI)
+    plt.close(fig)
+    refresh_file(Path(path), image.getvalue())
+    return None
+
+
+def legend_inches(labels: list[str], columns: int) -> tuple[int, float]:
+    """(legend columns, height of the legend strip below the grid) for ``labels`` at TEXT_PIXELS in
+    a picture of ``columns`` panels: as many legend columns as the longest label lets fit."""
+    entry_pixels = (0.65 * max(map(len, labels)) + 4) * TEXT_PIXELS  # text, patch and gaps
+    per_row = max(1, min(len(labels), int(PANEL_INCHES * columns * DPI // entry_pixels)))
+    rows = -(-len(labels) // per_row)
+    return per_row, (rows * 1.6 * TEXT_PIXELS + 10) / DPI
+
+
+def predictions_figure(images, labels, predictions: dict, class_names, title: str = ""):
+    """The matplotlib figure of :func:`write_predictions_picture` (needs matplotlib)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     columns = [("image", None), ("ground truth", labels), *predictions.items()]
     rows = len(images)
     shown = sorted({int(c) for maps in [labels, *predictions.values()] for c in torch.unique(maps)} - {255})
-    fig, axes = plt.subplots(
-        rows, len(columns), figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * rows + 0.9), squeeze=False
-    )
+    palette = voc_palette()
+    handles = [Patch(color=palette[c] / 255, label=_class_name(class_names, c)) for c in shown]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
+    legend_columns, legend_height = legend_inches([h.get_label() for h in handles], len(columns))
+    height = PANEL_INCHES * rows + legend_height + TITLE_INCHES
+    fig, axes = plt.subplots(rows, len(columns), figsize=(PANEL_INCHES * len(columns), height), dpi=DPI, squeeze=False)
     for r in range(rows):
-        for c, (title, maps) in enumerate(columns):
+        for c, (heading, maps) in enumerate(columns):
             ax = axes[r][c]
             ax.imshow(_displayable(images[r]) if maps is None else colorize(maps[r].numpy()), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(title, fontsize=8)
-    palette = voc_palette()
-    handles = [Patch(color=palette[c] / 255, label=_class_name(class_names, c)) for c in shown]
-    handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=6, frameon=False)
-    fig.tight_layout(rect=(0, 0.9 / (PANEL_INCHES * rows + 0.9), 1, 1))
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=80)
-    plt.close(fig)
-    refresh_file(Path(path), image.getvalue())
-    return None
+                ax.set_title(heading, fontsize=TEXT_POINTS)
+    fig.suptitle(title, fontsize=TEXT_POINTS)
+    fig.legend(handles=handles, loc="lower center", ncol=legend_columns, fontsize=TEXT_POINTS, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1 - TITLE_INCHES / height))
+    return fig
 
 
 def _class_name(class_names, c: int) -> str:

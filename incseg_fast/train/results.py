@@ -87,14 +87,18 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def old_new_labels(task_steps: list[list[int]] | None) -> tuple[str, str]:
+    """The headers of the old and new classes' columns: ``old (0-15)``, ``new (16-20)`` for 15-5."""
+    if task_steps is None or len(task_steps) < 2:
+        return "old", "new"
+    first, rest = task_steps[0], [c for s in task_steps[1:] for c in s]
+    return f"old (0-{max(first)})", f"new ({min(rest)}-{max(rest)})"
+
+
 def markdown_table(metrics: dict[str, list[dict]], task_steps: list[list[int]] | None = None) -> str:
     """Rows = methods, columns = old / new / all mIoU after each method's last step (as in MiB's and
     CAF's tables: e.g. ``1-15 | 16-20 | all`` for 15-5)."""
-    old_label, new_label = "old", "new"
-    if task_steps is not None and len(task_steps) > 1:
-        first, rest = task_steps[0], [c for s in task_steps[1:] for c in s]
-        old_label = f"old (0-{max(first)})"
-        new_label = f"new ({min(rest)}-{max(rest)})"
+    old_label, new_label = old_new_labels(task_steps)
     lines = [f"| method | step | {old_label} | {new_label} | all |", "|---|---|---|---|---|"]
     for method, entries in metrics.items():
         last = entries[-1]

@@ -720,7 +720,8 @@ def write_predictions(cfg: TrainConfig, step: int, checkpoints: dict, path: Path
         for title, checkpoint in checkpoints.items()
     }
     class_names = getattr(val_set.dataset, "class_names", None)
-    return write_predictions_picture(path, images, labels, predictions, class_names)
+    title = f"{cfg.dataset} {cfg.task} {cfg.mode}, step {step}"
+    return write_predictions_picture(path, images, labels, predictions, class_names, title)
 
 
 def run(cfg: TrainConfig, steps=None, *, overwrite: bool = False) -> list[dict]:
