@@ -27,8 +27,13 @@ def _build_op(name):
 
 
 def cpu_isa() -> str | None:
-    """The instruction set the CPU kernels run here: baseline, avx2 or avx512 (INCSEG_CPU_ISA caps it)."""
-    return _build_op("cpu_isa")
+    """The instruction set the CPU kernels run here: baseline, avx2 or avx512 (INCSEG_CPU_ISA caps it);
+    None when unknown (no extension)."""
+    if _build_op("cpu_isa") is None:
+        return None
+    from .cpu_isa import active_cpu_isa
+
+    return active_cpu_isa()
 
 
 def cuda_archs() -> list[str] | None:

@@ -17,7 +17,7 @@ def _isa_ops():
 
     if not ops.HAS_EXTENSION:
         raise RuntimeError(f"the compiled extension incseg_fast._C is not available ({ops.IMPORT_ERROR})")
-    return torch.ops.incseg_fast_isa
+    return torch.ops.incseg_fast_build
 
 
 def active_cpu_isa():
