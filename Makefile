@@ -8,7 +8,16 @@ STAMP_DEPS  := $(VENV)/.deps-stamp
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py
 STAMP_BUILD := $(VENV)/.build-stamp
 
-.PHONY: setup test demo bench report lint cuda-check gpu-check clean
+# The GPU machines' torch (Python 3.12 there; the extension's stable ABI lets this machine's Python build it).
+PREBUILD_TORCH := 2.11.0
+PREBUILD_CUDA  := 13
+PREBUILD_ARCHS := 8.0;9.0
+PREBUILD_VENV  := .gpu-prebuild-venv
+PREBUILD_PY    := $(PREBUILD_VENV)/bin/python
+PREBUILD_DIR   := prebuilt/torch-$(PREBUILD_TORCH)-cu$(PREBUILD_CUDA)
+STAMP_PREBUILD_DEPS := $(PREBUILD_VENV)/.torch-$(PREBUILD_TORCH)-stamp
+
+.PHONY: setup test demo bench report lint cuda-check gpu-check gpu-prebuild clean
 
 setup: $(STAMP_BUILD)
 
@@ -53,5 +62,18 @@ gpu-check:
 	@test -n "$(OUT)" || { echo "gpu-check: give a folder for the results: make gpu-check OUT=<folder>"; exit 2; }
 	$(PYTHON) tools/gpu_check.py "$(OUT)"
 
+# Here, before a GPU machine starts: the CUDA extension for the GPU machines' torch, built in its own
+# venv (torch $(PREBUILD_TORCH) with CUDA, ~5 GB, once) into $(PREBUILD_DIR) (rebuilt when csrc changes),
+# then loaded and run on CPU tensors. Carry prebuilt/ to the GPU machine (DEVELOPERS.md#gpu).
+gpu-prebuild: $(PREBUILD_DIR)/manifest.json
+	$(PREBUILD_PY) tools/prebuilt_check.py $(PREBUILD_DIR)
+
+$(STAMP_PREBUILD_DEPS):
+	$(PYTHON) tools/gpu_prebuild.py venv $(PREBUILD_VENV) --torch $(PREBUILD_TORCH)
+	touch $@
+
+$(PREBUILD_DIR)/manifest.json: $(STAMP_PREBUILD_DEPS) $(EXT_SOURCES) tools/gpu_prebuild.py
+	$(PREBUILD_PY) tools/gpu_prebuild.py build $(PREBUILD_DIR) --archs "$(PREBUILD_ARCHS)"
+
 clean:
-	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)
+	rm -rf build *.egg-info incseg_fast/*.so prebuilt $(STAMP_BUILD)
