@@ -72,3 +72,39 @@ def test_the_build_refuses_a_folder_named_for_another_torch(tools, tmp_path, mon
     monkeypatch.setitem(sys.modules, "torch", TORCH_2_11_CU13)
     with pytest.raises(SystemExit, match="builds into torch-2.11.0-cu13/"):
         tools.prebuild.build(str(tmp_path / "torch-2.12.0-cu13"), "8.0;9.0")
+
+
+def _stand_in_cuobjdump(folder, cubins):
+    """A cuobjdump that lists the given cubins, as {name: has_line_table}, like the real one's output."""
+    listing = "".join(f"ELF file {i + 1}: {name}\n" for i, name in enumerate(cubins))
+    dumps = "".join(
+        f"\nFatbin elf code:\n================\narch = {name.split('.')[1]}\n.text\n"
+        + (".nv_debug_line_sass\n" if has_line_table else "")
+        for name, has_line_table in cubins.items()
+    )
+    (folder / "listing.txt").write_text(listing)
+    (folder / "dumps.txt").write_text(dumps)
+    script = folder / "cuobjdump"
+    script.write_text(
+        f'#!/bin/sh\nif [ "$1" = --list-elf ]; then cat {folder}/listing.txt; else cat {folder}/dumps.txt; fi\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_device_code_check_accepts_every_arch_with_its_line_tables(tools, tmp_path, capsys):
+    cubins = {f"{kernels}.{arch}.cubin": True for kernels in ("losses", "attention") for arch in ("sm_80", "sm_90")}
+    tools.prebuild.check_device_code("_C.abi3.so", "8.0;9.0", _stand_in_cuobjdump(tmp_path, cubins))
+    assert "4 cubins for sm_80, sm_90" in capsys.readouterr().out
+
+
+def test_device_code_check_rejects_a_missing_arch(tools, tmp_path):
+    cuobjdump = _stand_in_cuobjdump(tmp_path, {"losses.sm_80.cubin": True})
+    with pytest.raises(SystemExit, match=r"machine code for \['sm_80'\], expected \['sm_80', 'sm_90'\]"):
+        tools.prebuild.check_device_code("_C.abi3.so", "8.0;9.0", cuobjdump)
+
+
+def test_device_code_check_rejects_a_cubin_without_its_line_table(tools, tmp_path):
+    cuobjdump = _stand_in_cuobjdump(tmp_path, {"losses.sm_80.cubin": True, "losses.sm_90.cubin": False})
+    with pytest.raises(SystemExit, match="without their -lineinfo line tables"):
+        tools.prebuild.check_device_code("_C.abi3.so", "8.0;9.0", cuobjdump)

@@ -10,9 +10,10 @@ loads there as long as torch is the same version with the same CUDA major versio
   venv   creates VENV with torch==<version> from PyPI (its default Linux wheel is the CUDA build)
          and its nvidia-* libraries (about 5 GB, downloaded once), ninja and numpy.
   build  compiles the extension with nvcc for the archs (INCSEG_FORCE_CUDA=1: no GPU is needed),
-         in build/gpu-prebuild/ (ninja recompiles only what changed), checks that every arch has
-         its machine code, and writes PREBUILT_DIR/_C.abi3.so (host debug info stripped; the
-         kernels' -lineinfo, inside the CUDA fat binary, stays) and PREBUILT_DIR/manifest.json:
+         in build/gpu-prebuild/ (ninja recompiles only what changed), writes
+         PREBUILT_DIR/_C.abi3.so (host debug info stripped; the kernels' -lineinfo, inside the
+         CUDA fat binary, stays), checks with cuobjdump that every arch has its machine code and
+         every cubin its line table, and writes PREBUILT_DIR/manifest.json:
          {"torch", "cuda", "archs", "sha256"}, which tools/gpu_check.py reads. PREBUILT_DIR must
          be named torch-<torch version>-cu<CUDA major> after the running torch.
 
@@ -22,6 +23,7 @@ Each part prints how long it took. tools/prebuilt_check.py then proves that the 
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -109,16 +111,31 @@ def compile_extension(archs):
     return os.path.join(BUILD_DIR, "lib", "incseg_fast", EXTENSION_FILE), cuda_home
 
 
-def check_machine_code(binary, archs, cuda_home):
-    """Every arch needs its own machine code (sm_XY): without it the GPU would have nothing to run."""
-    listing = subprocess.run(
-        [os.path.join(cuda_home, "bin", "cuobjdump"), "--list-elf", binary], check=True, capture_output=True, text=True
-    ).stdout
-    found = set(re.findall(r"\.(sm_\d+)\.", listing))
+def find_cuobjdump(cuda_home):
+    """The toolkit's cuobjdump, else the one Triton ships (torch's CUDA wheels depend on Triton)."""
+    candidates = [os.path.join(cuda_home, "bin", "cuobjdump")]
+    triton = importlib.util.find_spec("triton")
+    if triton is not None:
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise SystemExit(f"gpu-prebuild: no cuobjdump to check the CUDA code with; looked for {', '.join(candidates)}")
+
+
+def check_device_code(binary, archs, cuobjdump):
+    """Every arch needs its machine code (sm_XY: without it the GPU has nothing to run), and every
+    cubin its line table (-lineinfo, for compute-sanitizer's and Nsight Compute's source lines)."""
+    listing = subprocess.run([cuobjdump, "--list-elf", binary], check=True, capture_output=True, text=True).stdout
+    found = set(re.findall(r"\.(sm_\d+)\.cubin", listing))
     wanted = {"sm_" + arch.replace(".", "") for arch in archs.split(";")}
     if found != wanted:
         raise SystemExit(f"gpu-prebuild: {binary} has machine code for {sorted(found)}, expected {sorted(wanted)}")
-    print(f"gpu-prebuild: machine code for {', '.join(sorted(found))}", flush=True)
+    cubins = subprocess.run([cuobjdump, "-elf", binary], check=True, capture_output=True, text=True).stdout
+    cubins = cubins.split("Fatbin elf code:")[1:]
+    if not all(".nv_debug_line_sass" in cubin for cubin in cubins):
+        raise SystemExit(f"gpu-prebuild: {binary} has cubins without their -lineinfo line tables")
+    print(f"gpu-prebuild: {len(cubins)} cubins for {', '.join(sorted(found))}, each with its line table", flush=True)
 
 
 def sha256_of(path):
@@ -126,12 +143,13 @@ def sha256_of(path):
         return hashlib.sha256(file.read()).hexdigest()
 
 
-def package(binary, prebuilt_dir, torch, archs):
+def package(binary, prebuilt_dir, torch, archs, cuobjdump):
     with timed(f"package into {prebuilt_dir}"):
         os.makedirs(prebuilt_dir, exist_ok=True)
         target = os.path.join(prebuilt_dir, EXTENSION_FILE)
         shutil.copyfile(binary, target)
         run(["strip", "--strip-debug", target])
+        check_device_code(target, archs, cuobjdump)
         manifest = {
             "torch": public_version(torch.__version__),
             "cuda": torch.version.cuda,
@@ -158,8 +176,7 @@ def build(prebuilt_dir, archs):
             f"{expected_name}/, not {prebuilt_dir}"
         )
     binary, cuda_home = compile_extension(archs)
-    check_machine_code(binary, archs, cuda_home)
-    package(binary, prebuilt_dir, torch, archs)
+    package(binary, prebuilt_dir, torch, archs, find_cuobjdump(cuda_home))
 
 
 def main():
