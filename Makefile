@@ -63,8 +63,8 @@ gpu-check:
 	$(PYTHON) tools/gpu_check.py "$(OUT)"
 
 # Here, before a GPU machine starts: the CUDA extension for the GPU machines' torch, built in its own
-# venv (torch $(PREBUILD_TORCH) with CUDA, ~5 GB, once) into $(PREBUILD_DIR) (rebuilt when csrc changes),
-# then loaded and run on CPU tensors. Carry prebuilt/ to the GPU machine (DEVELOPERS.md#gpu).
+# venv (torch $(PREBUILD_TORCH) with CUDA, 4.7 GB, once) into $(PREBUILD_DIR) (rebuilt when csrc changes),
+# then loaded and run on CPU tensors. Then carry prebuilt/ to the GPU machine: DEVELOPERS.md, "on a GPU".
 gpu-prebuild: $(PREBUILD_DIR)/manifest.json
 	$(PREBUILD_PY) tools/prebuilt_check.py $(PREBUILD_DIR)
 
