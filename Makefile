@@ -12,7 +12,16 @@ BUILD_LOG   := $(VENV)/build.log
 # extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU index>" (README)
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup test demo bench report lint cuda-check gpu-model gpu-check gpu-dry-run clean
+# The GPU machines' torch (Python 3.12 there; the extension's stable ABI lets this machine's Python build it).
+PREBUILD_TORCH := 2.11.0
+PREBUILD_CUDA  := 13
+PREBUILD_ARCHS := 8.0;9.0
+PREBUILD_VENV  := .gpu-prebuild-venv
+PREBUILD_PY    := $(PREBUILD_VENV)/bin/python
+PREBUILD_DIR   := prebuilt/torch-$(PREBUILD_TORCH)-cu$(PREBUILD_CUDA)
+STAMP_PREBUILD_DEPS := $(PREBUILD_VENV)/.torch-$(PREBUILD_TORCH)-stamp
+
+.PHONY: setup test demo bench report lint cuda-check gpu-model gpu-check gpu-dry-run gpu-prebuild clean
 
 setup: $(STAMP_BUILD)
 
@@ -74,5 +83,18 @@ gpu-check:
 gpu-dry-run: setup
 	$(PY) tools/gpu_check.py --dry-run "$(or $(OUT),build/gpu-dry-run)"
 
+# Here, before a GPU machine starts: the CUDA extension for the GPU machines' torch, built in its own
+# venv (torch $(PREBUILD_TORCH) with CUDA, 4.7 GB, once) into $(PREBUILD_DIR) (rebuilt when csrc changes),
+# then loaded and run on CPU tensors. Then carry prebuilt/ to the GPU machine: DEVELOPERS.md, "on a GPU".
+gpu-prebuild: $(PREBUILD_DIR)/manifest.json
+	$(PREBUILD_PY) tools/prebuilt_check.py $(PREBUILD_DIR)
+
+$(STAMP_PREBUILD_DEPS):
+	$(PYTHON) tools/gpu_prebuild.py venv $(PREBUILD_VENV) --torch $(PREBUILD_TORCH)
+	touch $@
+
+$(PREBUILD_DIR)/manifest.json: $(STAMP_PREBUILD_DEPS) $(EXT_SOURCES) tools/gpu_prebuild.py
+	$(PREBUILD_PY) tools/gpu_prebuild.py build $(PREBUILD_DIR) --archs "$(PREBUILD_ARCHS)"
+
 clean:
-	rm -rf build *.egg-info incseg_fast/*.so $(STAMP_BUILD)
+	rm -rf build *.egg-info incseg_fast/*.so prebuilt $(STAMP_BUILD)

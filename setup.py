@@ -2,6 +2,9 @@
 
 The extension is built against the torch already installed, with CUDA when that torch has CUDA and
 a toolkit is found: install with ``pip install --no-build-isolation .`` (or ``-e .``).
+It uses only CPython's limited API (it registers torch ops and nothing else), so one binary,
+``incseg_fast/_C.abi3.so``, loads in every Python from 3.10 on (a wheel is tagged cp310-abi3);
+it still matches one torch version and one CUDA major version.
 
 Environment switches:
   INCSEG_SKIP_EXT=1    install the pure-Python package (the reference backend only)
@@ -18,6 +21,10 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # build_requirements.py, beside this file, whichever folder the build runs in
 import build_requirements  # noqa: E402  (standard library only)
+
+# The oldest Python the binary supports: requires-python's, and the value torch's BuildExtension
+# itself defines for py_limited_api extensions (a different one would redefine the macro).
+LIMITED_API_PYTHON = (3, 10)
 
 build_requirements.check()  # before setuptools and torch are imported: one line saying what to install
 _flag = build_requirements.flag
@@ -60,6 +67,26 @@ def _check_cuda_home(cuda_home):
         )
 
 
+def _build_extension_class(base):
+    class BuildExtensionReplacingOtherABIs(base):
+        """An in-place build also removes the extension's files built for one Python (such as
+        _C.cpython-311-x86_64-linux-gnu.so, from before the stable ABI): Python would import those
+        in preference to _C.abi3.so."""
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
+                module_name = ext.name.rpartition(".")[2]
+                for other in glob.glob(os.path.join(os.path.dirname(inplace_file), f"{module_name}.*.so")):
+                    if os.path.basename(other) != os.path.basename(inplace_file):
+                        print(f"incseg_fast: removing {other}, superseded by {inplace_file}", flush=True)
+                        os.remove(other)
+
+    return BuildExtensionReplacingOtherABIs
+
+
 def _extensions():
     if _flag("INCSEG_SKIP_EXT"):
         return [], {}
@@ -79,7 +106,8 @@ def _extensions():
     # ISA copy of a kernel and in the CUDA emulator (docs/RELIABILITY.md#numerics).
     cxx += ["-std=c++20", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}
-    macros = []
+    major, minor = LIMITED_API_PYTHON
+    macros = [("Py_LIMITED_API", f"0x{major:02X}{minor:02X}0000")]
     ext_cls = CppExtension
     if use_cuda:
         _check_cuda_home(CUDA_HOME or "")
@@ -99,10 +127,15 @@ def _extensions():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
         define_macros=macros,
+        py_limited_api=True,
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _build_extension_class(BuildExtension)}
 
 
 ext_modules, cmdclass = _extensions()
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp{}{}".format(*LIMITED_API_PYTHON)}},
+)

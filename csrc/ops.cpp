@@ -14,6 +14,7 @@
 
 extern "C" {
 // Importing incseg_fast._C runs the static TORCH_LIBRARY initialisers below; the module itself is empty.
+// Only limited-API calls here: the binary is _C.abi3.so, one file for every Python (setup.py).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);

@@ -1,5 +1,6 @@
 """The package as a user installs it: a wheel with the benchmarks inside and nothing named
-`benchmarks` at the top level, whose `incseg-fast bench` runs from outside the repository."""
+`benchmarks` at the top level, whose `incseg-fast bench` runs from outside the repository; and an
+extension built against CPython's stable ABI, one `_C.abi3.so` for every Python (setup.py)."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 import sysconfig
 import tarfile
 import zipfile
+from distutils.core import run_setup
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,47 @@ def test_shipped_code_and_documents_name_no_issue_numbers():
         for match in numbered.finditer(path.read_text())
     ]
     assert found == []
+
+
+def _configured_distribution(monkeypatch):
+    """setup.py's distribution, configured but not built (the extension compiles nothing here)."""
+    monkeypatch.chdir(REPOSITORY)
+    monkeypatch.delenv("INCSEG_SKIP_EXT", raising=False)
+    return run_setup(str(REPOSITORY / "setup.py"), stop_after="init")
+
+
+def test_a_wheel_with_the_extension_is_tagged_for_every_python_the_package_supports(monkeypatch):
+    bdist_wheel = _configured_distribution(monkeypatch).get_command_obj("bdist_wheel")
+    bdist_wheel.ensure_finalized()
+    python, abi, _ = bdist_wheel.get_tag()
+    pyproject = (REPOSITORY / "pyproject.toml").read_text()
+    oldest_python = re.search(r'^requires-python = ">=(\d+)\.(\d+)"$', pyproject, re.MULTILINE).groups()
+    assert (python, abi) == ("cp" + "".join(oldest_python), "abi3")
+
+
+def test_an_in_place_build_removes_the_extension_built_for_one_python(tmp_path, monkeypatch):
+    distribution = _configured_distribution(monkeypatch)
+    package = tmp_path / "package"
+    package.mkdir()
+    distribution.package_dir = {"incseg_fast": str(package)}
+    build_ext = distribution.get_command_obj("build_ext")
+    build_ext.build_lib = str(tmp_path / "lib")
+    build_ext.ensure_finalized()
+    built = tmp_path / "lib" / "incseg_fast" / "_C.abi3.so"
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"new build")
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"old build")
+    (package / "_other.cpython-311-x86_64-linux-gnu.so").write_bytes(b"another extension")
+
+    build_ext.copy_extensions_to_source()
+
+    assert sorted(path.name for path in package.iterdir()) == ["_C.abi3.so", "_other.cpython-311-x86_64-linux-gnu.so"]
+    assert (package / "_C.abi3.so").read_bytes() == b"new build"
+
+
+def test_the_built_extension_is_one_binary_for_every_python():
+    import incseg_fast.ops
+
+    if not incseg_fast.ops.HAS_EXTENSION:
+        pytest.skip(f"the extension is not built ({incseg_fast.ops.IMPORT_ERROR})")
+    assert Path(incseg_fast.ops._C.__file__).name == "_C.abi3.so"
