@@ -43,9 +43,11 @@ lint: $(STAMP_DEPS)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
-# The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half.
+# The CUDA code checked without a GPU: nvcc -Werror, ptxas registers/spills, the glue's CUDA half;
+# then the Triton kernels compiled for sm_90: unrounded float32 products in their PTX, ptxas registers/spills.
 cuda-check: $(STAMP_DEPS)
 	$(PY) tools/cuda_check.py
+	$(PY) tools/triton_check.py
 
 # On a GPU machine, with the python3 whose torch has CUDA (no .venv, no install): build, GPU tests,
 # compute-sanitizer, benchmarks; results in $(OUT). Stops at once without a GPU.

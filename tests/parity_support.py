@@ -16,3 +16,21 @@ def interpreted(backend):
 
 def device_for(backend):
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+# A teacher whose scaled logits alpha * y reach ~1e4 with one class far above the others in each
+# image (class b % Co in image b): q is one-hot in float32 and exactly representable, so the
+# distillation terms must be exact to RTOL. A kernel that fuses alpha * y - lse into a multiply-add
+# while its maximum holds the rounded product gets q = exp(the product's rounding error), ~5e-4 off
+# (Triton on a GPU unless compiled with enable_fp_fusion=False; the CPU kernels unless built with
+# -ffp-contract=off).
+ONE_HOT_ALPHA = 3.3  # not a power of two: alpha * y is inexact
+ONE_HOT_SPIKE = 3000.0
+
+
+def one_hot_teacher(y):
+    """``y`` with ONE_HOT_SPIKE added to class b % Co of image b, in ``y``'s dtype."""
+    spiked = y.clone()
+    for b in range(y.shape[0]):
+        spiked[b, b % y.shape[1]] += ONE_HOT_SPIKE
+    return spiked

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from parity_support import RTOL, device_for, interpreted
+from parity_support import ONE_HOT_ALPHA, RTOL, device_for, interpreted, one_hot_teacher
 
 import incseg_fast as isf
 from incseg_fast import reference
@@ -256,6 +256,17 @@ def test_large_logits(backend, generator):
         dict(old_classes=inp.old_classes, ce="unbiased", kd="unbiased", alpha=3.0),
         generator,
     )
+
+
+@pytest.mark.parametrize("name", DISTILLATIONS)
+def test_one_hot_teacher_at_large_scaled_logits(backend, generator, name):
+    """|alpha * y| ~ 1e4 with a one-hot teacher: class 0 in image 0 (q_0 of UNKD/BKD), class 1 in image 1.
+    BKD gets gamma (computed from this y it would be infinite in image 1)."""
+    inp = Inputs(generator)
+    options = dict(alpha=ONE_HOT_ALPHA, mask=inp.float_mask, reduction="none")
+    if name == "balanced_knowledge_distillation":
+        options["gamma"] = inp.gamma
+    _check(backend, name, inp.x, (one_hot_teacher(inp.y),), options, generator)
 
 
 @pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from parity_support import RTOL, device_for, interpreted
+from parity_support import ONE_HOT_ALPHA, RTOL, device_for, interpreted, one_hot_teacher
 
 import incseg_fast as isf
 from incseg_fast import _backends, losses, reference
@@ -49,12 +49,16 @@ def _assert_close(actual, expected, rtol, what):
     assert error <= rtol * scale, f"{what}: max error {error:.3e} > {rtol:.0e} * scale {scale:.3e}"
 
 
-def _contract(backend, generator, shape, *, ce, kd, reduction, dtype=torch.float32, with_mask=True):
-    """The backend's logit_losses with size= against the reference's on float64 copies."""
+def _contract(backend, generator, shape, *, ce, kd, reduction, dtype=torch.float32, with_mask=True, one_hot=False):
+    """The backend's logit_losses with size= against the reference's on float64 copies (with one_hot,
+    parity_support's one-hot teacher at |alpha * y| ~ 1e4)."""
     x, y, t, mask, gamma, size = _inputs(generator, shape, dtype=dtype)
+    alpha = 0.7
+    if one_hot:
+        y, alpha = one_hot_teacher(y), ONE_HOT_ALPHA
     device = device_for(backend)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    modes = dict(old_classes=y.shape[1], ce=ce, kd=kd, alpha=0.7, ignore_index=IGNORE, reduction=reduction)
+    modes = dict(old_classes=y.shape[1], ce=ce, kd=kd, alpha=alpha, ignore_index=IGNORE, reduction=reduction)
 
     def run(module, x, y, gamma, mask, device, float_dtype):
         return module.logit_losses(
@@ -101,6 +105,11 @@ def test_every_mode(backend, generator, ce, kd, reduction):
 @pytest.mark.parametrize("ce,kd", [("unbiased", "balanced"), ("plain", "plain"), ("unbiased", "unbiased")])
 def test_odd_sizes(backend, generator, shape, ce, kd):
     _contract(backend, generator, SHAPES[shape], ce=ce, kd=kd, reduction="none")
+
+
+@pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])
+def test_one_hot_teacher_at_large_scaled_logits(backend, generator, kd):
+    _contract(backend, generator, SHAPES["odd"], ce="unbiased", kd=kd, reduction="none", one_hot=True)
 
 
 def test_wide_rows_and_row_bands(backend, generator):

@@ -551,22 +551,103 @@ def _has_ptxas():
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
+def _run_without_interpreter(command):
+    """``command`` from the repository root, with the real Triton compiler (no TRITON_INTERPRET)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+
+
 @pytest.mark.skipif(not _has_ptxas(), reason="triton's bundled ptxas is not installed")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter checks no types or layouts: compile the GPU variants for sm_90 with ptxas."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    result = _run_without_interpreter([sys.executable, "-W", "ignore", "-m", "incseg_fast.triton.aot_check", "--quick"])
     assert result.returncode == 0, result.stdout + result.stderr
     for kernel in ("forward", "backward", "_structured_attention_bwd_kernel", "_ad_bwd_kernel"):
         assert kernel in result.stdout
-    assert "FAIL" not in result.stdout
+    assert "FAIL" not in result.stdout  # compile errors and unrounded float32 products in the PTX
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records the launches through the interpreter")
+def test_every_launch_disables_fp_fusion(monkeypatch, generator):
+    """Every kernel launch passes enable_fp_fusion=False (the interpreter drops it, the GPU compiles with it)."""
+    interpreter = importlib.import_module("triton.runtime.interpreter")
+    launches = []
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(kernel, *args, **kwargs):
+        launches.append((kernel.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return run(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    inputs = make_logit_inputs(generator, 1, 5, 3, 4, 5, torch.float32, ce="unbiased", kd="balanced", with_mask=True)
+    options = dict(old_classes=3, ce="unbiased", kd="balanced", alpha=1.0, ignore_index=IGNORE, reduction="mean")
+    check_logit_losses(*inputs, dtype=torch.float32, generator=generator, **options)
+    check_upsampled(generator, B=1, C=5, Co=3, x_size=(3, 4), y_size=(3, 4), size=(6, 8))
+    f, g = (random(generator, 1, 4, 3, 5, dtype=torch.float32) for _ in range(2))
+    a, b = (random(generator, 1, 4, dtype=torch.float32, positive=True) for _ in range(2))
+    options = dict(reduction="mean", detach_spatial=False)
+    check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=True, **options)
+    v = random(generator, 1, 4, 3, 5, dtype=torch.float32, positive=True).requires_grad_()
+    triton_backend.structured_attention(v, a.requires_grad_(), f[:, 0].requires_grad_()).sum().backward()
+    kernels = {name for name, _ in launches}
+    assert {"_logit_losses_fwd_kernel", "_logit_losses_bwd_kernel", "_upsampled_bwd_kernel"} <= kernels
+    assert {"_finish_reduction_kernel", "_ad_bwd_kernel", "_structured_attention_bwd_kernel"} <= kernels
+    assert all(fusion is False for _, fusion in launches), [name for name, fusion in launches if fusion is not False]
+
+
+def test_gpu_tiles_keep_each_pixels_channels_in_one_thread():
+    """A thread loads 128 bits per channel (4 float32 or 8 16-bit pixels); the GPU tile puts one such
+    pack per thread along the pixel axis, so a thread holds the whole channel tile of its pixels
+    (32 values), and the channel reductions need no shared memory."""
+    launch = importlib.import_module("incseg_fast.triton._launch")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pixels_per_thread = 128 // torch.finfo(dtype).bits
+        block_c, block_p, num_warps = launch.gpu_tile(dtype)
+        assert block_p == pixels_per_thread * 32 * num_warps, dtype
+        assert block_c * pixels_per_thread == 32, dtype
+
+
+def test_contracted_products_are_the_unrounded_float32_ones():
+    """aot_check's PTX rule: a float32 fma without .ftz, or a float32 mul/add/sub without a rounding
+    modifier, is a product added unrounded; libdevice's fma.rn.ftz.f32, rounded operations and
+    float64 are not."""
+    aot_check = importlib.import_module("incseg_fast.triton.aot_check")
+    contracted = [
+        "\tfma.rn.f32 \t%r5, %r1, %r2, %r3;",
+        "\t@%p1 fma.rn.f32 \t%r5, %r1, %r2, %r3;",
+        "\tmul.f32 \t%r4, %r1, %r2;",
+        "\tadd.f32 \t%r6, %r4, %r3;",
+        "\tsub.f32 \t%r6, %r4, %r3;",
+    ]
+    rounded = [
+        "\tfma.rn.ftz.f32 \t%r5, %r1, %r2, %r3;",
+        "\tmul.rn.f32 \t%r4, %r1, %r2;",
+        "\tsub.rn.f32 \t%r6, %r4, %r3;",
+        "\tfma.rn.f64 \t%rd5, %rd1, %rd2, %rd3;",
+        "\tmul.lo.s32 \t%r4, %r1, %r2;",
+        "\tex2.approx.f32 \t%r7, %r6;",
+    ]
+    found = aot_check.contracted_products("\n".join(contracted + rounded))
+    assert found == [line.strip() for line in contracted]
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="triton's bundled ptxas is not installed")
+def test_without_fp_fusion_the_backward_rounds_alpha_times_y():
+    """The logit backward (q = exp(alpha y - lse_t)) compiled for sm_90: with Triton's FMA contraction
+    its PTX adds unrounded products, with the launchers' option (enable_fp_fusion=False) none."""
+    script = (
+        "from incseg_fast.triton import aot_check\n"
+        "label, kernel, pointers, consts, warps = next(\n"
+        "    v for v in aot_check.kernels(quick=True) if 'kd=balanced' in v[0] and v[0].endswith('backward'))\n"
+        "for name, options in (('fused', {'enable_fp_fusion': True}), ('launched', {})):\n"
+        "    ptx = aot_check.compile_kernel(kernel, pointers, consts, 90, warps, **options).asm['ptx']\n"
+        "    print(name, len(aot_check.contracted_products(ptx)))\n"
+    )
+    result = _run_without_interpreter([sys.executable, "-W", "ignore", "-c", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = dict(line.split() for line in result.stdout.splitlines())
+    assert int(counts["fused"]) > 0 and int(counts["launched"]) == 0, result.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

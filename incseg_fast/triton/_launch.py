@@ -1,4 +1,4 @@
-"""Launch geometry shared by the Triton kernels of this package.
+"""How the Triton kernels of this package are launched: tiles, grids, compile options, scalar arguments.
 
 Every kernel works on a (BLOCK_C, BLOCK_P) tile: BLOCK_P contiguous pixels of one image (the
 fastest axis of NCHW, so loads coalesce along W) by BLOCK_C channels, reduced over channels in
@@ -9,21 +9,32 @@ autotuning is slow under the interpreter.
 
 import functools
 import os
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
+# Every launch passes enable_fp_fusion=FP_FUSION: no multiply-add contraction, so a product such as
+# alpha * y is rounded before it is subtracted, as in the forward's maximum (and on the CPU, built
+# with -ffp-contract=off). aot_check fails on any fma.f32 in the compiled kernels.
+FP_FUSION = False
+
 # On a GPU: 8 channels x 512 pixels per tile with 4 warps. When H*W is a multiple of 16 Triton
-# lays 4 contiguous pixels per thread (128-bit loads) x 32 threads x 4 warps along the pixel axis,
-# so each thread holds all 8 channels of its pixels and the channel reductions stay in registers.
-# Compiled for sm_90 (python -m incseg_fast.triton.aot_check) the float32 logit-loss kernels use at
-# most 187 registers without spills; 16 x 512 tiles reached 255 registers and spilled. VOC's 21 channels
-# take three tiles, ADE's 151 nineteen. float64 halves the pixels to bound register use.
+# lays 4 contiguous float32 pixels per thread (128-bit loads) x 32 threads x 4 warps along the pixel
+# axis, so each thread holds all 8 channels of its pixels and the channel reductions stay in
+# registers. 16-bit logits pack 8 pixels in a 128-bit load: their tile is 4 channels x 1024 pixels,
+# again 32 values per thread and every channel of a pixel in one thread (8 x 512 split each warp's
+# pixels across 2 warps' channels, reduced through shared memory, and the bf16 forward spilled).
+# Registers per kernel: python tools/triton_check.py (make cuda-check); 16 x 512 float32 tiles
+# reached 255 registers and spilled. VOC's 21 channels take three 8-channel tiles, ADE's 151 nineteen.
+# float64 halves the pixels to bound register use.
 # Not tuned on hardware: no GPU was available when these were chosen (see docs/TRITON.md).
 GPU_BLOCK_C = 8
 GPU_BLOCK_P = 512
 GPU_NUM_WARPS = 4
+GPU_16BIT_BLOCK_C = 4
+GPU_16BIT_BLOCK_P = 1024
 # Under the interpreter programs run one after another in numpy: small pixel blocks keep the tests
 # fast; the channel tile is the GPU's, so the same multi-tile paths run.
 INTERPRETER_BLOCK_C = 8
@@ -51,17 +62,24 @@ def _programs_wanted(device):
     return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def gpu_tile(dtype):
+    """(BLOCK_C, BLOCK_P, num_warps) on a GPU for maps of ``dtype`` with enough pixel blocks."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return GPU_16BIT_BLOCK_C, GPU_16BIT_BLOCK_P, GPU_NUM_WARPS
+    if dtype == torch.float64:
+        return GPU_BLOCK_C, GPU_BLOCK_P // 2, GPU_NUM_WARPS
+    return GPU_BLOCK_C, GPU_BLOCK_P, GPU_NUM_WARPS
+
+
 def tiles(channels, pixels, batch, dtype, device):
     """(BLOCK_C, BLOCK_P, num_warps) for ``batch`` maps of ``channels`` x ``pixels`` of ``dtype``."""
     if interpreter():
         block_c, block_p, num_warps = INTERPRETER_BLOCK_C, INTERPRETER_BLOCK_P, 1
     else:
-        block_c, block_p, num_warps = GPU_BLOCK_C, GPU_BLOCK_P, GPU_NUM_WARPS
-        if dtype == torch.float64:
-            block_p //= 2
-        else:
+        block_c, block_p, num_warps = gpu_tile(dtype)
+        if dtype != torch.float64:
             # Too few pixel blocks for the GPU (ADE at 128 x 128, say): halve the block and its warps
-            # together, which keeps each thread's 4 pixels x 8 channels and so its register use.
+            # together, which keeps each thread's pixels and channels and so its register use.
             while num_warps > 1 and triton.cdiv(pixels, block_p) * batch < _programs_wanted(device):
                 block_p //= 2
                 num_warps //= 2
@@ -121,3 +139,18 @@ def check_device(*tensors):
         raise ValueError(
             f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {tensor.device}"
         )
+
+
+def lowest(dtype):
+    """NEG, the kernels' stand-in for -inf in running maxima and in lanes outside a set (so that
+    exp(old_max - new_max) never computes inf - inf): the dtype's lowest finite value, below or equal
+    to every finite logit. (It was -1e30, above logits of -1e36: their maximum came out -1e30, every
+    exp 0 and the losses NaN.)"""
+    return torch.finfo(dtype).min
+
+
+def split_float(value):
+    """Triton passes Python floats as float32: (high, low) float32 parts whose float64 sum is ``value``
+    to ~48 bits, so float64 runs see alpha at (almost) full precision without a device tensor."""
+    high = struct.unpack("f", struct.pack("f", value))[0]
+    return high, value - high

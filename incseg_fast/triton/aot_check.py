@@ -6,8 +6,11 @@ Triton ships ptxas, so this runs the real (non-interpreter) compiler on every ke
 wrappers launch, catching what the interpreter does not check (types, layouts, constexpr branches),
 and prints each kernel's registers and spill stack from the cubin (cuobjdump -res-usage). Pointer
 arguments and H*W are compiled as 16-divisible, the specialisation Triton's JIT picks for
-contiguous maps with H*W % 16 == 0. Run it without TRITON_INTERPRET (the interpreter replaces the
-kernels at import). Exit status 1 if any kernel fails to compile.
+contiguous maps with H*W % 16 == 0. Every kernel is compiled with the launchers' options
+(``enable_fp_fusion=False``), and its PTX must round every float32 product before it is added or
+subtracted (``contracted_products``). Run it without TRITON_INTERPRET (the interpreter replaces the
+kernels at import). Exit status 1 if any kernel fails to compile or its PTX has a contracted product.
+tools/triton_check.py (``make cuda-check``) adds the registers and spills of nvcc's ptxas.
 """
 
 import argparse
@@ -26,16 +29,25 @@ from triton.compiler import ASTSource
 
 from ..vocabulary import CE_MODES, KD_MODES
 from . import _launch, attention, logit_losses_upsampled
-from .logit_losses import (
-    _finish_reduction_kernel,
-    _logit_losses_bwd_kernel,
-    _logit_losses_fwd_kernel,
-    _lowest,
-    _needed_statistics,
-)
+from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FLOAT_SCALARS = {"alpha_high", "alpha_low"}
+# The attention kernels' pointers to data of the inputs' dtype, and those to float32 partials.
+_ATTENTION_DATA_POINTERS = (
+    "v_ptr",
+    "a_ch_ptr",
+    "a_sp_ptr",
+    "out_ptr",
+    "grad_out_ptr",
+    "grad_v_ptr",
+    "f_ptr",
+    "g_ptr",
+    "a_ptr",
+    "b_ptr",
+    "grad_f_ptr",
+    "grad_g_ptr",
+)
 _ATTENTION_ACC_POINTERS = {
     "spatial_part_ptr",
     "spatial_ptr",
@@ -60,7 +72,9 @@ def _resources(cubin):
     return "registers {} stack {} shared {}".format(*match.groups()) if match else "resources unknown"
 
 
-def _compile(kernel, pointer_types, constexprs, arch, num_warps):
+def compile_kernel(kernel, pointer_types, constexprs, arch, num_warps, **options):
+    """The compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``) for GPUTarget("cuda", arch), with the
+    launchers' options (``enable_fp_fusion``) unless ``options`` (Triton's) say otherwise."""
     names = kernel.arg_names
     signature = {}
     for name in names:
@@ -77,30 +91,56 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps):
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    return _resources(compiled.asm["cubin"])
+    options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION, **options}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-# The default pixel block and warps, and the halved ones _launch.tiles picks for small maps.
-_GPU_PIXEL_BLOCKS = ((_launch.GPU_BLOCK_P, _launch.GPU_NUM_WARPS), (256, 2), (128, 1))
+# What an unrounded float32 product looks like in PTX: a fused multiply-add without .ftz, or a
+# multiply/add/subtract without a rounding modifier (which ptxas may contract unless given
+# --fmad=false). The kernels need every product rounded (alpha * y against the rounded maximum:
+# logit_math's teacher_probability). Allowed: fma.rn.ftz.f32, libdevice's own arithmetic (the
+# polynomial of logf, linked with Triton's flush-to-zero reflection, enable_reflect_ftz), which
+# never contracts a product of this package; float64 (libdevice's exp and log use fma.rn.f64, and
+# float64 meets its tolerance either way).
+_CONTRACTED = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(?:(?:fma|mad)(?:\.r[nzmp])?(?:\.sat)?\.f32|(?:mul|add|sub)(?:\.sat)?\.f32)\s"
+)
+
+
+def contracted_products(ptx):
+    """The PTX instructions of ``ptx`` that add a float32 product without rounding it first."""
+    return [line.strip() for line in ptx.splitlines() if _CONTRACTED.match(line)]
+
+
+def _gpu_tiles(dtype, halved):
+    """(BLOCK_C, BLOCK_P, num_warps): _launch's default tile for ``dtype``, and with ``halved`` the
+    smaller pixel blocks (and warps) that _launch.tiles picks for small maps."""
+    block_c, block_p, num_warps = _launch.gpu_tile(dtype)
+    yield block_c, block_p, num_warps
+    while halved and num_warps > 1:
+        block_p, num_warps = block_p // 2, num_warps // 2
+        yield block_c, block_p, num_warps
 
 
 def _logit_loss_variants(quick):
-    """(ce, kd, reduction, dtype, target type, (BLOCK_P, num_warps))."""
-    default = _GPU_PIXEL_BLOCKS[0]
-    modes = [(ce, kd) for ce in CE_MODES for kd in KD_MODES if (ce, kd) != ("none", "none")]
+    """(ce, kd, reduction, dtype, target type, (BLOCK_C, BLOCK_P, num_warps))."""
+    # Every mode with "mean"; "none" (per-pixel stores instead of partial sums) once per CE and KD mode.
+    modes = [(ce, kd, "mean") for ce in CE_MODES for kd in KD_MODES if (ce, kd) != ("none", "none")]
+    modes += [("unbiased", "unbiased", "none"), ("plain", "plain", "none"), ("none", "balanced", "none")]
     if quick:
-        modes = [("unbiased", "balanced"), ("plain", "plain"), ("none", "unbiased")]
-    for ce, kd in modes:
-        for reduction in ("mean",) if quick else ("mean", "none"):
-            yield ce, kd, reduction, torch.float32, "i64", default
-    yield "unbiased", "unbiased", "mean", torch.bfloat16, "i64", default
+        modes = [("unbiased", "balanced", "mean"), ("plain", "plain", "mean"), ("none", "unbiased", "mean")]
+    (float32_tile,) = _gpu_tiles(torch.float32, halved=False)
+    for ce, kd, reduction in modes:
+        yield ce, kd, reduction, torch.float32, "i64", float32_tile
+    for tile in _gpu_tiles(torch.bfloat16, halved=not quick):
+        yield "unbiased", "unbiased", "mean", torch.bfloat16, "i64", tile
     if not quick:
-        yield "unbiased", "balanced", "sum", torch.float16, "u8", default
-        yield "plain", "unbiased", "mean", torch.float32, "i32", default
-        yield "unbiased", "balanced", "mean", torch.float64, "i64", (_launch.GPU_BLOCK_P // 2, _launch.GPU_NUM_WARPS)
-        for pixel_block in _GPU_PIXEL_BLOCKS[1:]:
-            yield "unbiased", "balanced", "mean", torch.float32, "i64", pixel_block
+        yield "plain", "plain", "none", torch.bfloat16, "i64", next(_gpu_tiles(torch.bfloat16, halved=False))
+        yield "unbiased", "balanced", "sum", torch.float16, "u8", next(_gpu_tiles(torch.float16, halved=False))
+        yield "plain", "unbiased", "mean", torch.float32, "i32", float32_tile
+        yield "unbiased", "balanced", "mean", torch.float64, "i64", next(_gpu_tiles(torch.float64, halved=False))
+        for tile in list(_gpu_tiles(torch.float32, halved=True))[1:]:
+            yield "unbiased", "balanced", "mean", torch.float32, "i64", tile
 
 
 # (ce, kd, reduction, dtype) of the size= kernels: the forward with UPSAMPLE and the gather backward.
@@ -125,28 +165,29 @@ def _logit_pointers(dtype, target_type):
 
 def _logit_constexprs(ce, kd, reduction, dtype):
     """The constexprs the forward and backward kernels share, and the backward's own."""
-    _, acc = _launch.accumulator_dtype(dtype)
-    need_lse, need_old, need_bg = _needed_statistics(ce, kd)
+    acc_torch, acc = _launch.accumulator_dtype(dtype)
     shared = dict(
         CE=ce,
         KD=kd,
         HAS_MASK=kd != "none",
         PER_PIXEL=reduction == "none",
         ACC=acc,
-        NEG=_lowest(torch.float64 if dtype == torch.float64 else torch.float32),
-        BLOCK_C=_launch.GPU_BLOCK_C,
+        NEG=_launch.lowest(acc_torch),
     )
-    backward = dict(MEAN=reduction == "mean", NEED_LSE=need_lse, NEED_OLD=need_old, NEED_BG=need_bg)
+    backward = dict(MEAN=reduction == "mean")
     return shared, backward
 
 
 def _logit_kernels(quick):
     """The logit-loss variants: (label, kernel, pointer types, constexprs, num_warps)."""
-    for ce, kd, reduction, dtype, target_type, (block_p, num_warps) in _logit_loss_variants(quick):
+    for ce, kd, reduction, dtype, target_type, (block_c, block_p, num_warps) in _logit_loss_variants(quick):
         pointers = _logit_pointers(dtype, target_type)
         shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
-        constexprs = dict(shared, BLOCK_P=block_p)
-        label = f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} 8x{block_p}"
+        constexprs = dict(shared, BLOCK_C=block_c, BLOCK_P=block_p)
+        label = (
+            f"logit_losses ce={ce} kd={kd} reduction={reduction} {dtype} target {target_type} "
+            f"{block_c}x{block_p} {num_warps} warps"
+        )
         yield (
             f"{label} forward",
             _logit_losses_fwd_kernel,
@@ -164,15 +205,15 @@ def _logit_kernels(quick):
     for ce, kd, reduction, dtype in _upsampled_variants(quick):
         pointers = _logit_pointers(dtype, "i64")
         shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
-        _, block_p, forward_warps = _launch.gather_tiles(_launch.GPU_BLOCK_C, _launch.GPU_BLOCK_P)
+        forward_c, forward_p, forward_warps = _launch.gather_tiles(_launch.GPU_BLOCK_C, _launch.GPU_BLOCK_P)
         cols = 32  # factor 16: 32 column readers per element
         block_c, block_e, num_warps = logit_losses_upsampled.tiles(_launch.GPU_BLOCK_C, cols, dtype)
         label = f"logit_losses size= ce={ce} kd={kd} reduction={reduction} {dtype}"
         yield (
-            f"{label} forward 8x{block_p}",
+            f"{label} forward {forward_c}x{forward_p}",
             _logit_losses_fwd_kernel,
             dict(pointers, count_ptr="i32"),
-            dict(shared, UPSAMPLE=True, BLOCK_P=block_p),
+            dict(shared, UPSAMPLE=True, BLOCK_C=forward_c, BLOCK_P=forward_p),
             forward_warps,
         )
         yield (
@@ -184,39 +225,14 @@ def _logit_kernels(quick):
         )
 
 
-def _kernels(quick):
-    """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
-    yield from _logit_kernels(quick)
-
-    for reduce in (True, False):
-        yield (
-            f"_finish_reduction_kernel REDUCE={reduce}",
-            _finish_reduction_kernel,
-            {"count_part_ptr": "i32", "count_ptr": "i64"},
-            dict(REDUCE=reduce, MEAN=reduce, ACC=tl.float32, BLOCK=1024),
-            _launch.GPU_NUM_WARPS,
-        )
-
+def _attention_kernels(quick):
+    """The attention variants: (label, kernel, pointer types, constexprs, num_warps)."""
     for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
         pointers = {name: "fp32" for name in _ATTENTION_ACC_POINTERS}
-        for name in (
-            "v_ptr",
-            "a_ch_ptr",
-            "a_sp_ptr",
-            "out_ptr",
-            "grad_out_ptr",
-            "grad_v_ptr",
-            "f_ptr",
-            "g_ptr",
-            "a_ptr",
-            "b_ptr",
-            "grad_f_ptr",
-            "grad_g_ptr",
-        ):
+        for name in _ATTENTION_DATA_POINTERS:
             pointers[name] = _TL_NAMES[dtype]
-        pixel_blocks = _GPU_PIXEL_BLOCKS[:1] if quick or dtype != torch.float32 else _GPU_PIXEL_BLOCKS
-        for (block_p, num_warps), (kernel, flags) in itertools.product(
-            pixel_blocks,
+        for (block_c, block_p, num_warps), (kernel, flags) in itertools.product(
+            _gpu_tiles(dtype, halved=not quick and dtype == torch.float32),
             (
                 (attention._structured_attention_fwd_kernel, {}),
                 (attention._structured_attention_bwd_kernel, dict(NEED_V=True, NEED_CH=True, NEED_SP=True)),
@@ -226,9 +242,32 @@ def _kernels(quick):
                 (attention._ad_bwd_kernel, dict(SPATIAL=False, NEED_F=True, NEED_G=False, NEED_A=True, NEED_B=False)),
             ),
         ):
-            tiles = dict(ACC=tl.float32, BLOCK_C=_launch.GPU_BLOCK_C, BLOCK_P=block_p)
-            label = f"{kernel.fn.__name__} {flags or ''} {dtype} {_launch.GPU_BLOCK_C}x{block_p}"
+            tiles = dict(ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
+            label = f"{kernel.fn.__name__} {flags or ''} {dtype} {block_c}x{block_p} {num_warps} warps"
             yield label, kernel, pointers, dict(tiles, **flags), num_warps
+
+
+def kernels(quick):
+    """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
+    yield from _logit_kernels(quick)
+    for reduce in (True, False):
+        yield (
+            f"_finish_reduction_kernel REDUCE={reduce}",
+            _finish_reduction_kernel,
+            {"count_part_ptr": "i32", "count_ptr": "i64"},
+            dict(REDUCE=reduce, MEAN=reduce, ACC=tl.float32, BLOCK=1024),
+            _launch.GPU_NUM_WARPS,
+        )
+    yield from _attention_kernels(quick)
+
+
+def compiled_kernels(quick, arch, **options):
+    """(label, compiled kernel or the exception that stopped it) for each variant, in order."""
+    for label, kernel, pointers, constexprs, num_warps in kernels(quick):
+        try:
+            yield label, compile_kernel(kernel, pointers, constexprs, arch, num_warps, **options)
+        except Exception as error:  # report every failing variant, then fail
+            yield label, error
 
 
 def main(argv=None):
@@ -239,12 +278,17 @@ def main(argv=None):
     if _launch.interpreter():
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels at import")
     failures = 0
-    for label, kernel, pointers, constexprs, num_warps in _kernels(args.quick):
-        try:
-            print(f"ok   {label}: {_compile(kernel, pointers, constexprs, args.arch, num_warps)}", flush=True)
-        except Exception as error:  # report every failing variant, then fail
+    for label, compiled in compiled_kernels(args.quick, args.arch):
+        if isinstance(compiled, Exception):
             failures += 1
-            print(f"FAIL {label}: {type(error).__name__}: {error}", flush=True)
+            print(f"FAIL {label}: {type(compiled).__name__}: {compiled}", flush=True)
+            continue
+        contracted = contracted_products(compiled.asm["ptx"])
+        if contracted:
+            failures += 1
+            print(f"FAIL {label}: {len(contracted)} unrounded float32 products in the PTX, e.g. {contracted[0]}")
+        else:
+            print(f"ok   {label}: {_resources(compiled.asm['cubin'])}", flush=True)
     return 1 if failures else 0
 
 

@@ -135,7 +135,7 @@ def _geometry(features):
     block_c, block_p, num_warps = _launch.tiles(C, H * W, B, features.dtype, features.device)
     pixel_blocks = triton.cdiv(H * W, block_p)
     per_group, groups = _launch.channel_groups(C, block_c, pixel_blocks * B, features.device)
-    meta = dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+    meta = dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION)
     return (pixel_blocks, groups, B), per_group, meta
 
 

@@ -8,15 +8,13 @@ dL/dx once, combining both upstream gradients. No logits-sized temporary is crea
 derivations are written beside the kernels.
 
 With ``size=`` (MATH.md#upsampling) the forward interpolates every logit of x and y it reads from its
-four low-resolution samples (``UPSAMPLE``, ``_tap``, ``_sample``) and saves the statistics at the
-output resolution; the backward is the gather of logit_losses_upsampled.py, which shares this
-backward's per-pixel factors (``_pixel_gradient_factors``) and channel tiles (``_channel_grad``).
+four low-resolution samples (``UPSAMPLE``, logit_math's ``tap`` and ``sample``) and saves the
+statistics at the output resolution; the backward is the gather of logit_losses_upsampled.py. The
+per-pixel math both backwards share (gradient factors, channel tiles) is in logit_math.py.
 
 The launchers below are the kernels of the ops ``incseg_fast_triton::logit_losses_fwd`` and
 ``logit_losses_bwd`` (schemas in csrc/ops.cpp, fake kernels and autograd in incseg_fast/ops).
 """
-
-import struct
 
 import torch
 import triton
@@ -25,60 +23,24 @@ import triton.language as tl
 from ..ops.logit_losses import NUM_STATS
 from ..vocabulary import CE_MODES, KD_MODES, REDUCTIONS
 from . import _launch
+from .logit_losses_upsampled import upsampled_backward
+from .logit_math import (
+    STAT_LSE,
+    STAT_LSE_BG,
+    STAT_LSE_OLD,
+    STAT_LSE_TEACHER,
+    STAT_ROWS,
+    channel_grad,
+    load_target,
+    logaddexp,
+    pixel_gradient_factors,
+    sample,
+    tap,
+    teacher_probability,
+    teacher_term,
+)
 
 __all__ = ["logit_losses_fwd", "logit_losses_bwd"]
-
-# Rows of the saved statistics (B, NUM_STATS, H, W), as in csrc/common/logit_math.h.
-_NUM_STATS = tl.constexpr(NUM_STATS)
-_STAT_LSE, _STAT_LSE_OLD, _STAT_LSE_BG, _STAT_LSE_TEACHER = (tl.constexpr(row) for row in range(NUM_STATS))
-
-
-@triton.jit
-def _logaddexp(a, b):
-    # NaN-propagating max/min: the default ones return the other operand, which would turn a NaN
-    # logit into a finite loss (RELIABILITY.md#numerics).
-    high = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-    low = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-    return high + tl.log(1.0 + tl.exp(low - high))
-
-
-@triton.jit
-def _ratio(n, d, ACC: tl.constexpr):
-    """n / d correctly rounded in ACC (Triton's float32 `/` on a GPU is approximate)."""
-    if ACC == tl.float64:
-        ratio = n.to(tl.float64) / d.to(tl.float64)
-    else:
-        ratio = tl.math.div_rn(n.to(tl.float32), d.to(tl.float32))
-    return ratio
-
-
-@triton.jit
-def _tap(d, n_in, n_out, ACC: tl.constexpr):
-    """The input samples i0, i1 and the weight l1 of i1 that output index d of n_out reads from n_in
-    samples (F.interpolate, bilinear, align_corners=False; csrc/common/upsample.h's tap):
-    s = max((d + 0.5) n_in / n_out - 0.5, 0), i0 = floor(s), i1 = min(i0 + 1, n_in - 1), l1 = s - i0,
-    in ACC (float64 coordinates for float64 logits, as PyTorch's)."""
-    s = tl.maximum(_ratio(n_in, n_out, ACC) * (d.to(ACC) + 0.5) - 0.5, 0.0)
-    i0 = s.to(tl.int32)  # s >= 0: truncation is floor; int32 offsets within a plane (fewer registers)
-    return i0, tl.minimum(i0 + 1, n_in - 1), s - i0.to(ACC)
-
-
-@triton.jit
-def _sample(planes, mask, p, row0, row1, row_l1, col0, col1, col_l1, width, UPSAMPLE: tl.constexpr, ACC: tl.constexpr):
-    """The values at output pixels p of the channel planes starting at `planes`, in ACC: the planes'
-    own pixels, or with UPSAMPLE their bilinear upsampling from the four samples (row0|row1, col0|col1)
-    of planes `width` wide (csrc/common/upsample.h's bilinear, not rounded to the logits' dtype)."""
-    if UPSAMPLE:
-        top_left = tl.load(planes + (row0 * width + col0), mask=mask, other=0.0).to(ACC)
-        top_right = tl.load(planes + (row0 * width + col1), mask=mask, other=0.0).to(ACC)
-        bottom_left = tl.load(planes + (row1 * width + col0), mask=mask, other=0.0).to(ACC)
-        bottom_right = tl.load(planes + (row1 * width + col1), mask=mask, other=0.0).to(ACC)
-        top = (1.0 - col_l1) * top_left + col_l1 * top_right
-        bottom = (1.0 - col_l1) * bottom_left + col_l1 * bottom_right
-        values = (1.0 - row_l1) * top + row_l1 * bottom
-    else:
-        values = tl.load(planes + p, mask=mask, other=0.0).to(ACC)
-    return values
 
 
 # Forward, per pixel (b, p). The channels split into old = [0, Co) and new = [Co, C); each has its own
@@ -134,7 +96,7 @@ def _logit_losses_fwd_kernel(
     ch = tl.arange(0, BLOCK_C)
     zeros = tl.zeros([BLOCK_P], dtype=ACC)
     alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
-    # With UPSAMPLE each pixel's logits are interpolated from four samples (_sample): the taps of its
+    # With UPSAMPLE each pixel's logits are interpolated from four samples (sample): the taps of its
     # row and column into x's and y's planes, once per program. Without, the planes are HW pixels (an
     # argument Triton specialises when divisible by 16, which lets the loads vectorise).
     if UPSAMPLE:
@@ -142,17 +104,13 @@ def _logit_losses_fwd_kernel(
         y_plane = y_h * y_w
         row = p // out_w
         col = p % out_w
-        x_row0, x_row1, x_row_l1 = _tap(row, x_h, out_h, ACC)
-        x_col0, x_col1, x_col_l1 = _tap(col, x_w, out_w, ACC)
-        y_row0, y_row1, y_row_l1 = _tap(row, y_h, out_h, ACC)
-        y_col0, y_col1, y_col_l1 = _tap(col, y_w, out_w, ACC)
-    else:  # the taps are unused by _sample
+        x_taps = (tap(row, x_h, out_h, ACC), tap(col, x_w, out_w, ACC), x_w)
+        y_taps = (tap(row, y_h, out_h, ACC), tap(col, y_w, out_w, ACC), y_w)
+    else:
         x_plane = HW
         y_plane = HW
-        x_row0, x_row1, x_row_l1 = p, p, zeros
-        x_col0, x_col1, x_col_l1 = p, p, zeros
-        y_row0, y_row1, y_row_l1 = p, p, zeros
-        y_col0, y_col1, y_col_l1 = p, p, zeros
+        x_taps = None  # sample reads p itself
+        y_taps = None
 
     max_old = zeros + NEG
     sum_old = zeros
@@ -164,10 +122,9 @@ def _logit_losses_fwd_kernel(
     x_target = zeros
 
     if CE != "none":
-        target = tl.load(target_ptr + pix, mask=in_image, other=ignore_index).to(tl.int64)
-        valid = in_image & (target != ignore_index)
+        target, valid = load_target(target_ptr + pix, in_image, ignore_index)
     else:
-        target = tl.zeros([BLOCK_P], dtype=tl.int64)
+        target = tl.zeros([BLOCK_P], dtype=tl.int32)
         valid = tl.zeros([BLOCK_P], dtype=tl.int1)
 
     for c0 in range(0, C, BLOCK_C):
@@ -175,17 +132,11 @@ def _logit_losses_fwd_kernel(
         # Channel-only lane masks: out-of-image pixels load as 0 and give finite, unused statistics.
         old_lane = (c < Co)[:, None]
         new_lane = ((c >= Co) & (c < C))[:, None]
-        xs = _sample(
+        xs = sample(
             x_ptr + (b * C + c[:, None]) * x_plane,
             (c < C)[:, None] & in_image[None, :],
             p[None, :],
-            x_row0,
-            x_row1,
-            x_row_l1,
-            x_col0,
-            x_col1,
-            x_col_l1,
-            x_w,
+            x_taps,
             UPSAMPLE,
             ACC,
         )
@@ -201,17 +152,11 @@ def _logit_losses_fwd_kernel(
             x_target += tl.sum(tl.where(c[:, None] == target[None, :], xs, 0.0), axis=0)
         if KD != "none":
             if c0 < Co:
-                ys = _sample(
+                ys = sample(
                     y_ptr + (b * Co + c[:, None]) * y_plane,
                     old_lane & in_image[None, :],
                     p[None, :],
-                    y_row0,
-                    y_row1,
-                    y_row_l1,
-                    y_col0,
-                    y_col1,
-                    y_col_l1,
-                    y_w,
+                    y_taps,
                     UPSAMPLE,
                     ACC,
                 )
@@ -229,7 +174,7 @@ def _logit_losses_fwd_kernel(
     # logit) must stay NaN, so the test is "== 0", never "> 0".
     no_new = sum_new == 0.0
     lse_new = tl.where(no_new, NEG, max_new + tl.log(tl.where(no_new, 1.0, sum_new)))
-    lse = _logaddexp(lse_old, lse_new)
+    lse = logaddexp(lse_old, lse_new)
 
     ce_map = zeros
     if CE == "unbiased":
@@ -237,29 +182,14 @@ def _logit_losses_fwd_kernel(
     elif CE == "plain":
         ce_map = tl.where(valid, lse - x_target, 0.0)
 
-    x_0 = _sample(
-        x_ptr + b * C * x_plane, in_image, p, x_row0, x_row1, x_row_l1, x_col0, x_col1, x_col_l1, x_w, UPSAMPLE, ACC
-    )
-    lse_bg = _logaddexp(x_0, lse_new)
+    x_0 = sample(x_ptr + b * C * x_plane, in_image, p, x_taps, UPSAMPLE, ACC)
+    lse_bg = logaddexp(x_0, lse_new)
     kd_map = zeros
     lse_teacher = zeros
     if KD != "none":
-        y_0 = _sample(
-            y_ptr + b * Co * y_plane,
-            in_image,
-            p,
-            y_row0,
-            y_row1,
-            y_row_l1,
-            y_col0,
-            y_col1,
-            y_col_l1,
-            y_w,
-            UPSAMPLE,
-            ACC,
-        )
+        y_0 = sample(y_ptr + b * Co * y_plane, in_image, p, y_taps, UPSAMPLE, ACC)
         lse_teacher = max_teacher + tl.log(sum_teacher)
-        q_0 = tl.exp(alpha * y_0 - lse_teacher)
+        q_0 = teacher_probability(y_0, alpha, lse_teacher)
         old_term = weighted_x / sum_teacher  # sum_{1<=c<Co} q_c x_c
         if KD == "plain":
             kd_map = -(q_0 * x_0 + old_term - lse_old) / Co
@@ -272,11 +202,11 @@ def _logit_losses_fwd_kernel(
             kd_map *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
         kd_map = tl.where(in_image, kd_map, 0.0)
 
-    stats = stats_ptr + b * _NUM_STATS * HW + p
-    tl.store(stats + _STAT_LSE * HW, lse, mask=in_image)
-    tl.store(stats + _STAT_LSE_OLD * HW, lse_old, mask=in_image)
-    tl.store(stats + _STAT_LSE_BG * HW, lse_bg, mask=in_image)
-    tl.store(stats + _STAT_LSE_TEACHER * HW, lse_teacher, mask=in_image)
+    stats = stats_ptr + b * STAT_ROWS * HW + p
+    tl.store(stats + STAT_LSE * HW, lse, mask=in_image)
+    tl.store(stats + STAT_LSE_OLD * HW, lse_old, mask=in_image)
+    tl.store(stats + STAT_LSE_BG * HW, lse_bg, mask=in_image)
+    tl.store(stats + STAT_LSE_TEACHER * HW, lse_teacher, mask=in_image)
 
     if PER_PIXEL:
         tl.store(ce_ptr + pix, ce_map, mask=in_image)
@@ -288,159 +218,7 @@ def _logit_losses_fwd_kernel(
     tl.store(count_ptr + b * tl.num_programs(0) + pid_p, tl.sum(valid.to(tl.int32), axis=0))
 
 
-# Backward, per pixel, with e(s)_c = exp(x_c - s) (a softmax over the set whose lse is s):
-#   d UNCE/dx_c = e(lse)_c - [t<Co][c<Co] e(lse_old)_c - [t>=Co][c==t]
-#   d CE/dx_c   = e(lse)_c - [c==t]
-#   d KD/dx_c   = (m/Co) [c<Co] (e(lse_old)_c - q_c)
-#   d BKD/dx_c  = (m/Co) ((gamma q_0 + 1 - q_0) e(lse)_c - gamma q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
-#                 (UNKD: gamma = 1, which is MATH.md#unkd's p_c - q_0 [c in bg] e(lse_bg)_c - [1<=c<Co] q_c)
-# with q_c = exp(alpha y_c - lse_t). Scaled by the upstream gradients w_ce and w_kd (divided by the
-# number of valid pixels, resp. B*H*W, for "mean"), dL/dx is a sum of per-pixel coefficients times
-#   coef_p e(lse) + coef_old [c<Co] e(lse_old) + coef_bg [c in bg] e(lse_bg) - w_target [c==t] - w_kd' q_c.
-# One exp per logit: e(lse)_c = e(s)_c exp(s - lse) for either s, so a lane 1 <= c < Co uses
-# s = lse_old and a lane c >= Co uses s = lse_bg (both exps <= 1, nothing overflows); lane 0, in
-# both sets, is computed per pixel from x_0.
-@triton.jit
-def _pixel_gradient_factors(
-    stats,  # the pixels' saved statistics (row 0; rows are HW apart)
-    HW,
-    on,  # the pixels to compute (others load as 0 and give finite, unused factors)
-    pix,  # b * HW + p
-    b,
-    x_0,
-    y_0,  # the pixels' background logits (y_0: read only for UNKD/BKD)
-    target_ptr,
-    gamma_ptr,
-    mask_ptr,
-    count_ptr,
-    grad_ce_ptr,
-    grad_kd_ptr,
-    Co,
-    alpha,
-    ignore_index,
-    kd_divisor,
-    CE: tl.constexpr,
-    KD: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PER_PIXEL: tl.constexpr,
-    MEAN: tl.constexpr,
-    NEED_LSE: tl.constexpr,
-    NEED_OLD: tl.constexpr,
-    NEED_BG: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """Per pixel: (target, w_target, w_teacher, lse_teacher, grad_0, shift_old, factor_old, shift_new,
-    factor_new): channel 0's gradient, and the factor and shift such that the exp terms of a lane
-    c >= 1 are factor * exp(x_c - shift) (old: c < Co, new: c >= Co); see _channel_grad."""
-    zeros = tl.zeros(on.shape, dtype=ACC)
-    # NEED_LSE: some term has coef_p; NEED_OLD: coef_old; NEED_BG: coef_bg (see _needed_statistics).
-    lse = zeros
-    lse_old = zeros
-    lse_bg = zeros
-    lse_teacher = zeros
-    if NEED_LSE:
-        lse = tl.load(stats + _STAT_LSE * HW, mask=on, other=0.0)
-    if NEED_OLD:
-        lse_old = tl.load(stats + _STAT_LSE_OLD * HW, mask=on, other=0.0)
-    if NEED_BG:
-        lse_bg = tl.load(stats + _STAT_LSE_BG * HW, mask=on, other=0.0)
-
-    coef_p = zeros
-    coef_old = zeros
-    coef_bg = zeros
-    w_target = zeros
-    w_teacher = zeros
-    target = tl.zeros(on.shape, dtype=tl.int64)
-
-    if CE != "none":
-        target = tl.load(target_ptr + pix, mask=on, other=ignore_index).to(tl.int64)
-        valid = on & (target != ignore_index)
-        if PER_PIXEL:
-            w_ce = tl.load(grad_ce_ptr + pix, mask=on, other=0.0).to(ACC)
-        else:
-            w_ce = tl.load(grad_ce_ptr).to(ACC) + zeros
-            if MEAN:
-                w_ce = w_ce / tl.maximum(tl.load(count_ptr).to(ACC), 1.0)
-        w_ce = tl.where(valid, w_ce, 0.0)
-        coef_p += w_ce
-        if CE == "unbiased":
-            coef_old -= tl.where(target < Co, w_ce, 0.0)
-            w_target = tl.where(target >= Co, w_ce, 0.0)
-        else:
-            w_target = w_ce
-
-    if KD != "none":
-        if PER_PIXEL:
-            w_kd = tl.load(grad_kd_ptr + pix, mask=on, other=0.0).to(ACC)
-        else:
-            w_kd = tl.load(grad_kd_ptr).to(ACC) / kd_divisor + zeros
-        w_kd = w_kd / Co
-        if HAS_MASK:
-            w_kd *= tl.load(mask_ptr + pix, mask=on, other=0.0).to(ACC)
-        w_kd = tl.where(on, w_kd, 0.0)
-        w_teacher = w_kd
-        lse_teacher = tl.load(stats + _STAT_LSE_TEACHER * HW, mask=on, other=0.0)
-        if KD == "plain":
-            coef_old += w_kd
-        else:
-            gamma = 1.0
-            if KD == "balanced":
-                gamma = tl.load(gamma_ptr + b).to(ACC)
-            q_0 = tl.exp(alpha * y_0 - lse_teacher)
-            coef_p += w_kd * (gamma * q_0 + 1.0 - q_0)
-            coef_bg = -w_kd * gamma * q_0
-
-    grad_0 = zeros
-    shift_old = lse
-    factor_old = coef_old
-    shift_new = lse
-    factor_new = coef_p
-    if NEED_LSE:
-        grad_0 += coef_p * tl.exp(x_0 - lse)
-    if NEED_OLD:
-        grad_0 += coef_old * tl.exp(x_0 - lse_old)
-        shift_old = lse_old
-        if NEED_LSE:
-            factor_old += coef_p * tl.exp(lse_old - lse)
-    else:
-        factor_old += coef_p
-    if NEED_BG:
-        grad_0 += coef_bg * tl.exp(x_0 - lse_bg)
-        shift_new = lse_bg
-        factor_new = coef_bg + coef_p * tl.exp(lse_bg - lse)
-    return target, w_target, w_teacher, lse_teacher, grad_0, shift_old, factor_old, shift_new, factor_new
-
-
-@triton.jit
-def _channel_grad(
-    xs,  # (channels, pixels) logits
-    c,  # (channels,) their channel indices
-    Co,
-    target,
-    w_target,
-    grad_0,
-    shift_old,
-    factor_old,
-    shift_new,
-    factor_new,  # per pixel, from _pixel_gradient_factors
-    CE: tl.constexpr,
-    NEED_LSE: tl.constexpr,
-    NEG: tl.constexpr,
-):
-    """dL/dx of a (channels, pixels) tile of logits, without the teacher term (-w_teacher q_c)."""
-    old_lane = (c < Co)[:, None]
-    if NEED_LSE:
-        shifted = tl.where(old_lane, xs - shift_old[None, :], xs - shift_new[None, :])
-        factor = tl.where(old_lane, factor_old[None, :], factor_new[None, :])
-    else:  # plain KD alone: lanes >= Co get no gradient
-        shifted = tl.where(old_lane, xs - shift_old[None, :], NEG)
-        factor = factor_old[None, :]
-    grad = tl.where((c == 0)[:, None], grad_0[None, :], factor * tl.exp(shifted))
-    if CE != "none":
-        grad -= tl.where(c[:, None] == target[None, :], w_target[None, :], 0.0)
-    return grad
-
-
+# Backward: dL/dx per pixel and channel, as derived above logit_math.pixel_gradient_factors.
 @triton.jit
 def _logit_losses_bwd_kernel(
     x_ptr,
@@ -465,9 +243,6 @@ def _logit_losses_bwd_kernel(
     HAS_MASK: tl.constexpr,
     PER_PIXEL: tl.constexpr,
     MEAN: tl.constexpr,
-    NEED_LSE: tl.constexpr,
-    NEED_OLD: tl.constexpr,
-    NEED_BG: tl.constexpr,
     ACC: tl.constexpr,
     NEG: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -484,35 +259,11 @@ def _logit_losses_bwd_kernel(
     y_0 = x_0  # unread unless UNKD/BKD
     if KD == "unbiased" or KD == "balanced":
         y_0 = tl.load(y_ptr + b * Co * HW + p, mask=in_image, other=0.0).to(ACC)
-    target, w_target, w_teacher, lse_teacher, grad_0, shift_old, factor_old, shift_new, factor_new = (
-        _pixel_gradient_factors(
-            stats_ptr + b * _NUM_STATS * HW + p,
-            HW,
-            in_image,
-            b * HW + p,
-            b,
-            x_0,
-            y_0,
-            target_ptr,
-            gamma_ptr,
-            mask_ptr,
-            count_ptr,
-            grad_ce_ptr,
-            grad_kd_ptr,
-            Co,
-            alpha,
-            ignore_index,
-            kd_divisor,
-            CE,
-            KD,
-            HAS_MASK,
-            PER_PIXEL,
-            MEAN,
-            NEED_LSE,
-            NEED_OLD,
-            NEED_BG,
-            ACC,
-        )
+    # The forward's inputs and statistics, and the upstream gradients with their "mean" divisors.
+    inputs = (target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
+    upstream = (grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor)
+    factors, teacher = pixel_gradient_factors(
+        p, in_image, b, x_0, y_0, inputs, upstream, CE, KD, HAS_MASK, PER_PIXEL, MEAN, ACC
     )
 
     # Plain KD distils all Co channels; UNKD/BKD distil channels 1..Co-1 (channel 0 is in coef_bg).
@@ -522,17 +273,14 @@ def _logit_losses_bwd_kernel(
         load_mask = (c < C)[:, None] & in_image[None, :]
         offsets = (b * C + c[:, None]) * HW + p[None, :]
         xs = tl.load(x_ptr + offsets, mask=load_mask, other=0.0).to(ACC)
-        grad = _channel_grad(
-            xs, c, Co, target, w_target, grad_0, shift_old, factor_old, shift_new, factor_new, CE, NEED_LSE, NEG
-        )
+        grad = channel_grad(xs, c, Co, factors, CE, KD, NEG)
         if KD != "none":
             if c0 < Co:
                 in_teacher = ((c >= first_teacher_channel) & (c < Co))[:, None]
                 ys = tl.load(
                     y_ptr + (b * Co + c[:, None]) * HW + p[None, :], mask=in_teacher & in_image[None, :], other=0.0
                 ).to(ACC)
-                q = tl.exp(alpha * ys - lse_teacher[None, :])
-                grad -= tl.where(in_teacher, w_teacher[None, :] * q, 0.0)
+                grad -= teacher_term(ys, alpha, teacher, in_teacher)
         tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=load_mask)
 
 
@@ -573,14 +321,6 @@ def _finish_reduction_kernel(
             kd = kd / kd_divisor
         tl.store(ce_ptr, ce)
         tl.store(kd_ptr, kd)
-
-
-def _needed_statistics(ce, kd):
-    """Which saved per-pixel logsumexps the backward reads: (lse, lse_old, lse_bg); lse_teacher with KD."""
-    need_old = ce == "unbiased" or kd == "plain"
-    need_bg = kd in ("unbiased", "balanced")
-    need_lse = ce != "none" or need_bg
-    return need_lse, need_old, need_bg
 
 
 def _check_modes(ce, kd, reduction):
@@ -646,21 +386,6 @@ def _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd, size):
     return H, W
 
 
-def _lowest(dtype):
-    """NEG, the kernels' stand-in for -inf in running maxima and in lanes outside a set (so that
-    exp(old_max - new_max) never computes inf - inf): the dtype's lowest finite value, below or equal
-    to every finite logit. (It was -1e30, above logits of -1e36: their maximum came out -1e30, every
-    exp 0 and the losses NaN.)"""
-    return torch.finfo(dtype).min
-
-
-def _split_float(value):
-    """Triton passes Python floats as float32: (high, low) float32 parts whose float64 sum is ``value``
-    to ~48 bits, so float64 runs see alpha at (almost) full precision without a device tensor."""
-    high = struct.unpack("f", struct.pack("f", value))[0]
-    return high, value - high
-
-
 def _contiguous(tensor):
     return None if tensor is None else tensor.contiguous()
 
@@ -707,7 +432,7 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
         w,
         y_h,
         y_w,
-        *_split_float(alpha),
+        *_launch.split_float(alpha),
         int(ignore_index),
         CE=ce,
         KD=kd,
@@ -715,10 +440,11 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
         PER_PIXEL=per_pixel,
         UPSAMPLE=size is not None,
         ACC=acc_tl,
-        NEG=_lowest(acc_torch),
+        NEG=_launch.lowest(acc_torch),
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     valid_count = x.new_empty((), dtype=torch.int64)
     ce_loss, kd_loss = (ce_out, kd_out) if per_pixel else (x.new_empty((), dtype=acc_torch) for _ in range(2))
@@ -735,6 +461,7 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
         MEAN=reduction == "mean",
         ACC=acc_tl,
         BLOCK=_launch.reduction_block(programs),
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return ce_loss, kd_loss, stats, valid_count
 
@@ -778,8 +505,6 @@ def logit_losses_bwd(
     grad_ce = grad_ce.to(acc_torch).contiguous()
     grad_kd = grad_kd.to(acc_torch).contiguous()
     if size is not None:
-        from .logit_losses_upsampled import upsampled_backward  # that module builds on this one's kernels
-
         return upsampled_backward(
             grad_ce,
             grad_kd,
@@ -803,7 +528,6 @@ def logit_losses_bwd(
     block_c, block_p, num_warps = _launch.tiles(C, HW, B, x.dtype, x.device)
     grid = (triton.cdiv(HW, block_p), B)
     grad_x = torch.empty_like(x)
-    need_lse, need_old, need_bg = _needed_statistics(ce, kd)
     _logit_losses_bwd_kernel[grid](
         x,
         x if target is None else target,
@@ -818,7 +542,7 @@ def logit_losses_bwd(
         C,
         old_classes,
         HW,
-        *_split_float(alpha),
+        *_launch.split_float(alpha),
         int(ignore_index),
         B * HW if reduction == "mean" else 1,
         CE=ce,
@@ -826,13 +550,11 @@ def logit_losses_bwd(
         HAS_MASK=mask is not None,
         PER_PIXEL=reduction == "none",
         MEAN=reduction == "mean",
-        NEED_LSE=need_lse,
-        NEED_OLD=need_old,
-        NEED_BG=need_bg,
         ACC=acc_tl,
-        NEG=_lowest(acc_torch),
+        NEG=_launch.lowest(acc_torch),
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return grad_x

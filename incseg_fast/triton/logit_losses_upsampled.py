@@ -1,8 +1,8 @@
 """The Triton backward of the logit losses with ``size=`` (MATH.md#upsampling): dL/dx at x's own resolution.
 
-The forward needs no kernel of its own: ``_logit_losses_fwd_kernel`` with ``UPSAMPLE`` interpolates
-every logit of x and y from its four low-resolution samples where it reads it (logit_losses.py's
-``_sample``) and saves the per-pixel statistics at the output resolution, as without ``size=``.
+The forward needs no kernel of its own: logit_losses.py's forward kernel with ``UPSAMPLE`` interpolates
+every logit of x and y from its four low-resolution samples where it reads it (logit_math's
+``sample``) and saves the per-pixel statistics at the output resolution, as without ``size=``.
 
 The backward is a gather. x_up = U x channel by channel, U the separable bilinear upsampling:
 x_up[c, Y, X] = sum_{i, j} R[Y, i] K[X, j] x[c, i, j] with the tap weights R (rows) and K (columns) of
@@ -12,12 +12,12 @@ F.interpolate (csrc/common/upsample.h). So dL/dx = U^T dL/dx_up:
 
 and G at output pixel p is the per-pixel gradient of MATH.md#logit-backward taken at x_up[:, p] and
 y_up[:, p]: per channel a function of p's saved statistics, label, mask and upstream gradients, of
-x_up[c, p] and (c < Co) y_up[c, p] only (logit_losses.py's ``_pixel_gradient_factors`` and
-``_channel_grad``). R[Y, i] is nonzero only for the rows Y whose taps read row i: in exact
-arithmetic they lie in [first, first + readers) (``_first_reader``, ``_readers``), likewise K. (A
-tap rounded across a sample boundary can read i with a weight of the order of the coordinate's
-rounding error from just outside that window; such a weight is dropped, an error of the order of
-the one the rounded taps already make.)
+x_up[c, p] and (c < Co) y_up[c, p] only (logit_math's ``pixel_gradient_factors``, ``channel_grad``
+and ``teacher_term``, shared with the backward without ``size=``). R[Y, i] is nonzero only for the
+rows Y whose taps read row i: in exact arithmetic they lie in [first, first + readers)
+(``_first_reader``, ``_readers``), likewise K. (A tap rounded across a sample boundary can read i
+with a weight of the order of the coordinate's rounding error from just outside that window; such a
+weight is dropped, an error of the order of the one the rounded taps already make.)
 
 A program owns BLOCK_E consecutive elements (i, j) of x's plane and BLOCK_C channels of one image;
 its lanes are (element, column step) pairs, COLS = next_pow2(column readers) lanes per element, so
@@ -34,21 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.logit_losses import NUM_STATS
 from . import _launch
-from .logit_losses import (
-    _channel_grad,
-    _lowest,
-    _needed_statistics,
-    _pixel_gradient_factors,
-    _sample,
-    _split_float,
-    _tap,
-)
+from .logit_math import channel_grad, pixel_gradient_factors, sample, tap, tap_weight, teacher_term
 
 __all__ = ["upsampled_backward"]
-
-_NUM_STATS = tl.constexpr(NUM_STATS)
 
 # Lanes (element x column step) and channels per program. On a GPU: 8 channels x 128 lanes, 4 warps
 # (one lane, 8 values per thread per visited row; 256 lanes spilled registers). Not tuned on
@@ -73,12 +62,6 @@ def _first_reader(i, n_in, n_out):
     (the numerator is negative only for i = 0, whose readers start at 0)."""
     numerator = (2 * i - 1) * n_out - n_in
     return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
-
-
-@triton.jit
-def _tap_weight(i0, i1, l1, i):
-    """The weight with which an output index whose tap is (i0, i1, l1) reads input sample i."""
-    return tl.where(i0 == i, 1.0 - l1, 0.0) + tl.where(i1 == i, l1, 0.0)
 
 
 @triton.jit
@@ -112,9 +95,6 @@ def _upsampled_bwd_kernel(
     HAS_MASK: tl.constexpr,
     PER_PIXEL: tl.constexpr,
     MEAN: tl.constexpr,
-    NEED_LSE: tl.constexpr,
-    NEED_OLD: tl.constexpr,
-    NEED_BG: tl.constexpr,
     ACC: tl.constexpr,
     NEG: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -134,9 +114,9 @@ def _upsampled_bwd_kernel(
     i = q // x_w
     j = q % x_w
     col = _first_reader(j, x_w, out_w) + lane % COLS
-    x_col0, x_col1, x_col_l1 = _tap(col, x_w, out_w, ACC)
-    y_col0, y_col1, y_col_l1 = _tap(col, y_w, out_w, ACC)
-    col_weight = _tap_weight(x_col0, x_col1, x_col_l1, j)
+    x_cols = tap(col, x_w, out_w, ACC)
+    y_cols = tap(col, y_w, out_w, ACC)
+    col_weight = tap_weight(x_cols, j)
     col_on = in_plane & (lane % COLS < col_readers) & (col < out_w) & (col_weight != 0.0)
     first_row = _first_reader(i, x_h, out_h)
 
@@ -146,87 +126,35 @@ def _upsampled_bwd_kernel(
     first_teacher_channel = 0 if KD == "plain" else 1
     teacher_lane = ((c >= first_teacher_channel) & (c < Co))[:, None]
     alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
+    # The forward's inputs and statistics, and the upstream gradients with their "mean" divisors.
+    inputs = (target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
+    upstream = (grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor)
     x_image = x_ptr + b * C * x_plane
     y_image = y_ptr + b * Co * y_plane
     total = tl.zeros([BLOCK_C, BLOCK_E * COLS], dtype=ACC)
 
     for row_step in range(0, row_readers):
         row = first_row + row_step
-        x_row0, x_row1, x_row_l1 = _tap(row, x_h, out_h, ACC)
-        y_row0, y_row1, y_row_l1 = _tap(row, y_h, out_h, ACC)
-        row_weight = _tap_weight(x_row0, x_row1, x_row_l1, i)
+        x_rows = tap(row, x_h, out_h, ACC)
+        x_taps = (x_rows, x_cols, x_w)
+        y_taps = (tap(row, y_h, out_h, ACC), y_cols, y_w)
+        row_weight = tap_weight(x_rows, i)
         on = col_on & (row < out_h) & (row_weight != 0.0)
         p = row * out_w + col
-        x_0 = _sample(x_image, on, p, x_row0, x_row1, x_row_l1, x_col0, x_col1, x_col_l1, x_w, True, ACC)
+        x_0 = sample(x_image, on, p, x_taps, True, ACC)
         y_0 = x_0  # unread unless UNKD/BKD
         if KD == "unbiased" or KD == "balanced":
-            y_0 = _sample(y_image, on, p, y_row0, y_row1, y_row_l1, y_col0, y_col1, y_col_l1, y_w, True, ACC)
-        target, w_target, w_teacher, lse_teacher, grad_0, shift_old, factor_old, shift_new, factor_new = (
-            _pixel_gradient_factors(
-                stats_ptr + b * _NUM_STATS * HW + p,
-                HW,
-                on,
-                b * HW + p,
-                b,
-                x_0,
-                y_0,
-                target_ptr,
-                gamma_ptr,
-                mask_ptr,
-                count_ptr,
-                grad_ce_ptr,
-                grad_kd_ptr,
-                Co,
-                alpha,
-                ignore_index,
-                kd_divisor,
-                CE,
-                KD,
-                HAS_MASK,
-                PER_PIXEL,
-                MEAN,
-                NEED_LSE,
-                NEED_OLD,
-                NEED_BG,
-                ACC,
-            )
+            y_0 = sample(y_image, on, p, y_taps, True, ACC)
+        factors, teacher = pixel_gradient_factors(
+            p, on, b, x_0, y_0, inputs, upstream, CE, KD, HAS_MASK, PER_PIXEL, MEAN, ACC
         )
         tile_on = channel_lane & on[None, :]
-        xs = _sample(
-            x_image + c[:, None] * x_plane,
-            tile_on,
-            p[None, :],
-            x_row0,
-            x_row1,
-            x_row_l1,
-            x_col0,
-            x_col1,
-            x_col_l1,
-            x_w,
-            True,
-            ACC,
-        )
-        grad = _channel_grad(
-            xs, c, Co, target, w_target, grad_0, shift_old, factor_old, shift_new, factor_new, CE, NEED_LSE, NEG
-        )
+        xs = sample(x_image + c[:, None] * x_plane, tile_on, p[None, :], x_taps, True, ACC)
+        grad = channel_grad(xs, c, Co, factors, CE, KD, NEG)
         if KD != "none":
             if c0 < Co:
-                ys = _sample(
-                    y_image + c[:, None] * y_plane,
-                    teacher_lane & on[None, :],
-                    p[None, :],
-                    y_row0,
-                    y_row1,
-                    y_row_l1,
-                    y_col0,
-                    y_col1,
-                    y_col_l1,
-                    y_w,
-                    True,
-                    ACC,
-                )
-                q_teacher = tl.exp(alpha * ys - lse_teacher[None, :])
-                grad -= tl.where(teacher_lane, w_teacher[None, :] * q_teacher, 0.0)
+                ys = sample(y_image + c[:, None] * y_plane, teacher_lane & on[None, :], p[None, :], y_taps, True, ACC)
+                grad -= teacher_term(ys, alpha, teacher, teacher_lane)
         total += tl.where(tile_on, (row_weight * col_weight)[None, :] * grad, 0.0)
 
     per_element = tl.sum(tl.reshape(total, [BLOCK_C, BLOCK_E, COLS]), axis=2)
@@ -279,7 +207,6 @@ def upsampled_backward(
     block_c, block_e, num_warps = tiles(C, cols, x.dtype)
     grid = (triton.cdiv(h * w, block_e), triton.cdiv(C, block_c), B)
     grad_x = torch.empty_like(x)
-    need_lse, need_old, need_bg = _needed_statistics(ce, kd)
     _upsampled_bwd_kernel[grid](
         x,
         x if target is None else target,
@@ -301,7 +228,7 @@ def upsampled_backward(
         y_w,
         _readers(h, H),
         col_readers,
-        *_split_float(alpha),
+        *_launch.split_float(alpha),
         int(ignore_index),
         B * H * W if reduction == "mean" else 1,
         CE=ce,
@@ -309,14 +236,12 @@ def upsampled_backward(
         HAS_MASK=mask is not None,
         PER_PIXEL=reduction == "none",
         MEAN=reduction == "mean",
-        NEED_LSE=need_lse,
-        NEED_OLD=need_old,
-        NEED_BG=need_bg,
         ACC=acc_tl,
-        NEG=_lowest(acc_torch),
+        NEG=_launch.lowest(acc_torch),
         BLOCK_C=block_c,
         BLOCK_E=block_e,
         COLS=cols,
         num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return grad_x
