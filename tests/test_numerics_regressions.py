@@ -280,7 +280,8 @@ def test_a_masked_class_under_size_is_masked(every_backend, generator, name, siz
     assert torch.isfinite(loss) and torch.isfinite(xb.grad).all(), f"loss {loss.item()}"
     assert _relative_error(loss, expected) <= RTOL[torch.float32]
     assert _relative_error(xb.grad[:, :4], unmasked.grad) <= RTOL[torch.float32]
-    assert (xb.grad[:, 4] == 0).all()
+    # 0, up to the CPU kernels' exp(-inf) of ~1e-38 (logit_math.h lm_exp), as without size=
+    assert xb.grad[:, 4].abs().max() <= 1e-37
 
 
 def _reads(n, N):
