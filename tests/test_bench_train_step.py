@@ -18,9 +18,9 @@ def _case(setting="voc15-5", dtype="fp32"):
     return ts.StepCase(ts.SETTINGS[setting], TINY, dtype, "cpu")
 
 
-@pytest.mark.parametrize("setting", ["voc15-5", "ade100-50"])
-def test_every_provider_runs_and_agrees_with_mib_at_the_first_step(setting):
-    record = ts.measure_case(_case(setting), reps=1, warmup=1, isolate=False)
+def test_every_provider_runs_and_agrees_with_mib_at_the_first_step():
+    # ADE's 151 classes (VOC's 21 run in the report's test)
+    record = ts.measure_case(_case("ade100-50"), reps=1, warmup=1, isolate=False)
     results = record["providers"]
     assert list(results) == list(ts.PROVIDERS)
     for name, result in results.items():
