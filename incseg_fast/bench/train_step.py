@@ -22,6 +22,7 @@ every provider must agree with the ``mib`` provider's (:func:`check_agreement`; 
 otherwise).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -280,12 +281,31 @@ def step_memory(step):
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _exact_float32():
+    """CUDA's float32 as float32 for the agreement step: no TF32 (which rounds convolution inputs to
+    10 mantissa bits) and deterministic cuDNN kernels, so that providers differ only by their loss
+    stage's rounding. The timed steps run with the user's settings. No effect on CPU."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+        ) = saved
+
+
 def run_provider(case, provider, *, reps, warmup, stages=None):
     """Every figure of one provider in this process: the first step (from the seeded weights, before
     any update) gives the loss and gradient norm that :func:`check_agreement` compares and is the
     first of ``warmup`` untimed steps; then one step measures the memory, then ``reps`` are timed."""
     step = Step(case, (stages or loss_stages())[provider])
-    loss, ce, kd, grad_norm = step.run()
+    with _exact_float32():
+        loss, ce, kd, grad_norm = step.run()
     for _ in range(warmup - 1):
         step.run()
     memory = step_memory(step)  # an untimed step: the profiler slows it
