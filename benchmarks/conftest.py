@@ -1,5 +1,6 @@
 """pytest-benchmark suite options and parametrisation: every case of ``incseg_fast.bench.cases`` times
-every provider, forward and forward+backward.
+every provider, forward and forward+backward; every setting of ``incseg_fast.bench.train_step`` times
+every provider's whole training step.
 
     .venv/bin/python -m pytest -q benchmarks --benchmark-only [--bench-quick] [--bench-dtype bf16]
 """
@@ -7,6 +8,7 @@ every provider, forward and forward+backward.
 import torch
 
 from incseg_fast.bench import cases as bench_cases
+from incseg_fast.bench import train_step as bench_train_step
 
 
 def pytest_addoption(parser):
@@ -22,9 +24,19 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "step_case" in metafunc.fixturenames:
+        steps = bench_train_step.select_cases(
+            dtype_name=metafunc.config.getoption("--bench-dtype"),
+            device=device,
+            quick=metafunc.config.getoption("--bench-quick"),
+        )
+        pairs = [(case, provider) for case in steps for provider in bench_train_step.PROVIDERS]
+        metafunc.parametrize(
+            "step_case, step_provider", pairs, ids=[f"{case.name}-{provider}" for case, provider in pairs]
+        )
     if "case" not in metafunc.fixturenames:
         return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     selected = bench_cases.select_cases(
         dtype_name=metafunc.config.getoption("--bench-dtype"),
         device=device,

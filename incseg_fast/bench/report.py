@@ -2,7 +2,7 @@
 
     python -m incseg_fast.bench [--quick] [--ops a,b] [--sizes voc,ade] [--dtype fp32|bf16]
                                 [--providers eager,compiled,cpu] [--max-seconds S]
-                                [--json PATH] [--markdown PATH]
+                                [--json PATH] [--markdown PATH] [--bisect-batch]
 
 Providers: the eager reference (``incseg_fast.reference``), ``torch.compile(reference)`` and
 each fused backend available for the device (the public API with ``backend=...``). For each
@@ -13,6 +13,9 @@ forward+backward beyond the inputs, the achieved bandwidth of forward+backward o
 bytes (inputs read once, gradients written once) against the measured copy bandwidth, and the
 max relative error of outputs and gradients against the reference run in float64.
 Progress goes to stderr, the report to stdout.
+
+``--ops train_step`` (asked for by name only: it trains a ResNet-101) adds the whole training step of
+``incseg_fast.bench.train_step``, for the settings voc15-5 and ade100-50 (``--sizes`` takes them too).
 """
 
 import argparse
@@ -26,7 +29,10 @@ import torch
 from incseg_fast._errors import OneLineParser
 from incseg_fast.bench import cases as bench_cases
 from incseg_fast.bench import measure
+from incseg_fast.bench import train_step as bench_train_step
 from incseg_fast.vocabulary import CPU_ISAS
+
+TRAIN_STEP = "train_step"
 
 # incremental_loss fwd+bwd: (baseline provider, least speedup of every fused provider) per size.
 INCREMENTAL_LOSS_SPEEDUPS = {
@@ -82,8 +88,12 @@ def parse_args(argv, prog="python -m incseg_fast.bench"):
         help="small odd sizes and few repetitions, a smoke test: about 100 s on a 2-core machine, most of it "
         "compiling the 'compiled' provider (--providers without it: about 15 s)",
     )
-    parser.add_argument("--ops", type=_names, help=f"comma-separated, from {','.join(bench_cases.OPS)}")
-    parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(bench_cases.SIZES)}")
+    known_ops = [*bench_cases.OPS, TRAIN_STEP]
+    known_sizes = [*bench_cases.SIZES, *bench_train_step.SETTINGS]
+    parser.add_argument(
+        "--ops", type=_names, help=f"comma-separated, from {','.join(known_ops)} (train_step only when named)"
+    )
+    parser.add_argument("--sizes", type=_names, help=f"comma-separated, from {','.join(known_sizes)}")
     parser.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
@@ -100,9 +110,18 @@ def parse_args(argv, prog="python -m incseg_fast.bench"):
         type=_names,
         help="comma-separated subset of the providers below (default: all that run on --device)",
     )
-    parser.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, quick 3)")
     parser.add_argument(
-        "--warmup", type=int, help="untimed calls per provider first, compilation included (default 2, quick 1)"
+        "--reps", type=int, help="timed repetitions per provider (default 15, quick 3; train_step: 3, quick 1)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed calls per provider first, compilation included (default 2, quick 1; train_step 1)",
+    )
+    parser.add_argument(
+        "--bisect-batch",
+        action="store_true",
+        help="train_step on CUDA: also find the largest batch that fits in 24/40/80 GB by running steps (minutes)",
     )
     parser.add_argument(
         "--max-seconds",
@@ -117,9 +136,11 @@ def parse_args(argv, prog="python -m incseg_fast.bench"):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    args.step_reps = args.reps or (1 if args.quick else 3)
+    args.step_warmup = args.warmup or 1
     args.reps = args.reps or (3 if args.quick else 15)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    for option, chosen, known in (("--ops", args.ops, bench_cases.OPS), ("--sizes", args.sizes, bench_cases.SIZES)):
+    for option, chosen, known in (("--ops", args.ops, known_ops), ("--sizes", args.sizes, known_sizes)):
         unknown = sorted(set(chosen or ()) - set(known))
         if unknown:
             parser.error(f"{option}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
@@ -422,12 +443,41 @@ def format_header(info, args, copy_bytes_per_s, fused):
     return "\n".join(lines)
 
 
+def select(args):
+    """The op cases, then the train_step cases, that --ops, --sizes, --dtype and --quick pick."""
+    ops, sizes = args.ops, args.sizes
+    op_names = None if ops is None else [n for n in ops if n != TRAIN_STEP]
+    selected = []
+    if op_names != []:
+        selected = bench_cases.select_cases(
+            ops=op_names,
+            sizes=None if sizes is None else [n for n in sizes if n in bench_cases.SIZES],
+            dtype_name=args.dtype,
+            device=args.device,
+            quick=args.quick,
+        )
+    if ops is not None and TRAIN_STEP in ops:
+        selected += bench_train_step.select_cases(
+            settings=None if sizes is None else [n for n in sizes if n in bench_train_step.SETTINGS],
+            dtype_name=args.dtype,
+            device=args.device,
+            quick=args.quick,
+        )
+    return selected
+
+
+def measure_train_step(case, args):
+    """One train_step case through its providers (those of --providers, and mib always)."""
+    providers = None if args.providers is None else [p for p in args.providers if p in bench_train_step.PROVIDERS]
+    return bench_train_step.measure_case(
+        case, providers, reps=args.step_reps, warmup=args.step_warmup, bisect=args.bisect_batch, log=_log
+    )
+
+
 def main(argv=None, prog="python -m incseg_fast.bench"):
     started = time.monotonic()
     args = parse_args(argv, prog)
-    selected = bench_cases.select_cases(
-        ops=args.ops, sizes=args.sizes, dtype_name=args.dtype, device=args.device, quick=args.quick
-    )
+    selected = select(args)
     if not selected:
         raise SystemExit("no case matches --ops/--sizes on this device")
     if args.device == "cpu":
@@ -437,13 +487,20 @@ def main(argv=None, prog="python -m incseg_fast.bench"):
     copy_bytes_per_s = measure.copy_bandwidth(args.device)
     fused = bench_cases.fused_backends(args.device)
     print(format_header(info, args, copy_bytes_per_s, fused), flush=True)
+    if any(isinstance(case, bench_train_step.StepCase) for case in selected):
+        print(bench_train_step.method(args.device, reps=args.step_reps, warmup=args.step_warmup), flush=True)
 
-    records, failed_cases, done, interrupted = [], [], 0, False
+    records, step_records, failed_cases, done, interrupted = [], [], [], 0, False
     try:
         for case in selected:
             if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
                 break
             try:
+                if isinstance(case, bench_train_step.StepCase):
+                    step_records.append(measure_train_step(case, args))
+                    print("\n" + bench_train_step.format_case(step_records[-1]), flush=True)
+                    done += 1
+                    continue
                 record = measure_case(case, args.providers, reps=args.reps, warmup=args.warmup)
             except torch.OutOfMemoryError as error:  # a size too large for this device: the others still run
                 failed_cases.append({"case": case.name, "error": f"OutOfMemoryError: {error}".splitlines()[0][:200]})
@@ -466,7 +523,7 @@ def main(argv=None, prog="python -m incseg_fast.bench"):
     if not_measured:
         why = "interrupted" if interrupted else f"--max-seconds {args.max_seconds:g} spent"
         print(f"\nnot measured ({why}): {', '.join(not_measured)}")
-    verdicts = evaluate_targets(records)
+    verdicts = evaluate_targets(records) + bench_train_step.evaluate_targets(step_records)
     if verdicts:
         print("\ntargets (docs/BENCHMARKS.md, for this device):")
         for description, verdict, detail in verdicts:
@@ -479,7 +536,10 @@ def main(argv=None, prog="python -m incseg_fast.bench"):
 
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(format_markdown(records, copy_bytes_per_s, verdicts))
+            if records:
+                f.write(format_markdown(records, copy_bytes_per_s, evaluate_targets(records)))
+            if step_records:
+                f.write(bench_train_step.format_markdown(step_records, bench_train_step.evaluate_targets(step_records)))
             if noisy:
                 f.write("\n" + format_noise(noisy) + "\n")
         _log(f"wrote {args.markdown}")
@@ -493,6 +553,7 @@ def main(argv=None, prog="python -m incseg_fast.bench"):
                     "copy_bytes_per_s": copy_bytes_per_s,
                     "fused_backends": fused,
                     "cases": records,
+                    "train_step_cases": step_records,
                     "failed_cases": failed_cases,
                     "not_measured": not_measured,
                     "noisy": noisy,
