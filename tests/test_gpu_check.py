@@ -79,8 +79,25 @@ def test_step_limit_keeps_the_later_minimums_and_skips_a_step_below_its_own():
     assert gpu_plan.step_limit("bench compiled", gpu_plan.STEP["bench compiled"].minimum_s - 1) == 0
 
 
-def test_the_optional_step_is_last_and_the_only_one():
-    assert [s.name for s in gpu_plan.STEPS if s.optional] == [gpu_plan.STEPS[-1].name] == ["bench compiled"]
+def test_the_optional_steps_come_last():
+    optional = [s.name for s in gpu_plan.STEPS if s.optional]
+    assert optional == [s.name for s in gpu_plan.STEPS[-len(optional) :]] == ["train step", "bench compiled"]
+
+
+def test_an_optional_step_with_a_budget_takes_the_rest_up_to_it():
+    budget = gpu_plan.STEP["train step"].budget_s
+    assert gpu_plan.step_limit("train step", budget + 200) == budget
+    assert gpu_plan.step_limit("train step", budget - 10) == budget - 10
+    assert gpu_plan.step_limit("train step", gpu_plan.STEP["train step"].minimum_s - 1) == 0
+
+
+def test_the_train_step_command_writes_train_step_json(tmp_path):
+    gpu = gpu_plan.Target(out=str(tmp_path), python="python3", dry=False)
+    argv = gpu_plan.train_step_command(gpu, 70).argv
+    assert argv[argv.index("--ops") + 1] == "train_step" and argv[argv.index("--device") + 1] == "cuda"
+    assert argv[argv.index("--json") + 1] == str(tmp_path / "train_step.json")
+    dry = gpu_plan.train_step_command(gpu_plan.Target(out=str(tmp_path), python="python3", dry=True), 70).argv
+    assert "--quick" in dry and dry[dry.index("--device") + 1] == "cpu"
 
 
 def test_every_summary_label_leaves_a_space_before_its_text():
@@ -105,6 +122,7 @@ def test_out_files_fit_the_device_return_and_name_what_the_commands_write():
     target = gpu_plan.Target("python3", "OUT")
     written = [gpu_plan.bench_command(target, d, 1).argv for d in ("fp32", "bf16")]
     written.append(gpu_plan.bench_command(target, "fp32", 1, compiled=True).argv)
+    written.append(gpu_plan.train_step_command(target, 1).argv)
     written = [os.path.basename(argv[argv.index("--json") + 1]) for argv in written]
     junit = [w for w in gpu_plan.tests_command(target).argv if w.startswith("--junitxml=")]
     written.append(os.path.basename(junit[0].split("=", 1)[1]))

@@ -552,6 +552,34 @@ def bench(check, dtype, compiled=False):
         check.fail(step)
 
 
+def train_step(check):
+    """The whole training step per loss provider (optional: on the time the others left)."""
+    step = "train step"
+    limit = check.limit(step)
+    if limit == 0:
+        return
+    json_path = gpu_plan.train_step_json(check.target)
+    _remove(json_path)
+    command = gpu_plan.train_step_command(check.target, max(limit - 30, 1))
+    status, text, seconds, timed_out = check.run(step, command, limit)
+    try:
+        with open(json_path) as f:
+            records = json.load(f)["train_step_cases"]
+    except (OSError, ValueError, KeyError):
+        check.summary(step, f"FAIL: no JSON report (exit status {status}; {seconds:.0f} s): {_first_line(text[-400:])}")
+        check.fail(step)
+        return
+    from incseg_fast.bench import train_step as bench_train_step
+
+    # A provider that disagrees with MiB's loss raises (AgreementError): the report then exits non-zero.
+    ok = (status == 0 or timed_out) and bool(records)
+    check.summary(step, f"{'ok' if ok else 'FAIL'}: {len(records)} settings measured ({seconds:.0f} s)")
+    for record in records:
+        check.lines += bench_train_step.format_case(record).splitlines()
+    if not ok:
+        check.fail(step)
+
+
 def run_steps(check):
     info = preflight(check)
     ready = info is not None and load_or_build(check, info)
@@ -565,6 +593,7 @@ def run_steps(check):
     tests(check)
     sanitizers(check)
     ncu(check)
+    train_step(check)
     bench(check, "fp32", compiled=True)
 
 

@@ -72,6 +72,14 @@ STEPS = (
         "ncu --csv on tools/ncu_workload.py: per kernel time, DRAM bytes, % of peak, registers, occupancy",
     ),
     Step(
+        "train step",
+        100,
+        45,
+        "incseg_fast.bench --ops train_step: a whole DeepLabV3-ResNet-101 training step at batch 24, 512 x 512, "
+        "VOC 15-5 then ADE 100-50, MiB's loss code against the fused losses",
+        optional=True,
+    ),
+    Step(
         "bench compiled", 0, 60, "torch.compile against the fused providers (compiling takes most of it)", optional=True
     ),
 )
@@ -89,6 +97,7 @@ TEST_FILES = (
     "tests/test_hostile_inputs.py",
     "tests/test_compile_training_step.py",
     "tests/test_validation.py",
+    "tests/test_bench_train_step.py",
 )
 # Parametrisations by backend name: "cuda" (not the CPU emulation "cuda_emulator", which `make test`
 # runs), "triton" (every test of test_triton_ops.py and the triton backend elsewhere) and tests
@@ -146,6 +155,7 @@ OUT_FILES = (
     "bench_fp32.json",
     "bench_bf16.json",
     "bench_compiled.json",
+    "train_step.json",
     "ncu.csv",
 )
 
@@ -208,6 +218,23 @@ def bench_command(target, dtype, max_seconds, compiled=False):
     return Command(argv + (["--reps", "2", "--warmup", "1"] if target.dry else []))
 
 
+# The whole training step (incseg_fast/bench/train_step.py) on the GPU: the papers' batch, no torch.compile
+# (its compile time would take the step's budget), the largest batch not searched (minutes).
+TRAIN_STEP_SETTINGS = ("voc15-5", "ade100-50")
+TRAIN_STEP_PROVIDERS = ("mib", "fused", "fused+size")
+
+
+def train_step_command(target, max_seconds):
+    """The benchmark report's train_step case into train_step.json; the dry run takes its quick (tiny
+    network) shape on the CPU."""
+    argv = [target.python, "-m", "incseg_fast.bench", "--device", "cpu" if target.dry else "cuda"]
+    argv += ["--ops", "train_step", "--sizes", ",".join(TRAIN_STEP_SETTINGS)]
+    argv += ["--providers", ",".join(TRAIN_STEP_PROVIDERS), "--dtype", "fp32"]
+    argv += ["--json", train_step_json(target)]
+    argv += ["--max-seconds", str(max_seconds)]
+    return Command(argv + (["--quick"] if target.dry else []))
+
+
 def bench_case_names(ops, sizes, dtype):
     """The benchmark report's cases for these ops and sizes on a GPU (each op at the sizes of its kind)."""
     from incseg_fast.bench import cases  # torch: imported only where the names are wanted
@@ -217,6 +244,10 @@ def bench_case_names(ops, sizes, dtype):
 
 def bench_json(target, name):
     return os.path.join(target.out, f"bench_{name}.json")
+
+
+def train_step_json(target):
+    return os.path.join(target.out, "train_step.json")
 
 
 def tests_command(target):
@@ -268,12 +299,13 @@ def required_after(name):
 
 def step_limit(name, left_s, building=False):
     """Seconds step `name` may take with `left_s` of the budget left, or 0 when it must not run (less
-    than its minimum). The optional step takes what is left; load-or-build has BUILD_BUDGET_S when
+    than its minimum). An optional step takes what is left, up to its budget where it has one (0: no
+    cap); load-or-build has BUILD_BUDGET_S when
     `building`."""
     step = STEP[name]
     kept = sum(s.minimum_s for s in required_after(name))
     budget = BUILD_BUDGET_S if (building and name == "load-or-build") else step.budget_s
-    limit = left_s - kept if step.optional else min(budget, left_s - kept)
+    limit = min(budget or left_s, left_s - kept)  # an optional step without a budget takes the rest
     return int(limit) if limit >= step.minimum_s else 0
 
 
@@ -295,12 +327,13 @@ def format_plan(target):
         f"{'step':<16}{'budget s':>9}{'min s':>7}  what",
     ]
     for step in STEPS:
-        budget = "rest" if step.optional else str(step.budget_s)
+        budget = str(step.budget_s) if step.budget_s else "rest"
+        budget = f"<={budget}" if step.optional and step.budget_s else budget
         lines.append(f"{step.name:<16}{budget:>9}{step.minimum_s:>7}  {step.what}")
     cases = worst_cases()
     lines.append(
         f"required steps: at most {cases['prebuilt']} s with a prebuilt extension, {cases['build']} s "
-        f"when building (later steps then get their minimums); the optional step runs on the rest"
+        f"when building (later steps then get their minimums); the optional steps run on the rest"
     )
     lines += ["", "commands (on the GPU):"]
     lines += [f"  build:      {shown(build_command(target, '<device arch>'))}"]
@@ -310,6 +343,7 @@ def format_plan(target):
     lines.append(f"  tests:      {shown(tests_command(target))}")
     lines += [f"  {tool + ':':<11} {shown(sanitizer_command(target, tool))}" for tool in SANITIZERS]
     lines.append(f"  ncu:        {shown(ncu_command(target))}")
+    lines.append(f"  train step: {shown(train_step_command(target, '<limit - 30>'))}")
     lines.append(f"  compiled:   {shown(bench_command(target, 'fp32', '<limit - 20>', compiled=True))}")
     lines += ["", "test files:"] + [f"  {name}" for name in TEST_FILES]
     for dtype in ("fp32", "bf16"):
