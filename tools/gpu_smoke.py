@@ -308,33 +308,32 @@ def run_backend(name, selected_cases):
     return passed, failed, missing
 
 
-def _backend_list(text):
-    names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(BACKENDS)})"
-        )
-    return names
+def _names_from(choices):
+    """An argparse type: a comma-separated, non-empty list of names from ``choices``."""
+
+    def parse(text):
+        names = [n for n in text.split(",") if n]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(choices)})"
+            )
+        return names
+
+    return parse
 
 
 DTYPE_NAMES = {_name(dtype): dtype for dtype in DTYPES}
 
 
 def _dtype_list(text):
-    names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in DTYPE_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(DTYPE_NAMES)})"
-        )
-    return [DTYPE_NAMES[n] for n in names]
+    return [DTYPE_NAMES[n] for n in _names_from(list(DTYPE_NAMES))(text)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tools/gpu_smoke.py", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--backend", type=_backend_list, default=["cuda"], help=f"comma-separated, from {','.join(BACKENDS)}"
+        "--backend", type=_names_from(BACKENDS), default=["cuda"], help=f"comma-separated, from {','.join(BACKENDS)}"
     )
     parser.add_argument("--tiny", action="store_true", help="every op and kernel once per dtype (tiny_cases)")
     parser.add_argument(
