@@ -151,7 +151,7 @@ def test_emulator_backend_is_hidden_from_auto_and_listing():
     assert _backends.resolve("auto", torch.device("cpu")) is not ops.CUDA_EMULATOR
 
 
-# ---- size= (MATH.md#upsampling): the forward through UpsampledPixel, the gather backward ----
+# ---- size= (MATH.md#upsampling): the forward through UpsampledPixel, the backward by cells ----
 
 
 def _upsampled_inputs(generator, *, B=2, C=19, Co=11, x_size=(9, 17), y_size=(5, 6), size=(37, 70), dtype):
@@ -177,9 +177,13 @@ def _run_upsampled(ops_namespace, device, x, t, y, mask, size, *, kd="balanced",
     )
 
     x64 = x.double().requires_grad_()
-    upsample = torch.nn.Upsample(size=tuple(size), mode="bilinear", align_corners=False)
     expected = reference.logit_losses(
-        upsample(x64), t, upsample(y.double()), None if gamma is None else gamma.double(), mask.double(), **modes
+        reference.upsample(x64, size),
+        t,
+        reference.upsample(y.double(), size),
+        None if gamma is None else gamma.double(),
+        mask.double(),
+        **modes,
     )
     (expected_grad,) = torch.autograd.grad(
         (expected[0] * grad_ce.double()).sum() + (expected[1] * grad_kd.double()).sum(), x64
@@ -218,7 +222,8 @@ def test_upsampled_edges_single_pixel_factor_32_identity_and_mixed(device_ops, g
 
 
 def test_upsampled_gradient_is_deterministic(device_ops, generator):
-    """The gather sums each element's output pixels in a fixed order: the same bits run to run."""
+    """Each pixel's gradient goes into its cell's corner sums, and each element adds those, in a
+    fixed order: the same bits run to run."""
     ops_namespace, device = device_ops
     x, y, t, mask = _upsampled_inputs(
         generator, B=3, C=21, Co=16, x_size=(12, 16), y_size=(12, 16), size=(96, 128), dtype=torch.float32
@@ -227,3 +232,26 @@ def test_upsampled_gradient_is_deterministic(device_ops, generator):
     second, _ = _run_upsampled(ops_namespace, device, x, t, y, mask, (96, 128))
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "x_size,size",
+    [((4, 3), (39, 29)), ((7, 5), (16, 11)), ((3, 2), (3, 19))],
+    ids=["factor_9.75_and_9.67", "factor_2.29_and_2.2", "rows_of_one_cell_each"],
+)
+def test_upsampled_cells_strips_and_masked_classes(device_ops, generator, dtype, x_size, size):
+    """Non-integer factors: cells of 9 to 15 rows span up to four 4-row strips (the first cell has
+    ~1.5 factors of rows, the last ~0.5), cells of 2 or 3 rows one; H = h gives one-row cells. Two
+    channels at or above Co are -inf (masked classes) at some samples, and one everywhere: their
+    weight-0 taps contribute nothing, and dL/dx stays finite. Ignored pixels, a mask."""
+    ops_namespace, device = device_ops
+    x, y, t, mask = _upsampled_inputs(generator, C=9, Co=5, x_size=x_size, y_size=x_size, size=size, dtype=dtype)
+    x[:, 6][torch.rand(x[:, 6].shape, generator=generator) < 0.5] = float("-inf")
+    x[:, 8] = float("-inf")
+    t[(t == 6) | (t == 8)] = 255  # no label on a class that can be -inf at the pixel
+    ours, expected = _run_upsampled(ops_namespace, device, x, t, y, mask, size, kd="unbiased", reduction="none")
+    assert torch.isfinite(ours[2]).all()
+    for actual, wanted, what in zip(ours, expected, ("ce", "kd", "dL/dx"), strict=True):
+        assert torch.isfinite(wanted).all(), what
+        _assert_close(actual, wanted, RTOL[dtype], what)

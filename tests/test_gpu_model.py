@@ -126,3 +126,35 @@ def test_attention_groups_follow_the_launch_plan():
     assert gpu_model.attention_groups(24, 2048, 4096, 4) == 6
     assert gpu_model.attention_groups(24, 2048, 4096, 8) == 11
     assert gpu_model.attention_groups(24, 100, 4096, 4) == 1  # fewer than 128 channels: one group
+
+
+def test_cell_strips_follow_the_launch_plan():
+    # cell_strips of logit_losses_kernels.cuh: ceil(ceil(out / in) / 4) strips of 4 rows per row cell.
+    assert gpu_model.cell_strips(64, 512) == 2  # stride 8
+    assert gpu_model.cell_strips(32, 512) == 4  # stride 16
+    assert gpu_model.cell_strips(7, 16) == 1  # cells of 2 or 3 rows
+    assert gpu_model.cell_strips(3, 31) == 3  # cells of 10 or 11 rows
+
+
+def test_upsampled_backward_rows_and_the_comparison_with_interpolate():
+    """The size= backward is modelled as its kernels; the comparison adds the size= rows of a shape and
+    dtype against interpolate (by its bytes) plus the fused logit kernels at full resolution."""
+    cases = gpu_model.upsampled_cases(8, "voc512", "fp32", 8) + gpu_model.interpolate_cases(8, "voc512", "fp32", 8)
+    labels = [c.label for c in cases]
+    assert labels == ["size= forward", "size= backward: old cells", "size= backward: new cells",
+                      "size= backward: gather", "interpolate x, y", "interpolate backward"]  # fmt: skip
+    pixels = 8 * 512 * 512
+    interpolate = cases[4]
+    assert interpolate.bytes_per_pixel == pytest.approx((21 + 16) * 4 * (1 + 1 / 64))
+    rows = [gpu_model.memory_row(c) for c in cases[4:]]
+    assert rows[0].seconds == pytest.approx(interpolate.bytes_per_pixel * pixels / 3.0e12)
+    timed = {"size= forward": 3e-4, "size= backward: old cells": 1e-4, "size= backward: new cells": 4e-5,
+             "size= backward: gather": 1e-5, "logit forward": 2e-4, "logit backward": 1.5e-4}  # fmt: skip
+    fake = [gpu_model.Row(c, 0, 0, [], timed[c.label], "issue", 0.0) for c in cases[:4]]
+    full = [gpu_model.KernelCase(label, "K", "voc512", "fp32", 1, 1, 1, 1, [])
+            for label in ("logit forward", "logit backward")]  # fmt: skip
+    fake += [gpu_model.Row(c, 0, 0, [], timed[c.label], "issue", 0.0) for c in full]
+    table = gpu_model.format_comparison(fake + rows)
+    fused = 3e-4 + 1e-4 + 4e-5 + 1e-5
+    unfused = rows[0].seconds + rows[1].seconds + 2e-4 + 1.5e-4
+    assert f"| voc512_s8 | fp32 | {fused * 1e3:.3f} | {unfused * 1e3:.3f} | {fused / unfused:.2f} |" in table

@@ -169,7 +169,8 @@ class KernelCase:
 
 DTYPES = {"fp32": ("float", 4), "bf16": ("BFloat16", 2)}
 LOGIT_SHAPES = {"voc512": (21, 16), "ade512": (151, 101)}
-SIZE, STRIDE, FEATURES = 512, 8, (2048, 64 * 64)
+SIZE, STRIDES, FEATURES = 512, (8, 16), (2048, 64 * 64)
+CELL_CHANNELS, CELL_STRIP_ROWS = 8, 4  # kCellChannels (fp32, bf16) and kStripRows of logit_losses_kernels.cuh
 
 
 def logit_cases(batch, shape, dtype):
@@ -181,22 +182,69 @@ def logit_cases(batch, shape, dtype):
     old = LoopSpec("c = 1; c < in.Co;", pixels * (Co - 1), 128, 2, k)
     new = LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 128, 1, k)
     stats = 4 * STAT_BYTES
-    low = (SIZE // STRIDE) ** 2 / SIZE**2  # low-resolution samples per output pixel
-    gather_visits = (2 * STRIDE) ** 2  # output pixels whose taps read one low-resolution element
     return [
         KernelCase("logit forward", f"LogitForwardKernel<{t}, SamePixels<{t}, {k}>>", shape, dtype,
                    pixels / k, pixels, inputs + stats, inputs, [old, new]),
         KernelCase("logit backward", f"LogitBackwardKernel<{t}, {k}>", shape, dtype,
                    pixels / k, pixels, inputs + stats + C * s, inputs + C * s, [old, new]),
-        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}>>", shape + "_s8", dtype,
+    ]  # fmt: skip
+
+
+def upsampled_cases(batch, shape, dtype, stride):
+    """The size= kernels with logits at 1/stride of the output: the forward, and the backward's
+    kernels: UpsampledCellKernel over the old channels (y at x's resolution) and over the new ones
+    (one thread per strip of CELL_STRIP_ROWS rows of a stride x stride cell and group of CELL_CHANNELS
+    channels, which the last group of each range pads), then UpsampledGatherKernel (one thread per
+    element of dL/dx: two row cells x their strips, three loads each)."""
+    C, Co = LOGIT_SHAPES[shape]
+    t, s = DTYPES[dtype]
+    pixels = batch * SIZE * SIZE
+    low_side = SIZE // stride
+    low = low_side**2 / SIZE**2  # low-resolution samples per output pixel
+    stats = 4 * STAT_BYTES
+    strips = cell_strips(low_side, SIZE)
+    corner_sums = C * strips * 4 * STAT_BYTES * low  # bytes per output pixel, written once and read once
+    per_pixel = LABEL_BYTES + stats  # each cell kernel reads them
+    name = f"{shape}_s{stride}"
+    cells = batch * low_side**2 * strips
+    cases = [
+        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}>>", name, dtype,
                    pixels, pixels, (C + Co) * s * low + LABEL_BYTES + stats, (C + Co) * s * low + LABEL_BYTES,
                    [LoopSpec("c = 1; c < in.Co;", pixels * (Co - 1), 8 * s, 8),
                     LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 8 * s, 4)]),
-        KernelCase("size= backward", f"UpsampledBackwardKernel<{t}>", shape + "_s8", dtype,
-                   pixels * low * math.ceil(C / 8), pixels, (C + Co + C) * s * low + LABEL_BYTES + stats,
-                   (C + Co + C) * s * low + LABEL_BYTES,
-                   [LoopSpec("X < col_end", pixels * low * math.ceil(C / 8) * gather_visits * 8, fixed=8)]),
     ]  # fmt: skip
+    for label, kernel, channels, read in (("old", 0, Co, 2 * Co), ("new", 2, C - Co, C - Co)):
+        groups = math.ceil(channels / CELL_CHANNELS)
+        cases.append(
+            KernelCase(f"size= backward: {label} cells", f"UpsampledCellKernel<{t}, (CellChannels){kernel}>", name,
+                       dtype, cells * groups, pixels, read * s * low + per_pixel + corner_sums * channels / C, 0,
+                       [LoopSpec("X < col_end", pixels * groups * CELL_CHANNELS, fixed=CELL_CHANNELS)])
+        )  # fmt: skip
+    cases.append(
+        KernelCase("size= backward: gather", f"UpsampledGatherKernel<{t}>", name, dtype,
+                   batch * C * low_side**2, pixels, corner_sums + C * s * low, (C + Co + C) * s * low + LABEL_BYTES,
+                   [LoopSpec("strip < grad.cell_strips", batch * C * low_side**2 * 2 * strips, fixed=1)])
+    )  # fmt: skip
+    return cases
+
+
+def cell_strips(low, out):
+    """Strips per row cell of the size= backward: cell_strips (logit_losses_kernels.cuh), repeated here."""
+    return math.ceil(math.ceil(out / low) / CELL_STRIP_ROWS)
+
+
+def interpolate_cases(batch, shape, dtype, stride):
+    """F.interpolate of x and y to the output, and its backward for x: memory-bound PyTorch kernels,
+    modelled by their bytes alone (each element read and written once)."""
+    C, Co = LOGIT_SHAPES[shape]
+    _, s = DTYPES[dtype]
+    pixels = batch * SIZE * SIZE
+    low = (SIZE // stride) ** 2 / SIZE**2
+    name = f"{shape}_s{stride}"
+    return [
+        KernelCase("interpolate x, y", "", name, dtype, 0, pixels, (C + Co) * s * (1 + low), 0, []),
+        KernelCase("interpolate backward", "", name, dtype, 0, pixels, C * s * (1 + low), 0, []),
+    ]
 
 
 def attention_cases(batch, dtype):
@@ -272,6 +320,12 @@ def elements_per_iteration(loop, spec):
     return loads // spec.loads_per_channel * spec.pixels
 
 
+def memory_row(case):
+    """A row of a PyTorch kernel modelled by its bytes alone."""
+    seconds = case.bytes_per_pixel * case.pixels / HBM_BYTES_PER_S
+    return Row(case, 0, 0, [], seconds, "memory", 1.0)
+
+
 def model_row(case, function, registers, source_text):
     """One table row from a kernel's SASS (instructions, labels) and registers."""
     instructions, labels = function
@@ -298,12 +352,29 @@ def format_table(rows):
     ]
     for r in rows:
         c = r.case
-        loops = " / ".join(f"{x:.0f}" for x in r.per_element)
+        loops = " / ".join(f"{x:.0f}" for x in r.per_element) or "-"
+        regs, warps = (r.registers, r.warps) if c.kernel else ("-", "-")
         lines.append(
-            f"| {c.label} | {c.shape} | {c.dtype} | {r.registers} | {r.warps} | {loops} | "
+            f"| {c.label} | {c.shape} | {c.dtype} | {regs} | {warps} | {loops} | "
             f"{c.bytes_per_pixel:.0f} ({c.min_bytes_per_pixel:.0f}) | {r.seconds * 1e3:.3f} | {r.bound} | "
             f"{r.roofline:.0%} |"
         )
+    return "\n".join(lines)
+
+
+def format_comparison(rows):
+    """size= (forward + the backward's kernels) against interpolate + the fused loss at full resolution
+    (interpolate x and y, the logit forward and backward, interpolate's backward), per shape and dtype."""
+    seconds = {(r.case.label, r.case.shape, r.case.dtype): r.seconds for r in rows}
+    lines = ["| shape | dtype | size= fwd + bwd ms | interpolate + fused ms | ratio |", "|---|---|---|---|---|"]
+    for label, shape, dtype in seconds:
+        if label != "size= forward":
+            continue
+        full = shape.split("_")[0]
+        fused = sum(t for (k, sh, dt), t in seconds.items() if k.startswith("size=") and (sh, dt) == (shape, dtype))
+        unfused = seconds[("interpolate x, y", shape, dtype)] + seconds[("interpolate backward", shape, dtype)]
+        unfused += seconds[("logit forward", full, dtype)] + seconds[("logit backward", full, dtype)]
+        lines.append(f"| {shape} | {dtype} | {fused * 1e3:.3f} | {unfused * 1e3:.3f} | {fused / unfused:.2f} |")
     return "\n".join(lines)
 
 
@@ -353,12 +424,21 @@ def main(argv=None):
                 files[path] = f.read().splitlines()
         return files[path][line - 1] if 0 < line <= len(files[path]) else ""
 
-    cases = [c for shape in LOGIT_SHAPES for dtype in DTYPES for c in logit_cases(args.batch, shape, dtype)]
+    cases = []
+    for shape in LOGIT_SHAPES:
+        for dtype in DTYPES:
+            cases += logit_cases(args.batch, shape, dtype)
+            for stride in STRIDES:
+                cases += upsampled_cases(args.batch, shape, dtype, stride)
+                cases += interpolate_cases(args.batch, shape, dtype, stride)
     cases += [c for dtype in DTYPES for c in attention_cases(args.batch, dtype)]
-    rows = [model_row(c, functions[c.kernel], registers[c.kernel], source_text) for c in cases]
+    rows = [model_row(c, functions[c.kernel], registers[c.kernel], source_text) if c.kernel else memory_row(c)
+            for c in cases]  # fmt: skip
     print(f"Modelled H100 (sm_90 SASS, nvcc), batch {args.batch}: max(bytes / 3.0 TB/s, warp instructions / "
           f"{ISSUE_RATE:.3g} per s)\n")  # fmt: skip
     print(format_table(rows))
+    print()
+    print(format_comparison(rows))
     return 0
 
 

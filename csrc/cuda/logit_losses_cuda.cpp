@@ -75,7 +75,8 @@ struct HostEmulation : glue::HostDevice {
 
   template <typename scalar_t>
   static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
-    with_backward_kernel(in, grad, plan, [&](const auto& kernel) { run_on_host(kernel, plan.grid_x, plan.grid_y); });
+    for_each_backward_kernel(in, grad, plan,
+                             [&](const auto& kernel, int64_t grid_x) { run_on_host(kernel, grid_x, plan.grid_y); });
   }
 };
 
@@ -162,6 +163,7 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
     using acc_t = accumulate_t<k_scalar_t>;
     const LogitInputs<k_scalar_t> inputs = kernel_inputs<scalar_t>(in, alpha, ignore_index);
     const LaunchPlan plan = plan_backward(inputs, aligned);
+    at::Tensor cell_sums = at::empty({plan.cell_sums}, x.options().dtype(in.acc_dtype));
     const BackwardBuffers<k_scalar_t> grad{saved.const_data_ptr<acc_t>(),
                                            valid_count.const_data_ptr<int64_t>(),
                                            g_ce.const_data_ptr<acc_t>(),
@@ -169,7 +171,9 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
                                            per_pixel,
                                            in.reduction == Reduction::kMean,
                                            static_cast<acc_t>(kd_scale(in)),
-                                           reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>())};
+                                           reinterpret_cast<k_scalar_t*>(grad_x.mutable_data_ptr<scalar_t>()),
+                                           cell_sums.mutable_data_ptr<acc_t>(),
+                                           plan.cell_strips};
     Device::backward(inputs, grad, plan);
   });
   return grad_x;

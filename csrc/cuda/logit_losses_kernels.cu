@@ -51,8 +51,8 @@ template <typename scalar_t>
 int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream) {
   cudaError_t error = cudaSuccess;
-  with_backward_kernel(in, grad, plan, [&](const auto& kernel) {
-    error = launch_on_device(kernel, plan.grid_x, plan.grid_y, static_cast<cudaStream_t>(stream));
+  for_each_backward_kernel(in, grad, plan, [&](const auto& kernel, int64_t grid_x) {
+    if (error == cudaSuccess) error = launch_on_device(kernel, grid_x, plan.grid_y, static_cast<cudaStream_t>(stream));
   });
   return error;
 }

@@ -20,9 +20,10 @@
 // With size= (MATH.md#upsampling) the losses are those of the bilinear upsampling of x and y to the
 // labels' H x W. The forward is the same kernel reading each channel value through UpsampledPixel
 // (one output pixel per thread, four low-resolution samples per value) instead of SamePixels. The
-// backward (UpsampledBackwardKernel) gathers: one thread per low-resolution element of
-// kGatherChannels channels, summing w * dL/dx_up over the output pixels that read it, in a fixed
-// order (deterministic, no atomics, nothing of the output's size besides the saved statistics).
+// backward computes each output pixel's gradient once, sums it into per-cell corner sums
+// (UpsampledCellKernel: columns, then rows), and adds those per element of dL/dx
+// (UpsampledGatherKernel), in a fixed order (deterministic, no atomics, nothing of the output's
+// size besides the saved statistics).
 #include <cstdint>
 #include <type_traits>
 
@@ -56,34 +57,13 @@ struct UpsampleAxis {
   int64_t in;
   int64_t out;
   coord_t scale;      // upsample::source_scale(in, out)
-  coord_t inv_scale;  // out / in: where the readers of an input sample start (first_reader)
-  int64_t readers;    // a bound on how many output indices read one input sample: ceil(2 out / in) + 3
+  coord_t inv_scale;  // out / in: where the output indices whose taps start at an input sample begin
 };
 
 template <typename coord_t>
 UpsampleAxis<coord_t> upsample_axis(int64_t in, int64_t out) {
   return UpsampleAxis<coord_t>{in, out, upsample::source_scale<coord_t>(in, out),
-                               static_cast<coord_t>(out) / static_cast<coord_t>(in), (2 * out + in - 1) / in + 3};
-}
-
-// Output index d reads input sample i when its tap has i0 == i or i1 == i, i.e. when i - 1 <= s(d) < i + 1
-// for s(d) = (d + 0.5) * scale - 0.5: d >= (i - 0.5) / scale - 0.5. first_reader is that bound less
-// one (for the rounding of s and of this float expression; below 0 it is 0, and there the cast's
-// truncation equals floor), and the readers are within [first_reader, first_reader + readers): the
-// span of d is 2 / scale, plus one each for the floor, the margin and the rounding. Indices in that
-// range that do not read i get weight 0 from tap_weight.
-template <typename coord_t>
-HOST_DEVICE int64_t first_reader(const UpsampleAxis<coord_t>& axis, int64_t i) {
-  const coord_t d = (static_cast<coord_t>(i) - coord_t(0.5)) * axis.inv_scale - coord_t(0.5);
-  return d < coord_t(1) ? 0 : static_cast<int64_t>(d) - 1;
-}
-
-// The weight with which the output index of `tap` reads input sample i: the adjoint of
-// upsample::bilinear along one axis (both weights when i0 == i1 at the last sample).
-template <typename acc_t>
-HOST_DEVICE acc_t tap_weight(const upsample::BasicTap<acc_t>& tap, int64_t i) {
-  const acc_t l1 = tap.l1;
-  return (tap.i0 == i ? acc_t(1) - l1 : acc_t(0)) + (tap.i1 == i ? l1 : acc_t(0));
+                               static_cast<coord_t>(out) / static_cast<coord_t>(in)};
 }
 
 // The logits' resolutions when the losses are taken on their upsampling to H x W (size=).
@@ -308,6 +288,9 @@ struct BackwardBuffers {
   bool ce_mean;
   acc_t kd_scale;    // 1/(B*H*W) for "mean", else 1
   scalar_t* grad_x;  // out: (B, C, HW)
+  // With size=: the corner sums of UpsampledCellKernel, (B, C, h, cell_strips, w, kCorners), scratch.
+  acc_t* cell_sums;
+  int64_t cell_strips;
 };
 
 // What the channel loops of the backward need per pixel, from grad_coefs' coefficients k. Every
@@ -495,11 +478,7 @@ struct LogitBackwardKernel {
   }
 };
 
-// Channels per thread of the upsampled backward: each output pixel's coefficients are recomputed
-// once for this many channels.
-constexpr int kGatherChannels = 8;
-
-// The backward with size= (MATH.md#upsampling): dL/dx at x's own resolution, by a gather.
+// The backward with size= (MATH.md#upsampling): dL/dx at x's own resolution, in two passes.
 //
 // x_up = U x channel by channel, U the separable bilinear upsampling: x_up[c, Y, X] =
 // sum_{i, j} R[Y, i] K[X, j] x[c, i, j] with the tap weights R (rows) and K (columns) of
@@ -507,72 +486,163 @@ constexpr int kGatherChannels = 8;
 //   dL/dx[c, i, j] = sum_{Y, X} R[Y, i] K[X, j] G[c, Y, X],   G[c, p] = dL/dx_up[c, p],
 // and G at output pixel p is the per-pixel gradient of MATH.md#logit-backward evaluated at x_up[:, p]
 // and y_up[:, p]: per channel, a function of p's saved statistics, label, mask and upstream gradients,
-// of x_up[c, p] and (c < Co) y_up[c, p] only. R[Y, i] is nonzero only for the few rows Y whose taps
-// read row i (first_reader, readers), K likewise.
+// of x_up[c, p] and (c < Co) y_up[c, p] only.
 //
-// One thread owns one element (i, j) of x for kGatherChannels consecutive channels: it walks those
-// rows, then columns, in increasing order, rebuilds each pixel's coefficients (pixel_gradient) once
-// for its channels, interpolates x_up[c, p] (and y_up) from four samples, and adds R K G to one
-// accumulator per channel. The order is fixed: the same result run to run, and no atomics.
-// Consecutive threads own consecutive (i, j): the stores of dL/dx coalesce, and neighbours read
-// overlapping output pixels (through the cache). Every output pixel is visited by the up to four
-// elements (2 x 2) that its taps read, each recomputing G there: the price of a gather without
-// shared memory.
+// The output pixels whose taps start at the same sample (I, J) (row tap i0 = I, column tap j0 = J)
+// form a cell: they all read the four samples (I, J), (I, J1), (I1, J), (I1, J1) of x (I1, J1 the
+// second taps, clamped at the border), so their G only ever reaches those four elements.
+// UpsampledCellKernel: one thread per (cell, strip of at most kStripRows of its rows) and group of
+// kCellChannels channels. Per row it mixes each channel's four samples along the rows once (y's too
+// when y is at x's resolution); per pixel it computes G once (the per-pixel coefficients once per
+// channel group, each value one mix along the column tap); it sums K0 G and K1 G along the row
+// (columns first) and adds those, times R0 and R1, into the cell's four corner sums (rows second).
+// UpsampledGatherKernel: one thread per element of dL/dx adds the corner sums of the (up to 2 x 2)
+// cells that reach it, strip by strip, in a fixed order. No atomics, no shared memory: dL/dx is
+// bitwise the same run to run. Weight-0 taps contribute nothing (upsample::weight_times).
 template <typename scalar_t>
-struct UpsampledBackwardKernel {
+constexpr int kCellChannels = std::is_same_v<scalar_t, double> ? 4 : 8;
+constexpr int kStripRows = 4;
+constexpr int kCorners = 4;  // (row tap, column tap): 2 * r + s
+
+// The first output index of the cell of input sample i, i.e. the first d whose tap starts at or after
+// i: 0 for i == 0 (where s is clamped at 0), axis.out for i == axis.in. For 0 < i < in, the tap's
+// s(d) = (d + 0.5) * scale - 0.5 reaches i at d = (i + 0.5) / scale - 0.5; the search starts one
+// below that bound (for its rounding) and steps to the exact first index by the very taps the
+// kernels use.
+template <typename coord_t>
+HOST_DEVICE int64_t cell_begin(const UpsampleAxis<coord_t>& axis, int64_t i) {
+  if (i == 0) return 0;
+  if (i >= axis.in) return axis.out;
+  const coord_t d = (static_cast<coord_t>(i) + coord_t(0.5)) * axis.inv_scale - coord_t(0.5);
+  int64_t first = d < coord_t(1) ? 0 : static_cast<int64_t>(d) - 1;
+  while (first < axis.out && upsample::tap(first, axis.scale, axis.in).i0 < i) ++first;
+  return first;
+}
+
+// The input sample that corner tap `second` (0: i0, 1: i1) of cell i reads.
+HOST_DEVICE int64_t corner_sample(int64_t i, int second, int64_t in) { return second && i + 1 < in ? i + 1 : i; }
+
+// Strips of kStripRows rows per row cell, enough for a cell of ceil(out / in) rows; the last strip of a
+// cell also takes any rows beyond (the first cell, s < 1, has about 1.5 out / in).
+inline int64_t cell_strips(int64_t in, int64_t out) { return ceil_div(ceil_div(out, in), kStripRows); }
+
+// Which channels a launch of UpsampledCellKernel covers: the old ones [0, Co), with y read at x's
+// cells (y at x's resolution, or no distillation) or sampled per pixel (y at its own resolution), or
+// the new ones [Co, C). Separate kernels, so that a group's channels take one code path.
+enum class CellChannels { kOldOnCells, kOldSampled, kNew };
+
+template <typename scalar_t, CellChannels kRange>
+struct UpsampledCellKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
-  static constexpr int kChannels = kGatherChannels;
+  static constexpr int kChannels = kCellChannels<scalar_t>;
+  static constexpr bool kOld = kRange != CellChannels::kNew;
   LogitInputs<scalar_t> in;
   BackwardBuffers<scalar_t> grad;
 
-  // Blocks along grid x: (channel group) x (blocks over x's h * w pixels); images along grid y.
+  // Blocks along grid x: (channel group of the range) x (blocks over the h * strips * w strips,
+  // column cells fastest); images along grid y.
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const UpsampleAxis<acc_t>& rows = in.up.x_rows;
     const UpsampleAxis<acc_t>& cols = in.up.x_cols;
-    const int64_t pixels = rows.in * cols.in;
-    const int64_t pixel_blocks = ceil_div(pixels, kThreads);
-    const int64_t q = (index.block_x % pixel_blocks) * kThreads + index.thread;
-    if (q >= pixels) return;
-    const int64_t b = index.block_y, c0 = index.block_x / pixel_blocks * kChannels;
-    const int64_t i = q / cols.in, j = q % cols.in;
-    const ScalarUpstream<acc_t> scalar = grad.per_pixel ? ScalarUpstream<acc_t>{} : scalar_upstream(grad);
-    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
-    acc_t sum[kChannels] = {};
-    const int64_t first_row = first_reader(rows, i), first_col = first_reader(cols, j);
-    const int64_t row_end = first_row + rows.readers < rows.out ? first_row + rows.readers : rows.out;
-    const int64_t col_end = first_col + cols.readers < cols.out ? first_col + cols.readers : cols.out;
-    for (int64_t Y = first_row; Y < row_end; ++Y) {
-      const upsample::BasicTap<acc_t> row = upsample::tap(Y, rows.scale, rows.in);
-      const acc_t row_weight = tap_weight<acc_t>(row, i);
-      if (row_weight == acc_t(0)) continue;
-      for (int64_t X = first_col; X < col_end; ++X) {
-        const upsample::BasicTap<acc_t> col = upsample::tap(X, cols.scale, cols.in);
-        const acc_t col_weight = tap_weight<acc_t>(col, j);
-        if (col_weight == acc_t(0)) continue;
-        const PlaneTaps<acc_t> x_taps{row, col, cols.in};
-        add_pixel(b, Y, X, x_taps, row_weight * col_weight, c0, scalar, factors, sum);
-      }
-    }
-    scalar_t* gx = grad.grad_x + (b * in.C + c0) * pixels + q;
+    const int64_t items = rows.in * grad.cell_strips * cols.in;
+    const int64_t item_blocks = ceil_div(items, kThreads);
+    const int64_t q = (index.block_x % item_blocks) * kThreads + index.thread;
+    if (q >= items) return;
+    const int64_t b = index.block_y, c0 = (kOld ? 0 : in.Co) + index.block_x / item_blocks * kChannels;
+    const int64_t c_end = kOld ? in.Co : in.C;
+    const int64_t I = q / (grad.cell_strips * cols.in), strip = q / cols.in % grad.cell_strips, J = q % cols.in;
+    const int64_t row_begin = cell_begin(rows, I) + strip * kStripRows, row_cell_end = cell_begin(rows, I + 1);
+    const bool last = strip + 1 == grad.cell_strips;
+    const int64_t row_end = !last && row_begin + kStripRows < row_cell_end ? row_begin + kStripRows : row_cell_end;
+    acc_t corner[kChannels][kCorners] = {};
+    if (row_begin < row_end) add_strip(b, J, row_begin, row_end, c0, c_end, corner);
+    acc_t* out = grad.cell_sums + ((b * in.C + c0) * items + q) * kCorners;
+    const int64_t channel_stride = items * kCorners;
     INCSEG_UNROLL
     for (int k = 0; k < kChannels; ++k) {
-      if (c0 + k < in.C) gx[k * pixels] = Storage<scalar_t>::from(sum[k]);
+      if (c0 + k < c_end) store_pack<kCorners>(out + k * channel_stride, corner[k]);
     }
   }
 
-  // sum[k] += weight * G[c0 + k, p] at output pixel p = (Y, X), whose taps into x are x_taps.
-  HOST_DEVICE void add_pixel(int64_t b, int64_t Y, int64_t X, const PlaneTaps<acc_t>& x_taps, acc_t weight, int64_t c0,
-                             const ScalarUpstream<acc_t>& scalar, const KdFactors<acc_t>& factors,
-                             acc_t (&sum)[kChannels]) const {
+  // One output row's values of x (and of y on x's cells) in a cell's two columns, per channel.
+  struct CellRow {
+    acc_t x[kChannels][2];
+    acc_t y[kChannels][2];
+  };
+
+  // corner[k][2 r + s] += R_r K_s G[c0 + k] over the strip's rows [row_begin, row_end) of column cell J;
+  // channels c0 + k >= c_end are computed on zeros and not stored.
+  HOST_DEVICE void add_strip(int64_t b, int64_t J, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c_end,
+                             acc_t (&corner)[kChannels][kCorners]) const {
+    const Upsampling<acc_t>& up = in.up;
+    const int64_t col_begin = cell_begin(up.x_cols, J), col_end = cell_begin(up.x_cols, J + 1);
+    const int64_t J1 = corner_sample(J, 1, up.x_cols.in), x_plane = up.x_rows.in * up.x_cols.in;
+    const ScalarUpstream<acc_t> scalar = grad.per_pixel ? ScalarUpstream<acc_t>{} : scalar_upstream(grad);
+    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
+    const scalar_t* x = in.x + b * in.C * x_plane;
+    const scalar_t* y = in.kd != KdMode::kNone ? in.y + b * in.Co * x_plane : nullptr;
+    for (int64_t Y = row_begin; Y < row_end; ++Y) {
+      const upsample::BasicTap<acc_t> row = upsample::tap(Y, up.x_rows.scale, up.x_rows.in);
+      // Each channel's samples in the cell's two columns, mixed along the rows (rows first, as the
+      // CPU kernels): a pixel's value is then one mix along its column tap.
+      CellRow cell{};
+      INCSEG_UNROLL
+      for (int k = 0; k < kChannels; ++k) {
+        const int64_t c = c0 + k;
+        if (c >= c_end) continue;
+        cell.x[k][0] = row_mix(x + c * x_plane, row, J);
+        cell.x[k][1] = row_mix(x + c * x_plane, row, J1);
+        if (kRange == CellChannels::kOldOnCells && y != nullptr) {
+          cell.y[k][0] = row_mix(y + c * x_plane, row, J);
+          cell.y[k][1] = row_mix(y + c * x_plane, row, J1);
+        }
+      }
+      acc_t left[kChannels] = {}, right[kChannels] = {};  // sum over the row of K0 G, K1 G
+      for (int64_t X = col_begin; X < col_end; ++X) {
+        const upsample::BasicTap<acc_t> col = upsample::tap(X, up.x_cols.scale, up.x_cols.in);
+        acc_t g[kChannels];
+        pixel_grads(b, Y, X, col, c0, c_end, cell, scalar, factors, g);
+        INCSEG_UNROLL
+        for (int k = 0; k < kChannels; ++k) {
+          left[k] += upsample::weight_times(acc_t(1) - col.l1, g[k]);
+          right[k] += upsample::weight_times(col.l1, g[k]);
+        }
+      }
+      INCSEG_UNROLL
+      for (int k = 0; k < kChannels; ++k) {
+        corner[k][0] += upsample::weight_times(acc_t(1) - row.l1, left[k]);
+        corner[k][1] += upsample::weight_times(acc_t(1) - row.l1, right[k]);
+        corner[k][2] += upsample::weight_times(row.l1, left[k]);
+        corner[k][3] += upsample::weight_times(row.l1, right[k]);
+      }
+    }
+  }
+
+  // The samples of column j of `plane` (x's resolution) that `row` reads, mixed by its weights.
+  HOST_DEVICE acc_t row_mix(const scalar_t* plane, const upsample::BasicTap<acc_t>& row, int64_t j) const {
+    const int64_t w = in.up.x_cols.in;
+    return upsample::weight_times(acc_t(1) - row.l1, to_accumulate(plane[row.i0 * w + j])) +
+           upsample::weight_times(row.l1, to_accumulate(plane[row.i1 * w + j]));
+  }
+
+  // The value at a pixel whose column tap is `col`, from its row's two mixed columns.
+  HOST_DEVICE static acc_t column_mix(const acc_t (&v)[2], const upsample::BasicTap<acc_t>& col) {
+    return upsample::weight_times(acc_t(1) - col.l1, v[0]) + upsample::weight_times(col.l1, v[1]);
+  }
+
+  // g[k] = G[c0 + k] at output pixel (Y, X), whose column tap into x is `col` (its row's values in
+  // `cell`).
+  HOST_DEVICE void pixel_grads(int64_t b, int64_t Y, int64_t X, const upsample::BasicTap<acc_t>& col, int64_t c0,
+                               int64_t c_end, const CellRow& cell, const ScalarUpstream<acc_t>& scalar,
+                               const KdFactors<acc_t>& factors, acc_t (&g)[kChannels]) const {
     const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
     const Upsampling<acc_t>& up = in.up;
     const int64_t p = Y * up.x_cols.out + X, pixel = b * in.HW + p;
     const acc_t* stats = grad.stats + b * kNumStats * in.HW + p;
-    const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
-    const scalar_t* x = in.x + b * in.C * x_plane;
+    const int64_t y_plane = up.y_rows.in * up.y_cols.in;
     const scalar_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
-    const PlaneTaps<acc_t> y_taps = with_kd ? PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X) : x_taps;
+    const PlaneTaps<acc_t> y_taps = PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X);
     const PixelInputs<acc_t> px{stats[kStatLse * in.HW],
                                 stats[kStatLseOld * in.HW],
                                 stats[kStatLseBg * in.HW],
@@ -586,32 +656,78 @@ struct UpsampledBackwardKernel {
     INCSEG_UNROLL
     for (int k = 0; k < kChannels; ++k) {
       const int64_t c = c0 + k;
-      if (c >= in.C) break;
-      const acc_t xc = x_taps.sample(x + c * x_plane);
-      acc_t g;
-      if (c == 0) {
-        g = channel0_grad(pg.k, xc, pg.q0, px.lse, px.lse_old, px.lse_bg, pg.f.label);
-      } else if (c < in.Co) {
-        const acc_t z = with_kd ? scaled_teacher_logit(in.alpha, y_taps.sample(y + c * y_plane)) : acc_t(0);
-        g = old_channel_grad(pg.f, c, xc, with_kd ? lm_exp(z - pg.f.lse_teacher) : acc_t(0));
+      const acc_t xc = column_mix(cell.x[k], col);
+      if (!kOld) {
+        g[k] = new_channel_grad(pg.f, c, xc);
+      } else if (k == 0 && c == 0) {
+        g[k] = channel0_grad(pg.k, xc, pg.q0, px.lse, px.lse_old, px.lse_bg, pg.f.label);
       } else {
-        g = new_channel_grad(pg.f, c, xc);
+        acc_t q = acc_t(0);
+        if (with_kd) {
+          const int64_t read = c < c_end ? c : c_end - 1;  // past the range: a valid row, not stored
+          const acc_t yc =
+              kRange == CellChannels::kOldOnCells ? column_mix(cell.y[k], col) : y_taps.sample(y + read * y_plane);
+          q = lm_exp(scaled_teacher_logit(in.alpha, yc) - pg.f.lse_teacher);
+        }
+        g[k] = old_channel_grad(pg.f, c, xc, q);
       }
-      sum[k] += weight * g;
     }
+  }
+};
+
+// dL/dx[c, i, j]: the corner sums of the cells that reach element (i, j), in a fixed order: row cell
+// I = i - 1 (its second row tap reads i) then I = i (its first tap, and its second at the last row),
+// each strip by strip, and in each the column cells likewise (corner_sums); rounded once to scalar_t.
+template <typename scalar_t>
+struct UpsampledGatherKernel {
+  using acc_t = accumulate_t<scalar_t>;
+  static constexpr int kThreads = 128;
+  LogitInputs<scalar_t> in;
+  BackwardBuffers<scalar_t> grad;
+
+  // One thread per element of dL/dx of one image (grid x), images along grid y.
+  HOST_DEVICE void operator()(const ThreadIndex& index) const {
+    const int64_t h = in.up.x_rows.in, w = in.up.x_cols.in;
+    const int64_t q = index.first_pixel(1);
+    if (q >= in.C * h * w) return;
+    const int64_t b = index.block_y, c = q / (h * w), i = q / w % h, j = q % w;
+    const int64_t cell_row = grad.cell_strips * w * kCorners;
+    const acc_t* sums = grad.cell_sums + (b * in.C + c) * h * cell_row;
+    acc_t total = 0;
+    if (i > 0) total = corner_sums(sums + (i - 1) * cell_row, 1, j, w, total);
+    total = corner_sums(sums + i * cell_row, 0, j, w, total);
+    if (i + 1 == h) total = corner_sums(sums + i * cell_row, 1, j, w, total);
+    grad.grad_x[b * in.C * h * w + q] = Storage<scalar_t>::from(total);
+  }
+
+  // total plus, over the strips of one row cell (`cell`), the corner sums of row tap r that reach
+  // column j: column cell j - 1's second tap, then cell j's first (and its second at the last column).
+  HOST_DEVICE acc_t corner_sums(const acc_t* cell, int r, int64_t j, int64_t w, acc_t total) const {
+    for (int64_t strip = 0; strip < grad.cell_strips; ++strip) {
+      const acc_t* row = cell + strip * w * kCorners + 2 * r;
+      if (j > 0) total += row[(j - 1) * kCorners + 1];
+      total += row[j * kCorners];
+      if (j + 1 == w) total += row[j * kCorners + 1];
+    }
+    return total;
   }
 };
 
 // The launch of a kernel (all have 128-thread blocks) and the number of its warps (the forward's
 // per-warp partials). Without size=, both kernels put blocks over one image's pixels on grid x,
 // images on grid y, and 1 or kPackedPixels pixels (common/grid.h) on each thread. With size=, the
-// forward has one output pixel per thread; the backward puts (channel group, block of x's pixels)
-// on grid x.
+// forward has one output pixel per thread; the backward's UpsampledCellKernel puts (channel group,
+// block of strips) on grid x, for the old channels (grid_x), then the new ones (new_cells_grid_x),
+// and UpsampledGatherKernel blocks of dL/dx's elements (gather_grid_x).
 struct LaunchPlan {
   int pixels_per_thread;
   int64_t grid_x;
   int64_t grid_y;
   int64_t warps;
+  int64_t new_cells_grid_x = 0;
+  int64_t gather_grid_x = 0;
+  int64_t cell_strips = 0;  // strips per row cell (cell_strips)
+  int64_t cell_sums = 0;    // the scratch of the corner sums, in accumulation-type values
 };
 
 template <typename scalar_t>
@@ -630,10 +746,14 @@ LaunchPlan plan_forward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) 
 template <typename scalar_t>
 LaunchPlan plan_backward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
   if (!in.upsampled) return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes);
-  using Kernel = UpsampledBackwardKernel<scalar_t>;
-  const int64_t pixels = in.up.x_rows.in * in.up.x_cols.in;
-  const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads)) * ceil_div(in.C, int64_t(Kernel::kChannels));
-  return LaunchPlan{1, grid_x, in.B, warps_in_grid<Kernel>(grid_x, in.B)};
+  using Kernel = UpsampledCellKernel<scalar_t, CellChannels::kNew>;
+  const int64_t h = in.up.x_rows.in, w = in.up.x_cols.in, strips = cell_strips(h, in.up.x_rows.out);
+  const int64_t item_blocks = ceil_div(h * strips * w, int64_t(Kernel::kThreads));
+  const int64_t grid_x = item_blocks * ceil_div(in.Co, int64_t(Kernel::kChannels));
+  const int64_t new_grid_x = item_blocks * ceil_div(in.C - in.Co, int64_t(Kernel::kChannels));
+  const int64_t gather_grid_x = ceil_div(in.C * h * w, int64_t(UpsampledGatherKernel<scalar_t>::kThreads));
+  return LaunchPlan{1,          grid_x,        in.B,   warps_in_grid<Kernel>(grid_x, in.B),
+                    new_grid_x, gather_grid_x, strips, in.B * in.C * h * strips * w * kCorners};
 }
 
 // fn(kernel) with the forward kernel for the inputs and the plan (launched or emulated by the caller).
@@ -649,16 +769,26 @@ void with_forward_kernel(const LogitInputs<scalar_t>& in, const ForwardBuffers<s
   });
 }
 
-// fn(kernel) with the backward kernel for the inputs and the plan.
+// fn(kernel, grid_x) for each backward kernel of the inputs and the plan, in launch order (grid y:
+// plan.grid_y).
 template <typename scalar_t, typename Fn>
-void with_backward_kernel(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
-                          const LaunchPlan& plan, Fn&& fn) {
+void for_each_backward_kernel(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+                              const LaunchPlan& plan, Fn&& fn) {
   if (in.upsampled) {
-    fn(UpsampledBackwardKernel<scalar_t>{in, grad});
+    const bool y_on_cells =
+        in.kd == KdMode::kNone || (in.up.y_rows.in == in.up.x_rows.in && in.up.y_cols.in == in.up.x_cols.in);
+    if (y_on_cells) {
+      fn(UpsampledCellKernel<scalar_t, CellChannels::kOldOnCells>{in, grad}, plan.grid_x);
+    } else {
+      fn(UpsampledCellKernel<scalar_t, CellChannels::kOldSampled>{in, grad}, plan.grid_x);
+    }
+    fn(UpsampledCellKernel<scalar_t, CellChannels::kNew>{in, grad}, plan.new_cells_grid_x);
+    fn(UpsampledGatherKernel<scalar_t>{in, grad}, plan.gather_grid_x);
     return;
   }
-  with_pixels_per_thread<scalar_t>(
-      plan.pixels_per_thread, [&](auto vec) { fn(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}); });
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
+    fn(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x);
+  });
 }
 
 // What the second forward kernel writes from the per-warp partials.
