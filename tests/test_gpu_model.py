@@ -121,11 +121,21 @@ def test_model_row_counts_loops_by_iteration_and_the_rest_once_per_thread():
     assert "| k | shape | fp32 | 64 | 32 | 1 | 100 (80) |" in gpu_model.format_table([row])
 
 
-def test_attention_groups_follow_the_launch_plan():
-    # 24 images of 64 x 64: 8 pixel blocks per image at 4 pixels per thread, 6 groups for ~1024 blocks.
-    assert gpu_model.attention_groups(24, 2048, 4096, 4) == 6
-    assert gpu_model.attention_groups(24, 2048, 4096, 8) == 11
-    assert gpu_model.attention_groups(24, 100, 4096, 4) == 1  # fewer than 128 channels: one group
+def test_attention_groups_fill_whole_waves():
+    # 24 images of 64 x 64 at 4 pixels per thread: 192 blocks. MomentsKernel's 96 registers: 5 blocks
+    # per SM, 660 at once: 10 groups (1920 blocks, 2.9 waves) beat 3 (0.87 of a wave) and 16 (4.65).
+    assert gpu_model.resident_blocks(96) == 660
+    assert gpu_model.attention_groups(24, 2048, 4096, 4, 96) == 10
+    # 8 images: 64 blocks; 10 groups fill 640 of 660, where 11 would start a second wave.
+    assert gpu_model.attention_groups(8, 2048, 4096, 4, 96) == 10
+    assert gpu_model.attention_groups(24, 100, 4096, 4, 96) == 1  # fewer than 128 channels: one group
+    assert gpu_model.attention_groups(24, 2048, 512 * 512, 4, 96) == 1  # a wave without groups
+
+
+def test_channel_groups_take_the_fewest_on_a_tie():
+    assert gpu_model.channel_groups(blocks=100, resident=300, most=16) == 3  # one full wave
+    assert gpu_model.channel_groups(blocks=100, resident=300, most=2) == 2
+    assert gpu_model.channel_groups(blocks=300, resident=300, most=16) == 1
 
 
 def test_cell_strips_follow_the_launch_plan():

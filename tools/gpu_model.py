@@ -21,15 +21,22 @@ shape and dtype:
   schedulers x 1 warp instruction per clock x 1.755 GHz. Warp instructions: the inner loops'
   instructions times their iterations, plus every instruction outside them once per thread (all
   branches counted), over 32 threads. `roofline` = bytes / 3.0 TB/s over that time.
+- waves: the grid's blocks over the blocks the GPU holds at once (132 SMs x blocks per SM from the
+  registers); a fraction above a whole number is a part-filled last wave, which the time ignores.
+- interpolate rows: PyTorch's F.interpolate of x and y and its backward, by their bytes alone; a
+  second table sets the size= kernels (forward and backward) against interpolate + the fused loss.
 
 Shapes: voc512 (C=21, Co=16) and ade512 (C=151, Co=101) at 512 x 512; the size= kernels with logits
-at stride 8 (64 x 64); the attention kernels on features of 2048 channels at 64 x 64 (a 512 input at
-stride 8). Incremental loss modes (unbiased CE and KD, int64 labels, no mask); attention with
-gradients to f (g frozen). No GPU was used: the first GPU run holds this against `ncu`.
+at strides 8 and 16 (64 x 64, 32 x 32); the attention kernels on features of 2048 channels at 64 x 64
+(a 512 input at stride 8), their channel groups sized from the modelled occupancy as the CUDA glue
+sizes them from the runtime's. Incremental loss modes (unbiased CE and KD, y at x's resolution, int64
+labels, no mask); attention with gradients to f (g frozen). No GPU was used: the first GPU run holds
+this against `ncu`.
 """
 
 import argparse
 import dataclasses
+import fractions
 import math
 import os
 import re
@@ -213,16 +220,18 @@ def upsampled_cases(batch, shape, dtype, stride):
                    [LoopSpec("c = 1; c < in.Co;", pixels * (Co - 1), 8 * s, 8),
                     LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 8 * s, 4)]),
     ]  # fmt: skip
+    least = (C + Co + C) * s * low + LABEL_BYTES  # the whole backward's, on its first row
     for label, kernel, channels, read in (("old", 0, Co, 2 * Co), ("new", 2, C - Co, C - Co)):
         groups = math.ceil(channels / CELL_CHANNELS)
         cases.append(
             KernelCase(f"size= backward: {label} cells", f"UpsampledCellKernel<{t}, (CellChannels){kernel}>", name,
-                       dtype, cells * groups, pixels, read * s * low + per_pixel + corner_sums * channels / C, 0,
+                       dtype, cells * groups, pixels, read * s * low + per_pixel + corner_sums * channels / C,
+                       least if label == "old" else 0,
                        [LoopSpec("X < col_end", pixels * groups * CELL_CHANNELS, fixed=CELL_CHANNELS)])
         )  # fmt: skip
     cases.append(
         KernelCase("size= backward: gather", f"UpsampledGatherKernel<{t}>", name, dtype,
-                   batch * C * low_side**2, pixels, corner_sums + C * s * low, (C + Co + C) * s * low + LABEL_BYTES,
+                   batch * C * low_side**2, pixels, corner_sums + C * s * low, 0,
                    [LoopSpec("strip < grad.cell_strips", batch * C * low_side**2 * 2 * strips, fixed=1)])
     )  # fmt: skip
     return cases
@@ -247,36 +256,53 @@ def interpolate_cases(batch, shape, dtype, stride):
     ]
 
 
-def attention_cases(batch, dtype):
+def attention_cases(batch, dtype, registers):
+    """The attention feature passes; `registers` (by kernel short name) size their channel groups, as
+    the CUDA glue does from the occupancy the runtime reports."""
     C, HW = FEATURES
     t, s = DTYPES[dtype]
     k = 16 // s
     pixels = batch * HW
-    groups = attention_groups(batch, C, HW, k)
     partials = C * STAT_BYTES / (WARP * k)  # per-warp channel partials, per pixel
 
     def loop(packs_per_channel):  # the feature passes' channel loop
         return [LoopSpec("c < s.c_end", pixels * C, 128, packs_per_channel, k)]
 
-    shape = f"feat{C}x64"
+    def case(label, kernel, bytes_per_pixel, min_bytes, packs_per_channel):
+        groups = attention_groups(batch, C, HW, k, registers[kernel])
+        return KernelCase(label, kernel, f"feat{C}x64", dtype, pixels / k * groups, pixels,
+                          bytes_per_pixel(groups), min_bytes, loop(packs_per_channel))  # fmt: skip
+
     return [
-        KernelCase("AD moments (fwd)", f"MomentsKernel<{t}, {k}>", shape, dtype, pixels / k * groups, pixels,
-                   2 * C * s + groups * 8 * 8, 2 * C * s, loop(2)),
-        KernelCase("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {k}>", shape, dtype, pixels / k * groups,
-                   pixels, 3 * C * s + 5 * STAT_BYTES + partials, 3 * C * s, loop(2)),
-        KernelCase("structured fwd", f"StructuredForwardKernel<{t}, {k}>", shape, dtype, pixels / k * groups,
-                   pixels, 2 * C * s + STAT_BYTES, 2 * C * s + STAT_BYTES, loop(1)),
-        KernelCase("structured bwd", f"StructuredBackwardKernel<{t}, {k}>", shape, dtype, pixels / k * groups,
-                   pixels, 3 * C * s + STAT_BYTES * (1 + groups) + partials, 3 * C * s + STAT_BYTES, loop(2)),
+        case("AD moments (fwd)", f"MomentsKernel<{t}, {k}>", lambda g: 2 * C * s + g * 8 * 8, 2 * C * s, 2),
+        case("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {k}>", lambda g: 3 * C * s + 5 * STAT_BYTES + partials,
+             3 * C * s, 2),
+        case("structured fwd", f"StructuredForwardKernel<{t}, {k}>", lambda g: 2 * C * s + STAT_BYTES,
+             2 * C * s + STAT_BYTES, 1),
+        case("structured bwd", f"StructuredBackwardKernel<{t}, {k}>",
+             lambda g: 3 * C * s + STAT_BYTES * (1 + g) + partials, 3 * C * s + STAT_BYTES, 2),
     ]  # fmt: skip
 
 
-def attention_groups(batch, channels, pixels, pack):
+def resident_blocks(registers):
+    """128-thread blocks of a kernel of `registers` registers that the modelled H100 holds at once."""
+    return SMS * resident_warps(registers) // (BLOCK_THREADS // WARP)
+
+
+def channel_groups(blocks, resident, most):
+    """channel_groups of attention_kernels.cuh, repeated here: none while `blocks` fill a wave; else of
+    1 to `most` groups the count whose waves take least time, ceil(groups * blocks / resident) /
+    groups, the fewest on a tie."""
+    if blocks >= resident:
+        return 1
+    return min(range(1, most + 1), key=lambda g: (fractions.Fraction(-(-g * blocks // resident), g), g))
+
+
+def attention_groups(batch, channels, pixels, pack, registers):
     """Channel groups of a feature pass: plan_attention's rule (attention_kernels.cuh), repeated here."""
-    grid_x = math.ceil(pixels / (BLOCK_THREADS * pack))
-    wanted = math.ceil(1024 / (grid_x * batch))
+    blocks = math.ceil(pixels / (BLOCK_THREADS * pack)) * batch
     most = max(1, min(channels // 128, 65535 // batch))
-    group_channels = math.ceil(channels / min(wanted, most))
+    group_channels = math.ceil(channels / channel_groups(blocks, resident_blocks(registers), most))
     return math.ceil(channels / group_channels)
 
 
@@ -294,6 +320,7 @@ class Row:
     seconds: float
     bound: str
     roofline: float
+    waves: float = 0.0  # the grid's blocks over those the GPU holds at once (0: not modelled)
 
 
 def match_loop(loops, spec, source_text):
@@ -340,15 +367,16 @@ def model_row(case, function, registers, source_text):
         thread_instructions += loop.instructions * spec.elements / elements
     bytes_moved = case.bytes_per_pixel * case.pixels
     seconds, bound = modelled_seconds(bytes_moved, thread_instructions / WARP)
+    waves = math.ceil(case.threads / BLOCK_THREADS) / resident_blocks(registers)
     return Row(case, registers, resident_warps(registers), per_element, seconds, bound,
-               bytes_moved / HBM_BYTES_PER_S / seconds)  # fmt: skip
+               bytes_moved / HBM_BYTES_PER_S / seconds, waves)  # fmt: skip
 
 
 def format_table(rows):
     lines = [
         "| kernel | shape | dtype | regs | warps/SM | instr/elem (inner loops) | B/px (min) | time ms | bound "
-        "| roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| roofline | waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c = r.case
@@ -357,7 +385,7 @@ def format_table(rows):
         lines.append(
             f"| {c.label} | {c.shape} | {c.dtype} | {regs} | {warps} | {loops} | "
             f"{c.bytes_per_pixel:.0f} ({c.min_bytes_per_pixel:.0f}) | {r.seconds * 1e3:.3f} | {r.bound} | "
-            f"{r.roofline:.0%} |"
+            f"{r.roofline:.0%} | {f'{r.waves:.2f}' if r.waves else '-'} |"
         )
     return "\n".join(lines)
 
@@ -431,7 +459,7 @@ def main(argv=None):
             for stride in STRIDES:
                 cases += upsampled_cases(args.batch, shape, dtype, stride)
                 cases += interpolate_cases(args.batch, shape, dtype, stride)
-    cases += [c for dtype in DTYPES for c in attention_cases(args.batch, dtype)]
+    cases += [c for dtype in DTYPES for c in attention_cases(args.batch, dtype, registers)]
     rows = [model_row(c, functions[c.kernel], registers[c.kernel], source_text) if c.kernel else memory_row(c)
             for c in cases]  # fmt: skip
     print(f"Modelled H100 (sm_90 SASS, nvcc), batch {args.batch}: max(bytes / 3.0 TB/s, warp instructions / "

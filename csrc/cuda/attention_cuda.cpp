@@ -52,6 +52,10 @@ Tensor zeros_or_empty(bool wanted, const Tensor& like) {
 // Runs the kernel sequences on the CPU, one thread after another.
 struct HostEmulation : glue::HostDevice {
   template <typename scalar_t>
+  static int64_t resident_blocks(FeaturePass, int) {
+    return kEmulatedResidentBlocks;
+  }
+  template <typename scalar_t>
   static void forward(const ForwardCall<scalar_t>& call) {
     HostExecutor ex;
     attentive_distillation_forward_kernels(ex, call);
@@ -77,6 +81,12 @@ struct HostEmulation : glue::HostDevice {
 // Launches the kernel sequences on the current stream of the op's device; every launch is checked.
 struct CudaDevice : glue::CudaDeviceBase {
   template <typename scalar_t>
+  static int64_t resident_blocks(FeaturePass pass, int pixels_per_thread) {
+    int64_t blocks = 0;
+    check(resident_feature_blocks<scalar_t>(pass, pixels_per_thread, &blocks));
+    return blocks;
+  }
+  template <typename scalar_t>
   static void forward(const ForwardCall<scalar_t>& call) {
     check(launch_attentive_distillation_forward(call, stream()));
   }
@@ -94,6 +104,13 @@ struct CudaDevice : glue::CudaDeviceBase {
   }
 };
 #endif
+
+// plan_attention's resident_blocks: the blocks of `pass`'s feature kernel that Device holds at once.
+template <typename Device, typename k_scalar_t>
+auto resident_blocks(FeaturePass pass) {
+  return
+      [pass](int pixels_per_thread) { return Device::template resident_blocks<k_scalar_t>(pass, pixels_per_thread); };
+}
 
 // f, g (contiguous), a, b (acc dtype) as the kernels read them.
 template <typename scalar_t, typename k_scalar_t = typename KernelType<scalar_t>::type>
@@ -123,7 +140,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward(const 
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const AttentionPlan plan =
-        plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&f, &g}, {&state.spatial}));
+        plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&f, &g}, {&state.spatial}),
+                                   resident_blocks<Device, k_scalar_t>(FeaturePass::kAttentiveForward));
     const int64_t warps = batch * plan.pixel_kernel_warps();
     const Tensor group_partial =
         scratch(plan.groups * batch * kForwardPartialRows<k_scalar_t> * pixels, f, at::kDouble);
@@ -179,7 +197,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward(
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const bool aligned = packs_aligned<k_scalar_t>({&t.f, &t.g, &t.df, &t.dg}, {&spatial, &pixel_grad});
-    const AttentionPlan plan = plan_attention<k_scalar_t>(batch, channels, pixels, aligned);
+    const AttentionPlan plan = plan_attention<k_scalar_t>(
+        batch, channels, pixels, aligned, resident_blocks<Device, k_scalar_t>(FeaturePass::kAttentiveBackward));
     const Tensor spatial_dot = scratch(reads_pixel_grad ? 2 * batch : 0, spatial, spatial.scalar_type());
     const Tensor channel_partial =
         scratch(channel_sums ? 2 * batch * plan.pixel_warps() * channels : 0, spatial, spatial.scalar_type());
@@ -217,7 +236,8 @@ Tensor structured_attention(const Tensor& v_in, const Tensor& a_ch_in, const Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "structured_attention", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
     const AttentionPlan plan =
-        plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&v, &out}, {&a_sp}));
+        plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&v, &out}, {&a_sp}),
+                                   resident_blocks<Device, k_scalar_t>(FeaturePass::kStructuredForward));
     Device::structured(structured_inputs<scalar_t>(v, a_ch, a_sp), plan, mutable_kernel_data<scalar_t>(out));
   });
   return out;
@@ -245,7 +265,8 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward(const Tensor& g
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const bool aligned = packs_aligned<k_scalar_t>({&v, &grad_out, &dv}, {&a_sp});
-    const AttentionPlan plan = plan_attention<k_scalar_t>(batch, channels, pixels, aligned);
+    const AttentionPlan plan = plan_attention<k_scalar_t>(
+        batch, channels, pixels, aligned, resident_blocks<Device, k_scalar_t>(FeaturePass::kStructuredBackward));
     const Tensor spatial_partial = scratch(output_mask[2] ? plan.groups * batch * pixels : 0, a_sp, acc_dtype);
     const Tensor channel_partial = scratch(output_mask[1] ? batch * plan.pixel_warps() * channels : 0, a_sp, acc_dtype);
     const StructuredGrads<k_scalar_t> grads{mutable_kernel_data<scalar_t>(dv), data_or_null<acc_t>(spatial_partial),

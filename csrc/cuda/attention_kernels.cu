@@ -12,6 +12,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kSumThreads) norm_kernel(const NormStep<acc_t> step) {
   const int64_t map = blockIdx.x;
   double sum = 0;
+  INCSEG_UNROLL_4
   for (int64_t w = threadIdx.x; w < step.warps; w += blockDim.x) sum += step.square_partial[map * step.warps + w];
   sum = sum_block(sum);
   if (threadIdx.x == 0) write_norm(step, map, sum);
@@ -21,6 +22,7 @@ __global__ void __launch_bounds__(kSumThreads) norm_kernel(const NormStep<acc_t>
 template <typename acc_t>
 __global__ void __launch_bounds__(kSumThreads) loss_kernel(const LossStep<acc_t> step) {
   double sum = 0;
+  INCSEG_UNROLL_4
   for (int64_t w = threadIdx.x; w < step.warps; w += blockDim.x) sum += step.loss_partial[w];
   sum = sum_block(sum);
   if (threadIdx.x == 0) *step.loss = static_cast<acc_t>(sum * step.scale);
@@ -33,6 +35,7 @@ __global__ void __launch_bounds__(kSumThreads) spatial_dot_kernel(const SpatialD
   const acc_t* p = step.pixel_grad + map * step.pixels;
   const acc_t* s = step.spatial + map * step.pixels;
   double sum = 0;
+  INCSEG_UNROLL_4
   for (int64_t i = threadIdx.x; i < step.pixels; i += blockDim.x) sum += static_cast<double>(p[i]) * s[i];
   sum = sum_block(sum);
   if (threadIdx.x == 0) step.spatial_dot[map] = static_cast<acc_t>(sum);
@@ -73,6 +76,23 @@ struct DeviceExecutor {
 }  // namespace
 
 template <typename scalar_t>
+int resident_feature_blocks(FeaturePass pass, int pixels_per_thread, int64_t* blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  with_pixels_per_thread<scalar_t>(pixels_per_thread, [&](auto vec) {
+    with_feature_pass_kernel<scalar_t, decltype(vec)::value>(pass, [&](auto tag) {
+      using Kernel = typename decltype(tag)::type;
+      if (error == cudaSuccess) {
+        error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, run_on_device<Kernel>, Kernel::kThreads, 0);
+      }
+    });
+  });
+  *blocks = static_cast<int64_t>(sms) * per_sm;
+  return error;
+}
+
+template <typename scalar_t>
 int launch_attentive_distillation_forward(const ForwardCall<scalar_t>& call, void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   attentive_distillation_forward_kernels(ex, call);
@@ -102,6 +122,7 @@ int launch_structured_attention_backward(const StructuredBackwardCall<scalar_t>&
 }
 
 #define INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(scalar_t)                                                              \
+  template int resident_feature_blocks<scalar_t>(FeaturePass, int, int64_t*);                                         \
   template int launch_attentive_distillation_forward<scalar_t>(const ForwardCall<scalar_t>&, void*);                  \
   template int launch_attentive_distillation_backward<scalar_t>(const BackwardCall<scalar_t>&, void*);                \
   template int launch_structured_attention_forward<scalar_t>(const StructuredInputs<scalar_t>&, const AttentionPlan&, \

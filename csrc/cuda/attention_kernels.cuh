@@ -45,18 +45,27 @@
 #include "common/dtype.h"
 #include "common/grid.h"
 
+// The finishing sums' loops (over groups, warps or pixels; trip counts known at run time only) are
+// unrolled by 4 on the GPU: four iterations' loads in flight at once; the additions keep their order.
+#if defined(__CUDACC__)
+#define INCSEG_UNROLL_4 _Pragma("unroll 4")
+#else
+#define INCSEG_UNROLL_4
+#endif
+
 namespace incseg {
 namespace attention {
 
 constexpr int kBlockThreads = 128;
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 
-// Channel groups are cut until the feature passes have about kTargetBlocks blocks (~8 per SM of a
-// 132-SM H100), but no smaller than kMinGroupChannels channels: a group's partials cost about as
+// Channel groups are no smaller than kMinGroupChannels channels: a group's partials cost about as
 // much memory traffic as 18 of its channel rows (float32 moments), so smaller groups would cost
 // more than they spread.
-constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMinGroupChannels = 128;
+// The blocks of a feature pass the GPU holds at once, for the CPU emulation (which has no GPU to
+// ask): an H100's 132 SMs with 4 blocks each.
+constexpr int64_t kEmulatedResidentBlocks = 132 * 4;
 
 HOST_DEVICE int64_t min_of(int64_t x, int64_t y) { return x < y ? x : y; }
 HOST_DEVICE int64_t max_of(int64_t x, int64_t y) { return x > y ? x : y; }
@@ -79,9 +88,25 @@ struct AttentionPlan {
   int64_t feature_grid_y() const { return batch * groups; }
 };
 
-// B, C, H*W >= 1 and B <= kMaxGridY (the glue checks both).
-template <typename scalar_t>
-AttentionPlan plan_attention(int64_t batch, int64_t channels, int64_t pixels, bool packs_aligned) {
+// Channel groups of a feature pass of `blocks` blocks (one group) when the GPU holds `resident` at
+// once: none while the pass fills a wave by itself; else, of 1 to `most` groups, the count whose
+// waves take least time, ceil(groups * blocks / resident) / groups (a wave's time being that of one
+// group's channels), the fewest on a tie. So the grid fills its last wave, where a fixed block count
+// left it part empty.
+inline int64_t channel_groups(int64_t blocks, int64_t resident, int64_t most) {
+  if (blocks >= resident) return 1;
+  int64_t best = 1;
+  for (int64_t groups = 2; groups <= most; ++groups) {
+    if (ceil_div(groups * blocks, resident) * best < ceil_div(best * blocks, resident) * groups) best = groups;
+  }
+  return best;
+}
+
+// B, C, H*W >= 1 and B <= kMaxGridY (the glue checks both). resident_blocks(pixels_per_thread): the
+// blocks of the op's feature pass the GPU holds at once (Device::resident_blocks).
+template <typename scalar_t, typename ResidentBlocks>
+AttentionPlan plan_attention(int64_t batch, int64_t channels, int64_t pixels, bool packs_aligned,
+                             ResidentBlocks&& resident_blocks) {
   AttentionPlan plan{};
   plan.batch = batch;
   plan.channels = channels;
@@ -90,9 +115,9 @@ AttentionPlan plan_attention(int64_t batch, int64_t channels, int64_t pixels, bo
   plan.pixels_per_thread = packed ? kPackedPixels<scalar_t> : 1;
   plan.grid_x = ceil_div(pixels, int64_t(kBlockThreads) * plan.pixels_per_thread);
   plan.pixel_grid_x = ceil_div(pixels, kBlockThreads);
-  const int64_t wanted = ceil_div(kTargetBlocks, plan.grid_x * batch);
   const int64_t most = max_of(1, min_of(channels / kMinGroupChannels, kMaxGridY / batch));
-  plan.group_channels = ceil_div(channels, min_of(wanted, most));
+  const int64_t wanted = channel_groups(plan.grid_x * batch, resident_blocks(plan.pixels_per_thread), most);
+  plan.group_channels = ceil_div(channels, wanted);
   plan.groups = ceil_div(channels, plan.group_channels);
   return plan;
 }
@@ -260,6 +285,8 @@ struct EnergyKernel {
     const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double s_f = 0, s_g = 0;
     if (pixel < plan.pixels) {
+      INCSEG_UNROLL_4
+      INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         const double* rows = partial + group_rows_offset(plan, group, image, kRows) + pixel;
         s_f += rows[kRowFF * plan.pixels];
@@ -308,6 +335,8 @@ struct MomentsFinishKernel {
     double loss = 0;
     if (pixel < plan.pixels) {
       Moments m;
+      INCSEG_UNROLL_4
+      INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         add_moment_rows(m, partial + group_rows_offset(plan, group, image, kMomentRows) + pixel, plan.pixels);
       }
@@ -398,6 +427,8 @@ struct DirectFinishKernel {
     const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double loss = 0, p_f = 0, p_g = 0;
     if (pixel < plan.pixels) {
+      INCSEG_UNROLL_4
+      INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         const double* rows = partial + group_rows_offset(plan, group, image, kDirectRows) + pixel;
         loss += rows[kRowLoss * plan.pixels];
@@ -574,6 +605,7 @@ struct ChannelSumKernel {
     if (c >= channels) return;
     const acc_t* column = partial + image * rows_per_image * channels + c;
     acc_t sum = 0;
+    INCSEG_UNROLL_4
     for (int64_t row = 0; row < rows_per_image; ++row) sum += column[row * channels];
     out[image * channels + c] = Storage<scalar_t>::from(sum * (sign * upstream_weight(upstream, weight_scale)));
   }
@@ -679,6 +711,7 @@ struct GroupSumKernel {
     const int64_t image = index.block_y, pixel = index.first_pixel(1);
     if (pixel >= plan.pixels) return;
     acc_t sum = 0;
+    INCSEG_UNROLL_4
     for (int64_t group = 0; group < plan.groups; ++group) {
       sum += partial[(group * plan.batch + image) * plan.pixels + pixel];
     }
@@ -874,6 +907,43 @@ struct HostExecutor {
     }
   }
 };
+
+// The feature pass of each op, whose occupancy sizes its channel groups (plan_attention).
+enum class FeaturePass { kAttentiveForward, kAttentiveBackward, kStructuredForward, kStructuredBackward };
+
+template <typename Kernel>
+struct KernelTag {
+  using type = Kernel;
+};
+
+// fn(KernelTag<Kernel>{}) with the kernel of `pass` that reads the features (float64's forward: its
+// second pass, DirectLossKernel, which holds the more registers of its two).
+template <typename scalar_t, int kVec, typename Fn>
+void with_feature_pass_kernel(FeaturePass pass, Fn&& fn) {
+  switch (pass) {
+    case FeaturePass::kAttentiveForward:
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        fn(KernelTag<DirectLossKernel<kVec>>{});
+      } else {
+        fn(KernelTag<MomentsKernel<scalar_t, kVec>>{});
+      }
+      return;
+    case FeaturePass::kAttentiveBackward:
+      fn(KernelTag<FeatureGradKernel<scalar_t, kVec>>{});
+      return;
+    case FeaturePass::kStructuredForward:
+      fn(KernelTag<StructuredForwardKernel<scalar_t, kVec>>{});
+      return;
+    case FeaturePass::kStructuredBackward:
+      fn(KernelTag<StructuredBackwardKernel<scalar_t, kVec>>{});
+      return;
+  }
+}
+
+// The blocks of `pass`'s feature kernel (with_feature_pass_kernel) the current GPU holds at once: its
+// SMs times cudaOccupancyMaxActiveBlocksPerMultiprocessor, into *blocks; returns the CUDA error code.
+template <typename scalar_t>
+int resident_feature_blocks(FeaturePass pass, int pixels_per_thread, int64_t* blocks);
 
 // The launchers (attention_kernels.cu): the same sequences on `stream` (a cudaStream_t); each
 // returns the CUDA error code of the first failing launch (0: success). No host synchronisation.
