@@ -241,8 +241,9 @@ def test_upsampled_gradient_is_deterministic(device_ops, generator):
     ids=["factor_9.75_and_9.67", "factor_2.29_and_2.2", "rows_of_one_cell_each"],
 )
 def test_upsampled_cells_strips_and_masked_classes(device_ops, generator, dtype, x_size, size):
-    """Non-integer factors: cells of 9 to 15 rows span up to four 4-row strips (the first cell has
-    ~1.5 factors of rows, the last ~0.5), cells of 2 or 3 rows one; H = h gives one-row cells. Two
+    """Non-integer factors: cells of 9 or 10 rows take three strips of 4 (the first cell, ~1.5 factors
+    of rows, has its extra rows in its last strip; the last cell ~0.5 factors, some strips empty),
+    cells of 2 or 3 rows one; H = h gives one-row cells. Two
     channels at or above Co are -inf (masked classes) at some samples, and one everywhere: their
     weight-0 taps contribute nothing, and dL/dx stays finite. Ignored pixels, a mask."""
     ops_namespace, device = device_ops

@@ -491,14 +491,15 @@ struct LogitBackwardKernel {
 // The output pixels whose taps start at the same sample (I, J) (row tap i0 = I, column tap j0 = J)
 // form a cell: they all read the four samples (I, J), (I, J1), (I1, J), (I1, J1) of x (I1, J1 the
 // second taps, clamped at the border), so their G only ever reaches those four elements.
-// UpsampledCellKernel: one thread per (cell, strip of at most kStripRows of its rows) and group of
-// kCellChannels channels. Per row it mixes each channel's four samples along the rows once (y's too
-// when y is at x's resolution); per pixel it computes G once (the per-pixel coefficients once per
-// channel group, each value one mix along the column tap); it sums K0 G and K1 G along the row
-// (columns first) and adds those, times R0 and R1, into the cell's four corner sums (rows second).
-// UpsampledGatherKernel: one thread per element of dL/dx adds the corner sums of the (up to 2 x 2)
-// cells that reach it, strip by strip, in a fixed order. No atomics, no shared memory: dL/dx is
-// bitwise the same run to run. Weight-0 taps contribute nothing (upsample::weight_times).
+// UpsampledCellKernel: one thread per (cell, strip of kStripRows of its rows, the last strip taking
+// the rest) and group of kCellChannels channels. Per row it mixes each channel's four samples along
+// the rows once (y's too when y is at x's resolution); per pixel it computes G once (the per-pixel
+// coefficients once per channel group, each value one mix along the column tap); it sums K0 G and
+// K1 G along the row (columns first) and adds those, times R0 and R1, into the cell's four corner
+// sums (rows second). UpsampledGatherKernel: one thread per element of dL/dx adds the corner sums
+// of the (up to 2 x 2) cells that reach it, strip by strip, in a fixed order. No atomics, no shared
+// memory: dL/dx is bitwise the same run to run. Weight-0 taps contribute nothing
+// (upsample::weight_times).
 template <typename scalar_t>
 constexpr int kCellChannels = std::is_same_v<scalar_t, double> ? 4 : 8;
 constexpr int kStripRows = 4;
