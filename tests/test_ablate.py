@@ -8,7 +8,7 @@ import torch
 from incseg_fast.cli import main
 from incseg_fast.train import load_checkpoint
 from incseg_fast.train.ablate import ROWS
-from incseg_fast.train.config import CAF_LAMBDA_AD
+from incseg_fast.train.methods import CAF_LAMBDA_AD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

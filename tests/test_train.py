@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import incseg_fast as isf
-from incseg_fast.train import TrainConfig, evaluate_checkpoint, run, train_step
+from incseg_fast.train import METHODS, TrainConfig, evaluate_checkpoint, run, train_step
 from incseg_fast.train.trainer import amp_dtype, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def _check_entry(entry, step, num_classes):
     assert all(math.isfinite(h["loss"]) for h in entry["history"])
 
 
-@pytest.mark.parametrize("method", ["ft", "lwf", "ilt", "mib", "caf", "joint"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_method_end_to_end(tmp_path, step0, method):
     cfg = tiny_config(tmp_path, method)
     if method in ("ft", "lwf", "ilt", "mib"):

@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 from .._atomic import remove_stale_temporaries, write_atomic
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
+from .methods import METHODS
 
 OPTIONS_FILE = "options.json"
 TASK_OPTIONS = ("dataset", "task", "mode", "image_size", "train_images", "val_images", "data_seed", "eval_protocol")

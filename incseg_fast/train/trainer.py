@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-
-import incseg_fast as isf
 
 from ..models import IncrementalSegmenter, load_pretrained
 from .checkpoint import load_checkpoint, make_payload, save_checkpoint
@@ -45,12 +42,12 @@ from .distributed import (
     synchronise_batch_norm,
 )
 from .distributed import start as start_processes
+from .methods import IGNORE_INDEX, Batch, needs_teacher
 from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory, recorded_options
 
 ONE_PROCESS = Processes()
-IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label tables
 
 # ------------------------------------------------------------------------------------------
 # Environment: device, mixed precision, seeding, checkpoints
@@ -277,12 +274,6 @@ def add_caf_modules(cfg: TrainConfig, model, old) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _needs_teacher(cfg: TrainConfig) -> bool:
-    """Whether steps > 0 run the old model (fine-tuning does not)."""
-    spec = cfg.method_spec
-    return spec.kd != "none" or bool(cfg.lambda_fd) or bool(cfg.lambda_ad) or spec.caf_module
-
-
 def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0)):
     """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
     frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
@@ -292,67 +283,20 @@ def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, lab
     return ce_weight * terms.pop("ce") + pixel_weight * sum(terms.values())
 
 
-def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
-    """BKD's γ per image as the trainer reads CAF eq. 11: the old model's non-background probability
-    mass over its background mass, averaged over the image's pixels (γ_b = (1 - p̄_0) / p̄_0).
-
-    The library's default (MATH.md#bkd-gamma) takes the softmax of the pooled logits instead; on the
-    synthetic data that γ is about 1e-4 (the pooled background logit leads by ~10), which drops
-    the background term, and the softmax of pooled probabilities is about 6, which multiplies it:
-    neither re-weights it by the share the paper describes. Measured: docs/TRAINER.md, "CAF on
-    the synthetic data"."""
-    with torch.no_grad():
-        p_background = y.float().softmax(1)[:, 0].mean((1, 2))
-        return (1 - p_background) / p_background.clamp_min(torch.finfo(torch.float32).tiny)
-
-
 def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels) -> dict:
-    """The weighted terms of the step's objective by name ("ce", "kd", "fd", "ad_z", "ad_h"),
-    those the method uses; their sum is the loss (tools/caf_terms.py measures them one by one).
-    ``net`` runs ``student`` (itself, or its DDP wrapper); every term but "ce" averages over every
-    pixel or feature element."""
-    spec = cfg.method_spec
+    """The weighted terms of the step's objective by name (the method's terms function, methods.py);
+    their sum is the loss (tools/caf_terms.py measures them one by one). ``net`` runs ``student``
+    (itself, or its DDP wrapper)."""
     # The logits stay at the network's resolution and the losses upsample them to the labels'
     # (size=, MATH.md#upsampling), unless the switch asks for MiB's interpolate-then-loss.
     upsample = cfg.materialise_upsampled_logits
-    size = None if upsample else tuple(labels.shape[-2:])
     old_out = None
     if old is not None:
         with torch.no_grad():
             old_out = old(images, upsample=upsample)
     out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample)
-    x = out["logits"]
-    incremental = plan.index > 0
-    kd_mode = spec.kd if old is not None else "none"
-    y = old_out["logits"].to(x.dtype) if kd_mode != "none" else None
-    ce, kd = isf.incremental_loss(
-        x,
-        labels,
-        y,
-        old_classes=plan.previous_classes if incremental else plan.num_classes,
-        ce=spec.ce if incremental else "plain",
-        kd=kd_mode,
-        alpha=cfg.alpha,
-        ignore_index=IGNORE_INDEX,
-        gamma=background_share_gamma(y) if kd_mode == "balanced" else None,
-        size=size,
-        backend=cfg.loss_backend,
-    )
-    terms = {"ce": ce}
-    if kd_mode != "none":
-        terms["kd"] = cfg.lambda_kd * kd
-    if old is not None and cfg.lambda_fd:
-        terms["fd"] = cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
-    if old is not None and cfg.lambda_ad:
-        # CAF eq. 8: the pairs (z-bar, z-bar old) and (h, h old), each with its own SE attention
-        for name, key, se in (("ad_z", "encoder", "se_encoder"), ("ad_h", "features", "se_features")):
-            f, g = out[key], old_out[key].to(out[key].dtype)
-            with torch.no_grad():
-                b = getattr(old, se)(g)
-            terms[name] = cfg.lambda_ad * isf.attentive_distillation(
-                f, g, getattr(student, se)(f), b, backend=cfg.loss_backend
-            )
-    return terms
+    size = None if upsample else tuple(labels.shape[-2:])
+    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size))
 
 
 # ------------------------------------------------------------------------------------------
@@ -518,7 +462,7 @@ def _start_training(step: _Step) -> _Training:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(step.device.type, enabled=step.autocast_dtype == torch.float16)
-    teacher = teacher if _needs_teacher(cfg) else None
+    teacher = teacher if needs_teacher(cfg) else None
     return _Training(student, student, teacher, optimizer, scaler, history=[])
 
 
