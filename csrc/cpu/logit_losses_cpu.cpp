@@ -280,7 +280,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
       const logit::TeacherSums<acc_t> ts{max_y[p], e0[p], sum_rest[p], weighted[p], alpha * load<acc_t>(yb, p)};
       const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
       lse_q[p] = logit::teacher_lse(ts);
-      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, ts, max_old[p]);
+      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, logit::teacher_terms(factors, ts), max_old[p]);
     }
     if (a.mask) {
       const acc_t* __restrict__ mask = a.mask + b * HW + p0;

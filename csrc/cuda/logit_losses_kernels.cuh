@@ -269,13 +269,15 @@ struct LogitForwardKernel {
     }
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
+      // The teacher's terms first: the teacher sums then die before finish_student (TeacherTerms).
+      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
+      const TeacherTerms<acc_t> teacher = with_kd ? teacher_terms(factors, old[i].teacher) : TeacherTerms<acc_t>{};
       const StudentStats<acc_t> s =
           finish_student(old[i].student.max, old[i].student.sum, fresh[i].max, fresh[i].sum, x0[i]);
       stat[kStatLse][i] = s.lse;
       stat[kStatLseOld][i] = s.lse_old;
       stat[kStatLseBg][i] = s.lse_bg;
-      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
-      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, old[i].teacher, old[i].student.max) : acc_t(0);
+      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, teacher, old[i].student.max) : acc_t(0);
       const bool counted = with_ce && label[i] != in.ignore_index;
       const bool in_range = label[i] >= 0 && label[i] < in.C;
       ce_loss[i] = !counted   ? acc_t(0)
