@@ -35,13 +35,13 @@ void define_schemas(torch::Library& m) {
   // (B, Co, h', w') at their own resolutions (h, h' <= H; w, w' <= W), while target, mask, the
   // per-pixel losses and stats live at the output resolution (B, H, W). size = None: H, W are x's.
   m.def(
-      "logit_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? gamma, Tensor? mask, *, int old_classes, "
+      "logit_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? log_gamma, Tensor? mask, *, int old_classes, "
       "str ce, str kd, float alpha, int ignore_index, str reduction, int[]? size=None) "
       "-> (Tensor ce_loss, Tensor kd_loss, Tensor stats, Tensor valid_count)");
   // dL/dx (x's dtype and shape, contiguous; with size= at x's own resolution) for upstream
   // gradients grad_ce, grad_kd shaped like the losses.
   m.def(
-      "logit_losses_bwd(Tensor grad_ce, Tensor grad_kd, Tensor x, Tensor? target, Tensor? y, Tensor? gamma, "
+      "logit_losses_bwd(Tensor grad_ce, Tensor grad_kd, Tensor x, Tensor? target, Tensor? y, Tensor? log_gamma, "
       "Tensor? mask, Tensor stats, Tensor valid_count, *, int old_classes, str ce, str kd, float alpha, "
       "int ignore_index, str reduction, int[]? size=None) -> Tensor");
 

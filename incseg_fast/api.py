@@ -7,7 +7,7 @@ arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-los
 from . import _validate as check
 from . import reference
 from ._backends import available_backends, resolve
-from .reference import balanced_gamma
+from .reference import balanced_log_gamma
 from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
 
 __all__ = [
@@ -58,20 +58,19 @@ def _logit_losses(
             f"{names['old_classes']}={old_classes} but {names['y']} has {y.shape[1]} channels; they must be equal"
         )
     mask = check.mask(mask, x, names["mask"], names["x"], size)
+    log_gamma = None
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
-        if gamma is None:
-            # float32 (float64 for float64 y), like a checked gamma; from y as given, at its own
-            # resolution also with size= (MATH.md#upsampling)
-            gamma = balanced_gamma(y)
-    else:
-        gamma = None
+        # The backends take log γ (MATH.md#bkd-gamma): a computed γ overflows float32 where its log
+        # does not. float32 (float64 for float64 y), like a checked gamma; from y as given, at its own
+        # resolution also with size= (MATH.md#upsampling).
+        log_gamma = balanced_log_gamma(y) if gamma is None else gamma.log()
     implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.logit_losses(
         x,
         t if ce != "none" else None,
         y if kd != "none" else None,
-        gamma,
+        log_gamma,
         mask,
         old_classes=old_classes,
         ce=ce,

@@ -9,14 +9,13 @@ The functions here do not validate their arguments: the public API (``incseg_fas
 """
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "unbiased_cross_entropy",
     "knowledge_distillation",
     "unbiased_knowledge_distillation",
     "balanced_knowledge_distillation",
-    "balanced_gamma",
+    "balanced_log_gamma",
     "incremental_loss",
     "attentive_distillation",
     "structured_attention",
@@ -31,11 +30,38 @@ def _upcast(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _weight_times(weight, v):
+    """weight * v, and exactly 0 where the weight is 0, so that a -inf, +inf or NaN sample read with
+    weight 0 contributes nothing (0 * -inf would be NaN); its gradient there is 0 as well."""
+    return torch.where(weight == 0, torch.zeros_like(v), weight * v)
+
+
+def _interpolate_axis(v, dim, out_size):
+    """Bilinear interpolation (align_corners=False) of ``v`` along ``dim`` to ``out_size`` samples,
+    with the taps of MATH.md#upsampling: the source coordinate in v's dtype, as PyTorch forms it."""
+    in_size = v.shape[dim]
+    scale = torch.tensor(in_size, dtype=v.dtype) / out_size
+    source = (scale * (torch.arange(out_size, dtype=v.dtype) + 0.5) - 0.5).clamp(min=0)
+    i0 = source.long()
+    i1 = torch.clamp(i0 + 1, max=in_size - 1)
+    l1 = source - i0.to(v.dtype)
+    shape = [1] * v.dim()
+    shape[dim] = out_size
+    first, second = (v.index_select(dim, i.to(v.device)) for i in (i0, i1))
+    l1 = l1.to(v.device).view(shape)
+    return _weight_times(1 - l1, first) + _weight_times(l1, second)
+
+
 def upsample(v, size):
-    """MATH.md#upsampling: the logits every loss sees with ``size=(H, W)``; ``v`` itself for None."""
+    """MATH.md#upsampling: the logits every loss sees with ``size=(H, W)``; ``v`` itself for None.
+
+    F.interpolate's bilinear values (columns first, then rows, as its CPU kernel), except that a
+    weight of exactly 0 contributes nothing: a masked class (-inf) stays -inf where every neighbour
+    read with a nonzero weight is -inf, instead of becoming NaN from 0 * (-inf).
+    """
     if size is None:
         return v
-    return F.interpolate(v, size=tuple(size), mode="bilinear", align_corners=False)
+    return _interpolate_axis(_interpolate_axis(v, 3, size[1]), 2, size[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,30 +112,35 @@ def _kd_map(x, y, alpha):
     return -(q * log_s).sum(dim=1) / old_classes
 
 
-def _unbiased_kd_map(x, y, alpha, gamma=None):
-    """MATH.md#unkd, and 2.4 when ``gamma`` (B,) weights the background term."""
+def _unbiased_kd_map(x, y, alpha, log_gamma=None):
+    """MATH.md#unkd, and MATH.md#bkd when ``log_gamma`` (B,) weights the background term.
+
+    γ q_0 is formed as exp(log γ + log q_0): γ beyond float32's range (a teacher whose pooled logits
+    favour a class by ~89 or more) meets a q_0 that underflows, and their product is often ~1.
+    """
     old_classes = y.shape[1]
-    q = _teacher_probabilities(y, alpha)
+    log_q = torch.log_softmax(alpha * y, dim=1)
+    q = log_q.exp()
+    weighted_q0 = q[:, 0]
+    if log_gamma is not None:
+        weighted_q0 = torch.exp(log_gamma.to(log_q.dtype).view(-1, 1, 1) + log_q[:, 0])
     lse = torch.logsumexp(x, dim=1)
-    background_term = q[:, 0] * (_background_set_lse(x, old_classes) - lse)
-    if gamma is not None:
-        background_term = gamma.to(background_term.dtype).view(-1, 1, 1) * background_term
+    background_term = weighted_q0 * (_background_set_lse(x, old_classes) - lse)
     old_terms = (q[:, 1:] * (x[:, 1:old_classes] - lse.unsqueeze(1))).sum(dim=1)
     return -(background_term + old_terms) / old_classes
 
 
-def balanced_gamma(y):
-    """MATH.md#bkd: gamma_b = (sum_{c>=1} g_c) / g_0 with g = softmax_c(mean_{h,w} y[b, c]).
+def balanced_log_gamma(y):
+    """MATH.md#bkd-gamma: log γ_b, γ_b = (sum_{c>=1} g_c) / g_0 with g = softmax_c(mean_{h,w} y[b, c]).
 
-    Uses the raw teacher logits (no alpha). Carries no gradient. Returns (B,) in the
-    computation dtype of ``y``.
+    Uses the raw teacher logits (no alpha). Carries no gradient. Returns (B,) in the computation
+    dtype of ``y``. The log, logsumexp(pooled[1:]) - pooled[0], is finite where γ itself overflows
+    float32 (a class's mean logit leading the background's by ~89 or more); with Co == 1 the
+    logsumexp of nothing is -inf (γ = 0).
     """
     with torch.no_grad():
         pooled = _upcast(y).mean(dim=(2, 3))
-        # The ratio of softmax masses is exp(logsumexp(pooled[1:]) - pooled[0]): no softmax that
-        # underflows g_0 to 0 (inf or NaN gamma) once one class's mean logit leads the background by ~89.
-        # With Co == 1 the logsumexp of nothing is -inf and gamma is 0.
-        return torch.exp(torch.logsumexp(pooled[:, 1:], dim=1) - pooled[:, 0])
+        return torch.logsumexp(pooled[:, 1:], dim=1) - pooled[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,11 +179,11 @@ def _reduce_distillation(loss_map, mask, reduction):
 # ---------------------------------------------------------------------------------------------
 
 
-def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
+def logit_losses(x, target, y, log_gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     """Both terms of MATH.md#logit-losses in one call; see DEVELOPERS.md for the canonical arguments.
 
     With ``size=(H, W)``, literally the losses of ``upsample(x, size)`` and ``upsample(y, size)``
-    (MATH.md#upsampling), interpolated in the computation dtype; ``gamma`` is the caller's.
+    (MATH.md#upsampling), interpolated in the computation dtype; ``log_gamma`` is the caller's.
     """
     x = upsample(_upcast(x), size)
     B, _, H, W = x.shape
@@ -173,7 +204,7 @@ def logit_losses(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignor
         elif kd == "unbiased":
             loss_map = _unbiased_kd_map(x, y, alpha)
         else:  # balanced
-            loss_map = _unbiased_kd_map(x, y, alpha, gamma=gamma)
+            loss_map = _unbiased_kd_map(x, y, alpha, log_gamma=log_gamma)
         kd_loss = _reduce_distillation(loss_map, mask, reduction)
     return ce_loss, kd_loss
 
@@ -200,12 +231,12 @@ def unbiased_cross_entropy(x, t, old_classes, *, ignore_index=255, reduction="me
     )[0]
 
 
-def _distillation(x, y, kd, *, alpha, mask, reduction, gamma=None, size=None):
+def _distillation(x, y, kd, *, alpha, mask, reduction, log_gamma=None, size=None):
     return logit_losses(
         x,
         None,
         y,
-        gamma,
+        log_gamma,
         mask,
         old_classes=y.shape[1],
         ce="none",
@@ -227,21 +258,20 @@ def unbiased_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="me
 
 def balanced_knowledge_distillation(x, y, *, alpha=1.0, mask=None, reduction="mean", gamma=None, size=None):
     """gamma, when not given, comes from ``y`` as given (at its own resolution, MATH.md#upsampling)."""
-    if gamma is None:
-        gamma = balanced_gamma(y)
-    return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, gamma=gamma, size=size)
+    log_gamma = balanced_log_gamma(y) if gamma is None else torch.log(gamma)
+    return _distillation(x, y, "balanced", alpha=alpha, mask=mask, reduction=reduction, log_gamma=log_gamma, size=size)
 
 
 def incremental_loss(
     x, t, y, *, old_classes, ce="unbiased", kd="unbiased", alpha=1.0, mask=None, ignore_index=255, size=None
 ):
     """MATH.md#incremental-loss: (ce, kd), both reduced with 'mean'."""
-    gamma = balanced_gamma(y) if kd == "balanced" else None
+    log_gamma = balanced_log_gamma(y) if kd == "balanced" else None
     return logit_losses(
         x,
         t,
         y,
-        gamma,
+        log_gamma,
         mask,
         old_classes=old_classes,
         ce=ce,

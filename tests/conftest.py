@@ -23,13 +23,23 @@ def generator():
     return torch.Generator().manual_seed(20261121)
 
 
+def _available(name):
+    reason = _backends.unavailable_reason(name)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} is not available here: {reason}")
+    return name
+
+
 @pytest.fixture(params=PARITY_BACKENDS)
 def backend(request):
     """Each fused backend (and the CUDA kernels' CPU emulation) in turn; those that cannot run here are skipped."""
-    reason = _backends.unavailable_reason(request.param)
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r} is not available here: {reason}")
-    return request.param
+    return _available(request.param)
+
+
+@pytest.fixture(params=("reference", *PARITY_BACKENDS))
+def every_backend(request):
+    """The reference too, for faults that were the reference's as well as the kernels'."""
+    return _available(request.param)
 
 
 @pytest.fixture(scope="module")

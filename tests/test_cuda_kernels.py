@@ -166,7 +166,7 @@ def _upsampled_inputs(generator, *, B=2, C=19, Co=11, x_size=(9, 17), y_size=(5,
 def _run_upsampled(ops_namespace, device, x, t, y, mask, size, *, kd="balanced", reduction="mean"):
     """Forward and backward of the op with size=, and the float64 reference of the same (interpolate,
     then the loss) with the same upstream gradients; returns (ours, reference) triples."""
-    gamma = reference.balanced_gamma(y).float() if kd == "balanced" else None
+    gamma = reference.balanced_log_gamma(y).float() if kd == "balanced" else None
     modes = dict(old_classes=y.shape[1], ce="unbiased", kd=kd, alpha=0.9, ignore_index=255, reduction=reduction)
     on_device = [v.to(device) if v is not None else None for v in (x, t, y, gamma, mask)]
     ce_loss, kd_loss, stats, count = ops_namespace.logit_losses_fwd(*on_device, size=list(size), **modes)

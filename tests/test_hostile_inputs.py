@@ -258,6 +258,77 @@ case("NaN mask weight", NOT_FINITE)(
 )
 
 
+# ---- size= with masked classes and non-finite logits (MATH.md#upsampling), gradients included ----
+def _with_grad(loss_of, x):
+    """The loss of `loss_of(x)` and dL/dx, both checked for finiteness."""
+    x = x.clone().requires_grad_()
+    loss = loss_of(x)
+    (loss if loss.dim() == 0 else loss.sum()).backward()
+    return loss.detach(), x.grad
+
+
+def _masked(channel_fill, H=3, W=4):
+    """Logits whose new class 4 is -inf where `channel_fill` (a (H, W) bool) is true."""
+    x = _logits(H=H, W=W)
+    x[:, 4][channel_fill.expand(2, H, W)] = -math.inf
+    return x
+
+
+_EVERYWHERE = torch.ones(3, 4, dtype=torch.bool)
+_SOME_PIXELS = torch.rand(3, 4, generator=_gen(9)) < 0.5
+for _kd_name in ("knowledge_distillation", "unbiased_knowledge_distillation", "balanced_knowledge_distillation"):
+    for _size, _label in (((3, 4), "at x's own size"), ((7, 9), "upsampled")):
+        case(f"{_kd_name}, masked class {_label}", FINITE)(
+            lambda be, name=_kd_name, size=_size: _with_grad(
+                lambda x: _kd(be, x=x, name=name, size=size), _masked(_EVERYWHERE)
+            )
+        )
+for _size, _label in (((3, 4), "at x's own size"), ((7, 9), "upsampled"), ((5, 4), "upsampled rows only")):
+    case(f"cross-entropy, masked class {_label}", FINITE)(
+        lambda be, size=_size: _with_grad(
+            lambda x: _ce(be, x=x, t=_labels(C=4, H=size[0], W=size[1]), size=size), _masked(_EVERYWHERE)
+        )
+    )
+case("incremental loss, class masked at some pixels, upsampled", FINITE)(
+    lambda be: _with_grad(
+        lambda x: sum(_incremental(be, x=x, t=_labels(C=4, H=6, W=8), kd="balanced", size=(6, 8))),
+        _masked(_SOME_PIXELS),
+    )
+)
+case("every logit of one pixel -inf but the background, upsampled", FINITE)(
+    lambda be: _with_grad(
+        lambda x: _ce(be, x=x, t=torch.zeros(2, 5, 7, dtype=torch.int64), size=(5, 7)),
+        _logits().index_fill(1, torch.tensor([1, 2, 3, 4]), -math.inf),
+    )
+)
+case("NaN logit upsampled", NOT_FINITE)(
+    lambda be: _with_grad(
+        lambda x: _ce(be, x=x, t=_labels(H=7, W=9), size=(7, 9)),
+        _logits().index_put(
+            (torch.tensor([0]), torch.tensor([1]), torch.tensor([1]), torch.tensor([2])), torch.tensor(math.nan)
+        ),
+    )
+)
+
+
+def _far_teacher(H=3, W=4):
+    """A teacher whose class 1 leads the background by 95: γ = e^95 overflows float32, q_0 underflows."""
+    y = _teacher(H=H, W=W)
+    y[:, 1] += 95
+    return y
+
+
+case("balanced distillation of a teacher 95 above its background", FINITE)(
+    lambda be: _with_grad(lambda x: _kd(be, x=x, y=_far_teacher(), name="balanced_knowledge_distillation"), _logits())
+)
+case("balanced distillation of a teacher 95 above its background, upsampled", FINITE)(
+    lambda be: _with_grad(
+        lambda x: _kd(be, x=x, y=_far_teacher(H=2, W=2), name="balanced_knowledge_distillation", size=(3, 4)),
+        _logits(),
+    )
+)
+
+
 # ---- the drop-in modules name their own arguments ----
 def _module(cls, *args, backend, **kwargs):
     return getattr(losses, cls)(*args, backend=backend, **kwargs)

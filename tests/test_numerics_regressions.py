@@ -182,3 +182,130 @@ def test_reference_nan_feature_reaches_every_spatial_map():
     f = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     f[0, 1, 2, 0] = NAN
     assert torch.isnan(reference.spatial_attention(f)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Balanced distillation of a teacher far from its background (second reliability issue): γ of the
+# pooled teacher ~e^margin meets q_0 ~e^-margin, and only their product (~1) is formed, in log space.
+# ---------------------------------------------------------------------------------------------
+
+
+def _far_teacher(margin, dtype):
+    """The issue's case: x = randn(1, 4, 4, 4) (seed 7); class 1 of y leads the background by `margin`."""
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7)).to(dtype)
+    y = torch.zeros(1, 3, 4, 4, dtype=dtype)
+    y[:, 1] = margin
+    return x, y
+
+
+@pytest.mark.parametrize("margin", [88.0, 95.0])
+def test_balanced_distillation_of_a_teacher_far_from_its_background(every_backend, margin):
+    """float32, alpha = 1: q_0 ~ 6e-39 is subnormal at 88 and γ·q_0 (~1) vanished on cpu and
+    cuda_emulator (1.2976 instead of 0.9800); above ~88.7 γ overflowed float32 and the loss was inf
+    (NaN on the reference's own float32 path) where the float64 truth is 5.53 at 95."""
+    backend = every_backend
+    device = device_for(backend)
+    x, y = _far_teacher(margin, torch.float32)
+    xb = x.to(device, copy=True).requires_grad_()
+    loss = isf.balanced_knowledge_distillation(xb, y.to(device), backend=backend)
+    loss.backward()
+    xr = x.double().requires_grad_()
+    expected = reference.balanced_knowledge_distillation(xr, y.double())
+    expected.backward()
+    assert _relative_error(loss, expected) <= RTOL[torch.float32], f"loss {loss.item()} != {expected.item()}"
+    assert _relative_error(xb.grad, xr.grad) <= RTOL[torch.float32]
+
+
+def test_balanced_distillation_beyond_float64s_gamma(every_backend):
+    """float64 with a margin of 800: γ = e^800 + 1 overflows float64 itself. γ q_0 = (e^800 + 1) /
+    (e^800 + 2) is 1 and q_1 is 1 to double precision, so the loss is the limit
+    -(1/Co) mean[(lse_bg - lse) + (x_1 - lse)]."""
+    backend = every_backend
+    device = device_for(backend)
+    x, y = _far_teacher(800.0, torch.float64)
+    xb = x.to(device, copy=True).requires_grad_()
+    loss = isf.balanced_knowledge_distillation(xb, y.to(device), backend=backend)
+    xr = x.clone().requires_grad_()
+    lse = xr.logsumexp(1)
+    lse_bg = torch.cat([xr[:, :1], xr[:, 3:]], 1).logsumexp(1)
+    limit = -((lse_bg - lse) + (xr[:, 1] - lse)).mean() / 3
+    (grad,) = torch.autograd.grad(limit, xr)
+    loss.backward()
+    assert _relative_error(loss, limit) <= RTOL[torch.float64], f"loss {loss.item()} != {limit.item()}"
+    assert _relative_error(xb.grad, grad) <= RTOL[torch.float64]
+
+
+# ---------------------------------------------------------------------------------------------
+# size= with -inf logits and non-finite logits (second reliability issue, MATH.md#upsampling): a weight
+# of exactly 0 contributes nothing, so a masked class stays -inf instead of 0 * (-inf) = NaN.
+# ---------------------------------------------------------------------------------------------
+
+LOGIT_LOSSES = (
+    "unbiased_cross_entropy",
+    "knowledge_distillation",
+    "unbiased_knowledge_distillation",
+    "balanced_knowledge_distillation",
+    "incremental_loss",
+)
+
+
+def _call(name, x, t, y, **kwargs):
+    if name == "unbiased_cross_entropy":
+        return isf.unbiased_cross_entropy(x, t, 3, **kwargs)
+    if name == "incremental_loss":
+        ce, kd = isf.incremental_loss(x, t, y, old_classes=3, kd="balanced", **kwargs)
+        return ce + kd
+    return getattr(isf, name)(x, y, reduction="sum", **kwargs)
+
+
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
+@pytest.mark.parametrize("size", [(3, 4), (7, 9)], ids=["own-resolution", "upsampled"])
+def test_a_masked_class_under_size_is_masked(every_backend, generator, name, size):
+    """Channel 4 (a new class) is -inf everywhere: F.interpolate's 0 * (-inf) made UNCE, UNKD and BKD
+    NaN on every backend, even at x's own resolution, and plain KD on cpu and cuda_emulator. A class of
+    probability 0 changes nothing: the loss and gradient are those of x without it (plain
+    interpolation of finite logits), and the masked channel's gradient is 0."""
+    backend = every_backend
+    device = device_for(backend)
+    x = torch.randn(2, 5, 3, 4, generator=generator)
+    x[:, 4] = -INF
+    y = torch.randn(2, 3, 3, 4, generator=generator)
+    t = torch.randint(0, 4, (2, *size), generator=generator)
+    xb = x.to(device, copy=True).requires_grad_()
+    loss = _call(name, xb, t.to(device), y.to(device), size=size, backend=backend)
+    loss.backward()
+    unmasked = x[:, :4].double().requires_grad_()
+    expected = _call(name, unmasked, t, y.double(), size=size, backend="reference")
+    expected.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xb.grad).all(), f"loss {loss.item()}"
+    assert _relative_error(loss, expected) <= RTOL[torch.float32]
+    assert _relative_error(xb.grad[:, :4], unmasked.grad) <= RTOL[torch.float32]
+    # 0, up to the CPU kernels' exp(-inf) of ~1e-38 (logit_math.h lm_exp), as without size=
+    assert xb.grad[:, 4].abs().max() <= 1e-37
+
+
+def _reads(n, N):
+    """(N, n) bool: which input samples each output index reads with a nonzero weight, from F.interpolate."""
+    basis = torch.eye(n, dtype=torch.float64).view(n, 1, n, 1)
+    return torch.nn.functional.interpolate(basis, size=(N, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T != 0
+
+
+@pytest.mark.parametrize("size", [(3, 4), (7, 9)], ids=["own-resolution", "upsampled"])
+@pytest.mark.parametrize("where", [(0, 0), (1, 2), (2, 3)], ids=str)
+def test_nan_logit_under_size_reaches_exactly_what_its_pixels_read(every_backend, generator, size, where):
+    """One NaN logit of x (3 x 4, at its own resolution or upsampled to 7 x 9): the output pixels that read
+    it with a nonzero weight have NaN statistics, so dL/dx is NaN exactly at the samples those pixels read
+    with a nonzero weight, in every channel, and finite elsewhere, on every backend. 0 * NaN through
+    weight-0 taps spread it further, differently per backend (cuda_emulator's gather skipped them)."""
+    backend = every_backend
+    device = device_for(backend)
+    x = torch.randn(1, 5, 3, 4, generator=generator)
+    x[0, 2, where[0], where[1]] = NAN
+    t = torch.randint(0, 5, (1, *size), generator=generator)
+    xb = x.to(device, copy=True).requires_grad_()
+    isf.unbiased_cross_entropy(xb, t.to(device), 3, reduction="sum", size=size, backend=backend).backward()
+    rows, cols = _reads(3, size[0]), _reads(4, size[1])
+    read_rows = rows[rows[:, where[0]]].any(0)
+    read_cols = cols[cols[:, where[1]]].any(0)
+    expected = (read_rows[:, None] & read_cols[None, :]).expand(5, 3, 4)
+    assert torch.equal(~torch.isfinite(xb.grad[0].cpu()), expected)

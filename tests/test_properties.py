@@ -132,14 +132,14 @@ def _alphas():
 @st.composite
 def logit_cases(draw, small=False):
     channels = draw(st.integers(1, 6 if small else 9))
+    height, width = (draw(st.integers(1, 5 if small else 7)) for _ in range(2))
     case = dict(
         function=draw(st.sampled_from(LOGIT_FUNCTIONS)),
-        shape=(
-            draw(st.integers(1, 3)),
-            channels,
-            draw(st.integers(1, 5 if small else 7)),
-            draw(st.integers(1, 5 if small else 7)),
-        ),
+        shape=(draw(st.integers(1, 3)), channels, height, width),
+        # size=: x and y at their own resolutions (at most the output's), upsampled by the loss.
+        size=draw(st.sampled_from([None, (height, width)])),
+        x_resolution=(draw(st.integers(1, height)), draw(st.integers(1, width))),
+        y_resolution=(draw(st.integers(1, height)), draw(st.integers(1, width))),
         old_classes=draw(st.integers(1, channels)),
         dtype=draw(st.sampled_from(DTYPES)),
         reduction=draw(st.sampled_from(REDUCTIONS)),
@@ -170,14 +170,17 @@ class LogitInputs:
     def __init__(self, case):
         g = torch.Generator().manual_seed(case["seed"])
         B, C, H, W = case["shape"]
-        Co, dtype = case["old_classes"], case["dtype"]
+        Co, dtype, size = case["old_classes"], case["dtype"], case["size"]
+        x_resolution, y_resolution = (H, W), (H, W)
+        if size is not None:
+            x_resolution, y_resolution = case["x_resolution"], case["y_resolution"]
         cap = 3.0 if dtype == torch.float16 else 30.0  # float16 holds |values| < 65504
-        x = torch.randn(case["shape"], generator=g, dtype=torch.float64) * 10 ** min(case["x_exponent"], cap)
+        x = torch.randn((B, C, *x_resolution), generator=g, dtype=torch.float64) * 10 ** min(case["x_exponent"], cap)
         teacher_scale = 10 ** min(case["teacher_exponent"], cap) / max(abs(case["alpha"]), 1.0)
-        y = torch.randn((B, Co, H, W), generator=g, dtype=torch.float64) * teacher_scale
+        y = torch.randn((B, Co, *y_resolution), generator=g, dtype=torch.float64) * teacher_scale
         self.x = _mask_classes(x, Co, case["masked_classes"], g).to(dtype)
         self.y = y.to(dtype)
-        self.t = _labels(self.x, Co, case, g)
+        self.t = _labels(reference.upsample(self.x.double(), size), Co, case, g)
         self.mask = _kd_mask(case["mask"], (B, H, W), g)
         self.gamma = 0.2 + 2 * torch.rand((B,), generator=g, dtype=torch.float64)
         self.generator = g
@@ -216,6 +219,12 @@ def _kd_mask(kind, shape, g):
 
 def logit_call(case, inputs):
     """(function name, positional arguments, keyword arguments) of the public call the case makes."""
+    size = {} if case["size"] is None else dict(size=case["size"])
+    name, args, kwargs = _call_arguments(case, inputs)
+    return name, args, {**kwargs, **size}
+
+
+def _call_arguments(case, inputs):
     name, mask = case["function"], inputs.mask
     ignore_index = 255 if case["label_dtype"] == torch.uint8 else case["ignore_index"]
     if name == "incremental_loss":
@@ -248,8 +257,10 @@ def _logit_slack(case, inputs, upstreams):
     mask_max = 1.5 if case["mask"] == "float" else 1.0
     reduction = "mean" if case["function"] == "incremental_loss" else case["reduction"]
     per_pixel = {"sum": float(pixels), "mean": 1.0, "none": 1.0}[reduction]
-    # Balanced distillation weighs lse_bg - lse by γ q_0, which γ up to ~1e38 can make far larger than 1.
-    weight = mask_max * max(1.0, _largest_gamma(case, inputs))
+    # Balanced distillation weighs lse_bg - lse by γ q_0 (formed in log space: a γ of 1e38 against a q_0
+    # of 1e-38 weighs 1), which a given γ, or a pixel whose teacher disagrees with its pooled teacher,
+    # can make larger than 1.
+    weight = mask_max * max(1.0, _largest_background_weight(case, inputs))
     output_slack = 8 * u * L * per_pixel * weight
     # Per pixel, dL/dx carries the log-normalisers' error times the pixel's upstream weight, at most
     # max|upstream| ("mean" divides it further).
@@ -260,10 +271,17 @@ def _logit_slack(case, inputs, upstreams):
     return gamma_rtol, output_slack, grad_slack
 
 
-def _largest_gamma(case, inputs):
+def _largest_background_weight(case, inputs):
+    """The largest γ q_0 of balanced distillation over the pixels (0 without it)."""
     if case["function"] == "balanced_knowledge_distillation" and case["given_gamma"]:
-        return inputs.gamma.max().item()
-    return reference.balanced_gamma(inputs.y).max().item() if _computes_gamma(case) else 0.0
+        log_gamma = inputs.gamma.log()
+    elif _computes_gamma(case):
+        log_gamma = reference.balanced_log_gamma(inputs.y.double())
+    else:
+        return 0.0
+    y = reference.upsample(inputs.y.double(), case["size"])
+    log_q0 = torch.log_softmax(case["alpha"] * y, dim=1)[:, 0]
+    return (log_gamma.view(-1, 1, 1) + log_q0).exp().max().item()
 
 
 def _computes_gamma(case):
@@ -282,10 +300,12 @@ def check_logit_case(backend, case, poison=None):
     inputs = LogitInputs(case)
     if poison is not None:
         poisoned = poison(case, inputs)
-    elif _computes_gamma(case):
-        # Bound: γ must fit in float32 (the API computes it there): no class's mean teacher logit may
-        # lead the background's by more than ~88.
-        assume(bool(torch.isfinite(reference.balanced_gamma(inputs.y)).all()))
+    else:
+        # Bound: balanced distillation's background weight γ q_0 (not γ: MATH.md#bkd-gamma) must fit the
+        # accumulation dtype with room for the terms it scales (log γ = 460 from teacher logits ~1e3 with
+        # q_0 ~ 1 at some pixel overflows float32 there, as the float32 reference does).
+        bound = 1e300 if case["dtype"] == torch.float64 else 1e30
+        assume(_largest_background_weight(case, inputs) < bound)
     name, args, kwargs = logit_call(case, inputs)
     device = device_for(backend)
     x = with_layout(inputs.x.to(device), case["x_layout"]).detach().requires_grad_()
@@ -341,6 +361,7 @@ def poisoned_logit_cases(draw):
     case.update(
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         masked_classes="none",
+        size=None,
         poison_value=draw(st.sampled_from([float("nan"), float("inf")])),
         poison_teacher=draw(st.booleans()),
         poison_at=draw(st.integers(0, 2**31 - 1)),

@@ -58,9 +58,9 @@ def make_logit_inputs(generator, B, C, Co, H, W, dtype, *, ce, kd, with_mask, ig
         target[torch.rand(B, H, W, generator=generator) < ignore_fraction] = IGNORE
     y = (2 * torch.randn(B, Co, H, W, generator=generator, dtype=torch.float64)).to(dtype) if kd != "none" else None
     weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    gamma = reference.balanced_gamma(y).to(weight_dtype) if kd == "balanced" else None
+    log_gamma = reference.balanced_log_gamma(y).to(weight_dtype) if kd == "balanced" else None
     mask = torch.rand(B, H, W, generator=generator, dtype=torch.float64).to(weight_dtype) if with_mask else None
-    return x, target, y, gamma, mask
+    return x, target, y, log_gamma, mask
 
 
 def check_logit_losses(x, target, y, gamma, mask, *, dtype, generator, **options):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from incseg_fast.reference import balanced_gamma
+from incseg_fast.reference import balanced_log_gamma
 from incseg_fast.train import TrainConfig, methods, train_step, trainer
 from incseg_fast.train.demo import FULL, QUICK
 
@@ -33,7 +33,7 @@ def _gamma_of_pooled_probabilities(y):
 
 GAMMA_READINGS = {
     "share": methods.background_share_gamma,
-    "logits": balanced_gamma,
+    "logits": lambda y: balanced_log_gamma(y).exp(),
     "probabilities": _gamma_of_pooled_probabilities,
 }
 

@@ -92,7 +92,9 @@ def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, labe
         ignored = torch.rand((B, H, W), generator=generator) < 0.2
         target = torch.where(ignored, torch.full_like(labels, IGNORE_INDEX), labels).to(label_dtype)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-    gamma = (0.2 + 2 * torch.rand((B,), generator=generator, dtype=torch.float64)) if kd == "balanced" else None
+    log_gamma = (
+        (0.2 + 2 * torch.rand((B,), generator=generator, dtype=torch.float64)).log() if kd == "balanced" else None
+    )
     mask = torch.rand((B, H, W), generator=generator, dtype=torch.float64) if with_mask else None
     options = dict(old_classes=Co, ce=ce, kd=kd, alpha=0.7, ignore_index=IGNORE_INDEX, reduction=reduction)
     if low_res is not None:
@@ -104,9 +106,9 @@ def logit_case(backend, device, generator, dtype, shape, ce, kd, reduction, labe
         return None if t is None else t.to(device, dt or t.dtype)
 
     actual = backend.logit_losses(
-        x_low, on_device(target), y_low, on_device(gamma, accumulate), on_device(mask, accumulate), **options
+        x_low, on_device(target), y_low, on_device(log_gamma, accumulate), on_device(mask, accumulate), **options
     )
-    expected = reference.logit_losses(x_exact, target, y_exact, gamma, mask, **options)
+    expected = reference.logit_losses(x_exact, target, y_exact, log_gamma, mask, **options)
     _backward(actual, upstream)
     _backward(expected, upstream)
     rtol = RTOL[dtype]

@@ -43,13 +43,13 @@ inline Reduction parse_reduction(c10::string_view s) {
 }
 
 // The checked inputs of either op, contiguous, on x's device. target is defined iff ce != none,
-// y iff kd != none; gamma (balanced KD) and mask are converted to acc_dtype.
+// y iff kd != none; log_gamma (balanced KD) and mask are converted to acc_dtype.
 // Resolutions: H, W (HW = H*W pixels) is the output resolution, that of target, mask, the
 // per-pixel losses and stats. x is (B, C, h, w) and y (B, Co, yh, yw); without size= all three
 // equal H, W, and with size=[H, W] (upsample) x and y are bilinearly upsampled to H, W on the fly
 // (MATH.md#upsampling).
 struct Inputs {
-  at::Tensor x, target, y, gamma, mask;
+  at::Tensor x, target, y, log_gamma, mask;
   int64_t B = 0, C = 0, Co = 0, H = 0, W = 0, HW = 0;
   int64_t h = 0, w = 0, yh = 0, yw = 0;
   bool upsample = false;
@@ -99,13 +99,16 @@ inline at::Tensor checked_mask(const Inputs& in, const at::Tensor& mask) {
   return mask.to(in.acc_dtype).contiguous();
 }
 
-inline at::Tensor checked_gamma(const Inputs& in, const std::optional<at::Tensor>& gamma) {
-  TORCH_CHECK_VALUE(gamma.has_value(), "gamma is required when kd == 'balanced'");
-  TORCH_CHECK_VALUE(gamma->dim() == 1 && gamma->size(0) == in.B, "gamma must be (B,) = (", in.B, "), got ",
-                    gamma->sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(gamma->scalar_type()), "gamma must be floating, got ", gamma->scalar_type());
-  TORCH_CHECK_VALUE(gamma->device() == in.x.device(), "gamma must be on x's device");
-  return gamma->to(in.acc_dtype).contiguous();
+// log gamma of balanced KD (MATH.md#bkd-gamma): the log, since gamma itself overflows float32 for a
+// teacher whose pooled logits favour a class by ~89 or more.
+inline at::Tensor checked_log_gamma(const Inputs& in, const std::optional<at::Tensor>& log_gamma) {
+  TORCH_CHECK_VALUE(log_gamma.has_value(), "log_gamma is required when kd == 'balanced'");
+  TORCH_CHECK_VALUE(log_gamma->dim() == 1 && log_gamma->size(0) == in.B, "log_gamma must be (B,) = (", in.B, "), got ",
+                    log_gamma->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(log_gamma->scalar_type()), "log_gamma must be floating, got ",
+                   log_gamma->scalar_type());
+  TORCH_CHECK_VALUE(log_gamma->device() == in.x.device(), "log_gamma must be on x's device");
+  return log_gamma->to(in.acc_dtype).contiguous();
 }
 
 // The output resolution: size=[H, W] when given (checked against x's h, w), else x's own.
@@ -129,7 +132,7 @@ inline void set_resolutions(Inputs& in, const at::Tensor& x, at::OptionalIntArra
 
 // The arguments both ops share, checked; messages name the argument.
 inline Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& target,
-                           const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& gamma,
+                           const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& log_gamma,
                            const std::optional<at::Tensor>& mask, int64_t old_classes, c10::string_view ce,
                            c10::string_view kd, c10::string_view reduction, at::OptionalIntArrayRef size) {
   Inputs in;
@@ -156,7 +159,7 @@ inline Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>&
     in.yw = in.y.size(3);
     if (mask.has_value()) in.mask = checked_mask(in, *mask);
   }
-  if (in.kd == KdMode::kBalanced) in.gamma = checked_gamma(in, gamma);
+  if (in.kd == KdMode::kBalanced) in.log_gamma = checked_log_gamma(in, log_gamma);
   return in;
 }
 

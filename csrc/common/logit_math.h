@@ -219,12 +219,14 @@ HOST_DEVICE double scaled_teacher_logit(double alpha, double y) {
 //   sum_rest   sum_{1<=c<Co} e_c
 //   weighted   sum_c e_c (x_c - shift), over c in [0, Co) for plain KD and [1, Co) otherwise;
 //              the shift (the max of the old student logits) keeps the sum free of cancellation.
+//   z0         alpha*y_0 itself: log q_0 = z0 - lse_q, finite where e0 (and q_0) underflow
 template <typename T>
 struct TeacherSums {
   T max_y;
   T e0;
   T sum_rest;
   T weighted;
+  T z0;
 };
 
 // NaN when the teacher's maximum is infinite: q = softmax(alpha y) is undefined there (the float64
@@ -235,38 +237,62 @@ HOST_DEVICE T teacher_lse(const TeacherSums<T>& ts) {
 }
 
 // 0/1 factors that select a distillation mode's terms (so that loops over pixels carry no
-// branches), and the weight of the background term (gamma for balanced KD, else 1).
+// branches), and the log of the background term's weight (log gamma for balanced KD, else 0).
 template <typename T>
 struct KdFactors {
   T plain;       // 1 for plain KD
   T background;  // 1 for unbiased and balanced KD
-  T g;
+  T log_g;
 };
 
 template <typename T>
-HOST_DEVICE KdFactors<T> kd_factors(KdMode mode, T gamma) {
+HOST_DEVICE KdFactors<T> kd_factors(KdMode mode, T log_gamma) {
   KdFactors<T> f;
   f.plain = mode == KdMode::kPlain ? T(1) : T(0);
   f.background = mode == KdMode::kUnbiased || mode == KdMode::kBalanced ? T(1) : T(0);
-  f.g = mode == KdMode::kBalanced ? gamma : T(1);
+  f.log_g = mode == KdMode::kBalanced ? log_gamma : T(0);
   return f;
 }
 
+// The background term's weight times q_0, gamma q_0, from log q_0 = alpha y_0 - lse_q
+// (MATH.md#bkd-gamma): a gamma of e^88 or more (carried as its log, which does not overflow) meets
+// a q_0 of e^-88 or less (subnormal or 0 as a float), and only their product, often ~1, is formed.
+template <typename T>
+HOST_DEVICE T weighted_q0(const KdFactors<T>& f, T log_q0) {
+  return lm_exp(f.log_g + log_q0);
+}
+
+// The teacher's share of kd_pixel_loss at one pixel, which needs no student statistic:
+//   q_rest   sum_{1<=c<Co} q_c
+//   mean_x   sum_c q_c (x_c - shift) over the mode's channels
+//   g_q0     weighted_q0: gamma q_0 (q_0 for unbiased KD)
+// A kernel forms it before finish_student, so that the five teacher sums are not live across the
+// student's exps and logs (which cost LogitForwardKernel<double, 1> a spill on sm_90: docs/KERNELS.md).
+template <typename T>
+struct TeacherTerms {
+  T q_rest;
+  T mean_x;
+  T g_q0;
+};
+
+template <typename T>
+HOST_DEVICE TeacherTerms<T> teacher_terms(const KdFactors<T>& f, const TeacherSums<T>& ts) {
+  // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
+  // it, it kept a register live across the double division's slow path (a spill on sm_90).
+  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
+  return TeacherTerms<T>{ts.sum_rest * inv_sum, ts.weighted * inv_sum,
+                         weighted_q0(f, (ts.z0 - ts.max_y) - lm_log(ts.e0 + ts.sum_rest))};
+}
+
 // MATH.md#kd to #bkd at one pixel, before the mask: -(1/Co) sum_c q_c log(student prob of c), with
-// the mode given by kd_factors:
+// the mode given by kd_factors and the teacher's share t = teacher_terms(f, ts):
 //   plain:              sum_{c<Co} q_c (x_c - lse_old)
 //   unbiased, balanced: g q_0 (lse_bg - lse) + sum_{1<=c<Co} q_c (x_c - lse)
 template <typename T>
 HOST_DEVICE T kd_pixel_loss(const KdFactors<T>& f, int64_t old_classes, const StudentStats<T>& s,
-                            const TeacherSums<T>& ts, T shift) {
-  // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
-  // it, it kept a register live across the double division's slow path (a spill on sm_90).
-  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
-  const T q0 = ts.e0 * inv_sum;
-  const T q_rest = ts.sum_rest * inv_sum;
-  const T mean_x = ts.weighted * inv_sum;  // sum_c q_c (x_c - shift) over the mode's channels
-  const T inner = mean_x - f.plain * (s.lse_old - shift) +
-                  f.background * (f.g * q0 * (s.lse_bg - s.lse) - q_rest * (s.lse - shift));
+                            const TeacherTerms<T>& t, T shift) {
+  const T inner = t.mean_x - f.plain * (s.lse_old - shift) +
+                  f.background * (t.g_q0 * (s.lse_bg - s.lse) - t.q_rest * (s.lse - shift));
   return -inner / static_cast<T>(old_classes);
 }
 
@@ -294,16 +320,18 @@ struct GradCoefs {
   T target;
 };
 
-// old_label is 1 where unbiased CE sees a background/old label (t < Co), else 0. Written with
-// factors instead of per-pixel branches so that a loop over pixels vectorises.
+// old_label is 1 where unbiased CE sees a background/old label (t < Co), else 0; g_q0 is
+// weighted_q0 (gamma q_0, q_0 for unbiased KD). Written with factors instead of per-pixel branches
+// so that a loop over pixels vectorises.
 template <typename T>
-HOST_DEVICE GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T old_label, T g_ce, T g_kd, T q0) {
+HOST_DEVICE GradCoefs<T> grad_coefs(const KdFactors<T>& f, int64_t old_classes, T old_label, T g_ce, T g_kd, T q0,
+                                    T g_q0) {
   // A multiply by 1/Co, not a division per pixel: an exact division is a slow-path call on the GPU.
   const T w = g_kd * (T(1) / static_cast<T>(old_classes));
   GradCoefs<T> k;
-  k.full = g_ce + f.background * w * (f.g * q0 + T(1) - q0);
+  k.full = g_ce + f.background * w * (g_q0 + T(1) - q0);
   k.old_set = f.plain * w - g_ce * old_label;
-  k.bg_set = -f.background * w * f.g * q0;
+  k.bg_set = -f.background * w * g_q0;
   k.teacher = -w;
   k.teacher0 = -f.plain * w;
   k.target = -g_ce * (T(1) - old_label);

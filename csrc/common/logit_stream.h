@@ -52,7 +52,7 @@ struct StreamingOldChannels {
 
   HOST_DEVICE void start(T x0, T z0) {
     student.start(x0);
-    teacher = TeacherSums<T>{z0, T(1), T(0), T(0)};  // x_0 - max_old = 0
+    teacher = TeacherSums<T>{z0, T(1), T(0), T(0), z0};  // x_0 - max_old = 0
   }
   // Channel c >= 1: student logit x and scaled teacher logit z.
   HOST_DEVICE void add(T x, T z, T plain) {

@@ -135,7 +135,7 @@ struct FwdArgs {
   const Inputs* in;
   const scalar_t* x;
   const scalar_t* y;
-  const acc_t* gamma;
+  const acc_t* log_gamma;  // (B,), kd == balanced
   const acc_t* mask;
   acc_t alpha;
   int64_t ignore_index;
@@ -275,12 +275,12 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
   }
   acc_t kd_loss[kTile];
   if (kWithKd) {
-    const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.gamma[b] : acc_t(1));
+    const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.log_gamma[b] : acc_t(0));
     for (int64_t p = 0; p < n; ++p) {
-      const logit::TeacherSums<acc_t> ts{max_y[p], e0[p], sum_rest[p], weighted[p]};
+      const logit::TeacherSums<acc_t> ts{max_y[p], e0[p], sum_rest[p], weighted[p], alpha * load<acc_t>(yb, p)};
       const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
       lse_q[p] = logit::teacher_lse(ts);
-      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, ts, max_old[p]);
+      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, logit::teacher_terms(factors, ts), max_old[p]);
     }
     if (a.mask) {
       const acc_t* __restrict__ mask = a.mask + b * HW + p0;
@@ -387,9 +387,11 @@ INCSEG_FORCE_INLINE void upsample_tile(const UpsampledPlanes<scalar_t, acc_t>& s
     for (int64_t c = 0; c < src.channels; ++c) {
       const scalar_t* __restrict__ top = src.planes + c * plane + tap.i0 * src.in_w;
       const scalar_t* __restrict__ bottom = src.planes + c * plane + tap.i1 * src.in_w;
-      for (int64_t j = j_first; j <= j_last; ++j) mix[j] = r0 * load<acc_t>(top, j) + r1 * load<acc_t>(bottom, j);
+      for (int64_t j = j_first; j <= j_last; ++j)
+        mix[j] = upsample::weight_times(r0, load<acc_t>(top, j)) + upsample::weight_times(r1, load<acc_t>(bottom, j));
       acc_t* __restrict__ out = rows + c * kTile + done;
-      for (int64_t q = q0; q < q0 + len; ++q) out[q - q0] = c0[q] * mix[j0[q]] + c1[q] * mix[j1[q]];
+      for (int64_t q = q0; q < q0 + len; ++q)
+        out[q - q0] = upsample::weight_times(c0[q], mix[j0[q]]) + upsample::weight_times(c1[q], mix[j1[q]]);
     }
     done += len;
   }
@@ -454,10 +456,10 @@ struct UpsampledForwardTiles {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
-    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
+    const std::optional<at::Tensor>& log_gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
     c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
     at::OptionalIntArrayRef size) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  const Inputs in = logit::check_inputs(x, target, y, log_gamma, mask, old_classes, ce, kd, reduction, size);
   const logit::ForwardTensors out = logit::allocate_forward_outputs(in);
   const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
   std::vector<double> tile_ce(plan.items), tile_kd(plan.items);
@@ -469,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     a.in = &in;
     a.x = in.x.const_data_ptr<scalar_t>();
     a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
-    a.gamma = in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr;
+    a.log_gamma = in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr;
     a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
     a.alpha = static_cast<acc_t>(alpha);
     a.ignore_index = ignore_index;
@@ -514,7 +516,7 @@ struct BwdArgs {
   const Inputs* in;
   const scalar_t* x;
   const scalar_t* y;
-  const acc_t* gamma;
+  const acc_t* log_gamma;  // (B,), kd == balanced
   const acc_t* mask;
   const acc_t* stats;
   const acc_t* grad_ce;  // upstream gradients, already scaled for "mean"
@@ -661,12 +663,14 @@ INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t>& a, int64_t b, 
   } else {
     for (int64_t p = 0; p < n; ++p) g_kd[p] = acc_t(0);
   }
-  const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.gamma[b] : acc_t(1));
+  const auto factors = logit::kd_factors(in.kd, in.kd == KdMode::kBalanced ? a.log_gamma[b] : acc_t(0));
   for (const acc_t* row : {lse, lse_old, lse_bg, lse_q}) prefetch_next_tile(row);
   if (kTeacher) prefetch_next_tile(yb);
   for (int64_t p = 0; p < n; ++p) {
-    const acc_t q0 = kTeacher ? logit::lm_exp(alpha * load<acc_t>(yb, p) - lse_q[p]) : acc_t(0);
-    const auto k = logit::grad_coefs(factors, Co, old_label[p], g_ce[p], g_kd[p], q0);
+    const acc_t log_q0 = kTeacher ? alpha * load<acc_t>(yb, p) - lse_q[p] : acc_t(0);
+    const acc_t q0 = kTeacher ? logit::lm_exp(log_q0) : acc_t(0);
+    const acc_t g_q0 = kTeacher ? logit::weighted_q0(factors, log_q0) : acc_t(0);
+    const auto k = logit::grad_coefs(factors, Co, old_label[p], g_ce[p], g_kd[p], q0, g_q0);
     full[p] = k.full;
     old_set[p] = k.old_set;
     bg_set[p] = k.bg_set;
@@ -820,8 +824,8 @@ struct UpsampledBackwardBands {
         const int64_t j = cols.j0[q], end = std::min(cols.run_begin[j + 1], col0 + n);
         acc_t s0 = 0, s1 = 0;
         for (int64_t k = q; k < end; ++k) {
-          s0 += cols.c0[k] * g[k - col0];
-          s1 += cols.c1[k] * g[k - col0];
+          s0 += upsample::weight_times(cols.c0[k], g[k - col0]);
+          s1 += upsample::weight_times(cols.c1[k], g[k - col0]);
         }
         sums[j] += s0;
         sums[cols.j1[q]] += s1;
@@ -850,8 +854,8 @@ struct UpsampledBackwardBands {
         const acc_t* __restrict__ sums = scratch.column_sums.data() + c * w;
         acc_t* top = grad + c * plane + tap.i0 * w;
         acc_t* bottom = tap.i1 < hi ? grad + c * plane + tap.i1 * w : carry + c * w;
-        for (int64_t j = 0; j < w; ++j) top[j] += r0 * sums[j];
-        for (int64_t j = 0; j < w; ++j) bottom[j] += r1 * sums[j];
+        for (int64_t j = 0; j < w; ++j) top[j] += upsample::weight_times(r0, sums[j]);
+        for (int64_t j = 0; j < w; ++j) bottom[j] += upsample::weight_times(r1, sums[j]);
       }
     }
   }
@@ -897,11 +901,11 @@ void run_upsampled_backward(const BwdArgs<scalar_t>& a, at::Tensor& grad_x) {
 
 at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
                                 const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
-                                const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>& log_gamma, const std::optional<at::Tensor>& mask,
                                 const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                                 c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
                                 c10::string_view reduction, at::OptionalIntArrayRef size) {
-  const Inputs in = logit::check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  const Inputs in = logit::check_inputs(x, target, y, log_gamma, mask, old_classes, ce, kd, reduction, size);
   logit::check_backward(in, grad_ce, grad_kd, stats, valid_count);
   const bool per_pixel = in.reduction == Reduction::kNone;
   // The CPU may read valid_count on the host (a device backend must not: see logit_host.h).
@@ -924,7 +928,7 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
     a.in = &in;
     a.x = in.x.const_data_ptr<scalar_t>();
     a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
-    a.gamma = in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr;
+    a.log_gamma = in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr;
     a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
     a.stats = stats_c.const_data_ptr<acc_t>();
     a.grad_ce = g_ce.const_data_ptr<acc_t>();

@@ -50,7 +50,7 @@ LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ig
                                  kernel_data<scalar_t>(in.y),
                                  in.target.defined() ? in.target.const_data_ptr() : nullptr,
                                  label_type(in.target),
-                                 in.gamma.defined() ? in.gamma.const_data_ptr<acc_t>() : nullptr,
+                                 in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr,
                                  in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr,
                                  static_cast<acc_t>(alpha),
                                  ignore_index,
@@ -98,10 +98,10 @@ struct CudaDevice : glue::CudaDeviceBase {
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
-    const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
+    const std::optional<at::Tensor>& log_gamma, const std::optional<at::Tensor>& mask, int64_t old_classes,
     c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index, c10::string_view reduction,
     at::OptionalIntArrayRef size) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  const Inputs in = check_inputs(x, target, y, log_gamma, mask, old_classes, ce, kd, reduction, size);
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);
   auto outputs = allocate_forward_outputs(in);
@@ -140,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
 template <typename Device>
 at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd, const at::Tensor& x,
                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& y,
-                            const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& mask,
+                            const std::optional<at::Tensor>& log_gamma, const std::optional<at::Tensor>& mask,
                             const at::Tensor& stats, const at::Tensor& valid_count, int64_t old_classes,
                             c10::string_view ce, c10::string_view kd, double alpha, int64_t ignore_index,
                             c10::string_view reduction, at::OptionalIntArrayRef size) {
-  const Inputs in = check_inputs(x, target, y, gamma, mask, old_classes, ce, kd, reduction, size);
+  const Inputs in = check_inputs(x, target, y, log_gamma, mask, old_classes, ce, kd, reduction, size);
   check_backward(in, grad_ce, grad_kd, stats, valid_count);
   glue::check_batch(in.B, "x");
   [[maybe_unused]] auto device_guard = Device::guard(x);

@@ -103,8 +103,8 @@ struct LogitInputs {
   const scalar_t* y;   // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
   const void* target;  // (B, HW) labels of label_type, ce != none
   LabelType label_type;
-  const acc_t* gamma;  // (B,), kd == balanced
-  const acc_t* mask;   // (B, HW) or null
+  const acc_t* log_gamma;  // (B,), kd == balanced
+  const acc_t* mask;       // (B, HW) or null
   acc_t alpha;
   int64_t ignore_index;
   int64_t B, C, Co, HW;
@@ -259,7 +259,7 @@ struct LogitForwardKernel {
       }
     }
 
-    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.gamma[b] : acc_t(1));
+    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
     acc_t stat[kNumStats][kVec], ce_loss[kVec], kd_loss[kVec], mask[kVec];
     if (in.mask != nullptr && with_kd) {
       load_pack<kVec>(in.mask + b * in.HW + p0, mask);
@@ -269,13 +269,15 @@ struct LogitForwardKernel {
     }
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
+      // The teacher's terms first: the teacher sums then die before finish_student (TeacherTerms).
+      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
+      const TeacherTerms<acc_t> teacher = with_kd ? teacher_terms(factors, old[i].teacher) : TeacherTerms<acc_t>{};
       const StudentStats<acc_t> s =
           finish_student(old[i].student.max, old[i].student.sum, fresh[i].max, fresh[i].sum, x0[i]);
       stat[kStatLse][i] = s.lse;
       stat[kStatLseOld][i] = s.lse_old;
       stat[kStatLseBg][i] = s.lse_bg;
-      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
-      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, old[i].teacher, old[i].student.max) : acc_t(0);
+      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, teacher, old[i].student.max) : acc_t(0);
       const bool counted = with_ce && label[i] != in.ignore_index;
       const bool in_range = label[i] >= 0 && label[i] < in.C;
       ce_loss[i] = !counted   ? acc_t(0)
@@ -387,8 +389,10 @@ HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t>& in, con
   const T ce_weight = !counted ? T(0) : in_range ? px.g_ce : bad_label_loss<T>();
   const T old_label = in.ce == CeMode::kUnbiased && counted && px.label < in.Co ? T(1) : T(0);
   const int32_t channel = counted && in_range ? static_cast<int32_t>(px.label) : -1;
-  const T q0 = with_kd ? lm_exp(scaled_teacher_logit(in.alpha, px.y0) - px.lse_q) : T(0);
-  const GradCoefs<T> k = grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? px.g_kd * px.mask : T(0), q0);
+  const T log_q0 = with_kd ? scaled_teacher_logit(in.alpha, px.y0) - px.lse_q : T(0);
+  const T q0 = with_kd ? lm_exp(log_q0) : T(0);
+  const T g_q0 = with_kd ? weighted_q0(factors, log_q0) : T(0);
+  const GradCoefs<T> k = grad_coefs(factors, in.Co, old_label, ce_weight, with_kd ? px.g_kd * px.mask : T(0), q0, g_q0);
   return PixelGradient<T>{k, channel_factors(k, px.lse, px.lse_old, px.lse_bg, with_kd ? px.lse_q : T(0), channel), q0};
 }
 
@@ -454,7 +458,7 @@ struct LogitBackwardKernel {
       INCSEG_UNROLL
       for (int i = 0; i < kVec; ++i) mask[i] = acc_t(1);
     }
-    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.gamma[b] : acc_t(1));
+    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
       const int64_t label = with_ce ? read_label(in.target, in.label_type, b * in.HW + p0 + i) : -1;
@@ -535,7 +539,7 @@ struct UpsampledBackwardKernel {
     const int64_t b = index.block_y, c0 = index.block_x / pixel_blocks * kChannels;
     const int64_t i = q / cols.in, j = q % cols.in;
     const ScalarUpstream<acc_t> scalar = grad.per_pixel ? ScalarUpstream<acc_t>{} : scalar_upstream(grad);
-    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.gamma[b] : acc_t(1));
+    const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
     acc_t sum[kChannels] = {};
     const int64_t first_row = first_reader(rows, i), first_col = first_reader(cols, j);
     const int64_t row_end = first_row + rows.readers < rows.out ? first_row + rows.readers : rows.out;

@@ -37,8 +37,8 @@ class OpBackend:
         self.namespace = namespace
         self.ops = getattr(torch.ops, namespace)
 
-    def logit_losses(self, x, target, y, gamma, mask, **options):
-        return _logit_losses.logit_losses(self.ops, x, target, y, gamma, mask, **options)
+    def logit_losses(self, x, target, y, log_gamma, mask, **options):
+        return _logit_losses.logit_losses(self.ops, x, target, y, log_gamma, mask, **options)
 
     def attentive_distillation(self, f, g, a, b, *, reduction, detach_spatial):
         return _attention.attentive_distillation(

@@ -25,7 +25,7 @@ def _output_resolution(x, size):
     return tuple(x.shape[2:]) if size is None else tuple(size)
 
 
-def _forward_fake(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
+def _forward_fake(x, target, y, log_gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     dtype = accumulation_dtype(x.dtype)
     H, W = _output_resolution(x, size)
     B = x.shape[0]
@@ -44,7 +44,7 @@ def _backward_fake(
     x,
     target,
     y,
-    gamma,
+    log_gamma,
     mask,
     stats,
     valid_count,
@@ -61,9 +61,9 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    x, target, y, gamma, mask = inputs
+    x, target, y, log_gamma, mask = inputs
     ce_loss, _, stats, valid_count = output
-    ctx.save_for_backward(x, target, y, gamma, mask, stats, valid_count)
+    ctx.save_for_backward(x, target, y, log_gamma, mask, stats, valid_count)
     ctx.modes = {key: keyword_only_inputs[key] for key in _MODE_KEYS}
     ctx.loss_shape = ce_loss.shape
     # The statistics are internal: no gradient flows to them, and none should be materialised
@@ -74,7 +74,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 def _autograd_backward(ops):
     def backward(ctx, grad_ce, grad_kd, _grad_stats, _grad_valid_count):
-        x, target, y, gamma, mask, stats, valid_count = ctx.saved_tensors
+        x, target, y, log_gamma, mask, stats, valid_count = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_ce is None and grad_kd is None):
             return None, None, None, None, None
         zeros = None
@@ -86,7 +86,7 @@ def _autograd_backward(ops):
             x,
             target,
             y,
-            gamma,
+            log_gamma,
             mask,
             stats,
             valid_count,
@@ -107,13 +107,13 @@ def register(namespace):
     )
 
 
-def logit_losses(ops, x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
+def logit_losses(ops, x, target, y, log_gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     """The backend contract of DEVELOPERS.md on ``ops`` (a torch.ops namespace); returns ``(ce_loss, kd_loss)``."""
     ce_loss, kd_loss, _, _ = ops.logit_losses_fwd(
         x,
         target,
         y,
-        gamma,
+        log_gamma,
         mask,
         old_classes=old_classes,
         ce=ce,

@@ -157,7 +157,7 @@ def _logit_pointers(dtype, target_type):
     acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
     pointers = {
         name: acc_name
-        for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr", "gamma_ptr", "mask_ptr")
+        for name in ("ce_ptr", "kd_ptr", "stats_ptr", "grad_ce_ptr", "grad_kd_ptr", "log_gamma_ptr", "mask_ptr")
     }
     pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr=target_type)
     return pointers

@@ -38,6 +38,7 @@ from .logit_math import (
     tap,
     teacher_probability,
     teacher_term,
+    weighted_teacher_background,
 )
 
 __all__ = ["logit_losses_fwd", "logit_losses_bwd"]
@@ -53,14 +54,15 @@ __all__ = ["logit_losses_fwd", "logit_losses_bwd"]
 # q_0 = exp(alpha y_0 - lse_t). Then, since sum_c q_c = 1:
 #   UNCE = lse - (t < Co ? lse_old : x_t);  CE = lse - x_t;  both 0 where t == ignore_index
 #   KD   = -(q_0 x_0 + W - lse_old) / Co
-#   UNKD/BKD = -(gamma q_0 (lse_bg - lse) + W - (1 - q_0) lse) / Co   (gamma = 1 for UNKD)
+#   UNKD/BKD = -(gamma q_0 (lse_bg - lse) + W - (1 - q_0) lse) / Co   (gamma = 1 for UNKD; gamma q_0
+#   formed as exp(log gamma + log q_0), logit_math.weighted_teacher_background)
 # KD terms are multiplied by the mask.
 @triton.jit
 def _logit_losses_fwd_kernel(
     x_ptr,  # (B, C, x_h, x_w) logits
     target_ptr,  # (B, HW) labels (any int dtype); unread when CE == "none"
     y_ptr,  # (B, Co, y_h, y_w) teacher logits; unread when KD == "none"
-    gamma_ptr,  # (B,) balanced-KD weight; read only when KD == "balanced"
+    log_gamma_ptr,  # (B,) log of the balanced-KD weight; read only when KD == "balanced"
     mask_ptr,  # (B, HW) distillation weight; read only when HAS_MASK
     ce_ptr,
     kd_ptr,  # out: per-pixel maps (PER_PIXEL) or one partial sum per program
@@ -194,10 +196,11 @@ def _logit_losses_fwd_kernel(
         if KD == "plain":
             kd_map = -(q_0 * x_0 + old_term - lse_old) / Co
         else:
-            gamma = 1.0
+            weighted_q_0 = q_0
             if KD == "balanced":
-                gamma = tl.load(gamma_ptr + b).to(ACC)
-            kd_map = -(gamma * q_0 * (lse_bg - lse) + old_term - (1.0 - q_0) * lse) / Co
+                log_gamma = tl.load(log_gamma_ptr + b).to(ACC)
+                weighted_q_0 = weighted_teacher_background(y_0, alpha, lse_teacher, log_gamma)
+            kd_map = -(weighted_q_0 * (lse_bg - lse) + old_term - (1.0 - q_0) * lse) / Co
         if HAS_MASK:
             kd_map *= tl.load(mask_ptr + pix, mask=in_image, other=0.0).to(ACC)
         kd_map = tl.where(in_image, kd_map, 0.0)
@@ -224,7 +227,7 @@ def _logit_losses_bwd_kernel(
     x_ptr,
     target_ptr,
     y_ptr,
-    gamma_ptr,
+    log_gamma_ptr,
     mask_ptr,  # the forward's inputs (see the forward kernel)
     stats_ptr,  # (B, 4, HW) the forward's statistics; only the rows the modes need are read
     count_ptr,  # 0-dim int64: non-ignored pixels (the CE "mean" denominator, read on the device)
@@ -260,7 +263,7 @@ def _logit_losses_bwd_kernel(
     if KD == "unbiased" or KD == "balanced":
         y_0 = tl.load(y_ptr + b * Co * HW + p, mask=in_image, other=0.0).to(ACC)
     # The forward's inputs and statistics, and the upstream gradients with their "mean" divisors.
-    inputs = (target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
+    inputs = (target_ptr, log_gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
     upstream = (grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor)
     factors, teacher = pixel_gradient_factors(
         p, in_image, b, x_0, y_0, inputs, upstream, CE, KD, HAS_MASK, PER_PIXEL, MEAN, ACC
@@ -360,7 +363,7 @@ def _check_teacher_shape(y, B, old_classes, H, W, size):
         )
 
 
-def _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd, size):
+def _check_shapes(x, target, y, log_gamma, mask, old_classes, ce, kd, size):
     """The kernels index with these shapes: a direct op call must not read out of bounds. Returns the
     output resolution (H, W): x's own, or size= (x and y are then upsampled to it)."""
     if x.dim() != 4:
@@ -377,10 +380,10 @@ def _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd, size):
         raise ValueError(f"y must be given exactly when kd != 'none' (kd={kd!r})")
     if y is not None:
         _check_teacher_shape(y, B, old_classes, H, W, size)
-    if (gamma is None) != (kd != "balanced"):
-        raise ValueError(f"gamma must be given exactly when kd == 'balanced' (kd={kd!r})")
-    if gamma is not None and tuple(gamma.shape) != (B,):
-        raise ValueError(f"gamma must have shape {(B,)}, got {tuple(gamma.shape)}")
+    if (log_gamma is None) != (kd != "balanced"):
+        raise ValueError(f"log_gamma must be given exactly when kd == 'balanced' (kd={kd!r})")
+    if log_gamma is not None and tuple(log_gamma.shape) != (B,):
+        raise ValueError(f"log_gamma must have shape {(B,)}, got {tuple(log_gamma.shape)}")
     if mask is not None and tuple(mask.shape) != (B, H, W):
         raise ValueError(f"mask must have shape {(B, H, W)}, got {tuple(mask.shape)}")
     return H, W
@@ -390,12 +393,12 @@ def _contiguous(tensor):
     return None if tensor is None else tensor.contiguous()
 
 
-def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
+def logit_losses_fwd(x, target, y, log_gamma, mask, *, old_classes, ce, kd, alpha, ignore_index, reduction, size=None):
     """The kernel of incseg_fast_triton::logit_losses_fwd: (ce_loss, kd_loss, stats, valid_count)."""
     _check_modes(ce, kd, reduction)
-    H, W = _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd, size)
-    _launch.check_device(x, target, y, gamma, mask)
-    x, target, y, gamma, mask = (_contiguous(t) for t in (x, target, y, gamma, mask))
+    H, W = _check_shapes(x, target, y, log_gamma, mask, old_classes, ce, kd, size)
+    _launch.check_device(x, target, y, log_gamma, mask)
+    x, target, y, log_gamma, mask = (_contiguous(t) for t in (x, target, y, log_gamma, mask))
     B, C, h, w = x.shape
     y_h, y_w = (h, w) if y is None else y.shape[2:]
     HW = H * W
@@ -417,7 +420,7 @@ def logit_losses_fwd(x, target, y, gamma, mask, *, old_classes, ce, kd, alpha, i
         x,
         x if target is None else target,
         x if y is None else y,
-        x if gamma is None else gamma,
+        x if log_gamma is None else log_gamma,
         x if mask is None else mask,
         ce_out,
         kd_out,
@@ -472,7 +475,7 @@ def logit_losses_bwd(
     x,
     target,
     y,
-    gamma,
+    log_gamma,
     mask,
     stats,
     valid_count,
@@ -488,7 +491,7 @@ def logit_losses_bwd(
     """The kernel of incseg_fast_triton::logit_losses_bwd: dL/dx from both upstream gradients (at x's own
     resolution with size=)."""
     _check_modes(ce, kd, reduction)
-    H, W = _check_shapes(x, target, y, gamma, mask, old_classes, ce, kd, size)
+    H, W = _check_shapes(x, target, y, log_gamma, mask, old_classes, ce, kd, size)
     B, C = x.shape[:2]
     acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
     if tuple(stats.shape) != (B, NUM_STATS, H, W) or stats.dtype != acc_torch:
@@ -500,8 +503,8 @@ def logit_losses_bwd(
     for name, grad in (("grad_ce", grad_ce), ("grad_kd", grad_kd)):
         if tuple(grad.shape) != loss_shape:
             raise ValueError(f"{name} must have shape {loss_shape}, got {tuple(grad.shape)}")
-    _launch.check_device(x, target, y, gamma, mask, stats, grad_ce, grad_kd, valid_count)
-    x, target, y, gamma, mask, stats = (_contiguous(t) for t in (x, target, y, gamma, mask, stats))
+    _launch.check_device(x, target, y, log_gamma, mask, stats, grad_ce, grad_kd, valid_count)
+    x, target, y, log_gamma, mask, stats = (_contiguous(t) for t in (x, target, y, log_gamma, mask, stats))
     grad_ce = grad_ce.to(acc_torch).contiguous()
     grad_kd = grad_kd.to(acc_torch).contiguous()
     if size is not None:
@@ -511,7 +514,7 @@ def logit_losses_bwd(
             x,
             target,
             y,
-            gamma,
+            log_gamma,
             mask,
             stats,
             valid_count,
@@ -532,7 +535,7 @@ def logit_losses_bwd(
         x,
         x if target is None else target,
         x if y is None else y,
-        x if gamma is None else gamma,
+        x if log_gamma is None else log_gamma,
         x if mask is None else mask,
         stats,
         valid_count,

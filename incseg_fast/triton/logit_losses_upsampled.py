@@ -69,7 +69,7 @@ def _upsampled_bwd_kernel(
     x_ptr,  # (B, C, x_h, x_w)
     target_ptr,
     y_ptr,  # (B, Co, y_h, y_w)
-    gamma_ptr,
+    log_gamma_ptr,
     mask_ptr,  # the forward's inputs; target and mask (B, out_h, out_w)
     stats_ptr,  # (B, 4, out_h, out_w) the forward's statistics
     count_ptr,  # 0-dim int64: non-ignored pixels
@@ -127,7 +127,7 @@ def _upsampled_bwd_kernel(
     teacher_lane = ((c >= first_teacher_channel) & (c < Co))[:, None]
     alpha = tl.cast(alpha_high, ACC) + tl.cast(alpha_low, ACC)
     # The forward's inputs and statistics, and the upstream gradients with their "mean" divisors.
-    inputs = (target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
+    inputs = (target_ptr, log_gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index)
     upstream = (grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor)
     x_image = x_ptr + b * C * x_plane
     y_image = y_ptr + b * Co * y_plane
@@ -183,7 +183,7 @@ def upsampled_backward(
     x,
     target,
     y,
-    gamma,
+    log_gamma,
     mask,
     stats,
     valid_count,
@@ -211,7 +211,7 @@ def upsampled_backward(
         x,
         x if target is None else target,
         x if y is None else y,
-        x if gamma is None else gamma,
+        x if log_gamma is None else log_gamma,
         x if mask is None else mask,
         stats,
         valid_count,

@@ -7,7 +7,7 @@ Values that travel together are tuples (Triton passes them to jit functions as o
 
 - taps, ``((row0, row1, row_l1), (col0, col1, col_l1), width)``: where a pixel's bilinear sample
   reads a plane ``width`` wide (``tap`` gives one axis' triple);
-- the backward's ``inputs``, ``(target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha,
+- the backward's ``inputs``, ``(target_ptr, log_gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha,
   ignore_index)``, and ``upstream``, ``(grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor)``: the
   backward kernels' arguments of those names (see the kernels), ``alpha`` already restored from its
   two parts;
@@ -77,6 +77,21 @@ def teacher_probability(y, alpha, lse_teacher):
     return tl.exp(alpha * y - lse_teacher)
 
 
+# gamma q_0 of balanced distillation from log gamma (MATH.md#bkd-gamma): a gamma of e^88 or more
+# (carried as its log, which does not overflow) meets a q_0 of e^-88 or less, which underflows; their
+# product, often ~1, is formed in log space.
+@triton.jit
+def weighted_teacher_background(y_0, alpha, lse_teacher, log_gamma):
+    return tl.exp(log_gamma + (alpha * y_0 - lse_teacher))
+
+
+# w * v, and exactly 0 where the weight w is 0 (MATH.md#upsampling): a -inf (masked class), +inf or
+# NaN sample read with weight 0 contributes nothing instead of 0 * v = NaN.
+@triton.jit
+def weight_times(w, v):
+    return tl.where(w == 0.0, 0.0, w * v)
+
+
 # n / d correctly rounded in ACC (Triton's float32 `/` on a GPU is approximate).
 @triton.jit
 def ratio(n, d, ACC: tl.constexpr):
@@ -128,9 +143,9 @@ def sample(
         top_right = tl.load(planes + (row0 * width + col1), mask=mask, other=0.0).to(ACC)
         bottom_left = tl.load(planes + (row1 * width + col0), mask=mask, other=0.0).to(ACC)
         bottom_right = tl.load(planes + (row1 * width + col1), mask=mask, other=0.0).to(ACC)
-        top = (1.0 - col_l1) * top_left + col_l1 * top_right
-        bottom = (1.0 - col_l1) * bottom_left + col_l1 * bottom_right
-        values = (1.0 - row_l1) * top + row_l1 * bottom
+        top = weight_times(1.0 - col_l1, top_left) + weight_times(col_l1, top_right)
+        bottom = weight_times(1.0 - col_l1, bottom_left) + weight_times(col_l1, bottom_right)
+        values = weight_times(1.0 - row_l1, top) + weight_times(row_l1, bottom)
     else:
         values = tl.load(planes + p, mask=mask, other=0.0).to(ACC)
     return values
@@ -168,7 +183,7 @@ def pixel_gradient_factors(
     for channel_grad (channel 0's gradient, and the factor and shift such that the exp terms of a lane
     c >= 1 are factor * exp(x_c - shift); old: c < Co, new: c >= Co), and ``teacher`` = (w_teacher,
     lse_teacher) for teacher_term."""
-    target_ptr, gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index = inputs
+    target_ptr, log_gamma_ptr, mask_ptr, stats_ptr, HW, Co, alpha, ignore_index = inputs
     grad_ce_ptr, grad_kd_ptr, count_ptr, kd_divisor = upstream
     pix = b * HW + p
     stats = stats_ptr + b * STAT_ROWS * HW + p
@@ -221,12 +236,13 @@ def pixel_gradient_factors(
         if KD == "plain":
             coef_old += w_kd
         else:
-            gamma = 1.0
-            if KD == "balanced":
-                gamma = tl.load(gamma_ptr + b).to(ACC)
             q_0 = teacher_probability(y_0, alpha, lse_teacher)
-            coef_p += w_kd * (gamma * q_0 + 1.0 - q_0)
-            coef_bg = -w_kd * gamma * q_0
+            weighted_q_0 = q_0
+            if KD == "balanced":
+                log_gamma = tl.load(log_gamma_ptr + b).to(ACC)
+                weighted_q_0 = weighted_teacher_background(y_0, alpha, lse_teacher, log_gamma)
+            coef_p += w_kd * (weighted_q_0 + 1.0 - q_0)
+            coef_bg = -w_kd * weighted_q_0
 
     grad_0 = zeros
     shift_old = lse
