@@ -71,8 +71,10 @@ HOST_DEVICE acc_t squared_difference(acc_t new_value, acc_t old_value) {
 template <typename acc_t>
 HOST_DEVICE acc_t pooled_gradient(const Geometry& g, const acc_t* pooled, int64_t r, int64_t q) {
   acc_t sum = 0;
-  for (int k = 0; k < g.num_scales; ++k) {
-    if (r < g.rows(k) && q < g.columns(k)) {
+  // Unrolled over every possible scale: constant indices keep the geometry out of GPU local memory.
+  INCSEG_UNROLL
+  for (int k = 0; k < kMaxScales; ++k) {
+    if (k < g.num_scales && r < g.rows(k) && q < g.columns(k)) {
       sum += pooled[g.width_pooled(k, r, q / g.cell_w[k])] * static_cast<acc_t>(g.inv_cell_w[k]) +
              pooled[g.height_pooled(k, r / g.cell_h[k], q)] * static_cast<acc_t>(g.inv_cell_h[k]);
     }

@@ -3,7 +3,7 @@
 Importing this package loads the extension ``incseg_fast._C``, which defines the schemas in every
 namespace and registers the compiled CPU (and, when built, CUDA) kernels; then the fake kernels and
 autograd formulas of each op family are registered once per namespace. A backend is an
-``OpBackend``: the three contract functions of DEVELOPERS.md bound to one namespace.
+``OpBackend``: the four contract functions of DEVELOPERS.md bound to one namespace.
 
     incseg_fast                 compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
     incseg_fast_triton          Triton kernels (backend "triton"), registered by incseg_fast.triton
