@@ -117,7 +117,8 @@ def test_empty_batch_gives_the_reference_result(generator):
 
 
 def test_local_pod_loss_weights_layers_as_plop(generator):
-    """PLOP: 0.01 per feature layer, 0.0005 for the logits, times sqrt(all classes / new classes), over the layer count."""
+    """PLOP: 0.01 per feature layer, 0.0005 for the logits, times sqrt(all classes / new classes),
+    divided by the number of layers."""
     features = [(_randn(generator, (2, 4, 9, 9)), _randn(generator, (2, 4, 9, 9))) for _ in range(2)]
     logits = (_randn(generator, (2, 6, 9, 9)), _randn(generator, (2, 5, 9, 9)))
     layers = [*features, logits]
