@@ -81,6 +81,42 @@ def test_reference_merges_new_classes_into_the_background_as_plop(generator):
     torch.testing.assert_close(reference.local_pod(new, old), expected, rtol=1e-12, atol=0)
 
 
+def test_reference_by_hand():
+    """One 2 x 2 channel, scale 1: rows' means (1+4)/2, (9+16)/2 and columns' means (1+9)/2, (4+16)/2
+    of new^2 against an all-zero old map; scale 2: every pixel is its own cell, each value twice."""
+    new = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64).view(1, 1, 2, 2)
+    old = torch.zeros_like(new)
+    scale_1 = [2.5, 12.5, 5.0, 10.0]
+    scale_2 = [1.0, 4.0, 9.0, 16.0] * 2
+    expected = sum(v * v for v in scale_1 + scale_2) ** 0.5
+    assert reference.local_pod(new, old, scales=(1, 2)).item() == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_reference(generator, reduction):
+    new = _randn(generator, (2, 3, 7, 6)).requires_grad_()
+    old = _randn(generator, (2, 3, 7, 6))
+    assert torch.autograd.gradcheck(lambda x: reference.local_pod(x, old, reduction=reduction), (new,))
+
+
+def test_reference_gradient_is_the_spread_of_math_md(generator):
+    """MATH.md#local-pod-gradient: 2 a k Σ_s [in a cell] (P^w / w + P^h / h), written out cell by cell."""
+    new, old = _randn(generator, (2, 3, 11, 9)).requires_grad_(), _randn(generator, (2, 3, 11, 9))
+    reference.local_pod(new, old, reduction="sum").backward()
+    e = new.detach().square() - old.square()
+    lengths = reference.local_pod(new.detach(), old, reduction="none")
+    spread = torch.zeros_like(e)
+    for s in (1, 2, 4):
+        h, w = 11 // s, 9 // s
+        for i in range(s):
+            for j in range(s):
+                rows, columns = slice(i * h, (i + 1) * h), slice(j * w, (j + 1) * w)
+                cell = e[:, :, rows, columns]
+                spread[:, :, rows, columns] += cell.mean(dim=3, keepdim=True) / w + cell.mean(dim=2, keepdim=True) / h
+    expected = 2 * new.detach() * spread / lengths.view(-1, 1, 1, 1)
+    torch.testing.assert_close(new.grad, expected, rtol=1e-12, atol=1e-14)
+
+
 def _shape(backend, shape):
     """The requested (B, C, H, W), shrunk for the Triton interpreter and the CUDA emulator."""
     if interpreted(backend) or backend == "cuda_emulator":

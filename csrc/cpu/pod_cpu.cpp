@@ -6,8 +6,9 @@
 //           height-pooled sums (a vector add of the row into its row block's accumulators), which
 //           live in the plane's slice of pooled_diff itself; then the plane's sum of squares (double).
 //           Per image, l^2 = the sum over its channels in channel order; 1/l and the loss follow.
-// backward  one pass over the rows: each row's pooled gradient (common/pod_math.h's pooled_gradient,
-//           spread back over the cells' columns) times 2 new k_n, stored once.
+// backward  one pass over the rows: each row's pooled gradient (the sum of common/pod_math.h's
+//           pooled_gradient, built for a whole row at once: each width-pooled value spread over its
+//           cell's columns, plus the row block's height-pooled values) times 2 new k_n, stored once.
 // Every plane writes its own outputs and the per-image sums run in a fixed order: results do not
 // depend on the thread count. Nothing feature-sized is allocated besides the gradient.
 #include <ATen/ATen.h>
