@@ -18,8 +18,10 @@ from ..ops.pod import pooled_size
 from ..vocabulary import REDUCTIONS
 from . import _launch
 
-# Elements per program tile (rows x pooled blocks x columns in the forward, rows x columns in the backward).
+# Elements per program tile: rows x pooled blocks x columns in the forward; rows x columns in the
+# backward, whose gathers of every scale's P keep more values live (4096 spilled in float64 on sm_90).
 _TILE = 4096
+_GRAD_TILE = 1024
 
 
 @triton.jit
@@ -120,9 +122,21 @@ def _geometry(H, W, scales):
     return rows
 
 
-def _rows_per_tile(*block):
-    """Rows of a program's tile: _TILE elements with the other (power-of-two) block sizes."""
-    return max(1, _TILE // math.prod(block))
+def _rows_per_tile(*block, tile=_TILE):
+    """Rows of a program's tile: ``tile`` elements with the other (power-of-two) block sizes."""
+    return max(1, tile // math.prod(block))
+
+
+def pool_blocks(H, W, s):
+    """(BLOCK_R, BLOCK_S, BLOCK_W) of the pooling at scale s: all pooled columns, s column blocks."""
+    block_s, block_w = triton.next_power_of_2(s), triton.next_power_of_2(s * (W // s))
+    return min(_rows_per_tile(block_s, block_w), triton.next_power_of_2(H // s)), block_s, block_w
+
+
+def grad_blocks(H, W):
+    """(BLOCK_R, BLOCK_W) of the backward: whole rows."""
+    block_w = triton.next_power_of_2(W)
+    return min(_rows_per_tile(block_w, tile=_GRAD_TILE), triton.next_power_of_2(H)), block_w
 
 
 def local_pod_forward(new, old, scales, reduction):
@@ -137,8 +151,7 @@ def local_pod_forward(new, old, scales, reduction):
     P = pooled_size(H, W, scales)
     pooled = new.new_empty((B, C, P), dtype=acc_torch)
     for s, h, w, offset in _geometry(H, W, scales):
-        block_s, block_w = triton.next_power_of_2(s), triton.next_power_of_2(s * w)
-        block_r = min(_rows_per_tile(block_s, block_w), triton.next_power_of_2(h))
+        block_r, block_s, block_w = pool_blocks(H, W, s)
         _pool_kernel[(B * C, s)](
             new,
             old,
@@ -184,8 +197,7 @@ def local_pod_backward(grad_loss, new, pooled_diff, inv_norm, scales, reduction)
     weight = (2 * scale * grad_loss.to(acc_torch).reshape(-1).expand(B) * inv_norm).contiguous()
     geometry = torch.tensor(_geometry(H, W, scales), dtype=torch.int32, device=new.device)
     grad = torch.empty_like(new)
-    block_w = triton.next_power_of_2(W)
-    block_r = min(_rows_per_tile(block_w), triton.next_power_of_2(H))
+    block_r, block_w = grad_blocks(H, W)
     _grad_kernel[(B * C, triton.cdiv(H, block_r))](
         new,
         pooled_diff,
