@@ -253,3 +253,14 @@ def test_cpu_result_does_not_depend_on_the_thread_count(generator):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "cuda_emulator"])
+def test_many_channels_span_several_thread_blocks_per_image(generator, backend_name):
+    """C·H and C·W above a CUDA block's 256 threads: each image's per-warp partials come from several blocks."""
+    if backend_name not in (*isf.available_backends(), "cuda_emulator") or "cpu" not in isf.available_backends():
+        pytest.skip("the compiled extension is not built")
+    new, old = _randn(generator, (2, 61, 9, 11), torch.float32), _randn(generator, (2, 61, 9, 11), torch.float32)
+    _check_against_reference(
+        backend_name, new, old, scales=(1, 2, 4), reduction="none", upstream=_upstream(generator, "none", 2)
+    )

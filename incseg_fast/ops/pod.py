@@ -33,6 +33,7 @@ def _setup_context(ctx, inputs, output):
     new, _, scales, reduction = inputs
     _, pooled_diff, inv_norm = output
     ctx.mark_non_differentiable(pooled_diff, inv_norm)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved state (as large as P)
     ctx.save_for_backward(new, pooled_diff, inv_norm)
     ctx.scales = scales
     ctx.reduction = reduction
