@@ -5,10 +5,10 @@ arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-los
 """
 
 from . import _validate as check
-from . import reference
+from . import reference, vocabulary
 from ._backends import available_backends, resolve
 from .reference import balanced_gamma
-from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, POD_MAX_SCALES, POD_SCALES, REDUCTIONS
+from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -232,7 +232,7 @@ def structured_attention(v, a_ch, a_sp, *, backend="auto"):
     return _for_inputs(resolve(backend, v.device), v).structured_attention(v, a_ch, a_sp)
 
 
-def local_pod(new, old, *, scales=POD_SCALES, reduction="mean", backend="auto"):
+def local_pod(new, old, *, scales=vocabulary.POD_SCALES, reduction="mean", backend="auto"):
     """MATH.md#local-pod (PLOP's Local POD) for one layer.
 
     ``new``, ``old`` (B, C, H, W) features of the new and the frozen old model. Per image: the L2
@@ -247,7 +247,7 @@ def local_pod(new, old, *, scales=POD_SCALES, reduction="mean", backend="auto"):
 def _local_pod(new, old, *, scales, reduction, backend, names=("new", "old")):
     """local_pod, with the caller's names for ``new`` and ``old`` in its errors (incseg_fast.losses)."""
     check.pod_pair(new, old, names)
-    scales = check.pod_scales(scales, new, new_name=names[0], most=POD_MAX_SCALES)
+    scales = check.pod_scales(scales, new, new_name=names[0], most=vocabulary.POD_MAX_SCALES)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     implementation = _for_inputs(resolve(backend, new.device), new)
     if old.shape[1] < new.shape[1]:
