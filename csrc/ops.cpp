@@ -62,6 +62,19 @@ void define_schemas(torch::Library& m) {
   m.def(
       "structured_attention_backward(Tensor grad_out, Tensor v, Tensor a_ch, Tensor a_sp, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- Local POD (PLOP, MATH.md#local-pod) ----
+  // new, old (B, C, H, W), one float dtype; scales: positive, each <= H and <= W, at most 8 of them;
+  // reduction in {mean, sum, none}. Returns (loss: 0-dim, or (B,) for none; pooled_diff (B, C, P):
+  // per image and channel, for each scale in order, the width-pooled [r][j] (s*h_s x s) then the
+  // height-pooled [i][q] (s x s*w_s) cell means of new^2 - old^2, P = sum_s s^2 (h_s + w_s);
+  // inv_norm (B,): 1/l_n, 0 where l_n == 0), all in the accumulation dtype; the last two are
+  // saved for the backward.
+  m.def("local_pod_forward(Tensor new, Tensor old, int[] scales, str reduction) -> (Tensor, Tensor, Tensor)");
+  // d loss / d new (new's dtype and shape, contiguous) for grad_loss shaped like the loss.
+  m.def(
+      "local_pod_backward(Tensor grad_loss, Tensor new, Tensor pooled_diff, Tensor inv_norm, int[] scales, "
+      "str reduction) -> Tensor");
 }
 
 }  // namespace

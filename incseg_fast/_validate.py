@@ -243,3 +243,43 @@ def structured_attention_args(v, a_ch, a_sp):
     if a_sp.shape != (B, H, W):
         raise ValueError(f"a_sp must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(a_sp.shape)}")
     return a_sp
+
+
+def pod_pair(new, old, names=("new", "old")):
+    """MATH.md#local-pod: new (B, C, H, W), old (B, Co, H, W) with 1 <= Co <= C (Co < C: logits whose
+    new classes are merged into the background), one dtype and device; old a constant."""
+    new_name, old_name = names
+    float_tensor(new, new_name, 4)
+    float_tensor(old, old_name, 4)
+    same_device_dtype(old, old_name, new, new_name)
+    B, C, H, W = new.shape
+    if old.shape[0] != B or old.shape[2:] != new.shape[2:]:
+        raise ValueError(
+            f"{old_name} must have shape (B, C, H, W) = ({B}, {C}, {H}, {W}) like {new_name}, got {tuple(old.shape)}"
+        )
+    if not 1 <= old.shape[1] <= C:
+        raise ValueError(
+            f"{old_name} has {old.shape[1]} channels; need 1 <= {old.shape[1]} <= {C} ({new_name}'s channels)"
+        )
+    if old.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{old_name} (the old model's features) must not require grad: compute it under torch.no_grad() "
+            f"or pass {old_name}.detach(); the distillation treats it as a constant"
+        )
+
+
+def pod_scales(scales, new, name="scales", new_name="new", most=8):
+    """A non-empty sequence of at most ``most`` ints, each in [1, min(H, W)] of ``new``; returned as a tuple."""
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(scales).__name__}")
+    H, W = new.shape[2:]
+    values = tuple(integer(s, f"{name}[{i}]") for i, s in enumerate(scales))
+    if not 1 <= len(values) <= most:
+        raise ValueError(f"{name} must hold 1 to {most} scales, got {len(values)}")
+    for i, s in enumerate(values):
+        if not 1 <= s <= min(H, W):
+            raise ValueError(
+                f"{name}[{i}]={s} must be in [1, min(H, W)] = [1, {min(H, W)}] for {new_name} of shape "
+                f"{tuple(new.shape)}: a cell of ({H}//{s}) x ({W}//{s}) pixels would be empty"
+            )
+    return values

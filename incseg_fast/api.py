@@ -5,7 +5,7 @@ arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-los
 """
 
 from . import _validate as check
-from . import reference
+from . import reference, vocabulary
 from ._backends import available_backends, resolve
 from .reference import balanced_log_gamma
 from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
@@ -18,6 +18,7 @@ __all__ = [
     "incremental_loss",
     "attentive_distillation",
     "structured_attention",
+    "local_pod",
     "available_backends",
 ]
 
@@ -228,3 +229,26 @@ def structured_attention(v, a_ch, a_sp, *, backend="auto"):
     """
     a_sp = check.structured_attention_args(v, a_ch, a_sp)
     return _for_inputs(resolve(backend, v.device), v).structured_attention(v, a_ch, a_sp)
+
+
+def local_pod(new, old, *, scales=vocabulary.POD_SCALES, reduction="mean", backend="auto"):
+    """MATH.md#local-pod (PLOP's Local POD) for one layer.
+
+    ``new``, ``old`` (B, C, H, W) features of the new and the frozen old model. Per image: the L2
+    distance between the multi-scale (``scales``, PLOP's (1, 2, 4)) width- and height-pooled means
+    of the squared features; ``reduction`` "mean" (over the batch, PLOP's), "sum" or "none" ((B,)).
+    ``old`` with fewer channels Co than ``new`` (logits): the new classes' logits are first added
+    into the background channel (PLOP's ``extra_channels="sum"``). Differentiable w.r.t. ``new``.
+    """
+    return _local_pod(new, old, scales=scales, reduction=reduction, backend=backend)
+
+
+def _local_pod(new, old, *, scales, reduction, backend, names=("new", "old")):
+    """local_pod, with the caller's names for ``new`` and ``old`` in its errors (incseg_fast.losses)."""
+    check.pod_pair(new, old, names)
+    scales = check.pod_scales(scales, new, new_name=names[0], most=vocabulary.POD_MAX_SCALES)
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    implementation = _for_inputs(resolve(backend, new.device), new)
+    if old.shape[1] < new.shape[1]:
+        new = reference.merge_new_channels(new, old.shape[1])
+    return implementation.local_pod(new, old, scales=scales, reduction=reduction)

@@ -13,11 +13,14 @@ the unbiased distillation (MiB's indexing breaks); ``old_cl=None`` means no old 
 ordinary cross-entropy (MiB fails).
 """
 
+import math
+
 import torch
 from torch import nn
 
 from . import _validate as check
 from . import api
+from .vocabulary import POD_SCALES
 
 # The modules' argument names, so that every error names what the caller wrote.
 _NAMES = dict(x="inputs", t="targets", y="targets", old_classes="old_cl", mask="mask", size="size")
@@ -158,3 +161,50 @@ class AttentiveDistillationLoss(nn.Module):
         return api.attentive_distillation(
             inputs, targets, a, b, reduction=self.reduction, detach_spatial=self.detach_spatial, backend=self.backend
         )
+
+
+class LocalPODLoss(nn.Module):
+    """MATH.md#local-pod: PLOP's Local POD feature distillation over a model's layers.
+
+    ``forward(new_features, old_features, *, num_classes=None, num_new_classes=None)`` takes two
+    equally long sequences of (B, C, H, W) maps of the new and the frozen old model (PLOP: the
+    backbone's stages, then the logits, whose new classes are merged into the background when the
+    old map has fewer channels). Returns ``(1/L) Σ_l λ_l local_pod(new_l, old_l)`` with PLOP's
+    weights: ``feature_weight`` (0.01) for every layer but the last, ``last_weight`` (0.0005) for the
+    last, all times ``sqrt(num_classes / num_new_classes)`` when those are given (PLOP's schedule:
+    the classes seen so far over the classes added at this step).
+    """
+
+    def __init__(self, scales=POD_SCALES, feature_weight=0.01, last_weight=0.0005, *, backend="auto"):
+        super().__init__()
+        self.scales = scales
+        self.feature_weight = check.finite_float(feature_weight, "feature_weight")
+        self.last_weight = check.finite_float(last_weight, "last_weight")
+        self.backend = backend
+
+    def forward(self, new_features, old_features, *, num_classes=None, num_new_classes=None):
+        new_features, old_features = list(new_features), list(old_features)
+        if len(new_features) != len(old_features) or not new_features:
+            raise ValueError(
+                "new_features and old_features must hold as many layers, got "
+                f"{len(new_features)} and {len(old_features)}"
+            )
+        if (num_classes is None) != (num_new_classes is None):
+            raise ValueError("num_classes and num_new_classes go together: give both or neither")
+        schedule = 1.0
+        if num_classes is not None:
+            num_new_classes = check.integer(num_new_classes, "num_new_classes", minimum=1)
+            schedule = math.sqrt(check.integer(num_classes, "num_classes", minimum=num_new_classes) / num_new_classes)
+        total = 0.0
+        for i, (new, old) in enumerate(zip(new_features, old_features, strict=True)):
+            weight = self.last_weight if i == len(new_features) - 1 else self.feature_weight
+            layer = api._local_pod(
+                new,
+                old,
+                scales=self.scales,
+                reduction="mean",
+                backend=self.backend,
+                names=(f"new_features[{i}]", f"old_features[{i}]"),
+            )
+            total = total + weight * layer
+        return total * schedule / len(new_features)

@@ -19,6 +19,8 @@ __all__ = [
     "incremental_loss",
     "attentive_distillation",
     "structured_attention",
+    "local_pod",
+    "merge_new_channels",
     "logit_losses",
     "upsample",
     "ignored",
@@ -320,3 +322,40 @@ def structured_attention(v, a_ch, a_sp):
     """MATH.md#sab: (1 + a_ch ⊗ a_sp) * v, returned in v's dtype."""
     out = (1 + _upcast(a_ch)[:, :, None, None] * _upcast(a_sp)[:, None]) * _upcast(v)
     return out.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PLOP's Local POD (MATH.md#local-pod).
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_new_channels(x, old_channels):
+    """MATH.md#local-pod-logits: the channels from ``old_channels`` on added into channel 0, the rest dropped."""
+    background = x[:, :1] + x[:, old_channels:].sum(dim=1, keepdim=True)
+    return torch.cat([background, x[:, 1:old_channels]], dim=1)
+
+
+def _pod_embedding(e, scales):
+    """Every scale's width-pooled (B, C, s, h_s, s) and height-pooled (B, C, s, s, w_s) cell means of
+    ``e`` (B, C, H, W), flattened and concatenated per image (MATH.md#local-pod)."""
+    B, C, H, W = e.shape
+    parts = []
+    for s in scales:
+        h, w = H // s, W // s
+        cells = e[:, :, : s * h, : s * w].reshape(B, C, s, h, s, w)  # [b, c, i, row in cell, j, column in cell]
+        parts.append(cells.mean(dim=5).flatten(1))
+        parts.append(cells.mean(dim=3).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+def local_pod(new, old, *, scales=(1, 2, 4), reduction="mean"):
+    """MATH.md#local-pod: per image the L2 distance of the multi-scale pooled squared features;
+    mean (or sum) over the batch, or the (B,) distances for "none". With more channels in ``new``
+    than in ``old`` (logits), the new classes are first merged into the background."""
+    new, old = _upcast(new), _upcast(old)
+    if new.shape[1] > old.shape[1]:
+        new = merge_new_channels(new, old.shape[1])
+    distances = torch.linalg.vector_norm(_pod_embedding(new.square() - old.square(), scales), dim=1)
+    if reduction == "none":
+        return distances
+    return _mean(distances) if reduction == "mean" else distances.sum()

@@ -14,6 +14,9 @@ REDUCTIONS = ("mean", "sum", "none")
 INCREMENTAL_CE_MODES = ("unbiased", "plain")
 # Attentive distillation reduces to a scalar.
 FEATURE_REDUCTIONS = ("mean", "sum")
+# Local POD (MATH.md#local-pod): PLOP's pyramid, and the most scales one call takes (csrc/common/pod_math.h).
+POD_SCALES = (1, 2, 4)
+POD_MAX_SCALES = 8
 
 # Backends in the order "auto" prefers them (for the device a call's tensors live on).
 BACKENDS = ("cuda", "triton", "cpu", "reference")

@@ -26,6 +26,7 @@ def test_public_signatures():
         "gamma=None, ignore_index=255, size=None, backend='auto')",
         "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
         "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
+        "local_pod": "(new, old, *, scales=(1, 2, 4), reduction='mean', backend='auto')",
         "available_backends": "()",
     }
     for name, signature in expected.items():

@@ -25,6 +25,7 @@ ALL_OPS = [
     "knowledge_distillation",
     "attentive_distillation",
     "structured_attention",
+    "local_pod",
 ]
 
 

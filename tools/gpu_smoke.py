@@ -39,6 +39,7 @@ FAMILIES = {
     "logit losses": ("logit_losses_fwd", "logit_losses_bwd"),
     "attentive distillation": ("attentive_distillation_forward", "attentive_distillation_backward"),
     "structured attention": ("structured_attention", "structured_attention_backward"),
+    "local pod": ("local_pod_forward", "local_pod_backward"),
 }
 
 
@@ -160,6 +161,20 @@ def structured_case(backend, device, generator, dtype, shape, wanted):
     return max(errors)
 
 
+def pod_case(backend, device, generator, dtype, shape, reduction):
+    new_values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    old_values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    (new,), (new_exact,) = _leaves([new_values], dtype, device, [True])
+    old = old_values.to(dtype).to(device)
+    upstream = [torch.randn((shape[0],) if reduction == "none" else (), generator=generator, dtype=torch.float64)]
+    actual = backend.local_pod(new, old, scales=(1, 2, 4), reduction=reduction)
+    expected = reference.local_pod(new_exact, old.to("cpu", torch.float64), scales=(1, 2, 4), reduction=reduction)
+    _backward([actual], upstream)
+    _backward([expected], upstream)
+    rtol = RTOL[dtype]
+    return max(_close(actual, expected, rtol, "loss"), _close(new.grad, new_exact.grad, rtol, "dL/dnew"))
+
+
 def _name(dtype):
     return str(dtype)[6:]
 
@@ -205,6 +220,15 @@ def _structured(dtype, shape, wanted):
     )
 
 
+def _pod(dtype, shape, reduction):
+    return (
+        "local pod",
+        f"{_name(dtype)} {shape} {reduction}",
+        pod_case,
+        dict(dtype=dtype, shape=shape, reduction=reduction),
+    )
+
+
 # size=: the upsampled forward and the gather backward; 19 channels take the CUDA gather's 8-channel
 # groups across Co and a tail, x's 9 x 17 elements two blocks, and y has its own resolution.
 UPSAMPLED_SHAPE = (2, 19, 11, 37, 70)
@@ -228,6 +252,8 @@ def cases():
             yield _attentive(dtype, shape, reduction, detach, subsets[(i + j) % len(subsets)])
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
         yield _structured(dtype, shape, ((True, True, True), (False, True, True), (True, False, False))[i % 3])
+    for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
+        yield _pod(dtype, shape, REDUCTIONS[i % 3])
 
 
 TINY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,7 +265,7 @@ TINY_UPSAMPLED_SHAPE = (2, 19, 11, 13, 23)
 def tiny_cases():
     """Every op and kernel, forward and backward, once per dtype of TINY_DTYPES: the logit losses on
     the odd shape and the packed one (two mode pairs, both with a mask) and with size=, the attention
-    ops on both shapes with every gradient."""
+    ops on both shapes with every gradient, Local POD on both shapes."""
     for dtype in TINY_DTYPES:
         odd, packed = LOGIT_SHAPES
         yield _logit(dtype, odd, "unbiased", "unbiased", "mean", torch.int64, True)
@@ -248,6 +274,7 @@ def tiny_cases():
         for shape in FEATURE_SHAPES:
             yield _attentive(dtype, shape, "mean", False, (True, True, True, True))
             yield _structured(dtype, shape, (True, True, True))
+            yield _pod(dtype, shape, "mean")
 
 
 def missing_kernels(namespace, dispatch_key):

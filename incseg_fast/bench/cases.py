@@ -195,6 +195,14 @@ def make_attention_inputs(dims, dtype, device, generator):
     return _finish(arguments, ("v", "a_ch", "a_sp"), upstream, "v", dtype, device)
 
 
+def make_pod_inputs(dims, dtype, device, generator):
+    """One layer of PLOP's Local POD: the new features and the frozen old ones, close to them."""
+    B, C, H, W = dims
+    new = _randn((B, C, H, W), generator)
+    arguments = {"new": new, "old": new + _randn((B, C, H, W), generator, 0.1)}
+    return _finish(arguments, ("new",), [torch.tensor(0.01)], "new", dtype, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops: the reference call and the public-API call with the same arguments.
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +291,14 @@ def fused_structured_attention(v, a_ch, a_sp, *, backend):
     return (_api().structured_attention(v, a_ch, a_sp, backend=backend),)
 
 
+def reference_local_pod(new, old):
+    return (reference.local_pod(new, old),)
+
+
+def fused_local_pod(new, old, *, backend):
+    return (_api().local_pod(new, old, backend=backend),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     name: str
@@ -355,6 +371,14 @@ OPS = {
             make_attention_inputs,
             reference_structured_attention,
             fused_structured_attention,
+            ("feat2048", "feat256", "feat2048x64"),
+        ),
+        Op(
+            "local_pod",
+            "features",
+            make_pod_inputs,
+            reference_local_pod,
+            fused_local_pod,
             ("feat2048", "feat256", "feat2048x64"),
         ),
     )

@@ -3,7 +3,7 @@
 Importing this package loads the extension ``incseg_fast._C``, which defines the schemas in every
 namespace and registers the compiled CPU (and, when built, CUDA) kernels; then the fake kernels and
 autograd formulas of each op family are registered once per namespace. A backend is an
-``OpBackend``: the three contract functions of DEVELOPERS.md bound to one namespace.
+``OpBackend``: the four contract functions of DEVELOPERS.md bound to one namespace.
 
     incseg_fast                 compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
     incseg_fast_triton          Triton kernels (backend "triton"), registered by incseg_fast.triton
@@ -14,6 +14,7 @@ import torch
 
 from . import attention as _attention
 from . import logit_losses as _logit_losses
+from . import pod as _pod
 
 try:
     from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
@@ -48,6 +49,9 @@ class OpBackend:
     def structured_attention(self, v, a_ch, a_sp):
         return _attention.structured_attention(self.ops, v, a_ch, a_sp)
 
+    def local_pod(self, new, old, *, scales, reduction):
+        return _pod.local_pod(self.ops, new, old, scales=scales, reduction=reduction)
+
 
 def _has_kernels_for(namespace, dispatch_key):
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
@@ -60,6 +64,7 @@ if HAS_EXTENSION:
     for _namespace in NAMESPACES:
         _logit_losses.register(_namespace)
         _attention.register(_namespace)
+        _pod.register(_namespace)
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)

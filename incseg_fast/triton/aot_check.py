@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..vocabulary import CE_MODES, KD_MODES
-from . import _launch, attention, logit_losses_upsampled
+from . import _launch, attention, logit_losses_upsampled, pod
 from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -247,6 +247,28 @@ def _attention_kernels(quick):
             yield label, kernel, pointers, dict(tiles, **flags), num_warps
 
 
+def _pod_kernels(quick):
+    """Local POD's variants on DeepLab's 33 x 33 maps: the pooling at scales 1 and 4, and the backward."""
+    for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16, torch.float64):
+        acc_torch, acc = _launch.accumulator_dtype(dtype)
+        data, acc_name = _TL_NAMES[dtype], _TL_NAMES[acc_torch]
+        pooling = dict(new_ptr=data, old_ptr=data, pooled_ptr=acc_name)
+        for s in (1, 4):
+            block_r, block_s, block_w = pod.pool_blocks(33, 33, s)
+            label = f"_pool_kernel scale {s} {dtype} {block_r}x{block_s}x{block_w}"
+            yield (
+                label,
+                pod._pool_kernel,
+                pooling,
+                dict(ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_W=block_w),
+                4,
+            )
+        block_r, block_w = pod.grad_blocks(33, 33)
+        gradient = dict(new_ptr=data, pooled_ptr=acc_name, geometry_ptr="i32", weight_ptr=acc_name, grad_ptr=data)
+        constexprs = dict(ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
+        yield f"_grad_kernel {dtype} {block_r}x{block_w}", pod._grad_kernel, gradient, constexprs, 4
+
+
 def kernels(quick):
     """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
     yield from _logit_kernels(quick)
@@ -259,6 +281,7 @@ def kernels(quick):
             _launch.GPU_NUM_WARPS,
         )
     yield from _attention_kernels(quick)
+    yield from _pod_kernels(quick)
 
 
 def compiled_kernels(quick, arch, **options):
