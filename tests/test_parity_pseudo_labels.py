@@ -40,8 +40,10 @@ def _close_calls(y, t, thresholds, size, dtype, ignore_index, bins=None):
     predicted, u = reference.predicted_class_and_entropy(y.double().cpu(), size)
     near = near_tie | ((u - thresholds.double().cpu()[predicted]).abs() < MARGIN[dtype])
     if bins is not None:
+        # Inner bin edges only: u a hair below 0 or above 1 is clamped into the first or last bin anyway.
         scaled = u * bins
-        near |= (scaled - scaled.round()).abs() < MARGIN[dtype] * bins
+        edge = scaled.round()
+        near |= ((scaled - edge).abs() < MARGIN[dtype] * bins) & (edge > 0) & (edge < bins)
     return near & reference.pseudo_background(t.cpu(), y.shape[1], ignore_index)
 
 
