@@ -25,6 +25,7 @@ ALL_OPS = [
     "knowledge_distillation",
     "attentive_distillation",
     "structured_attention",
+    "entropy_pseudo_labels",
 ]
 
 
