@@ -5,18 +5,39 @@
 // new label, the confidence and the histogram bin follow. Scalars only, so that the CPU kernels'
 // loops over a tile of pixels vectorise.
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
-#include "common/logit_stream.h"
+#include "common/logit_math.h"
 #include "common/macros.h"
 
 namespace incseg {
 namespace pseudo {
 
+// `a` where `take_a`, else `b`. On the host by a select on the bits: GCC will not if-convert a float
+// select under -ftrapping-math for AVX2 (it does with AVX-512's masks), which left the AVX2 copy of
+// the CPU tile loop scalar (tools/isa_check.py); on the device a plain select.
+template <typename T>
+HOST_DEVICE T select(bool take_a, T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return take_a ? a : b;
+#else
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  Bits a_bits, b_bits;
+  std::memcpy(&a_bits, &a, sizeof(T));
+  std::memcpy(&b_bits, &b, sizeof(T));
+  const Bits mask = Bits(0) - static_cast<Bits>(take_a);
+  a_bits = (a_bits & mask) | (b_bits & ~mask);
+  std::memcpy(&a, &a_bits, sizeof(T));
+  return a;
+#endif
+}
+
 // Floor of a logit's distance below the running maximum inside S (MATH.md#pseudo-kernels): a -inf
 // logit adds exp(-inf) * -1e4 = 0 instead of 0 * inf.
 template <typename T>
 HOST_DEVICE T floored_gap(T gap) {
-  return gap < T(-1e4) ? T(-1e4) : gap;
+  return select(gap < T(-1e4), T(-1e4), gap);
 }
 
 // The running state of one pixel: maximum, its channel, Z = sum exp(v - max), S = sum exp(v - max) (v - max).
@@ -34,20 +55,22 @@ struct EntropyStream {
     argmax = 0;
   }
 
-  // Channel c >= 1 with logit v. lse_step takes the maximum only on a strictly larger v, so the
-  // first of equal logits stays the argmax (torch.argmax's lowest index).
+  // Channel c >= 1 with logit v: one exponential, exp(-|v - max|) (MATH.md#pseudo-kernels). Only a
+  // strictly larger v (or a NaN) raises the maximum, so the first of equal logits stays the argmax
+  // (torch.argmax's lowest index); v == max (-inf == -inf included) adds the term 1 without inf - inf.
   HOST_DEVICE void add(T v, int32_t c) {
-    const T previous_max = max;
-    T rescale, term;
-    logit::lse_step(v, max, rescale, term);
-    const bool raised = max != previous_max;
-    // Every earlier (v_c - max) shrinks by (new max - old max) when the maximum rises; the new
-    // channel's own gap is 0 then, and (v - max) otherwise.
-    const T shift = raised ? floored_gap(previous_max - max) : T(0);
-    const T gap = raised ? T(0) : floored_gap(v - max);
+    const T d = v - max;
+    const bool raised = (d > T(0)) | (v != v);
+    const T e = select(v == max, T(1), logit::lm_exp(select(raised, -d, d)));
+    const T rescale = select(raised, e, T(1));
+    const T term = select(raised, T(1), e);
+    // When the maximum rises every earlier (v_c - max) shrinks by d, and the new channel's own gap is 0.
+    const T shift = select(raised, floored_gap(-d), T(0));
+    const T gap = select(raised, T(0), floored_gap(d));
     s = rescale * (s + shift * z) + term * gap;
     z = rescale * z + term;
-    argmax = raised ? c : argmax;
+    max = select(raised, v, max);
+    argmax ^= (argmax ^ c) & (int32_t(0) - static_cast<int32_t>(raised));
   }
 
   // u = H / log Co in [0, 1] (up to rounding): inv_log_classes = 1 / log Co, 0 for Co == 1.
