@@ -260,7 +260,9 @@ def step_labels(t, y, ignore_index, size, name="t", y_name="y"):
         )
     same_device(t, name, y, y_name)
     negative = (t < 0) & ~ignored(t, ignore_index)
-    if bool(negative.any()):
+    if torch.compiler.is_compiling():  # as in labels(): the compiled graph asserts instead
+        torch._assert_async(torch.logical_not(negative.any()), f"{name} has labels < 0 that are not ignore_index")
+    elif bool(negative.any()):
         raise ValueError(f"{name} has label {t[negative][0].item()} < 0 that is not ignore_index={ignore_index}")
     return t
 

@@ -193,3 +193,15 @@ def test_histogram_medians_is_the_reference(generator):
     hist = torch.randint(0, 9, (5, 11), generator=generator)
     hist[2] = 0
     assert torch.equal(isf.histogram_medians(hist), reference.histogram_medians(hist))
+
+
+def test_torch_compile_fullgraph_matches_eager(generator):
+    y, t, thresholds = _inputs(generator, hw=(9, 11))
+
+    def relabel(y, t, thresholds):
+        labels, factor = isf.entropy_pseudo_labels(y, t, thresholds)
+        return labels, factor, isf.entropy_histogram(y, t, bins=8)
+
+    compiled = torch.compile(relabel, fullgraph=True)
+    for got, want in zip(compiled(y, t, thresholds), relabel(y, t, thresholds), strict=True):
+        assert torch.equal(got, want)
