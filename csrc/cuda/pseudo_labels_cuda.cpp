@@ -75,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels(const at::Tensor& y, co
   at::Tensor out = at::empty({in.B, in.H, in.W}, labels.options().dtype(at::kLong));
   const int64_t grid_x = pixel_blocks(in.HW);
   // (B, warps per image, 2): the kernels' warps are numbered image by image.
-  at::Tensor warp_counts = at::zeros({in.B, grid_x * (kPseudoThreads / kWarpSize), 2}, labels.options().dtype(at::kInt));
+  at::Tensor warp_counts =
+      at::zeros({in.B, grid_x * (kPseudoThreads / kWarpSize), 2}, labels.options().dtype(at::kInt));
   if (in.B > 0 && in.HW > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "entropy_pseudo_labels", [&] {
       using k_scalar_t = typename KernelType<scalar_t>::type;
