@@ -75,6 +75,16 @@ void define_schemas(torch::Library& m) {
   m.def(
       "local_pod_backward(Tensor grad_loss, Tensor new, Tensor pooled_diff, Tensor inv_norm, int[] scales, "
       "str reduction) -> Tensor");
+  // ---- entropy pseudo-labels (PLOP; MATH.md#pseudo-labels) ----
+  // y (B, Co, h, w) old-model logits, labels (B, H, W) int64/int32/uint8, thresholds (Co,) float32.
+  // size = [H, W]: y is bilinearly upsampled to the labels' resolution on the fly (MATH.md#upsampling);
+  // size = None: y is at the labels' resolution. Returns (new labels (B, H, W) int64, the adaptive
+  // factor (B,) float32). Not differentiable.
+  m.def(
+      "entropy_pseudo_labels(Tensor y, Tensor labels, Tensor thresholds, *, int ignore_index, "
+      "int[]? size=None) -> (Tensor, Tensor)");
+  // int64 (Co, bins): per background pixel, +1 at (argmax class, entropy bin) (MATH.md#entropy-histogram).
+  m.def("entropy_histogram(Tensor y, Tensor labels, *, int bins, int ignore_index, int[]? size=None) -> Tensor");
 }
 
 }  // namespace

@@ -283,3 +283,52 @@ def pod_scales(scales, new, name="scales", new_name="new", most=8):
                 f"{tuple(new.shape)}: a cell of ({H}//{s}) x ({W}//{s}) pixels would be empty"
             )
     return values
+
+
+# ---- entropy pseudo-labels (MATH.md#pseudo-labels) ----
+
+
+def step_labels(t, y, ignore_index, size, name="t", y_name="y"):
+    """Labels (B, H, W) of the step's label space: integers >= 0 or ignore_index; (H, W) = size if given."""
+    tensor(t, name)
+    if t.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an int64, int32 or uint8 tensor of class indices, got {t.dtype}")
+    pixels = pixel_shape(y, size)
+    if t.shape != pixels:
+        raise ValueError(
+            f"{name} must have shape (B, H, W) = {pixels}, got {tuple(t.shape)}{size_hint(t, name, y, size)}"
+        )
+    same_device(t, name, y, y_name)
+    negative = (t < 0) & ~ignored(t, ignore_index)
+    if torch.compiler.is_compiling():  # as in labels(): the compiled graph asserts instead
+        torch._assert_async(torch.logical_not(negative.any()), f"{name} has labels < 0 that are not ignore_index")
+    elif bool(negative.any()):
+        raise ValueError(f"{name} has label {t[negative][0].item()} < 0 that is not ignore_index={ignore_index}")
+    return t
+
+
+def thresholds(value, y, name="thresholds", y_name="y"):
+    """Per-class thresholds (Co,), any float dtype; returned as contiguous float32."""
+    tensor(value, name)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    old_classes = y.shape[1]
+    if value.shape != (old_classes,):
+        raise ValueError(
+            f"{name} must have one threshold per old class, shape (Co,) = ({old_classes},) for {y_name} "
+            f"with {old_classes} channels, got {tuple(value.shape)}"
+        )
+    same_device(value, name, y, y_name)
+    return value.detach().to(torch.float32).contiguous()
+
+
+def histogram(value, name="hist"):
+    """An (Co, bins) histogram of counts (an integer or float tensor, values >= 0)."""
+    tensor(value, name)
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer or floating tensor of counts, got {value.dtype}")
+    if value.dim() != 2 or value.shape[1] < 1:
+        raise ValueError(f"{name} must be (Co, bins) with bins >= 1, got shape {tuple(value.shape)}")
+    if bool((value < 0).any()):
+        raise ValueError(f"{name} must hold counts >= 0, got {value[value < 0][0].item()}")
+    return value

@@ -20,6 +20,9 @@ __all__ = [
     "structured_attention",
     "local_pod",
     "available_backends",
+    "entropy_pseudo_labels",
+    "entropy_histogram",
+    "histogram_medians",
 ]
 
 
@@ -252,3 +255,52 @@ def _local_pod(new, old, *, scales, reduction, backend, names=("new", "old")):
     if old.shape[1] < new.shape[1]:
         new = reference.merge_new_channels(new, old.shape[1])
     return implementation.local_pod(new, old, scales=scales, reduction=reduction)
+
+
+# ---- entropy pseudo-labels (PLOP; MATH.md#pseudo-labels) ----
+
+
+def _pseudo_label_inputs(y, t, ignore_index, size):
+    """Checks shared by the two pseudo-label ops; returns (y detached, ignore_index, size)."""
+    check.logits(y, "y")
+    if y.shape[1] < 1:
+        raise ValueError(f"y must have at least one channel (Co >= 1), got shape {tuple(y.shape)}")
+    size = check.output_size(size, y, "size", "y")
+    ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
+    check.step_labels(t, y, ignore_index, size)
+    return y.detach(), ignore_index, size
+
+
+def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None, backend="auto"):
+    """MATH.md#pseudo-labels (PLOP's entropy pseudo-labelling): relabel the background of step t > 0.
+
+    ``y`` (B, Co, h, w): the old model's logits; ``t`` (B, H, W): the step's labels (background and old
+    classes 0, new classes >= Co, ``ignore_index``); ``thresholds`` (Co,): θ per old class, on the
+    normalised entropy u in [0, 1] (PLOP's θ_PLOP is θ / (Co·log N), MATH.md#pseudo-labels).
+    ``size=(H, W)``: ``y`` is bilinearly upsampled to the labels' resolution on the fly.
+    Returns ``(labels, factor)``: int64 (B, H, W) labels (k̂ where the old model is confident,
+    ``ignore_index`` on the rest of the background, ``t`` elsewhere) and PLOP's per-image adaptive factor
+    (B,) float32. Not differentiable.
+    """
+    y, ignore_index, size = _pseudo_label_inputs(y, t, ignore_index, size)
+    thresholds = check.thresholds(thresholds, y)
+    return _for_inputs(resolve(backend, y.device), y).entropy_pseudo_labels(
+        y, t, thresholds, ignore_index=ignore_index, size=size
+    )
+
+
+def entropy_histogram(y, t, *, bins=100, ignore_index=255, size=None, backend="auto"):
+    """MATH.md#entropy-histogram: int64 (Co, bins) counts of the background pixels of ``t`` by the old
+    model's predicted class and the bin of their normalised entropy u. Histograms of batches add up;
+    ``histogram_medians`` turns the total into per-class thresholds (PLOP's ``find_median``)."""
+    y, ignore_index, size = _pseudo_label_inputs(y, t, ignore_index, size)
+    bins = check.integer(bins, "bins", minimum=1, maximum=2**31 - 1)
+    return _for_inputs(resolve(backend, y.device), y).entropy_histogram(
+        y, t, bins=bins, ignore_index=ignore_index, size=size
+    )
+
+
+def histogram_medians(hist):
+    """MATH.md#histogram-median: (Co,) float32 per-class medians of u from an (Co, bins) histogram,
+    interpolated inside the bin where the cumulative count reaches half; 0 for an empty class."""
+    return reference.histogram_medians(check.histogram(hist))

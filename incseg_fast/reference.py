@@ -8,6 +8,8 @@ losses come back in that computation dtype, ``structured_attention`` in the inpu
 The functions here do not validate their arguments: the public API (``incseg_fast.api``) does.
 """
 
+import math
+
 import torch
 
 __all__ = [
@@ -24,6 +26,9 @@ __all__ = [
     "logit_losses",
     "upsample",
     "ignored",
+    "entropy_pseudo_labels",
+    "entropy_histogram",
+    "histogram_medians",
 ]
 
 
@@ -359,3 +364,63 @@ def local_pod(new, old, *, scales=(1, 2, 4), reduction="mean"):
     if reduction == "none":
         return distances
     return _mean(distances) if reduction == "mean" else distances.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy pseudo-labels (PLOP; MATH.md#pseudo-labels). No gradient: labels and counts.
+# ---------------------------------------------------------------------------------------------
+
+
+def pseudo_background(t, old_classes, ignore_index):
+    """Background pixels: label < Co and not the ignore label (MATH.md#pseudo-labels)."""
+    return (t.long() < old_classes) & ~ignored(t, ignore_index)
+
+
+def predicted_class_and_entropy(y, size=None):
+    """k̂ (argmax of the logits, lowest index among ties) and u = H(softmax) / log Co of upsample(y, size)."""
+    with torch.no_grad():
+        logits = upsample(_upcast(y), size)
+        old_classes = logits.shape[1]
+        p = torch.softmax(logits, dim=1)
+        entropy = -torch.special.xlogy(p, p).sum(dim=1)  # p log p = 0 at p = 0
+        scale = 1 / math.log(old_classes) if old_classes > 1 else 0.0
+        return logits.argmax(dim=1), entropy * scale
+
+
+def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None):
+    """MATH.md#pseudo-labels: (new labels (B, H, W) int64, adaptive factor (B,) float32)."""
+    predicted, u = predicted_class_and_entropy(y, size)
+    background = pseudo_background(t, y.shape[1], ignore_index)
+    confident = background & (u < thresholds.to(u.dtype)[predicted])
+    not_confident = torch.full_like(predicted, ignore_index)
+    labels = torch.where(background, torch.where(confident, predicted, not_confident), t.long())
+    counts = (confident.sum(dim=(1, 2)), background.sum(dim=(1, 2)))
+    factor = counts[0].double() / (counts[1].double() + 1e-6)
+    return labels, factor.float()
+
+
+def entropy_bins(u, bins):
+    """min(floor(u * bins), bins - 1), and 0 below 0 (MATH.md#entropy-histogram)."""
+    return (u * bins).floor().clamp(0, bins - 1).long()
+
+
+def entropy_histogram(y, t, *, bins=100, ignore_index=255, size=None):
+    """MATH.md#entropy-histogram: int64 (Co, bins) counts of the background pixels by (k̂, entropy bin)."""
+    predicted, u = predicted_class_and_entropy(y, size)
+    background = pseudo_background(t, y.shape[1], ignore_index)
+    cells = predicted[background] * bins + entropy_bins(u[background], bins)
+    return torch.bincount(cells, minlength=y.shape[1] * bins).view(y.shape[1], bins)
+
+
+def histogram_medians(hist):
+    """MATH.md#histogram-median: (Co,) float32 medians of u from an (Co, bins) histogram, 0 for an empty row."""
+    counts = hist.double()
+    bins = counts.shape[1]
+    half = counts.sum(dim=1) / 2
+    cumulative = counts.cumsum(dim=1)
+    # The first bin whose cumulative count reaches half: the number of bins below half.
+    j = (cumulative < half[:, None]).sum(dim=1).clamp(max=bins - 1)
+    below = cumulative.gather(1, j[:, None]).squeeze(1) - counts.gather(1, j[:, None]).squeeze(1)
+    in_bin = counts.gather(1, j[:, None]).squeeze(1)
+    median = (j + (half - below) / in_bin.clamp(min=1)) / bins
+    return torch.where(half > 0, median, torch.zeros_like(median)).float()

@@ -10,6 +10,7 @@ Every provider is called the same way: ``fn(**inputs.arguments) -> tuple of outp
 import contextlib
 import dataclasses
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ class Size:
             "logits": ("B", "C", "Co", "H", "W"),
             "features": ("B", "C", "H", "W"),
             "upsampled": ("B", "C", "Co", "H", "W", "stride"),
+            "pseudo": ("B", "Co", "N", "H", "W"),
         }[self.kind]
         return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims, strict=True))
 
@@ -522,10 +524,13 @@ def run_forward(fn, inputs):
 
 
 def run_forward_backward(fn, inputs):
+    """The forward, then the backward of its outputs; an op without gradients (no upstream: the
+    pseudo-labels) has no backward, and its forward+backward is its forward."""
     with _provider_context(fn):
         outputs = tuple(fn(**inputs.arguments))
-        upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
-        torch.autograd.backward(outputs, upstream)
+        if inputs.upstream:
+            upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
+            torch.autograd.backward(outputs, upstream)
     return outputs
 
 
@@ -539,3 +544,65 @@ def minimal_bytes(inputs, outputs, *, backward):
         total += sum(u.numel() * u.element_size() for u in inputs.upstream if u.dim() > 0)
         total += sum(t.numel() * t.element_size() for t in inputs.grad_tensors())
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy pseudo-labels (PLOP; MATH.md#pseudo-labels): no gradient, so forward only.
+# ---------------------------------------------------------------------------------------------
+
+SIZES.update(
+    (s.name, s)
+    for s in (
+        # VOC 15-5 at its last step: Co = 16 old classes, N = 21 classes; CPU-sized batch and resolution.
+        Size("voc_pseudo", "pseudo", (4, 16, 21, 256, 256)),
+        Size("voc512_pseudo_b24", "pseudo", (24, 16, 21, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
+        Size("quick_pseudo", "pseudo", (2, 16, 21, 45, 53), quick=True),
+    )
+)
+
+
+def make_pseudo_label_inputs(dims, dtype, device, generator):
+    """Old-model logits y (B, Co, H, W), the step's labels (background 0, new classes Co..N-1, ignored)
+    and thresholds in (0.2, 0.8); nothing receives a gradient."""
+    B, Co, N, H, W = dims
+    labels = _labels(B, N, H, W, generator)
+    arguments = {
+        "y": _randn((B, Co, H, W), generator, 3.0),
+        "t": labels.masked_fill(labels < Co, 0),
+        "thresholds": 0.2 + 0.6 * torch.rand(Co, generator=generator),
+    }
+    inputs = _finish(arguments, (), [], "y", dtype, device)
+    inputs.arguments["thresholds"] = inputs.arguments["thresholds"].float()
+    return inputs
+
+
+def plop_entropy_pseudo_labels(y, t, thresholds):
+    """PLOP's entropy pseudo-labelling as its train.py writes it (eager, full-size temporaries: the
+    probabilities, p·log(p + 1e-8), the masks, a cloned label map), with our thresholds turned into
+    PLOP's scale θ / (Co·log N) (MATH.md#pseudo-labels); N is taken as Co + 5 (VOC 15-5)."""
+    old_classes = y.shape[1]
+    plop_thresholds = thresholds / (old_classes * math.log(old_classes + 5))
+    probabilities = torch.softmax(y.float(), dim=1)
+    _, pseudo = probabilities.max(dim=1)
+    entropy = -(probabilities * torch.log(probabilities + 1e-8)).mean(dim=1) / math.log(old_classes + 1e-8)
+    valid = entropy / math.log(old_classes + 5) < plop_thresholds[pseudo]
+    background = t < old_classes
+    labels = t.long().clone()
+    labels[~valid & background] = IGNORE_INDEX
+    labels[valid & background] = pseudo[valid & background]
+    factor = (valid & background).float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + 1e-6)
+    return labels, factor
+
+
+def fused_entropy_pseudo_labels(y, t, thresholds, *, backend):
+    return _api().entropy_pseudo_labels(y, t, thresholds, backend=backend)
+
+
+OPS["entropy_pseudo_labels"] = Op(
+    "entropy_pseudo_labels",
+    "pseudo",
+    make_pseudo_label_inputs,
+    plop_entropy_pseudo_labels,
+    fused_entropy_pseudo_labels,
+    ("voc_pseudo", "voc512_pseudo_b24"),
+)

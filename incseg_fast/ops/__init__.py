@@ -15,6 +15,7 @@ import torch
 from . import attention as _attention
 from . import logit_losses as _logit_losses
 from . import pod as _pod
+from . import pseudo_labels as _pseudo_labels
 
 try:
     from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
@@ -52,6 +53,12 @@ class OpBackend:
     def local_pod(self, new, old, *, scales, reduction):
         return _pod.local_pod(self.ops, new, old, scales=scales, reduction=reduction)
 
+    def entropy_pseudo_labels(self, y, t, thresholds, *, ignore_index, size):
+        return _pseudo_labels.entropy_pseudo_labels(self.ops, y, t, thresholds, ignore_index=ignore_index, size=size)
+
+    def entropy_histogram(self, y, t, *, bins, ignore_index, size):
+        return _pseudo_labels.entropy_histogram(self.ops, y, t, bins=bins, ignore_index=ignore_index, size=size)
+
 
 def _has_kernels_for(namespace, dispatch_key):
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
@@ -65,6 +72,7 @@ if HAS_EXTENSION:
         _logit_losses.register(_namespace)
         _attention.register(_namespace)
         _pod.register(_namespace)
+        _pseudo_labels.register(_namespace)
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)

@@ -20,6 +20,7 @@ from .attention import (
 )
 from .logit_losses import logit_losses_bwd, logit_losses_fwd
 from .pod import local_pod_backward, local_pod_forward
+from .pseudo_labels import entropy_histogram, entropy_pseudo_labels
 
 __all__ = ["is_available"]
 
@@ -32,6 +33,8 @@ _KERNELS = {
     "structured_attention_backward": structured_attention_backward,
     "local_pod_forward": local_pod_forward,
     "local_pod_backward": local_pod_backward,
+    "entropy_pseudo_labels": entropy_pseudo_labels,
+    "entropy_histogram": entropy_histogram,
 }
 
 

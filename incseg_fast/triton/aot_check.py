@@ -28,11 +28,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..vocabulary import CE_MODES, KD_MODES
-from . import _launch, attention, logit_losses_upsampled, pod
+from . import _launch, attention, logit_losses_upsampled, pod, pseudo_labels
 from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_FLOAT_SCALARS = {"alpha_high", "alpha_low"}
+_FLOAT_SCALARS = {"alpha_high", "alpha_low", "inv_log_hi", "inv_log_lo"}
 # The attention kernels' pointers to data of the inputs' dtype, and those to float32 partials.
 _ATTENTION_DATA_POINTERS = (
     "v_ptr",
@@ -269,6 +269,28 @@ def _pod_kernels(quick):
         yield f"_grad_kernel {dtype} {block_r}x{block_w}", pod._grad_kernel, gradient, constexprs, 4
 
 
+def _pseudo_label_kernels(quick):
+    """The entropy pseudo-label variants: each logits dtype, with and without size= (int64 labels)."""
+    for dtype, upsample in itertools.product(
+        (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16, torch.float64), (False, True)
+    ):
+        _, acc_tl = _launch.accumulator_dtype(dtype)
+        acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
+        # the launcher's tiles (pseudo_labels._geometry) for a large image
+        _, block_p, num_warps = _launch.gather_tiles(1, 1 << 20) if upsample else _launch.gpu_tile(dtype)
+        pointers = {
+            "y_ptr": _TL_NAMES[dtype],
+            "labels_ptr": "i64",
+            "thresholds_ptr": acc_name,
+            "out_ptr": "i64",
+            "counts_ptr": "i32",
+            "histogram_ptr": "i32",
+        }
+        for kernel in (pseudo_labels._pseudo_labels_kernel, pseudo_labels._entropy_histogram_kernel):
+            label = f"{kernel.fn.__name__} UPSAMPLE={upsample} {dtype} {block_p} pixels {num_warps} warps"
+            yield label, kernel, pointers, dict(UPSAMPLE=upsample, ACC=acc_tl, BLOCK_P=block_p), num_warps
+
+
 def kernels(quick):
     """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
     yield from _logit_kernels(quick)
@@ -282,6 +304,7 @@ def kernels(quick):
         )
     yield from _attention_kernels(quick)
     yield from _pod_kernels(quick)
+    yield from _pseudo_label_kernels(quick)
 
 
 def compiled_kernels(quick, arch, **options):
