@@ -98,3 +98,17 @@ def test_options_that_do_not_apply_are_one_line_errors(tmp_path, capsys, argv, m
 def test_train_rejects_caf_switches_for_other_methods(tmp_path, capsys):
     assert main(["train", "--method", "mib", "--kd", "none", "--out", str(tmp_path)]) == 2
     assert "--kd does not apply to --method mib" in capsys.readouterr().err
+
+
+def test_plop_rows_switch_local_pod_and_the_pseudo_labels(tmp_path):
+    out = tmp_path / "plop"
+    assert main(["ablate", "--method", "plop", "--out", str(out), *TINY]) == 0
+    rows = ABLATIONS["plop"].rows
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == [row.name for row in rows]
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| row | Local POD | pseudo-labels | old (0-15) | new (16-20) | all |"
+    for row in rows:
+        cfg = load_checkpoint(out / row.folder / "plop" / "step1.pt")["config"]
+        assert cfg["pseudo_labels"] is row.switches["pseudo"]
+        assert (cfg["lambda_pod"] > 0 and cfg["lambda_pod_logits"] > 0) is row.switches["pod"]
