@@ -120,7 +120,12 @@ def plop_prepare(batch_outputs: Iterable, sum_over_processes: Callable, cfg, pla
     histogram = None
     for old_out, labels, size in batch_outputs:
         counts = isf.entropy_histogram(
-            old_out["logits"], labels, bins=PLOP_HISTOGRAM_BINS, size=size, backend=cfg.loss_backend
+            old_out["logits"],
+            labels,
+            bins=PLOP_HISTOGRAM_BINS,
+            ignore_index=IGNORE_INDEX,
+            size=size,
+            backend=cfg.loss_backend,
         )
         histogram = counts if histogram is None else histogram + counts
     medians = isf.histogram_medians(sum_over_processes(histogram))
