@@ -194,17 +194,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+ABLATION_SWITCHES = ("kd", "caf_module", "pseudo_labels")  # the options ablate's rows set
+
+
 def _cmd_ablate(args) -> int:
-    from .train.ablate import run_ablation
+    from .train.ablate import ABLATIONS, run_ablation
 
     _set_threads(args.threads)
-    if args.method != "caf":
-        raise ValueError("--method does not apply to ablate (its rows are caf runs)")
+    if args.method not in ABLATIONS:
+        raise ValueError(f"--method {args.method} has no ablation: ablate runs {' or '.join(ABLATIONS)}")
     if args.step != "all":
         raise ValueError("--step does not apply to ablate (every row trains every step of the task)")
-    for flag, given in (("--kd", args.kd is not None), ("--no-fusion", args.caf_module is not None)):
-        if given:
-            raise ValueError(f"{flag} does not apply to ablate (its rows switch it)")
+    for name in ABLATION_SWITCHES:
+        if getattr(args, name) is not None:
+            raise ValueError(f"{option_flag(name)} does not apply to ablate (its rows switch it)")
     cfg = _config(args)
     report = run_ablation(cfg, overwrite=args.overwrite)
     print(report["table"])
@@ -343,13 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ablate",
-        help="CAF's Table III: fusion module, attentive and balanced distillation on and off",
-        description="Trains caf with its fusion module (SAB), attentive distillation (AD) and balanced "
-        "distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row), each row in "
-        "OUT/<row>/ from one shared step 0, and writes the old/new/all mIoU table to results.md/json. "
-        "The options are train's; --method, --step, --kd and --no-fusion do not apply. Rerunning resumes.",
+        help="a method's parts on and off: CAF's Table III (--method caf, default) or PLOP's (--method plop)",
+        description="--method caf (the default): trains caf with its fusion module (SAB), attentive distillation "
+        "(AD) and balanced distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row); "
+        "--method plop: plop with its Local POD and its pseudo-labels on and off. Each row in OUT/<row>/ from "
+        "one shared step 0; the old/new/all mIoU table goes to results.md/json. The options are train's; "
+        "--step, --kd, --no-fusion and --no-pseudo-labels do not apply. Rerunning resumes.",
     )
-    _add_train(p, hidden=("method", "step", "kd", "caf_module"))  # the rows set these themselves
+    _add_train(p, hidden=("method", "step", *ABLATION_SWITCHES))  # the rows set these themselves
     p.set_defaults(method="caf", out="runs/ablate")
 
     sub.add_parser(

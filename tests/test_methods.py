@@ -11,7 +11,16 @@ from incseg_fast.train.demo import demo_methods
 from incseg_fast.train.methods import incremental_methods, method_help
 from incseg_fast.train.results import _sorted_methods
 
-NON_NEUTRAL = {"lambda_fd": 5.0, "freeze_encoder": True, "lambda_ad": 5.0, "kd": "none", "caf_module": False}
+NON_NEUTRAL = {
+    "lambda_fd": 5.0,
+    "freeze_encoder": True,
+    "lambda_ad": 5.0,
+    "kd": "none",
+    "caf_module": False,
+    "lambda_pod": 0.5,
+    "lambda_pod_logits": 0.5,
+    "pseudo_labels": False,
+}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -231,6 +231,20 @@ class TrainConfig:
     caf_module: bool | None = option(
         None, "caf only: without the fusion module (projection, fusion, SAB)", flag="--no-fusion", const=False
     )
+    lambda_pod: float | None = option(
+        None,
+        f"plop only: Local POD weight of the backbone's stages (default: {per_method('lambda_pod')})",
+        NOT_NEGATIVE,
+    )
+    lambda_pod_logits: float | None = option(
+        None, f"plop only: Local POD weight of the logits (default: {per_method('lambda_pod_logits')})", NOT_NEGATIVE
+    )
+    pseudo_labels: bool | None = option(
+        None,
+        "plop only: without the entropy pseudo-labels (the background keeps its label, every image weight 1)",
+        flag="--no-pseudo-labels",
+        const=False,
+    )
     step0_checkpoint: str | None = option(
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
     )

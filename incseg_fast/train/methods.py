@@ -10,7 +10,8 @@ cross-entropy for every method.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ class Batch:
     old_out: dict | None
     labels: torch.Tensor
     size: tuple[int, int] | None
+    state: dict = field(default_factory=dict)  # what the method's prepare computed for the step
 
 
 def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,64 @@ def caf_terms(batch: Batch) -> dict:
     return terms
 
 
+# PLOP (Douillard et al., CVPR 2021): Local POD on the backbone's stages and the logits, and the
+# background relabelled with the old model's confident predictions (MATH.md#local-pod,
+# MATH.md#entropy-pseudo-labels). PLOP's entropy threshold floor, 0.001 in its units (its entropy
+# divided by Co and by log N, N the classes seen so far), is 0.001 Co log N in ours (normalised entropy).
+PLOP_ENTROPY_FLOOR = 0.001
+PLOP_HISTOGRAM_BINS = 100
+
+
+def plop_prepare(batch_outputs: Iterable, sum_over_processes: Callable, cfg, plan) -> dict:
+    """PLOP's statistics before a step: the per-class thresholds of the pseudo-labels, the median
+    normalised entropy of the old model's predictions on the step's background pixels, floored.
+    ``batch_outputs``: (old model's outputs, labels, size) of this process's share of the training
+    images; ``sum_over_processes`` adds the processes' histograms."""
+    if not cfg.pseudo_labels:
+        return {}
+    histogram = None
+    for old_out, labels, size in batch_outputs:
+        counts = isf.entropy_histogram(
+            old_out["logits"],
+            labels,
+            bins=PLOP_HISTOGRAM_BINS,
+            ignore_index=IGNORE_INDEX,
+            size=size,
+            backend=cfg.loss_backend,
+        )
+        histogram = counts if histogram is None else histogram + counts
+    medians = isf.histogram_medians(sum_over_processes(histogram))
+    floor = PLOP_ENTROPY_FLOOR * plan.previous_classes * math.log(plan.num_classes)
+    return {"thresholds": medians.clamp_min(floor)}
+
+
+def plop_terms(batch: Batch) -> dict:
+    """PLOP: "pseudo_ce", the cross-entropy on the labels with the background relabelled by the
+    old model where it is confident, each image weighted by its share of confident background
+    pixels, averaged over every pixel (PLOP's reduction); "pod", Local POD of the backbone's
+    stages and of the logits, scaled by sqrt(classes / new classes) and averaged over the layers."""
+    cfg, plan = batch.cfg, batch.plan
+    if batch.old_out is None:
+        return logit_terms(batch)
+    x, y, labels = batch.out["logits"], batch.old_out["logits"], batch.labels
+    factor = None
+    if cfg.pseudo_labels:
+        labels, factor = isf.entropy_pseudo_labels(
+            y, labels, batch.state["thresholds"], ignore_index=IGNORE_INDEX, size=batch.size, backend=cfg.loss_backend
+        )
+    ce = isf.unbiased_cross_entropy(
+        x, labels, 1, ignore_index=IGNORE_INDEX, reduction="none", size=batch.size, backend=cfg.loss_backend
+    )
+    terms = {"pseudo_ce": (ce * factor[:, None, None]).mean() if factor is not None else ce.mean()}
+    if cfg.lambda_pod or cfg.lambda_pod_logits:
+        pairs = [(cfg.lambda_pod, a, b) for a, b in zip(batch.out["stages"], batch.old_out["stages"], strict=True)]
+        pairs.append((cfg.lambda_pod_logits, x, y.to(x.dtype)))
+        pod = sum(w * isf.local_pod(a, b, backend=cfg.loss_backend) for w, a, b in pairs if w)
+        schedule = math.sqrt(plan.num_classes / plan.classes_per_step[-1])
+        terms["pod"] = schedule * pod / len(pairs)
+    return terms
+
+
 @dataclass(frozen=True)
 class Method:
     """How a method trains a step > 0.
@@ -107,7 +167,9 @@ class Method:
     ``own_options``: the options only this method takes (TrainConfig field -> what it is for, as the
     error for another method says it); ``dataset_defaults``: per-dataset defaults of those options;
     ``terms``: the objective, a function of the :class:`Batch` returning its weighted terms by name
-    ("ce" first; every other term averages over every pixel or feature element)."""
+    ("ce", the cross-entropy averaged over the non-ignored pixels, when it has one; every other
+    term averages over every pixel or feature element); ``prepare``: what a step > 0 computes
+    before it trains (:func:`plop_prepare`'s arguments), the :attr:`Batch.state` of its batches."""
 
     name: str
     summary: str
@@ -116,12 +178,16 @@ class Method:
     lambda_kd: float = 0.0
     lambda_fd: float = 0.0  # ILT's L2 distillation of the encoder output
     lambda_ad: float = 0.0  # CAF's attentive distillation (docs/MATH.md#ad), on z-bar and h
+    lambda_pod: float = 0.0  # PLOP's Local POD of the backbone's stages
+    lambda_pod_logits: float = 0.0  # PLOP's Local POD of the logits
+    pseudo_labels: bool = False  # PLOP's entropy pseudo-labels of the background
     balanced_init: bool = False  # the new classes' classifier starts from the background's (MiB)
     caf_module: bool = False
     joint: bool = False  # all classes in one step (the offline upper bound)
     own_options: dict = field(default_factory=dict)
     dataset_defaults: dict = field(default_factory=dict)
     terms: Callable[[Batch], dict] = logit_terms
+    prepare: Callable | None = None
 
     @property
     def incremental(self) -> bool:
@@ -179,6 +245,21 @@ _METHOD_LIST = (
         dataset_defaults={dataset: {"lambda_ad": value} for dataset, value in CAF_LAMBDA_AD.items()},
         terms=caf_terms,
     ),
+    Method(
+        "plop",
+        "PLOP: CE on entropy pseudo-labels, Local POD of the backbone stages and the logits",
+        lambda_pod=0.01,
+        lambda_pod_logits=0.0005,
+        pseudo_labels=True,
+        balanced_init=True,
+        own_options={
+            "lambda_pod": "plop's Local POD",
+            "lambda_pod_logits": "plop's Local POD",
+            "pseudo_labels": "plop's pseudo-labels",
+        },
+        terms=plop_terms,
+        prepare=plop_prepare,
+    ),
     Method("joint", "all classes in one step (the offline upper bound)", joint=True),
 )
 METHODS = {method.name: method for method in _METHOD_LIST}  # in the order of the reports
@@ -214,15 +295,16 @@ def spec_with_switches(cfg) -> Method:
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
+# the loss weights every method resolves (0 where a method has no such term)
+LOSS_WEIGHTS = ("lambda_kd", "lambda_fd", "lambda_ad", "lambda_pod", "lambda_pod_logits")
+
+
 def resolve_method_options(cfg) -> None:
     """Fill ``cfg``'s method options left at None with the method's defaults for its dataset."""
     method = METHODS[cfg.method]
-    for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
-        if getattr(cfg, key) is None:
+    for key in (*LOSS_WEIGHTS, *method.own_options):
+        if getattr(cfg, key) is None and hasattr(method, key):
             setattr(cfg, key, method.default(key, cfg.dataset))
-    for key in ("kd", "caf_module"):
-        if key in method.own_options and getattr(cfg, key) is None:
-            setattr(cfg, key, getattr(method, key))
     if cfg.kd is not None and cfg.kd not in CAF_KD_CHOICES:
         raise ValueError(f"kd must be one of {list(CAF_KD_CHOICES)}, got {cfg.kd!r}")
 
@@ -248,13 +330,22 @@ def method_option_rules(cfg, neutral_default: Callable[[str], object]) -> list[t
 def needs_teacher(cfg) -> bool:
     """Whether steps > 0 run the old model (fine-tuning does not)."""
     spec = cfg.method_spec
-    return spec.kd != "none" or bool(cfg.lambda_fd) or bool(cfg.lambda_ad) or spec.caf_module
+    uses_old_outputs = any(getattr(cfg, key) for key in LOSS_WEIGHTS[1:]) or bool(cfg.pseudo_labels)
+    return spec.kd != "none" or spec.caf_module or uses_old_outputs
+
+
+def forward_options(cfg) -> dict:
+    """What the models' forward passes return beyond the logits: the stages for Local POD."""
+    return {"stages": bool(cfg.lambda_pod or cfg.lambda_pod_logits)}
 
 
 def fused_losses(cfg) -> list[str]:
     """The incseg_fast functions a run of ``cfg`` (resolved) calls: its terms' and CAF's fusion module's."""
+    plop = cfg.method == "plop"
     return (
-        ["incremental_loss"]
+        (["unbiased_cross_entropy"] if plop else ["incremental_loss"])
+        + ["entropy_pseudo_labels"] * bool(cfg.pseudo_labels)
+        + ["local_pod"] * bool(cfg.lambda_pod or cfg.lambda_pod_logits)
         + ["attentive_distillation"] * bool(cfg.lambda_ad)
         + ["structured_attention"] * bool(cfg.method_spec.caf_module)
     )

@@ -42,7 +42,7 @@ from .distributed import (
     synchronise_batch_norm,
 )
 from .distributed import start as start_processes
-from .methods import IGNORE_INDEX, Batch, needs_teacher
+from .methods import IGNORE_INDEX, Batch, forward_options, needs_teacher
 from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory, recorded_options
@@ -274,29 +274,30 @@ def add_caf_modules(cfg: TrainConfig, model, old) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0)):
+def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0), state=None):
     """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
     frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
-    for the CE and for the terms that average over every pixel (1 with one process)."""
-    terms = loss_terms(cfg, plan, net, student, old, images, labels)
+    for the CE and for the terms that average over every pixel (1 with one process); ``state``:
+    what the method's prepare computed for the step."""
+    terms = loss_terms(cfg, plan, net, student, old, images, labels, state)
     ce_weight, pixel_weight = weights
-    return ce_weight * terms.pop("ce") + pixel_weight * sum(terms.values())
+    return ce_weight * terms.pop("ce", 0.0) + pixel_weight * sum(terms.values())
 
 
-def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels) -> dict:
+def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, state=None) -> dict:
     """The weighted terms of the step's objective by name (the method's terms function, methods.py);
     their sum is the loss (tools/caf_terms.py measures them one by one). ``net`` runs ``student``
     (itself, or its DDP wrapper)."""
     # The logits stay at the network's resolution and the losses upsample them to the labels'
     # (size=, MATH.md#upsampling), unless the switch asks for MiB's interpolate-then-loss.
-    upsample = cfg.materialise_upsampled_logits
+    upsample, more = cfg.materialise_upsampled_logits, forward_options(cfg)
     old_out = None
     if old is not None:
         with torch.no_grad():
-            old_out = old(images, upsample=upsample)
-    out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample)
+            old_out = old(images, upsample=upsample, **more)
+    out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample, **more)
     size = None if upsample else tuple(labels.shape[-2:])
-    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size))
+    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size, state or {}))
 
 
 # ------------------------------------------------------------------------------------------
@@ -383,6 +384,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     history: list  # per finished epoch: loss, images/s
+    state: dict = dataclasses.field(default_factory=dict)  # the method's statistics for the step
 
 
 def _reuse_step0(step: _Step) -> None:
@@ -513,7 +515,9 @@ def _sgd_step(step: _Step, training: _Training, batch, where: str) -> float:
     images, labels = (t.to(step.device, non_blocking=True) for t in batch)
     weights = share_weights(labels, IGNORE_INDEX)
     with _autocast(step.device, step.autocast_dtype):
-        loss = _batch_loss(cfg, plan, training.net, training.student, training.teacher, images, labels, weights)
+        loss = _batch_loss(
+            cfg, plan, training.net, training.student, training.teacher, images, labels, weights, training.state
+        )
     loss_value = _global_mean(loss, step.processes)  # every process stops on a non-finite loss
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"non-finite loss at {where}: lower the learning rate")
@@ -599,6 +603,34 @@ def _finish_step(step: _Step, model, history: list, val_set) -> None:
     on_main(step.processes, _commit, step, model, entry)
 
 
+def _prepare_method(step: _Step, training: _Training, train_set) -> dict:
+    """The method's statistics for the step (methods.py, ``prepare``), from the old model's outputs on
+    this process's share of the training images, augmented with a fixed seed: a deterministic
+    function of the old model and the images, so a resumed step computes them again, the same."""
+    cfg, plan = step.cfg, step.plan
+    prepare = cfg.method_spec.prepare
+    if prepare is None or training.teacher is None:
+        return {}
+    share = Subset(train_set, range(step.processes.rank, len(train_set), step.processes.world_size))
+    images = _SeededImages(share, _seed(cfg.seed, plan.index, 3))
+    loader = DataLoader(images, batch_size=max(cfg.batch_size // step.processes.world_size, 1), num_workers=cfg.workers)
+    upsample = cfg.materialise_upsampled_logits
+
+    def batch_outputs():
+        for images, labels in loader:
+            images, labels = images.to(step.device), labels.to(step.device)
+            with torch.no_grad(), _autocast(step.device, step.autocast_dtype):
+                old_out = training.teacher(images, upsample=upsample)
+            yield old_out, labels, None if upsample else tuple(labels.shape[-2:])
+
+    def sum_over_processes(tensor):
+        return all_reduce_sum(tensor) if step.processes.distributed else tensor
+
+    if cfg.progress:
+        print(f"{step.label}: the old model's statistics for {cfg.method} ({len(share)} images)")
+    return prepare(batch_outputs(), sum_over_processes, cfg, plan)
+
+
 def _train_and_commit(step: _Step, on_epoch_end) -> None:
     cfg, plan = step.cfg, step.plan
     # rank 0 first: it writes the cache of the image selection that the others then read
@@ -606,6 +638,7 @@ def _train_and_commit(step: _Step, on_epoch_end) -> None:
     val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
     on_main(step.processes, _check_files, train_set, val_set)
     training = _start_training(step)
+    training.state = _prepare_method(step, training, train_set)
     first_epoch = _restore_partial_step(step, training)
     _distribute(step, training)
     for epoch in range(first_epoch, cfg.epochs if plan.index == 0 else cfg.epochs_incremental):
