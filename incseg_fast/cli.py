@@ -242,9 +242,11 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.demo import DEFAULT_METHODS
+
     parser = OneLineParser(
         prog="incseg-fast",
-        description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.",
+        description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF/PLOP losses.",
     )
     parser.add_argument("--version", action=_VersionAction, help="the package's, torch's and the kernels' versions")
     parser.add_argument(
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="synthetic 15-5 disjoint: ft vs mib (vs caf) vs joint on CPU",
+        help="synthetic 15-5 disjoint: ft vs mib, caf and plop vs joint on CPU",
         description="Runs the synthetic 15-5 disjoint task with the methods below and (not "
         "with --quick) the joint upper bound, prints the old/new/all mIoU table and writes "
         "results.json, results.csv, results.md and miou.png.",
@@ -325,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        default="ft,mib,caf",
-        help="comma-separated incremental methods (the full demo adds joint; default ft,mib,caf)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated incremental methods (the full demo adds joint; default {','.join(DEFAULT_METHODS)})",
     )
     p.add_argument(
         "--task",

@@ -64,7 +64,7 @@ QUICK = dict(
 )
 
 
-DEFAULT_METHODS = ("ft", "mib", "caf")
+DEFAULT_METHODS = ("ft", "mib", "caf", "plop")
 
 
 def default_out(quick: bool, task: str, seeds: bool = False) -> str:
