@@ -36,3 +36,10 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.f
 def accumulation_dtype(dtype):
     """The dtype the kernels accumulate in and return losses in: float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Op families that not every backend implements yet, and the backends that do; "auto" passes over the
+# others, and asking for one of them by name raises BackendUnavailableError. Every other op runs everywhere.
+PARTIAL_OP_BACKENDS = {"sigmoid_losses": ("reference", "cpu")}
+# How the sigmoid losses treat ignore_index pixels in their label term (MATH.md#sigmoid-ignore).
+SIGMOID_IGNORED_PIXELS = ("skip", "negative")

@@ -1,17 +1,17 @@
 """The sigmoid losses with composed targets (MATH.md#sigmoid-losses): the reference against SSUL's and
-DKD's losses written the way their code computes them (dense one-hot targets, BCEWithLogitsLoss), and
-every fused backend against the reference on fresh random inputs.
-
-The "as they do" formulations below are ours, written from the two papers' published training code:
-SSUL (clovaai/SSUL: utils/loss.py BCEWithLogitsLossWithIgnoreIndex, main.py's pseudo-labelling) and
-DKD (cvlab-yonsei/DKD: models/loss.py WBCELoss, KDLoss, ACLoss and trainer_voc.py's combination).
+DKD's losses written the way their code computes them (dense one-hot targets, BCEWithLogitsLoss:
+incseg_fast/bench/sigmoid_papers.py, ours, written from SSUL's utils/loss.py and main.py and DKD's
+models/loss.py and trainer), and every fused backend against the reference on fresh random inputs.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from parity_support import PARITY_BACKENDS, RTOL, device_for
 
-from incseg_fast import reference
+import incseg_fast as isf
+from incseg_fast import _backends, reference
+from incseg_fast.bench.sigmoid_papers import dkd_terms, ssul_bce, ssul_pseudo_labels
 
 IGNORE = 255
 
@@ -32,56 +32,6 @@ def _labels(generator, shape, classes, ignore_fraction=0.2):
     labels = torch.tensor(classes)[choice]
     ignored = torch.rand(shape, generator=generator) < ignore_fraction
     return torch.where(ignored, torch.full_like(labels, IGNORE), labels)
-
-
-# ---------------------------------------------------------------------------------------------
-# SSUL, as its code computes it
-# ---------------------------------------------------------------------------------------------
-
-
-def ssul_pseudo_labels(labels, old_logits, *, fg_idx, threshold):
-    """main.py: a background (or unknown) pixel takes the old model's confident foreground class."""
-    scores, predicted = torch.max(torch.sigmoid(old_logits), dim=1)
-    return torch.where((labels <= fg_idx) & (predicted > fg_idx) & (scores >= threshold), predicted, labels)
-
-
-def ssul_bce(inputs, labels, reduction):
-    """utils/loss.py's BCE with ignore index: one-hot with an extra class for ignored pixels, dropped."""
-    C = inputs.shape[1]
-    with_ignore_class = torch.where(labels != IGNORE, labels, torch.full_like(labels, C))
-    targets = F.one_hot(with_ignore_class, C + 1).to(inputs.dtype).permute(0, 3, 1, 2)[:, :C]
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").sum(dim=1)
-    has_positive = targets.sum(dim=1) != 0
-    if reduction == "mean":
-        return torch.masked_select(loss, has_positive).mean()
-    if reduction == "sum":
-        return torch.masked_select(loss, has_positive).sum()
-    return loss * targets.sum(dim=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# DKD, as its code computes it (channel 0: the auxiliary "unknown" classifier; class c: channel c)
-# ---------------------------------------------------------------------------------------------
-
-
-def dkd_terms(logit, logit_old, label, *, n_old, pos_weight):
-    """trainer_voc.py's step t > 0: (WBCE, KD, AC), each a per-channel mean over N, H, W, summed."""
-    n_new = logit.shape[1] - 1 - n_old
-    new_logit = logit[:, -n_new:]
-    target = torch.zeros_like(new_logit)
-    for cls in label.unique():
-        if int(cls) in (0, IGNORE):
-            continue
-        target[:, int(cls) - (n_old + 1)] = (label == int(cls)).to(target.dtype)
-    weights = torch.full((n_new,), float(pos_weight), dtype=logit.dtype)
-    N, C, H, W = new_logit.shape
-    wbce = torch.nn.BCEWithLogitsLoss(pos_weight=weights, reduction="none")(
-        new_logit.permute(0, 2, 3, 1).reshape(-1, C), target.permute(0, 2, 3, 1).reshape(-1, C)
-    )
-    wbce = wbce.reshape(N, H, W, C).permute(0, 3, 1, 2).mean(dim=[0, 2, 3])
-    kd = torch.nn.BCEWithLogitsLoss(reduction="none")(logit[:, 1 : n_old + 1], logit_old[:, 1:].sigmoid())
-    ac = torch.nn.BCEWithLogitsLoss(reduction="none")(logit[:, 0:1], torch.zeros_like(logit[:, 0:1]))
-    return wbce.sum(), kd.mean(dim=[0, 2, 3]).sum(), ac.mean(dim=[0, 2, 3]).sum()
 
 
 def _reference(x, t, y, **options):
@@ -185,3 +135,148 @@ def test_reference_gradient_is_bce(generator):
     p = torch.sigmoid(x.detach())
     expected = channel.view(1, -1, 1, 1) * (pos.view(1, -1, 1, 1) * targets * (p - 1) + (1 - targets) * p)
     _assert_close(x.grad, expected * term_scale * pixel_scale, 1e-12, "dL/dx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the float64 reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=PARITY_BACKENDS)
+def sigmoid_backend(request):
+    """Each fused backend that implements the sigmoid losses here; the others are skipped, saying why."""
+    reason = _backends.unavailable_reason(request.param, "sigmoid_losses")
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r}: {reason}")
+    return request.param
+
+
+def _parity(backend, x, t, y, generator, **options):
+    """isf.sigmoid_losses on ``backend`` against the reference on float64 copies: the three losses and
+    dL/dx for random upstream gradients."""
+    device = device_for(backend)
+    rtol = RTOL[x.dtype]
+    xb = x.to(device).requires_grad_()
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    outputs = isf.sigmoid_losses(
+        xb, None if t is None else t.to(device), None if y is None else y.to(device), backend=backend, **moved
+    )
+    xr = x.detach().to(torch.float64).requires_grad_()
+    expected = isf.sigmoid_losses(xr, t, None if y is None else y.to(torch.float64), backend="reference", **options)
+    upstream = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, out, ref in zip(("label", "soft", "negative"), outputs, expected, strict=True):
+        assert out.dtype == accumulation, f"{name}: dtype {out.dtype}"
+        _assert_close(out, ref, rtol, f"{name} loss")
+    sum((o * u.to(device=device, dtype=o.dtype)).sum() for o, u in zip(outputs, upstream, strict=True)).backward()
+    sum((r * u).sum() for r, u in zip(expected, upstream, strict=True)).backward()
+    assert xb.grad.dtype == x.dtype and xb.grad.shape == x.shape
+    _assert_close(xb.grad, xr.grad, rtol, "dL/dx")
+
+
+def _inputs(
+    generator, *, B=2, C=9, Co=6, H=11, W=13, low=None, y_low=None, dtype=torch.float32, classes=None, scale=3.0
+):
+    low = low or (H, W)
+    x = (scale * torch.randn((B, C, *low), generator=generator, dtype=torch.float64)).to(dtype)
+    y = (scale * torch.randn((B, Co, *(y_low or low)), generator=generator, dtype=torch.float64)).to(dtype)
+    t = _labels(generator, (B, H, W), classes if classes is not None else list(range(C)))
+    return x, t, y
+
+
+def _weights(generator, C):
+    return 0.5 + 2 * torch.rand(C, generator=generator, dtype=torch.float64)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ssul_parity(sigmoid_backend, generator, dtype, reduction):
+    """SSUL's form: every channel label-supervised, pseudo-labels, ignored pixels skipped."""
+    x, t, y = _inputs(generator, dtype=dtype, classes=[0, 1, 0, 1, 6, 7, 8])
+    _parity(
+        sigmoid_backend,
+        x,
+        t,
+        y,
+        generator,
+        pseudo_threshold=0.6,
+        pseudo_background=2,
+        pos_weight=_weights(generator, 9),
+        channel_weight=_weights(generator, 9),
+        reduction=reduction,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dkd_parity(sigmoid_backend, generator, dtype, reduction):
+    """DKD's form: a negative channel, soft targets on the old classes, labels on the new ones,
+    ignored pixels as negatives."""
+    x, t, y = _inputs(generator, dtype=dtype, classes=[0, 6, 7, 8])
+    _parity(
+        sigmoid_backend,
+        x,
+        t,
+        y,
+        generator,
+        negative_channels=1,
+        label_channels_from=6,
+        pos_weight=_weights(generator, 9),
+        channel_weight=_weights(generator, 9),
+        ignored_pixels="negative",
+        reduction=reduction,
+    )
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
+@pytest.mark.parametrize("ignored_pixels", ["skip", "negative"])
+def test_every_term_and_label_dtype(sigmoid_backend, generator, label_dtype, ignored_pixels):
+    """Soft targets and pseudo-labels together, all three terms, narrow label dtypes."""
+    x, t, y = _inputs(generator, C=8, Co=5, H=7, W=9)
+    _parity(
+        sigmoid_backend,
+        x,
+        t.to(label_dtype),
+        y,
+        generator,
+        negative_channels=2,
+        label_channels_from=4,
+        pseudo_threshold=0.5,
+        ignored_pixels=ignored_pixels,
+        reduction="mean",
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", ["ssul", "dkd"])
+def test_upsampled_parity(sigmoid_backend, generator, reduction, form):
+    """size= at non-integer scales, x and y each at its own resolution."""
+    x, t, y = _inputs(generator, H=29, W=41, low=(5, 7), y_low=(4, 9))
+    options = (
+        dict(pseudo_threshold=0.6)
+        if form == "ssul"
+        else dict(negative_channels=1, label_channels_from=6, ignored_pixels="negative")
+    )
+    _parity(sigmoid_backend, x, t, y, generator, size=(29, 41), pos_weight=1.7, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits(sigmoid_backend, generator, dtype):
+    """Logits and teacher logits at ±80: softplus and the sigmoid stay finite and exact."""
+    x, t, y = _inputs(generator, dtype=dtype)
+    x = (80 * torch.sign(x.double())).to(dtype)
+    y = (80 * torch.sign(y.double())).to(dtype)
+    _parity(sigmoid_backend, x, t, y, generator, negative_channels=1, label_channels_from=4, reduction="sum")
+
+
+def test_all_pixels_ignored_mean_is_zero(sigmoid_backend, generator):
+    """MATH.md#sigmoid-reductions: the label mean over no counted pixel is 0, with a zero gradient."""
+    x, t, _ = _inputs(generator, H=3, W=5)
+    t = torch.full_like(t, IGNORE)
+    xb = x.to(device_for(sigmoid_backend)).requires_grad_()
+    label, _, _ = isf.sigmoid_losses(xb, t.to(xb.device), backend=sigmoid_backend)
+    label.backward()
+    assert label.item() == 0.0 and xb.grad.abs().max().item() == 0.0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from incseg_fast import reference
 from incseg_fast.bench import mib
-from incseg_fast.vocabulary import FUSED_BACKENDS
+from incseg_fast.vocabulary import FUSED_BACKENDS, PARTIAL_OP_BACKENDS
 
 IGNORE_INDEX = 255
 IGNORED_FRACTION = 0.1
@@ -292,6 +292,7 @@ class Op:
     fused: object
     sizes: tuple  # the default sizes (CUDA-only ones are dropped on CPU)
     mib: object = None  # the same outputs computed as MiB's loss modules compute them, where MiB has the loss
+    family: str = None  # the API's op family where only some backends implement it (PARTIAL_OP_BACKENDS)
 
 
 OPS = {
@@ -468,6 +469,8 @@ def providers(op, device, names=None):
     if op.mib is not None:
         found += [(MIB, op.mib), (MIB_COMPILED, _compiled(op.mib))]
     for b in fused_backends(device):
+        if b not in PARTIAL_OP_BACKENDS.get(op.family, (b,)):
+            continue
         if op.kind == "upsampled":
             found.append((b, functools.partial(op.fused, backend=b, fused_upsampling=False)))
             found.append((b + FUSED_UPSAMPLING, functools.partial(op.fused, backend=b, fused_upsampling=True)))
@@ -515,3 +518,59 @@ def minimal_bytes(inputs, outputs, *, backward):
         total += sum(u.numel() * u.element_size() for u in inputs.upstream if u.dim() > 0)
         total += sum(t.numel() * t.element_size() for t in inputs.grad_tensors())
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The sigmoid losses (MATH.md#sigmoid-losses): DKD's step objective on the logits. Its "mib" slot
+# (the paper's own code, eager and compiled) holds DKD's code as DKD writes it (bench/sigmoid_papers.py).
+# ---------------------------------------------------------------------------------------------
+
+# DKD's weights of its WBCE, KD and AC terms (its VOC config): the upstream gradients of the three outputs.
+DKD_TERM_WEIGHTS = (1.0, 5.0, 1.0)
+
+
+def make_dkd_inputs(dims, dtype, device, generator):
+    """Logits (B, C, H, W) with DKD's layout (channel 0 auxiliary, old classes 1..Co-1, new ones
+    after), old logits (B, Co, H, W), labels in {0} and the new classes, with ignored pixels."""
+    B, C, Co, H, W = dims
+    classes = torch.tensor([0, *range(Co, C)])
+    t = classes[torch.randint(0, len(classes), (B, H, W), generator=generator)]
+    ignored = torch.rand((B, H, W), generator=generator) < IGNORED_FRACTION
+    arguments = {
+        "x": _randn((B, C, H, W), generator, 3.0),
+        "t": t.masked_fill(ignored, IGNORE_INDEX),
+        "y": _randn((B, Co, H, W), generator, 3.0),
+    }
+    return _finish(arguments, ("x",), [torch.tensor(w) for w in DKD_TERM_WEIGHTS], "x", dtype, device)
+
+
+def _dkd_options(y):
+    return dict(negative_channels=1, label_channels_from=y.shape[1], ignored_pixels="negative", reduction="mean")
+
+
+def reference_dkd_sigmoid_losses(x, t, y):
+    return reference.sigmoid_losses(
+        x, t, y, None, None, pseudo_threshold=None, pseudo_background=1, ignore_index=IGNORE_INDEX, **_dkd_options(y)
+    )
+
+
+def fused_dkd_sigmoid_losses(x, t, y, *, backend):
+    return _api().sigmoid_losses(x, t, y, backend=backend, **_dkd_options(y))
+
+
+def dkd_code_sigmoid_losses(x, t, y):
+    from incseg_fast.bench.sigmoid_papers import dkd_terms
+
+    return dkd_terms(x, y, t, n_old=y.shape[1] - 1, pos_weight=1.0)
+
+
+OPS["dkd_sigmoid_losses"] = Op(
+    "dkd_sigmoid_losses",
+    "logits",
+    make_dkd_inputs,
+    reference_dkd_sigmoid_losses,
+    fused_dkd_sigmoid_losses,
+    ("voc", "ade"),
+    dkd_code_sigmoid_losses,
+    family="sigmoid_losses",
+)

@@ -12,8 +12,10 @@ autograd formulas of each op family are registered once per namespace. A backend
 
 import torch
 
+from ..vocabulary import PARTIAL_OP_BACKENDS
 from . import attention as _attention
 from . import logit_losses as _logit_losses
+from . import sigmoid_losses as _sigmoid_losses
 
 try:
     from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
@@ -48,9 +50,17 @@ class OpBackend:
     def structured_attention(self, v, a_ch, a_sp):
         return _attention.structured_attention(self.ops, v, a_ch, a_sp)
 
+    def sigmoid_losses(self, x, target, y, pos_weight, channel_weight, **options):
+        return _sigmoid_losses.sigmoid_losses(self.ops, x, target, y, pos_weight, channel_weight, **options)
+
 
 def _has_kernels_for(namespace, dispatch_key):
-    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
+    names = [
+        n
+        for n in torch._C._dispatch_get_all_op_names()
+        # an op family that only some backends implement (its forward and backward) does not decide it
+        if n.startswith(namespace + "::") and n.split("::")[1].rsplit("_", 1)[0] not in PARTIAL_OP_BACKENDS
+    ]
     return bool(names) and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names)
 
 
@@ -60,6 +70,7 @@ if HAS_EXTENSION:
     for _namespace in NAMESPACES:
         _logit_losses.register(_namespace)
         _attention.register(_namespace)
+        _sigmoid_losses.register(_namespace)
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)
