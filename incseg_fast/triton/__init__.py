@@ -19,6 +19,7 @@ from .attention import (
     structured_attention_backward,
 )
 from .logit_losses import logit_losses_bwd, logit_losses_fwd
+from .sigmoid_losses import sigmoid_losses_bwd, sigmoid_losses_fwd
 
 __all__ = ["is_available"]
 
@@ -29,6 +30,8 @@ _KERNELS = {
     "attentive_distillation_backward": attentive_distillation_backward,
     "structured_attention": structured_attention,
     "structured_attention_backward": structured_attention_backward,
+    "sigmoid_losses_fwd": sigmoid_losses_fwd,
+    "sigmoid_losses_bwd": sigmoid_losses_bwd,
 }
 
 
