@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from incseg_fast import ops, reference
-from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS, CUDA_EMULATOR, PARTIAL_OP_BACKENDS
+from incseg_fast.vocabulary import BACKEND_CHOICES, BACKENDS, CUDA_EMULATOR
 
 # Looked up once: find_spec is not traceable by torch.compile, and an install does not change mid-run.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -31,10 +31,8 @@ def triton_interpreter():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason(name, op=None):
-    """None when backend ``name`` can run in this process (op ``op``, when given), else a sentence saying why not."""
-    if op in PARTIAL_OP_BACKENDS and name in BACKEND_CHOICES + (CUDA_EMULATOR,) and name not in PARTIAL_OP_BACKENDS[op]:
-        return f"it has no {op} kernels yet (that op runs on {', '.join(PARTIAL_OP_BACKENDS[op])})"
+def unavailable_reason(name):
+    """None when backend ``name`` can run in this process, else a sentence saying why not."""
     if name == "reference":
         return None
     if name in ("cpu", CUDA_EMULATOR):
@@ -70,11 +68,11 @@ def _module(name):
     return _MODULES[name]
 
 
-def auto_choice(device, op=None):
+def auto_choice(device):
     """The backend that ``backend="auto"`` runs for tensors on ``device`` (CUDA: cuda > triton >
-    reference; otherwise cpu > reference), among those that implement ``op`` when given."""
+    reference; otherwise cpu > reference)."""
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-    return next(n for n in order if unavailable_reason(n, op) is None)
+    return next(n for n in order if unavailable_reason(n) is None)
 
 
 class ReferenceFallbackWarning(UserWarning):
@@ -84,7 +82,7 @@ class ReferenceFallbackWarning(UserWarning):
 _warned_reference_on_cuda = False
 
 
-def _warn_reference_on_cuda(op=None):
+def _warn_reference_on_cuda():
     """Once per process: a CUDA user expects fused kernels, and would otherwise not know why they are slow."""
     global _warned_reference_on_cuda
     if _warned_reference_on_cuda:
@@ -92,25 +90,24 @@ def _warn_reference_on_cuda(op=None):
     _warned_reference_on_cuda = True
     warnings.warn(
         "incseg_fast: backend='auto' runs the reference backend (plain PyTorch, slower and heavier) on CUDA "
-        f"tensors: cuda is unavailable ({unavailable_reason('cuda', op)}), and so is triton "
-        f"({unavailable_reason('triton', op)}); `incseg-fast env` says more",
+        f"tensors: cuda is unavailable ({unavailable_reason('cuda')}), and so is triton "
+        f"({unavailable_reason('triton')}); `incseg-fast env` says more",
         ReferenceFallbackWarning,
         stacklevel=4,
     )
 
 
-def resolve(backend, device, op=None):
-    """The backend module for a call whose tensors live on ``device`` (of op ``op`` when given: an op
-    family of vocabulary.PARTIAL_OP_BACKENDS)."""
+def resolve(backend, device):
+    """The backend module for a call whose tensors live on ``device``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        name = auto_choice(device, op)
+        name = auto_choice(device)
         if name == "reference" and device.type == "cuda":
-            _warn_reference_on_cuda(op)
+            _warn_reference_on_cuda()
         return _module(name)
 
-    reason = unavailable_reason(backend, op)  # raises ValueError for unknown names
+    reason = unavailable_reason(backend)  # raises ValueError for unknown names
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
     if backend in ("cpu", CUDA_EMULATOR) and device.type != "cpu":

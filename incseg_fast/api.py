@@ -326,7 +326,7 @@ def sigmoid_losses(
     )
     pos_weight = check.channel_weights(pos_weight, x, "pos_weight")
     channel_weight = check.channel_weights(channel_weight, x, "channel_weight")
-    implementation = _for_inputs(resolve(backend, x.device, op="sigmoid_losses"), x)
+    implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.sigmoid_losses(
         x,
         t,

@@ -38,8 +38,5 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Op families that not every backend implements yet, and the backends that do; "auto" passes over the
-# others, and asking for one of them by name raises BackendUnavailableError. Every other op runs everywhere.
-PARTIAL_OP_BACKENDS = {"sigmoid_losses": ("reference", "cpu", "triton")}
 # How the sigmoid losses treat ignore_index pixels in their label term (MATH.md#sigmoid-ignore).
 SIGMOID_IGNORED_PIXELS = ("skip", "negative")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_parity_sigmoid import IGNORE, _labels
 
 import incseg_fast as isf
-from incseg_fast import BackendUnavailableError, _backends
+from incseg_fast import _backends
 from incseg_fast.bench.sigmoid_papers import dkd_terms, ssul_bce, ssul_pseudo_labels
 from incseg_fast.losses import BCEWithLogitsLossWithIgnoreIndex, DKDLoss
 
@@ -35,11 +35,11 @@ def _op_args(generator, reduction, *, size=None):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("size", [None, [5, 6]])
-@pytest.mark.parametrize("namespace", ["incseg_fast", "incseg_fast_triton"])
+@pytest.mark.parametrize("namespace", ["incseg_fast", "incseg_fast_triton", "incseg_fast_cuda_emulator"])
 def test_opcheck(generator, reduction, size, namespace):
-    """The compiled (CPU) and the Triton ops (under the interpreter without a GPU)."""
+    """The compiled (CPU), the Triton (under the interpreter without a GPU) and the emulated CUDA ops."""
     if namespace == "incseg_fast_triton":
-        reason = _backends.unavailable_reason("triton", "sigmoid_losses")
+        reason = _backends.unavailable_reason("triton")
         if reason is not None:
             pytest.skip(reason)
         import incseg_fast.triton  # noqa: F401  (registers the Triton kernels)
@@ -99,24 +99,6 @@ def test_deterministic(generator):
         finally:
             torch.set_num_threads(before)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend choice
-# ---------------------------------------------------------------------------------------------
-
-
-def test_auto_never_picks_a_backend_without_the_op():
-    assert _backends.auto_choice(torch.device("cpu"), "sigmoid_losses") in ("cpu", "reference")
-    for name in ("cuda", "cuda_emulator"):
-        assert "no sigmoid_losses kernels" in _backends.unavailable_reason(name, "sigmoid_losses")
-
-
-def test_explicit_backend_without_the_op_raises(generator):
-    x = torch.randn((1, 3, 2, 2), generator=generator)
-    t = torch.zeros((1, 2, 2), dtype=torch.long)
-    with pytest.raises(BackendUnavailableError, match="no sigmoid_losses kernels"):
-        isf.sigmoid_losses(x, t, backend="cuda_emulator")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ models/loss.py and trainer), and every fused backend against the reference on fr
 import pytest
 import torch
 import torch.nn.functional as F
-from parity_support import PARITY_BACKENDS, RTOL, device_for
+from parity_support import RTOL, device_for
 
 import incseg_fast as isf
-from incseg_fast import _backends, reference
+from incseg_fast import reference
 from incseg_fast.bench.sigmoid_papers import dkd_terms, ssul_bce, ssul_pseudo_labels
 
 IGNORE = 255
@@ -142,15 +142,6 @@ def test_reference_gradient_is_bce(generator):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=PARITY_BACKENDS)
-def sigmoid_backend(request):
-    """Each fused backend that implements the sigmoid losses here; the others are skipped, saying why."""
-    reason = _backends.unavailable_reason(request.param, "sigmoid_losses")
-    if reason is not None:
-        pytest.skip(f"backend {request.param!r}: {reason}")
-    return request.param
-
-
 def _parity(backend, x, t, y, generator, **options):
     """isf.sigmoid_losses on ``backend`` against the reference on float64 copies: the three losses and
     dL/dx for random upstream gradients."""
@@ -193,11 +184,11 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_ssul_parity(sigmoid_backend, generator, dtype, reduction):
+def test_ssul_parity(backend, generator, dtype, reduction):
     """SSUL's form: every channel label-supervised, pseudo-labels, ignored pixels skipped."""
     x, t, y = _inputs(generator, dtype=dtype, classes=[0, 1, 0, 1, 6, 7, 8])
     _parity(
-        sigmoid_backend,
+        backend,
         x,
         t,
         y,
@@ -212,12 +203,12 @@ def test_ssul_parity(sigmoid_backend, generator, dtype, reduction):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_dkd_parity(sigmoid_backend, generator, dtype, reduction):
+def test_dkd_parity(backend, generator, dtype, reduction):
     """DKD's form: a negative channel, soft targets on the old classes, labels on the new ones,
     ignored pixels as negatives."""
     x, t, y = _inputs(generator, dtype=dtype, classes=[0, 6, 7, 8])
     _parity(
-        sigmoid_backend,
+        backend,
         x,
         t,
         y,
@@ -233,11 +224,11 @@ def test_dkd_parity(sigmoid_backend, generator, dtype, reduction):
 
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
 @pytest.mark.parametrize("ignored_pixels", ["skip", "negative"])
-def test_every_term_and_label_dtype(sigmoid_backend, generator, label_dtype, ignored_pixels):
+def test_every_term_and_label_dtype(backend, generator, label_dtype, ignored_pixels):
     """Soft targets and pseudo-labels together, all three terms, narrow label dtypes."""
     x, t, y = _inputs(generator, C=8, Co=5, H=7, W=9)
     _parity(
-        sigmoid_backend,
+        backend,
         x,
         t.to(label_dtype),
         y,
@@ -252,7 +243,7 @@ def test_every_term_and_label_dtype(sigmoid_backend, generator, label_dtype, ign
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("form", ["ssul", "dkd"])
-def test_upsampled_parity(sigmoid_backend, generator, reduction, form):
+def test_upsampled_parity(backend, generator, reduction, form):
     """size= at non-integer scales, x and y each at its own resolution."""
     x, t, y = _inputs(generator, H=29, W=41, low=(5, 7), y_low=(4, 9))
     options = (
@@ -260,23 +251,23 @@ def test_upsampled_parity(sigmoid_backend, generator, reduction, form):
         if form == "ssul"
         else dict(negative_channels=1, label_channels_from=6, ignored_pixels="negative")
     )
-    _parity(sigmoid_backend, x, t, y, generator, size=(29, 41), pos_weight=1.7, reduction=reduction, **options)
+    _parity(backend, x, t, y, generator, size=(29, 41), pos_weight=1.7, reduction=reduction, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_extreme_logits(sigmoid_backend, generator, dtype):
+def test_extreme_logits(backend, generator, dtype):
     """Logits and teacher logits at ±80: softplus and the sigmoid stay finite and exact."""
     x, t, y = _inputs(generator, dtype=dtype)
     x = (80 * torch.sign(x.double())).to(dtype)
     y = (80 * torch.sign(y.double())).to(dtype)
-    _parity(sigmoid_backend, x, t, y, generator, negative_channels=1, label_channels_from=4, reduction="sum")
+    _parity(backend, x, t, y, generator, negative_channels=1, label_channels_from=4, reduction="sum")
 
 
-def test_all_pixels_ignored_mean_is_zero(sigmoid_backend, generator):
+def test_all_pixels_ignored_mean_is_zero(backend, generator):
     """MATH.md#sigmoid-reductions: the label mean over no counted pixel is 0, with a zero gradient."""
     x, t, _ = _inputs(generator, H=3, W=5)
     t = torch.full_like(t, IGNORE)
-    xb = x.to(device_for(sigmoid_backend)).requires_grad_()
-    label, _, _ = isf.sigmoid_losses(xb, t.to(xb.device), backend=sigmoid_backend)
+    xb = x.to(device_for(backend)).requires_grad_()
+    label, _, _ = isf.sigmoid_losses(xb, t.to(xb.device), backend=backend)
     label.backward()
     assert label.item() == 0.0 and xb.grad.abs().max().item() == 0.0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from incseg_fast import reference
 from incseg_fast.bench import mib
-from incseg_fast.vocabulary import FUSED_BACKENDS, PARTIAL_OP_BACKENDS
+from incseg_fast.vocabulary import FUSED_BACKENDS
 
 IGNORE_INDEX = 255
 IGNORED_FRACTION = 0.1
@@ -292,7 +292,6 @@ class Op:
     fused: object
     sizes: tuple  # the default sizes (CUDA-only ones are dropped on CPU)
     mib: object = None  # the same outputs computed as MiB's loss modules compute them, where MiB has the loss
-    family: str = None  # the API's op family where only some backends implement it (PARTIAL_OP_BACKENDS)
 
 
 OPS = {
@@ -469,8 +468,6 @@ def providers(op, device, names=None):
     if op.mib is not None:
         found += [(MIB, op.mib), (MIB_COMPILED, _compiled(op.mib))]
     for b in fused_backends(device):
-        if b not in PARTIAL_OP_BACKENDS.get(op.family, (b,)):
-            continue
         if op.kind == "upsampled":
             found.append((b, functools.partial(op.fused, backend=b, fused_upsampling=False)))
             found.append((b + FUSED_UPSAMPLING, functools.partial(op.fused, backend=b, fused_upsampling=True)))
@@ -572,5 +569,4 @@ OPS["dkd_sigmoid_losses"] = Op(
     fused_dkd_sigmoid_losses,
     ("voc", "ade"),
     dkd_code_sigmoid_losses,
-    family="sigmoid_losses",
 )

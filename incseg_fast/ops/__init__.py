@@ -12,7 +12,6 @@ autograd formulas of each op family are registered once per namespace. A backend
 
 import torch
 
-from ..vocabulary import PARTIAL_OP_BACKENDS
 from . import attention as _attention
 from . import logit_losses as _logit_losses
 from . import sigmoid_losses as _sigmoid_losses
@@ -55,12 +54,7 @@ class OpBackend:
 
 
 def _has_kernels_for(namespace, dispatch_key):
-    names = [
-        n
-        for n in torch._C._dispatch_get_all_op_names()
-        # an op family that only some backends implement (its forward and backward) does not decide it
-        if n.startswith(namespace + "::") and n.split("::")[1].rsplit("_", 1)[0] not in PARTIAL_OP_BACKENDS
-    ]
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
     return bool(names) and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names)
 
 
