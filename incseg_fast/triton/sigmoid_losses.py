@@ -298,6 +298,15 @@ def _first_reader(i, n_in, n_out):
     return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
 
 
+def gather_tiles(channels, col_readers, dtype):
+    """(BLOCK_C, BLOCK_E, COLS, num_warps) of the size= backward: COLS lanes per element (the column
+    readers, to a power of 2), BLOCK_C channels; fewer lanes for float64 on a GPU (registers)."""
+    cols = triton.next_power_of_2(col_readers)
+    lanes = INTERPRETER_LANES if _launch.interpreter() else GPU_LANES // (2 if dtype == torch.float64 else 1)
+    block_c = min(_launch.GPU_BLOCK_C, triton.next_power_of_2(channels))
+    return block_c, max(1, lanes // cols), cols, 1 if _launch.interpreter() else _launch.GPU_NUM_WARPS
+
+
 def _prepare(x, target, y, pos_weight, channel_weight, size):
     """Contiguous inputs, the weights as (C,) tensors in the accumulation dtype, the resolutions."""
     _launch.check_device(x, target, y)
@@ -429,10 +438,7 @@ def sigmoid_losses_bwd(
         block_c, block_e, num_warps = _launch.tiles(s["C"], s["H"] * s["W"], s["B"], x.dtype, x.device)
     else:
         row_readers, col_readers = _readers(s["h"], s["H"]), _readers(s["w"], s["W"])
-        cols = triton.next_power_of_2(col_readers)
-        lanes = INTERPRETER_LANES if _launch.interpreter() else GPU_LANES
-        block_c = min(_launch.INTERPRETER_BLOCK_C, triton.next_power_of_2(s["C"]))
-        block_e, num_warps = max(1, lanes // cols), 1 if _launch.interpreter() else 4
+        block_c, block_e, cols, num_warps = gather_tiles(s["C"], col_readers, x.dtype)
     grid = (triton.cdiv(s["h"] * s["w"], block_e), triton.cdiv(s["C"], block_c), s["B"])
     _sigmoid_bwd_kernel[grid](
         *grads,
