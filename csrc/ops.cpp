@@ -85,6 +85,25 @@ void define_schemas(torch::Library& m) {
       "int[]? size=None) -> (Tensor, Tensor)");
   // int64 (Co, bins): per background pixel, +1 at (argmax class, entropy bin) (MATH.md#entropy-histogram).
   m.def("entropy_histogram(Tensor y, Tensor labels, *, int bins, int ignore_index, int[]? size=None) -> Tensor");
+  // ---- sigmoid losses with composed targets (MATH.md#sigmoid-losses: SSUL, DKD) ----
+  // Channels [0, negative_channels) have target 0, [negative_channels, label_channels_from)
+  // sigmoid(y_c), [label_channels_from, C) the one-hot of the (pseudo-)label; pseudo_threshold
+  // (None: off) relabels pixels whose label is below pseudo_background with the teacher's argmax.
+  // ignored_pixels in {skip, negative}, reduction in {mean, sum, none}. Returns (label_loss,
+  // soft_loss, negative_loss) in float32 (float64 for float64 x), 0-dim or (B, H, W), and
+  // label_count, the int64 number of pixels the label term counts (0-dim), saved for the backward.
+  // pos_weight, channel_weight: (C,) or None (ones). size: as for logit_losses.
+  m.def(
+      "sigmoid_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? pos_weight, Tensor? channel_weight, *, "
+      "int negative_channels, int label_channels_from, float? pseudo_threshold, int pseudo_background, "
+      "int ignore_index, str ignored_pixels, str reduction, int[]? size=None) "
+      "-> (Tensor label_loss, Tensor soft_loss, Tensor negative_loss, Tensor label_count)");
+  // dL/dx (x's dtype and shape, contiguous) for upstream gradients shaped like the three losses.
+  m.def(
+      "sigmoid_losses_bwd(Tensor grad_label, Tensor grad_soft, Tensor grad_negative, Tensor x, Tensor? target, "
+      "Tensor? y, Tensor? pos_weight, Tensor? channel_weight, Tensor label_count, *, int negative_channels, "
+      "int label_channels_from, float? pseudo_threshold, int pseudo_background, int ignore_index, "
+      "str ignored_pixels, str reduction, int[]? size=None) -> Tensor");
 }
 
 }  // namespace

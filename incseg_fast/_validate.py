@@ -331,4 +331,53 @@ def histogram(value, name="hist"):
         raise ValueError(f"{name} must be (Co, bins) with bins >= 1, got shape {tuple(value.shape)}")
     if bool((value < 0).any()):
         raise ValueError(f"{name} must hold counts >= 0, got {value[value < 0][0].item()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses)
+# ---------------------------------------------------------------------------------------------
+
+
+def channel_weights(value, x, name):
+    """pos_weight / channel_weight: None, a number for every channel, or (C,) floating values, all
+    finite; returned as a constant (C,) tensor in x's accumulation dtype, or None."""
+    if value is None:
+        return None
+    C = x.shape[1]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((C,), finite_float(value, name), dtype=accumulation_dtype(x.dtype), device=x.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be None, a number or a (C,) tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},), one value per channel of x, got {tuple(value.shape)}")
+    same_device(value, name, x, "x")
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} must not require grad: the loss has no gradient for it")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite")
+    return value.to(accumulation_dtype(x.dtype)).contiguous()
+
+
+def sigmoid_layout(negative_channels, label_channels_from, x):
+    """0 <= negative_channels <= label_channels_from <= C (MATH.md#sigmoid-notation)."""
+    C = x.shape[1]
+    negative_channels = integer(negative_channels, "negative_channels", 0, C)
+    label_channels_from = integer(label_channels_from, "label_channels_from", 0, C)
+    if label_channels_from < negative_channels:
+        raise ValueError(
+            f"label_channels_from={label_channels_from} is below negative_channels={negative_channels}: "
+            "channels [0, negative_channels) are negatives, [negative_channels, label_channels_from) soft targets"
+        )
+    return negative_channels, label_channels_from
+
+
+def pseudo_threshold(value):
+    """None (no pseudo-labels) or a threshold on the old model's sigmoid score in [0, 1]."""
+    if value is None:
+        return None
+    value = finite_float(value, "pseudo_threshold")
+    if not 0 <= value <= 1:
+        raise ValueError(f"pseudo_threshold must be in [0, 1] (a sigmoid score), got {value}")
     return value

@@ -8,7 +8,7 @@ from . import _validate as check
 from . import reference, vocabulary
 from ._backends import available_backends, resolve
 from .reference import balanced_log_gamma
-from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
+from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS, SIGMOID_IGNORED_PIXELS
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -304,3 +304,116 @@ def histogram_medians(hist):
     """MATH.md#histogram-median: (Co,) float32 per-class medians of u from an (Co, bins) histogram,
     interpolated inside the bin where the cumulative count reaches half; 0 for an empty class."""
     return reference.histogram_medians(check.histogram(hist))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses): SSUL's and DKD's BCE.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_losses"]
+
+SIGMOID_NAMES = dict(x="x", t="t", y="y", size="size")
+
+
+def _sigmoid_teacher(y, x, *, soft, pseudo, label_channels_from, size, names):
+    """y when soft targets or pseudo-labels need it (checked), else it must be None."""
+    if not (soft or pseudo):
+        if y is not None:
+            raise ValueError(
+                f"{names['y']} is not used: there are no soft-target channels "
+                "(negative_channels == label_channels_from) and no pseudo_threshold"
+            )
+        return None
+    if y is None:
+        need = (
+            "channels [negative_channels, label_channels_from) take sigmoid(y) as targets"
+            if soft
+            else "pseudo_threshold"
+        )
+        raise ValueError(f"{names['y']} (the old model's logits) is required: {need}")
+    check.teacher(y, x, names["y"], names["x"], size, names["size"])
+    if y.shape[1] < label_channels_from:
+        raise ValueError(
+            f"{names['y']} has Co={y.shape[1]} channels, fewer than label_channels_from={label_channels_from}: "
+            "every soft-target channel needs its old logit"
+        )
+    return y
+
+
+def sigmoid_losses(
+    x,
+    t=None,
+    y=None,
+    *,
+    negative_channels=0,
+    label_channels_from=0,
+    pos_weight=None,
+    channel_weight=None,
+    pseudo_threshold=None,
+    pseudo_background=1,
+    ignore_index=255,
+    ignored_pixels="skip",
+    reduction="mean",
+    size=None,
+    backend="auto",
+    names=SIGMOID_NAMES,
+):
+    """MATH.md#sigmoid-losses: per-class BCE with logits whose targets are composed per pixel, fused.
+
+    ``x`` (B, C, h, w) logits. Channels ``[0, negative_channels)`` have target 0,
+    ``[negative_channels, label_channels_from)`` the soft target ``sigmoid(y_c)`` of the old model's
+    logits ``y`` (B, Co, h', w'), and ``[label_channels_from, C)`` the one-hot of the labels ``t``
+    (B, H, W). ``pseudo_threshold`` (SSUL): a pixel labelled below ``pseudo_background`` takes the old
+    model's argmax class k when k >= pseudo_background and sigmoid(y_k) >= pseudo_threshold.
+    ``pos_weight`` and ``channel_weight``: a number or (C,) values (BCEWithLogitsLoss's pos_weight; a
+    weight per channel). ``ignored_pixels``: "skip" (SSUL: ignored pixels are not in the label term)
+    or "negative" (DKD: they are pixels without a positive channel). ``reduction`` "mean" (label
+    term over the counted pixels, the others over B·H·W), "sum" or "none" (B, H, W maps).
+    ``size=(H, W)``: the losses of x and y bilinearly upsampled to the labels' resolution.
+
+    Returns ``(label, soft, negative)``, one term per target kind, float32 (float64 for float64 x).
+    SSUL: ``sigmoid_losses(x, t, y_old, pseudo_threshold=0.7, pseudo_background=fg_idx + 1)[0]``.
+    DKD: ``label, soft, negative = sigmoid_losses(x, t, y_old, negative_channels=1,
+    label_channels_from=Co, pos_weight=w, ignored_pixels="negative")``, then
+    ``mbce * label + kd * soft + ac * negative``.
+    """
+    check.logits(x, names["x"])
+    size = check.output_size(size, x, names["size"], names["x"])
+    negative_channels, label_channels_from = check.sigmoid_layout(negative_channels, label_channels_from, x)
+    ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
+    ignored_pixels = check.choice(ignored_pixels, "ignored_pixels", SIGMOID_IGNORED_PIXELS)
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    pseudo_threshold = check.pseudo_threshold(pseudo_threshold)
+    pseudo_background = check.integer(pseudo_background, "pseudo_background", 1, x.shape[1])
+    pseudo = pseudo_threshold is not None
+    if label_channels_from < x.shape[1] or pseudo:
+        check.labels(t, x, ignore_index, names["t"], names["x"], size)
+    elif t is not None:
+        raise ValueError(f"{names['t']} is not used: there are no label channels (label_channels_from == C)")
+    y = _sigmoid_teacher(
+        y,
+        x,
+        soft=negative_channels < label_channels_from,
+        pseudo=pseudo,
+        label_channels_from=label_channels_from,
+        size=size,
+        names=names,
+    )
+    pos_weight = check.channel_weights(pos_weight, x, "pos_weight")
+    channel_weight = check.channel_weights(channel_weight, x, "channel_weight")
+    implementation = _for_inputs(resolve(backend, x.device), x)
+    return implementation.sigmoid_losses(
+        x,
+        t,
+        y,
+        pos_weight,
+        channel_weight,
+        negative_channels=negative_channels,
+        label_channels_from=label_channels_from,
+        pseudo_threshold=pseudo_threshold,
+        pseudo_background=pseudo_background,
+        ignore_index=ignore_index,
+        ignored_pixels=ignored_pixels,
+        reduction=reduction,
+        size=size,
+    )

@@ -208,3 +208,95 @@ class LocalPODLoss(nn.Module):
             )
             total = total + weight * layer
         return total * schedule / len(new_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sigmoid family (MATH.md#sigmoid-losses): SSUL's and DKD's binary cross-entropy.
+# ---------------------------------------------------------------------------------------------
+
+
+class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
+    """SSUL's ``utils/loss.py`` loss: BCE with the one-hot of the labels on every channel, summed over
+    the channels; "mean" over the non-ignored pixels, "sum", or "none" (B×H×W, 0 where ignored).
+
+    ``forward(inputs, targets, weight=None, *, old_logits=None, pseudo_threshold=None,
+    pseudo_background=1, size=None)``. With ``old_logits`` and ``pseudo_threshold``, SSUL's
+    pseudo-labelling (its train loop's, fused here): a pixel labelled below ``pseudo_background``
+    (SSUL's ``fg_idx + 1``) takes the old model's confident foreground class. Differences: no
+    per-pixel ``weight`` (SSUL's trainer passes none; one is refused); no non-ignored pixel gives 0
+    (SSUL: NaN).
+    """
+
+    def __init__(self, reduction="mean", ignore_index=255, *, backend="auto"):
+        super().__init__()
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(
+        self, inputs, targets, weight=None, *, old_logits=None, pseudo_threshold=None, pseudo_background=1, size=None
+    ):
+        if weight is not None:
+            raise ValueError("weight (a per-pixel weight) is not supported by the fused loss; pass None")
+        if (old_logits is None) != (pseudo_threshold is None):
+            raise ValueError("old_logits and pseudo_threshold go together: pass both for pseudo-labels, or neither")
+        return api.sigmoid_losses(
+            inputs,
+            targets,
+            old_logits,
+            pseudo_threshold=pseudo_threshold,
+            pseudo_background=pseudo_background,
+            ignore_index=self.ignore_index,
+            ignored_pixels="skip",
+            reduction=self.reduction,
+            size=size,
+            backend=self.backend,
+            names=dict(x="inputs", t="targets", y="old_logits", size="size"),
+        )[0]
+
+
+class DKDLoss(nn.Module):
+    """DKD's losses on the logits at an incremental step (its ``WBCELoss``, ``KDLoss`` on the old
+    classes and ``ACLoss`` as its trainer combines them), in one fused call.
+
+    Channel 0 is DKD's auxiliary ("unknown") classifier, channel c the class c; ``n_old_classes``
+    and ``n_new_classes`` count classes without the background, as DKD's trainer does, so the
+    logits have C = 1 + n_old_classes + n_new_classes channels and the old model's Co = 1 + n_old_classes.
+    ``forward(logit, label, logit_old)`` returns ``(loss_mbce, loss_kd, loss_ac)``: each DKD term
+    after its ``.mean(dim=[0, 2, 3]).sum()`` (per-channel means over N, H, W, summed), so the step's
+    loss is ``mbce * loss_mbce + kd * loss_kd + ac * loss_ac``. Ignored pixels are negatives on the new
+    channels, as in DKD. ``pos_weight`` weights the new classes' positives (DKD's hyperparameter).
+    """
+
+    def __init__(self, n_old_classes, n_new_classes, pos_weight=1.0, ignore_index=255, *, backend="auto"):
+        super().__init__()
+        self.n_old_classes = check.integer(n_old_classes, "n_old_classes", minimum=0)
+        self.n_new_classes = check.integer(n_new_classes, "n_new_classes", minimum=1)
+        self.pos_weight = check.finite_float(pos_weight, "pos_weight")
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(self, logit, label, logit_old, *, size=None):
+        check.logits(logit, "logit")
+        old = 1 + self.n_old_classes
+        expected = old + self.n_new_classes
+        if logit.shape[1] != expected:
+            raise ValueError(
+                f"logit has {logit.shape[1]} channels; 1 + n_old_classes + n_new_classes = {expected} expected"
+            )
+        pos_weight = torch.ones(expected, dtype=torch.float64)  # converted to the computation dtype by the API
+        pos_weight[old:] = self.pos_weight
+        return api.sigmoid_losses(
+            logit,
+            label,
+            logit_old,
+            negative_channels=1,
+            label_channels_from=old,
+            pos_weight=pos_weight.to(logit.device),
+            ignore_index=self.ignore_index,
+            ignored_pixels="negative",
+            reduction="mean",
+            size=size,
+            backend=self.backend,
+            names=dict(x="logit", t="label", y="logit_old", size="size"),
+        )

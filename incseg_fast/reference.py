@@ -424,3 +424,97 @@ def histogram_medians(hist):
     in_bin = counts.gather(1, j[:, None]).squeeze(1)
     median = (j + (half - below) / in_bin.clamp(min=1)) / bins
     return torch.where(half > 0, median, torch.zeros_like(median)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses): SSUL's and DKD's BCE.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_losses", "sigmoid_pseudo_labels"]
+
+
+def sigmoid_pseudo_labels(target, y, *, threshold, background, ignore_index):
+    """MATH.md#sigmoid-pseudo: a label below ``background`` becomes the old model's argmax class k when
+    k >= background and sigmoid(y_k) >= threshold. Returns int64 labels; ignored pixels stay ignored."""
+    eligible = ~ignored(target, ignore_index) & (target.long() < background)
+    scores, best = y.max(dim=1)  # the first maximum on ties
+    confident = (best >= background) & (torch.sigmoid(scores) >= threshold)
+    return torch.where(eligible & confident, best, target.long())
+
+
+def _softplus_exact(z):
+    """log(1 + exp(z)) without F.softplus's linear cut-off at z > 20 (an absolute error of e^-20)."""
+    return torch.clamp(z, min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _composed_targets(x, target, y, *, negative_channels, label_channels_from, ignore_index, labels):
+    """MATH.md#sigmoid-notation: the dense B×C×H×W targets (0 | sigmoid(y) | one-hot of ``labels``)."""
+    C = x.shape[1]
+    targets = torch.zeros_like(x)
+    targets[:, negative_channels:label_channels_from] = torch.sigmoid(y[:, negative_channels:label_channels_from])
+    if label_channels_from < C:
+        classes = torch.arange(label_channels_from, C, device=x.device).view(1, -1, 1, 1)
+        valid = ~ignored(target, ignore_index)
+        targets[:, label_channels_from:] = ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(x.dtype)
+    return targets
+
+
+def sigmoid_losses(
+    x,
+    target,
+    y,
+    pos_weight,
+    channel_weight,
+    *,
+    negative_channels,
+    label_channels_from,
+    pseudo_threshold,
+    pseudo_background,
+    ignore_index,
+    ignored_pixels,
+    reduction,
+    size=None,
+):
+    """MATH.md#sigmoid-losses: (label, soft, negative) terms of the BCE with composed targets.
+
+    The backend contract (DEVELOPERS.md): ``target`` (B, H, W) or None when there are no label
+    channels; ``y`` (B, Co, h', w') or None when there are neither soft channels nor pseudo-labels;
+    ``pos_weight``, ``channel_weight`` (C,) in the computation dtype, or None (all ones).
+    """
+    x = upsample(_upcast(x), size)
+    B, C, H, W = x.shape
+    if y is not None:
+        y = upsample(_upcast(y).to(x.dtype), size)
+    labels = None
+    if target is not None:
+        labels = target.long()
+        if pseudo_threshold is not None:
+            labels = sigmoid_pseudo_labels(
+                target, y, threshold=pseudo_threshold, background=pseudo_background, ignore_index=ignore_index
+            )
+    targets = _composed_targets(
+        x,
+        target,
+        y,
+        negative_channels=negative_channels,
+        label_channels_from=label_channels_from,
+        ignore_index=ignore_index,
+        labels=labels,
+    )
+    positive_scale = 1.0 if pos_weight is None else pos_weight.to(x.dtype).view(1, -1, 1, 1)
+    elementwise = (1 - targets) * x + (1 + (positive_scale - 1) * targets) * _softplus_exact(-x)
+    if channel_weight is not None:
+        elementwise = elementwise * channel_weight.to(x.dtype).view(1, -1, 1, 1)
+
+    label_map = elementwise[:, label_channels_from:].sum(dim=1)
+    counted = torch.ones((B, H, W), dtype=torch.bool, device=x.device)
+    if target is not None and ignored_pixels == "skip":
+        counted = ~ignored(target, ignore_index)
+        label_map = torch.where(counted, label_map, torch.zeros_like(label_map))
+    soft_map = elementwise[:, negative_channels:label_channels_from].sum(dim=1)
+    negative_map = elementwise[:, :negative_channels].sum(dim=1)
+    if reduction == "none":
+        return label_map, soft_map, negative_map
+    if reduction == "sum":
+        return label_map.sum(), soft_map.sum(), negative_map.sum()
+    return _reduce_cross_entropy(label_map, counted, "mean"), _mean(soft_map), _mean(negative_map)

@@ -39,3 +39,7 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.f
 def accumulation_dtype(dtype):
     """The dtype the kernels accumulate in and return losses in: float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# How the sigmoid losses treat ignore_index pixels in their label term (MATH.md#sigmoid-ignore).
+SIGMOID_IGNORED_PIXELS = ("skip", "negative")

@@ -606,3 +606,58 @@ OPS["entropy_pseudo_labels"] = Op(
     fused_entropy_pseudo_labels,
     ("voc_pseudo", "voc512_pseudo_b24"),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sigmoid losses (MATH.md#sigmoid-losses): DKD's step objective on the logits. Its "mib" slot
+# (the paper's own code, eager and compiled) holds DKD's code as DKD writes it (bench/sigmoid_papers.py).
+# ---------------------------------------------------------------------------------------------
+
+# DKD's weights of its WBCE, KD and AC terms (its VOC config): the upstream gradients of the three outputs.
+DKD_TERM_WEIGHTS = (1.0, 5.0, 1.0)
+
+
+def make_dkd_inputs(dims, dtype, device, generator):
+    """Logits (B, C, H, W) with DKD's layout (channel 0 auxiliary, old classes 1..Co-1, new ones
+    after), old logits (B, Co, H, W), labels in {0} and the new classes, with ignored pixels."""
+    B, C, Co, H, W = dims
+    classes = torch.tensor([0, *range(Co, C)])
+    t = classes[torch.randint(0, len(classes), (B, H, W), generator=generator)]
+    ignored = torch.rand((B, H, W), generator=generator) < IGNORED_FRACTION
+    arguments = {
+        "x": _randn((B, C, H, W), generator, 3.0),
+        "t": t.masked_fill(ignored, IGNORE_INDEX),
+        "y": _randn((B, Co, H, W), generator, 3.0),
+    }
+    return _finish(arguments, ("x",), [torch.tensor(w) for w in DKD_TERM_WEIGHTS], "x", dtype, device)
+
+
+def _dkd_options(y):
+    return dict(negative_channels=1, label_channels_from=y.shape[1], ignored_pixels="negative", reduction="mean")
+
+
+def reference_dkd_sigmoid_losses(x, t, y):
+    return reference.sigmoid_losses(
+        x, t, y, None, None, pseudo_threshold=None, pseudo_background=1, ignore_index=IGNORE_INDEX, **_dkd_options(y)
+    )
+
+
+def fused_dkd_sigmoid_losses(x, t, y, *, backend):
+    return _api().sigmoid_losses(x, t, y, backend=backend, **_dkd_options(y))
+
+
+def dkd_code_sigmoid_losses(x, t, y):
+    from incseg_fast.bench.sigmoid_papers import dkd_terms
+
+    return dkd_terms(x, y, t, n_old=y.shape[1] - 1, pos_weight=1.0)
+
+
+OPS["dkd_sigmoid_losses"] = Op(
+    "dkd_sigmoid_losses",
+    "logits",
+    make_dkd_inputs,
+    reference_dkd_sigmoid_losses,
+    fused_dkd_sigmoid_losses,
+    ("voc", "ade"),
+    dkd_code_sigmoid_losses,
+)

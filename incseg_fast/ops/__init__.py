@@ -16,6 +16,7 @@ from . import attention as _attention
 from . import logit_losses as _logit_losses
 from . import pod as _pod
 from . import pseudo_labels as _pseudo_labels
+from . import sigmoid_losses as _sigmoid_losses
 
 try:
     from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
@@ -59,6 +60,9 @@ class OpBackend:
     def entropy_histogram(self, y, t, *, bins, ignore_index, size):
         return _pseudo_labels.entropy_histogram(self.ops, y, t, bins=bins, ignore_index=ignore_index, size=size)
 
+    def sigmoid_losses(self, x, target, y, pos_weight, channel_weight, **options):
+        return _sigmoid_losses.sigmoid_losses(self.ops, x, target, y, pos_weight, channel_weight, **options)
+
 
 def _has_kernels_for(namespace, dispatch_key):
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
@@ -73,6 +77,7 @@ if HAS_EXTENSION:
         _attention.register(_namespace)
         _pod.register(_namespace)
         _pseudo_labels.register(_namespace)
+        _sigmoid_losses.register(_namespace)
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)

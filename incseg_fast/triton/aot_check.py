@@ -28,11 +28,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..vocabulary import CE_MODES, KD_MODES
-from . import _launch, attention, logit_losses_upsampled, pod, pseudo_labels
+from . import _launch, attention, logit_losses_upsampled, pod, pseudo_labels, sigmoid_losses
 from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_FLOAT_SCALARS = {"alpha_high", "alpha_low", "inv_log_hi", "inv_log_lo"}
+_FLOAT_SCALARS = {"alpha_high", "alpha_low", "inv_log_hi", "inv_log_lo", "threshold_high", "threshold_low"}
 # The attention kernels' pointers to data of the inputs' dtype, and those to float32 partials.
 _ATTENTION_DATA_POINTERS = (
     "v_ptr",
@@ -291,9 +291,39 @@ def _pseudo_label_kernels(quick):
             yield label, kernel, pointers, dict(UPSAMPLE=upsample, ACC=acc_tl, BLOCK_P=block_p), num_warps
 
 
+def _sigmoid_kernels(quick):
+    """The sigmoid-loss variants (every target kind and pseudo-labels on): forward, backward, gather."""
+    for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float64):
+        acc_torch, acc = _launch.accumulator_dtype(dtype)
+        acc_name = _TL_NAMES[acc_torch]
+        pointers = {name: acc_name for name in ("pos_ptr", "weight_ptr", "label_ptr", "soft_ptr", "negative_ptr")}
+        pointers.update({f"grad_{term}_ptr": acc_name for term in ("label", "soft", "negative")})
+        pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr="i64")
+        flags = dict(HAS_TARGET=True, PSEUDO=True, SKIP_IGNORED=True, ACC=acc)
+        for upsample in (False, True):
+            _, block_p, num_warps = _launch.gather_tiles(1, 1 << 20) if upsample else _launch.gpu_tile(dtype)
+            label = f"sigmoid_losses {dtype} size={'yes' if upsample else 'no'}"
+            forward = dict(flags, UPSAMPLE=upsample, BLOCK_P=block_p)
+            yield f"{label} forward {block_p}", sigmoid_losses._sigmoid_fwd_kernel, pointers, forward, num_warps
+            if upsample:
+                block_c, block_e, cols, warps = sigmoid_losses.gather_tiles(_launch.GPU_BLOCK_C, 32, dtype)
+            else:
+                (block_c, block_e, warps), cols = _launch.gpu_tile(dtype), 1
+            for per_pixel in (False, True):
+                backward = dict(flags, UPSAMPLE=upsample, PER_PIXEL=per_pixel, BLOCK_C=block_c, BLOCK_E=block_e)
+                yield (
+                    f"{label} backward per_pixel={per_pixel} {block_c}x{block_e}x{cols}",
+                    sigmoid_losses._sigmoid_bwd_kernel,
+                    pointers,
+                    dict(backward, COLS=cols),
+                    warps,
+                )
+
+
 def kernels(quick):
     """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
     yield from _logit_kernels(quick)
+    yield from _sigmoid_kernels(quick)
     for reduce in (True, False):
         yield (
             f"_finish_reduction_kernel REDUCE={reduce}",
