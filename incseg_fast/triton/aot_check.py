@@ -234,7 +234,13 @@ def _wider_teacher_logit_kernels(quick):
         block_c, block_p, num_warps = next(_gpu_tiles(dtype, halved=False))
         constexprs = dict(shared, BLOCK_C=block_c, BLOCK_P=block_p)
         label = f"logit_losses kd=balanced {dtype} teacher {teacher_dtype} {block_c}x{block_p} {num_warps} warps"
-        yield f"{label} forward", _logit_losses_fwd_kernel, dict(pointers, count_ptr="i32"), constexprs, num_warps
+        yield (
+            f"{label} forward",
+            _logit_losses_fwd_kernel,
+            dict(pointers, count_ptr="i32"),
+            dict(constexprs, UPSAMPLE=False),
+            num_warps,
+        )
         yield (
             f"{label} backward",
             _logit_losses_bwd_kernel,
