@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .reference import ignored
-from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, accumulation_dtype
+from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, WIDER_TEACHER_DTYPE, accumulation_dtype
 
 INT64_RANGE = (-(2**63), 2**63 - 1)
 
@@ -35,6 +35,24 @@ def same_device_dtype(value, name, ref, ref_name):
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
     if value.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def teacher_dtype(value, name, student, student_name):
+    """A frozen teacher's tensor: the student's device, and its dtype or the wider one of
+    WIDER_TEACHER_DTYPE (MATH.md#teacher-dtype)."""
+    same_device(value, name, student, student_name)
+    wider = WIDER_TEACHER_DTYPE.get(student.dtype)
+    if value.dtype in (student.dtype, wider):
+        return
+    allowed = f"{student.dtype} like {student_name}" + (f" or {wider} (mixed precision)" if wider else "")
+    cast = (
+        f"{name}.to({student_name}.dtype)"
+        if wider is None or value.dtype.itemsize < wider.itemsize
+        else f"{name}.to({wider})"
+    )
+    raise TypeError(
+        f"{name} has dtype {value.dtype} but {student_name} has {student.dtype}; {name} must be {allowed}: pass {cast}"
+    )
 
 
 def same_device(value, name, ref, ref_name):
@@ -120,10 +138,11 @@ def size_hint(value, name, x, size):
 
 
 def teacher(y, x, name="y", x_name="x", size=None, size_name="size"):
-    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant.
+    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, on x's device, in x's dtype or the wider one of
+    MATH.md#teacher-dtype (float32 for a 16-bit x, float64 for a float32 x); a constant.
     With ``size=(H, W)``, y may have any resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W."""
     float_tensor(y, name, 4)
-    same_device_dtype(y, name, x, x_name)
+    teacher_dtype(y, name, x, x_name)
     B, C, H, W = x.shape
     if size is None and (y.shape[0] != B or y.shape[2:] != x.shape[2:]):
         raise ValueError(
@@ -213,16 +232,18 @@ def gamma(g, x, name="gamma"):
     return g
 
 
-def feature_pair(f, g, a, b):
-    """MATH.md#ad: f, g (B, C, H, W); a, b (B, C); one dtype and device."""
-    float_tensor(f, "f", 4)
-    float_tensor(g, "g", 4)
-    same_device_dtype(g, "g", f, "f")
+def feature_pair(f, g, a, b, names=("f", "g", "a", "b")):
+    """MATH.md#ad: f, g (B, C, H, W); a, b (B, C); one device. The student's f and a share a dtype; the
+    teacher's g and b share f's or the wider one of MATH.md#teacher-dtype. ``names``: as the caller wrote them."""
+    f_name, g_name, a_name, b_name = names
+    float_tensor(f, f_name, 4)
+    float_tensor(g, g_name, 4)
+    teacher_dtype(g, g_name, f, f_name)
     if g.shape != f.shape:
-        raise ValueError(f"g must have the same shape as f {tuple(f.shape)}, got {tuple(g.shape)}")
-    for value, name in ((a, "a"), (b, "b")):
+        raise ValueError(f"{g_name} must have the same shape as {f_name} {tuple(f.shape)}, got {tuple(g.shape)}")
+    for value, name, like, like_name in ((a, a_name, f, f_name), (b, b_name, g, g_name)):
         float_tensor(value, name, 2)
-        same_device_dtype(value, name, f, "f")
+        same_device_dtype(value, name, like, like_name)
         if value.shape != f.shape[:2]:
             raise ValueError(f"{name} must have shape (B, C) = {tuple(f.shape[:2])}, got {tuple(value.shape)}")
 

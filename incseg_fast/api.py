@@ -8,7 +8,14 @@ from . import _validate as check
 from . import reference, vocabulary
 from ._backends import available_backends, resolve
 from .reference import balanced_log_gamma
-from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS, SIGMOID_IGNORED_PIXELS
+from .vocabulary import (
+    FEATURE_REDUCTIONS,
+    INCREMENTAL_CE_MODES,
+    KD_MODES,
+    REDUCTIONS,
+    SIGMOID_IGNORED_PIXELS,
+    accumulation_dtype,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -66,9 +73,10 @@ def _logit_losses(
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
         # The backends take log γ (MATH.md#bkd-gamma): a computed γ overflows float32 where its log
-        # does not. float32 (float64 for float64 y), like a checked gamma; from y as given, at its own
-        # resolution also with size= (MATH.md#upsampling).
-        log_gamma = balanced_log_gamma(y) if gamma is None else gamma.log()
+        # does not. In x's accumulation dtype (float32, float64 for float64 x), like a checked gamma; from
+        # y as given (in its own dtype, MATH.md#teacher-dtype), at its own resolution also with size=
+        # (MATH.md#upsampling).
+        log_gamma = (balanced_log_gamma(y) if gamma is None else gamma.log()).to(accumulation_dtype(x.dtype))
     implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.logit_losses(
         x,

@@ -158,6 +158,7 @@ class AttentiveDistillationLoss(nn.Module):
                 )
         a = self.new_attention(inputs).to(inputs.dtype)
         b = self.old_attention(targets).to(targets.dtype)
+        check.feature_pair(inputs, targets, a, b, names=("inputs", "targets", "new attention", "old attention"))
         return api.attentive_distillation(
             inputs, targets, a, b, reduction=self.reduction, detach_spatial=self.detach_spatial, backend=self.backend
         )

@@ -316,8 +316,10 @@ def _attend(m, channel_attention, detach_spatial):
 
 
 def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False):
-    """MATH.md#ad / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2."""
-    f, g, a, b = (_upcast(t) for t in (f, g, a, b))
+    """MATH.md#ad / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2, in the student's (f's) computation
+    dtype: a wider teacher (g, b; MATH.md#teacher-dtype) is read in it."""
+    f, a = _upcast(f), _upcast(a)
+    g, b = g.to(f.dtype), b.to(f.dtype)
     diff = _attend(f, a, detach_spatial) - _attend(g, b, detach_spatial)
     squared = diff * diff
     return _mean(squared) if reduction == "mean" else squared.sum()

@@ -31,6 +31,9 @@ CPU_ISAS = ("baseline", "avx2", "avx512")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+# The one wider dtype a frozen teacher may have besides the student's own (MATH.md#teacher-dtype): a
+# mixed-precision loop runs the old model outside autocast. Kernels read it in that dtype, no copy.
+WIDER_TEACHER_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
 
 # Parity tolerance of each input dtype, relative to the float64 reference's scale (DEVELOPERS.md).
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

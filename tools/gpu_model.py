@@ -184,15 +184,15 @@ def logit_cases(batch, shape, dtype):
     low = (SIZE // STRIDE) ** 2 / SIZE**2  # low-resolution samples per output pixel
     gather_visits = (2 * STRIDE) ** 2  # output pixels whose taps read one low-resolution element
     return [
-        KernelCase("logit forward", f"LogitForwardKernel<{t}, SamePixels<{t}, {k}>>", shape, dtype,
+        KernelCase("logit forward", f"LogitForwardKernel<{t}, SamePixels<{t}, {t}, {k}>>", shape, dtype,
                    pixels / k, pixels, inputs + stats, inputs, [old, new]),
-        KernelCase("logit backward", f"LogitBackwardKernel<{t}, {k}>", shape, dtype,
+        KernelCase("logit backward", f"LogitBackwardKernel<{t}, {t}, {k}>", shape, dtype,
                    pixels / k, pixels, inputs + stats + C * s, inputs + C * s, [old, new]),
-        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}>>", shape + "_s8", dtype,
+        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}, {t}>>", shape + "_s8", dtype,
                    pixels, pixels, (C + Co) * s * low + LABEL_BYTES + stats, (C + Co) * s * low + LABEL_BYTES,
                    [LoopSpec("c = 1; c < in.Co;", pixels * (Co - 1), 8 * s, 8),
                     LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 8 * s, 4)]),
-        KernelCase("size= backward", f"UpsampledBackwardKernel<{t}>", shape + "_s8", dtype,
+        KernelCase("size= backward", f"UpsampledBackwardKernel<{t}, {t}>", shape + "_s8", dtype,
                    pixels * low * math.ceil(C / 8), pixels, (C + Co + C) * s * low + LABEL_BYTES + stats,
                    (C + Co + C) * s * low + LABEL_BYTES,
                    [LoopSpec("X < col_end", pixels * low * math.ceil(C / 8) * gather_visits * 8, fixed=8)]),
@@ -212,9 +212,9 @@ def attention_cases(batch, dtype):
 
     shape = f"feat{C}x64"
     return [
-        KernelCase("AD moments (fwd)", f"MomentsKernel<{t}, {k}>", shape, dtype, pixels / k * groups, pixels,
+        KernelCase("AD moments (fwd)", f"MomentsKernel<{t}, {t}, {k}>", shape, dtype, pixels / k * groups, pixels,
                    2 * C * s + groups * 8 * 8, 2 * C * s, loop(2)),
-        KernelCase("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {k}>", shape, dtype, pixels / k * groups,
+        KernelCase("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {t}, {k}>", shape, dtype, pixels / k * groups,
                    pixels, 3 * C * s + 5 * STAT_BYTES + partials, 3 * C * s, loop(2)),
         KernelCase("structured fwd", f"StructuredForwardKernel<{t}, {k}>", shape, dtype, pixels / k * groups,
                    pixels, 2 * C * s + STAT_BYTES, 2 * C * s + STAT_BYTES, loop(1)),

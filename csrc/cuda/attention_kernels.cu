@@ -72,15 +72,15 @@ struct DeviceExecutor {
 
 }  // namespace
 
-template <typename scalar_t>
-int launch_attentive_distillation_forward(const ForwardCall<scalar_t>& call, void* stream) {
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_forward(const ForwardCall<scalar_t, teacher_t>& call, void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   attentive_distillation_forward_kernels(ex, call);
   return ex.error;
 }
 
-template <typename scalar_t>
-int launch_attentive_distillation_backward(const BackwardCall<scalar_t>& call, void* stream) {
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_backward(const BackwardCall<scalar_t, teacher_t>& call, void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   attentive_distillation_backward_kernels(ex, call);
   return ex.error;
@@ -102,15 +102,27 @@ int launch_structured_attention_backward(const StructuredBackwardCall<scalar_t>&
 }
 
 #define INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(scalar_t)                                                              \
-  template int launch_attentive_distillation_forward<scalar_t>(const ForwardCall<scalar_t>&, void*);                  \
-  template int launch_attentive_distillation_backward<scalar_t>(const BackwardCall<scalar_t>&, void*);                \
   template int launch_structured_attention_forward<scalar_t>(const StructuredInputs<scalar_t>&, const AttentionPlan&, \
                                                              scalar_t*, void*);                                       \
   template int launch_structured_attention_backward<scalar_t>(const StructuredBackwardCall<scalar_t>&, void*);
+// Attentive distillation: the teacher (g, b) in the student's dtype or the wider one of common/teacher_dtype.h.
+#define INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(scalar_t, teacher_t)                                               \
+  template int launch_attentive_distillation_forward<scalar_t, teacher_t>(const ForwardCall<scalar_t, teacher_t>&,   \
+                                                                          void*);                                    \
+  template int launch_attentive_distillation_backward<scalar_t, teacher_t>(const BackwardCall<scalar_t, teacher_t>&, \
+                                                                           void*);
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(float)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(double)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(Half)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(BFloat16)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(float, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(double, double)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(Half, Half)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(BFloat16, BFloat16)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(Half, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(BFloat16, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(float, double)
+#undef INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS
 #undef INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS
 
 }  // namespace attention

@@ -95,12 +95,13 @@ struct Upsampling {
 
 // What both kernels read. Pointers the modes do not use are null. Every per-pixel tensor (labels,
 // mask, statistics, loss maps, their upstream gradients) has HW = H * W pixels per image; so do x
-// and y, except with `upsampled`, where they have their own resolutions (up).
-template <typename scalar_t>
+// and y, except with `upsampled`, where they have their own resolutions (up). y is in the teacher's
+// own element type teacher_t (scalar_t or the wider one of common/teacher_dtype.h), read as acc_t.
+template <typename scalar_t, typename teacher_t>
 struct LogitInputs {
   using acc_t = accumulate_t<scalar_t>;
   const scalar_t* x;   // (B, C, HW), or (B, C, h, w) upsampled
-  const scalar_t* y;   // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
+  const teacher_t* y;  // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
   const void* target;  // (B, HW) labels of label_type, ce != none
   LabelType label_type;
   const acc_t* log_gamma;  // (B,), kd == balanced
@@ -115,16 +116,18 @@ struct LogitInputs {
 };
 
 // Where a kernel reads the channel values of a thread's Source::kVec pixels. SamePixels: x and y at
-// those pixels, one 16-byte pack per channel row when kVec > 1.
-template <typename scalar_t, int kPixels>
+// those pixels, one 16-byte pack per channel row when kVec > 1 (a wider teacher's pack of kVec pixels
+// is two or four 16-byte loads: kVec is the student's).
+template <typename scalar_t, typename teacher_type, int kPixels>
 struct SamePixels {
   using acc_t = accumulate_t<scalar_t>;
+  using teacher_t = teacher_type;
   static constexpr int kVec = kPixels;
-  const scalar_t* x;  // channel 0 of the first pixel
-  const scalar_t* y;  // null without distillation
+  const scalar_t* x;   // channel 0 of the first pixel
+  const teacher_t* y;  // null without distillation
   int64_t HW;
 
-  HOST_DEVICE static SamePixels at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p0) {
+  HOST_DEVICE static SamePixels at(const LogitInputs<scalar_t, teacher_t>& in, int64_t b, int64_t p0) {
     return SamePixels{in.x + b * in.C * in.HW + p0, in.y != nullptr ? in.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
   }
   HOST_DEVICE void x_at(int64_t c, acc_t (&out)[kVec]) const { load_pack<kVec>(x + c * HW, out); }
@@ -150,18 +153,19 @@ struct PlaneTaps {
 };
 
 // UpsampledPixel: x and y upsampled to one output pixel, each value interpolated from four samples.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_type>
 struct UpsampledPixel {
   using acc_t = accumulate_t<scalar_t>;
+  using teacher_t = teacher_type;
   static constexpr int kVec = 1;
-  const scalar_t* x;  // channel 0 of the image
-  const scalar_t* y;  // null without distillation
+  const scalar_t* x;   // channel 0 of the image
+  const teacher_t* y;  // null without distillation
   int64_t x_plane;
   int64_t y_plane;
   PlaneTaps<acc_t> x_taps;
   PlaneTaps<acc_t> y_taps;
 
-  HOST_DEVICE static UpsampledPixel at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p) {
+  HOST_DEVICE static UpsampledPixel at(const LogitInputs<scalar_t, teacher_t>& in, int64_t b, int64_t p) {
     const Upsampling<acc_t>& up = in.up;
     const int64_t Y = p / up.x_cols.out, X = p % up.x_cols.out;
     const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
@@ -195,13 +199,14 @@ HOST_DEVICE acc_t bad_label_loss() {
   return acc_t(0) / acc_t(0);
 }
 
-// Source: SamePixels<scalar_t, kVec> or UpsampledPixel<scalar_t> (where the channel values come from).
+// Source: SamePixels<scalar_t, teacher_t, kVec> or UpsampledPixel<scalar_t, teacher_t> (where the
+// channel values come from).
 template <typename scalar_t, typename Source>
 struct LogitForwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
   static constexpr int kVec = Source::kVec;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, typename Source::teacher_t> in;
   ForwardBuffers<scalar_t> out;
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
@@ -380,8 +385,8 @@ struct PixelGradient {
   T q0;
 };
 
-template <typename scalar_t, typename T>
-HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t>& in, const KdFactors<T>& factors,
+template <typename scalar_t, typename teacher_t, typename T>
+HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t, teacher_t>& in, const KdFactors<T>& factors,
                                             const PixelInputs<T>& px) {
   const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
   const bool counted = with_ce && px.label != in.ignore_index;
@@ -409,11 +414,11 @@ HOST_DEVICE ScalarUpstream<T> scalar_upstream(const BackwardBuffers<scalar_t>& g
                            *grad.grad_kd * grad.kd_scale};
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, typename teacher_t, int kVec>
 struct LogitBackwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, teacher_t> in;
   BackwardBuffers<scalar_t> grad;
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
@@ -472,7 +477,7 @@ struct LogitBackwardKernel {
   HOST_DEVICE void pixels(int64_t b, int64_t p0) const {
     const bool with_kd = in.kd != KdMode::kNone;
     const scalar_t* x = in.x + b * in.C * in.HW + p0;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
+    const teacher_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
     scalar_t* gx = grad.grad_x + b * in.C * in.HW + p0;
     ChannelFactors<acc_t> f[kVec];
     acc_t g[kVec], xv[kVec], z[kVec];
@@ -520,12 +525,12 @@ constexpr int kGatherChannels = 8;
 // overlapping output pixels (through the cache). Every output pixel is visited by the up to four
 // elements (2 x 2) that its taps read, each recomputing G there: the price of a gather without
 // shared memory.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct UpsampledBackwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
   static constexpr int kChannels = kGatherChannels;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, teacher_t> in;
   BackwardBuffers<scalar_t> grad;
 
   // Blocks along grid x: (channel group) x (blocks over x's h * w pixels); images along grid y.
@@ -573,7 +578,7 @@ struct UpsampledBackwardKernel {
     const acc_t* stats = grad.stats + b * kNumStats * in.HW + p;
     const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
     const scalar_t* x = in.x + b * in.C * x_plane;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
+    const teacher_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
     const PlaneTaps<acc_t> y_taps = with_kd ? PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X) : x_taps;
     const PixelInputs<acc_t> px{stats[kStatLse * in.HW],
                                 stats[kStatLseOld * in.HW],
@@ -618,49 +623,50 @@ struct LaunchPlan {
 
 template <typename scalar_t>
 LaunchPlan plan_launch(int64_t batch, int64_t pixels, bool aligned_16_bytes) {
-  using Kernel = LogitForwardKernel<scalar_t, SamePixels<scalar_t, 1>>;
+  using Kernel = LogitForwardKernel<scalar_t, SamePixels<scalar_t, scalar_t, 1>>;
   const int vec = aligned_16_bytes && pixels % kPackedPixels<scalar_t> == 0 ? kPackedPixels<scalar_t> : 1;
   const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads) * vec);
   return LaunchPlan{vec, grid_x, batch, warps_in_grid<Kernel>(grid_x, batch)};
 }
 
-template <typename scalar_t>
-LaunchPlan plan_forward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+template <typename scalar_t, typename teacher_t>
+LaunchPlan plan_forward(const LogitInputs<scalar_t, teacher_t>& in, bool aligned_16_bytes) {
   return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes && !in.upsampled);
 }
 
-template <typename scalar_t>
-LaunchPlan plan_backward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+template <typename scalar_t, typename teacher_t>
+LaunchPlan plan_backward(const LogitInputs<scalar_t, teacher_t>& in, bool aligned_16_bytes) {
   if (!in.upsampled) return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes);
-  using Kernel = UpsampledBackwardKernel<scalar_t>;
+  using Kernel = UpsampledBackwardKernel<scalar_t, teacher_t>;
   const int64_t pixels = in.up.x_rows.in * in.up.x_cols.in;
   const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads)) * ceil_div(in.C, int64_t(Kernel::kChannels));
   return LaunchPlan{1, grid_x, in.B, warps_in_grid<Kernel>(grid_x, in.B)};
 }
 
 // fn(kernel) with the forward kernel for the inputs and the plan (launched or emulated by the caller).
-template <typename scalar_t, typename Fn>
-void with_forward_kernel(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out, const LaunchPlan& plan,
-                         Fn&& fn) {
+template <typename scalar_t, typename teacher_t, typename Fn>
+void with_forward_kernel(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
+                         const LaunchPlan& plan, Fn&& fn) {
   if (in.upsampled) {
-    fn(LogitForwardKernel<scalar_t, UpsampledPixel<scalar_t>>{in, out});
+    fn(LogitForwardKernel<scalar_t, UpsampledPixel<scalar_t, teacher_t>>{in, out});
     return;
   }
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    fn(LogitForwardKernel<scalar_t, SamePixels<scalar_t, decltype(vec)::value>>{in, out});
+    fn(LogitForwardKernel<scalar_t, SamePixels<scalar_t, teacher_t, decltype(vec)::value>>{in, out});
   });
 }
 
 // fn(kernel) with the backward kernel for the inputs and the plan.
-template <typename scalar_t, typename Fn>
-void with_backward_kernel(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+template <typename scalar_t, typename teacher_t, typename Fn>
+void with_backward_kernel(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, Fn&& fn) {
   if (in.upsampled) {
-    fn(UpsampledBackwardKernel<scalar_t>{in, grad});
+    fn(UpsampledBackwardKernel<scalar_t, teacher_t>{in, grad});
     return;
   }
-  with_pixels_per_thread<scalar_t>(
-      plan.pixels_per_thread, [&](auto vec) { fn(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}); });
+  with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
+    fn(LogitBackwardKernel<scalar_t, teacher_t, decltype(vec)::value>{in, grad});
+  });
 }
 
 // What the second forward kernel writes from the per-warp partials.
@@ -694,11 +700,11 @@ void finish_forward_on_host(const ForwardBuffers<scalar_t>& out, int64_t warps, 
 
 // The launchers (logit_losses_kernels.cu): the kernels on `stream` (a cudaStream_t), returning the
 // CUDA error code of the launches (0: success). No host synchronisation.
-template <typename scalar_t>
-int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_forward(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
                          const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan, void* stream);
-template <typename scalar_t>
-int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_backward(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream);
 
 }  // namespace logit

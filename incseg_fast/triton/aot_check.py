@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..vocabulary import CE_MODES, KD_MODES
+from ..vocabulary import CE_MODES, KD_MODES, WIDER_TEACHER_DTYPE
 from . import _launch, attention, logit_losses_upsampled, pod, pseudo_labels, sigmoid_losses
 from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
@@ -202,6 +202,7 @@ def _logit_kernels(quick):
             dict(constexprs, **backward),
             num_warps,
         )
+    yield from _wider_teacher_logit_kernels(quick)
     for ce, kd, reduction, dtype in _upsampled_variants(quick):
         pointers = _logit_pointers(dtype, "i64")
         shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
@@ -225,6 +226,30 @@ def _logit_kernels(quick):
         )
 
 
+def _wider_teacher_logit_kernels(quick):
+    """The teacher in a wider dtype than x (MATH.md#teacher-dtype): y_ptr of its own type, every pair."""
+    for dtype, teacher_dtype in WIDER_TEACHER_DTYPE.items() if not quick else ():
+        pointers = dict(_logit_pointers(dtype, "i64"), y_ptr=_TL_NAMES[teacher_dtype])
+        shared, backward = _logit_constexprs("unbiased", "balanced", "mean", dtype)
+        block_c, block_p, num_warps = next(_gpu_tiles(dtype, halved=False))
+        constexprs = dict(shared, BLOCK_C=block_c, BLOCK_P=block_p)
+        label = f"logit_losses kd=balanced {dtype} teacher {teacher_dtype} {block_c}x{block_p} {num_warps} warps"
+        yield (
+            f"{label} forward",
+            _logit_losses_fwd_kernel,
+            dict(pointers, count_ptr="i32"),
+            dict(constexprs, UPSAMPLE=False),
+            num_warps,
+        )
+        yield (
+            f"{label} backward",
+            _logit_losses_bwd_kernel,
+            dict(pointers, count_ptr="i64"),
+            dict(constexprs, **backward),
+            num_warps,
+        )
+
+
 def _attention_kernels(quick):
     """The attention variants: (label, kernel, pointer types, constexprs, num_warps)."""
     for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
@@ -244,6 +269,20 @@ def _attention_kernels(quick):
         ):
             tiles = dict(ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
             label = f"{kernel.fn.__name__} {flags or ''} {dtype} {block_c}x{block_p} {num_warps} warps"
+            yield label, kernel, pointers, dict(tiles, **flags), num_warps
+    if not quick:  # the old features in float32 for bfloat16 new ones (MATH.md#teacher-dtype)
+        pointers = {name: "fp32" for name in _ATTENTION_ACC_POINTERS}
+        pointers.update(
+            {name: "bf16" for name in _ATTENTION_DATA_POINTERS}, g_ptr="fp32", b_ptr="fp32", grad_g_ptr="fp32"
+        )
+        block_c, block_p, num_warps = next(_gpu_tiles(torch.bfloat16, halved=False))
+        tiles = dict(ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
+        for kernel, flags in (
+            (attention._ad_spatial_kernel, {}),
+            (attention._ad_loss_kernel, dict(SAVE_P=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_F=True, NEED_G=True, NEED_A=True, NEED_B=True)),
+        ):
+            label = f"{kernel.fn.__name__} {flags or ''} bfloat16 teacher float32 {block_c}x{block_p} {num_warps} warps"
             yield label, kernel, pointers, dict(tiles, **flags), num_warps
 
 
