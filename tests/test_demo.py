@@ -29,7 +29,7 @@ def test_quick_demo_makes_the_point(tmp_path, capsys):
     assert str(out.resolve()) in printed
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib", "caf", "plop"}
+    assert set(results) == {"ft", "mib", "caf"}
     for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1]
         for e in entries:

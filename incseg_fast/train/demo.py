@@ -64,7 +64,7 @@ QUICK = dict(
 )
 
 
-DEFAULT_METHODS = ("ft", "mib", "caf", "plop")
+DEFAULT_METHODS = ("ft", "mib", "caf")
 
 
 def default_out(quick: bool, task: str, seeds: bool = False) -> str:
