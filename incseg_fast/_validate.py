@@ -352,6 +352,7 @@ def histogram(value, name="hist"):
         raise ValueError(f"{name} must be (Co, bins) with bins >= 1, got shape {tuple(value.shape)}")
     if bool((value < 0).any()):
         raise ValueError(f"{name} must hold counts >= 0, got {value[value < 0][0].item()}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
