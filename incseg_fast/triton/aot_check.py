@@ -347,7 +347,7 @@ def _sigmoid_kernels(quick):
             if upsample:
                 block_c, block_e, cols, warps = sigmoid_losses.gather_tiles(_launch.GPU_BLOCK_C, 32, dtype)
             else:
-                (block_c, block_e, warps), cols = _launch.gpu_tile(dtype), 1
+                (block_c, block_e, warps), cols = sigmoid_losses.gpu_backward_tile(dtype), 1
             for per_pixel in (False, True):
                 backward = dict(flags, UPSAMPLE=upsample, PER_PIXEL=per_pixel, BLOCK_C=block_c, BLOCK_E=block_e)
                 yield (

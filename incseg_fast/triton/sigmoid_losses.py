@@ -298,6 +298,13 @@ def _first_reader(i, n_in, n_out):
     return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
 
 
+def gpu_backward_tile(dtype):
+    """(BLOCK_C, BLOCK_E, num_warps) of the backward without size= on a GPU: _launch.gpu_tile, with half
+    the channels for float64 (at 8 channels its per-pixel and per-element forms spill on sm_90)."""
+    block_c, block_e, num_warps = _launch.gpu_tile(dtype)
+    return (block_c // 2 if dtype == torch.float64 else block_c), block_e, num_warps
+
+
 def gather_tiles(channels, col_readers, dtype):
     """(BLOCK_C, BLOCK_E, COLS, num_warps) of the size= backward: COLS lanes per element (the column
     readers, to a power of 2), BLOCK_C channels; fewer lanes for float64 on a GPU (registers)."""
@@ -436,6 +443,8 @@ def sigmoid_losses_bwd(
     if size is None:
         row_readers, col_readers, cols = 1, 1, 1
         block_c, block_e, num_warps = _launch.tiles(s["C"], s["H"] * s["W"], s["B"], x.dtype, x.device)
+        if not _launch.interpreter():
+            block_c = min(block_c, gpu_backward_tile(x.dtype)[0])
     else:
         row_readers, col_readers = _readers(s["h"], s["H"]), _readers(s["w"], s["W"])
         block_c, block_e, cols, num_warps = gather_tiles(s["C"], col_readers, x.dtype)
