@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..reference import ignored
 from . import _launch
-from .logit_math import sample, tap, tap_weight
+from .logit_math import first_reader, readers, sample, tap, tap_weight
 
 __all__ = ["sigmoid_losses_fwd", "sigmoid_losses_bwd"]
 
@@ -232,12 +232,12 @@ def _sigmoid_bwd_kernel(
     i = element // x_w
     j = element % x_w
     # Without UPSAMPLE (x_h, x_w = H, W) the taps are the identity: first reader j, weight 1.
-    col = _first_reader(j, x_w, W) + lane % COLS
+    col = first_reader(j, x_w, W) + lane % COLS
     col_taps = tap(col, x_w, W, ACC)
     y_col_taps = tap(col, y_w, W, ACC)
     col_weight = tap_weight(col_taps, j)
     col_on = (element < x_plane) & (lane % COLS < col_readers) & (col < W) & (col_weight != 0.0)
-    first_row = _first_reader(i, x_h, H)
+    first_row = first_reader(i, x_h, H)
     total = tl.zeros([BLOCK_C, BLOCK_E * COLS], dtype=ACC)
     for row_step in range(0, row_readers):
         row = first_row + row_step
@@ -283,19 +283,6 @@ def _sigmoid_bwd_kernel(
         per_element.to(grad_x_ptr.dtype.element_ty),
         mask=channel_on & (out_element < x_plane)[None, :],
     )
-
-
-def _readers(n_in, n_out):
-    """The most output indices that read one input sample when upsampling n_in to n_out >= n_in."""
-    return (2 * n_out + n_in - 1) // n_in
-
-
-@triton.jit
-def _first_reader(i, n_in, n_out):
-    """The first output index whose tap reads input sample i (MATH.md#upsampling): the smallest d with
-    (d + 0.5) n_in / n_out - 0.5 > i - 1, in integers."""
-    numerator = (2 * i - 1) * n_out - n_in
-    return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
 
 
 def gpu_backward_tile(dtype):
@@ -446,7 +433,7 @@ def sigmoid_losses_bwd(
         if not _launch.interpreter():
             block_c = min(block_c, gpu_backward_tile(x.dtype)[0])
     else:
-        row_readers, col_readers = _readers(s["h"], s["H"]), _readers(s["w"], s["W"])
+        row_readers, col_readers = readers(s["h"], s["H"]), readers(s["w"], s["W"])
         block_c, block_e, cols, num_warps = gather_tiles(s["C"], col_readers, x.dtype)
     grid = (triton.cdiv(s["h"] * s["w"], block_e), triton.cdiv(s["C"], block_c), s["B"])
     _sigmoid_bwd_kernel[grid](
