@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._atomic import refresh_file
-from .config import TrainConfig
+from .config import TrainConfig, option_default
 from .methods import METHODS
 from .trainer import StepPlan, run
 
@@ -111,14 +111,12 @@ def row_config(base: TrainConfig, row: Row, step0: Path) -> TrainConfig:
 
 def _train_shared_step0(base: TrainConfig, overwrite: bool) -> Path:
     """The shared step 0: a plain network trained with cross-entropy, like every method's."""
-    method_options = {name: None for m in METHODS.values() for name in m.own_options if name != "freeze_encoder"}
+    method_options = ("lambda_kd", "alpha", *(name for m in METHODS.values() for name in m.own_options))
     shared = dataclasses.replace(
         base,
         method="ft",
         out=str(Path(base.out) / SHARED_STEP0),
-        lambda_kd=None,
-        alpha=TrainConfig.alpha,
-        **method_options,
+        **{name: option_default(name) for name in method_options},
     )
     run(shared, [0], overwrite=overwrite)
     return Path(shared.out) / "ft" / "step0.pt"

@@ -112,11 +112,20 @@ def option(default, help: str, valid: Range | None = None, **cli):
     return field(default=default, metadata={"help": help, "valid": valid, "cli": cli})
 
 
+def _option(name: str) -> dataclasses.Field:
+    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return field
+
+
 def option_flag(name: str) -> str:
     """The command-line flag of TrainConfig field ``name``: ``--no-fusion`` for caf_module, else from the
     name ("lr_incremental" -> "--lr-incremental")."""
-    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
-    return field.metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+    return _option(name).metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+
+
+def option_default(name: str):
+    """The value TrainConfig field ``name`` has when it is not given (None: the dataset's or method's)."""
+    return _option(name).default
 
 
 def option_type(annotation) -> type:
@@ -309,10 +318,9 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
     """
     spec, synthetic = cfg.method_spec, cfg.dataset == "synthetic"
     method, dataset, backbone = f"--method {cfg.method}", f"--dataset {cfg.dataset}", f"--backbone {cfg.backbone}"
-    neutral_default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}.get
     by_method = [
         (name, neutral, applies, method, purpose)
-        for name, neutral, applies, purpose in method_option_rules(cfg, neutral_default)
+        for name, neutral, applies, purpose in method_option_rules(cfg, option_default)
     ]
     rules = (  # (option, neutral value, whether it applies, the choice it would not apply to, what it is for)
         *by_method,
