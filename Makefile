@@ -44,8 +44,11 @@ $(STAMP_BUILD): $(STAMP_DEPS) $(EXT_SOURCES)
 		| $(PY) tools/build_progress.py $(BUILD_LOG) || { tail -n 30 $(BUILD_LOG); exit 1; }
 	touch $@
 
+# Two workers (the suite's 3800 tests take half the time); test_distributed starts process groups
+# and torchrun jobs of its own, so it runs alone, after.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_distributed.py
+	$(PY) -m pytest -q tests/test_distributed.py
 
 demo: setup
 	$(PY) -m incseg_fast demo

@@ -62,6 +62,48 @@ void define_schemas(torch::Library& m) {
   m.def(
       "structured_attention_backward(Tensor grad_out, Tensor v, Tensor a_ch, Tensor a_sp, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- Local POD (PLOP, MATH.md#local-pod) ----
+  // new, old (B, C, H, W), one float dtype; scales: positive, each <= H and <= W, at most 8 of them;
+  // reduction in {mean, sum, none}. Returns (loss: 0-dim, or (B,) for none; pooled_diff (B, C, P):
+  // per image and channel, for each scale in order, the width-pooled [r][j] (s*h_s x s) then the
+  // height-pooled [i][q] (s x s*w_s) cell means of new^2 - old^2, P = sum_s s^2 (h_s + w_s);
+  // inv_norm (B,): 1/l_n, 0 where l_n == 0), all in the accumulation dtype; the last two are
+  // saved for the backward.
+  m.def("local_pod_forward(Tensor new, Tensor old, int[] scales, str reduction) -> (Tensor, Tensor, Tensor)");
+  // d loss / d new (new's dtype and shape, contiguous) for grad_loss shaped like the loss.
+  m.def(
+      "local_pod_backward(Tensor grad_loss, Tensor new, Tensor pooled_diff, Tensor inv_norm, int[] scales, "
+      "str reduction) -> Tensor");
+  // ---- entropy pseudo-labels (PLOP; MATH.md#pseudo-labels) ----
+  // y (B, Co, h, w) old-model logits, labels (B, H, W) int64/int32/uint8, thresholds (Co,) float32.
+  // size = [H, W]: y is bilinearly upsampled to the labels' resolution on the fly (MATH.md#upsampling);
+  // size = None: y is at the labels' resolution. Returns (new labels (B, H, W) int64, the adaptive
+  // factor (B,) float32). Not differentiable.
+  m.def(
+      "entropy_pseudo_labels(Tensor y, Tensor labels, Tensor thresholds, *, int ignore_index, "
+      "int[]? size=None) -> (Tensor, Tensor)");
+  // int64 (Co, bins): per background pixel, +1 at (argmax class, entropy bin) (MATH.md#entropy-histogram).
+  m.def("entropy_histogram(Tensor y, Tensor labels, *, int bins, int ignore_index, int[]? size=None) -> Tensor");
+  // ---- sigmoid losses with composed targets (MATH.md#sigmoid-losses: SSUL, DKD) ----
+  // Channels [0, negative_channels) have target 0, [negative_channels, label_channels_from)
+  // sigmoid(y_c), [label_channels_from, C) the one-hot of the (pseudo-)label; pseudo_threshold
+  // (None: off) relabels pixels whose label is below pseudo_background with the teacher's argmax.
+  // ignored_pixels in {skip, negative}, reduction in {mean, sum, none}. Returns (label_loss,
+  // soft_loss, negative_loss) in float32 (float64 for float64 x), 0-dim or (B, H, W), and
+  // label_count, the int64 number of pixels the label term counts (0-dim), saved for the backward.
+  // pos_weight, channel_weight: (C,) or None (ones). size: as for logit_losses.
+  m.def(
+      "sigmoid_losses_fwd(Tensor x, Tensor? target, Tensor? y, Tensor? pos_weight, Tensor? channel_weight, *, "
+      "int negative_channels, int label_channels_from, float? pseudo_threshold, int pseudo_background, "
+      "int ignore_index, str ignored_pixels, str reduction, int[]? size=None) "
+      "-> (Tensor label_loss, Tensor soft_loss, Tensor negative_loss, Tensor label_count)");
+  // dL/dx (x's dtype and shape, contiguous) for upstream gradients shaped like the three losses.
+  m.def(
+      "sigmoid_losses_bwd(Tensor grad_label, Tensor grad_soft, Tensor grad_negative, Tensor x, Tensor? target, "
+      "Tensor? y, Tensor? pos_weight, Tensor? channel_weight, Tensor label_count, *, int negative_channels, "
+      "int label_channels_from, float? pseudo_threshold, int pseudo_background, int ignore_index, "
+      "str ignored_pixels, str reduction, int[]? size=None) -> Tensor");
 }
 
 }  // namespace

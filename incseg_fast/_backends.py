@@ -1,8 +1,8 @@
 """Backend registry: which implementations exist here, and which one a call gets.
 
-A backend is an object exposing the three functions of the contract in DEVELOPERS.md
-(``logit_losses``, ``attentive_distillation``, ``structured_attention``): the reference module, or an
-``ops.OpBackend`` bound to the compiled or the Triton namespace. The Triton kernels are registered
+A backend is an object exposing the four functions of the contract in DEVELOPERS.md
+(``logit_losses``, ``attentive_distillation``, ``structured_attention``, ``local_pod``): the reference
+module, or an ``ops.OpBackend`` bound to the compiled or the Triton namespace. The Triton kernels are registered
 lazily, so ``import incseg_fast`` neither loads Triton nor decides the interpreter mode early.
 """
 

@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from .reference import ignored
-from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, accumulation_dtype
+from .vocabulary import FLOAT_DTYPES, LABEL_DTYPES, WIDER_TEACHER_DTYPE, accumulation_dtype
 
 INT64_RANGE = (-(2**63), 2**63 - 1)
 
@@ -35,6 +35,24 @@ def same_device_dtype(value, name, ref, ref_name):
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
     if value.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def teacher_dtype(value, name, student, student_name):
+    """A frozen teacher's tensor: the student's device, and its dtype or the wider one of
+    WIDER_TEACHER_DTYPE (MATH.md#teacher-dtype)."""
+    same_device(value, name, student, student_name)
+    wider = WIDER_TEACHER_DTYPE.get(student.dtype)
+    if value.dtype in (student.dtype, wider):
+        return
+    allowed = f"{student.dtype} like {student_name}" + (f" or {wider} (mixed precision)" if wider else "")
+    cast = (
+        f"{name}.to({student_name}.dtype)"
+        if wider is None or value.dtype.itemsize < wider.itemsize
+        else f"{name}.to({wider})"
+    )
+    raise TypeError(
+        f"{name} has dtype {value.dtype} but {student_name} has {student.dtype}; {name} must be {allowed}: pass {cast}"
+    )
 
 
 def same_device(value, name, ref, ref_name):
@@ -120,10 +138,11 @@ def size_hint(value, name, x, size):
 
 
 def teacher(y, x, name="y", x_name="x", size=None, size_name="size"):
-    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, same dtype and device as x; a constant.
+    """Old-model logits (B, Co, H, W) with 1 <= Co <= C, on x's device, in x's dtype or the wider one of
+    MATH.md#teacher-dtype (float32 for a 16-bit x, float64 for a float32 x); a constant.
     With ``size=(H, W)``, y may have any resolution (h', w') with 1 <= h' <= H, 1 <= w' <= W."""
     float_tensor(y, name, 4)
-    same_device_dtype(y, name, x, x_name)
+    teacher_dtype(y, name, x, x_name)
     B, C, H, W = x.shape
     if size is None and (y.shape[0] != B or y.shape[2:] != x.shape[2:]):
         raise ValueError(
@@ -213,16 +232,18 @@ def gamma(g, x, name="gamma"):
     return g
 
 
-def feature_pair(f, g, a, b):
-    """MATH.md#ad: f, g (B, C, H, W); a, b (B, C); one dtype and device."""
-    float_tensor(f, "f", 4)
-    float_tensor(g, "g", 4)
-    same_device_dtype(g, "g", f, "f")
+def feature_pair(f, g, a, b, names=("f", "g", "a", "b")):
+    """MATH.md#ad: f, g (B, C, H, W); a, b (B, C); one device. The student's f and a share a dtype; the
+    teacher's g and b share f's or the wider one of MATH.md#teacher-dtype. ``names``: as the caller wrote them."""
+    f_name, g_name, a_name, b_name = names
+    float_tensor(f, f_name, 4)
+    float_tensor(g, g_name, 4)
+    teacher_dtype(g, g_name, f, f_name)
     if g.shape != f.shape:
-        raise ValueError(f"g must have the same shape as f {tuple(f.shape)}, got {tuple(g.shape)}")
-    for value, name in ((a, "a"), (b, "b")):
+        raise ValueError(f"{g_name} must have the same shape as {f_name} {tuple(f.shape)}, got {tuple(g.shape)}")
+    for value, name, like, like_name in ((a, a_name, f, f_name), (b, b_name, g, g_name)):
         float_tensor(value, name, 2)
-        same_device_dtype(value, name, f, "f")
+        same_device_dtype(value, name, like, like_name)
         if value.shape != f.shape[:2]:
             raise ValueError(f"{name} must have shape (B, C) = {tuple(f.shape[:2])}, got {tuple(value.shape)}")
 
@@ -243,3 +264,142 @@ def structured_attention_args(v, a_ch, a_sp):
     if a_sp.shape != (B, H, W):
         raise ValueError(f"a_sp must have shape (B, H, W) = ({B}, {H}, {W}), got {tuple(a_sp.shape)}")
     return a_sp
+
+
+def pod_pair(new, old, names=("new", "old")):
+    """MATH.md#local-pod: new (B, C, H, W), old (B, Co, H, W) with 1 <= Co <= C (Co < C: logits whose
+    new classes are merged into the background), one dtype and device; old a constant."""
+    new_name, old_name = names
+    float_tensor(new, new_name, 4)
+    float_tensor(old, old_name, 4)
+    same_device_dtype(old, old_name, new, new_name)
+    B, C, H, W = new.shape
+    if old.shape[0] != B or old.shape[2:] != new.shape[2:]:
+        raise ValueError(
+            f"{old_name} must have shape (B, C, H, W) = ({B}, {C}, {H}, {W}) like {new_name}, got {tuple(old.shape)}"
+        )
+    if not 1 <= old.shape[1] <= C:
+        raise ValueError(
+            f"{old_name} has {old.shape[1]} channels; need 1 <= {old.shape[1]} <= {C} ({new_name}'s channels)"
+        )
+    if old.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{old_name} (the old model's features) must not require grad: compute it under torch.no_grad() "
+            f"or pass {old_name}.detach(); the distillation treats it as a constant"
+        )
+
+
+def pod_scales(scales, new, name="scales", new_name="new", most=8):
+    """A non-empty sequence of at most ``most`` ints, each in [1, min(H, W)] of ``new``; returned as a tuple."""
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(scales).__name__}")
+    H, W = new.shape[2:]
+    values = tuple(integer(s, f"{name}[{i}]") for i, s in enumerate(scales))
+    if not 1 <= len(values) <= most:
+        raise ValueError(f"{name} must hold 1 to {most} scales, got {len(values)}")
+    for i, s in enumerate(values):
+        if not 1 <= s <= min(H, W):
+            raise ValueError(
+                f"{name}[{i}]={s} must be in [1, min(H, W)] = [1, {min(H, W)}] for {new_name} of shape "
+                f"{tuple(new.shape)}: a cell of ({H}//{s}) x ({W}//{s}) pixels would be empty"
+            )
+    return values
+
+
+# ---- entropy pseudo-labels (MATH.md#pseudo-labels) ----
+
+
+def step_labels(t, y, ignore_index, size, name="t", y_name="y"):
+    """Labels (B, H, W) of the step's label space: integers >= 0 or ignore_index; (H, W) = size if given."""
+    tensor(t, name)
+    if t.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an int64, int32 or uint8 tensor of class indices, got {t.dtype}")
+    pixels = pixel_shape(y, size)
+    if t.shape != pixels:
+        raise ValueError(
+            f"{name} must have shape (B, H, W) = {pixels}, got {tuple(t.shape)}{size_hint(t, name, y, size)}"
+        )
+    same_device(t, name, y, y_name)
+    negative = (t < 0) & ~ignored(t, ignore_index)
+    if torch.compiler.is_compiling():  # as in labels(): the compiled graph asserts instead
+        torch._assert_async(torch.logical_not(negative.any()), f"{name} has labels < 0 that are not ignore_index")
+    elif bool(negative.any()):
+        raise ValueError(f"{name} has label {t[negative][0].item()} < 0 that is not ignore_index={ignore_index}")
+    return t
+
+
+def thresholds(value, y, name="thresholds", y_name="y"):
+    """Per-class thresholds (Co,), any float dtype; returned as contiguous float32."""
+    tensor(value, name)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    old_classes = y.shape[1]
+    if value.shape != (old_classes,):
+        raise ValueError(
+            f"{name} must have one threshold per old class, shape (Co,) = ({old_classes},) for {y_name} "
+            f"with {old_classes} channels, got {tuple(value.shape)}"
+        )
+    same_device(value, name, y, y_name)
+    return value.detach().to(torch.float32).contiguous()
+
+
+def histogram(value, name="hist"):
+    """An (Co, bins) histogram of counts (an integer or float tensor, values >= 0)."""
+    tensor(value, name)
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer or floating tensor of counts, got {value.dtype}")
+    if value.dim() != 2 or value.shape[1] < 1:
+        raise ValueError(f"{name} must be (Co, bins) with bins >= 1, got shape {tuple(value.shape)}")
+    if bool((value < 0).any()):
+        raise ValueError(f"{name} must hold counts >= 0, got {value[value < 0][0].item()}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses)
+# ---------------------------------------------------------------------------------------------
+
+
+def channel_weights(value, x, name):
+    """pos_weight / channel_weight: None, a number for every channel, or (C,) floating values, all
+    finite; returned as a constant (C,) tensor in x's accumulation dtype, or None."""
+    if value is None:
+        return None
+    C = x.shape[1]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((C,), finite_float(value, name), dtype=accumulation_dtype(x.dtype), device=x.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be None, a number or a (C,) tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.shape != (C,):
+        raise ValueError(f"{name} must have shape (C,) = ({C},), one value per channel of x, got {tuple(value.shape)}")
+    same_device(value, name, x, "x")
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} must not require grad: the loss has no gradient for it")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite")
+    return value.to(accumulation_dtype(x.dtype)).contiguous()
+
+
+def sigmoid_layout(negative_channels, label_channels_from, x):
+    """0 <= negative_channels <= label_channels_from <= C (MATH.md#sigmoid-notation)."""
+    C = x.shape[1]
+    negative_channels = integer(negative_channels, "negative_channels", 0, C)
+    label_channels_from = integer(label_channels_from, "label_channels_from", 0, C)
+    if label_channels_from < negative_channels:
+        raise ValueError(
+            f"label_channels_from={label_channels_from} is below negative_channels={negative_channels}: "
+            "channels [0, negative_channels) are negatives, [negative_channels, label_channels_from) soft targets"
+        )
+    return negative_channels, label_channels_from
+
+
+def pseudo_threshold(value):
+    """None (no pseudo-labels) or a threshold on the old model's sigmoid score in [0, 1]."""
+    if value is None:
+        return None
+    value = finite_float(value, "pseudo_threshold")
+    if not 0 <= value <= 1:
+        raise ValueError(f"pseudo_threshold must be in [0, 1] (a sigmoid score), got {value}")
+    return value

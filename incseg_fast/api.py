@@ -5,10 +5,17 @@ arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-los
 """
 
 from . import _validate as check
-from . import reference
+from . import reference, vocabulary
 from ._backends import available_backends, resolve
 from .reference import balanced_log_gamma
-from .vocabulary import FEATURE_REDUCTIONS, INCREMENTAL_CE_MODES, KD_MODES, REDUCTIONS
+from .vocabulary import (
+    FEATURE_REDUCTIONS,
+    INCREMENTAL_CE_MODES,
+    KD_MODES,
+    REDUCTIONS,
+    SIGMOID_IGNORED_PIXELS,
+    accumulation_dtype,
+)
 
 __all__ = [
     "unbiased_cross_entropy",
@@ -18,7 +25,11 @@ __all__ = [
     "incremental_loss",
     "attentive_distillation",
     "structured_attention",
+    "local_pod",
     "available_backends",
+    "entropy_pseudo_labels",
+    "entropy_histogram",
+    "histogram_medians",
 ]
 
 
@@ -62,9 +73,10 @@ def _logit_losses(
     if kd == "balanced":
         gamma = check.gamma(gamma, x)
         # The backends take log γ (MATH.md#bkd-gamma): a computed γ overflows float32 where its log
-        # does not. float32 (float64 for float64 y), like a checked gamma; from y as given, at its own
-        # resolution also with size= (MATH.md#upsampling).
-        log_gamma = balanced_log_gamma(y) if gamma is None else gamma.log()
+        # does not. In x's accumulation dtype (float32, float64 for float64 x), like a checked gamma; from
+        # y as given (in its own dtype, MATH.md#teacher-dtype), at its own resolution also with size=
+        # (MATH.md#upsampling).
+        log_gamma = (balanced_log_gamma(y) if gamma is None else gamma.log()).to(accumulation_dtype(x.dtype))
     implementation = _for_inputs(resolve(backend, x.device), x)
     return implementation.logit_losses(
         x,
@@ -228,3 +240,188 @@ def structured_attention(v, a_ch, a_sp, *, backend="auto"):
     """
     a_sp = check.structured_attention_args(v, a_ch, a_sp)
     return _for_inputs(resolve(backend, v.device), v).structured_attention(v, a_ch, a_sp)
+
+
+def local_pod(new, old, *, scales=vocabulary.POD_SCALES, reduction="mean", backend="auto"):
+    """MATH.md#local-pod (PLOP's Local POD) for one layer.
+
+    ``new``, ``old`` (B, C, H, W) features of the new and the frozen old model. Per image: the L2
+    distance between the multi-scale (``scales``, PLOP's (1, 2, 4)) width- and height-pooled means
+    of the squared features; ``reduction`` "mean" (over the batch, PLOP's), "sum" or "none" ((B,)).
+    ``old`` with fewer channels Co than ``new`` (logits): the new classes' logits are first added
+    into the background channel (PLOP's ``extra_channels="sum"``). Differentiable w.r.t. ``new``.
+    """
+    return _local_pod(new, old, scales=scales, reduction=reduction, backend=backend)
+
+
+def _local_pod(new, old, *, scales, reduction, backend, names=("new", "old")):
+    """local_pod, with the caller's names for ``new`` and ``old`` in its errors (incseg_fast.losses)."""
+    check.pod_pair(new, old, names)
+    scales = check.pod_scales(scales, new, new_name=names[0], most=vocabulary.POD_MAX_SCALES)
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    implementation = _for_inputs(resolve(backend, new.device), new)
+    if old.shape[1] < new.shape[1]:
+        new = reference.merge_new_channels(new, old.shape[1])
+    return implementation.local_pod(new, old, scales=scales, reduction=reduction)
+
+
+# ---- entropy pseudo-labels (PLOP; MATH.md#pseudo-labels) ----
+
+
+def _pseudo_label_inputs(y, t, ignore_index, size):
+    """Checks shared by the two pseudo-label ops; returns (y detached, ignore_index, size)."""
+    check.logits(y, "y")
+    if y.shape[1] < 1:
+        raise ValueError(f"y must have at least one channel (Co >= 1), got shape {tuple(y.shape)}")
+    size = check.output_size(size, y, "size", "y")
+    ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
+    check.step_labels(t, y, ignore_index, size)
+    return y.detach(), ignore_index, size
+
+
+def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None, backend="auto"):
+    """MATH.md#pseudo-labels (PLOP's entropy pseudo-labelling): relabel the background of step t > 0.
+
+    ``y`` (B, Co, h, w): the old model's logits; ``t`` (B, H, W): the step's labels (background and old
+    classes 0, new classes >= Co, ``ignore_index``); ``thresholds`` (Co,): θ per old class, on the
+    normalised entropy u in [0, 1] (PLOP's θ_PLOP is θ / (Co·log N), MATH.md#pseudo-labels).
+    ``size=(H, W)``: ``y`` is bilinearly upsampled to the labels' resolution on the fly.
+    Returns ``(labels, factor)``: int64 (B, H, W) labels (k̂ where the old model is confident,
+    ``ignore_index`` on the rest of the background, ``t`` elsewhere) and PLOP's per-image adaptive factor
+    (B,) float32. Not differentiable.
+    """
+    y, ignore_index, size = _pseudo_label_inputs(y, t, ignore_index, size)
+    thresholds = check.thresholds(thresholds, y)
+    return _for_inputs(resolve(backend, y.device), y).entropy_pseudo_labels(
+        y, t, thresholds, ignore_index=ignore_index, size=size
+    )
+
+
+def entropy_histogram(y, t, *, bins=100, ignore_index=255, size=None, backend="auto"):
+    """MATH.md#entropy-histogram: int64 (Co, bins) counts of the background pixels of ``t`` by the old
+    model's predicted class and the bin of their normalised entropy u. Histograms of batches add up;
+    ``histogram_medians`` turns the total into per-class thresholds (PLOP's ``find_median``)."""
+    y, ignore_index, size = _pseudo_label_inputs(y, t, ignore_index, size)
+    bins = check.integer(bins, "bins", minimum=1, maximum=2**31 - 1)
+    return _for_inputs(resolve(backend, y.device), y).entropy_histogram(
+        y, t, bins=bins, ignore_index=ignore_index, size=size
+    )
+
+
+def histogram_medians(hist):
+    """MATH.md#histogram-median: (Co,) float32 per-class medians of u from an (Co, bins) histogram,
+    interpolated inside the bin where the cumulative count reaches half; 0 for an empty class."""
+    return reference.histogram_medians(check.histogram(hist))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses): SSUL's and DKD's BCE.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_losses"]
+
+SIGMOID_NAMES = dict(x="x", t="t", y="y", size="size")
+
+
+def _sigmoid_teacher(y, x, *, soft, pseudo, label_channels_from, size, names):
+    """y when soft targets or pseudo-labels need it (checked), else it must be None."""
+    if not (soft or pseudo):
+        if y is not None:
+            raise ValueError(
+                f"{names['y']} is not used: there are no soft-target channels "
+                "(negative_channels == label_channels_from) and no pseudo_threshold"
+            )
+        return None
+    if y is None:
+        need = (
+            "channels [negative_channels, label_channels_from) take sigmoid(y) as targets"
+            if soft
+            else "pseudo_threshold"
+        )
+        raise ValueError(f"{names['y']} (the old model's logits) is required: {need}")
+    check.teacher(y, x, names["y"], names["x"], size, names["size"])
+    if y.shape[1] < label_channels_from:
+        raise ValueError(
+            f"{names['y']} has Co={y.shape[1]} channels, fewer than label_channels_from={label_channels_from}: "
+            "every soft-target channel needs its old logit"
+        )
+    return y
+
+
+def sigmoid_losses(
+    x,
+    t=None,
+    y=None,
+    *,
+    negative_channels=0,
+    label_channels_from=0,
+    pos_weight=None,
+    channel_weight=None,
+    pseudo_threshold=None,
+    pseudo_background=1,
+    ignore_index=255,
+    ignored_pixels="skip",
+    reduction="mean",
+    size=None,
+    backend="auto",
+    names=SIGMOID_NAMES,
+):
+    """MATH.md#sigmoid-losses: per-class BCE with logits whose targets are composed per pixel, fused.
+
+    ``x`` (B, C, h, w) logits. Channels ``[0, negative_channels)`` have target 0,
+    ``[negative_channels, label_channels_from)`` the soft target ``sigmoid(y_c)`` of the old model's
+    logits ``y`` (B, Co, h', w'), and ``[label_channels_from, C)`` the one-hot of the labels ``t``
+    (B, H, W). ``pseudo_threshold`` (SSUL): a pixel labelled below ``pseudo_background`` takes the old
+    model's argmax class k when k >= pseudo_background and sigmoid(y_k) >= pseudo_threshold.
+    ``pos_weight`` and ``channel_weight``: a number or (C,) values (BCEWithLogitsLoss's pos_weight; a
+    weight per channel). ``ignored_pixels``: "skip" (SSUL: ignored pixels are not in the label term)
+    or "negative" (DKD: they are pixels without a positive channel). ``reduction`` "mean" (label
+    term over the counted pixels, the others over B·H·W), "sum" or "none" (B, H, W maps).
+    ``size=(H, W)``: the losses of x and y bilinearly upsampled to the labels' resolution.
+
+    Returns ``(label, soft, negative)``, one term per target kind, float32 (float64 for float64 x).
+    SSUL: ``sigmoid_losses(x, t, y_old, pseudo_threshold=0.7, pseudo_background=fg_idx + 1)[0]``.
+    DKD: ``label, soft, negative = sigmoid_losses(x, t, y_old, negative_channels=1,
+    label_channels_from=Co, pos_weight=w, ignored_pixels="negative")``, then
+    ``mbce * label + kd * soft + ac * negative``.
+    """
+    check.logits(x, names["x"])
+    size = check.output_size(size, x, names["size"], names["x"])
+    negative_channels, label_channels_from = check.sigmoid_layout(negative_channels, label_channels_from, x)
+    ignore_index = check.integer(ignore_index, "ignore_index", *check.INT64_RANGE)
+    ignored_pixels = check.choice(ignored_pixels, "ignored_pixels", SIGMOID_IGNORED_PIXELS)
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    pseudo_threshold = check.pseudo_threshold(pseudo_threshold)
+    pseudo_background = check.integer(pseudo_background, "pseudo_background", 1, x.shape[1])
+    pseudo = pseudo_threshold is not None
+    if label_channels_from < x.shape[1] or pseudo:
+        check.labels(t, x, ignore_index, names["t"], names["x"], size)
+    elif t is not None:
+        raise ValueError(f"{names['t']} is not used: there are no label channels (label_channels_from == C)")
+    y = _sigmoid_teacher(
+        y,
+        x,
+        soft=negative_channels < label_channels_from,
+        pseudo=pseudo,
+        label_channels_from=label_channels_from,
+        size=size,
+        names=names,
+    )
+    pos_weight = check.channel_weights(pos_weight, x, "pos_weight")
+    channel_weight = check.channel_weights(channel_weight, x, "channel_weight")
+    implementation = _for_inputs(resolve(backend, x.device), x)
+    return implementation.sigmoid_losses(
+        x,
+        t,
+        y,
+        pos_weight,
+        channel_weight,
+        negative_channels=negative_channels,
+        label_channels_from=label_channels_from,
+        pseudo_threshold=pseudo_threshold,
+        pseudo_background=pseudo_background,
+        ignore_index=ignore_index,
+        ignored_pixels=ignored_pixels,
+        reduction=reduction,
+        size=size,
+    )

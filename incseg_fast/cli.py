@@ -194,17 +194,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+ABLATION_SWITCHES = ("kd", "caf_module", "pseudo_labels")  # the options ablate's rows set
+
+
 def _cmd_ablate(args) -> int:
-    from .train.ablate import run_ablation
+    from .train.ablate import ABLATIONS, run_ablation
 
     _set_threads(args.threads)
-    if args.method != "caf":
-        raise ValueError("--method does not apply to ablate (its rows are caf runs)")
+    if args.method not in ABLATIONS:
+        raise ValueError(f"--method {args.method} has no ablation: ablate runs {' or '.join(ABLATIONS)}")
     if args.step != "all":
         raise ValueError("--step does not apply to ablate (every row trains every step of the task)")
-    for flag, given in (("--kd", args.kd is not None), ("--no-fusion", args.caf_module is not None)):
-        if given:
-            raise ValueError(f"{flag} does not apply to ablate (its rows switch it)")
+    for name in ABLATION_SWITCHES:
+        if getattr(args, name) is not None:
+            raise ValueError(f"{option_flag(name)} does not apply to ablate (its rows switch it)")
     cfg = _config(args)
     report = run_ablation(cfg, overwrite=args.overwrite)
     print(report["table"])
@@ -239,9 +242,11 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.demo import DEFAULT_METHODS
+
     parser = OneLineParser(
         prog="incseg-fast",
-        description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF losses.",
+        description="Continual (class-incremental) semantic segmentation with fused MiB/ILT/CAF/PLOP losses.",
     )
     parser.add_argument("--version", action=_VersionAction, help="the package's, torch's and the kernels' versions")
     parser.add_argument(
@@ -285,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="synthetic 15-5 disjoint: ft vs mib (vs caf) vs joint on CPU",
+        help="synthetic 15-5 disjoint: ft vs mib and caf (--methods: any incremental method, plop too) vs joint on CPU",
         description="Runs the synthetic 15-5 disjoint task with the methods below and (not "
         "with --quick) the joint upper bound, prints the old/new/all mIoU table and writes "
         "results.json, results.csv, results.md and miou.png.",
@@ -322,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        default="ft,mib,caf",
-        help="comma-separated incremental methods (the full demo adds joint; default ft,mib,caf)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated incremental methods (the full demo adds joint; default {','.join(DEFAULT_METHODS)})",
     )
     p.add_argument(
         "--task",
@@ -343,13 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ablate",
-        help="CAF's Table III: fusion module, attentive and balanced distillation on and off",
-        description="Trains caf with its fusion module (SAB), attentive distillation (AD) and balanced "
-        "distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row), each row in "
-        "OUT/<row>/ from one shared step 0, and writes the old/new/all mIoU table to results.md/json. "
-        "The options are train's; --method, --step, --kd and --no-fusion do not apply. Rerunning resumes.",
+        help="a method's parts on and off: CAF's Table III (--method caf, default) or PLOP's (--method plop)",
+        description="--method caf (the default): trains caf with its fusion module (SAB), attentive distillation "
+        "(AD) and balanced distillation (BKD) switched on and off (the 8 combinations and the paper's +KD row); "
+        "--method plop: plop with its Local POD and its pseudo-labels on and off. Each row in OUT/<row>/ from "
+        "one shared step 0; the old/new/all mIoU table goes to results.md/json. The options are train's; "
+        "--step, --kd, --no-fusion and --no-pseudo-labels do not apply. Rerunning resumes.",
     )
-    _add_train(p, hidden=("method", "step", "kd", "caf_module"))  # the rows set these themselves
+    _add_train(p, hidden=("method", "step", *ABLATION_SWITCHES))  # the rows set these themselves
     p.set_defaults(method="caf", out="runs/ablate")
 
     sub.add_parser(

@@ -8,6 +8,8 @@ losses come back in that computation dtype, ``structured_attention`` in the inpu
 The functions here do not validate their arguments: the public API (``incseg_fast.api``) does.
 """
 
+import math
+
 import torch
 
 __all__ = [
@@ -19,9 +21,14 @@ __all__ = [
     "incremental_loss",
     "attentive_distillation",
     "structured_attention",
+    "local_pod",
+    "merge_new_channels",
     "logit_losses",
     "upsample",
     "ignored",
+    "entropy_pseudo_labels",
+    "entropy_histogram",
+    "histogram_medians",
 ]
 
 
@@ -309,8 +316,10 @@ def _attend(m, channel_attention, detach_spatial):
 
 
 def attentive_distillation(f, g, a, b, *, reduction="mean", detach_spatial=False):
-    """MATH.md#ad / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2."""
-    f, g, a, b = (_upcast(t) for t in (f, g, a, b))
+    """MATH.md#ad / CAF eq. 7–8: mean (or sum) of (AD(f) - AD(g))^2, in the student's (f's) computation
+    dtype: a wider teacher (g, b; MATH.md#teacher-dtype) is read in it."""
+    f, a = _upcast(f), _upcast(a)
+    g, b = g.to(f.dtype), b.to(f.dtype)
     diff = _attend(f, a, detach_spatial) - _attend(g, b, detach_spatial)
     squared = diff * diff
     return _mean(squared) if reduction == "mean" else squared.sum()
@@ -320,3 +329,194 @@ def structured_attention(v, a_ch, a_sp):
     """MATH.md#sab: (1 + a_ch ⊗ a_sp) * v, returned in v's dtype."""
     out = (1 + _upcast(a_ch)[:, :, None, None] * _upcast(a_sp)[:, None]) * _upcast(v)
     return out.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PLOP's Local POD (MATH.md#local-pod).
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_new_channels(x, old_channels):
+    """MATH.md#local-pod-logits: the channels from ``old_channels`` on added into channel 0, the rest dropped."""
+    background = x[:, :1] + x[:, old_channels:].sum(dim=1, keepdim=True)
+    return torch.cat([background, x[:, 1:old_channels]], dim=1)
+
+
+def _pod_embedding(e, scales):
+    """Every scale's width-pooled (B, C, s, h_s, s) and height-pooled (B, C, s, s, w_s) cell means of
+    ``e`` (B, C, H, W), flattened and concatenated per image (MATH.md#local-pod)."""
+    B, C, H, W = e.shape
+    parts = []
+    for s in scales:
+        h, w = H // s, W // s
+        cells = e[:, :, : s * h, : s * w].reshape(B, C, s, h, s, w)  # [b, c, i, row in cell, j, column in cell]
+        parts.append(cells.mean(dim=5).flatten(1))
+        parts.append(cells.mean(dim=3).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+def local_pod(new, old, *, scales=(1, 2, 4), reduction="mean"):
+    """MATH.md#local-pod: per image the L2 distance of the multi-scale pooled squared features;
+    mean (or sum) over the batch, or the (B,) distances for "none". With more channels in ``new``
+    than in ``old`` (logits), the new classes are first merged into the background."""
+    new, old = _upcast(new), _upcast(old)
+    if new.shape[1] > old.shape[1]:
+        new = merge_new_channels(new, old.shape[1])
+    distances = torch.linalg.vector_norm(_pod_embedding(new.square() - old.square(), scales), dim=1)
+    if reduction == "none":
+        return distances
+    return _mean(distances) if reduction == "mean" else distances.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy pseudo-labels (PLOP; MATH.md#pseudo-labels). No gradient: labels and counts.
+# ---------------------------------------------------------------------------------------------
+
+
+def pseudo_background(t, old_classes, ignore_index):
+    """Background pixels: label < Co and not the ignore label (MATH.md#pseudo-labels)."""
+    return (t.long() < old_classes) & ~ignored(t, ignore_index)
+
+
+def predicted_class_and_entropy(y, size=None):
+    """k̂ (argmax of the logits, lowest index among ties) and u = H(softmax) / log Co of upsample(y, size)."""
+    with torch.no_grad():
+        logits = upsample(_upcast(y), size)
+        old_classes = logits.shape[1]
+        p = torch.softmax(logits, dim=1)
+        entropy = -torch.special.xlogy(p, p).sum(dim=1)  # p log p = 0 at p = 0
+        scale = 1 / math.log(old_classes) if old_classes > 1 else 0.0
+        return logits.argmax(dim=1), entropy * scale
+
+
+def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None):
+    """MATH.md#pseudo-labels: (new labels (B, H, W) int64, adaptive factor (B,) float32)."""
+    predicted, u = predicted_class_and_entropy(y, size)
+    background = pseudo_background(t, y.shape[1], ignore_index)
+    confident = background & (u < thresholds.to(u.dtype)[predicted])
+    not_confident = torch.full_like(predicted, ignore_index)
+    labels = torch.where(background, torch.where(confident, predicted, not_confident), t.long())
+    counts = (confident.sum(dim=(1, 2)), background.sum(dim=(1, 2)))
+    factor = counts[0].double() / (counts[1].double() + 1e-6)
+    return labels, factor.float()
+
+
+def entropy_bins(u, bins):
+    """min(floor(u * bins), bins - 1), and 0 below 0 (MATH.md#entropy-histogram)."""
+    return (u * bins).floor().clamp(0, bins - 1).long()
+
+
+def entropy_histogram(y, t, *, bins=100, ignore_index=255, size=None):
+    """MATH.md#entropy-histogram: int64 (Co, bins) counts of the background pixels by (k̂, entropy bin)."""
+    predicted, u = predicted_class_and_entropy(y, size)
+    background = pseudo_background(t, y.shape[1], ignore_index)
+    cells = predicted[background] * bins + entropy_bins(u[background], bins)
+    return torch.bincount(cells, minlength=y.shape[1] * bins).view(y.shape[1], bins)
+
+
+def histogram_medians(hist):
+    """MATH.md#histogram-median: (Co,) float32 medians of u from an (Co, bins) histogram, 0 for an empty row."""
+    counts = hist.double()
+    bins = counts.shape[1]
+    half = counts.sum(dim=1) / 2
+    cumulative = counts.cumsum(dim=1)
+    # The first bin whose cumulative count reaches half: the number of bins below half.
+    j = (cumulative < half[:, None]).sum(dim=1).clamp(max=bins - 1)
+    below = cumulative.gather(1, j[:, None]).squeeze(1) - counts.gather(1, j[:, None]).squeeze(1)
+    in_bin = counts.gather(1, j[:, None]).squeeze(1)
+    median = (j + (half - below) / in_bin.clamp(min=1)) / bins
+    return torch.where(half > 0, median, torch.zeros_like(median)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigmoid losses with composed targets (MATH.md#sigmoid-losses): SSUL's and DKD's BCE.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["sigmoid_losses", "sigmoid_pseudo_labels"]
+
+
+def sigmoid_pseudo_labels(target, y, *, threshold, background, ignore_index):
+    """MATH.md#sigmoid-pseudo: a label below ``background`` becomes the old model's argmax class k when
+    k >= background and sigmoid(y_k) >= threshold. Returns int64 labels; ignored pixels stay ignored."""
+    eligible = ~ignored(target, ignore_index) & (target.long() < background)
+    scores, best = y.max(dim=1)  # the first maximum on ties
+    confident = (best >= background) & (torch.sigmoid(scores) >= threshold)
+    return torch.where(eligible & confident, best, target.long())
+
+
+def _softplus_exact(z):
+    """log(1 + exp(z)) without F.softplus's linear cut-off at z > 20 (an absolute error of e^-20)."""
+    return torch.clamp(z, min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _composed_targets(x, target, y, *, negative_channels, label_channels_from, ignore_index, labels):
+    """MATH.md#sigmoid-notation: the dense B×C×H×W targets (0 | sigmoid(y) | one-hot of ``labels``)."""
+    C = x.shape[1]
+    targets = torch.zeros_like(x)
+    targets[:, negative_channels:label_channels_from] = torch.sigmoid(y[:, negative_channels:label_channels_from])
+    if label_channels_from < C:
+        classes = torch.arange(label_channels_from, C, device=x.device).view(1, -1, 1, 1)
+        valid = ~ignored(target, ignore_index)
+        targets[:, label_channels_from:] = ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(x.dtype)
+    return targets
+
+
+def sigmoid_losses(
+    x,
+    target,
+    y,
+    pos_weight,
+    channel_weight,
+    *,
+    negative_channels,
+    label_channels_from,
+    pseudo_threshold,
+    pseudo_background,
+    ignore_index,
+    ignored_pixels,
+    reduction,
+    size=None,
+):
+    """MATH.md#sigmoid-losses: (label, soft, negative) terms of the BCE with composed targets.
+
+    The backend contract (DEVELOPERS.md): ``target`` (B, H, W) or None when there are no label
+    channels; ``y`` (B, Co, h', w') or None when there are neither soft channels nor pseudo-labels;
+    ``pos_weight``, ``channel_weight`` (C,) in the computation dtype, or None (all ones).
+    """
+    x = upsample(_upcast(x), size)
+    B, C, H, W = x.shape
+    if y is not None:
+        y = upsample(_upcast(y).to(x.dtype), size)
+    labels = None
+    if target is not None:
+        labels = target.long()
+        if pseudo_threshold is not None:
+            labels = sigmoid_pseudo_labels(
+                target, y, threshold=pseudo_threshold, background=pseudo_background, ignore_index=ignore_index
+            )
+    targets = _composed_targets(
+        x,
+        target,
+        y,
+        negative_channels=negative_channels,
+        label_channels_from=label_channels_from,
+        ignore_index=ignore_index,
+        labels=labels,
+    )
+    positive_scale = 1.0 if pos_weight is None else pos_weight.to(x.dtype).view(1, -1, 1, 1)
+    elementwise = (1 - targets) * x + (1 + (positive_scale - 1) * targets) * _softplus_exact(-x)
+    if channel_weight is not None:
+        elementwise = elementwise * channel_weight.to(x.dtype).view(1, -1, 1, 1)
+
+    label_map = elementwise[:, label_channels_from:].sum(dim=1)
+    counted = torch.ones((B, H, W), dtype=torch.bool, device=x.device)
+    if target is not None and ignored_pixels == "skip":
+        counted = ~ignored(target, ignore_index)
+        label_map = torch.where(counted, label_map, torch.zeros_like(label_map))
+    soft_map = elementwise[:, negative_channels:label_channels_from].sum(dim=1)
+    negative_map = elementwise[:, :negative_channels].sum(dim=1)
+    if reduction == "none":
+        return label_map, soft_map, negative_map
+    if reduction == "sum":
+        return label_map.sum(), soft_map.sum(), negative_map.sum()
+    return _reduce_cross_entropy(label_map, counted, "mean"), _mean(soft_map), _mean(negative_map)

@@ -2,11 +2,15 @@
 
 import torch
 
-from incseg_fast.vocabulary import CUDA_EMULATOR, FUSED_BACKENDS, RTOL  # noqa: F401  (re-exported for the suites)
+from incseg_fast.vocabulary import CUDA_EMULATOR, FUSED_BACKENDS, RTOL, WIDER_TEACHER_DTYPE  # noqa: F401  (re-exported)
 
 # The fused backends, and the CUDA kernels run thread by thread on the CPU (the same parity suites
 # check the CUDA kernels' indexing, tails and arithmetic on machines without a GPU).
 PARITY_BACKENDS = FUSED_BACKENDS + (CUDA_EMULATOR,)
+
+# (student dtype, teacher dtype) of a mixed-precision loop whose teacher runs outside autocast
+# (MATH.md#teacher-dtype): the parity suites run each, at the student's tolerance.
+WIDER_TEACHERS = tuple(WIDER_TEACHER_DTYPE.items())
 
 
 def interpreted(backend):

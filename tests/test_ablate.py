@@ -1,4 +1,4 @@
-"""``incseg-fast ablate``: CAF's Table III rows, each a caf run with its switches, one table."""
+"""``incseg-fast ablate``: CAF's Table III rows, each a caf run with its switches, one table; PLOP's rows."""
 
 import json
 
@@ -7,10 +7,11 @@ import torch
 
 from incseg_fast.cli import main
 from incseg_fast.train import load_checkpoint
-from incseg_fast.train.ablate import ROWS
-from incseg_fast.train.config import CAF_LAMBDA_AD
+from incseg_fast.train.ablate import ABLATIONS
+from incseg_fast.train.methods import CAF_LAMBDA_AD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROWS = ABLATIONS["caf"].rows
 
 TINY = [
     "--image-size",
@@ -43,7 +44,7 @@ def test_every_row_is_trained_and_tabulated(ablation, capsys):
     results = json.loads((ablation / "results.json").read_text())
     assert list(results) == [row.name for row in ROWS]
     assert len(ROWS) == 9  # the 8 combinations of the three switches and the paper's +KD row
-    assert len({(r.fusion, r.ad, r.kd) for r in ROWS}) == 9
+    assert len({tuple(r.switches.values()) for r in ROWS}) == 9
     for values in results.values():
         for key in ("miou_old", "miou_new", "miou_all"):
             assert 0.0 <= values[key] <= 100.0
@@ -58,11 +59,12 @@ def test_the_switches_change_the_configuration_and_the_network(ablation):
         ckpt = load_checkpoint(ablation / row.folder / "caf" / "step1.pt")
         cfg, model = ckpt["config"], ckpt["model"]
         assert cfg["method"] == "caf"
-        assert cfg["kd"] == row.kd
-        assert cfg["caf_module"] is row.fusion and model["caf"] is row.fusion
-        assert (cfg["lambda_ad"] > 0) is row.ad and model["se_blocks"] is row.ad
-        assert (cfg["lambda_ad"] == CAF_LAMBDA_AD["synthetic"]) is row.ad  # the default lambda_AD when on
-        assert cfg["lambda_kd"] == (5.0 if row.kd != "none" else 10.0)
+        fusion, ad, kd = (row.switches[k] for k in ("fusion", "ad", "kd"))
+        assert cfg["kd"] == kd
+        assert cfg["caf_module"] is fusion and model["caf"] is fusion
+        assert (cfg["lambda_ad"] > 0) is ad and model["se_blocks"] is ad
+        assert (cfg["lambda_ad"] == CAF_LAMBDA_AD["synthetic"]) is ad  # the default lambda_AD when on
+        assert cfg["lambda_kd"] == (5.0 if kd != "none" else 10.0)
         # every row started from the one shared step 0
         first = load_checkpoint(ablation / row.folder / "caf" / "step0.pt")["state_dict"]
         assert all(torch.equal(first[k], step0[k]) for k in step0)
@@ -78,7 +80,8 @@ def test_rerun_resumes_without_training(ablation):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--method", "mib"], "--method does not apply to ablate"),
+        (["--method", "mib"], "--method mib has no ablation: ablate runs caf or plop"),
+        (["--method", "plop", "--no-pseudo-labels"], "--no-pseudo-labels does not apply to ablate"),
         (["--kd", "none"], "--kd does not apply to ablate"),
         (["--no-fusion"], "--no-fusion does not apply to ablate"),
         (["--step", "1"], "--step does not apply to ablate"),
@@ -95,3 +98,17 @@ def test_options_that_do_not_apply_are_one_line_errors(tmp_path, capsys, argv, m
 def test_train_rejects_caf_switches_for_other_methods(tmp_path, capsys):
     assert main(["train", "--method", "mib", "--kd", "none", "--out", str(tmp_path)]) == 2
     assert "--kd does not apply to --method mib" in capsys.readouterr().err
+
+
+def test_plop_rows_switch_local_pod_and_the_pseudo_labels(tmp_path):
+    out = tmp_path / "plop"
+    assert main(["ablate", "--method", "plop", "--out", str(out), *TINY]) == 0
+    rows = ABLATIONS["plop"].rows
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == [row.name for row in rows]
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| row | Local POD | pseudo-labels | old (0-15) | new (16-20) | all |"
+    for row in rows:
+        cfg = load_checkpoint(out / row.folder / "plop" / "step1.pt")["config"]
+        assert cfg["pseudo_labels"] is row.switches["pseudo"]
+        assert (cfg["lambda_pod"] > 0 and cfg["lambda_pod_logits"] > 0) is row.switches["pod"]

@@ -26,6 +26,7 @@ def test_public_signatures():
         "gamma=None, ignore_index=255, size=None, backend='auto')",
         "attentive_distillation": "(f, g, a, b, *, reduction='mean', detach_spatial=False, backend='auto')",
         "structured_attention": "(v, a_ch, a_sp, *, backend='auto')",
+        "local_pod": "(new, old, *, scales=(1, 2, 4), reduction='mean', backend='auto')",
         "available_backends": "()",
     }
     for name, signature in expected.items():
@@ -139,7 +140,7 @@ def test_unbiased_ce_module_refuses_a_float_mask(batch):
         (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x[0], t), "inputs must be 4-D"),
         (lambda x, t, y: losses.UnbiasedCrossEntropy(old_cl=4)(x, t[:, :2]), r"targets must have shape \(B, H, W\)"),
         (lambda x, t, y: losses.KnowledgeDistillationLoss()(x, y[:, :, :2]), "targets must have shape"),
-        (lambda x, t, y: losses.UnbiasedKnowledgeDistillationLoss()(x, y.double()), "targets has dtype"),
+        (lambda x, t, y: losses.UnbiasedKnowledgeDistillationLoss()(x, y.half()), "targets has dtype .* but inputs"),
         (lambda x, t, y: losses.BalancedKnowledgeDistillationLoss()(x, y, mask=torch.ones(3)), "mask must have shape"),
     ],
     ids=["old_cl", "targets_dtype", "inputs_rank", "targets_shape", "kd_targets", "unkd_dtype", "bkd_mask"],
@@ -158,6 +159,31 @@ def test_attentive_distillation_module_checks_channels_and_takes_half_features(g
     # float16 features outside autocast: the attention blocks run in their own dtype.
     loss = module(f.half(), (f + 0.1).half())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        losses.KnowledgeDistillationLoss(),
+        losses.UnbiasedKnowledgeDistillationLoss(),
+        losses.BalancedKnowledgeDistillationLoss(),
+        losses.AttentiveDistillationLoss(3),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_distillation_modules_take_a_float32_teacher_under_autocast(batch, module):
+    """MiB's AMP loop: the student inside autocast (bfloat16), the teacher under no_grad outside it
+    (float32), passed as it is (MATH.md#teacher-dtype); a narrower teacher names the module's arguments."""
+    x, _, y = batch
+    if isinstance(module, losses.AttentiveDistillationLoss):  # features of 3 channels
+        x, y = x[:, :3], y[:, :3]
+    inputs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module(inputs.bfloat16(), y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and inputs.grad.abs().max() > 0
+    with pytest.raises(TypeError, match="targets has dtype torch.float16 but inputs has torch.float32"):
+        module(x, y.half())
 
 
 def test_unbiased_ce_module_without_old_classes_is_cross_entropy(batch):

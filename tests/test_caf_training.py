@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import incseg_fast as isf
-from incseg_fast.train.trainer import background_share_gamma
+from incseg_fast.train.methods import background_share_gamma
 
 
 def test_gamma_is_the_non_background_share_over_the_background_share():

@@ -166,7 +166,7 @@ def test_the_tiny_smoke_reaches_every_op_family_in_every_dtype_with_and_without_
 def test_the_smoke_runs_on_cpu_tensors_and_filters_dtypes(capsys):
     assert gpu_smoke.main(["--tiny", "--backend", "cuda_emulator", "--dtypes", "bfloat16"]) == 0
     assert (
-        capsys.readouterr().out.splitlines()[-1] == "gpu-smoke: PASS: backend cuda_emulator, 7 cases passed, 0 failed"
+        capsys.readouterr().out.splitlines()[-1] == "gpu-smoke: PASS: backend cuda_emulator, 11 cases passed, 0 failed"
     )
     if not torch.cuda.is_available():
         assert gpu_smoke.main(["--tiny", "--backend", "cuda", "--dtypes", "float32"]) == 1

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from parity_support import WIDER_TEACHERS
 from torch.library import opcheck
 
 from incseg_fast import ops
@@ -25,11 +26,13 @@ def _randn(generator, shape, dtype, requires_grad=False):
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
 
 
-def _feature_pair(generator, dtype, requires_grad=False, shape=(2, 5, 7, 9)):
+def _feature_pair(generator, dtype, requires_grad=False, shape=(2, 5, 7, 9), teacher_dtype=None):
+    """f, a in dtype; the teacher's g, b in teacher_dtype (dtype by default)."""
+    teacher_dtype = teacher_dtype or dtype
     f = _randn(generator, shape, dtype, requires_grad)
-    g = _randn(generator, shape, dtype, requires_grad)
+    g = _randn(generator, shape, teacher_dtype, requires_grad)
     a = torch.sigmoid(_randn(generator, shape[:2], torch.float64)).to(dtype).requires_grad_(requires_grad)
-    b = torch.sigmoid(_randn(generator, shape[:2], torch.float64)).to(dtype).requires_grad_(requires_grad)
+    b = torch.sigmoid(_randn(generator, shape[:2], torch.float64)).to(teacher_dtype).requires_grad_(requires_grad)
     return f, g, a, b
 
 
@@ -63,6 +66,23 @@ def test_opcheck_attentive_distillation_backward(generator, namespace, dtype, sp
     grads = op_namespace.attentive_distillation_backward(*args)
     for wanted, grad, like in zip(output_mask, grads, (f, g, a, b), strict=True):
         assert grad.shape == (like.shape if wanted else (0,)) and grad.dtype == like.dtype
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("dtype,teacher_dtype", WIDER_TEACHERS, ids=str)
+@pytest.mark.parametrize("shape", ((2, 5, 7, 9), (2, 5, 4, 8)), ids=("odd", "packed"))
+def test_opcheck_attentive_distillation_wider_teacher(generator, namespace, dtype, teacher_dtype, shape):
+    """The mixed signature (MATH.md#teacher-dtype): the teacher's g, b in a wider dtype than f, a; their
+    gradients in their own dtype, the loss and saved state in f's accumulation dtype."""
+    op_namespace = getattr(torch.ops, namespace)
+    f, g, a, b = _feature_pair(generator, dtype, True, shape, teacher_dtype)
+    opcheck(op_namespace.attentive_distillation_forward.default, (f, g, a, b, "mean", True))
+    f, g, a, b = (t.detach() for t in (f, g, a, b))  # the backward op itself is not differentiated
+    _, spatial, inv_norm, pixel_grad = op_namespace.attentive_distillation_forward(f, g, a, b, "mean", True)
+    args = (torch.tensor(0.7, dtype=spatial.dtype), f, g, a, b, spatial, inv_norm, pixel_grad, "mean", True, [True] * 4)
+    opcheck(op_namespace.attentive_distillation_backward.default, args)
+    grads = op_namespace.attentive_distillation_backward(*args)
+    assert [grad.dtype for grad in grads] == [dtype, teacher_dtype, dtype, teacher_dtype]
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -138,14 +158,15 @@ def test_wrapper_saves_pixel_gradients_only_when_needed(generator, monkeypatch):
         (lambda f, g, a, b: (f, g[:, :3], a, b), "g must have"),
         (lambda f, g, a, b: (f, g, a[:, :3], b), "a must be"),
         (lambda f, g, a, b: (f, g, a, b.t()), "b must have"),
-        (lambda f, g, a, b: (f, g.double(), a, b), "share one dtype"),
+        (lambda f, g, a, b: (f, g.half(), a, b.half()), "g has dtype Half but f has Float"),
+        (lambda f, g, a, b: (f, g.double(), a, b), "b g's"),
         (lambda f, g, a, b: (f.long(), g.long(), a.long(), b.long()), "f must be float16"),
     ],
-    ids=("f_rank", "g_shape", "a_shape", "b_shape", "dtype_mix", "integer"),
+    ids=("f_rank", "g_shape", "a_shape", "b_shape", "teacher_narrower", "b_not_g_dtype", "integer"),
 )
 def test_direct_forward_call_checks_shapes(generator, case, message):
     args = case(*_feature_pair(generator, torch.float32))
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((RuntimeError, TypeError), match=message):
         torch.ops.incseg_fast.attentive_distillation_forward(*args, "mean", False)
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from parity_support import WIDER_TEACHERS
 
 import incseg_fast as isf
 
@@ -26,12 +27,25 @@ MODES = [  # (ce, kd, reduction)
 
 
 def _op_args(
-    generator, ce, kd, reduction, *, dtype=torch.float32, batch=2, channels=6, old_classes=4, height=5, width=7
+    generator,
+    ce,
+    kd,
+    reduction,
+    *,
+    dtype=torch.float32,
+    teacher_dtype=None,
+    batch=2,
+    channels=6,
+    old_classes=4,
+    height=5,
+    width=7,
 ):
     x = torch.randn((batch, channels, height, width), generator=generator, dtype=torch.float64).to(dtype)
     t = torch.randint(0, channels, (batch, height, width), generator=generator)
     t[torch.rand((batch, height, width), generator=generator) < 0.2] = 255
-    y = torch.randn((batch, old_classes, height, width), generator=generator, dtype=torch.float64).to(dtype)
+    y = torch.randn((batch, old_classes, height, width), generator=generator, dtype=torch.float64).to(
+        teacher_dtype or dtype
+    )
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     gamma = (0.5 + torch.rand((batch,), generator=generator, dtype=torch.float64)).to(acc)
     mask = torch.rand((batch, height, width), generator=generator, dtype=torch.float64).to(acc)
@@ -63,6 +77,22 @@ def test_opcheck_backward(generator, ce, kd, reduction):
     torch.library.opcheck(
         torch.ops.incseg_fast.logit_losses_bwd.default, (grad_ce, grad_kd) + args + (stats, valid_count), kwargs
     )
+
+
+@pytest.mark.parametrize("namespace", ["incseg_fast", "incseg_fast_cuda_emulator"])
+@pytest.mark.parametrize("dtype,teacher_dtype", WIDER_TEACHERS, ids=str)
+@pytest.mark.parametrize("ce,kd,reduction", MODES[:3])
+def test_opcheck_wider_teacher(generator, namespace, dtype, teacher_dtype, ce, kd, reduction):
+    """The mixed signature (MATH.md#teacher-dtype): x in the student's dtype, y in the teacher's; the
+    losses in x's accumulation dtype and dL/dx in x's dtype, as the fake kernels say."""
+    ops = getattr(torch.ops, namespace)
+    args, kwargs = _op_args(generator, ce, kd, reduction, dtype=dtype, teacher_dtype=teacher_dtype, height=4, width=8)
+    torch.library.opcheck(ops.logit_losses_fwd.default, (args[0].requires_grad_(),) + args[1:], kwargs)
+    ce_loss, _, stats, valid_count = ops.logit_losses_fwd(*args, **kwargs)
+    grads = tuple(torch.randn(ce_loss.shape, generator=generator) for _ in range(2))
+    backward_args = grads + args + (stats, valid_count)
+    torch.library.opcheck(ops.logit_losses_bwd.default, backward_args, kwargs)
+    assert ops.logit_losses_bwd(*backward_args, **kwargs).dtype == dtype
 
 
 def test_outputs_and_saved_statistics(generator):
@@ -179,8 +209,8 @@ def test_direct_calls_are_checked(generator, case):
         t, error = t.float(), TypeError
     elif case == "y_channels":
         y = y[:, :-1]
-    elif case == "y_dtype":
-        y, error = y.double(), TypeError
+    elif case == "y_dtype":  # narrower than x: no teacher is
+        y, error = y.half(), TypeError
     elif case == "gamma_missing":
         gamma = None
     elif case == "old_classes":
@@ -203,9 +233,12 @@ x = torch.randn(2, 9, 23, 29, generator=g).requires_grad_()
 y = torch.randn(2, 5, 23, 29, generator=g)
 t = torch.randint(0, 9, (2, 23, 29), generator=g)
 out = []
-for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+pairs = [(d, d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+pairs += [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float64)]
+for dtype, teacher_dtype in pairs:
     xd = x.detach().to(dtype).requires_grad_()
-    ce, kd = isf.incremental_loss(xd, t, y.to(dtype), old_classes=5, kd="balanced", mask=y[:, 0] > 0, backend="cpu")
+    yd = y.to(teacher_dtype)
+    ce, kd = isf.incremental_loss(xd, t, yd, old_classes=5, kd="balanced", mask=y[:, 0] > 0, backend="cpu")
     (ce + 3 * kd).backward()
     out += [ce.detach(), kd.detach(), xd.grad.double()]
 torch.save(out, {path!r})

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from parity_support import RTOL, device_for, interpreted
+from parity_support import RTOL, WIDER_TEACHERS, device_for, interpreted
 
 import incseg_fast as isf
 from incseg_fast import reference
@@ -34,13 +34,15 @@ def _channel_attention(generator, shape, dtype, device):
     return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
 
 
-def _feature_pair(generator, shape, dtype, device):
+def _feature_pair(generator, shape, dtype, device, teacher_dtype=None):
+    """f, g, a, b; the teacher's g, b in teacher_dtype (dtype by default)."""
     batch, channels = shape[:2]
+    teacher_dtype = teacher_dtype or dtype
     return (
         _features(generator, shape, dtype, device),
-        _features(generator, shape, dtype, device),
+        _features(generator, shape, teacher_dtype, device),
         _channel_attention(generator, (batch, channels), dtype, device),
-        _channel_attention(generator, (batch, channels), dtype, device),
+        _channel_attention(generator, (batch, channels), teacher_dtype, device),
     )
 
 
@@ -214,6 +216,27 @@ def test_attentive_distillation_packed_channel_groups(backend, generator, dtype,
         backend,
         inputs,
         reduction="sum",
+        detach_spatial=detach_spatial,
+        wanted=INPUT_NAMES,
+        upstream=_random_upstream(generator),
+        rtol=RTOL[dtype],
+    )
+
+
+@pytest.mark.parametrize("dtype,teacher_dtype", WIDER_TEACHERS, ids=str)
+@pytest.mark.parametrize("reduction", FEATURE_REDUCTIONS)
+@pytest.mark.parametrize("detach_spatial", (False, True), ids=("spatial_grad", "detach_spatial"))
+@pytest.mark.parametrize("shape", [(3, 19, 13, 11), (2, 37, 8, 16)], ids=("odd", "packed"))
+def test_attentive_distillation_wider_teacher(
+    backend, generator, dtype, teacher_dtype, reduction, detach_spatial, shape
+):
+    """The old features g (and their attention b) in a wider dtype than the new ones (MATH.md#teacher-dtype),
+    read in their own dtype; every gradient in its input's dtype, at the student's tolerance."""
+    inputs = _feature_pair(generator, _shape(backend, *shape), dtype, device_for(backend), teacher_dtype)
+    _check_attentive_distillation(
+        backend,
+        inputs,
+        reduction=reduction,
         detach_spatial=detach_spatial,
         wanted=INPUT_NAMES,
         upstream=_random_upstream(generator),

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from parity_support import ONE_HOT_ALPHA, RTOL, device_for, interpreted, one_hot_teacher
+from parity_support import ONE_HOT_ALPHA, RTOL, WIDER_TEACHERS, device_for, interpreted, one_hot_teacher
 
 import incseg_fast as isf
 from incseg_fast import reference
@@ -27,7 +27,8 @@ def _skip_if_interpreted(backend):
 
 
 class Inputs:
-    """Fresh random logits, teacher logits and labels (odd H, W by default)."""
+    """Fresh random logits, teacher logits (in teacher_dtype, x's dtype by default) and labels (odd H, W by
+    default)."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class Inputs:
         height=9,
         width=9,
         dtype=torch.float32,
+        teacher_dtype=None,
         label_dtype=torch.int64,
         ignore_index=255,
         ignore_fraction=0.2,
@@ -47,7 +49,7 @@ class Inputs:
         shape = (batch, channels, height, width)
         self.x = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
         self.y = (2 * torch.randn((batch, old_classes, height, width), generator=generator, dtype=torch.float64)).to(
-            dtype
+            teacher_dtype or dtype
         )
         t = torch.randint(0, channels, (batch, height, width), generator=generator)
         ignored = torch.rand((batch, height, width), generator=generator) < ignore_fraction
@@ -371,6 +373,58 @@ def test_per_pixel_maps_low_precision(backend, generator, dtype):
         dict(alpha=0.9, mask=inp.float_mask, reduction="none"),
         generator,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A teacher wider than the student (MATH.md#teacher-dtype): MiB's AMP loop runs the old model
+# outside autocast. The kernels read it in its own dtype; the tolerance is the student's.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,teacher_dtype", WIDER_TEACHERS, ids=str)
+@pytest.mark.parametrize("name", DISTILLATIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_distillation_with_a_wider_teacher(backend, generator, dtype, teacher_dtype, name, reduction):
+    inp = Inputs(generator, dtype=dtype, teacher_dtype=teacher_dtype, scale=2.0, height=7, width=11)
+    _check(backend, name, inp.x, (inp.y,), dict(alpha=0.7, mask=inp.float_mask, reduction=reduction), generator)
+
+
+@pytest.mark.parametrize("dtype,teacher_dtype", WIDER_TEACHERS, ids=str)
+@pytest.mark.parametrize("kd", ["unbiased", "balanced", "plain"])
+@pytest.mark.parametrize(
+    "shape,size",
+    [((7, 11), None), ((8, 12), None), ((5, 7), (13, 17))],
+    ids=["odd", "packed", "size"],  # packed: H*W a multiple of every pack width (the CUDA kernels' wide loads)
+)
+def test_incremental_loss_with_a_wider_teacher(backend, generator, dtype, teacher_dtype, kd, shape, size):
+    inp = Inputs(generator, dtype=dtype, teacher_dtype=teacher_dtype, scale=2.0, height=shape[0], width=shape[1])
+    labels = inp if size is None else Inputs(generator, height=size[0], width=size[1])
+    _check(
+        backend,
+        "incremental_loss",
+        inp.x,
+        (labels.t, inp.y),
+        dict(old_classes=inp.old_classes, ce="unbiased", kd=kd, alpha=1.5, mask=labels.bool_mask, size=size),
+        generator,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_float32_teacher_is_closer_to_the_truth_than_its_cast_copy(backend, generator, dtype):
+    """The per-pixel losses of a 16-bit student with its float32 teacher are the float32 teacher's (to
+    float32 accumulation), not those of the teacher rounded to the student's dtype: far closer to the
+    float64 truth than the losses of the cast copy."""
+    inp = Inputs(generator, dtype=dtype, teacher_dtype=torch.float32, scale=2.0)
+    device = device_for(backend)
+    truth = reference.unbiased_knowledge_distillation(inp.x.double(), inp.y.double(), reduction="none")
+
+    def error(y):
+        loss = isf.unbiased_knowledge_distillation(inp.x.to(device), y.to(device), reduction="none", backend=backend)
+        return (loss.double().cpu() - truth).abs().max().item()
+
+    cast_error = error(inp.y.to(dtype))
+    assert cast_error > 0
+    assert error(inp.y) < cast_error / 10
 
 
 @pytest.mark.parametrize("batch,height,width", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])

@@ -123,22 +123,30 @@ def test_plop_s_mask_makes_pixels_ignored(one_thread):
     torch.testing.assert_close(ported, unported, rtol=1e-5, atol=1e-6)
 
 
-def test_under_autocast_the_teacher_is_cast_to_the_student_s_dtype(one_thread):
-    """MiB's loop: the old model outside autocast (float32), the new one inside (bfloat16)."""
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_under_autocast_the_float32_teacher_goes_in_as_it_is(backend, one_thread):
+    """MiB's loop (PORTING.md, step 4): the old model outside autocast (float32), the new one inside
+    (bfloat16); the teacher's logits go to the losses uncast (MATH.md#teacher-dtype)."""
     old_model = TinySegmenter(OLD_CLASSES, seed=1).eval()
     model = TinySegmenter(CLASSES, seed=2)
     images, labels = next(_batches(1, torch.Generator().manual_seed(7)))
-    criterion = UnbiasedCrossEntropy(old_cl=OLD_CLASSES, reduction="none")
-    lkd = UnbiasedKnowledgeDistillationLoss()
+    criterion = UnbiasedCrossEntropy(old_cl=OLD_CLASSES, reduction="none", backend=backend)
+    lkd = UnbiasedKnowledgeDistillationLoss(backend=backend)
     with torch.no_grad():
         outputs_old = old_model(images, upsample=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images, upsample=False)
         size = labels.shape[-2:]
         loss = criterion(outputs, labels, size=size).mean()
-        loss = loss + 10 * lkd(outputs, outputs_old.to(outputs.dtype), size=size)
+        kd = lkd(outputs, outputs_old, size=size)
+        loss = loss + 10 * kd
     loss.backward()
     full_precision = _unported_loss(copy.deepcopy(model), old_model, images, labels)
-    assert outputs.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert outputs.dtype == torch.bfloat16 and outputs_old.dtype == torch.float32 and loss.dtype == torch.float32
     assert loss.item() == pytest.approx(full_precision.item(), rel=3e-2)
+    # the float32 teacher as it is, not rounded to bfloat16: the reference on the same bfloat16 logits
+    upsampled = (
+        F.interpolate(v.double(), size=size, mode="bilinear", align_corners=False) for v in (outputs, outputs_old)
+    )
+    assert kd.item() == pytest.approx(reference.unbiased_knowledge_distillation(*upsampled).item(), rel=1e-4)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

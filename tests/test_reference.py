@@ -316,3 +316,115 @@ def test_low_precision_inputs_compute_in_float32(generator, dtype):
     ce64, kd64 = ref.incremental_loss(x.to(dtype).double(), t, y.to(dtype).double(), old_classes=4)
     torch.testing.assert_close(ce.double(), ce64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kd.double(), kd64, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy pseudo-labels (PLOP; MATH.md#pseudo-labels)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pseudo_labels_by_hand():
+    # Pixel 0: logits (ln 3, 0) -> p = (3/4, 1/4); pixel 1: a tie (1, 1) -> u = 1 and k̂ = 0;
+    # pixel 2: (0, 2) -> k̂ = 1. Labels: background, background, new class 5 (kept).
+    y = torch.tensor([[LN(3), 1.0, 0.0], [0.0, 1.0, 2.0]], dtype=torch.float64).view(1, 2, 1, 3)
+    t = torch.tensor([[[0, 0, 5]]])
+    u0 = -(0.75 * LN(0.75) + 0.25 * LN(0.25)) / LN(2)
+    predicted, u = ref.predicted_class_and_entropy(y)
+    assert predicted.tolist() == [[[0, 0, 1]]]
+    assert u[0, 0, 0].item() == pytest.approx(u0, rel=1e-12)
+    assert u[0, 0, 1].item() == pytest.approx(1.0, rel=1e-12)
+    thresholds = torch.tensor([u0 + 0.01, 0.5], dtype=torch.float32)
+    labels, factor = ref.entropy_pseudo_labels(y, t, thresholds)
+    assert labels.tolist() == [[[0, 255, 5]]]  # pixel 1 is not confident: 1 >= θ[0]
+    assert factor.tolist() == [pytest.approx(1 / (2 + 1e-6), rel=1e-7)]
+
+
+def test_pseudo_labels_one_old_class_has_zero_entropy_and_ignore_is_never_background():
+    y = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([[[0, 7], [0, 0]]])
+    labels, factor = ref.entropy_pseudo_labels(y, t, torch.tensor([1e-3]), ignore_index=0)
+    # ignore_index=0 < Co: label 0 is the ignore label, not background; nothing is relabelled.
+    assert labels.tolist() == [[[0, 7], [0, 0]]] and factor.tolist() == [0.0]
+    labels, factor = ref.entropy_pseudo_labels(y, t, torch.tensor([1e-3]))
+    assert labels.tolist() == [[[0, 7], [0, 0]]] and factor.item() == pytest.approx(1.0, rel=1e-6)
+    assert ref.predicted_class_and_entropy(y)[1].abs().max().item() == 0.0
+
+
+def test_minus_infinity_logit_is_a_class_of_probability_zero():
+    y = torch.tensor([0.0, 0.0, -math.inf], dtype=torch.float64).view(1, 3, 1, 1)
+    u = ref.predicted_class_and_entropy(y)[1].item()
+    assert u == pytest.approx(LN(2) / LN(3), rel=1e-12)
+
+
+def _plop_entropy_selection(y, labels, plop_thresholds, current_classes):
+    """PLOP's entropy pseudo-labelling as its train.py computes it (MATH.md#pseudo-labels), written here
+    independently: probabilities, their maximum, the entropy as a channel *mean* scaled by 1/log(Co) and
+    then by 1/log(N), the background mask labels < Co, the count ratio. Returns (labels, factor, value)."""
+    old_classes = y.shape[1]
+    probabilities = torch.softmax(y, dim=1)
+    pseudo = probabilities.max(dim=1).indices
+    mean_plogp = (probabilities * torch.log(probabilities + 1e-8)).mean(dim=1)
+    value = -mean_plogp / math.log(old_classes + 1e-8) / math.log(current_classes)
+    valid = value < plop_thresholds[pseudo]
+    background = labels < old_classes
+    relabelled = labels.clone()
+    relabelled[background & ~valid] = 255
+    relabelled[background & valid] = pseudo[background & valid]
+    factor = (background & valid).float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + 1e-6)
+    return relabelled, factor, value
+
+
+@pytest.mark.parametrize("old_classes, current_classes", [(2, 3), (6, 8), (16, 17)])
+def test_pseudo_labels_match_plop_with_rescaled_thresholds(generator, old_classes, current_classes):
+    B, H, W = 3, 17, 23
+    y = torch.randn(B, old_classes, H, W, generator=generator, dtype=torch.float64) * 2.5
+    t = torch.randint(0, current_classes, (B, H, W), generator=generator)
+    t[t < old_classes] = 0  # the step's labels: old classes are background
+    t[torch.rand(B, H, W, generator=generator) < 0.1] = 255
+    ours = 0.2 + 0.6 * torch.rand(old_classes, generator=generator)
+    plop = ours.double() / (old_classes * math.log(current_classes))  # θ = θ_PLOP · Co · log N
+    plop_labels, plop_factor, value = _plop_entropy_selection(y, t, plop, current_classes)
+    labels, factor = ref.entropy_pseudo_labels(y, t, ours)
+
+    predicted = ref.predicted_class_and_entropy(y)[0]
+    # PLOP's 1e-8 inside the logs moves its value by ~1e-9 relative: pixels that close to their
+    # threshold may go either way; there must be few of them.
+    decided = (value - plop[predicted]).abs() > 1e-6 * plop[predicted]
+    assert decided.float().mean() > 0.99
+    assert torch.equal(labels[decided], plop_labels[decided])
+    relabelled = (t == 0) & (labels != 255)
+    assert 0 < relabelled.sum() < (t == 0).sum(), "thresholds must select some background pixels, not all"
+    torch.testing.assert_close(factor, plop_factor, rtol=1e-6, atol=0)
+
+
+def test_entropy_histogram_counts_background_pixels_by_class_and_bin(generator):
+    y = torch.randn(2, 4, 9, 11, generator=generator, dtype=torch.float64) * 2
+    t = torch.randint(0, 7, (2, 9, 11), generator=generator)
+    t[0, 0, :5] = 255
+    hist = ref.entropy_histogram(y, t, bins=10)
+    predicted, u = ref.predicted_class_and_entropy(y)
+    background = (t < 4) & (t != 255)
+    assert hist.dtype == torch.int64 and hist.shape == (4, 10)
+    assert hist.sum().item() == background.sum().item()
+    for c in range(4):
+        in_class = background & (predicted == c)
+        expected = torch.histc(u[in_class], bins=10, min=0, max=1)  # upper edge 1 falls in the last bin
+        assert hist[c].tolist() == expected.long().tolist()
+
+
+def test_histogram_median_by_hand():
+    # Class 0: counts (2, 2, 4, 0): half = 4 is reached at the end of bin 1 -> median 2/4.
+    # Class 1: counts (0, 0, 3, 1): half = 2 inside bin 2, 2 of its 3 -> (2 + 2/3)/4.
+    # Class 2: no pixel -> 0.
+    hist = torch.tensor([[2, 2, 4, 0], [0, 0, 3, 1], [0, 0, 0, 0]])
+    medians = ref.histogram_medians(hist)
+    assert medians.dtype == torch.float32
+    torch.testing.assert_close(medians, torch.tensor([0.5, (2 + 2 / 3) / 4, 0.0]))
+
+
+def test_histogram_median_approaches_the_sample_median(generator):
+    values = torch.rand(20001, generator=generator, dtype=torch.float64) ** 2
+    bins = 1000
+    hist = torch.bincount(ref.entropy_bins(values, bins), minlength=bins).view(1, bins)
+    median = ref.histogram_medians(hist).item()
+    assert abs(median - values.median().item()) < 1 / bins

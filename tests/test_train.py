@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import incseg_fast as isf
-from incseg_fast.train import TrainConfig, evaluate_checkpoint, run, train_step
+from incseg_fast.train import METHODS, TrainConfig, evaluate_checkpoint, run, train_step
 from incseg_fast.train.trainer import amp_dtype, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,10 +51,10 @@ def _check_entry(entry, step, num_classes):
     assert all(math.isfinite(h["loss"]) for h in entry["history"])
 
 
-@pytest.mark.parametrize("method", ["ft", "lwf", "ilt", "mib", "caf", "joint"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_method_end_to_end(tmp_path, step0, method):
     cfg = tiny_config(tmp_path, method)
-    if method in ("ft", "lwf", "ilt", "mib"):
+    if method in ("ft", "lwf", "ilt", "mib", "plop"):
         cfg.step0_checkpoint = str(step0)
     entries = run(cfg)
     if method == "joint":
@@ -92,8 +92,9 @@ def _interrupt_after(epoch_to_stop):
     return hook
 
 
-def test_interrupted_step_resumes_to_the_same_result(tmp_path, step0):
-    settings = dict(method="mib", epochs_incremental=3, step0_checkpoint=str(step0))
+@pytest.mark.parametrize("method", ["mib", "plop"])  # plop: its thresholds are prepared again on resume
+def test_interrupted_step_resumes_to_the_same_result(tmp_path, step0, method):
+    settings = dict(method=method, epochs_incremental=3, step0_checkpoint=str(step0))
     straight = tiny_config(tmp_path / "straight", **settings)
     resumed = tiny_config(tmp_path / "resumed", **settings)
     train_step(straight, 0)
@@ -102,8 +103,8 @@ def test_interrupted_step_resumes_to_the_same_result(tmp_path, step0):
 
     with pytest.raises(Interrupt):
         train_step(resumed, 1, on_epoch_end=_interrupt_after(0))
-    assert (tmp_path / "resumed" / "mib" / "step1.partial.pt").exists()
-    assert not (tmp_path / "resumed" / "mib" / "step1.pt").exists()
+    assert (tmp_path / "resumed" / method / "step1.partial.pt").exists()
+    assert not (tmp_path / "resumed" / method / "step1.pt").exists()
     epochs_run = []
     got = train_step(resumed, 1, on_epoch_end=epochs_run.append)
     assert epochs_run == [1, 2]
@@ -111,8 +112,8 @@ def test_interrupted_step_resumes_to_the_same_result(tmp_path, step0):
     for key in ("iou", "miou_old", "miou_new", "miou_all", "mpa", "mca"):
         assert got[key] == expected[key], key
     assert [h["loss"] for h in got["history"]] == [h["loss"] for h in expected["history"]]
-    a = load_checkpoint(tmp_path / "straight" / "mib" / "step1.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "resumed" / "mib" / "step1.pt")["state_dict"]
+    a = load_checkpoint(tmp_path / "straight" / method / "step1.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "resumed" / method / "step1.pt")["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -322,3 +323,19 @@ def test_the_loss_backend_runs_the_structured_attention_of_the_new_and_the_old_m
     run(cfg, steps=[0, 1, 2])
     assert ("reference", False) in calls and ("reference", True) in calls
     assert {backend for backend, _ in calls} == {"reference"}
+
+
+def test_plop_parts_change_the_objective(tmp_path, step0):
+    """Each of PLOP's parts (the pseudo-labels, Local POD) takes part in training: switching one off
+    trains other weights."""
+    weights = {}
+    for name, options in {
+        "plop": {},
+        "no-pseudo": {"pseudo_labels": False},
+        "no-pod": {"lambda_pod": 0.0, "lambda_pod_logits": 0.0},
+    }.items():
+        cfg = tiny_config(tmp_path / name, "plop", step0_checkpoint=str(step0), **options)
+        run(cfg)
+        weights[name] = load_checkpoint(tmp_path / name / "plop" / "step1.pt")["state_dict"]
+    for other in ("no-pseudo", "no-pod"):
+        assert any(not torch.equal(weights["plop"][k], weights[other][k]) for k in weights["plop"]), other

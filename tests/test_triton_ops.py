@@ -590,7 +590,9 @@ def test_every_launch_disables_fp_fusion(monkeypatch, generator):
     check_attentive_distillation(f, g, a, b, dtype=torch.float32, old_requires_grad=True, **options)
     v = random(generator, 1, 4, 3, 5, dtype=torch.float32, positive=True).requires_grad_()
     triton_backend.structured_attention(v, a.requires_grad_(), f[:, 0].requires_grad_()).sum().backward()
+    triton_backend.local_pod(v, f, scales=(1, 2), reduction="mean").backward()
     kernels = {name for name, _ in launches}
+    assert {"_pool_kernel", "_grad_kernel"} <= kernels
     assert {"_logit_losses_fwd_kernel", "_logit_losses_bwd_kernel", "_upsampled_bwd_kernel"} <= kernels
     assert {"_finish_reduction_kernel", "_ad_bwd_kernel", "_structured_attention_bwd_kernel"} <= kernels
     assert all(fusion is False for _, fusion in launches), [name for name, fusion in launches if fusion is not False]

@@ -4,6 +4,8 @@ Each case runs on every available backend (validation is shared, but a backend m
 reachable around it).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -85,12 +87,33 @@ def test_teacher_shape_dtype_and_co_greater_than_c(backend):
         isf.knowledge_distillation(x, too_many, backend=backend)
     with pytest.raises(ValueError, match="y must have shape"):
         isf.unbiased_knowledge_distillation(x, y[:, :, :4], backend=backend)
-    with pytest.raises(TypeError, match="y has dtype torch.float64 but x has torch.float32"):
-        isf.balanced_knowledge_distillation(x, y.double(), backend=backend)
+    with pytest.raises(TypeError, match="y has dtype torch.bfloat16 but x has torch.float32"):
+        isf.balanced_knowledge_distillation(x, y.bfloat16(), backend=backend)
     with pytest.raises(ValueError, match="must not require grad"):
         isf.knowledge_distillation(x, y.requires_grad_(), backend=backend)
     with pytest.raises(ValueError, match="y .* is required with kd='unbiased'"):
         isf.incremental_loss(x, t, None, old_classes=4, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,y_dtype,hint",
+    [
+        (torch.float32, torch.float16, "y.to(x.dtype)"),  # narrower than the student
+        (torch.bfloat16, torch.float16, "y.to(x.dtype)"),  # neither is wider
+        (torch.bfloat16, torch.float64, "y.to(torch.float32)"),  # wider than the one wider dtype
+        (torch.float64, torch.float32, "y.to(x.dtype)"),
+    ],
+)
+def test_teacher_dtype_must_be_the_student_s_or_the_wider_one(backend, x_dtype, y_dtype, hint):
+    """MATH.md#teacher-dtype: y in x's dtype, or float32 for a 16-bit x, float64 for a float32 x."""
+    x, t, y = _inputs()
+    for wider in (x.dtype, torch.float64):
+        isf.knowledge_distillation(x, y.to(wider), backend=backend)  # allowed: no error
+    isf.incremental_loss(x.bfloat16(), t, y, old_classes=4, kd="balanced", backend=backend)
+    with pytest.raises(TypeError, match=rf"y has dtype {y_dtype} but x has {x_dtype}.*{re.escape(hint)}"):
+        isf.unbiased_knowledge_distillation(x.to(x_dtype), y.to(y_dtype), backend=backend)
+    with pytest.raises(TypeError, match="y must be float16, bfloat16, float32 or float64"):
+        isf.incremental_loss(x, t, y.long(), old_classes=4, backend=backend)
 
 
 def test_mask_gamma_alpha(backend):
@@ -127,8 +150,13 @@ def test_attention_arguments(backend):
         isf.attentive_distillation(f, g[:, :4], a, b, backend=backend)
     with pytest.raises(ValueError, match=r"a must have shape \(B, C\)"):
         isf.attentive_distillation(f, g, a[:, :3], b, backend=backend)
-    with pytest.raises(TypeError, match="b has dtype torch.float64 but f has torch.float32"):
+    with pytest.raises(TypeError, match="b has dtype torch.float64 but g has torch.float32"):
         isf.attentive_distillation(f, g, a, b.double(), backend=backend)
+    with pytest.raises(TypeError, match="a has dtype torch.float64 but f has torch.float32"):
+        isf.attentive_distillation(f, g.double(), a.double(), b.double(), backend=backend)
+    with pytest.raises(TypeError, match=r"g has dtype torch.bfloat16 but f has torch.float32.*g.to\(f.dtype\)"):
+        isf.attentive_distillation(f, g.bfloat16(), a, b.bfloat16(), backend=backend)
+    isf.attentive_distillation(f.bfloat16(), g, a.bfloat16(), b, backend=backend)  # a wider teacher: allowed
     with pytest.raises(ValueError, match="reduction must be one of"):
         isf.attentive_distillation(f, g, a, b, reduction="none", backend=backend)
     with pytest.raises(ValueError, match=r"a_sp must have shape \(B, H, W\)"):

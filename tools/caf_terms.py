@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from incseg_fast.reference import balanced_log_gamma
-from incseg_fast.train import TrainConfig, train_step, trainer
+from incseg_fast.train import TrainConfig, methods, train_step, trainer
 from incseg_fast.train.demo import FULL, QUICK
 
 
@@ -32,7 +32,7 @@ def _gamma_of_pooled_probabilities(y):
 
 
 GAMMA_READINGS = {
-    "share": trainer.background_share_gamma,
+    "share": methods.background_share_gamma,
     "logits": lambda y: balanced_log_gamma(y).exp(),
     "probabilities": _gamma_of_pooled_probabilities,
 }
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         return sum(terms.values())
 
     trainer._batch_loss = measuring_loss
-    trainer.background_share_gamma = GAMMA_READINGS[args.gamma]
+    methods.background_share_gamma = GAMMA_READINGS[args.gamma]
     train_step(dataclasses.replace(cfg), 0)
     entry = train_step(cfg, 1, on_epoch_end=lambda epoch: calls.update(epoch=epoch + 1))
 

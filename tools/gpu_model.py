@@ -190,9 +190,9 @@ def logit_cases(batch, shape, dtype):
     new = LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 128, 1, k)
     stats = 4 * STAT_BYTES
     return [
-        KernelCase("logit forward", f"LogitForwardKernel<{t}, SamePixels<{t}, {k}>>", shape, dtype,
+        KernelCase("logit forward", f"LogitForwardKernel<{t}, SamePixels<{t}, {t}, {k}>>", shape, dtype,
                    pixels / k, pixels, inputs + stats, inputs, [old, new]),
-        KernelCase("logit backward", f"LogitBackwardKernel<{t}, {k}>", shape, dtype,
+        KernelCase("logit backward", f"LogitBackwardKernel<{t}, {t}, {k}>", shape, dtype,
                    pixels / k, pixels, inputs + stats + C * s, inputs + C * s, [old, new]),
     ]  # fmt: skip
 
@@ -215,7 +215,7 @@ def upsampled_cases(batch, shape, dtype, stride):
     name = f"{shape}_s{stride}"
     cells = batch * low_side**2 * strips
     cases = [
-        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}>>", name, dtype,
+        KernelCase("size= forward", f"LogitForwardKernel<{t}, UpsampledPixel<{t}, {t}>>", name, dtype,
                    pixels, pixels, (C + Co) * s * low + LABEL_BYTES + stats, (C + Co) * s * low + LABEL_BYTES,
                    [LoopSpec("c = 1; c < in.Co;", pixels * (Co - 1), 8 * s, 8),
                     LoopSpec("c = in.Co; c < in.C;", pixels * (C - Co), 8 * s, 4)]),
@@ -224,13 +224,13 @@ def upsampled_cases(batch, shape, dtype, stride):
     for label, kernel, channels, read in (("old", 0, Co, 2 * Co), ("new", 2, C - Co, C - Co)):
         groups = math.ceil(channels / CELL_CHANNELS)
         cases.append(
-            KernelCase(f"size= backward: {label} cells", f"UpsampledCellKernel<{t}, (CellChannels){kernel}>", name,
+            KernelCase(f"size= backward: {label} cells", f"UpsampledCellKernel<{t}, {t}, (CellChannels){kernel}>", name,
                        dtype, cells * groups, pixels, read * s * low + per_pixel + corner_sums * channels / C,
                        least if label == "old" else 0,
                        [LoopSpec("X < col_end", pixels * groups * CELL_CHANNELS, fixed=CELL_CHANNELS)])
         )  # fmt: skip
     cases.append(
-        KernelCase("size= backward: gather", f"UpsampledGatherKernel<{t}>", name, dtype,
+        KernelCase("size= backward: gather", f"UpsampledGatherKernel<{t}, {t}>", name, dtype,
                    batch * C * low_side**2, pixels, corner_sums + C * s * low, 0,
                    [LoopSpec("strip < grad.cell_strips", batch * C * low_side**2 * 2 * strips, fixed=1)])
     )  # fmt: skip
@@ -274,9 +274,9 @@ def attention_cases(batch, dtype, registers):
                           bytes_per_pixel(groups), min_bytes, loop(packs_per_channel))  # fmt: skip
 
     return [
-        case("AD moments (fwd)", f"MomentsKernel<{t}, {k}>", lambda g: 2 * C * s + g * 8 * 8, 2 * C * s, 2),
-        case("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {k}>", lambda g: 3 * C * s + 5 * STAT_BYTES + partials,
-             3 * C * s, 2),
+        case("AD moments (fwd)", f"MomentsKernel<{t}, {t}, {k}>", lambda g: 2 * C * s + g * 8 * 8, 2 * C * s, 2),
+        case("AD feature grad (bwd)", f"FeatureGradKernel<{t}, {t}, {k}>",
+             lambda g: 3 * C * s + 5 * STAT_BYTES + partials, 3 * C * s, 2),
         case("structured fwd", f"StructuredForwardKernel<{t}, {k}>", lambda g: 2 * C * s + STAT_BYTES,
              2 * C * s + STAT_BYTES, 1),
         case("structured bwd", f"StructuredBackwardKernel<{t}, {k}>",

@@ -98,6 +98,10 @@ TEST_FILES = (
     "tests/test_compile_training_step.py",
     "tests/test_validation.py",
     "tests/test_bench_train_step.py",
+    "tests/test_parity_pod.py",
+    "tests/test_parity_pseudo_labels.py",
+    "tests/test_parity_sigmoid.py",
+    "tests/test_ops_sigmoid.py",
 )
 # Parametrisations by backend name: "cuda" (not the CPU emulation "cuda_emulator", which `make test`
 # runs), "triton" (every test of test_triton_ops.py and the triton backend elsewhere) and tests

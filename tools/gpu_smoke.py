@@ -39,6 +39,8 @@ FAMILIES = {
     "logit losses": ("logit_losses_fwd", "logit_losses_bwd"),
     "attentive distillation": ("attentive_distillation_forward", "attentive_distillation_backward"),
     "structured attention": ("structured_attention", "structured_attention_backward"),
+    "local pod": ("local_pod_forward", "local_pod_backward"),
+    "sigmoid losses": ("sigmoid_losses_fwd", "sigmoid_losses_bwd"),
 }
 
 
@@ -160,6 +162,62 @@ def structured_case(backend, device, generator, dtype, shape, wanted):
     return max(errors)
 
 
+def pod_case(backend, device, generator, dtype, shape, reduction):
+    new_values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    old_values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    (new,), (new_exact,) = _leaves([new_values], dtype, device, [True])
+    old = old_values.to(dtype).to(device)
+    upstream = [torch.randn((shape[0],) if reduction == "none" else (), generator=generator, dtype=torch.float64)]
+    actual = backend.local_pod(new, old, scales=(1, 2, 4), reduction=reduction)
+    expected = reference.local_pod(new_exact, old.to("cpu", torch.float64), scales=(1, 2, 4), reduction=reduction)
+    _backward([actual], upstream)
+    _backward([expected], upstream)
+    rtol = RTOL[dtype]
+    return max(_close(actual, expected, rtol, "loss"), _close(new.grad, new_exact.grad, rtol, "dL/dnew"))
+
+
+def sigmoid_case(backend, device, generator, dtype, shape, form, reduction, low_res=None):
+    """MATH.md#sigmoid-losses in SSUL's form (pseudo-labels, ignored pixels skipped) or DKD's (a negative
+    channel, soft targets on the old classes, ignored pixels as negatives), with weights != 1."""
+    B, C, Co, H, W = shape
+    (h, w), (yh, yw) = low_res or ((H, W), (H, W))
+    x = 3 * torch.randn((B, C, h, w), generator=generator, dtype=torch.float64)
+    y = 3 * torch.randn((B, Co, yh, yw), generator=generator, dtype=torch.float64)
+    (x_low,), (x_exact,) = _leaves([x], dtype, device, [True])
+    y_low = y.to(dtype).to(device)
+    labels = torch.randint(0, C, (B, H, W), generator=generator)
+    target = torch.where(torch.rand((B, H, W), generator=generator) < 0.2, IGNORE_INDEX, labels)
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    pos_weight, channel_weight = (
+        0.5 + 2 * torch.rand((C,), generator=generator, dtype=torch.float64) for _ in range(2)
+    )
+    layout = (0, 0) if form == "ssul" else (1, Co)
+    options = dict(
+        negative_channels=layout[0],
+        label_channels_from=layout[1],
+        pseudo_threshold=0.6 if form == "ssul" else None,
+        pseudo_background=2,
+        ignore_index=IGNORE_INDEX,
+        ignored_pixels="skip" if form == "ssul" else "negative",
+        reduction=reduction,
+        size=(H, W) if low_res else None,
+    )
+    loss_shape = (B, H, W) if reduction == "none" else ()
+    upstream = [torch.randn(loss_shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+    weights = [pos_weight.to(device, accumulate), channel_weight.to(device, accumulate)]
+    actual = backend.sigmoid_losses(x_low, target.to(device), y_low, *weights, **options)
+    expected = reference.sigmoid_losses(
+        x_exact, target, y_low.to("cpu", torch.float64), pos_weight, channel_weight, **options
+    )
+    _backward(actual, upstream)
+    _backward(expected, upstream)
+    rtol = RTOL[dtype]
+    names = ("label_loss", "soft_loss", "negative_loss")
+    errors = [_close(a, e, rtol, name) for a, e, name in zip(actual, expected, names, strict=True)]
+    errors.append(_close(x_low.grad, x_exact.grad, rtol, "dL/dx"))
+    return max(errors)
+
+
 def _name(dtype):
     return str(dtype)[6:]
 
@@ -205,6 +263,25 @@ def _structured(dtype, shape, wanted):
     )
 
 
+def _pod(dtype, shape, reduction):
+    return (
+        "local pod",
+        f"{_name(dtype)} {shape} {reduction}",
+        pod_case,
+        dict(dtype=dtype, shape=shape, reduction=reduction),
+    )
+
+
+def _sigmoid(dtype, shape, form, reduction, low_res=None):
+    where = f"size={shape[3:]} x {low_res[0][0]}x{low_res[0][1]} y {low_res[1][0]}x{low_res[1][1]}" if low_res else ""
+    return (
+        "sigmoid losses",
+        f"{_name(dtype)} {where or shape} {form} {reduction}",
+        sigmoid_case,
+        dict(dtype=dtype, shape=shape, form=form, reduction=reduction, **({"low_res": low_res} if low_res else {})),
+    )
+
+
 # size=: the upsampled forward and the gather backward; 19 channels take the CUDA gather's 8-channel
 # groups across Co and a tail, x's 9 x 17 elements two blocks, and y has its own resolution.
 UPSAMPLED_SHAPE = (2, 19, 11, 37, 70)
@@ -228,6 +305,12 @@ def cases():
             yield _attentive(dtype, shape, reduction, detach, subsets[(i + j) % len(subsets)])
     for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
         yield _structured(dtype, shape, ((True, True, True), (False, True, True), (True, False, False))[i % 3])
+    for i, (dtype, shape) in enumerate(itertools.product(DTYPES, FEATURE_SHAPES)):
+        yield _pod(dtype, shape, REDUCTIONS[i % 3])
+
+    for i, (dtype, form) in enumerate(itertools.product(DTYPES, ("ssul", "dkd"))):
+        yield _sigmoid(dtype, LOGIT_SHAPES[i % 2], form, REDUCTIONS[i % 3])
+        yield _sigmoid(dtype, UPSAMPLED_SHAPE, form, REDUCTIONS[(i + 1) % 3], UPSAMPLED_LOW_RES)
 
 
 TINY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,7 +322,7 @@ TINY_UPSAMPLED_SHAPE = (2, 19, 11, 13, 23)
 def tiny_cases():
     """Every op and kernel, forward and backward, once per dtype of TINY_DTYPES: the logit losses on
     the odd shape and the packed one (two mode pairs, both with a mask) and with size=, the attention
-    ops on both shapes with every gradient."""
+    ops on both shapes with every gradient, Local POD on both shapes."""
     for dtype in TINY_DTYPES:
         odd, packed = LOGIT_SHAPES
         yield _logit(dtype, odd, "unbiased", "unbiased", "mean", torch.int64, True)
@@ -248,6 +331,10 @@ def tiny_cases():
         for shape in FEATURE_SHAPES:
             yield _attentive(dtype, shape, "mean", False, (True, True, True, True))
             yield _structured(dtype, shape, (True, True, True))
+            yield _pod(dtype, shape, "mean")
+
+        yield _sigmoid(dtype, LOGIT_SHAPES[0], "ssul", "mean")
+        yield _sigmoid(dtype, TINY_UPSAMPLED_SHAPE, "dkd", "none", UPSAMPLED_LOW_RES)
 
 
 def missing_kernels(namespace, dispatch_key):

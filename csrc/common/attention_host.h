@@ -13,6 +13,8 @@
 #include <array>
 #include <string>
 
+#include "common/teacher_dtype.h"
+
 namespace incseg {
 namespace attention {
 
@@ -22,7 +24,8 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
               " must be float16, bfloat16, float32 or float64, got ", dt);
 }
 
-// f, g (B, C, H, W) non-empty; a, b (B, C); one float dtype and one device.
+// f, g (B, C, H, W) non-empty; a, b (B, C); one device. The student's f, a share one float dtype, the
+// teacher's g, b f's or the wider one of common/teacher_dtype.h.
 inline void check_feature_pair(const at::Tensor& f, const at::Tensor& g, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(f.dim() == 4, "f must be (B, C, H, W), got ", f.sizes());
   TORCH_CHECK(g.sizes() == f.sizes(), "g must have f's shape ", f.sizes(), ", got ", g.sizes());
@@ -30,8 +33,10 @@ inline void check_feature_pair(const at::Tensor& f, const at::Tensor& g, const a
               f.size(1), "), got ", a.sizes());
   TORCH_CHECK(b.sizes() == a.sizes(), "b must have a's shape ", a.sizes(), ", got ", b.sizes());
   check_float_dtype(f, "f");
+  check_teacher_dtype(f.scalar_type(), g.scalar_type(), "f", "g");
+  TORCH_CHECK(a.scalar_type() == f.scalar_type() && b.scalar_type() == g.scalar_type(),
+              "a must have f's dtype and b g's");
   for (const at::Tensor* t : {&g, &a, &b}) {
-    TORCH_CHECK(t->scalar_type() == f.scalar_type(), "f, g, a, b must share one dtype");
     TORCH_CHECK(t->device() == f.device(), "f, g, a, b must be on one device");
   }
   TORCH_CHECK(f.numel() > 0, "attentive_distillation needs non-empty features, got ", f.sizes());

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/logit_math.h"
+#include "common/teacher_dtype.h"
 
 namespace incseg {
 namespace logit {
@@ -43,7 +44,8 @@ inline Reduction parse_reduction(c10::string_view s) {
 }
 
 // The checked inputs of either op, contiguous, on x's device. target is defined iff ce != none,
-// y iff kd != none; log_gamma (balanced KD) and mask are converted to acc_dtype.
+// y iff kd != none, in x's dtype or the wider one of common/teacher_dtype.h (read in its own, no
+// copy); log_gamma (balanced KD) and mask are converted to acc_dtype.
 // Resolutions: H, W (HW = H*W pixels) is the output resolution, that of target, mask, the
 // per-pixel losses and stats. x is (B, C, h, w) and y (B, Co, yh, yw); without size= all three
 // equal H, W, and with size=[H, W] (upsample) x and y are bilinearly upsampled to H, W on the fly
@@ -56,7 +58,8 @@ struct Inputs {
   CeMode ce = CeMode::kNone;
   KdMode kd = KdMode::kNone;
   Reduction reduction = Reduction::kMean;
-  at::ScalarType acc_dtype = at::kFloat;  // float32, float64 for float64 x
+  at::ScalarType acc_dtype = at::kFloat;      // float32, float64 for float64 x
+  at::ScalarType teacher_dtype = at::kFloat;  // y's dtype; x's without distillation
 };
 
 // (B, H, W): the shape of target, mask and of per-pixel losses.
@@ -84,8 +87,7 @@ inline at::Tensor checked_teacher(const Inputs& in, const std::optional<at::Tens
     TORCH_CHECK_VALUE(y->size(2) == in.H && y->size(3) == in.W, "y must be (B, old_classes, H, W) = (", in.B, ", ",
                       in.Co, ", ", in.H, ", ", in.W, "), got ", y->sizes());
   }
-  TORCH_CHECK_TYPE(y->scalar_type() == in.x.scalar_type(), "y must have x's dtype ", in.x.scalar_type(), ", got ",
-                   y->scalar_type());
+  check_teacher_dtype(in.x.scalar_type(), y->scalar_type(), "x", "y");
   TORCH_CHECK_VALUE(y->device() == in.x.device(), "y must be on x's device");
   return y->contiguous();
 }
@@ -152,9 +154,11 @@ inline Inputs check_inputs(const at::Tensor& x, const std::optional<at::Tensor>&
   TORCH_CHECK_VALUE(1 <= old_classes && old_classes <= in.C, "old_classes must be in [1, C=", in.C, "], got ",
                     old_classes);
   in.x = x.contiguous();
+  in.teacher_dtype = dt;
   if (in.ce != CeMode::kNone) in.target = checked_target(x, target, pixel_shape(in));
   if (in.kd != KdMode::kNone) {
     in.y = checked_teacher(in, y);
+    in.teacher_dtype = in.y.scalar_type();
     in.yh = in.y.size(2);
     in.yw = in.y.size(3);
     if (mask.has_value()) in.mask = checked_mask(in, *mask);

@@ -262,21 +262,37 @@ HOST_DEVICE T weighted_q0(const KdFactors<T>& f, T log_q0) {
   return lm_exp(f.log_g + log_q0);
 }
 
+// The teacher's share of kd_pixel_loss at one pixel, which needs no student statistic:
+//   q_rest   sum_{1<=c<Co} q_c
+//   mean_x   sum_c q_c (x_c - shift) over the mode's channels
+//   g_q0     weighted_q0: gamma q_0 (q_0 for unbiased KD)
+// A kernel forms it before finish_student, so that the five teacher sums are not live across the
+// student's exps and logs (which cost LogitForwardKernel<double, 1> a spill on sm_90: docs/KERNELS.md).
+template <typename T>
+struct TeacherTerms {
+  T q_rest;
+  T mean_x;
+  T g_q0;
+};
+
+template <typename T>
+HOST_DEVICE TeacherTerms<T> teacher_terms(const KdFactors<T>& f, const TeacherSums<T>& ts) {
+  // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
+  // it, it kept a register live across the double division's slow path (a spill on sm_90).
+  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
+  return TeacherTerms<T>{ts.sum_rest * inv_sum, ts.weighted * inv_sum,
+                         weighted_q0(f, (ts.z0 - ts.max_y) - lm_log(ts.e0 + ts.sum_rest))};
+}
+
 // MATH.md#kd to #bkd at one pixel, before the mask: -(1/Co) sum_c q_c log(student prob of c), with
-// the mode given by kd_factors:
+// the mode given by kd_factors and the teacher's share t = teacher_terms(f, ts):
 //   plain:              sum_{c<Co} q_c (x_c - lse_old)
 //   unbiased, balanced: g q_0 (lse_bg - lse) + sum_{1<=c<Co} q_c (x_c - lse)
 template <typename T>
 HOST_DEVICE T kd_pixel_loss(const KdFactors<T>& f, int64_t old_classes, const StudentStats<T>& s,
-                            const TeacherSums<T>& ts, T shift) {
-  // NaN for an infinite teacher maximum (see teacher_lse), folded in before the division: added after
-  // it, it kept a register live across the double division's slow path (a spill on sm_90).
-  const T inv_sum = T(1) / (ts.e0 + ts.sum_rest + nan_if_infinite(ts.max_y));
-  const T q_rest = ts.sum_rest * inv_sum;
-  const T mean_x = ts.weighted * inv_sum;  // sum_c q_c (x_c - shift) over the mode's channels
-  const T g_q0 = weighted_q0(f, (ts.z0 - ts.max_y) - lm_log(ts.e0 + ts.sum_rest));
-  const T inner =
-      mean_x - f.plain * (s.lse_old - shift) + f.background * (g_q0 * (s.lse_bg - s.lse) - q_rest * (s.lse - shift));
+                            const TeacherTerms<T>& t, T shift) {
+  const T inner = t.mean_x - f.plain * (s.lse_old - shift) +
+                  f.background * (t.g_q0 * (s.lse_bg - s.lse) - t.q_rest * (s.lse - shift));
   return -inner / static_cast<T>(old_classes);
 }
 

@@ -153,8 +153,8 @@ struct MomentRefs {
 
 // Adds kChannels consecutive channel rows to each pixel's moments. The eight accumulator rows are
 // the loop's memory traffic, so several channels go per sweep.
-template <int kChannels, typename scalar_t>
-INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const scalar_t* __restrict g, const float* a,
+template <int kChannels, typename scalar_t, typename teacher_t>
+INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const teacher_t* __restrict g, const float* a,
                                          const float* b, int64_t stride, int64_t n, double* __restrict ff,
                                          double* __restrict gg, double* __restrict uu, double* __restrict aa,
                                          double* __restrict bb, double* __restrict ua, double* __restrict ub,
@@ -178,9 +178,10 @@ INCSEG_FORCE_INLINE void add_moment_rows(const scalar_t* __restrict f, const sca
 }
 
 // `moments` is the tile's first accumulator row; like the channel rows they are `stride` apart.
-template <typename scalar_t>
+// teacher_t: g's element type, f's or the wider one of common/teacher_dtype.h, read as float.
+template <typename scalar_t, typename teacher_t>
 struct MomentsTile {
-  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const teacher_t* __restrict g,
                                       const float* __restrict a, const float* __restrict b, int64_t channels,
                                       int64_t stride, int64_t n, double* __restrict moments) {
     double* __restrict ff = moments + kFF * stride;
@@ -241,29 +242,29 @@ struct LossTile {
 // one-row buffers row_a, row_b).
 enum OutputBit : int { kWantDF = 1, kWantDG = 2, kWantDA = 4, kWantDB = 8 };
 
-template <typename scalar_t, typename acc_t, int kOutputs>
+template <typename scalar_t, typename teacher_t, typename acc_t, int kOutputs>
 struct FeatureGradTile {
-  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const scalar_t* __restrict g,
+  static INCSEG_FORCE_INLINE void run(const scalar_t* __restrict f, const teacher_t* __restrict g,
                                       const acc_t* __restrict a, const acc_t* __restrict b,
                                       const acc_t* __restrict a_minus_b, int64_t channels, int64_t stride, int64_t n,
                                       const acc_t* __restrict s_f, const acc_t* __restrict s_g,
                                       const acc_t* __restrict s_diff, const acc_t* __restrict sgrad_f,
                                       const acc_t* __restrict sgrad_g, acc_t w, scalar_t* __restrict df,
-                                      scalar_t* __restrict dg, acc_t* __restrict row_a, acc_t* __restrict row_b,
+                                      teacher_t* __restrict dg, acc_t* __restrict row_a, acc_t* __restrict row_b,
                                       acc_t* __restrict chan_a, acc_t* __restrict chan_b) {
     constexpr bool kDF = kOutputs & kWantDF, kDG = kOutputs & kWantDG;
     constexpr bool kDA = kOutputs & kWantDA, kDB = kOutputs & kWantDB;
     for (int64_t c = 0; c < channels; ++c) {
       const scalar_t* __restrict f0 = f + c * stride;
-      const scalar_t* __restrict g0 = g + c * stride;
+      const teacher_t* __restrict g0 = g + c * stride;
       scalar_t* __restrict df0 = kDF ? df + c * stride : nullptr;
-      scalar_t* __restrict dg0 = kDG ? dg + c * stride : nullptr;
+      teacher_t* __restrict dg0 = kDG ? dg + c * stride : nullptr;
       const acc_t a_c = a[c], b_c = b[c], ab_c = a_minus_b[c];
       for (int64_t p = 0; p < n; ++p) {
         const acc_t fv = load<acc_t>(f0, p), gv = load<acc_t>(g0, p);
         const acc_t d = attended_difference(fv, gv, a_c, b_c, ab_c, s_f[p], s_diff[p]);
         if (kDF) df0[p] = to_storage<scalar_t>(w * feature_grad(d, fv, a_c, s_f[p], sgrad_f[p]));
-        if (kDG) dg0[p] = to_storage<scalar_t>(-w * feature_grad(d, gv, b_c, s_g[p], sgrad_g[p]));
+        if (kDG) dg0[p] = to_storage<teacher_t>(-w * feature_grad(d, gv, b_c, s_g[p], sgrad_g[p]));
         if (kDA) row_a[p] = d * s_f[p] * fv;
         if (kDB) row_b[p] = d * s_g[p] * gv;
       }
@@ -374,8 +375,8 @@ double finish_image(const double* rows, int64_t pixels, int64_t img, const Forwa
 }
 
 // float32/bfloat16/float16: one pass (see the top of the file). Returns sum_p sum_c D^2.
-template <typename scalar_t>
-double forward_squared_sum(const scalar_t* f, const scalar_t* g, const float* a, const float* b,
+template <typename scalar_t, typename teacher_t>
+double forward_squared_sum(const scalar_t* f, const teacher_t* g, const float* a, const float* b,
                            const float* /* a_minus_b: the moments do not need it */, int64_t batch, int64_t channels,
                            int64_t pixels, const ForwardOutputs<float>& out) {
   const cpu::TilePlan plan = cpu::plan_tiles(batch, pixels, kTiles);
@@ -385,8 +386,9 @@ double forward_squared_sum(const scalar_t* f, const scalar_t* g, const float* a,
     for (int64_t item = first; item < last; ++item) {
       const int64_t img = plan.image(item), p0 = plan.begin(item), n = plan.length(item);
       const int64_t offset = img * channels * pixels + p0;
-      cpu::run_best<MomentsTile<scalar_t>>(f + offset, g + offset, a + img * channels, b + img * channels, channels,
-                                           pixels, n, moments.get() + img * kMomentRows * pixels + p0);
+      cpu::run_best<MomentsTile<scalar_t, teacher_t>>(f + offset, g + offset, a + img * channels, b + img * channels,
+                                                      channels, pixels, n,
+                                                      moments.get() + img * kMomentRows * pixels + p0);
     }
   });
   // Per image: N, then Ŝ, the loss and P from the moments (tiny next to the pass above).
@@ -481,19 +483,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward_cpu(co
   const Tensor a_minus_b = a - b;
   const attention::SavedState state = attention::allocate_saved_state(f, save_spatial_grad);
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attentive_distillation_forward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    ForwardOutputs<acc_t> out;
-    out.s_f = state.spatial.data_ptr<acc_t>();
-    out.s_g = out.s_f + batch * pixels;
-    out.s_diff = out.s_g + batch * pixels;
-    out.inv_f = state.inv_norm.data_ptr<acc_t>();
-    out.inv_g = out.inv_f + batch;
-    out.p_f = save_spatial_grad ? state.pixel_grad.data_ptr<acc_t>() : nullptr;
-    out.p_g = save_spatial_grad ? out.p_f + batch * pixels : nullptr;
-    total = forward_squared_sum(f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), a.data_ptr<acc_t>(),
-                                b.data_ptr<acc_t>(), a_minus_b.data_ptr<acc_t>(), batch, channels, pixels, out);
-  });
+  dispatch_student_teacher(
+      f.scalar_type(), g.scalar_type(), "attentive_distillation_forward", [&](auto* f_type, auto* g_type) {
+        using scalar_t = std::remove_pointer_t<decltype(f_type)>;
+        using acc_t = acc_type<scalar_t>;
+        ForwardOutputs<acc_t> out;
+        out.s_f = state.spatial.data_ptr<acc_t>();
+        out.s_g = out.s_f + batch * pixels;
+        out.s_diff = out.s_g + batch * pixels;
+        out.inv_f = state.inv_norm.data_ptr<acc_t>();
+        out.inv_g = out.inv_f + batch;
+        out.p_f = save_spatial_grad ? state.pixel_grad.data_ptr<acc_t>() : nullptr;
+        out.p_g = save_spatial_grad ? out.p_f + batch * pixels : nullptr;
+        total = forward_squared_sum(f.data_ptr<scalar_t>(), g.data_ptr<std::remove_pointer_t<decltype(g_type)>>(),
+                                    a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), a_minus_b.data_ptr<acc_t>(), batch,
+                                    channels, pixels, out);
+      });
   // Rounded to the loss dtype here: c10 refuses a finite double above FLT_MAX, where the float loss is +inf.
   const double value = acc_dtype == at::kFloat ? static_cast<double>(static_cast<float>(total * scale)) : total * scale;
   Tensor loss = at::full({}, value, f.options().dtype(acc_dtype));
@@ -547,7 +552,7 @@ struct BackwardTensors {
 
 // One pass over f, g writing the wanted df, dg; returns the channel sums (B, 2C) = sum_p D Ŝ_f f,
 // then sum_p D Ŝ_g g (undefined unless da or db is wanted).
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 Tensor feature_grad_pass(const BackwardTensors& t, bool reads_pixel_grad, double w_in,
                          const std::array<bool, 4>& output_mask) {
   using acc_t = acc_type<scalar_t>;
@@ -576,13 +581,13 @@ Tensor feature_grad_pass(const BackwardTensors& t, bool reads_pixel_grad, double
       const int64_t sgrad_pixel = img * sgrad_image_stride + p0;
       acc_t* chan = need_channels ? chan_partial.data() + item * 2 * channels : nullptr;
       with_output_mask<1>(output_bits, [&](auto bits) {
-        cpu::run_best<FeatureGradTile<scalar_t, acc_t, decltype(bits)::value>>(
-            t.f.data_ptr<scalar_t>() + offset, t.g.data_ptr<scalar_t>() + offset,
+        cpu::run_best<FeatureGradTile<scalar_t, teacher_t, acc_t, decltype(bits)::value>>(
+            t.f.data_ptr<scalar_t>() + offset, t.g.data_ptr<teacher_t>() + offset,
             t.a.data_ptr<acc_t>() + img * channels, t.b.data_ptr<acc_t>() + img * channels,
             t.a_minus_b.data_ptr<acc_t>() + img * channels, channels, pixels, n, s_f + pixel, s_g + pixel,
             s_diff + pixel, sgrad_f + sgrad_pixel, sgrad_g + sgrad_pixel, w,
             output_mask[0] ? t.df.data_ptr<scalar_t>() + offset : nullptr,
-            output_mask[1] ? t.dg.data_ptr<scalar_t>() + offset : nullptr, rows.data(),
+            output_mask[1] ? t.dg.data_ptr<teacher_t>() + offset : nullptr, rows.data(),
             need_channels ? rows.data() + plan.tile : nullptr, chan, chan + (need_channels ? channels : 0));
       });
     }
@@ -615,9 +620,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward_cpu(
   // dL/dD = w D; w is rounded to acc_t once, for the kernel and the channel sums alike.
   const double w = 2.0 * scale * grad_loss.item<double>();
   Tensor channel_sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.f.scalar_type(), "attentive_distillation_backward", [&] {
-    channel_sums = feature_grad_pass<scalar_t>(t, reads_pixel_grad, w, output_mask);
-  });
+  dispatch_student_teacher(
+      t.f.scalar_type(), t.g.scalar_type(), "attentive_distillation_backward", [&](auto* f_type, auto* g_type) {
+        channel_sums =
+            feature_grad_pass<std::remove_pointer_t<decltype(f_type)>, std::remove_pointer_t<decltype(g_type)>>(
+                t, reads_pixel_grad, w, output_mask);
+      });
   // da = w sum_p D Ŝ_f f, db = -w sum_p D Ŝ_g g.
   const int64_t channels = t.f.size(1);
   const Tensor w_acc = at::scalar_tensor(w, t.a.options());

@@ -47,6 +47,7 @@
 
 #include "common/logit_host.h"
 #include "common/logit_math.h"
+#include "common/teacher_dtype.h"
 #include "common/upsample.h"
 #include "cpu/toolkit.h"
 
@@ -129,12 +130,12 @@ INCSEG_FORCE_INLINE T keep_if_equal(int32_t a, int32_t b, T v) {
 // Forward
 // ------------------------------------------------------------------------------------------
 
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct FwdArgs {
   using acc_t = acc_type<scalar_t>;
   const Inputs* in;
   const scalar_t* x;
-  const scalar_t* y;
+  const teacher_t* y;      // the teacher in its own dtype (common/teacher_dtype.h)
   const acc_t* log_gamma;  // (B,), kd == balanced
   const acc_t* mask;
   acc_t alpha;
@@ -149,18 +150,20 @@ struct FwdArgs {
 };
 
 // The logits of one tile's pixels as the tile math reads them: channel c of pixel p at
-// x[c * stride + p] (and y likewise). row_t is scalar_t for the logits in place (stride H*W) and
-// acc_t for a tile's upsampled logits in scratch rows (stride kTile, see upsample_tile).
-template <typename row_t>
+// x[c * stride + p] (and y likewise). row_t and teacher_row_t are the logits' dtypes for the logits
+// in place (stride H*W) and acc_t for a tile's upsampled logits in scratch rows (stride kTile, see
+// upsample_tile).
+template <typename row_t, typename teacher_row_t = row_t>
 struct TileRows {
   const row_t* x;
-  const row_t* y;  // null without distillation
+  const teacher_row_t* y;  // null without distillation
   int64_t stride;
 };
 
 // The forward of `tile` (image b, output pixels [p0, p0 + n)) from its logits `rows`.
-template <typename scalar_t, typename row_t, bool kWithKd>
-INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile, const TileRows<row_t>& rows) {
+template <bool kWithKd, typename scalar_t, typename teacher_t, typename row_t, typename teacher_row_t>
+INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t, teacher_t>& a, int64_t tile,
+                                        const TileRows<row_t, teacher_row_t>& rows) {
   using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const int64_t C = in.C, Co = in.Co, HW = in.HW, stride = rows.stride;
@@ -168,7 +171,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
   // n <= kTile always (kTiles); saying so bounds the vector loops for the compiler (~4% faster).
   const int64_t n = std::min(kTile, a.plan.length(tile));
   const row_t* __restrict__ xb = rows.x;
-  const row_t* __restrict__ yb = rows.y;
+  const teacher_row_t* __restrict__ yb = rows.y;
   const acc_t alpha = a.alpha;
   const acc_t plain_kd = in.kd == KdMode::kPlain ? acc_t(1) : acc_t(0);
 
@@ -193,7 +196,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
     prefetch_next_tile(yb);
     for (int64_t p = 0; p < n; ++p) max_y[p] = alpha * load<acc_t>(yb, p);
     for (int64_t c = 1; c < Co; ++c) {
-      const row_t* __restrict__ yc = yb + c * stride;
+      const teacher_row_t* __restrict__ yc = yb + c * stride;
       prefetch_next_tile(yc);
       for (int64_t p = 0; p < n; ++p) max_y[p] = logit::lm_max(max_y[p], alpha * load<acc_t>(yc, p));
     }
@@ -216,8 +219,8 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
     const row_t* __restrict__ xc = xb + c * stride;
     const row_t* __restrict__ xd = xc + stride;
     if (kWithKd) {
-      const row_t* __restrict__ yc = yb + c * stride;
-      const row_t* __restrict__ yd = yc + stride;
+      const teacher_row_t* __restrict__ yc = yb + c * stride;
+      const teacher_row_t* __restrict__ yd = yc + stride;
       for (int64_t p = 0; p < n; ++p) {
         const acc_t xv = load<acc_t>(xc, p) - max_old[p];
         const acc_t xw = load<acc_t>(xd, p) - max_old[p];
@@ -236,7 +239,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
   if (c < Co) {
     const row_t* __restrict__ xc = xb + c * stride;
     if (kWithKd) {
-      const row_t* __restrict__ yc = yb + c * stride;
+      const teacher_row_t* __restrict__ yc = yb + c * stride;
       for (int64_t p = 0; p < n; ++p) {
         const acc_t xv = load<acc_t>(xc, p) - max_old[p];
         sum_old[p] += logit::lm_exp(xv);
@@ -280,7 +283,7 @@ INCSEG_FORCE_INLINE void forward_pixels(const FwdArgs<scalar_t>& a, int64_t tile
       const logit::TeacherSums<acc_t> ts{max_y[p], e0[p], sum_rest[p], weighted[p], alpha * load<acc_t>(yb, p)};
       const logit::StudentStats<acc_t> s{lse[p], lse_old[p], lse_bg[p]};
       lse_q[p] = logit::teacher_lse(ts);
-      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, ts, max_old[p]);
+      kd_loss[p] = logit::kd_pixel_loss(factors, Co, s, logit::teacher_terms(factors, ts), max_old[p]);
     }
     if (a.mask) {
       const acc_t* __restrict__ mask = a.mask + b * HW + p0;
@@ -414,42 +417,43 @@ struct UpsampleScratch {
         y_cols(in.kd != KdMode::kNone ? in.yw : 0, in.kd != KdMode::kNone ? in.W : 0) {}
 
   // Interpolates the tile (image b, output pixels [p0, p0 + n)) of x and, with distillation, y.
-  template <typename scalar_t>
-  void fill(const Inputs& in, const scalar_t* x_all, const scalar_t* y_all, int64_t b, int64_t p0, int64_t n) {
+  template <typename scalar_t, typename teacher_t>
+  void fill(const Inputs& in, const scalar_t* x_all, const teacher_t* y_all, int64_t b, int64_t p0, int64_t n) {
     const UpsampledPlanes<scalar_t, acc_t> xs{x_all + b * in.C * in.h * in.w, in.C, in.h, in.w, &x_cols};
     upsample_tile(xs, in.H, in.W, p0, n, mix.data(), x.data());
     if (!y.empty()) {
-      const UpsampledPlanes<scalar_t, acc_t> ys{y_all + b * in.Co * in.yh * in.yw, in.Co, in.yh, in.yw, &y_cols};
+      const UpsampledPlanes<teacher_t, acc_t> ys{y_all + b * in.Co * in.yh * in.yw, in.Co, in.yh, in.yw, &y_cols};
       upsample_tile(ys, in.H, in.W, p0, n, mix.data(), y.data());
     }
   }
   TileRows<acc_t> rows() const { return {x.data(), y.empty() ? nullptr : y.data(), kTile}; }
 };
 
-template <typename scalar_t, bool kWithKd>
-INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t>& a, int64_t tile) {
+template <typename scalar_t, typename teacher_t, bool kWithKd>
+INCSEG_FORCE_INLINE void forward_tile(const FwdArgs<scalar_t, teacher_t>& a, int64_t tile) {
   const Inputs& in = *a.in;
   const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
-  const TileRows<scalar_t> rows{a.x + b * in.C * in.HW + p0, kWithKd ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
-  forward_pixels<scalar_t, scalar_t, kWithKd>(a, tile, rows);
+  const TileRows<scalar_t, teacher_t> rows{a.x + b * in.C * in.HW + p0,
+                                           kWithKd ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
+  forward_pixels<kWithKd>(a, tile, rows);
 }
 
-template <typename scalar_t, bool kWithKd>
+template <typename scalar_t, typename teacher_t, bool kWithKd>
 struct ForwardTiles {
-  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) forward_tile<scalar_t, kWithKd>(a, tile);
+  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t, teacher_t>& a, int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) forward_tile<scalar_t, teacher_t, kWithKd>(a, tile);
   }
 };
 
 // size=: each tile's logits are interpolated into scratch rows, then the same tile math runs on them.
-template <typename scalar_t, bool kWithKd>
+template <typename scalar_t, typename teacher_t, bool kWithKd>
 struct UpsampledForwardTiles {
-  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  static INCSEG_FORCE_INLINE void run(const FwdArgs<scalar_t, teacher_t>& a, int64_t begin, int64_t end) {
     const Inputs& in = *a.in;
     UpsampleScratch<acc_type<scalar_t>> scratch(in, /*backward=*/false);
     for (int64_t tile = begin; tile < end; ++tile) {
       scratch.fill(in, a.x, a.y, a.plan.image(tile), a.plan.begin(tile), a.plan.length(tile));
-      forward_pixels<scalar_t, acc_type<scalar_t>, kWithKd>(a, tile, scratch.rows());
+      forward_pixels<kWithKd>(a, tile, scratch.rows());
     }
   }
 };
@@ -465,12 +469,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
   std::vector<double> tile_ce(plan.items), tile_kd(plan.items);
   std::vector<int64_t> tile_valid(plan.items);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd_cpu", [&] {
+  dispatch_student_teacher(x.scalar_type(), in.teacher_dtype, "logit_losses_fwd_cpu", [&](auto* x_type, auto* y_type) {
+    using scalar_t = std::remove_pointer_t<decltype(x_type)>;
+    using teacher_t = std::remove_pointer_t<decltype(y_type)>;
     using acc_t = acc_type<scalar_t>;
-    FwdArgs<scalar_t> a;
+    FwdArgs<scalar_t, teacher_t> a;
     a.in = &in;
     a.x = in.x.const_data_ptr<scalar_t>();
-    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
+    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<teacher_t>() : nullptr;
     a.log_gamma = in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr;
     a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
     a.alpha = static_cast<acc_t>(alpha);
@@ -484,10 +490,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
     a.tile_valid = tile_valid.data();
     cpu::parallel_over_items(plan.items, (in.C + in.Co) * plan.tile, [&](int64_t begin, int64_t end) {
       const bool with_kd = in.kd != KdMode::kNone;
-      if (in.upsample && with_kd) return cpu::run_best<UpsampledForwardTiles<scalar_t, true>>(a, begin, end);
-      if (in.upsample) return cpu::run_best<UpsampledForwardTiles<scalar_t, false>>(a, begin, end);
-      if (with_kd) return cpu::run_best<ForwardTiles<scalar_t, true>>(a, begin, end);
-      cpu::run_best<ForwardTiles<scalar_t, false>>(a, begin, end);
+      if (in.upsample && with_kd) return cpu::run_best<UpsampledForwardTiles<scalar_t, teacher_t, true>>(a, begin, end);
+      if (with_kd) return cpu::run_best<ForwardTiles<scalar_t, teacher_t, true>>(a, begin, end);
+      if constexpr (std::is_same_v<scalar_t, teacher_t>) {  // without distillation the teacher dtype is x's
+        if (in.upsample) return cpu::run_best<UpsampledForwardTiles<scalar_t, scalar_t, false>>(a, begin, end);
+        cpu::run_best<ForwardTiles<scalar_t, scalar_t, false>>(a, begin, end);
+      }
     });
   });
 
@@ -510,12 +518,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd_cpu(
 // Backward
 // ------------------------------------------------------------------------------------------
 
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct BwdArgs {
   using acc_t = acc_type<scalar_t>;
   const Inputs* in;
   const scalar_t* x;
-  const scalar_t* y;
+  const teacher_t* y;      // the teacher in its own dtype
   const acc_t* log_gamma;  // (B,), kd == balanced
   const acc_t* mask;
   const acc_t* stats;
@@ -530,12 +538,12 @@ struct BwdArgs {
 };
 
 // What the channel passes of one backward tile read: the tile's rows and its per-pixel arrays.
-// row_t as in TileRows: dL/dx_c of pixel p goes to gb[c * stride + p].
-template <typename row_t>
+// row_t, teacher_row_t as in TileRows: dL/dx_c of pixel p goes to gb[c * stride + p].
+template <typename row_t, typename teacher_row_t>
 struct BwdTileView {
   using acc_t = acc_type<row_t>;
   const row_t* xb;
-  const row_t* yb;
+  const teacher_row_t* yb;
   row_t* gb;
   const acc_t *lse, *lse_old, *lse_bg, *lse_q;
   const acc_t *full, *old_set, *bg_set, *teacher, *target, *extra0;
@@ -548,9 +556,10 @@ struct BwdTileView {
 // dL/dx_c at pixel p of a tile (see logit_math.h grad_coefs / logit_grad). Direct form: the
 // old-set and background-set exponentials computed from x; factored form: folded into
 // factored_full (the coefficient of p_c for this channel's range).
-template <bool kFactored, bool kOld, bool kBg, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-INCSEG_FORCE_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p, acc_t xv, acc_t q, bool in_old,
-                                       bool in_bg, int32_t c, const acc_t* __restrict__ factored_full) {
+template <bool kFactored, bool kOld, bool kBg, typename scalar_t, typename teacher_row_t,
+          typename acc_t = acc_type<scalar_t>>
+INCSEG_FORCE_INLINE acc_t channel_grad(const BwdTileView<scalar_t, teacher_row_t>& v, int64_t p, acc_t xv, acc_t q,
+                                       bool in_old, bool in_bg, int32_t c, const acc_t* __restrict__ factored_full) {
   const acc_t p_full = logit::lm_exp(xv - v.lse[p]);
   acc_t g;
   if (kFactored) {
@@ -566,8 +575,8 @@ INCSEG_FORCE_INLINE acc_t channel_grad(const BwdTileView<scalar_t>& v, int64_t p
 
 // One pass over the tile's channels writing dL/dx: channel 0, the old channels [1, Co) (with the
 // teacher term), the new channels [Co, C).
-template <bool kFactored, bool kOld, bool kBg, bool kTeacher, typename scalar_t>
-INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
+template <bool kFactored, bool kOld, bool kBg, bool kTeacher, typename scalar_t, typename teacher_row_t>
+INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t, teacher_row_t>& v) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = v.n, stride = v.stride;
   const acc_t* __restrict__ lse_q = v.lse_q;
@@ -585,7 +594,7 @@ INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
     prefetch_next_tile(gc, true);
     const int32_t cf = static_cast<int32_t>(c);
     if (kTeacher) {
-      const scalar_t* __restrict__ yc = v.yb + c * stride;
+      const teacher_row_t* __restrict__ yc = v.yb + c * stride;
       prefetch_next_tile(yc);
       for (int64_t p = 0; p < n; ++p) {
         const acc_t q = logit::lm_exp(v.alpha * load<acc_t>(yc, p) - lse_q[p]);
@@ -614,15 +623,16 @@ INCSEG_FORCE_INLINE void backward_channels(const BwdTileView<scalar_t>& v) {
 
 // dL/dx of image b's output pixels [p0, p0 + n), n <= kTile, from their logits `rows` into
 // grad[c * rows.stride + p].
-template <typename scalar_t, typename row_t, bool kOld, bool kBg, bool kTeacher>
-INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t>& a, int64_t b, int64_t p0, int64_t n,
-                                         const TileRows<row_t>& rows, row_t* grad) {
+template <bool kOld, bool kBg, bool kTeacher, typename scalar_t, typename teacher_t, typename row_t,
+          typename teacher_row_t>
+INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t, teacher_t>& a, int64_t b, int64_t p0, int64_t n,
+                                         const TileRows<row_t, teacher_row_t>& rows, row_t* grad) {
   using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const int64_t C = in.C, Co = in.Co, HW = in.HW;
   n = std::min(kTile, n);  // bounds the vector loops for the compiler (~4% faster)
   const row_t* __restrict__ xb = rows.x;
-  const row_t* __restrict__ yb = rows.y;
+  const teacher_row_t* __restrict__ yb = rows.y;
   row_t* __restrict__ gb = grad;
   const acc_t* __restrict__ stats = a.stats + b * logit::kNumStats * HW + p0;
   const acc_t* __restrict__ lse = stats + logit::kStatLse * HW;
@@ -701,9 +711,9 @@ INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t>& a, int64_t b, 
     const acc_t folded_check = (full0[p] - full0[p]) + (full_old[p] - full_old[p]) + (full_new[p] - full_new[p]);
     too_far |= static_cast<int32_t>(!(folded_check == acc_t(0)));
   }
-  const BwdTileView<row_t> view{xb,      yb,     gb,      lse,    lse_old,     lse_bg, lse_q,    full,
-                                old_set, bg_set, teacher, target, extra0,      full0,  full_old, full_new,
-                                label,   n,      C,       Co,     rows.stride, alpha};
+  const BwdTileView<row_t, teacher_row_t> view{
+      xb,     yb,     gb,    lse,      lse_old,  lse_bg, lse_q, full, old_set, bg_set,      teacher,
+      target, extra0, full0, full_old, full_new, label,  n,     C,    Co,      rows.stride, alpha};
   // The form is chosen per tile, outside the pixel loops (which must stay branch-free to vectorise).
   if (!too_far) {
     backward_channels<true, kOld, kBg, kTeacher>(view);
@@ -712,36 +722,39 @@ INCSEG_FORCE_INLINE void backward_pixels(const BwdArgs<scalar_t>& a, int64_t b, 
   }
 }
 
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
-INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t>& a, int64_t tile) {
+template <typename scalar_t, typename teacher_t, bool kOld, bool kBg, bool kTeacher>
+INCSEG_FORCE_INLINE void backward_tile(const BwdArgs<scalar_t, teacher_t>& a, int64_t tile) {
   const Inputs& in = *a.in;
   const int64_t b = a.plan.image(tile), p0 = a.plan.begin(tile);
   const int64_t offset = b * in.C * in.HW + p0;
-  const TileRows<scalar_t> rows{a.x + offset, kTeacher ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
-  backward_pixels<scalar_t, scalar_t, kOld, kBg, kTeacher>(a, b, p0, a.plan.length(tile), rows, a.grad_x + offset);
+  const TileRows<scalar_t, teacher_t> rows{a.x + offset, kTeacher ? a.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
+  backward_pixels<kOld, kBg, kTeacher>(a, b, p0, a.plan.length(tile), rows, a.grad_x + offset);
 }
 
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+template <typename scalar_t, typename teacher_t, bool kOld, bool kBg, bool kTeacher>
 struct BackwardTiles {
-  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, kOld, kBg, kTeacher>(a, tile);
+  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t, teacher_t>& a, int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) backward_tile<scalar_t, teacher_t, kOld, kBg, kTeacher>(a, tile);
   }
 };
 
-// Kernel<scalar_t, kOld, kBg, kTeacher>::run(a, args...) with the exponential families the modes
-// need (see grad_coefs): exp(x - lse_old) for unbiased CE and plain KD, exp(x - lse_bg) and q for
+// Kernel<scalar_t, teacher_t, kOld, kBg, kTeacher>::run(a, args...) with the exponential families the
+// modes need (see grad_coefs): exp(x - lse_old) for unbiased CE and plain KD, exp(x - lse_bg) and q for
 // unbiased/balanced KD, q for plain KD.
-template <template <typename, bool, bool, bool> class Kernel, typename scalar_t, typename... Args>
-void run_for_modes(const BwdArgs<scalar_t>& a, const Args&... args) {
+template <template <typename, typename, bool, bool, bool> class Kernel, typename scalar_t, typename teacher_t,
+          typename... Args>
+void run_for_modes(const BwdArgs<scalar_t, teacher_t>& a, const Args&... args) {
   const Inputs& in = *a.in;
   const bool old_set = in.ce == CeMode::kUnbiased || in.kd == KdMode::kPlain;
   const bool bg_set = in.kd == KdMode::kUnbiased || in.kd == KdMode::kBalanced;
   const bool teacher = in.kd != KdMode::kNone;
-  if (bg_set && old_set) return cpu::run_best<Kernel<scalar_t, true, true, true>>(a, args...);
-  if (bg_set) return cpu::run_best<Kernel<scalar_t, false, true, true>>(a, args...);
-  if (teacher) return cpu::run_best<Kernel<scalar_t, true, false, true>>(a, args...);  // plain KD
-  if (old_set) return cpu::run_best<Kernel<scalar_t, true, false, false>>(a, args...);
-  cpu::run_best<Kernel<scalar_t, false, false, false>>(a, args...);
+  if (bg_set && old_set) return cpu::run_best<Kernel<scalar_t, teacher_t, true, true, true>>(a, args...);
+  if (bg_set) return cpu::run_best<Kernel<scalar_t, teacher_t, false, true, true>>(a, args...);
+  if (teacher) return cpu::run_best<Kernel<scalar_t, teacher_t, true, false, true>>(a, args...);  // plain KD
+  if constexpr (std::is_same_v<scalar_t, teacher_t>) {  // without distillation the teacher dtype is x's
+    if (old_set) return cpu::run_best<Kernel<scalar_t, scalar_t, true, false, false>>(a, args...);
+    cpu::run_best<Kernel<scalar_t, scalar_t, false, false, false>>(a, args...);
+  }
 }
 
 // ---- size=: the backward gathered at the logits' own resolution (MATH.md#upsampling) ----
@@ -788,26 +801,26 @@ struct UpsampledGrad {
   const RowBands* bands;
 };
 
-template <typename scalar_t, bool kOld, bool kBg, bool kTeacher>
+template <typename scalar_t, typename teacher_t, bool kOld, bool kBg, bool kTeacher>
 struct UpsampledBackwardBands {
   using acc_t = acc_type<scalar_t>;
 
-  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t>& a, const UpsampledGrad<acc_t>& out, int64_t begin,
-                                      int64_t end) {
+  static INCSEG_FORCE_INLINE void run(const BwdArgs<scalar_t, teacher_t>& a, const UpsampledGrad<acc_t>& out,
+                                      int64_t begin, int64_t end) {
     UpsampleScratch<acc_t> scratch(*a.in, /*backward=*/true);
     const int64_t count = out.bands->count;
     for (int64_t item = begin; item < end; ++item) band(a, out, scratch, item / count, item % count);
   }
 
   // column_sums[c * w + j] = sum over the columns q of output row r of C[q, j] G[c, r, q].
-  static INCSEG_FORCE_INLINE void sum_output_row(const BwdArgs<scalar_t>& a, UpsampleScratch<acc_t>& scratch, int64_t b,
-                                                 int64_t r) {
+  static INCSEG_FORCE_INLINE void sum_output_row(const BwdArgs<scalar_t, teacher_t>& a, UpsampleScratch<acc_t>& scratch,
+                                                 int64_t b, int64_t r) {
     const Inputs& in = *a.in;
     std::fill(scratch.column_sums.begin(), scratch.column_sums.end(), acc_t(0));
     for (int64_t col0 = 0; col0 < in.W; col0 += kTile) {
       const int64_t n = std::min(kTile, in.W - col0), p0 = r * in.W + col0;
       scratch.fill(in, a.x, a.y, b, p0, n);
-      backward_pixels<scalar_t, acc_t, kOld, kBg, kTeacher>(a, b, p0, n, scratch.rows(), scratch.grad.data());
+      backward_pixels<kOld, kBg, kTeacher>(a, b, p0, n, scratch.rows(), scratch.grad.data());
       reduce_columns(scratch, in, col0, n);
     }
   }
@@ -835,7 +848,7 @@ struct UpsampledBackwardBands {
   }
 
   // Band k of image b: dL/dx rows [kL, (k+1)L) and the band's carry row.
-  static INCSEG_FORCE_INLINE void band(const BwdArgs<scalar_t>& a, const UpsampledGrad<acc_t>& out,
+  static INCSEG_FORCE_INLINE void band(const BwdArgs<scalar_t, teacher_t>& a, const UpsampledGrad<acc_t>& out,
                                        UpsampleScratch<acc_t>& scratch, int64_t b, int64_t k) {
     const Inputs& in = *a.in;
     const RowBands& bands = *out.bands;
@@ -883,8 +896,8 @@ void finish_upsampled_grad(const Inputs& in, const UpsampledGrad<acc_t>& out, sc
   });
 }
 
-template <typename scalar_t>
-void run_upsampled_backward(const BwdArgs<scalar_t>& a, at::Tensor& grad_x) {
+template <typename scalar_t, typename teacher_t>
+void run_upsampled_backward(const BwdArgs<scalar_t, teacher_t>& a, at::Tensor& grad_x) {
   using acc_t = acc_type<scalar_t>;
   const Inputs& in = *a.in;
   const RowBands bands = plan_row_bands<acc_t>(in);
@@ -918,16 +931,18 @@ at::Tensor logit_losses_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
   at::Tensor grad_x = at::empty_like(in.x, at::MemoryFormat::Contiguous);
   const cpu::TilePlan plan = cpu::plan_tiles(in.B, in.HW, kTiles);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd_cpu", [&] {
+  dispatch_student_teacher(x.scalar_type(), in.teacher_dtype, "logit_losses_bwd_cpu", [&](auto* x_type, auto* y_type) {
+    using scalar_t = std::remove_pointer_t<decltype(x_type)>;
+    using teacher_t = std::remove_pointer_t<decltype(y_type)>;
     using acc_t = acc_type<scalar_t>;
     if (in.ce == CeMode::kNone && in.kd == KdMode::kNone) {
       grad_x.zero_();
       return;
     }
-    BwdArgs<scalar_t> a;
+    BwdArgs<scalar_t, teacher_t> a;
     a.in = &in;
     a.x = in.x.const_data_ptr<scalar_t>();
-    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<scalar_t>() : nullptr;
+    a.y = in.kd != KdMode::kNone ? in.y.const_data_ptr<teacher_t>() : nullptr;
     a.log_gamma = in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr;
     a.mask = in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
     a.stats = stats_c.const_data_ptr<acc_t>();

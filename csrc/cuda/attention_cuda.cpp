@@ -51,17 +51,17 @@ Tensor zeros_or_empty(bool wanted, const Tensor& like) {
 
 // Runs the kernel sequences on the CPU, one thread after another.
 struct HostEmulation : glue::HostDevice {
-  template <typename scalar_t>
+  template <typename scalar_t, typename teacher_t>
   static int64_t resident_blocks(FeaturePass, int) {
     return kEmulatedResidentBlocks;
   }
-  template <typename scalar_t>
-  static void forward(const ForwardCall<scalar_t>& call) {
+  template <typename scalar_t, typename teacher_t>
+  static void forward(const ForwardCall<scalar_t, teacher_t>& call) {
     HostExecutor ex;
     attentive_distillation_forward_kernels(ex, call);
   }
-  template <typename scalar_t>
-  static void backward(const BackwardCall<scalar_t>& call) {
+  template <typename scalar_t, typename teacher_t>
+  static void backward(const BackwardCall<scalar_t, teacher_t>& call) {
     HostExecutor ex;
     attentive_distillation_backward_kernels(ex, call);
   }
@@ -80,18 +80,18 @@ struct HostEmulation : glue::HostDevice {
 #if defined(INCSEG_WITH_CUDA)
 // Launches the kernel sequences on the current stream of the op's device; every launch is checked.
 struct CudaDevice : glue::CudaDeviceBase {
-  template <typename scalar_t>
+  template <typename scalar_t, typename teacher_t>
   static int64_t resident_blocks(FeaturePass pass, int pixels_per_thread) {
     int64_t blocks = 0;
-    check(resident_feature_blocks<scalar_t>(pass, pixels_per_thread, &blocks));
+    check(resident_feature_blocks<scalar_t, teacher_t>(pass, pixels_per_thread, &blocks));
     return blocks;
   }
-  template <typename scalar_t>
-  static void forward(const ForwardCall<scalar_t>& call) {
+  template <typename scalar_t, typename teacher_t>
+  static void forward(const ForwardCall<scalar_t, teacher_t>& call) {
     check(launch_attentive_distillation_forward(call, stream()));
   }
-  template <typename scalar_t>
-  static void backward(const BackwardCall<scalar_t>& call) {
+  template <typename scalar_t, typename teacher_t>
+  static void backward(const BackwardCall<scalar_t, teacher_t>& call) {
     check(launch_attentive_distillation_backward(call, stream()));
   }
   template <typename scalar_t>
@@ -105,19 +105,22 @@ struct CudaDevice : glue::CudaDeviceBase {
 };
 #endif
 
-// plan_attention's resident_blocks: the blocks of `pass`'s feature kernel that Device holds at once.
-template <typename Device, typename k_scalar_t>
+// plan_attention's resident_blocks: the blocks of `pass`'s feature kernel that Device holds at once
+// (k_teacher_t: the old features' dtype of the attentive passes; the structured ones pass k_scalar_t).
+template <typename Device, typename k_scalar_t, typename k_teacher_t>
 auto resident_blocks(FeaturePass pass) {
-  return
-      [pass](int pixels_per_thread) { return Device::template resident_blocks<k_scalar_t>(pass, pixels_per_thread); };
+  return [pass](int pixels_per_thread) {
+    return Device::template resident_blocks<k_scalar_t, k_teacher_t>(pass, pixels_per_thread);
+  };
 }
 
-// f, g (contiguous), a, b (acc dtype) as the kernels read them.
-template <typename scalar_t, typename k_scalar_t = typename KernelType<scalar_t>::type>
-FeaturePair<k_scalar_t> feature_pair(const Tensor& f, const Tensor& g, const Tensor& a, const Tensor& b) {
+// f, g (contiguous; g in its own dtype teacher_t), a, b (acc dtype) as the kernels read them.
+template <typename scalar_t, typename teacher_t, typename k_scalar_t = typename KernelType<scalar_t>::type,
+          typename k_teacher_t = typename KernelType<teacher_t>::type>
+FeaturePair<k_scalar_t, k_teacher_t> feature_pair(const Tensor& f, const Tensor& g, const Tensor& a, const Tensor& b) {
   using acc_t = accumulate_t<k_scalar_t>;
-  return FeaturePair<k_scalar_t>{kernel_data<scalar_t>(f), kernel_data<scalar_t>(g), a.const_data_ptr<acc_t>(),
-                                 b.const_data_ptr<acc_t>()};
+  return FeaturePair<k_scalar_t, k_teacher_t>{kernel_data<scalar_t>(f), kernel_data<teacher_t>(g),
+                                              a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>()};
 }
 
 template <typename Device>
@@ -136,24 +139,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_forward(const 
   const host::SavedState state = host::allocate_saved_state(f, save_spatial_grad);
   Tensor loss = at::empty({}, f.options().dtype(acc_dtype));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "attentive_distillation_forward", [&] {
-    using k_scalar_t = typename KernelType<scalar_t>::type;
-    using acc_t = accumulate_t<k_scalar_t>;
-    const AttentionPlan plan =
-        plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&f, &g}, {&state.spatial}),
-                                   resident_blocks<Device, k_scalar_t>(FeaturePass::kAttentiveForward));
-    const int64_t warps = batch * plan.pixel_kernel_warps();
-    const Tensor group_partial =
-        scratch(plan.groups * batch * kForwardPartialRows<k_scalar_t> * pixels, f, at::kDouble);
-    const Tensor square_partial = scratch(2 * warps, f, at::kDouble), loss_partial = scratch(warps, f, at::kDouble);
-    const Tensor inv_exact = scratch(2 * batch, f, at::kDouble);
-    const ForwardScratch buffers{group_partial.mutable_data_ptr<double>(), square_partial.mutable_data_ptr<double>(),
-                                 inv_exact.mutable_data_ptr<double>(), loss_partial.mutable_data_ptr<double>()};
-    Device::forward(ForwardCall<k_scalar_t>{feature_pair<scalar_t>(f, g, a, b), plan, scale,
-                                            loss.mutable_data_ptr<acc_t>(), state.spatial.mutable_data_ptr<acc_t>(),
-                                            state.inv_norm.mutable_data_ptr<acc_t>(),
-                                            data_or_null<acc_t>(state.pixel_grad), buffers});
-  });
+  dispatch_student_teacher(
+      f.scalar_type(), g.scalar_type(), "attentive_distillation_forward", [&](auto* f_type, auto* g_type) {
+        using scalar_t = std::remove_pointer_t<decltype(f_type)>;
+        using teacher_t = std::remove_pointer_t<decltype(g_type)>;
+        using k_scalar_t = typename KernelType<scalar_t>::type;
+        using k_teacher_t = typename KernelType<teacher_t>::type;
+        using acc_t = accumulate_t<k_scalar_t>;
+        const AttentionPlan plan = plan_attention<k_scalar_t>(
+            batch, channels, pixels, packs_aligned<k_scalar_t>({&f, &g}, {&state.spatial}),
+            resident_blocks<Device, k_scalar_t, k_teacher_t>(FeaturePass::kAttentiveForward));
+        const int64_t warps = batch * plan.pixel_kernel_warps();
+        const Tensor group_partial =
+            scratch(plan.groups * batch * kForwardPartialRows<k_scalar_t> * pixels, f, at::kDouble);
+        const Tensor square_partial = scratch(2 * warps, f, at::kDouble), loss_partial = scratch(warps, f, at::kDouble);
+        const Tensor inv_exact = scratch(2 * batch, f, at::kDouble);
+        const ForwardScratch buffers{group_partial.mutable_data_ptr<double>(),
+                                     square_partial.mutable_data_ptr<double>(), inv_exact.mutable_data_ptr<double>(),
+                                     loss_partial.mutable_data_ptr<double>()};
+        Device::forward(ForwardCall<k_scalar_t, k_teacher_t>{
+            feature_pair<scalar_t, teacher_t>(f, g, a, b), plan, scale, loss.mutable_data_ptr<acc_t>(),
+            state.spatial.mutable_data_ptr<acc_t>(), state.inv_norm.mutable_data_ptr<acc_t>(),
+            data_or_null<acc_t>(state.pixel_grad), buffers});
+      });
   return {loss, state.spatial, state.inv_norm, state.pixel_grad};
 }
 
@@ -193,25 +201,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attentive_distillation_backward(
   const int64_t batch = t.f.size(0), channels = t.f.size(1), pixels = t.f.size(2) * t.f.size(3);
   const bool channel_sums = output_mask[2] || output_mask[3];
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.f.scalar_type(), "attentive_distillation_backward", [&] {
-    using k_scalar_t = typename KernelType<scalar_t>::type;
-    using acc_t = accumulate_t<k_scalar_t>;
-    const bool aligned = packs_aligned<k_scalar_t>({&t.f, &t.g, &t.df, &t.dg}, {&spatial, &pixel_grad});
-    const AttentionPlan plan = plan_attention<k_scalar_t>(
-        batch, channels, pixels, aligned, resident_blocks<Device, k_scalar_t>(FeaturePass::kAttentiveBackward));
-    const Tensor spatial_dot = scratch(reads_pixel_grad ? 2 * batch : 0, spatial, spatial.scalar_type());
-    const Tensor channel_partial =
-        scratch(channel_sums ? 2 * batch * plan.pixel_warps() * channels : 0, spatial, spatial.scalar_type());
-    const acc_t* dot = reads_pixel_grad ? spatial_dot.const_data_ptr<acc_t>() : nullptr;
-    const SavedMaps<acc_t> saved{spatial.const_data_ptr<acc_t>(), inv_norm.const_data_ptr<acc_t>(),
-                                 reads_pixel_grad ? pixel_grad.const_data_ptr<acc_t>() : nullptr, dot};
-    const FeatureGrads<k_scalar_t> grads{mutable_kernel_data<scalar_t>(t.df), mutable_kernel_data<scalar_t>(t.dg),
-                                         data_or_null<acc_t>(channel_partial), output_mask[2], output_mask[3]};
-    Device::backward(BackwardCall<k_scalar_t>{feature_pair<scalar_t>(t.f, t.g, t.a, t.b), plan, saved,
-                                              data_or_null<acc_t>(spatial_dot), t.upstream.const_data_ptr<acc_t>(),
-                                              2.0 * scale, grads, mutable_kernel_data<scalar_t>(t.da),
-                                              mutable_kernel_data<scalar_t>(t.db)});
-  });
+  dispatch_student_teacher(
+      t.f.scalar_type(), t.g.scalar_type(), "attentive_distillation_backward", [&](auto* f_type, auto* g_type) {
+        using scalar_t = std::remove_pointer_t<decltype(f_type)>;
+        using teacher_t = std::remove_pointer_t<decltype(g_type)>;
+        using k_scalar_t = typename KernelType<scalar_t>::type;
+        using k_teacher_t = typename KernelType<teacher_t>::type;
+        using acc_t = accumulate_t<k_scalar_t>;
+        const bool aligned = packs_aligned<k_scalar_t>({&t.f, &t.g, &t.df, &t.dg}, {&spatial, &pixel_grad});
+        const AttentionPlan plan = plan_attention<k_scalar_t>(
+            batch, channels, pixels, aligned,
+            resident_blocks<Device, k_scalar_t, k_teacher_t>(FeaturePass::kAttentiveBackward));
+        const Tensor spatial_dot = scratch(reads_pixel_grad ? 2 * batch : 0, spatial, spatial.scalar_type());
+        const Tensor channel_partial =
+            scratch(channel_sums ? 2 * batch * plan.pixel_warps() * channels : 0, spatial, spatial.scalar_type());
+        const acc_t* dot = reads_pixel_grad ? spatial_dot.const_data_ptr<acc_t>() : nullptr;
+        const SavedMaps<acc_t> saved{spatial.const_data_ptr<acc_t>(), inv_norm.const_data_ptr<acc_t>(),
+                                     reads_pixel_grad ? pixel_grad.const_data_ptr<acc_t>() : nullptr, dot};
+        const FeatureGrads<k_scalar_t, k_teacher_t> grads{
+            mutable_kernel_data<scalar_t>(t.df), mutable_kernel_data<teacher_t>(t.dg),
+            data_or_null<acc_t>(channel_partial), output_mask[2], output_mask[3]};
+        Device::backward(BackwardCall<k_scalar_t, k_teacher_t>{
+            feature_pair<scalar_t, teacher_t>(t.f, t.g, t.a, t.b), plan, saved, data_or_null<acc_t>(spatial_dot),
+            t.upstream.const_data_ptr<acc_t>(), 2.0 * scale, grads, mutable_kernel_data<scalar_t>(t.da),
+            mutable_kernel_data<teacher_t>(t.db)});
+      });
   return {t.df, t.dg, t.da, t.db};
 }
 
@@ -237,7 +251,7 @@ Tensor structured_attention(const Tensor& v_in, const Tensor& a_ch_in, const Ten
     using k_scalar_t = typename KernelType<scalar_t>::type;
     const AttentionPlan plan =
         plan_attention<k_scalar_t>(batch, channels, pixels, packs_aligned<k_scalar_t>({&v, &out}, {&a_sp}),
-                                   resident_blocks<Device, k_scalar_t>(FeaturePass::kStructuredForward));
+                                   resident_blocks<Device, k_scalar_t, k_scalar_t>(FeaturePass::kStructuredForward));
     Device::structured(structured_inputs<scalar_t>(v, a_ch, a_sp), plan, mutable_kernel_data<scalar_t>(out));
   });
   return out;
@@ -265,8 +279,9 @@ std::tuple<Tensor, Tensor, Tensor> structured_attention_backward(const Tensor& g
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const bool aligned = packs_aligned<k_scalar_t>({&v, &grad_out, &dv}, {&a_sp});
-    const AttentionPlan plan = plan_attention<k_scalar_t>(
-        batch, channels, pixels, aligned, resident_blocks<Device, k_scalar_t>(FeaturePass::kStructuredBackward));
+    const AttentionPlan plan =
+        plan_attention<k_scalar_t>(batch, channels, pixels, aligned,
+                                   resident_blocks<Device, k_scalar_t, k_scalar_t>(FeaturePass::kStructuredBackward));
     const Tensor spatial_partial = scratch(output_mask[2] ? plan.groups * batch * pixels : 0, a_sp, acc_dtype);
     const Tensor channel_partial = scratch(output_mask[1] ? batch * plan.pixel_warps() * channels : 0, a_sp, acc_dtype);
     const StructuredGrads<k_scalar_t> grads{mutable_kernel_data<scalar_t>(dv), data_or_null<acc_t>(spatial_partial),

@@ -75,13 +75,13 @@ struct DeviceExecutor {
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 int resident_feature_blocks(FeaturePass pass, int pixels_per_thread, int64_t* blocks) {
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   with_pixels_per_thread<scalar_t>(pixels_per_thread, [&](auto vec) {
-    with_feature_pass_kernel<scalar_t, decltype(vec)::value>(pass, [&](auto tag) {
+    with_feature_pass_kernel<scalar_t, teacher_t, decltype(vec)::value>(pass, [&](auto tag) {
       using Kernel = typename decltype(tag)::type;
       if (error == cudaSuccess) {
         error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, run_on_device<Kernel>, Kernel::kThreads, 0);
@@ -92,15 +92,15 @@ int resident_feature_blocks(FeaturePass pass, int pixels_per_thread, int64_t* bl
   return error;
 }
 
-template <typename scalar_t>
-int launch_attentive_distillation_forward(const ForwardCall<scalar_t>& call, void* stream) {
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_forward(const ForwardCall<scalar_t, teacher_t>& call, void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   attentive_distillation_forward_kernels(ex, call);
   return ex.error;
 }
 
-template <typename scalar_t>
-int launch_attentive_distillation_backward(const BackwardCall<scalar_t>& call, void* stream) {
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_backward(const BackwardCall<scalar_t, teacher_t>& call, void* stream) {
   DeviceExecutor ex{static_cast<cudaStream_t>(stream)};
   attentive_distillation_backward_kernels(ex, call);
   return ex.error;
@@ -122,16 +122,28 @@ int launch_structured_attention_backward(const StructuredBackwardCall<scalar_t>&
 }
 
 #define INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(scalar_t)                                                              \
-  template int resident_feature_blocks<scalar_t>(FeaturePass, int, int64_t*);                                         \
-  template int launch_attentive_distillation_forward<scalar_t>(const ForwardCall<scalar_t>&, void*);                  \
-  template int launch_attentive_distillation_backward<scalar_t>(const BackwardCall<scalar_t>&, void*);                \
   template int launch_structured_attention_forward<scalar_t>(const StructuredInputs<scalar_t>&, const AttentionPlan&, \
                                                              scalar_t*, void*);                                       \
   template int launch_structured_attention_backward<scalar_t>(const StructuredBackwardCall<scalar_t>&, void*);
+// Attentive distillation: the teacher (g, b) in the student's dtype or the wider one of common/teacher_dtype.h.
+#define INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(scalar_t, teacher_t)                                               \
+  template int resident_feature_blocks<scalar_t, teacher_t>(FeaturePass, int, int64_t*);                             \
+  template int launch_attentive_distillation_forward<scalar_t, teacher_t>(const ForwardCall<scalar_t, teacher_t>&,   \
+                                                                          void*);                                    \
+  template int launch_attentive_distillation_backward<scalar_t, teacher_t>(const BackwardCall<scalar_t, teacher_t>&, \
+                                                                           void*);
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(float)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(double)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(Half)
 INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS(BFloat16)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(float, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(double, double)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(Half, Half)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(BFloat16, BFloat16)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(Half, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(BFloat16, float)
+INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS(float, double)
+#undef INCSEG_INSTANTIATE_DISTILLATION_LAUNCHERS
 #undef INCSEG_INSTANTIATE_ATTENTION_LAUNCHERS
 
 }  // namespace attention

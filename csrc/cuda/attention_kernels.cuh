@@ -156,13 +156,15 @@ HOST_DEVICE int64_t group_rows_offset(const AttentionPlan& plan, int64_t group, 
 // Attentive distillation: forward
 // ------------------------------------------------------------------------------------------------
 
-template <typename scalar_t>
+// teacher_t: g's element type, f's or the wider one of common/teacher_dtype.h (read as acc_t; a wider
+// teacher's pack of kVec pixels is two 16-byte loads).
+template <typename scalar_t, typename teacher_t>
 struct FeaturePair {
   using acc_t = accumulate_t<scalar_t>;
-  const scalar_t* f;  // (B, C, H*W) student features
-  const scalar_t* g;  // (B, C, H*W) teacher features
-  const acc_t* a;     // (B, C) student channel attention
-  const acc_t* b;     // (B, C) teacher channel attention
+  const scalar_t* f;   // (B, C, H*W) student features
+  const teacher_t* g;  // (B, C, H*W) teacher features
+  const acc_t* a;      // (B, C) student channel attention
+  const acc_t* b;      // (B, C) teacher channel attention
 };
 
 // Rows of the one-pass forward's partials: the fields of Moments.
@@ -210,13 +212,13 @@ HOST_DEVICE void add_moment_rows(Moments& m, const double* rows, int64_t stride)
 
 // Forward (float32/bfloat16/float16), the one pass over f, g: the Moments of each of the thread's
 // kVec pixels over its group's channels (in channel order), stored as that group's partial rows.
-template <typename scalar_t, int kVec>
+template <typename scalar_t, typename teacher_t, int kVec>
 struct MomentsKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = kBlockThreads;
-  FeaturePair<scalar_t> in;  // features and channel attentions
-  AttentionPlan plan;        // grid (grid_x, B * groups)
-  double* partial;           // out: (groups, B, kMomentRows, H*W)
+  FeaturePair<scalar_t, teacher_t> in;  // features and channel attentions
+  AttentionPlan plan;                   // grid (grid_x, B * groups)
+  double* partial;                      // out: (groups, B, kMomentRows, H*W)
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const FeatureSlice s = feature_slice<kVec>(plan, index);
@@ -246,9 +248,9 @@ struct MomentsKernel {
 template <int kVec>
 struct SpatialEnergyKernel {
   static constexpr int kThreads = kBlockThreads;
-  FeaturePair<double> in;  // features (a, b unused)
-  AttentionPlan plan;      // grid (grid_x, B * groups)
-  double* partial;         // out: (groups, B, kEnergyRows, H*W)
+  FeaturePair<double, double> in;  // features (a, b unused)
+  AttentionPlan plan;              // grid (grid_x, B * groups)
+  double* partial;                 // out: (groups, B, kEnergyRows, H*W)
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const FeatureSlice s = feature_slice<kVec>(plan, index);
@@ -285,7 +287,6 @@ struct EnergyKernel {
     const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double s_f = 0, s_g = 0;
     if (pixel < plan.pixels) {
-      INCSEG_UNROLL_4
       INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         const double* rows = partial + group_rows_offset(plan, group, image, kRows) + pixel;
@@ -336,7 +337,6 @@ struct MomentsFinishKernel {
     if (pixel < plan.pixels) {
       Moments m;
       INCSEG_UNROLL_4
-      INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         add_moment_rows(m, partial + group_rows_offset(plan, group, image, kMomentRows) + pixel, plan.pixels);
       }
@@ -379,11 +379,11 @@ struct NormaliseKernel {
 template <int kVec>
 struct DirectLossKernel {
   static constexpr int kThreads = kBlockThreads;
-  FeaturePair<double> in;  // features and channel attentions
-  AttentionPlan plan;      // grid (grid_x, B * groups)
-  const double* spatial;   // (3, B, H*W) Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g
-  bool with_pixel_grad;    // also the rows kRowPf, kRowPg
-  double* partial;         // out: (groups, B, kDirectRows, H*W)
+  FeaturePair<double, double> in;  // features and channel attentions
+  AttentionPlan plan;              // grid (grid_x, B * groups)
+  const double* spatial;           // (3, B, H*W) Ŝ_f, Ŝ_g, Ŝ_f - Ŝ_g
+  bool with_pixel_grad;            // also the rows kRowPf, kRowPg
+  double* partial;                 // out: (groups, B, kDirectRows, H*W)
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const FeatureSlice s = feature_slice<kVec>(plan, index);
@@ -427,7 +427,6 @@ struct DirectFinishKernel {
     const int64_t image = index.block_y, pixel = index.first_pixel(1);
     double loss = 0, p_f = 0, p_g = 0;
     if (pixel < plan.pixels) {
-      INCSEG_UNROLL_4
       INCSEG_UNROLL_4
       for (int64_t group = 0; group < plan.groups; ++group) {
         const double* rows = partial + group_rows_offset(plan, group, image, kDirectRows) + pixel;
@@ -485,11 +484,11 @@ struct SavedMaps {
 };
 
 // What the backward pass writes: df, dg (null where not wanted) and the channel partials.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct FeatureGrads {
   using acc_t = accumulate_t<scalar_t>;
   scalar_t* df;            // (B, C, H*W)
-  scalar_t* dg;            // (B, C, H*W)
+  teacher_t* dg;           // (B, C, H*W), in g's dtype
   acc_t* channel_partial;  // (2, B * pixel_warps, C) per warp Σ_p D Ŝ_f f (for da), then Σ_p D Ŝ_g g (db)
   bool sum_a;              // write side 0 of channel_partial
   bool sum_b;              // write side 1
@@ -507,16 +506,16 @@ struct PixelMaps {
 
 // Backward, the one pass over f, g: per element D, then dL/df, dL/dg (feature_grad) and the
 // channel sums for da, db over the thread's pixels (one partial per warp and channel).
-template <typename scalar_t, int kVec>
+template <typename scalar_t, typename teacher_t, int kVec>
 struct FeatureGradKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = kBlockThreads;
-  FeaturePair<scalar_t> in;    // features and channel attentions
-  AttentionPlan plan;          // grid (grid_x, B * groups)
-  SavedMaps<acc_t> saved;      // the forward's state
-  const acc_t* grad_loss;      // 0-dim upstream gradient (on the device)
-  double weight_scale;         // 2 * reduction scale: w = weight_scale * grad_loss
-  FeatureGrads<scalar_t> out;  // out: df, dg, channel partials
+  FeaturePair<scalar_t, teacher_t> in;    // features and channel attentions
+  AttentionPlan plan;                     // grid (grid_x, B * groups)
+  SavedMaps<acc_t> saved;                 // the forward's state
+  const acc_t* grad_loss;                 // 0-dim upstream gradient (on the device)
+  double weight_scale;                    // 2 * reduction scale: w = weight_scale * grad_loss
+  FeatureGrads<scalar_t, teacher_t> out;  // out: df, dg, channel partials
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const FeatureSlice s = feature_slice<kVec>(plan, index);
@@ -587,8 +586,9 @@ struct FeatureGradKernel {
 };
 
 // Per (image, channel): the per-warp channel partials of one image added in warp order, times
-// sign * w, into a channel attention's gradient (its storage dtype). Also structured attention's da_ch.
-template <typename scalar_t>
+// sign * w, into a channel attention's gradient (its storage dtype out_t: b's is the teacher's). Also
+// structured attention's da_ch.
+template <typename scalar_t, typename out_t = scalar_t>
 struct ChannelSumKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = kBlockThreads;
@@ -598,7 +598,7 @@ struct ChannelSumKernel {
   const acc_t* upstream;   // 0-dim upstream gradient, or null (w = weight_scale)
   double weight_scale;     // w = weight_scale * upstream
   acc_t sign;              // +1, or -1 for the teacher side
-  scalar_t* out;           // out: (B, C)
+  out_t* out;              // out: (B, C)
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
     const int64_t image = index.block_y, c = index.block_x * kThreads + index.thread;
@@ -607,7 +607,7 @@ struct ChannelSumKernel {
     acc_t sum = 0;
     INCSEG_UNROLL_4
     for (int64_t row = 0; row < rows_per_image; ++row) sum += column[row * channels];
-    out[image * channels + c] = Storage<scalar_t>::from(sum * (sign * upstream_weight(upstream, weight_scale)));
+    out[image * channels + c] = Storage<out_t>::from(sum * (sign * upstream_weight(upstream, weight_scale)));
   }
 };
 
@@ -733,25 +733,25 @@ struct ForwardScratch {
   double* loss_partial;    // (B * pixel_kernel_warps)
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct ForwardCall {
   using acc_t = accumulate_t<scalar_t>;
-  FeaturePair<scalar_t> in;  // features and channel attentions
-  AttentionPlan plan;        // of these features
-  double scale;              // reduction scale
-  acc_t* loss;               // out: 0-dim
-  acc_t* spatial;            // out: (3, B, H*W)
-  acc_t* inv_norm;           // out: (2, B)
-  acc_t* pixel_grad;         // out: (2, B, H*W), or null unless save_spatial_grad
+  FeaturePair<scalar_t, teacher_t> in;  // features and channel attentions
+  AttentionPlan plan;                   // of these features
+  double scale;                         // reduction scale
+  acc_t* loss;                          // out: 0-dim
+  acc_t* spatial;                       // out: (3, B, H*W)
+  acc_t* inv_norm;                      // out: (2, B)
+  acc_t* pixel_grad;                    // out: (2, B, H*W), or null unless save_spatial_grad
   ForwardScratch scratch;
 };
 
-template <typename scalar_t, typename Executor>
-void one_pass_forward(Executor& ex, const ForwardCall<scalar_t>& call) {
+template <typename scalar_t, typename teacher_t, typename Executor>
+void one_pass_forward(Executor& ex, const ForwardCall<scalar_t, teacher_t>& call) {
   const AttentionPlan& plan = call.plan;
   const ForwardScratch& scratch = call.scratch;
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    ex.run(MomentsKernel<scalar_t, decltype(vec)::value>{call.in, plan, scratch.group_partial}, plan.grid_x,
+    ex.run(MomentsKernel<scalar_t, teacher_t, decltype(vec)::value>{call.in, plan, scratch.group_partial}, plan.grid_x,
            plan.feature_grid_y());
   });
   ex.run(EnergyKernel<kMomentRows>{scratch.group_partial, plan, scratch.square_partial, nullptr}, plan.pixel_grid_x,
@@ -764,7 +764,7 @@ void one_pass_forward(Executor& ex, const ForwardCall<scalar_t>& call) {
 }
 
 template <typename Executor>
-void two_pass_forward(Executor& ex, const ForwardCall<double>& call) {
+void two_pass_forward(Executor& ex, const ForwardCall<double, double>& call) {
   const AttentionPlan& plan = call.plan;
   const ForwardScratch& scratch = call.scratch;
   with_pixels_per_thread<double>(plan.pixels_per_thread, [&](auto vec) {
@@ -785,8 +785,8 @@ void two_pass_forward(Executor& ex, const ForwardCall<double>& call) {
          plan.batch);
 }
 
-template <typename scalar_t, typename Executor>
-void attentive_distillation_forward_kernels(Executor& ex, const ForwardCall<scalar_t>& call) {
+template <typename scalar_t, typename teacher_t, typename Executor>
+void attentive_distillation_forward_kernels(Executor& ex, const ForwardCall<scalar_t, teacher_t>& call) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     two_pass_forward(ex, call);
   } else {
@@ -796,22 +796,22 @@ void attentive_distillation_forward_kernels(Executor& ex, const ForwardCall<scal
                                            call.scale, call.loss});
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct BackwardCall {
   using acc_t = accumulate_t<scalar_t>;
-  FeaturePair<scalar_t> in;    // features and channel attentions
-  AttentionPlan plan;          // of these features
-  SavedMaps<acc_t> saved;      // saved.spatial_dot == spatial_dot (or both null)
-  acc_t* spatial_dot;          // scratch (2, B), written by spatial_dots when chaining through Ŝ
-  const acc_t* grad_loss;      // 0-dim upstream gradient
-  double weight_scale;         // 2 * reduction scale
-  FeatureGrads<scalar_t> out;  // df, dg and the channel partials (scratch); sum_a iff da, sum_b iff db
-  scalar_t* da;                // out: (B, C) or null
-  scalar_t* db;                // out: (B, C) or null
+  FeaturePair<scalar_t, teacher_t> in;    // features and channel attentions
+  AttentionPlan plan;                     // of these features
+  SavedMaps<acc_t> saved;                 // saved.spatial_dot == spatial_dot (or both null)
+  acc_t* spatial_dot;                     // scratch (2, B), written by spatial_dots when chaining through Ŝ
+  const acc_t* grad_loss;                 // 0-dim upstream gradient
+  double weight_scale;                    // 2 * reduction scale
+  FeatureGrads<scalar_t, teacher_t> out;  // df, dg and the channel partials (scratch); sum_a iff da, sum_b iff db
+  scalar_t* da;                           // out: (B, C) or null
+  teacher_t* db;                          // out: (B, C) or null, in b's (the teacher's) dtype
 };
 
-template <typename scalar_t, typename Executor>
-void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<scalar_t>& call) {
+template <typename scalar_t, typename teacher_t, typename Executor>
+void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<scalar_t, teacher_t>& call) {
   using acc_t = accumulate_t<scalar_t>;
   const AttentionPlan& plan = call.plan;
   if (call.saved.pixel_grad != nullptr) {
@@ -819,8 +819,8 @@ void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<sc
                                           call.spatial_dot});
   }
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    ex.run(FeatureGradKernel<scalar_t, decltype(vec)::value>{call.in, plan, call.saved, call.grad_loss,
-                                                             call.weight_scale, call.out},
+    ex.run(FeatureGradKernel<scalar_t, teacher_t, decltype(vec)::value>{call.in, plan, call.saved, call.grad_loss,
+                                                                        call.weight_scale, call.out},
            plan.grid_x, plan.feature_grid_y());
   });
   const int64_t channel_blocks = ceil_div(plan.channels, kBlockThreads);
@@ -831,8 +831,8 @@ void attentive_distillation_backward_kernels(Executor& ex, const BackwardCall<sc
            channel_blocks, plan.batch);
   }
   if (call.out.sum_b) {
-    ex.run(ChannelSumKernel<scalar_t>{call.out.channel_partial + side, plan.pixel_warps(), plan.channels,
-                                      call.grad_loss, call.weight_scale, acc_t(-1), call.db},
+    ex.run(ChannelSumKernel<scalar_t, teacher_t>{call.out.channel_partial + side, plan.pixel_warps(), plan.channels,
+                                                 call.grad_loss, call.weight_scale, acc_t(-1), call.db},
            channel_blocks, plan.batch);
   }
 }
@@ -917,19 +917,20 @@ struct KernelTag {
 };
 
 // fn(KernelTag<Kernel>{}) with the kernel of `pass` that reads the features (float64's forward: its
-// second pass, DirectLossKernel, which holds the more registers of its two).
-template <typename scalar_t, int kVec, typename Fn>
+// second pass, DirectLossKernel, which holds the more registers of its two). teacher_t: the old
+// features' dtype of the attentive passes (the structured passes read one dtype).
+template <typename scalar_t, typename teacher_t, int kVec, typename Fn>
 void with_feature_pass_kernel(FeaturePass pass, Fn&& fn) {
   switch (pass) {
     case FeaturePass::kAttentiveForward:
       if constexpr (std::is_same_v<scalar_t, double>) {
         fn(KernelTag<DirectLossKernel<kVec>>{});
       } else {
-        fn(KernelTag<MomentsKernel<scalar_t, kVec>>{});
+        fn(KernelTag<MomentsKernel<scalar_t, teacher_t, kVec>>{});
       }
       return;
     case FeaturePass::kAttentiveBackward:
-      fn(KernelTag<FeatureGradKernel<scalar_t, kVec>>{});
+      fn(KernelTag<FeatureGradKernel<scalar_t, teacher_t, kVec>>{});
       return;
     case FeaturePass::kStructuredForward:
       fn(KernelTag<StructuredForwardKernel<scalar_t, kVec>>{});
@@ -942,15 +943,15 @@ void with_feature_pass_kernel(FeaturePass pass, Fn&& fn) {
 
 // The blocks of `pass`'s feature kernel (with_feature_pass_kernel) the current GPU holds at once: its
 // SMs times cudaOccupancyMaxActiveBlocksPerMultiprocessor, into *blocks; returns the CUDA error code.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 int resident_feature_blocks(FeaturePass pass, int pixels_per_thread, int64_t* blocks);
 
 // The launchers (attention_kernels.cu): the same sequences on `stream` (a cudaStream_t); each
 // returns the CUDA error code of the first failing launch (0: success). No host synchronisation.
-template <typename scalar_t>
-int launch_attentive_distillation_forward(const ForwardCall<scalar_t>& call, void* stream);
-template <typename scalar_t>
-int launch_attentive_distillation_backward(const BackwardCall<scalar_t>& call, void* stream);
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_forward(const ForwardCall<scalar_t, teacher_t>& call, void* stream);
+template <typename scalar_t, typename teacher_t>
+int launch_attentive_distillation_backward(const BackwardCall<scalar_t, teacher_t>& call, void* stream);
 template <typename scalar_t>
 int launch_structured_attention_forward(const StructuredInputs<scalar_t>& in, const AttentionPlan& plan, scalar_t* out,
                                         void* stream);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common/logit_host.h"
 #include "cuda/glue.h"
@@ -43,38 +44,40 @@ Upsampling<coord_t> upsampling(const Inputs& in) {
                              upsample_axis<coord_t>(with_y ? in.yw : in.w, in.W)};
 }
 
-template <typename scalar_t, typename k_scalar_t = typename KernelType<scalar_t>::type>
-LogitInputs<k_scalar_t> kernel_inputs(const Inputs& in, double alpha, int64_t ignore_index) {
+template <typename scalar_t, typename teacher_t, typename k_scalar_t = typename KernelType<scalar_t>::type,
+          typename k_teacher_t = typename KernelType<teacher_t>::type>
+LogitInputs<k_scalar_t, k_teacher_t> kernel_inputs(const Inputs& in, double alpha, int64_t ignore_index) {
   using acc_t = accumulate_t<k_scalar_t>;
-  return LogitInputs<k_scalar_t>{kernel_data<scalar_t>(in.x),
-                                 kernel_data<scalar_t>(in.y),
-                                 in.target.defined() ? in.target.const_data_ptr() : nullptr,
-                                 label_type(in.target),
-                                 in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr,
-                                 in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr,
-                                 static_cast<acc_t>(alpha),
-                                 ignore_index,
-                                 in.B,
-                                 in.C,
-                                 in.Co,
-                                 in.HW,
-                                 in.ce,
-                                 in.kd,
-                                 in.upsample,
-                                 upsampling<acc_t>(in)};
+  return LogitInputs<k_scalar_t, k_teacher_t>{kernel_data<scalar_t>(in.x),
+                                              kernel_data<teacher_t>(in.y),
+                                              in.target.defined() ? in.target.const_data_ptr() : nullptr,
+                                              label_type(in.target),
+                                              in.log_gamma.defined() ? in.log_gamma.const_data_ptr<acc_t>() : nullptr,
+                                              in.mask.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr,
+                                              static_cast<acc_t>(alpha),
+                                              ignore_index,
+                                              in.B,
+                                              in.C,
+                                              in.Co,
+                                              in.HW,
+                                              in.ce,
+                                              in.kd,
+                                              in.upsample,
+                                              upsampling<acc_t>(in)};
 }
 
 // Runs the kernels on the CPU, one thread after another.
 struct HostEmulation : glue::HostDevice {
-  template <typename scalar_t>
-  static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+  template <typename scalar_t, typename teacher_t>
+  static void forward(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
                       const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
     with_forward_kernel(in, out, plan, [&](const auto& kernel) { run_on_host(kernel, plan.grid_x, plan.grid_y); });
     finish_forward_on_host(out, plan.warps, totals);
   }
 
-  template <typename scalar_t>
-  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
+  template <typename scalar_t, typename teacher_t>
+  static void backward(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
+                       const LaunchPlan& plan) {
     for_each_backward_kernel(in, grad, plan,
                              [&](const auto& kernel, int64_t grid_x) { run_on_host(kernel, grid_x, plan.grid_y); });
   }
@@ -83,14 +86,15 @@ struct HostEmulation : glue::HostDevice {
 #if defined(INCSEG_WITH_CUDA)
 // Launches the kernels on the current stream of x's device.
 struct CudaDevice : glue::CudaDeviceBase {
-  template <typename scalar_t>
-  static void forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+  template <typename scalar_t, typename teacher_t>
+  static void forward(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
                       const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan) {
     check(launch_logit_forward(in, out, totals, plan, stream()));
   }
 
-  template <typename scalar_t>
-  static void backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad, const LaunchPlan& plan) {
+  template <typename scalar_t, typename teacher_t>
+  static void backward(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
+                       const LaunchPlan& plan) {
     check(launch_logit_backward(in, grad, plan, stream()));
   }
 };
@@ -113,10 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_losses_fwd(
   at::Tensor valid_count = at::empty({}, x.options().dtype(at::kLong));
   const bool aligned = aligned_to(16, {&in.x, &in.y, &in.mask, &outputs.stats, &outputs.ce_map, &outputs.kd_map});
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_fwd", [&] {
+  dispatch_student_teacher(x.scalar_type(), in.teacher_dtype, "logit_losses_fwd", [&](auto* x_type, auto* y_type) {
+    using scalar_t = std::remove_pointer_t<decltype(x_type)>;
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
-    const LogitInputs<k_scalar_t> inputs = kernel_inputs<scalar_t>(in, alpha, ignore_index);
+    const auto inputs = kernel_inputs<scalar_t, std::remove_pointer_t<decltype(y_type)>>(in, alpha, ignore_index);
     const LaunchPlan plan = plan_forward(inputs, aligned);
     at::Tensor partials = at::empty({reduce ? 2 * plan.warps : 0}, acc_options);
     at::Tensor valid_partial = at::empty({plan.warps}, x.options().dtype(at::kInt));
@@ -158,10 +163,11 @@ at::Tensor logit_losses_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_kd
   const bool aligned =
       aligned_to(16, {&in.x, &in.y, &in.mask, &saved, &grad_x}) && (!per_pixel || aligned_to(16, {&g_ce, &g_kd}));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logit_losses_bwd", [&] {
+  dispatch_student_teacher(x.scalar_type(), in.teacher_dtype, "logit_losses_bwd", [&](auto* x_type, auto* y_type) {
+    using scalar_t = std::remove_pointer_t<decltype(x_type)>;
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
-    const LogitInputs<k_scalar_t> inputs = kernel_inputs<scalar_t>(in, alpha, ignore_index);
+    const auto inputs = kernel_inputs<scalar_t, std::remove_pointer_t<decltype(y_type)>>(in, alpha, ignore_index);
     const LaunchPlan plan = plan_backward(inputs, aligned);
     at::Tensor cell_sums = at::empty({plan.cell_sums}, x.options().dtype(in.acc_dtype));
     const BackwardBuffers<k_scalar_t> grad{saved.const_data_ptr<acc_t>(),

@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kSumThreads)
 
 }  // namespace
 
-template <typename scalar_t>
-int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_forward(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
                          const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan, void* stream) {
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   cudaError_t error = cudaSuccess;
@@ -47,8 +47,8 @@ int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<s
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
-int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_backward(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream) {
   cudaError_t error = cudaSuccess;
   for_each_backward_kernel(in, grad, plan, [&](const auto& kernel, int64_t grid_x) {
@@ -57,15 +57,20 @@ int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers
   return error;
 }
 
-#define INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(scalar_t)                                                                   \
-  template int launch_logit_forward<scalar_t>(const LogitInputs<scalar_t>&, const ForwardBuffers<scalar_t>&,           \
-                                              const ForwardTotals<accumulate_t<scalar_t>>&, const LaunchPlan&, void*); \
-  template int launch_logit_backward<scalar_t>(const LogitInputs<scalar_t>&, const BackwardBuffers<scalar_t>&,         \
-                                               const LaunchPlan&, void*);
-INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(float)
-INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(double)
-INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(Half)
-INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(BFloat16)
+#define INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(scalar_t, teacher_t)                                    \
+  template int launch_logit_forward<scalar_t, teacher_t>(                                          \
+      const LogitInputs<scalar_t, teacher_t>&, const ForwardBuffers<scalar_t>&,                    \
+      const ForwardTotals<accumulate_t<scalar_t>>&, const LaunchPlan&, void*);                     \
+  template int launch_logit_backward<scalar_t, teacher_t>(const LogitInputs<scalar_t, teacher_t>&, \
+                                                          const BackwardBuffers<scalar_t>&, const LaunchPlan&, void*);
+// The teacher in the student's dtype, and in the wider one of common/teacher_dtype.h.
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(float, float)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(double, double)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(Half, Half)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(BFloat16, BFloat16)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(Half, float)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(BFloat16, float)
+INCSEG_INSTANTIATE_LOGIT_LAUNCHERS(float, double)
 #undef INCSEG_INSTANTIATE_LOGIT_LAUNCHERS
 
 }  // namespace logit

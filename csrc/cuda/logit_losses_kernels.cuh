@@ -75,12 +75,13 @@ struct Upsampling {
 
 // What both kernels read. Pointers the modes do not use are null. Every per-pixel tensor (labels,
 // mask, statistics, loss maps, their upstream gradients) has HW = H * W pixels per image; so do x
-// and y, except with `upsampled`, where they have their own resolutions (up).
-template <typename scalar_t>
+// and y, except with `upsampled`, where they have their own resolutions (up). y is in the teacher's
+// own element type teacher_t (scalar_t or the wider one of common/teacher_dtype.h), read as acc_t.
+template <typename scalar_t, typename teacher_t>
 struct LogitInputs {
   using acc_t = accumulate_t<scalar_t>;
   const scalar_t* x;   // (B, C, HW), or (B, C, h, w) upsampled
-  const scalar_t* y;   // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
+  const teacher_t* y;  // (B, Co, HW), or (B, Co, h', w') upsampled; kd != none
   const void* target;  // (B, HW) labels of label_type, ce != none
   LabelType label_type;
   const acc_t* log_gamma;  // (B,), kd == balanced
@@ -95,16 +96,18 @@ struct LogitInputs {
 };
 
 // Where a kernel reads the channel values of a thread's Source::kVec pixels. SamePixels: x and y at
-// those pixels, one 16-byte pack per channel row when kVec > 1.
-template <typename scalar_t, int kPixels>
+// those pixels, one 16-byte pack per channel row when kVec > 1 (a wider teacher's pack of kVec pixels
+// is two or four 16-byte loads: kVec is the student's).
+template <typename scalar_t, typename teacher_type, int kPixels>
 struct SamePixels {
   using acc_t = accumulate_t<scalar_t>;
+  using teacher_t = teacher_type;
   static constexpr int kVec = kPixels;
-  const scalar_t* x;  // channel 0 of the first pixel
-  const scalar_t* y;  // null without distillation
+  const scalar_t* x;   // channel 0 of the first pixel
+  const teacher_t* y;  // null without distillation
   int64_t HW;
 
-  HOST_DEVICE static SamePixels at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p0) {
+  HOST_DEVICE static SamePixels at(const LogitInputs<scalar_t, teacher_t>& in, int64_t b, int64_t p0) {
     return SamePixels{in.x + b * in.C * in.HW + p0, in.y != nullptr ? in.y + b * in.Co * in.HW + p0 : nullptr, in.HW};
   }
   HOST_DEVICE void x_at(int64_t c, acc_t (&out)[kVec]) const { load_pack<kVec>(x + c * HW, out); }
@@ -130,18 +133,19 @@ struct PlaneTaps {
 };
 
 // UpsampledPixel: x and y upsampled to one output pixel, each value interpolated from four samples.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_type>
 struct UpsampledPixel {
   using acc_t = accumulate_t<scalar_t>;
+  using teacher_t = teacher_type;
   static constexpr int kVec = 1;
-  const scalar_t* x;  // channel 0 of the image
-  const scalar_t* y;  // null without distillation
+  const scalar_t* x;   // channel 0 of the image
+  const teacher_t* y;  // null without distillation
   int64_t x_plane;
   int64_t y_plane;
   PlaneTaps<acc_t> x_taps;
   PlaneTaps<acc_t> y_taps;
 
-  HOST_DEVICE static UpsampledPixel at(const LogitInputs<scalar_t>& in, int64_t b, int64_t p) {
+  HOST_DEVICE static UpsampledPixel at(const LogitInputs<scalar_t, teacher_t>& in, int64_t b, int64_t p) {
     const Upsampling<acc_t>& up = in.up;
     const int64_t Y = p / up.x_cols.out, X = p % up.x_cols.out;
     const int64_t x_plane = up.x_rows.in * up.x_cols.in, y_plane = up.y_rows.in * up.y_cols.in;
@@ -175,13 +179,14 @@ HOST_DEVICE acc_t bad_label_loss() {
   return acc_t(0) / acc_t(0);
 }
 
-// Source: SamePixels<scalar_t, kVec> or UpsampledPixel<scalar_t> (where the channel values come from).
+// Source: SamePixels<scalar_t, teacher_t, kVec> or UpsampledPixel<scalar_t, teacher_t> (where the
+// channel values come from).
 template <typename scalar_t, typename Source>
 struct LogitForwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
   static constexpr int kVec = Source::kVec;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, typename Source::teacher_t> in;
   ForwardBuffers<scalar_t> out;
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
@@ -249,13 +254,15 @@ struct LogitForwardKernel {
     }
     INCSEG_UNROLL
     for (int i = 0; i < kVec; ++i) {
+      // The teacher's terms first: the teacher sums then die before finish_student (TeacherTerms).
+      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
+      const TeacherTerms<acc_t> teacher = with_kd ? teacher_terms(factors, old[i].teacher) : TeacherTerms<acc_t>{};
       const StudentStats<acc_t> s =
           finish_student(old[i].student.max, old[i].student.sum, fresh[i].max, fresh[i].sum, x0[i]);
       stat[kStatLse][i] = s.lse;
       stat[kStatLseOld][i] = s.lse_old;
       stat[kStatLseBg][i] = s.lse_bg;
-      stat[kStatLseTeacher][i] = with_kd ? teacher_lse(old[i].teacher) : acc_t(0);
-      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, old[i].teacher, old[i].student.max) : acc_t(0);
+      kd_loss[i] = with_kd ? mask[i] * kd_pixel_loss(factors, in.Co, s, teacher, old[i].student.max) : acc_t(0);
       const bool counted = with_ce && label[i] != in.ignore_index;
       const bool in_range = label[i] >= 0 && label[i] < in.C;
       ce_loss[i] = !counted   ? acc_t(0)
@@ -361,8 +368,8 @@ struct PixelGradient {
   T q0;
 };
 
-template <typename scalar_t, typename T>
-HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t>& in, const KdFactors<T>& factors,
+template <typename scalar_t, typename teacher_t, typename T>
+HOST_DEVICE PixelGradient<T> pixel_gradient(const LogitInputs<scalar_t, teacher_t>& in, const KdFactors<T>& factors,
                                             const PixelInputs<T>& px) {
   const bool with_kd = in.kd != KdMode::kNone, with_ce = in.ce != CeMode::kNone;
   const bool counted = with_ce && px.label != in.ignore_index;
@@ -390,11 +397,11 @@ HOST_DEVICE ScalarUpstream<T> scalar_upstream(const BackwardBuffers<scalar_t>& g
                            *grad.grad_kd * grad.kd_scale};
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, typename teacher_t, int kVec>
 struct LogitBackwardKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, teacher_t> in;
   BackwardBuffers<scalar_t> grad;
 
   HOST_DEVICE void operator()(const ThreadIndex& index) const {
@@ -453,7 +460,7 @@ struct LogitBackwardKernel {
   HOST_DEVICE void pixels(int64_t b, int64_t p0) const {
     const bool with_kd = in.kd != KdMode::kNone;
     const scalar_t* x = in.x + b * in.C * in.HW + p0;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
+    const teacher_t* y = with_kd ? in.y + b * in.Co * in.HW + p0 : nullptr;
     scalar_t* gx = grad.grad_x + b * in.C * in.HW + p0;
     ChannelFactors<acc_t> f[kVec];
     acc_t g[kVec], xv[kVec], z[kVec];
@@ -532,13 +539,13 @@ inline int64_t cell_strips(int64_t in, int64_t out) { return ceil_div(ceil_div(o
 // the new ones [Co, C). Separate kernels, so that a group's channels take one code path.
 enum class CellChannels { kOldOnCells, kOldSampled, kNew };
 
-template <typename scalar_t, CellChannels kRange>
+template <typename scalar_t, typename teacher_t, CellChannels kRange>
 struct UpsampledCellKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
   static constexpr int kChannels = kCellChannels<scalar_t>;
   static constexpr bool kOld = kRange != CellChannels::kNew;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, teacher_t> in;
   BackwardBuffers<scalar_t> grad;
 
   // Blocks along grid x: (channel group of the range) x (blocks over the h * strips * w strips,
@@ -582,7 +589,7 @@ struct UpsampledCellKernel {
     const ScalarUpstream<acc_t> scalar = grad.per_pixel ? ScalarUpstream<acc_t>{} : scalar_upstream(grad);
     const KdFactors<acc_t> factors = kd_factors(in.kd, in.kd == KdMode::kBalanced ? in.log_gamma[b] : acc_t(0));
     const scalar_t* x = in.x + b * in.C * x_plane;
-    const scalar_t* y = in.kd != KdMode::kNone ? in.y + b * in.Co * x_plane : nullptr;
+    const teacher_t* y = in.kd != KdMode::kNone ? in.y + b * in.Co * x_plane : nullptr;
     for (int64_t Y = row_begin; Y < row_end; ++Y) {
       const upsample::BasicTap<acc_t> row = upsample::tap(Y, up.x_rows.scale, up.x_rows.in);
       // Each channel's samples in the cell's two columns, mixed along the rows (rows first, as the
@@ -620,11 +627,13 @@ struct UpsampledCellKernel {
     }
   }
 
-  // The samples of column j of `plane` (x's resolution) that `row` reads, mixed by its weights.
-  HOST_DEVICE acc_t row_mix(const scalar_t* plane, const upsample::BasicTap<acc_t>& row, int64_t j) const {
+  // The samples of column j of `plane` (x's resolution; x or the teacher's y) that `row` reads, mixed
+  // by its weights in acc_t.
+  template <typename plane_t>
+  HOST_DEVICE acc_t row_mix(const plane_t* plane, const upsample::BasicTap<acc_t>& row, int64_t j) const {
     const int64_t w = in.up.x_cols.in;
-    return upsample::weight_times(acc_t(1) - row.l1, to_accumulate(plane[row.i0 * w + j])) +
-           upsample::weight_times(row.l1, to_accumulate(plane[row.i1 * w + j]));
+    return upsample::weight_times(acc_t(1) - row.l1, acc_t(to_accumulate(plane[row.i0 * w + j]))) +
+           upsample::weight_times(row.l1, acc_t(to_accumulate(plane[row.i1 * w + j])));
   }
 
   // The value at a pixel whose column tap is `col`, from its row's two mixed columns.
@@ -642,7 +651,7 @@ struct UpsampledCellKernel {
     const int64_t p = Y * up.x_cols.out + X, pixel = b * in.HW + p;
     const acc_t* stats = grad.stats + b * kNumStats * in.HW + p;
     const int64_t y_plane = up.y_rows.in * up.y_cols.in;
-    const scalar_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
+    const teacher_t* y = with_kd ? in.y + b * in.Co * y_plane : nullptr;
     const PlaneTaps<acc_t> y_taps = PlaneTaps<acc_t>::at(up.y_rows, up.y_cols, Y, X);
     const PixelInputs<acc_t> px{stats[kStatLse * in.HW],
                                 stats[kStatLseOld * in.HW],
@@ -679,11 +688,11 @@ struct UpsampledCellKernel {
 // dL/dx[c, i, j]: the corner sums of the cells that reach element (i, j), in a fixed order: row cell
 // I = i - 1 (its second row tap reads i) then I = i (its first tap, and its second at the last row),
 // each strip by strip, and in each the column cells likewise (corner_sums); rounded once to scalar_t.
-template <typename scalar_t>
+template <typename scalar_t, typename teacher_t>
 struct UpsampledGatherKernel {
   using acc_t = accumulate_t<scalar_t>;
   static constexpr int kThreads = 128;
-  LogitInputs<scalar_t> in;
+  LogitInputs<scalar_t, teacher_t> in;
   BackwardBuffers<scalar_t> grad;
 
   // One thread per element of dL/dx of one image (grid x), images along grid y.
@@ -733,62 +742,62 @@ struct LaunchPlan {
 
 template <typename scalar_t>
 LaunchPlan plan_launch(int64_t batch, int64_t pixels, bool aligned_16_bytes) {
-  using Kernel = LogitForwardKernel<scalar_t, SamePixels<scalar_t, 1>>;
+  using Kernel = LogitForwardKernel<scalar_t, SamePixels<scalar_t, scalar_t, 1>>;
   const int vec = aligned_16_bytes && pixels % kPackedPixels<scalar_t> == 0 ? kPackedPixels<scalar_t> : 1;
   const int64_t grid_x = ceil_div(pixels, int64_t(Kernel::kThreads) * vec);
   return LaunchPlan{vec, grid_x, batch, warps_in_grid<Kernel>(grid_x, batch)};
 }
 
-template <typename scalar_t>
-LaunchPlan plan_forward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+template <typename scalar_t, typename teacher_t>
+LaunchPlan plan_forward(const LogitInputs<scalar_t, teacher_t>& in, bool aligned_16_bytes) {
   return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes && !in.upsampled);
 }
 
-template <typename scalar_t>
-LaunchPlan plan_backward(const LogitInputs<scalar_t>& in, bool aligned_16_bytes) {
+template <typename scalar_t, typename teacher_t>
+LaunchPlan plan_backward(const LogitInputs<scalar_t, teacher_t>& in, bool aligned_16_bytes) {
   if (!in.upsampled) return plan_launch<scalar_t>(in.B, in.HW, aligned_16_bytes);
-  using Kernel = UpsampledCellKernel<scalar_t, CellChannels::kNew>;
+  using Kernel = UpsampledCellKernel<scalar_t, teacher_t, CellChannels::kNew>;
   const int64_t h = in.up.x_rows.in, w = in.up.x_cols.in, strips = cell_strips(h, in.up.x_rows.out);
   const int64_t item_blocks = ceil_div(h * strips * w, int64_t(Kernel::kThreads));
   const int64_t grid_x = item_blocks * ceil_div(in.Co, int64_t(Kernel::kChannels));
   const int64_t new_grid_x = item_blocks * ceil_div(in.C - in.Co, int64_t(Kernel::kChannels));
-  const int64_t gather_grid_x = ceil_div(in.C * h * w, int64_t(UpsampledGatherKernel<scalar_t>::kThreads));
+  const int64_t gather_grid_x = ceil_div(in.C * h * w, int64_t(UpsampledGatherKernel<scalar_t, teacher_t>::kThreads));
   return LaunchPlan{1,          grid_x,        in.B,   warps_in_grid<Kernel>(grid_x, in.B),
                     new_grid_x, gather_grid_x, strips, in.B * in.C * h * strips * w * kCorners};
 }
 
 // fn(kernel) with the forward kernel for the inputs and the plan (launched or emulated by the caller).
-template <typename scalar_t, typename Fn>
-void with_forward_kernel(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out, const LaunchPlan& plan,
-                         Fn&& fn) {
+template <typename scalar_t, typename teacher_t, typename Fn>
+void with_forward_kernel(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
+                         const LaunchPlan& plan, Fn&& fn) {
   if (in.upsampled) {
-    fn(LogitForwardKernel<scalar_t, UpsampledPixel<scalar_t>>{in, out});
+    fn(LogitForwardKernel<scalar_t, UpsampledPixel<scalar_t, teacher_t>>{in, out});
     return;
   }
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    fn(LogitForwardKernel<scalar_t, SamePixels<scalar_t, decltype(vec)::value>>{in, out});
+    fn(LogitForwardKernel<scalar_t, SamePixels<scalar_t, teacher_t, decltype(vec)::value>>{in, out});
   });
 }
 
 // fn(kernel, grid_x) for each backward kernel of the inputs and the plan, in launch order (grid y:
 // plan.grid_y).
-template <typename scalar_t, typename Fn>
-void for_each_backward_kernel(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+template <typename scalar_t, typename teacher_t, typename Fn>
+void for_each_backward_kernel(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
                               const LaunchPlan& plan, Fn&& fn) {
   if (in.upsampled) {
     const bool y_on_cells =
         in.kd == KdMode::kNone || (in.up.y_rows.in == in.up.x_rows.in && in.up.y_cols.in == in.up.x_cols.in);
     if (y_on_cells) {
-      fn(UpsampledCellKernel<scalar_t, CellChannels::kOldOnCells>{in, grad}, plan.grid_x);
+      fn(UpsampledCellKernel<scalar_t, teacher_t, CellChannels::kOldOnCells>{in, grad}, plan.grid_x);
     } else {
-      fn(UpsampledCellKernel<scalar_t, CellChannels::kOldSampled>{in, grad}, plan.grid_x);
+      fn(UpsampledCellKernel<scalar_t, teacher_t, CellChannels::kOldSampled>{in, grad}, plan.grid_x);
     }
-    fn(UpsampledCellKernel<scalar_t, CellChannels::kNew>{in, grad}, plan.new_cells_grid_x);
-    fn(UpsampledGatherKernel<scalar_t>{in, grad}, plan.gather_grid_x);
+    fn(UpsampledCellKernel<scalar_t, teacher_t, CellChannels::kNew>{in, grad}, plan.new_cells_grid_x);
+    fn(UpsampledGatherKernel<scalar_t, teacher_t>{in, grad}, plan.gather_grid_x);
     return;
   }
   with_pixels_per_thread<scalar_t>(plan.pixels_per_thread, [&](auto vec) {
-    fn(LogitBackwardKernel<scalar_t, decltype(vec)::value>{in, grad}, plan.grid_x);
+    fn(LogitBackwardKernel<scalar_t, teacher_t, decltype(vec)::value>{in, grad}, plan.grid_x);
   });
 }
 
@@ -823,11 +832,11 @@ void finish_forward_on_host(const ForwardBuffers<scalar_t>& out, int64_t warps, 
 
 // The launchers (logit_losses_kernels.cu): the kernels on `stream` (a cudaStream_t), returning the
 // CUDA error code of the launches (0: success). No host synchronisation.
-template <typename scalar_t>
-int launch_logit_forward(const LogitInputs<scalar_t>& in, const ForwardBuffers<scalar_t>& out,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_forward(const LogitInputs<scalar_t, teacher_t>& in, const ForwardBuffers<scalar_t>& out,
                          const ForwardTotals<accumulate_t<scalar_t>>& totals, const LaunchPlan& plan, void* stream);
-template <typename scalar_t>
-int launch_logit_backward(const LogitInputs<scalar_t>& in, const BackwardBuffers<scalar_t>& grad,
+template <typename scalar_t, typename teacher_t>
+int launch_logit_backward(const LogitInputs<scalar_t, teacher_t>& in, const BackwardBuffers<scalar_t>& grad,
                           const LaunchPlan& plan, void* stream);
 
 }  // namespace logit

@@ -10,6 +10,7 @@ Every provider is called the same way: ``fn(**inputs.arguments) -> tuple of outp
 import contextlib
 import dataclasses
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ class Size:
             "logits": ("B", "C", "Co", "H", "W"),
             "features": ("B", "C", "H", "W"),
             "upsampled": ("B", "C", "Co", "H", "W", "stride"),
+            "pseudo": ("B", "Co", "N", "H", "W"),
         }[self.kind]
         return " ".join(f"{k}={v}" for k, v in zip(letters, self.dims, strict=True))
 
@@ -195,6 +197,14 @@ def make_attention_inputs(dims, dtype, device, generator):
     return _finish(arguments, ("v", "a_ch", "a_sp"), upstream, "v", dtype, device)
 
 
+def make_pod_inputs(dims, dtype, device, generator):
+    """One layer of PLOP's Local POD: the new features and the frozen old ones, close to them."""
+    B, C, H, W = dims
+    new = _randn((B, C, H, W), generator)
+    arguments = {"new": new, "old": new + _randn((B, C, H, W), generator, 0.1)}
+    return _finish(arguments, ("new",), [torch.tensor(0.01)], "new", dtype, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops: the reference call and the public-API call with the same arguments.
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +293,14 @@ def fused_structured_attention(v, a_ch, a_sp, *, backend):
     return (_api().structured_attention(v, a_ch, a_sp, backend=backend),)
 
 
+def reference_local_pod(new, old):
+    return (reference.local_pod(new, old),)
+
+
+def fused_local_pod(new, old, *, backend):
+    return (_api().local_pod(new, old, backend=backend),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     name: str
@@ -355,6 +373,14 @@ OPS = {
             make_attention_inputs,
             reference_structured_attention,
             fused_structured_attention,
+            ("feat2048", "feat256", "feat2048x64"),
+        ),
+        Op(
+            "local_pod",
+            "features",
+            make_pod_inputs,
+            reference_local_pod,
+            fused_local_pod,
             ("feat2048", "feat256", "feat2048x64"),
         ),
     )
@@ -498,10 +524,13 @@ def run_forward(fn, inputs):
 
 
 def run_forward_backward(fn, inputs):
+    """The forward, then the backward of its outputs; an op without gradients (no upstream: the
+    pseudo-labels) has no backward, and its forward+backward is its forward."""
     with _provider_context(fn):
         outputs = tuple(fn(**inputs.arguments))
-        upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
-        torch.autograd.backward(outputs, upstream)
+        if inputs.upstream:
+            upstream = [u.to(o.dtype) for u, o in zip(inputs.upstream, outputs, strict=True)]
+            torch.autograd.backward(outputs, upstream)
     return outputs
 
 
@@ -515,3 +544,120 @@ def minimal_bytes(inputs, outputs, *, backward):
         total += sum(u.numel() * u.element_size() for u in inputs.upstream if u.dim() > 0)
         total += sum(t.numel() * t.element_size() for t in inputs.grad_tensors())
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy pseudo-labels (PLOP; MATH.md#pseudo-labels): no gradient, so forward only.
+# ---------------------------------------------------------------------------------------------
+
+SIZES.update(
+    (s.name, s)
+    for s in (
+        # VOC 15-5 at its last step: Co = 16 old classes, N = 21 classes; CPU-sized batch and resolution.
+        Size("voc_pseudo", "pseudo", (4, 16, 21, 256, 256)),
+        Size("voc512_pseudo_b24", "pseudo", (24, 16, 21, 512, 512), cuda_only=True, dtypes=("fp32", "bf16")),
+        Size("quick_pseudo", "pseudo", (2, 16, 21, 45, 53), quick=True),
+    )
+)
+
+
+def make_pseudo_label_inputs(dims, dtype, device, generator):
+    """Old-model logits y (B, Co, H, W), the step's labels (background 0, new classes Co..N-1, ignored)
+    and thresholds in (0.2, 0.8); nothing receives a gradient."""
+    B, Co, N, H, W = dims
+    labels = _labels(B, N, H, W, generator)
+    arguments = {
+        "y": _randn((B, Co, H, W), generator, 3.0),
+        "t": labels.masked_fill(labels < Co, 0),
+        "thresholds": 0.2 + 0.6 * torch.rand(Co, generator=generator),
+    }
+    inputs = _finish(arguments, (), [], "y", dtype, device)
+    inputs.arguments["thresholds"] = inputs.arguments["thresholds"].float()
+    return inputs
+
+
+def plop_entropy_pseudo_labels(y, t, thresholds):
+    """PLOP's entropy pseudo-labelling as its train.py writes it (eager, full-size temporaries: the
+    probabilities, p·log(p + 1e-8), the masks, a cloned label map), with our thresholds turned into
+    PLOP's scale θ / (Co·log N) (MATH.md#pseudo-labels); N is taken as Co + 5 (VOC 15-5)."""
+    old_classes = y.shape[1]
+    plop_thresholds = thresholds / (old_classes * math.log(old_classes + 5))
+    probabilities = torch.softmax(y.float(), dim=1)
+    _, pseudo = probabilities.max(dim=1)
+    entropy = -(probabilities * torch.log(probabilities + 1e-8)).mean(dim=1) / math.log(old_classes + 1e-8)
+    valid = entropy / math.log(old_classes + 5) < plop_thresholds[pseudo]
+    background = t < old_classes
+    labels = t.long().clone()
+    labels[~valid & background] = IGNORE_INDEX
+    labels[valid & background] = pseudo[valid & background]
+    factor = (valid & background).float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + 1e-6)
+    return labels, factor
+
+
+def fused_entropy_pseudo_labels(y, t, thresholds, *, backend):
+    return _api().entropy_pseudo_labels(y, t, thresholds, backend=backend)
+
+
+OPS["entropy_pseudo_labels"] = Op(
+    "entropy_pseudo_labels",
+    "pseudo",
+    make_pseudo_label_inputs,
+    plop_entropy_pseudo_labels,
+    fused_entropy_pseudo_labels,
+    ("voc_pseudo", "voc512_pseudo_b24"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sigmoid losses (MATH.md#sigmoid-losses): DKD's step objective on the logits. Its "mib" slot
+# (the paper's own code, eager and compiled) holds DKD's code as DKD writes it (bench/sigmoid_papers.py).
+# ---------------------------------------------------------------------------------------------
+
+# DKD's weights of its WBCE, KD and AC terms (its VOC config): the upstream gradients of the three outputs.
+DKD_TERM_WEIGHTS = (1.0, 5.0, 1.0)
+
+
+def make_dkd_inputs(dims, dtype, device, generator):
+    """Logits (B, C, H, W) with DKD's layout (channel 0 auxiliary, old classes 1..Co-1, new ones
+    after), old logits (B, Co, H, W), labels in {0} and the new classes, with ignored pixels."""
+    B, C, Co, H, W = dims
+    classes = torch.tensor([0, *range(Co, C)])
+    t = classes[torch.randint(0, len(classes), (B, H, W), generator=generator)]
+    ignored = torch.rand((B, H, W), generator=generator) < IGNORED_FRACTION
+    arguments = {
+        "x": _randn((B, C, H, W), generator, 3.0),
+        "t": t.masked_fill(ignored, IGNORE_INDEX),
+        "y": _randn((B, Co, H, W), generator, 3.0),
+    }
+    return _finish(arguments, ("x",), [torch.tensor(w) for w in DKD_TERM_WEIGHTS], "x", dtype, device)
+
+
+def _dkd_options(y):
+    return dict(negative_channels=1, label_channels_from=y.shape[1], ignored_pixels="negative", reduction="mean")
+
+
+def reference_dkd_sigmoid_losses(x, t, y):
+    return reference.sigmoid_losses(
+        x, t, y, None, None, pseudo_threshold=None, pseudo_background=1, ignore_index=IGNORE_INDEX, **_dkd_options(y)
+    )
+
+
+def fused_dkd_sigmoid_losses(x, t, y, *, backend):
+    return _api().sigmoid_losses(x, t, y, backend=backend, **_dkd_options(y))
+
+
+def dkd_code_sigmoid_losses(x, t, y):
+    from incseg_fast.bench.sigmoid_papers import dkd_terms
+
+    return dkd_terms(x, y, t, n_old=y.shape[1] - 1, pos_weight=1.0)
+
+
+OPS["dkd_sigmoid_losses"] = Op(
+    "dkd_sigmoid_losses",
+    "logits",
+    make_dkd_inputs,
+    reference_dkd_sigmoid_losses,
+    fused_dkd_sigmoid_losses,
+    ("voc", "ade"),
+    dkd_code_sigmoid_losses,
+)

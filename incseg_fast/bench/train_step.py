@@ -227,8 +227,10 @@ def timed_step(step):
 
 
 def _cpu_step_memory(step):
-    """Peak bytes of one step replayed from the allocator's events (measure.py's method), and the
-    loss stage's own peak: the most it held above what was live when it began."""
+    """Peak bytes of one step replayed from the allocator's events (measure.py's method): the largest
+    rise above the lowest level reached before it (a step frees tensors made before it, e.g. the last
+    step's gradients, so the level can fall below its start); and the loss stage's own peak: the
+    most it held above what was live when it began."""
     with measure._quiet_stderr(), torch.profiler.profile(profile_memory=True) as prof:
         step.run()
     events = list(prof.profiler.kineto_results.events())
@@ -237,13 +239,14 @@ def _cpu_step_memory(step):
     end = max(e.start_ns() + e.duration_ns() for e in marks)
     allocations = [e for e in events if e.name() == "[memory]" and e.device_type() == measure.DeviceType.CPU]
     allocations.sort(key=lambda e: e.start_ns())
-    live = peak = loss_peak = 0
+    live = lowest = peak = loss_peak = 0
     live_at_loss = None
     for event in allocations:
         if live_at_loss is None and event.start_ns() >= begin:
             live_at_loss = loss_peak = live
         live += event.nbytes()
-        peak = max(peak, live)
+        lowest = min(lowest, live)
+        peak = max(peak, live - lowest)
         if live_at_loss is not None and event.start_ns() <= end:
             loss_peak = max(loss_peak, live)
     return {"peak_bytes": peak, "live_at_loss_bytes": live_at_loss, "loss_extra_bytes": loss_peak - live_at_loss}

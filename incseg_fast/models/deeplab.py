@@ -4,7 +4,8 @@
 ``logits`` (B, C, H, W) at the input resolution (with ``upsample=False`` at the network's own,
 H / output_stride: the fused losses upsample them with ``size=``), ``encoder`` the backbone output (ILT's
 feature-distillation target; with CAF the attended ``z-bar``), ``features`` the pre-classifier
-head output (CAF's ``h``), and with CAF ``projected`` (the input of the next step's fusion).
+head output (CAF's ``h``), and with CAF ``projected`` (the input of the next step's fusion); with
+``stages=True`` also ``stages``, the outputs of the backbone's four stages (PLOP's Local POD).
 """
 
 from __future__ import annotations
@@ -253,12 +254,15 @@ class IncrementalSegmenter(nn.Module):
         self.se_encoder = SqueezeExcitation(self.encoder.out_channels).to(device)
         self.se_features = SqueezeExcitation(self.classifier.in_channels).to(device)
 
-    def forward(self, images, old_projected=None, *, upsample=True):
+    def forward(self, images, old_projected=None, *, upsample=True, stages=False):
         """``old_projected``: the old model's ``projected`` output (CAF's fusion, training only);
-        ``upsample=False``: the logits at the network's resolution (MATH.md#upsampling)."""
-        z = self.encoder(images)
+        ``upsample=False``: the logits at the network's resolution (MATH.md#upsampling);
+        ``stages=True``: the backbone stages' outputs too."""
+        z, stage_outputs = self.encoder(images, stages=True)
         # without the fusion module the projection is the identity (the module's initial state)
         out = {"projected": z}
+        if stages:
+            out["stages"] = stage_outputs
         if self.caf is not None:
             z, out["projected"] = self.caf(z, old_projected, backend=self.loss_backend)
         h = self.head(z)

@@ -120,9 +120,14 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x, *, stages: bool = False):
+        """The last stage's output; with ``stages=True`` (output, [the four stages' outputs]) (PLOP's POD)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        outputs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outputs.append(x)
+        return (x, outputs) if stages else x
 
 
 BACKBONES = {

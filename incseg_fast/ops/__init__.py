@@ -3,7 +3,7 @@
 Importing this package loads the extension ``incseg_fast._C``, which defines the schemas in every
 namespace and registers the compiled CPU (and, when built, CUDA) kernels; then the fake kernels and
 autograd formulas of each op family are registered once per namespace. A backend is an
-``OpBackend``: the three contract functions of DEVELOPERS.md bound to one namespace.
+``OpBackend``: the four contract functions of DEVELOPERS.md bound to one namespace.
 
     incseg_fast                 compiled kernels (backends "cpu" and "cuda": the dispatcher picks by device)
     incseg_fast_triton          Triton kernels (backend "triton"), registered by incseg_fast.triton
@@ -14,6 +14,9 @@ import torch
 
 from . import attention as _attention
 from . import logit_losses as _logit_losses
+from . import pod as _pod
+from . import pseudo_labels as _pseudo_labels
+from . import sigmoid_losses as _sigmoid_losses
 
 try:
     from incseg_fast import _C  # noqa: F401  (the import defines the schemas and registers the kernels)
@@ -48,6 +51,18 @@ class OpBackend:
     def structured_attention(self, v, a_ch, a_sp):
         return _attention.structured_attention(self.ops, v, a_ch, a_sp)
 
+    def local_pod(self, new, old, *, scales, reduction):
+        return _pod.local_pod(self.ops, new, old, scales=scales, reduction=reduction)
+
+    def entropy_pseudo_labels(self, y, t, thresholds, *, ignore_index, size):
+        return _pseudo_labels.entropy_pseudo_labels(self.ops, y, t, thresholds, ignore_index=ignore_index, size=size)
+
+    def entropy_histogram(self, y, t, *, bins, ignore_index, size):
+        return _pseudo_labels.entropy_histogram(self.ops, y, t, bins=bins, ignore_index=ignore_index, size=size)
+
+    def sigmoid_losses(self, x, target, y, pos_weight, channel_weight, **options):
+        return _sigmoid_losses.sigmoid_losses(self.ops, x, target, y, pos_weight, channel_weight, **options)
+
 
 def _has_kernels_for(namespace, dispatch_key):
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")]
@@ -60,6 +75,9 @@ if HAS_EXTENSION:
     for _namespace in NAMESPACES:
         _logit_losses.register(_namespace)
         _attention.register(_namespace)
+        _pod.register(_namespace)
+        _pseudo_labels.register(_namespace)
+        _sigmoid_losses.register(_namespace)
     HAS_CUDA_KERNELS = _has_kernels_for(COMPILED_NAMESPACE, "CUDA")
     COMPILED = OpBackend(COMPILED_NAMESPACE)
     TRITON = OpBackend(TRITON_NAMESPACE)

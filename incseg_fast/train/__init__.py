@@ -1,7 +1,8 @@
 """The continual-segmentation trainer: methods, loop, reports."""
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import DATASET_DEFAULTS, METHODS, Method, TrainConfig
+from .config import DATASET_DEFAULTS, TrainConfig
+from .methods import METHODS, Method
 from .results import write_reports
 from .rundir import RunOptionsError
 from .trainer import evaluate, evaluate_checkpoint, run, train_step

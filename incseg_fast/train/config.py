@@ -1,4 +1,5 @@
-"""Training configuration: methods and the per-dataset defaults of the papers.
+"""Training configuration: the options of a run and the per-dataset defaults of the papers (the
+methods are in methods.py).
 
 Defaults (MiB / ILT / CAF papers, DeepLabV3 ResNet-101, output stride 16):
 
@@ -21,40 +22,17 @@ import typing
 from dataclasses import dataclass, field
 
 from ..vocabulary import BACKEND_CHOICES
-
-
-@dataclass(frozen=True)
-class Method:
-    """How a method trains a step > 0 (step 0 is plain cross-entropy for all of them)."""
-
-    ce: str  # "plain" | "unbiased"
-    kd: str  # "none" | "plain" | "unbiased" | "balanced"
-    lambda_kd: float = 0.0
-    lambda_fd: float = 0.0  # ILT's L2 distillation of the encoder output
-    lambda_ad: float = 0.0  # CAF's attentive distillation (docs/MATH.md#ad), on z-bar and h
-    balanced_init: bool = False
-    caf_module: bool = False
-    joint: bool = False  # all classes in one step (the offline upper bound)
-
-
-METHODS = {
-    "ft": Method(ce="plain", kd="none"),
-    "lwf": Method(ce="plain", kd="plain", lambda_kd=100.0),
-    "ilt": Method(ce="plain", kd="plain", lambda_kd=100.0, lambda_fd=100.0),
-    "mib": Method(ce="unbiased", kd="unbiased", lambda_kd=10.0, balanced_init=True),
-    "caf": Method(ce="unbiased", kd="balanced", lambda_kd=10.0, lambda_ad=1000.0, balanced_init=True, caf_module=True),
-    "joint": Method(ce="plain", kd="none", joint=True),
-}
-
-# CAF's lambda_AD per dataset. The attentive distillation is a squared error on raw features: the
-# curvature of the objective grows linearly with lambda_AD, and momentum SGD needs
-# lr * lambda_max < 3.8. The papers' 1000 goes with ResNet-101 features and an incremental LR of
-# 0.001; at the synthetic data's 0.05 it diverges within a few iterations, 100 too, and 10 spikes.
-# Of the stable 0, 0.1 and 1, 0.1 gave the best all-class mIoU on the demo (1 pins the features
-# the new classes need): docs/TRAINER.md, "CAF on the synthetic data".
-CAF_LAMBDA_AD = {"voc": 1000.0, "ade": 1000.0, "synthetic": 0.1}
-# the logit distillations CAF's ablation switches between (Table III: none, KD, BKD)
-CAF_KD_CHOICES = ("none", "unbiased", "balanced")
+from .methods import (
+    CAF_KD_CHOICES,
+    CAF_LAMBDA_AD,
+    METHODS,
+    Method,
+    method_help,
+    method_option_rules,
+    per_method,
+    resolve_method_options,
+    spec_with_switches,
+)
 
 DATASET_DEFAULTS = {
     "voc": dict(
@@ -98,15 +76,6 @@ def per_dataset(key: str) -> str:
     return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
 
 
-def per_method(key: str) -> str:
-    """The methods' defaults of ``key`` where it applies, e.g. "lwf/ilt 100, mib/caf 10"."""
-    groups: dict = {}
-    for name, method in METHODS.items():
-        if getattr(method, key):
-            groups.setdefault(getattr(method, key), []).append(name)
-    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a numeric option accepts: finite, from ``low`` (included) or above it (``low_open``),
@@ -143,11 +112,20 @@ def option(default, help: str, valid: Range | None = None, **cli):
     return field(default=default, metadata={"help": help, "valid": valid, "cli": cli})
 
 
+def _option(name: str) -> dataclasses.Field:
+    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return field
+
+
 def option_flag(name: str) -> str:
     """The command-line flag of TrainConfig field ``name``: ``--no-fusion`` for caf_module, else from the
     name ("lr_incremental" -> "--lr-incremental")."""
-    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == name]
-    return field.metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+    return _option(name).metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+
+
+def option_default(name: str):
+    """The value TrainConfig field ``name`` has when it is not given (None: the dataset's or method's)."""
+    return _option(name).default
 
 
 def option_type(annotation) -> type:
@@ -211,11 +189,7 @@ class TrainConfig:
         choices=BACKEND_CHOICES,
     )
     progress: bool = option(True, "no progress line", flag="--no-progress")
-    method: str = option(
-        "mib",
-        "ft, lwf, ilt, mib, caf, or joint (all classes at once, the upper bound); default mib",
-        choices=sorted(METHODS),
-    )
+    method: str = option("mib", method_help(), choices=list(METHODS))
     out: str = option("runs/train", "output folder (default %(default)s); rerunning the same command there resumes")
     backbone: str | None = option(None, f"encoder (default: {per_dataset('backbone')})", choices=BACKBONES)
     output_stride: int | None = option(
@@ -266,6 +240,20 @@ class TrainConfig:
     caf_module: bool | None = option(
         None, "caf only: without the fusion module (projection, fusion, SAB)", flag="--no-fusion", const=False
     )
+    lambda_pod: float | None = option(
+        None,
+        f"plop only: Local POD weight of the backbone's stages (default: {per_method('lambda_pod')})",
+        NOT_NEGATIVE,
+    )
+    lambda_pod_logits: float | None = option(
+        None, f"plop only: Local POD weight of the logits (default: {per_method('lambda_pod_logits')})", NOT_NEGATIVE
+    )
+    pseudo_labels: bool | None = option(
+        None,
+        "plop only: without the entropy pseudo-labels (the background keeps its label, every image weight 1)",
+        flag="--no-pseudo-labels",
+        const=False,
+    )
     step0_checkpoint: str | None = option(
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
     )
@@ -297,16 +285,7 @@ class TrainConfig:
                 setattr(cfg, key, value)
         if cfg.epochs_incremental is None:
             cfg.epochs_incremental = cfg.epochs
-        method = METHODS[self.method]
-        for key in ("lambda_kd", "lambda_fd", "lambda_ad"):
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, getattr(method, key))
-        if self.method == "caf":
-            cfg.lambda_ad = CAF_LAMBDA_AD[cfg.dataset] if self.lambda_ad is None else self.lambda_ad
-            cfg.kd = method.kd if cfg.kd is None else cfg.kd
-            cfg.caf_module = method.caf_module if cfg.caf_module is None else cfg.caf_module
-            if cfg.kd not in CAF_KD_CHOICES:
-                raise ValueError(f"kd must be one of {list(CAF_KD_CHOICES)}, got {cfg.kd!r}")
+        resolve_method_options(cfg)
         cfg.check_values()
         _reject_options_that_do_not_apply(cfg)
         return cfg
@@ -328,9 +307,7 @@ class TrainConfig:
     @property
     def method_spec(self) -> Method:
         """The method, with the switches ``kd`` and ``caf_module`` applied where they are set."""
-        spec = METHODS[self.method]
-        overrides = {k: getattr(self, k) for k in ("kd", "caf_module") if getattr(self, k) is not None}
-        return dataclasses.replace(spec, **overrides) if overrides else spec
+        return spec_with_switches(self)
 
 
 def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
@@ -339,17 +316,14 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
     An option that does not apply must keep its neutral value (the value resolution gives it, so
     that a resolved config resolves again unchanged).
     """
-    spec = cfg.method_spec
-    distils, synthetic = spec.kd != "none", cfg.dataset == "synthetic"
+    spec, synthetic = cfg.method_spec, cfg.dataset == "synthetic"
     method, dataset, backbone = f"--method {cfg.method}", f"--dataset {cfg.dataset}", f"--backbone {cfg.backbone}"
+    by_method = [
+        (name, neutral, applies, method, purpose)
+        for name, neutral, applies, purpose in method_option_rules(cfg, option_default)
+    ]
     rules = (  # (option, neutral value, whether it applies, the choice it would not apply to, what it is for)
-        ("lambda_kd", spec.lambda_kd, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
-        ("alpha", 1.0, distils, method, "the logit distillation of lwf, ilt, mib, caf"),
-        ("lambda_fd", spec.lambda_fd, cfg.method == "ilt", method, "ilt's feature distillation"),
-        ("freeze_encoder", False, cfg.method == "ilt", method, "ilt (E_F)"),
-        ("lambda_ad", METHODS[cfg.method].lambda_ad, cfg.method == "caf", method, "caf's attentive distillation"),
-        ("kd", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
-        ("caf_module", None, cfg.method == "caf", method, "caf's ablation (Table III)"),
+        *by_method,
         (
             "lr_incremental",
             DATASET_DEFAULTS[cfg.dataset]["lr_incremental"],

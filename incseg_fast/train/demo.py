@@ -21,7 +21,8 @@ import torch
 from .._atomic import write_atomic
 from .._environment import machine
 from ..data import get_task
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
+from .methods import METHODS, incremental_methods
 from .pictures import PICTURE_IMAGES
 from .results import SUMMARY_KEYS, final_checkpoints, old_new_labels, write_reports
 from .startup import start_line
@@ -75,9 +76,10 @@ def default_out(quick: bool, task: str, seeds: bool = False) -> str:
 def demo_methods(methods) -> list[str]:
     """ft first (the baseline and the shared step 0), joint left out (the full demo adds it)."""
     methods = ["ft"] + [m for m in methods if m not in ("ft", "joint")]
-    unknown = set(methods) - {"ft", "lwf", "ilt", "mib", "caf"}
+    incremental = incremental_methods()
+    unknown = set(methods) - set(incremental)
     if unknown:
-        raise ValueError(f"methods must be incremental methods (ft, lwf, ilt, mib, caf), got {sorted(unknown)}")
+        raise ValueError(f"methods must be incremental methods ({', '.join(incremental)}), got {sorted(unknown)}")
     return methods
 
 
@@ -220,7 +222,7 @@ def _method_config(base: TrainConfig, method: str, out: Path) -> TrainConfig:
     cfg = dataclasses.replace(base, method=method)
     if method == "joint":  # one step: the incremental steps' settings do not apply
         cfg.lr_incremental = cfg.epochs_incremental = None
-    if method in ("lwf", "ilt", "mib", "caf"):
+    if method != "ft" and METHODS[method].incremental:  # ft trains the step 0 they share
         cfg.step0_checkpoint = str(out / "ft" / "step0.pt")
     return cfg
 

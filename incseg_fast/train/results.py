@@ -19,10 +19,10 @@ from pathlib import Path
 
 from .._atomic import refresh_file
 from .checkpoint import check_identity, checkpoint_digest, load_checkpoint
+from .methods import METHODS
 from .rundir import read_recorded_options
 
 SUMMARY_KEYS = ("miou_old", "miou_new", "miou_all")
-METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "caf", "joint")
 _FINAL_CHECKPOINT = re.compile(r"step(\d+)\.pt")
 PLOT_SKIPPED = "matplotlib is not installed: skipped the plot (pip install matplotlib)"
 
@@ -71,7 +71,8 @@ def sync_metrics(method_dir: Path) -> list[dict]:
 
 
 def _sorted_methods(names):
-    return sorted(names, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    order = list(METHODS)  # the registry's order
+    return sorted(names, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def collect(out: Path) -> dict[str, list[dict]]:

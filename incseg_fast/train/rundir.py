@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 from .._atomic import remove_stale_temporaries, write_atomic
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
+from .methods import METHODS
 
 OPTIONS_FILE = "options.json"
 TASK_OPTIONS = ("dataset", "task", "mode", "image_size", "train_images", "val_images", "data_seed", "eval_protocol")
@@ -36,15 +37,10 @@ METHOD_OPTIONS = (
     "momentum",
     "weight_decay",
     "lambda_kd",
-    "lambda_fd",
-    "lambda_ad",
     "alpha",
-    "freeze_encoder",
-    "kd",
-    "caf_module",
     "seed",
     "amp",
-)
+)  # and the method's own options (methods.py)
 REPORTS = ("results.json", "results.csv", "results.md", "miou.png")
 
 
@@ -112,7 +108,8 @@ def _record(options_path: Path, wanted: dict, conflict: str | None, removed=()) 
 
 def recorded_options(cfg: TrainConfig, precision: str) -> dict:
     """The options ``cfg.out`` records (those that change results), ``amp`` as ``precision``."""
-    return {**{k: getattr(cfg, k) for k in TASK_OPTIONS + METHOD_OPTIONS}, "amp": precision}
+    names = TASK_OPTIONS + METHOD_OPTIONS + tuple(METHODS[cfg.method].own_options)
+    return {**{k: getattr(cfg, k) for k in names}, "amp": precision}
 
 
 def read_recorded_options(method_dir: Path) -> dict:

@@ -6,17 +6,8 @@ import torch
 
 from .._environment import run_summary
 from .config import TrainConfig
+from .methods import fused_losses
 from .trainer import amp_dtype, resolve_device
-
-
-def fused_losses(cfg: TrainConfig) -> list[str]:
-    """The incseg_fast functions a run of ``cfg`` (resolved) calls: loss_terms' and CAF's fusion module's."""
-    spec = cfg.method_spec
-    return (
-        ["incremental_loss"]
-        + ["attentive_distillation"] * bool(cfg.lambda_ad)
-        + ["structured_attention"] * bool(spec.caf_module)
-    )
 
 
 def start_line(configs: list[TrainConfig]) -> str:

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-
-import incseg_fast as isf
 
 from ..models import IncrementalSegmenter, load_pretrained
 from .checkpoint import load_checkpoint, make_payload, save_checkpoint
@@ -45,12 +42,12 @@ from .distributed import (
     synchronise_batch_norm,
 )
 from .distributed import start as start_processes
+from .methods import IGNORE_INDEX, Batch, forward_options, needs_teacher
 from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory, recorded_options
 
 ONE_PROCESS = Processes()
-IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label tables
 
 # ------------------------------------------------------------------------------------------
 # Environment: device, mixed precision, seeding, checkpoints
@@ -277,82 +274,30 @@ def add_caf_modules(cfg: TrainConfig, model, old) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _needs_teacher(cfg: TrainConfig) -> bool:
-    """Whether steps > 0 run the old model (fine-tuning does not)."""
-    spec = cfg.method_spec
-    return spec.kd != "none" or bool(cfg.lambda_fd) or bool(cfg.lambda_ad) or spec.caf_module
-
-
-def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0)):
+def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0), state=None):
     """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
     frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
-    for the CE and for the terms that average over every pixel (1 with one process)."""
-    terms = loss_terms(cfg, plan, net, student, old, images, labels)
+    for the CE and for the terms that average over every pixel (1 with one process); ``state``:
+    what the method's prepare computed for the step."""
+    terms = loss_terms(cfg, plan, net, student, old, images, labels, state)
     ce_weight, pixel_weight = weights
-    return ce_weight * terms.pop("ce") + pixel_weight * sum(terms.values())
+    return ce_weight * terms.pop("ce", 0.0) + pixel_weight * sum(terms.values())
 
 
-def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
-    """BKD's γ per image as the trainer reads CAF eq. 11: the old model's non-background probability
-    mass over its background mass, averaged over the image's pixels (γ_b = (1 - p̄_0) / p̄_0).
-
-    The library's default (MATH.md#bkd-gamma) takes the softmax of the pooled logits instead; on the
-    synthetic data that γ is about 1e-4 (the pooled background logit leads by ~10), which drops
-    the background term, and the softmax of pooled probabilities is about 6, which multiplies it:
-    neither re-weights it by the share the paper describes. Measured: docs/TRAINER.md, "CAF on
-    the synthetic data"."""
-    with torch.no_grad():
-        p_background = y.float().softmax(1)[:, 0].mean((1, 2))
-        return (1 - p_background) / p_background.clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels) -> dict:
-    """The weighted terms of the step's objective by name ("ce", "kd", "fd", "ad_z", "ad_h"),
-    those the method uses; their sum is the loss (tools/caf_terms.py measures them one by one).
-    ``net`` runs ``student`` (itself, or its DDP wrapper); every term but "ce" averages over every
-    pixel or feature element."""
-    spec = cfg.method_spec
+def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, state=None) -> dict:
+    """The weighted terms of the step's objective by name (the method's terms function, methods.py);
+    their sum is the loss (tools/caf_terms.py measures them one by one). ``net`` runs ``student``
+    (itself, or its DDP wrapper)."""
     # The logits stay at the network's resolution and the losses upsample them to the labels'
     # (size=, MATH.md#upsampling), unless the switch asks for MiB's interpolate-then-loss.
-    upsample = cfg.materialise_upsampled_logits
-    size = None if upsample else tuple(labels.shape[-2:])
+    upsample, more = cfg.materialise_upsampled_logits, forward_options(cfg)
     old_out = None
     if old is not None:
         with torch.no_grad():
-            old_out = old(images, upsample=upsample)
-    out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample)
-    x = out["logits"]
-    incremental = plan.index > 0
-    kd_mode = spec.kd if old is not None else "none"
-    y = old_out["logits"].to(x.dtype) if kd_mode != "none" else None
-    ce, kd = isf.incremental_loss(
-        x,
-        labels,
-        y,
-        old_classes=plan.previous_classes if incremental else plan.num_classes,
-        ce=spec.ce if incremental else "plain",
-        kd=kd_mode,
-        alpha=cfg.alpha,
-        ignore_index=IGNORE_INDEX,
-        gamma=background_share_gamma(y) if kd_mode == "balanced" else None,
-        size=size,
-        backend=cfg.loss_backend,
-    )
-    terms = {"ce": ce}
-    if kd_mode != "none":
-        terms["kd"] = cfg.lambda_kd * kd
-    if old is not None and cfg.lambda_fd:
-        terms["fd"] = cfg.lambda_fd * F.mse_loss(out["encoder"].float(), old_out["encoder"].float())
-    if old is not None and cfg.lambda_ad:
-        # CAF eq. 8: the pairs (z-bar, z-bar old) and (h, h old), each with its own SE attention
-        for name, key, se in (("ad_z", "encoder", "se_encoder"), ("ad_h", "features", "se_features")):
-            f, g = out[key], old_out[key].to(out[key].dtype)
-            with torch.no_grad():
-                b = getattr(old, se)(g)
-            terms[name] = cfg.lambda_ad * isf.attentive_distillation(
-                f, g, getattr(student, se)(f), b, backend=cfg.loss_backend
-            )
-    return terms
+            old_out = old(images, upsample=upsample, **more)
+    out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample, **more)
+    size = None if upsample else tuple(labels.shape[-2:])
+    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size, state or {}))
 
 
 # ------------------------------------------------------------------------------------------
@@ -439,6 +384,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     history: list  # per finished epoch: loss, images/s
+    state: dict = dataclasses.field(default_factory=dict)  # the method's statistics for the step
 
 
 def _reuse_step0(step: _Step) -> None:
@@ -518,7 +464,7 @@ def _start_training(step: _Step) -> _Training:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(step.device.type, enabled=step.autocast_dtype == torch.float16)
-    teacher = teacher if _needs_teacher(cfg) else None
+    teacher = teacher if needs_teacher(cfg) else None
     return _Training(student, student, teacher, optimizer, scaler, history=[])
 
 
@@ -569,7 +515,9 @@ def _sgd_step(step: _Step, training: _Training, batch, where: str) -> float:
     images, labels = (t.to(step.device, non_blocking=True) for t in batch)
     weights = share_weights(labels, IGNORE_INDEX)
     with _autocast(step.device, step.autocast_dtype):
-        loss = _batch_loss(cfg, plan, training.net, training.student, training.teacher, images, labels, weights)
+        loss = _batch_loss(
+            cfg, plan, training.net, training.student, training.teacher, images, labels, weights, training.state
+        )
     loss_value = _global_mean(loss, step.processes)  # every process stops on a non-finite loss
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"non-finite loss at {where}: lower the learning rate")
@@ -655,6 +603,34 @@ def _finish_step(step: _Step, model, history: list, val_set) -> None:
     on_main(step.processes, _commit, step, model, entry)
 
 
+def _prepare_method(step: _Step, training: _Training, train_set) -> dict:
+    """The method's statistics for the step (methods.py, ``prepare``), from the old model's outputs on
+    this process's share of the training images, augmented with a fixed seed: a deterministic
+    function of the old model and the images, so a resumed step computes them again, the same."""
+    cfg, plan = step.cfg, step.plan
+    prepare = cfg.method_spec.prepare
+    if prepare is None or training.teacher is None:
+        return {}
+    share = Subset(train_set, range(step.processes.rank, len(train_set), step.processes.world_size))
+    images = _SeededImages(share, _seed(cfg.seed, plan.index, 3))
+    loader = DataLoader(images, batch_size=max(cfg.batch_size // step.processes.world_size, 1), num_workers=cfg.workers)
+    upsample = cfg.materialise_upsampled_logits
+
+    def batch_outputs():
+        for images, labels in loader:
+            images, labels = images.to(step.device), labels.to(step.device)
+            with torch.no_grad(), _autocast(step.device, step.autocast_dtype):
+                old_out = training.teacher(images, upsample=upsample)
+            yield old_out, labels, None if upsample else tuple(labels.shape[-2:])
+
+    def sum_over_processes(tensor):
+        return all_reduce_sum(tensor) if step.processes.distributed else tensor
+
+    if cfg.progress:
+        print(f"{step.label}: the old model's statistics for {cfg.method} ({len(share)} images)")
+    return prepare(batch_outputs(), sum_over_processes, cfg, plan)
+
+
 def _train_and_commit(step: _Step, on_epoch_end) -> None:
     cfg, plan = step.cfg, step.plan
     # rank 0 first: it writes the cache of the image selection that the others then read
@@ -662,6 +638,7 @@ def _train_and_commit(step: _Step, on_epoch_end) -> None:
     val_set = _val_subset(cfg, plan, _dataset(cfg, "val"))
     on_main(step.processes, _check_files, train_set, val_set)
     training = _start_training(step)
+    training.state = _prepare_method(step, training, train_set)
     first_epoch = _restore_partial_step(step, training)
     _distribute(step, training)
     for epoch in range(first_epoch, cfg.epochs if plan.index == 0 else cfg.epochs_incremental):

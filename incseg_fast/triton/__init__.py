@@ -19,6 +19,9 @@ from .attention import (
     structured_attention_backward,
 )
 from .logit_losses import logit_losses_bwd, logit_losses_fwd
+from .pod import local_pod_backward, local_pod_forward
+from .pseudo_labels import entropy_histogram, entropy_pseudo_labels
+from .sigmoid_losses import sigmoid_losses_bwd, sigmoid_losses_fwd
 
 __all__ = ["is_available"]
 
@@ -29,6 +32,12 @@ _KERNELS = {
     "attentive_distillation_backward": attentive_distillation_backward,
     "structured_attention": structured_attention,
     "structured_attention_backward": structured_attention_backward,
+    "local_pod_forward": local_pod_forward,
+    "local_pod_backward": local_pod_backward,
+    "entropy_pseudo_labels": entropy_pseudo_labels,
+    "entropy_histogram": entropy_histogram,
+    "sigmoid_losses_fwd": sigmoid_losses_fwd,
+    "sigmoid_losses_bwd": sigmoid_losses_bwd,
 }
 
 

@@ -27,12 +27,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..vocabulary import CE_MODES, KD_MODES
-from . import _launch, attention, logit_losses_upsampled
+from ..vocabulary import CE_MODES, KD_MODES, WIDER_TEACHER_DTYPE
+from . import _launch, attention, logit_losses_upsampled, pod, pseudo_labels, sigmoid_losses
 from .logit_losses import _finish_reduction_kernel, _logit_losses_bwd_kernel, _logit_losses_fwd_kernel
 
 _TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_FLOAT_SCALARS = {"alpha_high", "alpha_low"}
+_FLOAT_SCALARS = {"alpha_high", "alpha_low", "inv_log_hi", "inv_log_lo", "threshold_high", "threshold_low"}
 # The attention kernels' pointers to data of the inputs' dtype, and those to float32 partials.
 _ATTENTION_DATA_POINTERS = (
     "v_ptr",
@@ -202,6 +202,7 @@ def _logit_kernels(quick):
             dict(constexprs, **backward),
             num_warps,
         )
+    yield from _wider_teacher_logit_kernels(quick)
     for ce, kd, reduction, dtype in _upsampled_variants(quick):
         pointers = _logit_pointers(dtype, "i64")
         shared, backward = _logit_constexprs(ce, kd, reduction, dtype)
@@ -221,6 +222,30 @@ def _logit_kernels(quick):
             logit_losses_upsampled._upsampled_bwd_kernel,
             dict(pointers, count_ptr="i64"),
             dict(shared, BLOCK_C=block_c, BLOCK_E=block_e, COLS=cols, **backward),
+            num_warps,
+        )
+
+
+def _wider_teacher_logit_kernels(quick):
+    """The teacher in a wider dtype than x (MATH.md#teacher-dtype): y_ptr of its own type, every pair."""
+    for dtype, teacher_dtype in WIDER_TEACHER_DTYPE.items() if not quick else ():
+        pointers = dict(_logit_pointers(dtype, "i64"), y_ptr=_TL_NAMES[teacher_dtype])
+        shared, backward = _logit_constexprs("unbiased", "balanced", "mean", dtype)
+        block_c, block_p, num_warps = next(_gpu_tiles(dtype, halved=False))
+        constexprs = dict(shared, BLOCK_C=block_c, BLOCK_P=block_p)
+        label = f"logit_losses kd=balanced {dtype} teacher {teacher_dtype} {block_c}x{block_p} {num_warps} warps"
+        yield (
+            f"{label} forward",
+            _logit_losses_fwd_kernel,
+            dict(pointers, count_ptr="i32"),
+            dict(constexprs, UPSAMPLE=False),
+            num_warps,
+        )
+        yield (
+            f"{label} backward",
+            _logit_losses_bwd_kernel,
+            dict(pointers, count_ptr="i64"),
+            dict(constexprs, **backward),
             num_warps,
         )
 
@@ -245,11 +270,99 @@ def _attention_kernels(quick):
             tiles = dict(ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
             label = f"{kernel.fn.__name__} {flags or ''} {dtype} {block_c}x{block_p} {num_warps} warps"
             yield label, kernel, pointers, dict(tiles, **flags), num_warps
+    if not quick:  # the old features in float32 for bfloat16 new ones (MATH.md#teacher-dtype)
+        pointers = {name: "fp32" for name in _ATTENTION_ACC_POINTERS}
+        pointers.update(
+            {name: "bf16" for name in _ATTENTION_DATA_POINTERS}, g_ptr="fp32", b_ptr="fp32", grad_g_ptr="fp32"
+        )
+        block_c, block_p, num_warps = next(_gpu_tiles(torch.bfloat16, halved=False))
+        tiles = dict(ACC=tl.float32, BLOCK_C=block_c, BLOCK_P=block_p)
+        for kernel, flags in (
+            (attention._ad_spatial_kernel, {}),
+            (attention._ad_loss_kernel, dict(SAVE_P=True)),
+            (attention._ad_bwd_kernel, dict(SPATIAL=True, NEED_F=True, NEED_G=True, NEED_A=True, NEED_B=True)),
+        ):
+            label = f"{kernel.fn.__name__} {flags or ''} bfloat16 teacher float32 {block_c}x{block_p} {num_warps} warps"
+            yield label, kernel, pointers, dict(tiles, **flags), num_warps
+
+
+def _pod_kernels(quick):
+    """Local POD's variants on DeepLab's 33 x 33 maps: the pooling at scales 1 and 4, and the backward."""
+    for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16, torch.float64):
+        acc_torch, acc = _launch.accumulator_dtype(dtype)
+        data, acc_name = _TL_NAMES[dtype], _TL_NAMES[acc_torch]
+        pooling = dict(new_ptr=data, old_ptr=data, pooled_ptr=acc_name)
+        for s in (1, 4):
+            block_r, block_s, block_w = pod.pool_blocks(33, 33, s)
+            label = f"_pool_kernel scale {s} {dtype} {block_r}x{block_s}x{block_w}"
+            yield (
+                label,
+                pod._pool_kernel,
+                pooling,
+                dict(ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_W=block_w),
+                4,
+            )
+        block_r, block_w = pod.grad_blocks(33, 33)
+        gradient = dict(new_ptr=data, pooled_ptr=acc_name, geometry_ptr="i32", weight_ptr=acc_name, grad_ptr=data)
+        constexprs = dict(ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w)
+        yield f"_grad_kernel {dtype} {block_r}x{block_w}", pod._grad_kernel, gradient, constexprs, 4
+
+
+def _pseudo_label_kernels(quick):
+    """The entropy pseudo-label variants: each logits dtype, with and without size= (int64 labels)."""
+    for dtype, upsample in itertools.product(
+        (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16, torch.float64), (False, True)
+    ):
+        _, acc_tl = _launch.accumulator_dtype(dtype)
+        acc_name = _TL_NAMES[torch.float64 if dtype == torch.float64 else torch.float32]
+        # the launcher's tiles (pseudo_labels._geometry) for a large image
+        _, block_p, num_warps = _launch.gather_tiles(1, 1 << 20) if upsample else _launch.gpu_tile(dtype)
+        pointers = {
+            "y_ptr": _TL_NAMES[dtype],
+            "labels_ptr": "i64",
+            "thresholds_ptr": acc_name,
+            "out_ptr": "i64",
+            "counts_ptr": "i32",
+            "histogram_ptr": "i32",
+        }
+        for kernel in (pseudo_labels._pseudo_labels_kernel, pseudo_labels._entropy_histogram_kernel):
+            label = f"{kernel.fn.__name__} UPSAMPLE={upsample} {dtype} {block_p} pixels {num_warps} warps"
+            yield label, kernel, pointers, dict(UPSAMPLE=upsample, ACC=acc_tl, BLOCK_P=block_p), num_warps
+
+
+def _sigmoid_kernels(quick):
+    """The sigmoid-loss variants (every target kind and pseudo-labels on): forward, backward, gather."""
+    for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float64):
+        acc_torch, acc = _launch.accumulator_dtype(dtype)
+        acc_name = _TL_NAMES[acc_torch]
+        pointers = {name: acc_name for name in ("pos_ptr", "weight_ptr", "label_ptr", "soft_ptr", "negative_ptr")}
+        pointers.update({f"grad_{term}_ptr": acc_name for term in ("label", "soft", "negative")})
+        pointers.update(x_ptr=_TL_NAMES[dtype], y_ptr=_TL_NAMES[dtype], grad_x_ptr=_TL_NAMES[dtype], target_ptr="i64")
+        flags = dict(HAS_TARGET=True, PSEUDO=True, SKIP_IGNORED=True, ACC=acc)
+        for upsample in (False, True):
+            _, block_p, num_warps = _launch.gather_tiles(1, 1 << 20) if upsample else _launch.gpu_tile(dtype)
+            label = f"sigmoid_losses {dtype} size={'yes' if upsample else 'no'}"
+            forward = dict(flags, UPSAMPLE=upsample, BLOCK_P=block_p)
+            yield f"{label} forward {block_p}", sigmoid_losses._sigmoid_fwd_kernel, pointers, forward, num_warps
+            if upsample:
+                block_c, block_e, cols, warps = sigmoid_losses.gather_tiles(_launch.GPU_BLOCK_C, 32, dtype)
+            else:
+                (block_c, block_e, warps), cols = sigmoid_losses.gpu_backward_tile(dtype), 1
+            for per_pixel in (False, True):
+                backward = dict(flags, UPSAMPLE=upsample, PER_PIXEL=per_pixel, BLOCK_C=block_c, BLOCK_E=block_e)
+                yield (
+                    f"{label} backward per_pixel={per_pixel} {block_c}x{block_e}x{cols}",
+                    sigmoid_losses._sigmoid_bwd_kernel,
+                    pointers,
+                    dict(backward, COLS=cols),
+                    warps,
+                )
 
 
 def kernels(quick):
     """(label, kernel, pointer types, constexprs, num_warps) for each variant the wrappers launch."""
     yield from _logit_kernels(quick)
+    yield from _sigmoid_kernels(quick)
     for reduce in (True, False):
         yield (
             f"_finish_reduction_kernel REDUCE={reduce}",
@@ -259,6 +372,8 @@ def kernels(quick):
             _launch.GPU_NUM_WARPS,
         )
     yield from _attention_kernels(quick)
+    yield from _pod_kernels(quick)
+    yield from _pseudo_label_kernels(quick)
 
 
 def compiled_kernels(quick, arch, **options):

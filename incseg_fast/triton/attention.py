@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import teacher_dtype
 from ..vocabulary import FEATURE_REDUCTIONS
 from . import _launch
 
@@ -382,6 +383,7 @@ def _check_attentive_distillation(f, g, a, b, reduction):
         if tuple(attention.shape) != tuple(f.shape[:2]):
             raise ValueError(f"{name} must have shape {tuple(f.shape[:2])}, got {tuple(attention.shape)}")
     _launch.check_device(f, g, a, b)
+    teacher_dtype(g, "g", f, "f")  # g, b: read in their own dtype by the loads (MATH.md#teacher-dtype)
 
 
 def _saved_state(spatial_sums):

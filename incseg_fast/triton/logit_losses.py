@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import teacher_dtype
 from ..ops.logit_losses import NUM_STATS
 from ..vocabulary import CE_MODES, KD_MODES, REDUCTIONS
 from . import _launch
@@ -380,6 +381,7 @@ def _check_shapes(x, target, y, log_gamma, mask, old_classes, ce, kd, size):
         raise ValueError(f"y must be given exactly when kd != 'none' (kd={kd!r})")
     if y is not None:
         _check_teacher_shape(y, B, old_classes, H, W, size)
+        teacher_dtype(y, "y", x, "x")  # read in its own dtype by the loads (MATH.md#teacher-dtype)
     if (log_gamma is None) != (kd != "balanced"):
         raise ValueError(f"log_gamma must be given exactly when kd == 'balanced' (kd={kd!r})")
     if log_gamma is not None and tuple(log_gamma.shape) != (B,):

@@ -15,7 +15,7 @@ y_up[:, p]: per channel a function of p's saved statistics, label, mask and upst
 x_up[c, p] and (c < Co) y_up[c, p] only (logit_math's ``pixel_gradient_factors``, ``channel_grad``
 and ``teacher_term``, shared with the backward without ``size=``). R[Y, i] is nonzero only for the
 rows Y whose taps read row i: in exact arithmetic they lie in [first, first + readers)
-(``_first_reader``, ``_readers``), likewise K. (A tap rounded across a sample boundary can read i
+(``first_reader``, ``readers`` in logit_math.py), likewise K. (A tap rounded across a sample boundary can read i
 with a weight of the order of the coordinate's rounding error from just outside that window; such a
 weight is dropped, an error of the order of the one the rounded taps already make.)
 
@@ -35,7 +35,16 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .logit_math import channel_grad, pixel_gradient_factors, sample, tap, tap_weight, teacher_term
+from .logit_math import (
+    channel_grad,
+    first_reader,
+    pixel_gradient_factors,
+    readers,
+    sample,
+    tap,
+    tap_weight,
+    teacher_term,
+)
 
 __all__ = ["upsampled_backward"]
 
@@ -47,21 +56,6 @@ GPU_BLOCK_C = 8
 GPU_LANES = 128
 GPU_NUM_WARPS = 4
 INTERPRETER_LANES = 512
-
-
-def _readers(n_in, n_out):
-    """The most output indices that read one input sample (n_out >= n_in): those d with
-    i - 1 < s(d) < i + 1, an open interval of 2 n_out / n_in of d."""
-    return (2 * n_out + n_in - 1) // n_in
-
-
-@triton.jit
-def _first_reader(i, n_in, n_out):
-    """The first output index whose tap reads input sample i in exact arithmetic: the smallest d with
-    s(d) = (d + 0.5) n_in / n_out - 0.5 > i - 1, i.e. 2 n_in d > (2i - 1) n_out - n_in, in integers
-    (the numerator is negative only for i = 0, whose readers start at 0)."""
-    numerator = (2 * i - 1) * n_out - n_in
-    return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
 
 
 @triton.jit
@@ -85,7 +79,7 @@ def _upsampled_bwd_kernel(
     y_h,
     y_w,
     row_readers,
-    col_readers,  # _readers(x_h, out_h), _readers(x_w, out_w) <= COLS
+    col_readers,  # readers(x_h, out_h), readers(x_w, out_w) <= COLS
     alpha_high,
     alpha_low,
     ignore_index,
@@ -113,12 +107,12 @@ def _upsampled_bwd_kernel(
     in_plane = q < x_plane
     i = q // x_w
     j = q % x_w
-    col = _first_reader(j, x_w, out_w) + lane % COLS
+    col = first_reader(j, x_w, out_w) + lane % COLS
     x_cols = tap(col, x_w, out_w, ACC)
     y_cols = tap(col, y_w, out_w, ACC)
     col_weight = tap_weight(x_cols, j)
     col_on = in_plane & (lane % COLS < col_readers) & (col < out_w) & (col_weight != 0.0)
-    first_row = _first_reader(i, x_h, out_h)
+    first_row = first_reader(i, x_h, out_h)
 
     c = c0 + tl.arange(0, BLOCK_C)
     channel_lane = (c < C)[:, None]
@@ -202,7 +196,7 @@ def upsampled_backward(
     H, W = out_size
     y_h, y_w = (h, w) if y is None else y.shape[2:]
     acc_torch, acc_tl = _launch.accumulator_dtype(x.dtype)
-    col_readers = _readers(w, W)
+    col_readers = readers(w, W)
     cols = triton.next_power_of_2(col_readers)
     block_c, block_e, num_warps = tiles(C, cols, x.dtype)
     grid = (triton.cdiv(h * w, block_e), triton.cdiv(C, block_c), B)
@@ -226,7 +220,7 @@ def upsampled_backward(
         w,
         y_h,
         y_w,
-        _readers(h, H),
+        readers(h, H),
         col_readers,
         *_launch.split_float(alpha),
         int(ignore_index),

@@ -121,6 +121,21 @@ def tap_weight(taps, i):
     return tl.where(i0 == i, 1.0 - l1, 0.0) + tl.where(i1 == i, l1, 0.0)
 
 
+def readers(n_in, n_out):
+    """The most output indices that read one input sample (n_out >= n_in): those d with
+    i - 1 < s(d) < i + 1, an open interval of 2 n_out / n_in of d."""
+    return (2 * n_out + n_in - 1) // n_in
+
+
+@triton.jit
+def first_reader(i, n_in, n_out):
+    """The first output index whose tap reads input sample i in exact arithmetic: the smallest d with
+    s(d) = (d + 0.5) n_in / n_out - 0.5 > i - 1, i.e. 2 n_in d > (2i - 1) n_out - n_in, in integers
+    (the numerator is negative only for i = 0, whose readers start at 0)."""
+    numerator = (2 * i - 1) * n_out - n_in
+    return tl.where(numerator < 0, 0, numerator // (2 * n_in) + 1)
+
+
 # The values at output pixels p of the channel planes starting at `planes`, in ACC: the planes' own
 # pixels, or with UPSAMPLE their bilinear upsampling from the four samples the taps name
 # (csrc/common/upsample.h's bilinear, not rounded to the logits' dtype):
