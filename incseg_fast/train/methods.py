@@ -214,7 +214,8 @@ def dkd_decomposed_distillation(batch: Batch) -> torch.Tensor:
     sigmoid of the old model's, per-channel means over the pixels, summed (at the features' resolution)."""
     cfg, channels = batch.cfg, batch.plan.previous_classes
     student = decomposed_logits(batch.student, batch.out["features"], channels)
-    teacher = decomposed_logits(batch.old, batch.old_out["features"], channels)
+    with torch.no_grad():
+        teacher = decomposed_logits(batch.old, batch.old_out["features"], channels)
     total = 0.0
     for x, y in zip(student, teacher, strict=True):
         _, soft, _ = isf.sigmoid_losses(
