@@ -168,22 +168,6 @@ def test_step0_has_no_distillation(method, terms):
 # ---------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize(
-    "method, option, value",
-    [
-        ("mib", "pseudo_threshold", 0.5),
-        ("dkd", "pseudo_threshold", 0.5),
-        ("ssul", "lambda_dkd", 1.0),
-        ("mib", "lambda_ac", 1.0),
-        ("plop", "pos_weight", 2.0),
-        ("dkd", "pseudo_labels", False),
-    ],
-)
-def test_other_methods_reject_the_sigmoid_methods_options(method, option, value):
-    with pytest.raises(ValueError, match="does not apply to --method"):
-        TrainConfig(method=method, **{option: value}).resolved()
-
-
 def test_option_defaults_and_ranges():
     ssul = TrainConfig(method="ssul").resolved()
     assert (ssul.pseudo_labels, ssul.pseudo_threshold) == (True, 0.7)
