@@ -4,7 +4,8 @@ own, and the terms of its objective.
 The trainer (the loop), the demo, the reports and the command line read this registry; adding a
 method is one :class:`Method` entry in :data:`METHODS` and, when its objective is not MiB-style
 logit terms, one terms function here (DEVELOPERS.md, "Adding a training method"). Step 0 is plain
-cross-entropy for every method.
+cross-entropy for every softmax method; the sigmoid methods (ssul, dkd) train it with their own
+head and terms.
 """
 
 from __future__ import annotations
