@@ -20,6 +20,10 @@ NON_NEUTRAL = {
     "lambda_pod": 0.5,
     "lambda_pod_logits": 0.5,
     "pseudo_labels": False,
+    "pseudo_threshold": 0.5,
+    "lambda_ac": 2.0,
+    "lambda_dkd": 2.0,
+    "pos_weight": 2.0,
 }
 
 

@@ -92,9 +92,12 @@ def _interrupt_after(epoch_to_stop):
     return hook
 
 
-@pytest.mark.parametrize("method", ["mib", "plop"])  # plop: its thresholds are prepared again on resume
+# plop: its thresholds are prepared again on resume; ssul, dkd: their own step 0, ssul's saliency maps
+@pytest.mark.parametrize("method", ["mib", "plop", "ssul", "dkd"])
 def test_interrupted_step_resumes_to_the_same_result(tmp_path, step0, method):
-    settings = dict(method=method, epochs_incremental=3, step0_checkpoint=str(step0))
+    settings = dict(method=method, epochs_incremental=3)
+    if METHODS[method].output == "softmax":
+        settings["step0_checkpoint"] = str(step0)
     straight = tiny_config(tmp_path / "straight", **settings)
     resumed = tiny_config(tmp_path / "resumed", **settings)
     train_step(straight, 0)

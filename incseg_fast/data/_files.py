@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._errors import first_line
-from .transforms import Normalize
+from .transforms import Normalize, with_saliency
 
 
 def _pil_image():
@@ -66,6 +66,18 @@ def load_label(path):
     return torch.from_numpy(array).long()
 
 
+def _check_saliency_mode(path, mode):
+    if mode not in ("L", "1"):
+        raise DataFileError(f"saliency map {path} must be a greyscale PNG (0 = not salient), got mode {mode}")
+
+
+def load_saliency(path):
+    """bool (H, W): the pixels a greyscale saliency map marks (any value above 0, as SSUL reads it)."""
+    mode, array = _decode(path, "saliency map", lambda img: (img.mode, np.array(img, dtype=np.uint8)))
+    _check_saliency_mode(path, mode)
+    return torch.from_numpy(array) > 0
+
+
 def _ends_with_marker(path, marker) -> bool:
     with open(path, "rb") as f:
         f.seek(max(os.path.getsize(path) - 32, 0))
@@ -84,13 +96,15 @@ def inspect_file(path, what):
 
 class FileSegmentation(Dataset):
     """(image path, label path) pairs; subclasses fill `self.pairs` and may set `label_lut`
-    (a LongTensor applied to every raw label, e.g. ADE's void -> ignore in evaluation)."""
+    (a LongTensor applied to every raw label, e.g. ADE's void -> ignore in evaluation).
+    With ``saliency_paths`` (one greyscale PNG per pair) each item is (image, label, saliency)."""
 
     label_lut = None
     ignore_index = 255
 
-    def __init__(self, pairs, name, transform=None, normalize=True):
+    def __init__(self, pairs, name, transform=None, normalize=True, saliency_paths=None):
         self.pairs = pairs
+        self.saliency_paths = saliency_paths
         self.transform = transform
         self.normalize = Normalize() if normalize else None
         digest = hashlib.sha1("\n".join(p for pair in pairs for p in pair).encode()).hexdigest()[:12]
@@ -118,6 +132,8 @@ class FileSegmentation(Dataset):
         for i in indices:
             try:
                 self._check_pair(*self.pairs[i])
+                if self.saliency_paths is not None:
+                    self._check_saliency(self.saliency_paths[i], self.pairs[i][0])
             except DataFileError as error:
                 problems.append(str(error))
         if problems:
@@ -134,14 +150,36 @@ class FileSegmentation(Dataset):
                 f"label {label_path} is {label_size[1]}x{label_size[0]} but its image {image_path} is {height}x{width}"
             )
 
+    @staticmethod
+    def _check_saliency(saliency_path, image_path):
+        (width, height), _ = inspect_file(image_path, "image")
+        size, mode = inspect_file(saliency_path, "saliency map")
+        _check_saliency_mode(saliency_path, mode)
+        if size != (width, height):
+            raise DataFileError(
+                f"saliency map {saliency_path} is {size[1]}x{size[0]} but its image {image_path} is {height}x{width}"
+            )
+
+    def _saliency(self, i, shape):
+        saliency = load_saliency(self.saliency_paths[i])
+        if saliency.shape != shape:
+            raise DataFileError(
+                f"saliency map {self.saliency_paths[i]} is {tuple(saliency.shape)} "
+                f"but its image {self.pairs[i][0]} is {tuple(shape)}"
+            )
+        return saliency
+
     def __getitem__(self, i):
         image, label = load_image(self.pairs[i][0]), self._label(i)
         if image.shape[1:] != label.shape:
             raise DataFileError(
                 f"image {self.pairs[i][0]} is {tuple(image.shape[1:])} but its label is {tuple(label.shape)}"
             )
-        if self.transform is not None:
+        saliency = None if self.saliency_paths is None else self._saliency(i, label.shape)
+        if saliency is not None:
+            image, label, saliency = with_saliency(self.transform, image, label, saliency)
+        elif self.transform is not None:
             image, label = self.transform(image, label)
         if self.normalize is not None:
             image, label = self.normalize(image, label)
-        return image, label
+        return (image, label) if saliency is None else (image, label, saliency)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .transforms import Normalize
+from .transforms import Normalize, with_saliency
 
 __all__ = ["SyntheticSegmentation", "CLASS_NAMES", "PALETTE", "SCENE_TYPES"]
 
@@ -129,13 +129,23 @@ class SyntheticSegmentation(Dataset):
 
     `transform` is a joint (image, label) transform applied to the [0, 1] image before the
     normalisation (do not put `Normalize` in it). `cache=True` keeps rendered images in memory.
+    `saliency=True`: each item is (image, label, saliency), the bool (H, W) map of the pixels of
+    every object, whatever its class (docs/DATA.md, the stand-in for a saliency detector).
     """
 
     num_classes = NUM_CLASSES
     class_names = CLASS_NAMES
 
     def __init__(
-        self, split="train", num_images=None, image_size=64, seed=0, transform=None, cache=False, normalize=True
+        self,
+        split="train",
+        num_images=None,
+        image_size=64,
+        seed=0,
+        transform=None,
+        cache=False,
+        normalize=True,
+        saliency=False,
     ):
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -151,6 +161,7 @@ class SyntheticSegmentation(Dataset):
         self.split, self.num_images, self.image_size, self.seed = split, num_images, size, seed
         self.transform = transform
         self.normalize = Normalize() if normalize else None
+        self.saliency = saliency
         self.cache_key = f"synthetic-v1-{split}-n{num_images}-seed{seed}"
         self._cache = {} if cache else None
         self._classes = {}
@@ -277,8 +288,10 @@ class SyntheticSegmentation(Dataset):
             image, label = self.render(i)
             if self._cache is not None:
                 self._cache[i] = (image, label)
-        if self.transform is not None:
+        if self.saliency:
+            image, label, salient = with_saliency(self.transform, image, label, label > 0)
+        elif self.transform is not None:
             image, label = self.transform(image, label)
         if self.normalize is not None:
             image, label = self.normalize(image, label)
-        return image, label
+        return (image, label, salient) if self.saliency else (image, label)

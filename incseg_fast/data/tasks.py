@@ -206,8 +206,8 @@ class IncrementalSubset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        image, label = self.dataset[self.indices[i]]
-        return image, self.lut[label]
+        image, label, *saliency = self.dataset[self.indices[i]]  # a saliency map, when the dataset has one
+        return (image, self.lut[label], *saliency)
 
     def classes_in(self, i):
         """Classes of image i after remapping (ignore excluded)."""

@@ -18,6 +18,7 @@ __all__ = [
     "Resize",
     "CenterCrop",
     "Normalize",
+    "with_saliency",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +132,21 @@ class CenterCrop:
             raise ValueError(f"CenterCrop{self.size} needs an input at least that large, got {(h, w)}")
         top, left = (h - th) // 2, (w - tw) // 2
         return image[:, top : top + th, left : left + tw], label[top : top + th, left : left + tw]
+
+
+# a salient pixel's label carries this bit through a joint transform (labels are ids below it)
+SALIENT_BIT = 256
+
+
+def with_saliency(transform, image, label, saliency):
+    """(image, label, saliency) after ``transform`` (a joint (image, label) transform, or None) moved
+    the bool saliency map (H, W) exactly as it moved the label: the map rides in the label as a high
+    bit, which the transforms carry since they move label ids and never mix them (pixels a crop pads
+    are ignored and not salient)."""
+    if transform is None:
+        return image, label, saliency
+    image, coded = transform(image, label + SALIENT_BIT * saliency.long())
+    return image, coded % SALIENT_BIT, coded >= SALIENT_BIT
 
 
 class Normalize:

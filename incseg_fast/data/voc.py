@@ -9,6 +9,8 @@ Expected layout under `root`:
     train_aug.txt                                         (one <id> per line; MiB's
                                                            "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
                                                            lines are read too)
+    VOCdevkit/VOC2012/saliency_map/<id>.png               (saliency=True only: SSUL's greyscale saliency
+                                                           maps, > 0 = salient)
 """
 
 import os
@@ -59,7 +61,7 @@ class VOCSegmentation(FileSegmentation):
     num_classes = 21
     class_names = VOC_CLASS_NAMES
 
-    def __init__(self, root, split="train", transform=None, augmented=True, normalize=True):
+    def __init__(self, root, split="train", transform=None, augmented=True, normalize=True, saliency=False):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         voc = require_path(os.path.join(root, "VOCdevkit", "VOC2012"), "VOC 2012 directory")
@@ -76,4 +78,16 @@ class VOCSegmentation(FileSegmentation):
         for pair in pairs[:1] + pairs[-1:]:  # a cheap check that the list matches the files
             require_path(pair[0], "VOC image")
             require_path(pair[1], "VOC label")
-        super().__init__(pairs, f"voc-{split}{'-aug' if split == 'train' and augmented else ''}", transform, normalize)
+        saliency_paths = _saliency_paths(voc, ids) if saliency else None
+        name = f"voc-{split}{'-aug' if split == 'train' and augmented else ''}"
+        super().__init__(pairs, name, transform, normalize, saliency_paths)
+
+
+def _saliency_paths(voc, ids):
+    """SSUL's saliency maps: saliency_map/<id>.png next to JPEGImages (the first and last checked here,
+    every one by check_files and by the reader)."""
+    folder = require_path(os.path.join(voc, "saliency_map"), "VOC saliency map directory (SSUL's saliency_map)")
+    paths = [os.path.join(folder, f"{i}.png") for i in ids]
+    for path in paths[:1] + paths[-1:]:
+        require_path(path, "VOC saliency map")
+    return paths

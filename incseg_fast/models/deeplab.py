@@ -62,12 +62,16 @@ class DeepLabV3Head(nn.Module):
 
 
 class IncrementalClassifier(nn.Module):
-    """One 1x1 convolution per step; the logits of all steps are concatenated (MiB)."""
+    """One 1x1 convolution per step; the logits of all steps are concatenated (MiB).
 
-    def __init__(self, in_channels: int, classes_per_step):
+    ``detach_first_head``: the first head sees the features detached, so that its loss trains it
+    and nothing before it (DKD's auxiliary classifier)."""
+
+    def __init__(self, in_channels: int, classes_per_step, detach_first_head: bool = False):
         super().__init__()
         self.in_channels = in_channels
         self.heads = nn.ModuleList(nn.Conv2d(in_channels, n, 1) for n in classes_per_step)
+        self.detach_first_head = detach_first_head
 
     @property
     def classes_per_step(self) -> list[int]:
@@ -98,8 +102,19 @@ class IncrementalClassifier(nn.Module):
         new.bias.fill_(float(background.bias[0]) - shift)
         background.bias[0] -= shift
 
+    @torch.no_grad()
+    def init_from_first_head(self) -> None:
+        """The newest head's classes start as copies of the first head's one channel: SSUL's weight
+        transfer from its "unknown" class, DKD's initialisation from its auxiliary classifier."""
+        first, new = self.heads[0], self.heads[-1]
+        if len(self.heads) < 2 or first.out_channels != 1:
+            raise ValueError("init_from_first_head needs a one-channel first head and a step > 0")
+        new.weight.copy_(first.weight.expand_as(new.weight))
+        new.bias.copy_(first.bias.expand_as(new.bias))
+
     def forward(self, x):
-        return torch.cat([h(x) for h in self.heads], 1)
+        first = self.heads[0](x.detach() if self.detach_first_head else x)
+        return torch.cat([first] + [h(x) for h in self.heads[1:]], 1)
 
 
 class SqueezeExcitation(nn.Module):
@@ -191,6 +206,16 @@ class ContinualAttentiveFusion(nn.Module):
         return out, projected
 
 
+# How the logits become classes (IncrementalSegmenter's ``output``, docs/TRAINER.md#sigmoid-methods):
+# "softmax": channel c is class c, the prediction the argmax; the sigmoid heads score each channel on
+# its own and have a one-channel first head, "sigmoid_unknown" SSUL's (channels: unknown, background,
+# the classes; the unknown's probability is added to the background's, then the argmax) and
+# "sigmoid_auxiliary" DKD's (channel 0 the auxiliary classifier, channel c >= 1 class c; the argmax of
+# the classes, background where no class has probability > 0.5).
+OUTPUTS = ("softmax", "sigmoid_unknown", "sigmoid_auxiliary")
+DKD_BACKGROUND_PROBABILITY = 0.5
+
+
 class IncrementalSegmenter(nn.Module):
     def __init__(
         self,
@@ -202,11 +227,18 @@ class IncrementalSegmenter(nn.Module):
         aspp_rates=None,
         caf=False,
         se_blocks=None,
+        output="softmax",
         loss_backend="auto",
     ):
         """``caf``: with the fusion module; ``se_blocks``: with the attentive distillation's channel
-        attentions (None: the same as ``caf``, as in checkpoints that predate the switch)."""
+        attentions (None: the same as ``caf``, as in checkpoints that predate the switch);
+        ``output``: one of OUTPUTS (``classes_per_step`` then counts the channels of each head)."""
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output != "softmax" and list(classes_per_step)[:1] != [1]:
+            raise ValueError(f"output {output!r} needs a one-channel first head, got heads {list(classes_per_step)}")
+        self.output = output
         self.backbone_name = backbone
         self.encoder = build_backbone(backbone, output_stride)
         small = backbone in ("tiny", "small")
@@ -221,7 +253,9 @@ class IncrementalSegmenter(nn.Module):
         self.se_encoder = SqueezeExcitation(cin) if se_blocks else None
         self.se_features = SqueezeExcitation(head_channels) if se_blocks else None
         self.head = DeepLabV3Head(cin, head_channels, aspp_rates)
-        self.classifier = IncrementalClassifier(head_channels, classes_per_step)
+        self.classifier = IncrementalClassifier(
+            head_channels, classes_per_step, detach_first_head=output == "sigmoid_auxiliary"
+        )
         # backend of the fused structured-attention op in the CAF module (not part of config():
         # the trainer passes its --loss-backend to the new and the old model alike)
         self.loss_backend = loss_backend
@@ -240,7 +274,19 @@ class IncrementalSegmenter(nn.Module):
             "aspp_rates": [b[0].dilation[0] for b in self.head.aspp.branches[1:]],
             "caf": self.caf is not None,
             "se_blocks": self.se_encoder is not None,
+            "output": self.output,
         }
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class of each pixel (B, H, W) from this model's ``logits`` (the rule of ``output``)."""
+        if self.output == "softmax":
+            return logits.argmax(1)
+        probabilities = torch.sigmoid(logits.float())
+        if self.output == "sigmoid_unknown":
+            background = probabilities[:, 1:2] + probabilities[:, 0:1]
+            return torch.cat([background, probabilities[:, 2:]], 1).argmax(1)
+        best, classes = probabilities[:, 1:].max(1)
+        return torch.where(best > DKD_BACKGROUND_PROBABILITY, classes + 1, 0)
 
     def add_fusion(self) -> None:
         """Add CAF's fusion module to a model trained without it; it starts as the identity (the

@@ -26,6 +26,7 @@ from .methods import (
     CAF_KD_CHOICES,
     CAF_LAMBDA_AD,
     METHODS,
+    SSUL_PSEUDO_THRESHOLD,
     Method,
     method_help,
     method_option_rules,
@@ -250,9 +251,26 @@ class TrainConfig:
     )
     pseudo_labels: bool | None = option(
         None,
-        "plop only: without the entropy pseudo-labels (the background keeps its label, every image weight 1)",
+        "plop, ssul: without the pseudo-labels (the background keeps its label; plop: every image weight 1)",
         flag="--no-pseudo-labels",
         const=False,
+    )
+    pseudo_threshold: float | None = option(
+        None,
+        "ssul only: a background (or unknown) pixel takes the old model's foreground class when its "
+        f"sigmoid is at least this (default {SSUL_PSEUDO_THRESHOLD:g}, SSUL's)",
+        Range(0, high=1),
+    )
+    lambda_ac: float | None = option(
+        None, "dkd only: weight of the auxiliary classifier's loss (default 1, DKD's)", NOT_NEGATIVE
+    )
+    lambda_dkd: float | None = option(
+        None,
+        "dkd only: weight of each of the decomposed distillations pos_reg and neg_reg (default 5, DKD's; 0 = off)",
+        NOT_NEGATIVE,
+    )
+    pos_weight: float | None = option(
+        None, "dkd only: weight of the new classes' positives in the BCE (default 1, DKD's)", POSITIVE
     )
     step0_checkpoint: str | None = option(
         None, "reuse this trained step-0 checkpoint (same architecture) instead of training step 0", metavar="PATH"
@@ -345,6 +363,8 @@ def _reject_options_that_do_not_apply(cfg: TrainConfig) -> None:
         ("data_seed", TrainConfig.data_seed, synthetic, dataset, "synthetic data"),
         ("pretrained", None, cfg.backbone.startswith("resnet"), backbone, "the resnet backbones"),
     )
+    if spec.saliency and cfg.dataset == "ade":
+        raise ValueError(f"{method} needs saliency maps of the training images; the ade reader reads none (voc does)")
     for name, neutral, applies, choice, purpose in rules:
         if not applies and getattr(cfg, name) != neutral:
             raise ValueError(f"{option_flag(name)} does not apply to {choice} (it is for {purpose})")

@@ -2,8 +2,9 @@
 
 Fine-tuning learns the new classes from images where the old ones are labelled background,
 and forgets them; MiB's unbiased losses and balanced initialisation keep them. Step 0 is
-identical for every method (plain cross-entropy, same seed, the same network: CAF's modules join
-at step 1), so it is trained once by ``ft`` and reused (``--step0-checkpoint``).
+identical for every softmax method (plain cross-entropy, same seed, the same network: CAF's modules
+join at step 1), so it is trained once by ``ft`` and reused (``--step0-checkpoint``); the sigmoid
+methods (ssul, dkd) train their own step 0 (their own head and loss).
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def _method_config(base: TrainConfig, method: str, out: Path) -> TrainConfig:
     cfg = dataclasses.replace(base, method=method)
     if method == "joint":  # one step: the incremental steps' settings do not apply
         cfg.lr_incremental = cfg.epochs_incremental = None
-    if method != "ft" and METHODS[method].incremental:  # ft trains the step 0 they share
+    shares_step0 = METHODS[method].incremental and METHODS[method].output == "softmax"
+    if method != "ft" and shares_step0:  # ft trains the step 0 they share
         cfg.step0_checkpoint = str(out / "ft" / "step0.pt")
     return cfg
 

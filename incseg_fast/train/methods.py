@@ -4,7 +4,8 @@ own, and the terms of its objective.
 The trainer (the loop), the demo, the reports and the command line read this registry; adding a
 method is one :class:`Method` entry in :data:`METHODS` and, when its objective is not MiB-style
 logit terms, one terms function here (DEVELOPERS.md, "Adding a training method"). Step 0 is plain
-cross-entropy for every method.
+cross-entropy for every softmax method; the sigmoid methods (ssul, dkd) train it with their own
+head and terms.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Batch:
     labels: torch.Tensor
     size: tuple[int, int] | None
     state: dict = field(default_factory=dict)  # what the method's prepare computed for the step
+    saliency: torch.Tensor | None = None  # bool (B, H, W), salient pixels, for the methods that read it
 
 
 def background_share_gamma(y: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,100 @@ def plop_terms(batch: Batch) -> dict:
     return terms
 
 
+# SSUL (Cha et al., NeurIPS 2021) and DKD (Baek et al., NeurIPS 2022): a sigmoid per channel and
+# binary cross-entropy with composed targets, one fused sigmoid_losses call (MATH.md#sigmoid-losses).
+# The channel layouts are the models' outputs "sigmoid_unknown" and "sigmoid_auxiliary" (deeplab.py).
+SSUL_PSEUDO_THRESHOLD = 0.7  # SSUL's run script (--pseudo_thresh)
+SSUL_BACKGROUND_LABELS = 2  # SSUL's labels below fg_idx + 1 = 2 (unknown 0, background 1) can be relabelled
+
+
+def ssul_targets(labels: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """SSUL's labels in its channel layout: unknown 0, background 1, class c -> c + 1, ignored stays
+    ignored; a background pixel that the saliency map marks is "unknown" (an object the step does
+    not label: a past or a future class, or none of the task's)."""
+    shifted = torch.where(labels == IGNORE_INDEX, labels, labels + 1)
+    return torch.where((labels == 0) & saliency, torch.zeros_like(labels), shifted)
+
+
+def ssul_terms(batch: Batch) -> dict:
+    """SSUL: "ce", its BCE on every channel with the unknown class from the saliency map and, at a
+    step > 0, the background relabelled with the old model's confident foreground prediction
+    (pseudo_threshold), averaged over the non-ignored pixels."""
+    cfg, x = batch.cfg, batch.out["logits"]
+    if batch.saliency is None:
+        raise ValueError("ssul needs the saliency maps of its training images (the batch has none)")
+    pseudo = batch.old_out is not None and cfg.pseudo_labels
+    loss, _, _ = isf.sigmoid_losses(
+        x,
+        ssul_targets(batch.labels, batch.saliency),
+        batch.old_out["logits"].to(x.dtype) if pseudo else None,
+        pseudo_threshold=cfg.pseudo_threshold if pseudo else None,
+        pseudo_background=SSUL_BACKGROUND_LABELS,
+        ignore_index=IGNORE_INDEX,
+        ignored_pixels="skip",
+        size=batch.size,
+        backend=cfg.loss_backend,
+    )
+    return {"ce": loss}
+
+
+def decomposed_logits(model, features: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's pos_reg and neg_reg: the logits of the classes 1..channels-1 (no bias) computed with only
+    the positive, and only the negative, weights of their 1x1 classifiers."""
+    weight = torch.cat([head.weight for head in model.classifier.heads], 0)[1:channels, :, 0, 0]
+    weight = weight.to(features.dtype)
+    return (
+        torch.einsum("bfhw,kf->bkhw", features, weight.clamp(min=0)),
+        torch.einsum("bfhw,kf->bkhw", features, weight.clamp(max=0)),
+    )
+
+
+def dkd_decomposed_distillation(batch: Batch) -> torch.Tensor:
+    """DKD's dkd_pos + dkd_neg: BCE of the student's decomposed logits of the old classes against the
+    sigmoid of the old model's, per-channel means over the pixels, summed (at the features' resolution)."""
+    cfg, channels = batch.cfg, batch.plan.previous_classes
+    student = decomposed_logits(batch.student, batch.out["features"], channels)
+    with torch.no_grad():
+        teacher = decomposed_logits(batch.old, batch.old_out["features"], channels)
+    total = 0.0
+    for x, y in zip(student, teacher, strict=True):
+        _, soft, _ = isf.sigmoid_losses(
+            x, None, y.to(x.dtype), label_channels_from=x.shape[1], backend=cfg.loss_backend
+        )
+        total = total + soft
+    return total
+
+
+def dkd_terms(batch: Batch) -> dict:
+    """DKD: "wbce", the BCE of the step's classes (pos_weight on their positives; background and
+    ignored pixels are negatives); "ac", the auxiliary channel 0 pushed to 0 (lambda_ac); at a
+    step > 0, "kd", the BCE of the old classes' channels against the sigmoid of the old model's
+    (lambda_kd), and "dkd", the decomposed distillation (lambda_dkd). Each a per-channel mean
+    over every pixel, summed over the channels (DKD's reduction)."""
+    cfg, plan, x = batch.cfg, batch.plan, batch.out["logits"]
+    old_channels = plan.previous_classes if batch.old_out is not None else 1
+    pos_weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    pos_weight[old_channels:] = cfg.pos_weight
+    wbce, kd, ac = isf.sigmoid_losses(
+        x,
+        batch.labels,
+        batch.old_out["logits"].to(x.dtype) if batch.old_out is not None else None,
+        pos_weight=pos_weight,
+        negative_channels=1,
+        label_channels_from=old_channels,
+        ignore_index=IGNORE_INDEX,
+        ignored_pixels="negative",
+        size=batch.size,
+        backend=cfg.loss_backend,
+    )
+    terms = {"wbce": wbce, "ac": cfg.lambda_ac * ac}
+    if batch.old_out is not None:
+        terms["kd"] = cfg.lambda_kd * kd
+        if cfg.lambda_dkd:
+            terms["dkd"] = cfg.lambda_dkd * dkd_decomposed_distillation(batch)
+    return terms
+
+
 @dataclass(frozen=True)
 class Method:
     """How a method trains a step > 0.
@@ -180,7 +276,15 @@ class Method:
     lambda_ad: float = 0.0  # CAF's attentive distillation (docs/MATH.md#ad), on z-bar and h
     lambda_pod: float = 0.0  # PLOP's Local POD of the backbone's stages
     lambda_pod_logits: float = 0.0  # PLOP's Local POD of the logits
-    pseudo_labels: bool = False  # PLOP's entropy pseudo-labels of the background
+    pseudo_labels: bool = False  # PLOP's entropy pseudo-labels of the background, SSUL's confident ones
+    pseudo_threshold: float | None = None  # SSUL's confidence threshold of its pseudo-labels
+    output: str = "softmax"  # how the logits become classes (models/deeplab.py OUTPUTS)
+    saliency: bool = False  # the training images come with their saliency maps (SSUL's unknown class)
+    freeze_old: bool = False  # steps > 0 train only the classifier's first head and the new one (SSUL)
+    uses_teacher: bool = False  # steps > 0 run the old model whatever the options (DKD)
+    lambda_ac: float = 0.0  # DKD's loss on its auxiliary channel
+    lambda_dkd: float = 0.0  # DKD's decomposed distillation (pos_reg + neg_reg)
+    pos_weight: float = 1.0  # DKD's weight of the new classes' positives
     balanced_init: bool = False  # the new classes' classifier starts from the background's (MiB)
     caf_module: bool = False
     joint: bool = False  # all classes in one step (the offline upper bound)
@@ -255,10 +359,36 @@ _METHOD_LIST = (
         own_options={
             "lambda_pod": "plop's Local POD",
             "lambda_pod_logits": "plop's Local POD",
-            "pseudo_labels": "plop's pseudo-labels",
+            "pseudo_labels": "plop's and ssul's pseudo-labels",
         },
         terms=plop_terms,
         prepare=plop_prepare,
+    ),
+    Method(
+        "ssul",
+        "SSUL: sigmoid BCE with an unknown class from saliency maps and pseudo-labels, the old network frozen",
+        pseudo_labels=True,
+        pseudo_threshold=SSUL_PSEUDO_THRESHOLD,
+        output="sigmoid_unknown",
+        saliency=True,
+        freeze_old=True,
+        own_options={"pseudo_labels": "plop's and ssul's pseudo-labels", "pseudo_threshold": "ssul's pseudo-labels"},
+        terms=ssul_terms,
+    ),
+    Method(
+        "dkd",
+        "DKD: sigmoid BCE on the new classes, KD and decomposed KD of the old ones, an auxiliary classifier",
+        lambda_kd=5.0,
+        output="sigmoid_auxiliary",
+        uses_teacher=True,
+        lambda_ac=1.0,
+        lambda_dkd=5.0,
+        own_options={
+            "lambda_ac": "dkd's auxiliary classifier",
+            "lambda_dkd": "dkd's decomposed distillation",
+            "pos_weight": "dkd's weighted BCE",
+        },
+        terms=dkd_terms,
     ),
     Method("joint", "all classes in one step (the offline upper bound)", joint=True),
 )
@@ -296,7 +426,9 @@ def spec_with_switches(cfg) -> Method:
 
 
 # the loss weights every method resolves (0 where a method has no such term)
-LOSS_WEIGHTS = ("lambda_kd", "lambda_fd", "lambda_ad", "lambda_pod", "lambda_pod_logits")
+LOSS_WEIGHTS = ("lambda_kd", "lambda_fd", "lambda_ad", "lambda_pod", "lambda_pod_logits", "lambda_dkd", "lambda_ac")
+# those of terms that read the old model's outputs
+OLD_OUTPUT_WEIGHTS = ("lambda_fd", "lambda_ad", "lambda_pod", "lambda_pod_logits", "lambda_dkd")
 
 
 def resolve_method_options(cfg) -> None:
@@ -316,7 +448,7 @@ def method_option_rules(cfg, neutral_default: Callable[[str], object]) -> list[t
     spec = cfg.method_spec
     distils = ", ".join(distilling_methods())
     rules = [
-        ("lambda_kd", spec.lambda_kd, spec.kd != "none", f"the logit distillation of {distils}"),
+        ("lambda_kd", spec.lambda_kd, bool(spec.lambda_kd), f"the logit distillation of {distils}, dkd"),
         ("alpha", 1.0, spec.kd != "none", f"the logit distillation of {distils}"),
     ]
     method = METHODS[cfg.method]
@@ -330,8 +462,19 @@ def method_option_rules(cfg, neutral_default: Callable[[str], object]) -> list[t
 def needs_teacher(cfg) -> bool:
     """Whether steps > 0 run the old model (fine-tuning does not)."""
     spec = cfg.method_spec
-    uses_old_outputs = any(getattr(cfg, key) for key in LOSS_WEIGHTS[1:]) or bool(cfg.pseudo_labels)
-    return spec.kd != "none" or spec.caf_module or uses_old_outputs
+    uses_old_outputs = any(getattr(cfg, key) for key in OLD_OUTPUT_WEIGHTS) or bool(cfg.pseudo_labels)
+    return spec.kd != "none" or spec.caf_module or spec.uses_teacher or uses_old_outputs
+
+
+def head_layout(spec: Method, classes_per_step: list[int]) -> list[int]:
+    """The channels of each classifier head of ``spec``'s network for steps with ``classes_per_step``
+    classes (background included in step 0's): SSUL's unknown head before them, or DKD's auxiliary
+    channel 0 as its own head (in place of a background channel)."""
+    if spec.output == "sigmoid_unknown":
+        return [1, *classes_per_step]
+    if spec.output == "sigmoid_auxiliary":
+        return [1, classes_per_step[0] - 1, *classes_per_step[1:]]
+    return list(classes_per_step)
 
 
 def forward_options(cfg) -> dict:
@@ -341,6 +484,8 @@ def forward_options(cfg) -> dict:
 
 def fused_losses(cfg) -> list[str]:
     """The incseg_fast functions a run of ``cfg`` (resolved) calls: its terms' and CAF's fusion module's."""
+    if cfg.method_spec.output != "softmax":
+        return ["sigmoid_losses"]
     plop = cfg.method == "plop"
     return (
         (["unbiased_cross_entropy"] if plop else ["incremental_loss"])

@@ -65,7 +65,7 @@ def picture_samples(dataset, count: int = PICTURE_IMAGES) -> tuple[torch.Tensor,
 @torch.no_grad()
 def predict(model, images: torch.Tensor, device) -> torch.Tensor:
     model.eval()
-    return model(images.to(device))["logits"].argmax(1).cpu()
+    return model.predict(model(images.to(device))["logits"]).cpu()
 
 
 def write_predictions_picture(path, images, labels, predictions: dict, class_names, title: str = "") -> str | None:

@@ -42,7 +42,7 @@ from .distributed import (
     synchronise_batch_norm,
 )
 from .distributed import start as start_processes
-from .methods import IGNORE_INDEX, Batch, forward_options, needs_teacher
+from .methods import IGNORE_INDEX, Batch, forward_options, head_layout, needs_teacher
 from .progress import Progress
 from .results import sync_metrics, write_reports
 from .rundir import prepare_run_directory, recorded_options
@@ -110,9 +110,11 @@ def seed_everything(seed: int) -> None:
 
 def _dataset(cfg: TrainConfig, split: str):
     """The base dataset of ``split`` ("train" | "val") with the data package's default transforms
-    (voc / ade: random scale, crop and flip for training, resize + centre crop for validation)."""
+    (voc / ade: random scale, crop and flip for training, resize + centre crop for validation);
+    the training images come with their saliency maps for a method that reads them (SSUL)."""
     from ..data import build_dataset
 
+    saliency = {"saliency": True} if split == "train" and cfg.method_spec.saliency else {}
     if cfg.dataset == "synthetic":
         # cache: rendered scenes stay in memory instead of being drawn again every epoch
         return build_dataset(
@@ -122,8 +124,9 @@ def _dataset(cfg: TrainConfig, split: str):
             cache=True,
             seed=cfg.data_seed,
             num_images=cfg.train_images if split == "train" else cfg.val_images,
+            **saliency,
         )
-    return build_dataset(cfg.dataset, split, root=cfg.root, image_size=cfg.image_size)
+    return build_dataset(cfg.dataset, split, root=cfg.root, image_size=cfg.image_size, **saliency)
 
 
 class StepPlan:
@@ -234,7 +237,11 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device, pre
     if plan.index == 0:
         # every method's step 0 is the same network (CAF's modules join at step 1), so it can be shared
         model = IncrementalSegmenter(
-            cfg.backbone, plan.classes_per_step, output_stride=cfg.output_stride, loss_backend=cfg.loss_backend
+            cfg.backbone,
+            head_layout(spec, plan.classes_per_step),
+            output_stride=cfg.output_stride,
+            output=spec.output,
+            loss_backend=cfg.loss_backend,
         )
         if cfg.pretrained:
             load_pretrained(model.encoder, cfg.pretrained)
@@ -253,6 +260,8 @@ def _build_model(cfg: TrainConfig, plan: StepPlan, method_dir: Path, device, pre
     model.classifier.add_step(plan.classes_per_step[-1])
     if spec.balanced_init:
         model.classifier.balanced_init()
+    if spec.output != "softmax":
+        model.classifier.init_from_first_head()
     add_caf_modules(cfg, model, old)
     return model, old
 
@@ -274,17 +283,19 @@ def add_caf_modules(cfg: TrainConfig, model, old) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _batch_loss(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0), state=None):
+def _batch_loss(
+    cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, weights=(1.0, 1.0), state=None, saliency=None
+):
     """The step's objective; ``net`` runs ``student`` (itself, or its DDP wrapper); ``old`` is the
     frozen previous model, None at step 0 and for ft. ``weights``: those of :func:`share_weights`
     for the CE and for the terms that average over every pixel (1 with one process); ``state``:
-    what the method's prepare computed for the step."""
-    terms = loss_terms(cfg, plan, net, student, old, images, labels, state)
+    what the method's prepare computed for the step; ``saliency``: the images' saliency maps (SSUL)."""
+    terms = loss_terms(cfg, plan, net, student, old, images, labels, state, saliency)
     ce_weight, pixel_weight = weights
     return ce_weight * terms.pop("ce", 0.0) + pixel_weight * sum(terms.values())
 
 
-def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, state=None) -> dict:
+def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labels, state=None, saliency=None) -> dict:
     """The weighted terms of the step's objective by name (the method's terms function, methods.py);
     their sum is the loss (tools/caf_terms.py measures them one by one). ``net`` runs ``student``
     (itself, or its DDP wrapper)."""
@@ -297,7 +308,7 @@ def loss_terms(cfg: TrainConfig, plan: StepPlan, net, student, old, images, labe
             old_out = old(images, upsample=upsample, **more)
     out = net(images, old_out.get("projected") if old_out is not None else None, upsample=upsample, **more)
     size = None if upsample else tuple(labels.shape[-2:])
-    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size, state or {}))
+    return cfg.method_spec.terms(Batch(cfg, plan, student, old, out, old_out, labels, size, state or {}, saliency))
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,7 +341,7 @@ def evaluate(
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         with _autocast(device, amp):
             logits = model(images.to(device))["logits"]
-        matrix.update(logits.argmax(1).cpu(), labels)
+        matrix.update(model.predict(logits).cpu(), labels)
     if processes.distributed:  # NCCL reduces device tensors only
         matrix.matrix = all_reduce_sum(matrix.matrix.to(device)).cpu()
     return matrix.compute(base_classes)
@@ -398,9 +409,10 @@ def _reuse_step0(step: _Step) -> None:
         "backbone": cfg.backbone,
         "output_stride": cfg.output_stride,
         "caf": False,
-        "classes_per_step": plan.classes_per_step,
+        "classes_per_step": head_layout(cfg.method_spec, plan.classes_per_step),
+        "output": cfg.method_spec.output,
     }
-    if any(model[key] != value for key, value in needed.items()):
+    if any(model.get(key, "softmax") != value for key, value in needed.items()):
         raise ValueError(
             f"--step0-checkpoint {source} has a different architecture ({model}) than this run needs ({needed})"
         )
@@ -458,6 +470,10 @@ def _start_training(step: _Step) -> _Training:
     student, teacher = _build_model(cfg, plan, method_dir(cfg), step.device, step.precision)
     if plan.index > 0 and cfg.freeze_encoder:
         student.encoder.requires_grad_(False)
+    if plan.index > 0 and cfg.method_spec.freeze_old:  # SSUL: the first head (unknown) and the new one learn
+        student.requires_grad_(False)
+        for head in (student.classifier.heads[0], student.classifier.heads[-1]):
+            head.requires_grad_(True)
     if step.processes.distributed and cfg.sync_bn:
         student = synchronise_batch_norm(student, step.device)
     base_lr = cfg.lr if plan.index == 0 else cfg.lr_incremental
@@ -512,11 +528,20 @@ def _global_mean(value: torch.Tensor, processes: Processes) -> float:
 def _sgd_step(step: _Step, training: _Training, batch, where: str) -> float:
     """One optimisation step on this process's share of a global batch; returns the global loss."""
     cfg, plan = step.cfg, step.plan
-    images, labels = (t.to(step.device, non_blocking=True) for t in batch)
+    images, labels, *saliency = (t.to(step.device, non_blocking=True) for t in batch)
     weights = share_weights(labels, IGNORE_INDEX)
     with _autocast(step.device, step.autocast_dtype):
         loss = _batch_loss(
-            cfg, plan, training.net, training.student, training.teacher, images, labels, weights, training.state
+            cfg,
+            plan,
+            training.net,
+            training.student,
+            training.teacher,
+            images,
+            labels,
+            weights,
+            training.state,
+            saliency[0] if saliency else None,
         )
     loss_value = _global_mean(loss, step.processes)  # every process stops on a non-finite loss
     if not math.isfinite(loss_value):
@@ -540,6 +565,9 @@ def _train_epoch(step: _Step, training: _Training, train_set, epoch: int) -> Non
     training.net.train()
     if plan.index > 0 and cfg.freeze_encoder:
         training.student.encoder.eval()  # E_F: the frozen encoder keeps its BatchNorm statistics too
+    if plan.index > 0 and cfg.method_spec.freeze_old:  # SSUL's frozen batch norm too
+        training.student.encoder.eval()
+        training.student.head.eval()
     progress = Progress(len(batches), f"{step.label} epoch {epoch + 1}/{epochs}", enabled=cfg.progress)
     max_iters = epochs * len(batches)
     for i, batch in enumerate(loader):
@@ -617,7 +645,7 @@ def _prepare_method(step: _Step, training: _Training, train_set) -> dict:
     upsample = cfg.materialise_upsampled_logits
 
     def batch_outputs():
-        for images, labels in loader:
+        for images, labels, *_ in loader:
             images, labels = images.to(step.device), labels.to(step.device)
             with torch.no_grad(), _autocast(step.device, step.autocast_dtype):
                 old_out = training.teacher(images, upsample=upsample)
