@@ -11,7 +11,7 @@ import torch
 from parity_support import RTOL, device_for, interpreted
 
 import incseg_fast as isf
-from incseg_fast import _backends, reference
+from incseg_fast import _backends, cpu_isa, reference
 from incseg_fast.vocabulary import FLOAT_DTYPES, REDUCTIONS
 
 
@@ -253,6 +253,22 @@ def test_cpu_result_does_not_depend_on_the_thread_count(generator):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_result_is_the_same_in_every_isa_copy(generator):
+    """The lane sums keep one order in every copy: the vectorised copies give the scalar one's bits."""
+    if "cpu" not in isf.available_backends():
+        pytest.skip("the cpu backend is not built")
+    new, old = _randn(generator, (2, 6, 37, 29), torch.float32), _randn(generator, (2, 6, 37, 29), torch.float32)
+    results = []
+    for isa in cpu_isa.supported_cpu_isas():
+        with cpu_isa.cpu_isa_cap(isa):
+            leaf = new.clone().requires_grad_()
+            loss = isf.local_pod(leaf, old, scales=(1, 2, 4, 3), backend="cpu")
+            loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "cuda_emulator"])
