@@ -176,6 +176,20 @@ def test_backend_matches_reference_at_other_scales(generator, backend, scales):
     _check_against_reference(backend, new, old, scales=scales, reduction="mean", upstream=upstream)
 
 
+@pytest.mark.parametrize(
+    ("shape", "scales"),
+    [((2, 3, 1, 9), (1,)), ((2, 3, 7, 1), (1,)), ((2, 3, 5, 6), (5, 1)), ((2, 3, 6, 7), (6, 4, 3))],
+    ids=str,
+)
+def test_backend_matches_reference_on_thin_maps_and_one_pixel_cells(generator, backend, shape, scales):
+    """Single rows or columns, and cells of one pixel beside coarser ones: the CPU's row and column
+    segments at their extremes (one segment per axis; one per pixel)."""
+    device = device_for(backend)
+    new, old = _randn(generator, shape, torch.float32, device), _randn(generator, shape, torch.float32, device)
+    upstream = _upstream(generator, "none", shape[0])
+    _check_against_reference(backend, new, old, scales=scales, reduction="none", upstream=upstream)
+
+
 def test_backend_merges_new_logits_like_the_reference(generator, backend):
     device = device_for(backend)
     batch, _, height, width = _shape(backend, (2, 9, 11, 13))
