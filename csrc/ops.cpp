@@ -65,15 +65,14 @@ void define_schemas(torch::Library& m) {
 
   // ---- Local POD (PLOP, MATH.md#local-pod) ----
   // new, old (B, C, H, W), one float dtype; scales: positive, each <= H and <= W, at most 8 of them;
-  // reduction in {mean, sum, none}. Returns (loss: 0-dim, or (B,) for none; pooled_diff (B, C, P):
-  // per image and channel, for each scale in order, the width-pooled [r][j] (s*h_s x s) then the
-  // height-pooled [i][q] (s x s*w_s) cell means of new^2 - old^2, P = sum_s s^2 (h_s + w_s);
-  // inv_norm (B,): 1/l_n, 0 where l_n == 0), all in the accumulation dtype; the last two are
-  // saved for the backward.
-  m.def("local_pod_forward(Tensor new, Tensor old, int[] scales, str reduction) -> (Tensor, Tensor, Tensor)");
+  // reduction in {mean, sum, none}. Returns (loss: 0-dim, or (B,) for none; inv_norm (B,): 1/l_n, 0
+  // where l_n == 0), in the accumulation dtype; the backward gets inv_norm and both inputs back and
+  // recomputes the pooled differences (common/pod_math.h's layout) it needs, so nothing of size
+  // C x sum_s s^2 (h_s + w_s) per image outlives the forward.
+  m.def("local_pod_forward(Tensor new, Tensor old, int[] scales, str reduction) -> (Tensor, Tensor)");
   // d loss / d new (new's dtype and shape, contiguous) for grad_loss shaped like the loss.
   m.def(
-      "local_pod_backward(Tensor grad_loss, Tensor new, Tensor pooled_diff, Tensor inv_norm, int[] scales, "
+      "local_pod_backward(Tensor grad_loss, Tensor new, Tensor old, Tensor inv_norm, int[] scales, "
       "str reduction) -> Tensor");
   // ---- entropy pseudo-labels (PLOP; MATH.md#pseudo-labels) ----
   // y (B, Co, h, w) old-model logits, labels (B, H, W) int64/int32/uint8, thresholds (Co,) float32.

@@ -1,5 +1,5 @@
 """The Local POD ops (torch.ops.<namespace>.local_pod_*) as torch custom ops: opcheck (schema, fake
-kernels, autograd registration), the saved state's layout, the checks that keep a direct call from
+kernels, autograd registration), the saved state and the memory it spares, the checks that keep a direct call from
 reading out of bounds, and the public API's argument errors. Numerical parity: test_parity_pod.py.
 """
 
@@ -11,8 +11,8 @@ from torch.library import opcheck
 
 import incseg_fast as isf
 from incseg_fast import _backends, ops, reference
+from incseg_fast.bench import measure
 from incseg_fast.losses import LocalPODLoss
-from incseg_fast.ops.pod import pooled_size
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="incseg_fast._C is not built")
 
@@ -39,30 +39,50 @@ def test_opcheck_local_pod_forward(generator, namespace, dtype, reduction):
 def test_opcheck_local_pod_backward(generator, namespace, dtype, reduction):
     op_namespace = getattr(torch.ops, namespace)
     new, old = _randn(generator, (2, 3, 9, 7), dtype), _randn(generator, (2, 3, 9, 7), dtype)
-    loss, pooled_diff, inv_norm = op_namespace.local_pod_forward(new, old, [1, 2, 4], reduction)
+    loss, inv_norm = op_namespace.local_pod_forward(new, old, [1, 2, 4], reduction)
     grad_loss = torch.full_like(loss, 0.7)
-    args = (grad_loss, new, pooled_diff, inv_norm, [1, 2, 4], reduction)
+    args = (grad_loss, new, old, inv_norm, [1, 2, 4], reduction)
     opcheck(op_namespace.local_pod_backward.default, args)
     assert op_namespace.local_pod_backward(*args).dtype == dtype
 
 
 @pytest.mark.parametrize("namespace", (*NAMESPACES, ops.TRITON_NAMESPACE))
-def test_saved_state_is_the_pooled_difference_and_the_inverse_distance(generator, namespace):
+def test_saved_state_is_the_inverse_distance(generator, namespace):
     if namespace == ops.TRITON_NAMESPACE:
         reason = _backends.unavailable_reason("triton")
         if reason is not None:
             pytest.skip(reason)
         importlib.import_module("incseg_fast.triton")  # registers the Triton kernels
     new, old = _randn(generator, (2, 3, 13, 11), torch.float64), _randn(generator, (2, 3, 13, 11), torch.float64)
-    _, pooled_diff, inv_norm = getattr(torch.ops, namespace).local_pod_forward(new, old, [1, 2, 4], "mean")
-    assert pooled_diff.shape == (2, 3, pooled_size(13, 11, (1, 2, 4)))
-    # Scale 1 first: the rows' means over all columns, then the columns' means over all rows.
-    e = new.square() - old.square()
-    torch.testing.assert_close(pooled_diff[:, :, :13], e.mean(dim=3))
-    torch.testing.assert_close(pooled_diff[:, :, 13:24], e.mean(dim=2))
+    loss, inv_norm = getattr(torch.ops, namespace).local_pod_forward(new, old, [1, 2, 4], "none")
     distances = reference.local_pod(new, old, reduction="none")
+    torch.testing.assert_close(loss, distances)
     torch.testing.assert_close(inv_norm, 1 / distances)
-    torch.testing.assert_close(pooled_diff.square().sum(dim=(1, 2)).sqrt(), distances)
+
+
+def test_autograd_saves_the_inputs_and_one_value_per_image(generator):
+    new = _randn(generator, (2, 3, 13, 11), requires_grad=True)
+    old = _randn(generator, (2, 3, 13, 11))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        isf.local_pod(new, old, backend="cpu")
+    others = [t for t in saved if t.data_ptr() not in (new.data_ptr(), old.data_ptr())]
+    assert len(saved) - len(others) == 2
+    assert sum(t.numel() for t in others) == 2  # 1/l per image: no pooled differences
+
+
+def test_cpu_forward_backward_allocates_the_gradient_and_little_else(generator):
+    # MATH.md#local-pod's pooled values for scales (1, 2, 4) are 7 (H + W) per channel: 0.44 of
+    # these features; the backward pools each plane again in per-thread scratch instead of saving them.
+    new = _randn(generator, (2, 256, 16, 16), requires_grad=True)
+    old = _randn(generator, (2, 256, 16, 16))
+
+    def forward_backward():
+        isf.local_pod(new, old, backend="cpu").backward()
+
+    peak = measure.peak_extra_bytes(forward_backward, "cpu")
+    feature_bytes = new.numel() * new.element_size()
+    assert feature_bytes <= peak <= 1.01 * feature_bytes
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -78,11 +98,14 @@ def test_direct_calls_with_bad_arguments_are_refused(generator, namespace):
     ):
         with pytest.raises(RuntimeError, match=message):
             op_namespace.local_pod_forward(*args)
-    _, pooled_diff, inv_norm = op_namespace.local_pod_forward(new, old, [1, 2], "mean")
-    with pytest.raises(RuntimeError, match="pooled_diff must be the forward's"):
-        op_namespace.local_pod_backward(torch.tensor(1.0), new, pooled_diff, inv_norm, [1, 2, 4], "mean")
+    _, inv_norm = op_namespace.local_pod_forward(new, old, [1, 2], "mean")
+    grad_loss = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="inv_norm must be the forward's"):
+        op_namespace.local_pod_backward(grad_loss, new, old, inv_norm[:1], [1, 2], "mean")
+    with pytest.raises(RuntimeError, match="old must have new's shape"):
+        op_namespace.local_pod_backward(grad_loss, new, old[:, :2], inv_norm, [1, 2], "mean")
     with pytest.raises(RuntimeError, match="grad_loss must be shaped like the loss"):
-        op_namespace.local_pod_backward(torch.ones(2), new, pooled_diff, inv_norm, [1, 2], "mean")
+        op_namespace.local_pod_backward(torch.ones(2), new, old, inv_norm, [1, 2], "mean")
 
 
 def test_api_errors_name_the_argument(generator):

@@ -11,7 +11,7 @@ import torch
 from parity_support import RTOL, device_for, interpreted
 
 import incseg_fast as isf
-from incseg_fast import _backends, reference
+from incseg_fast import _backends, cpu_isa, reference
 from incseg_fast.vocabulary import FLOAT_DTYPES, REDUCTIONS
 
 
@@ -176,6 +176,20 @@ def test_backend_matches_reference_at_other_scales(generator, backend, scales):
     _check_against_reference(backend, new, old, scales=scales, reduction="mean", upstream=upstream)
 
 
+@pytest.mark.parametrize(
+    ("shape", "scales"),
+    [((2, 3, 1, 9), (1,)), ((2, 3, 7, 1), (1,)), ((2, 3, 5, 6), (5, 1)), ((2, 3, 6, 7), (6, 4, 3))],
+    ids=str,
+)
+def test_backend_matches_reference_on_thin_maps_and_one_pixel_cells(generator, backend, shape, scales):
+    """Single rows or columns, and cells of one pixel beside coarser ones: the CPU's row and column
+    segments at their extremes (one segment per axis; one per pixel)."""
+    device = device_for(backend)
+    new, old = _randn(generator, shape, torch.float32, device), _randn(generator, shape, torch.float32, device)
+    upstream = _upstream(generator, "none", shape[0])
+    _check_against_reference(backend, new, old, scales=scales, reduction="none", upstream=upstream)
+
+
 def test_backend_merges_new_logits_like_the_reference(generator, backend):
     device = device_for(backend)
     batch, _, height, width = _shape(backend, (2, 9, 11, 13))
@@ -253,6 +267,22 @@ def test_cpu_result_does_not_depend_on_the_thread_count(generator):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_result_is_the_same_in_every_isa_copy(generator):
+    """The lane sums keep one order in every copy: the vectorised copies give the scalar one's bits."""
+    if "cpu" not in isf.available_backends():
+        pytest.skip("the cpu backend is not built")
+    new, old = _randn(generator, (2, 6, 37, 29), torch.float32), _randn(generator, (2, 6, 37, 29), torch.float32)
+    results = []
+    for isa in cpu_isa.supported_cpu_isas():
+        with cpu_isa.cpu_isa_cap(isa):
+            leaf = new.clone().requires_grad_()
+            loss = isf.local_pod(leaf, old, scales=(1, 2, 4, 3), backend="cpu")
+            loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "cuda_emulator"])

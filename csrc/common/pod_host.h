@@ -43,16 +43,21 @@ inline double reduction_scale(c10::string_view reduction, int64_t batch) {
 
 // What the forward returns: the loss and the saved state, in the accumulation dtype.
 struct ForwardOutputs {
-  at::Tensor loss;         // 0-dim, or (B,) for "none"
-  at::Tensor pooled_diff;  // (B, C, pooled)
-  at::Tensor inv_norm;     // (B,)
+  at::Tensor loss;      // 0-dim, or (B,) for "none"
+  at::Tensor inv_norm;  // (B,)
 };
 
-inline ForwardOutputs allocate_forward(const at::Tensor& new_features, const Geometry& g, c10::string_view reduction) {
+inline ForwardOutputs allocate_forward(const at::Tensor& new_features, c10::string_view reduction) {
   const auto options = new_features.options().dtype(at::toOpMathType(new_features.scalar_type()));
   const int64_t batch = new_features.size(0);
-  return {reduction == "none" ? at::empty({batch}, options) : at::empty({}, options),
-          at::empty({batch, new_features.size(1), g.pooled}, options), at::empty({batch}, options)};
+  return {reduction == "none" ? at::empty({batch}, options) : at::empty({}, options), at::empty({batch}, options)};
+}
+
+// The pooled differences (B, C, pooled) of the devices that pool a whole batch at once, in the
+// accumulation dtype: scratch of one forward or backward call.
+inline at::Tensor allocate_pooled(const at::Tensor& new_features, const Geometry& g) {
+  const auto options = new_features.options().dtype(at::toOpMathType(new_features.scalar_type()));
+  return at::empty({new_features.size(0), new_features.size(1), g.pooled}, options);
 }
 
 // Every check of the backward's arguments; returns the geometry and the reduction's scale.
@@ -62,18 +67,14 @@ struct BackwardSetup {
 };
 
 inline BackwardSetup check_backward(const at::Tensor& grad_loss, const at::Tensor& new_features,
-                                    const at::Tensor& pooled_diff, const at::Tensor& inv_norm, at::IntArrayRef scales,
+                                    const at::Tensor& old_features, const at::Tensor& inv_norm, at::IntArrayRef scales,
                                     c10::string_view reduction) {
-  const Geometry g = check_forward(new_features, new_features, scales);
+  const Geometry g = check_forward(new_features, old_features, scales);
   const int64_t batch = new_features.size(0);
   const double scale = reduction_scale(reduction, batch);
   const auto acc = at::toOpMathType(new_features.scalar_type());
   TORCH_CHECK(reduction == "none" ? grad_loss.sizes() == at::IntArrayRef({batch}) : grad_loss.numel() == 1,
               "grad_loss must be shaped like the loss");
-  TORCH_CHECK(pooled_diff.sizes() == at::IntArrayRef({batch, new_features.size(1), g.pooled}) &&
-                  pooled_diff.scalar_type() == acc && pooled_diff.is_contiguous() &&
-                  pooled_diff.device() == new_features.device(),
-              "pooled_diff must be the forward's (B, C, ", g.pooled, ") saved pooled differences");
   TORCH_CHECK(inv_norm.sizes() == at::IntArrayRef({batch}) && inv_norm.scalar_type() == acc &&
                   inv_norm.is_contiguous() && inv_norm.device() == new_features.device(),
               "inv_norm must be the forward's (B,) saved inverse distances");

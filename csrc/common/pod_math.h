@@ -2,8 +2,9 @@
 // Geometry and per-element math of PLOP's Local POD (MATH.md#local-pod), shared by the CPU kernels
 // and the CUDA kernel bodies (no torch).
 //
-// Per image and channel the forward writes the pooled differences P of e = new^2 - old^2, one
-// block per scale k (scale s, cells of h x w):
+// Per image and channel the pooling (in the forward, and again in the backward: nothing of P is
+// saved between them) writes the pooled differences P of e = new^2 - old^2, one block per scale k
+// (scale s, cells of h x w):
 //   width-pooled   P[offset_k + r * s + j]                 r < s h, j < s   (mean of e over the cell's columns)
 //   height-pooled  P[offset_k + s * s * h + i * (s w) + q] i < s, q < s w   (mean over the cell's rows)
 // Rows from s h on and columns from s w on belong to no cell of scale k (MATH.md#local-pod-remainder).

@@ -1,7 +1,7 @@
 // Torch glue of the Local POD CUDA kernels (MATH.md#local-pod): TORCH_LIBRARY_IMPL(incseg_fast, CUDA)
 // when built with CUDA, and always TORCH_LIBRARY_IMPL(incseg_fast_cuda_emulator, CPU), which runs the
-// same kernel bodies on the CPU, thread by thread. Checks and the saved state's allocation are shared
-// with the CPU kernels (common/pod_host.h); scratch (per-warp partials) lives on the op's device.
+// same kernel bodies on the CPU, thread by thread. Checks and the outputs' allocation are shared
+// with the CPU kernels (common/pod_host.h); scratch (P, per-warp partials) lives on the op's device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -49,23 +49,20 @@ struct CudaDevice : glue::CudaDeviceBase {
 // Per-warp partials of the pool kernels: (grid x blocks) x (warps per block) per image.
 constexpr int64_t kWarpsPerBlock = RowPoolKernel<float>::kThreads / kWarpSize;
 
+// Runs the pool kernels and the finish step over contiguous features: returns the pooled
+// differences (scratch of this call) and writes the loss and 1/l into `out`.
 template <typename Device>
-std::tuple<Tensor, Tensor, Tensor> local_pod_forward(const Tensor& new_in, const Tensor& old_in, at::IntArrayRef scales,
-                                                     c10::string_view reduction) {
-  const Geometry g = check_forward(new_in, old_in, scales);
-  const double scale = reduction_scale(reduction, new_in.size(0));
-  glue::check_batch(new_in.size(0), "new");
-  [[maybe_unused]] auto device_guard = Device::guard(new_in);
-  const Tensor new_features = new_in.contiguous(), old_features = old_in.contiguous();
+Tensor pool(const Tensor& new_features, const Tensor& old_features, const Geometry& g, double scale,
+            c10::string_view reduction, const ForwardOutputs& out) {
   const int64_t batch = new_features.size(0), channels = new_features.size(1);
-  ForwardOutputs out = allocate_forward(new_features, g, reduction);
+  Tensor pooled = allocate_pooled(new_features, g);
   const int64_t row_warps = row_blocks(channels, g) * kWarpsPerBlock;
   const int64_t column_warps = column_blocks(channels, g) * kWarpsPerBlock;
   const auto doubles = new_features.options().dtype(at::kDouble);
   Tensor row_squares = at::empty({batch * row_warps}, doubles);
   Tensor column_squares = at::empty({batch * column_warps}, doubles);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, new_features.scalar_type(), "local_pod_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, new_features.scalar_type(), "local_pod_pool", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const Inputs<k_scalar_t> in{kernel_data<scalar_t>(new_features), kernel_data<scalar_t>(old_features), channels, g};
@@ -79,28 +76,45 @@ std::tuple<Tensor, Tensor, Tensor> local_pod_forward(const Tensor& new_in, const
                                    out.loss.mutable_data_ptr<acc_t>(),
                                    out.inv_norm.mutable_data_ptr<acc_t>()};
     Device::forward(
-        ForwardCall<k_scalar_t>{in, out.pooled_diff.mutable_data_ptr<acc_t>(), row_squares.mutable_data_ptr<double>(),
+        ForwardCall<k_scalar_t>{in, pooled.mutable_data_ptr<acc_t>(), row_squares.mutable_data_ptr<double>(),
                                 column_squares.mutable_data_ptr<double>(), finish},
         batch);
   });
-  return {out.loss, out.pooled_diff, out.inv_norm};
+  return pooled;
 }
 
 template <typename Device>
-Tensor local_pod_backward(const Tensor& grad_loss, const Tensor& new_in, const Tensor& pooled_diff,
-                          const Tensor& inv_norm, at::IntArrayRef scales, c10::string_view reduction) {
-  const auto [g, scale] = check_backward(grad_loss, new_in, pooled_diff, inv_norm, scales, reduction);
+std::tuple<Tensor, Tensor> local_pod_forward(const Tensor& new_in, const Tensor& old_in, at::IntArrayRef scales,
+                                             c10::string_view reduction) {
+  const Geometry g = check_forward(new_in, old_in, scales);
+  const double scale = reduction_scale(reduction, new_in.size(0));
+  glue::check_batch(new_in.size(0), "new");
+  [[maybe_unused]] auto device_guard = Device::guard(new_in);
+  const Tensor new_features = new_in.contiguous();
+  const ForwardOutputs out = allocate_forward(new_features, reduction);
+  pool<Device>(new_features, old_in.contiguous(), g, scale, reduction, out);
+  return {out.loss, out.inv_norm};
+}
+
+// Pools again (the forward's kernels: the same P, bit for bit), then spreads P into the gradient;
+// P lives only during this call.
+template <typename Device>
+Tensor local_pod_backward(const Tensor& grad_loss, const Tensor& new_in, const Tensor& old_in, const Tensor& inv_norm,
+                          at::IntArrayRef scales, c10::string_view reduction) {
+  const auto [g, scale] = check_backward(grad_loss, new_in, old_in, inv_norm, scales, reduction);
   glue::check_batch(new_in.size(0), "new");
   [[maybe_unused]] auto device_guard = Device::guard(new_in);
   const Tensor new_features = new_in.contiguous();
   const Tensor upstream = upstream_per_image(grad_loss, new_features);
+  const Tensor pooled =
+      pool<Device>(new_features, old_in.contiguous(), g, scale, reduction, allocate_forward(new_features, reduction));
   Tensor grad = at::empty_like(new_features, at::MemoryFormat::Contiguous);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, new_features.scalar_type(), "local_pod_backward", [&] {
     using k_scalar_t = typename KernelType<scalar_t>::type;
     using acc_t = accumulate_t<k_scalar_t>;
     const GradKernel<k_scalar_t> kernel{kernel_data<scalar_t>(new_features),
-                                        pooled_diff.const_data_ptr<acc_t>(),
+                                        pooled.const_data_ptr<acc_t>(),
                                         upstream.const_data_ptr<acc_t>(),
                                         inv_norm.const_data_ptr<acc_t>(),
                                         scale,

@@ -9,7 +9,8 @@
 //           both write P (common/pod_math.h's layout) and one partial of sum P^2 per warp
 //           finish            one block: per image l^2 from its warps' partials (a fixed tree),
 //                             1/l, and the loss (the per-image l, or their mean or sum)
-// backward  GradKernel        one thread per element: 2 k_n new * pooled_gradient, stored once
+// backward  the forward's sequence again into scratch P (the same P, bit for bit; only 1/l is saved),
+//           GradKernel        then one thread per element: 2 k_n new * pooled_gradient, stored once
 // No atomics: every sum has one fixed order.
 #include <cstdint>
 
@@ -27,6 +28,26 @@ struct Inputs {
   int64_t channels;
   Geometry geometry;
 };
+
+// The means of e over `cells` consecutive cells of `cell` elements along one line of a plane (a
+// row: stride 1, or a column: stride W), stored `out_stride` apart; returns their sum of squares.
+// The row and the column pool kernels share it.
+template <typename scalar_t, typename acc_t = accumulate_t<scalar_t>>
+HOST_DEVICE double pool_line(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t cells, int64_t cell,
+                             acc_t inv_cell, acc_t* out, int64_t out_stride) {
+  double squares = 0;
+  for (int64_t j = 0; j < cells; ++j) {
+    acc_t sum = 0;
+    for (int64_t p = j * cell; p < (j + 1) * cell; ++p) {
+      sum += squared_difference(static_cast<acc_t>(to_accumulate(a[p * stride])),
+                                static_cast<acc_t>(to_accumulate(b[p * stride])));
+    }
+    const acc_t mean = sum * inv_cell;
+    out[j * out_stride] = mean;
+    squares += static_cast<double>(mean) * mean;
+  }
+  return squares;
+}
 
 template <typename scalar_t>
 struct RowPoolKernel {
@@ -48,16 +69,8 @@ struct RowPoolKernel {
       INCSEG_UNROLL
       for (int k = 0; k < kMaxScales; ++k) {
         if (k >= g.num_scales || r >= g.rows(k)) continue;
-        const acc_t inv_w = static_cast<acc_t>(g.inv_cell_w[k]);
-        for (int64_t j = 0; j < g.scale[k]; ++j) {
-          acc_t sum = 0;
-          for (int64_t q = j * g.cell_w[k]; q < (j + 1) * g.cell_w[k]; ++q) {
-            sum += squared_difference(static_cast<acc_t>(to_accumulate(a[q])), static_cast<acc_t>(to_accumulate(b[q])));
-          }
-          const acc_t mean = sum * inv_w;
-          out[g.width_pooled(k, r, j)] = mean;
-          squares += static_cast<double>(mean) * mean;
-        }
+        squares += pool_line(a, b, 1, g.scale[k], g.cell_w[k], static_cast<acc_t>(g.inv_cell_w[k]),
+                             out + g.width_pooled(k, r, 0), 1);
       }
     }
     warp_sum_to(warp_squares + index.warp(), squares, index);
@@ -84,17 +97,8 @@ struct ColumnPoolKernel {
       INCSEG_UNROLL
       for (int k = 0; k < kMaxScales; ++k) {
         if (k >= g.num_scales || q >= g.columns(k)) continue;
-        const acc_t inv_h = static_cast<acc_t>(g.inv_cell_h[k]);
-        for (int64_t i = 0; i < g.scale[k]; ++i) {
-          acc_t sum = 0;
-          for (int64_t r = i * g.cell_h[k]; r < (i + 1) * g.cell_h[k]; ++r) {
-            sum += squared_difference(static_cast<acc_t>(to_accumulate(a[r * g.width])),
-                                      static_cast<acc_t>(to_accumulate(b[r * g.width])));
-          }
-          const acc_t mean = sum * inv_h;
-          out[g.height_pooled(k, i, q)] = mean;
-          squares += static_cast<double>(mean) * mean;
-        }
+        squares += pool_line(a, b, g.width, g.scale[k], g.cell_h[k], static_cast<acc_t>(g.inv_cell_h[k]),
+                             out + g.height_pooled(k, 0, q), g.columns(k));
       }
     }
     warp_sum_to(warp_squares + index.warp(), squares, index);

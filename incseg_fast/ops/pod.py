@@ -1,8 +1,9 @@
 """Fake kernels, autograd and the contract wrapper of Local POD (MATH.md#local-pod), written once for every namespace.
 
-The forward op returns, besides the loss, the pooled differences P (B, C, Σ_s s²(h_s + w_s)) and
-1/ℓ per image, so that the backward reads the new features once and never pools again. Only the
-new features are differentiated (the old ones come from the frozen model).
+The forward op returns, besides the loss, 1/ℓ per image; the backward gets it and both inputs back
+and pools again (per plane on the CPU, per call on CUDA and Triton), so the pooled differences P
+(B, C, Σ_s s²(h_s + w_s)) never outlive a call. Only the new features are differentiated (the old
+ones come from the frozen model).
 """
 
 import torch
@@ -18,33 +19,31 @@ def pooled_size(height, width, scales):
 
 
 def _forward_fake(new, old, scales, reduction):
-    batch, channels, height, width = new.shape
+    batch = new.shape[0]
     acc = accumulation_dtype(new.dtype)
     loss = new.new_empty((batch,) if reduction == "none" else (), dtype=acc)
-    pooled_diff = new.new_empty((batch, channels, pooled_size(height, width, scales)), dtype=acc)
-    return loss, pooled_diff, new.new_empty((batch,), dtype=acc)
+    return loss, new.new_empty((batch,), dtype=acc)
 
 
-def _backward_fake(grad_loss, new, pooled_diff, inv_norm, scales, reduction):
+def _backward_fake(grad_loss, new, old, inv_norm, scales, reduction):
     return torch.empty_like(new, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    new, _, scales, reduction = inputs
-    _, pooled_diff, inv_norm = output
-    ctx.mark_non_differentiable(pooled_diff, inv_norm)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved state (as large as P)
-    ctx.save_for_backward(new, pooled_diff, inv_norm)
+    new, old, scales, reduction = inputs
+    _, inv_norm = output
+    ctx.mark_non_differentiable(inv_norm)
+    ctx.save_for_backward(new, old, inv_norm)
     ctx.scales = scales
     ctx.reduction = reduction
 
 
 def _backward(ops):
     def backward(ctx, grad_loss, *_state_grads):
-        new, pooled_diff, inv_norm = ctx.saved_tensors
+        new, old, inv_norm = ctx.saved_tensors
         grad_new = None
         if ctx.needs_input_grad[0]:
-            grad_new = ops.local_pod_backward(grad_loss, new, pooled_diff, inv_norm, ctx.scales, ctx.reduction)
+            grad_new = ops.local_pod_backward(grad_loss, new, old, inv_norm, ctx.scales, ctx.reduction)
         return grad_new, None, None, None
 
     return backward
@@ -53,7 +52,7 @@ def _backward(ops):
 def local_pod(ops, new, old, *, scales, reduction):
     """Backend contract (DEVELOPERS.md): one layer's Local POD of equal-shaped ``new`` and ``old``,
     differentiable w.r.t. ``new``; float32 (float64 for float64 features)."""
-    loss, _, _ = ops.local_pod_forward(new, old.detach(), list(scales), reduction)
+    loss, _ = ops.local_pod_forward(new, old.detach(), list(scales), reduction)
     return loss
 
 

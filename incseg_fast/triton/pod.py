@@ -2,10 +2,11 @@
 
 Forward: one launch per scale, one program per (image, channel, row block of the scale): it reads
 the block's rows once (e = (new - old)(new + old)), writes their width-pooled means and the block's
-height-pooled means into P (csrc/common/pod_math.h's layout, the state every backend saves). The
-per-image distances come from P in float64 by torch (P is far smaller than the features, and torch's
-reductions have a fixed order). Backward: one program per (image, channel, rows tile) gathers each
-element's P terms of every scale and writes 2 k_n new (Σ P^w / w + P^h / h) once.
+height-pooled means into P (csrc/common/pod_math.h's layout), scratch of the call. The per-image
+distances come from P in float64 by torch (P is far smaller than the features, and torch's
+reductions have a fixed order). Backward: the same pooling again (P lives only during the call),
+then one program per (image, channel, rows tile) gathers each element's P terms of every scale and
+writes 2 k_n new (Σ P^w / w + P^h / h) once.
 """
 
 import math
@@ -139,13 +140,8 @@ def grad_blocks(H, W):
     return min(_rows_per_tile(block_w, tile=_GRAD_TILE), triton.next_power_of_2(H)), block_w
 
 
-def local_pod_forward(new, old, scales, reduction):
-    """The kernel of incseg_fast_triton::local_pod_forward: (loss, pooled_diff, inv_norm)."""
-    _check(new, scales, reduction)
-    if old.shape != new.shape:
-        raise ValueError(f"old must have new's shape {tuple(new.shape)}, got {tuple(old.shape)}")
-    _launch.check_device(new, old)
-    new, old = new.contiguous(), old.contiguous()
+def _pool(new, old, scales):
+    """P (B, C, pooled) of contiguous ``new`` and ``old``, in the accumulation dtype."""
     B, C, H, W = new.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(new.dtype)
     P = pooled_size(H, W, scales)
@@ -169,6 +165,22 @@ def local_pod_forward(new, old, scales, reduction):
             BLOCK_W=block_w,
             enable_fp_fusion=_launch.FP_FUSION,
         )
+    return pooled
+
+
+def _check_pair(new, old, scales, reduction):
+    _check(new, scales, reduction)
+    if old.shape != new.shape:
+        raise ValueError(f"old must have new's shape {tuple(new.shape)}, got {tuple(old.shape)}")
+
+
+def local_pod_forward(new, old, scales, reduction):
+    """The kernel of incseg_fast_triton::local_pod_forward: (loss, inv_norm)."""
+    _check_pair(new, old, scales, reduction)
+    _launch.check_device(new, old)
+    B = new.shape[0]
+    acc_torch, _ = _launch.accumulator_dtype(new.dtype)
+    pooled = _pool(new.contiguous(), old.contiguous(), scales)
     squared = pooled.to(torch.float64).square().sum(dim=(1, 2))
     lengths = squared.sqrt()
     # "!= 0", never "> 0": a NaN distance stays NaN instead of passing for a zero one.
@@ -177,22 +189,19 @@ def local_pod_forward(new, old, scales, reduction):
         loss = lengths
     else:
         loss = lengths.sum() / (B if reduction == "mean" else 1)
-    return loss.to(acc_torch), pooled, inv_norm
+    return loss.to(acc_torch), inv_norm
 
 
-def local_pod_backward(grad_loss, new, pooled_diff, inv_norm, scales, reduction):
-    """The kernel of incseg_fast_triton::local_pod_backward: d loss / d new."""
-    _check(new, scales, reduction)
+def local_pod_backward(grad_loss, new, old, inv_norm, scales, reduction):
+    """The kernel of incseg_fast_triton::local_pod_backward: d loss / d new, pooling again."""
+    _check_pair(new, old, scales, reduction)
     B, C, H, W = new.shape
     acc_torch, acc_tl = _launch.accumulator_dtype(new.dtype)
-    P = pooled_size(H, W, scales)
-    if tuple(pooled_diff.shape) != (B, C, P) or tuple(inv_norm.shape) != (B,):
-        raise ValueError(
-            f"pooled_diff and inv_norm must be the forward's {(B, C, P)} and {(B,)} saved state, "
-            f"got {tuple(pooled_diff.shape)} and {tuple(inv_norm.shape)}"
-        )
-    _launch.check_device(grad_loss, new, pooled_diff, inv_norm)
-    new, pooled_diff = new.contiguous(), pooled_diff.contiguous()
+    if tuple(inv_norm.shape) != (B,):
+        raise ValueError(f"inv_norm must be the forward's {(B,)} saved state, got {tuple(inv_norm.shape)}")
+    _launch.check_device(grad_loss, new, old, inv_norm)
+    new = new.contiguous()
+    pooled = _pool(new, old.contiguous(), scales)
     scale = 1.0 / B if reduction == "mean" else 1.0
     weight = (2 * scale * grad_loss.to(acc_torch).reshape(-1).expand(B) * inv_norm).contiguous()
     geometry = torch.tensor(_geometry(H, W, scales), dtype=torch.int32, device=new.device)
@@ -200,14 +209,14 @@ def local_pod_backward(grad_loss, new, pooled_diff, inv_norm, scales, reduction)
     block_r, block_w = grad_blocks(H, W)
     _grad_kernel[(B * C, triton.cdiv(H, block_r))](
         new,
-        pooled_diff,
+        pooled,
         geometry,
         weight,
         grad,
         C,
         H,
         W,
-        P,
+        pooled.shape[2],
         len(scales),
         ACC=acc_tl,
         BLOCK_R=block_r,
