@@ -82,6 +82,11 @@ void define_schemas(torch::Library& m) {
   m.def(
       "entropy_pseudo_labels(Tensor y, Tensor labels, Tensor thresholds, *, int ignore_index, "
       "int[]? size=None) -> (Tensor, Tensor)");
+  // The same, written into labels (int64, contiguous) in place: returns the adaptive factor only. A
+  // pixel's label is read before its pseudo-label is written, so the step needs no second labels map.
+  m.def(
+      "entropy_pseudo_labels_(Tensor y, Tensor(a!) labels, Tensor thresholds, *, int ignore_index, "
+      "int[]? size=None) -> Tensor");
   // int64 (Co, bins): per background pixel, +1 at (argmax class, entropy bin) (MATH.md#entropy-histogram).
   m.def("entropy_histogram(Tensor y, Tensor labels, *, int bins, int ignore_index, int[]? size=None) -> Tensor");
   // ---- sigmoid losses with composed targets (MATH.md#sigmoid-losses: SSUL, DKD) ----

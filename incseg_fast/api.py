@@ -4,6 +4,8 @@ Every logit loss (MATH.md#logit-losses) goes through one backend function, ``log
 arguments are described in DEVELOPERS.md; the attention ops (MATH.md#feature-losses) have one each.
 """
 
+import torch
+
 from . import _validate as check
 from . import reference, vocabulary
 from ._backends import available_backends, resolve
@@ -28,6 +30,7 @@ __all__ = [
     "local_pod",
     "available_backends",
     "entropy_pseudo_labels",
+    "entropy_pseudo_labels_",
     "entropy_histogram",
     "histogram_medians",
 ]
@@ -295,6 +298,21 @@ def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None, back
     return _for_inputs(resolve(backend, y.device), y).entropy_pseudo_labels(
         y, t, thresholds, ignore_index=ignore_index, size=size
     )
+
+
+def entropy_pseudo_labels_(y, t, thresholds, *, ignore_index=255, size=None, backend="auto"):
+    """:func:`entropy_pseudo_labels` written into ``t`` in place, for a caller that owns its labels (the
+    trainer's step): no second (B, H, W) map. ``t`` must be int64 and contiguous. Returns ``(t, factor)``."""
+    y, ignore_index, size = _pseudo_label_inputs(y, t, ignore_index, size)
+    if t.dtype != torch.int64:
+        raise TypeError(f"t must be int64 to take the pseudo-labels in place, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError("t must be contiguous to take the pseudo-labels in place")
+    thresholds = check.thresholds(thresholds, y)
+    factor = _for_inputs(resolve(backend, y.device), y).entropy_pseudo_labels_(
+        y, t, thresholds, ignore_index=ignore_index, size=size
+    )
+    return t, factor
 
 
 def entropy_histogram(y, t, *, bins=100, ignore_index=255, size=None, backend="auto"):

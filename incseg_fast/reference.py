@@ -27,6 +27,7 @@ __all__ = [
     "upsample",
     "ignored",
     "entropy_pseudo_labels",
+    "entropy_pseudo_labels_",
     "entropy_histogram",
     "histogram_medians",
 ]
@@ -399,6 +400,13 @@ def entropy_pseudo_labels(y, t, thresholds, *, ignore_index=255, size=None):
     counts = (confident.sum(dim=(1, 2)), background.sum(dim=(1, 2)))
     factor = counts[0].double() / (counts[1].double() + 1e-6)
     return labels, factor.float()
+
+
+def entropy_pseudo_labels_(y, t, thresholds, *, ignore_index=255, size=None):
+    """:func:`entropy_pseudo_labels` written into ``t`` (int64); returns the adaptive factor."""
+    labels, factor = entropy_pseudo_labels(y, t, thresholds, ignore_index=ignore_index, size=size)
+    t.copy_(labels)
+    return factor
 
 
 def entropy_bins(u, bins):

@@ -29,7 +29,7 @@ def test_quick_demo_makes_the_point(tmp_path, capsys):
     assert str(out.resolve()) in printed
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib", "caf"}
+    assert set(results) == {"ft", "mib", "caf", "plop"}
     for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1]
         for e in entries:
@@ -64,11 +64,11 @@ def test_demo_task_15_1_runs_six_steps_and_draws_them(tmp_path, capsys, monkeypa
     tiny = dict(demo.QUICK, image_size=32, train_images=160, val_images=8, epochs=1, epochs_incremental=1, batch_size=8)
     monkeypatch.setattr(demo, "QUICK", tiny)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--task", "15-1", "--methods", "mib", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--task", "15-1", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "synthetic 15-1 disjoint" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib"}
+    assert set(results) == {"ft", "mib", "caf", "plop"}  # the default methods, on every task
     for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1, 2, 3, 4, 5]
     assert "| old (0-15) | new (16-20) |" in (out / "results.md").read_text()
@@ -79,7 +79,7 @@ def test_demo_task_15_1_runs_six_steps_and_draws_them(tmp_path, capsys, monkeypa
     from incseg_fast.train.pictures import DPI, PANEL_INCHES
 
     widths = [image.imread(out / f"predictions_step{step}.png").shape[1] for step in (0, 1)]
-    assert widths == [round(DPI * PANEL_INCHES * 3), round(DPI * PANEL_INCHES * 4)]  # step 0: one method column
+    assert widths == [round(DPI * PANEL_INCHES * 3), round(DPI * PANEL_INCHES * 6)]  # step 0: one method column
     assert f"{(out / 'predictions_step5.png').resolve()}" in printed
 
 

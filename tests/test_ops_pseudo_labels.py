@@ -39,6 +39,55 @@ def test_opcheck_entropy_pseudo_labels(generator, namespace, dtype, size):
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("size", (None, [9, 11]), ids=("same", "size"))
+def test_opcheck_entropy_pseudo_labels_in_place(generator, namespace, size):
+    y, t, thresholds = _inputs(generator, size=size)
+    op = getattr(torch.ops, namespace).entropy_pseudo_labels_.default
+    opcheck(op, (y, t, thresholds), {"ignore_index": 255, "size": size})
+
+
+def _peak_bytes(call):
+    """The most bytes the CPU allocator held at once during call(), above what it held before."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        call()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_in_place_pseudo_labels_allocate_no_labels_map(generator):
+    y, t, thresholds = _inputs(generator, B=2, hw=(16, 16), size=[96, 96])
+    labels_map = t.numel() * t.element_size()
+    copy = _peak_bytes(lambda: isf.entropy_pseudo_labels(y, t, thresholds, size=(96, 96), backend="cpu"))
+    in_place = _peak_bytes(lambda: isf.entropy_pseudo_labels_(y, t, thresholds, size=(96, 96), backend="cpu"))
+    assert copy >= labels_map and in_place < labels_map / 2
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda t: t.int(), TypeError, "t must be int64 to take the pseudo-labels in place, got torch.int32"),
+        (lambda t: t.transpose(1, 2), ValueError, "t must be contiguous to take the pseudo-labels in place"),
+    ],
+)
+def test_in_place_pseudo_labels_need_int64_contiguous_labels(generator, change, error, message):
+    y, t, thresholds = _inputs(generator, hw=(5, 5))
+    with pytest.raises(error, match=message):
+        isf.entropy_pseudo_labels_(y, change(t), thresholds)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("change", (lambda t: t.byte(), lambda t: t.transpose(1, 2)), ids=("uint8", "strided"))
+def test_direct_in_place_calls_are_checked(generator, namespace, change):
+    y, t, thresholds = _inputs(generator, hw=(5, 5))
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="to take the pseudo-labels in place"):
+        getattr(torch.ops, namespace).entropy_pseudo_labels_(y, change(t), thresholds, ignore_index=255)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("label_dtype", (torch.int64, torch.int32, torch.uint8), ids=str)
 @pytest.mark.parametrize("size", (None, [9, 11]), ids=("same", "size"))
 def test_opcheck_entropy_histogram(generator, namespace, label_dtype, size):
@@ -200,7 +249,9 @@ def test_torch_compile_fullgraph_matches_eager(generator):
 
     def relabel(y, t, thresholds):
         labels, factor = isf.entropy_pseudo_labels(y, t, thresholds)
-        return labels, factor, isf.entropy_histogram(y, t, bins=8)
+        histogram = isf.entropy_histogram(y, t, bins=8)
+        written, same_factor = isf.entropy_pseudo_labels_(y, t.clone(), thresholds)
+        return labels, factor, histogram, written, same_factor
 
     compiled = torch.compile(relabel, fullgraph=True)
     for got, want in zip(compiled(y, t, thresholds), relabel(y, t, thresholds), strict=True):

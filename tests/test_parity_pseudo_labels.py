@@ -1,5 +1,6 @@
 """Parity of every non-reference backend with incseg_fast.reference for the entropy pseudo-labels
-(MATH.md#pseudo-labels): new labels, adaptive factor and entropy histogram.
+(MATH.md#pseudo-labels): new labels (and the in-place form's, written into int64 labels), adaptive
+factor and entropy histogram.
 
 Each backend runs through the public API on fresh random inputs in each float dtype; the reference
 runs on float64 copies of the same values. The outputs are decisions (a class, a threshold test, a
@@ -62,6 +63,12 @@ def _check_labels(backend, y, t, thresholds, size, dtype, ignore_index=255):
     assert ((factor.cpu().double() - expected_factor.double()).abs() <= slack + 1e-7).all()
     if dtype == torch.float64:
         assert torch.equal(factor.cpu(), expected_factor)
+    if t.dtype == torch.int64:  # the in-place form: the same labels and factor, written into t's copy
+        written = t.clone()
+        same, same_factor = isf.entropy_pseudo_labels_(
+            y, written, thresholds, ignore_index=ignore_index, size=size, backend=backend
+        )
+        assert same is written and torch.equal(written, labels) and torch.equal(same_factor, factor)
     return labels
 
 
@@ -155,4 +162,5 @@ def test_empty_batch(backend):
     t = torch.zeros(0, 4, 5, dtype=torch.int64, device=device)
     labels, factor = isf.entropy_pseudo_labels(y, t, torch.ones(3, device=device), backend=backend)
     assert labels.shape == (0, 4, 5) and factor.shape == (0,)
+    assert isf.entropy_pseudo_labels_(y, t, torch.ones(3, device=device), backend=backend)[1].shape == (0,)
     assert torch.equal(isf.entropy_histogram(y, t, bins=4, backend=backend).cpu(), torch.zeros(3, 4, dtype=torch.int64))

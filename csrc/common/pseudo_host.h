@@ -72,6 +72,14 @@ inline void check_thresholds(Inputs& in, const at::Tensor& thresholds) {
   in.thresholds = thresholds.to(in.acc_dtype).contiguous();
 }
 
+// The in-place form writes the pseudo-labels into labels itself: int64 (the labels' dtype) and
+// contiguous (check_inputs' contiguous() would otherwise write into a copy).
+inline void check_in_place_labels(const at::Tensor& labels) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64 to take the pseudo-labels in place, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.is_contiguous(), "labels must be contiguous to take the pseudo-labels in place");
+}
+
 inline void check_bins(int64_t bins) {
   TORCH_CHECK_VALUE(bins >= 1 && bins <= INT32_MAX, "bins must be in [1, 2^31), got ", bins);
 }

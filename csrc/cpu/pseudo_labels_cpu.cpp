@@ -196,13 +196,10 @@ void with_label_type(const at::Tensor& labels, Fn&& fn) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels_cpu(const at::Tensor& y, const at::Tensor& labels,
-                                                             const at::Tensor& thresholds, int64_t ignore_index,
-                                                             at::OptionalIntArrayRef size) {
-  Inputs in = check_inputs(y, labels, ignore_index, size);
-  check_thresholds(in, thresholds);
-  at::Tensor out = at::empty({in.B, in.H, in.W}, labels.options().dtype(at::kLong));
-  at::Tensor counts = at::zeros({in.B, 2}, labels.options().dtype(at::kLong));
+// The pseudo-labels of in into out (int64 (B, H, W), contiguous; may be in.labels itself: each
+// pixel's label is read before its pseudo-label is written); returns the adaptive factor.
+at::Tensor pseudo_labels_into(const Inputs& in, const at::Tensor& out) {
+  at::Tensor counts = at::zeros({in.B, 2}, in.labels.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.y.scalar_type(), "entropy_pseudo_labels_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const Args<scalar_t> a = make_args<scalar_t>(in);
@@ -224,7 +221,26 @@ std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels_cpu(const at::Tensor& y
       per_image[2 * a.plan.image(tile) + 1] += tile_counts[2 * tile + 1];
     }
   });
-  return {out, adaptive_factor(counts)};
+  return adaptive_factor(counts);
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels_cpu(const at::Tensor& y, const at::Tensor& labels,
+                                                             const at::Tensor& thresholds, int64_t ignore_index,
+                                                             at::OptionalIntArrayRef size) {
+  Inputs in = check_inputs(y, labels, ignore_index, size);
+  check_thresholds(in, thresholds);
+  at::Tensor out = at::empty({in.B, in.H, in.W}, labels.options().dtype(at::kLong));
+  at::Tensor factor = pseudo_labels_into(in, out);
+  return {out, factor};
+}
+
+at::Tensor entropy_pseudo_labels_in_place_cpu(const at::Tensor& y, const at::Tensor& labels,
+                                              const at::Tensor& thresholds, int64_t ignore_index,
+                                              at::OptionalIntArrayRef size) {
+  Inputs in = check_inputs(y, labels, ignore_index, size);
+  check_in_place_labels(labels);
+  check_thresholds(in, thresholds);
+  return pseudo_labels_into(in, labels);
 }
 
 at::Tensor entropy_histogram_cpu(const at::Tensor& y, const at::Tensor& labels, int64_t bins, int64_t ignore_index,
@@ -260,5 +276,6 @@ at::Tensor entropy_histogram_cpu(const at::Tensor& y, const at::Tensor& labels, 
 
 TORCH_LIBRARY_IMPL(incseg_fast, CPU, m) {
   m.impl("entropy_pseudo_labels", &incseg::pseudo::entropy_pseudo_labels_cpu);
+  m.impl("entropy_pseudo_labels_", &incseg::pseudo::entropy_pseudo_labels_in_place_cpu);
   m.impl("entropy_histogram", &incseg::pseudo::entropy_histogram_cpu);
 }

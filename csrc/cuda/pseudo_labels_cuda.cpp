@@ -64,21 +64,18 @@ PseudoInputs<k_scalar_t> kernel_inputs(const Inputs& in) {
                                   upsample::source_scale<acc_t>(in.yw, in.W)};
 }
 
+// The pseudo-labels of in into out (int64 (B, H, W), contiguous; may be in.labels itself: each
+// thread reads its pixel's label before it writes the pseudo-label); returns the adaptive factor.
 template <typename Device>
-std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels(const at::Tensor& y, const at::Tensor& labels,
-                                                         const at::Tensor& thresholds, int64_t ignore_index,
-                                                         at::OptionalIntArrayRef size) {
-  Inputs in = check_inputs(y, labels, ignore_index, size);
-  check_thresholds(in, thresholds);
+at::Tensor pseudo_labels_into(const Inputs& in, const at::Tensor& out) {
   glue::check_batch(in.B, "y");
-  [[maybe_unused]] auto device_guard = Device::guard(y);
-  at::Tensor out = at::empty({in.B, in.H, in.W}, labels.options().dtype(at::kLong));
+  [[maybe_unused]] auto device_guard = Device::guard(in.y);
   const int64_t grid_x = pixel_blocks(in.HW);
   // (B, warps per image, 2): the kernels' warps are numbered image by image.
   at::Tensor warp_counts =
-      at::zeros({in.B, grid_x * (kPseudoThreads / kWarpSize), 2}, labels.options().dtype(at::kInt));
+      at::zeros({in.B, grid_x * (kPseudoThreads / kWarpSize), 2}, in.labels.options().dtype(at::kInt));
   if (in.B > 0 && in.HW > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "entropy_pseudo_labels", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.y.scalar_type(), "entropy_pseudo_labels", [&] {
       using k_scalar_t = typename KernelType<scalar_t>::type;
       using acc_t = accumulate_t<k_scalar_t>;
       Device::labels(LabelCall<k_scalar_t>{kernel_inputs<scalar_t>(in), in.upsample,
@@ -86,7 +83,27 @@ std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels(const at::Tensor& y, co
                                            warp_counts.mutable_data_ptr<int32_t>(), grid_x, in.B});
     });
   }
-  return {out, adaptive_factor(warp_counts.sum(1, /*keepdim=*/false, at::kLong))};
+  return adaptive_factor(warp_counts.sum(1, /*keepdim=*/false, at::kLong));
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> entropy_pseudo_labels(const at::Tensor& y, const at::Tensor& labels,
+                                                         const at::Tensor& thresholds, int64_t ignore_index,
+                                                         at::OptionalIntArrayRef size) {
+  Inputs in = check_inputs(y, labels, ignore_index, size);
+  check_thresholds(in, thresholds);
+  at::Tensor out = at::empty({in.B, in.H, in.W}, labels.options().dtype(at::kLong));
+  at::Tensor factor = pseudo_labels_into<Device>(in, out);
+  return {out, factor};
+}
+
+template <typename Device>
+at::Tensor entropy_pseudo_labels_in_place(const at::Tensor& y, const at::Tensor& labels, const at::Tensor& thresholds,
+                                          int64_t ignore_index, at::OptionalIntArrayRef size) {
+  Inputs in = check_inputs(y, labels, ignore_index, size);
+  check_in_place_labels(labels);
+  check_thresholds(in, thresholds);
+  return pseudo_labels_into<Device>(in, labels);
 }
 
 template <typename Device>
@@ -112,12 +129,14 @@ at::Tensor entropy_histogram(const at::Tensor& y, const at::Tensor& labels, int6
 
 TORCH_LIBRARY_IMPL(incseg_fast_cuda_emulator, CPU, m) {
   m.impl("entropy_pseudo_labels", &incseg::pseudo::entropy_pseudo_labels<incseg::pseudo::HostEmulation>);
+  m.impl("entropy_pseudo_labels_", &incseg::pseudo::entropy_pseudo_labels_in_place<incseg::pseudo::HostEmulation>);
   m.impl("entropy_histogram", &incseg::pseudo::entropy_histogram<incseg::pseudo::HostEmulation>);
 }
 
 #if defined(INCSEG_WITH_CUDA)
 TORCH_LIBRARY_IMPL(incseg_fast, CUDA, m) {
   m.impl("entropy_pseudo_labels", &incseg::pseudo::entropy_pseudo_labels<incseg::pseudo::CudaDevice>);
+  m.impl("entropy_pseudo_labels_", &incseg::pseudo::entropy_pseudo_labels_in_place<incseg::pseudo::CudaDevice>);
   m.impl("entropy_histogram", &incseg::pseudo::entropy_histogram<incseg::pseudo::CudaDevice>);
 }
 #endif

@@ -57,6 +57,9 @@ class OpBackend:
     def entropy_pseudo_labels(self, y, t, thresholds, *, ignore_index, size):
         return _pseudo_labels.entropy_pseudo_labels(self.ops, y, t, thresholds, ignore_index=ignore_index, size=size)
 
+    def entropy_pseudo_labels_(self, y, t, thresholds, *, ignore_index, size):
+        return _pseudo_labels.entropy_pseudo_labels_(self.ops, y, t, thresholds, ignore_index=ignore_index, size=size)
+
     def entropy_histogram(self, y, t, *, bins, ignore_index, size):
         return _pseudo_labels.entropy_histogram(self.ops, y, t, bins=bins, ignore_index=ignore_index, size=size)
 

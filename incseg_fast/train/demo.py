@@ -1,10 +1,11 @@
-"""``incseg-fast demo``: the synthetic 15-5 disjoint task on CPU, fine-tuning vs MiB (vs CAF) vs joint.
+"""``incseg-fast demo``: the synthetic 15-5 disjoint task on CPU, fine-tuning vs MiB, CAF and PLOP vs joint.
 
 Fine-tuning learns the new classes from images where the old ones are labelled background,
 and forgets them; MiB's unbiased losses and balanced initialisation keep them. Step 0 is
 identical for every softmax method (plain cross-entropy, same seed, the same network: CAF's modules
 join at step 1), so it is trained once by ``ft`` and reused (``--step0-checkpoint``); the sigmoid
-methods (ssul, dkd) train their own step 0 (their own head and loss).
+methods (ssul, dkd) train their own step 0 (their own head and loss). Every task (``--task 15-1``
+too) runs the same methods.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ QUICK = dict(
 )
 
 
-DEFAULT_METHODS = ("ft", "mib", "caf")
+DEFAULT_METHODS = ("ft", "mib", "caf", "plop")
 
 
 def default_out(quick: bool, task: str, seeds: bool = False) -> str:

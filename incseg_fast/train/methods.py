@@ -27,7 +27,8 @@ IGNORE_INDEX = 255  # the label of ignored pixels in the data package's label ta
 class Batch:
     """One batch's forward passes, which the terms functions read: ``out`` the student's outputs,
     ``old_out`` the frozen old model's (None without a teacher); ``size`` the labels' resolution
-    when the losses upsample the logits themselves (None when the logits are already upsampled)."""
+    when the losses upsample the logits themselves (None when the logits are already upsampled);
+    ``labels`` the step's own int64 labels, which a terms function may overwrite (plop's pseudo-labels)."""
 
     cfg: object  # the resolved TrainConfig
     plan: object  # the step's StepPlan
@@ -145,8 +146,8 @@ def plop_terms(batch: Batch) -> dict:
         return logit_terms(batch)
     x, y, labels = batch.out["logits"], batch.old_out["logits"], batch.labels
     factor = None
-    if cfg.pseudo_labels:
-        labels, factor = isf.entropy_pseudo_labels(
+    if cfg.pseudo_labels:  # into the step's labels: no second full-resolution map
+        labels, factor = isf.entropy_pseudo_labels_(
             y, labels, batch.state["thresholds"], ignore_index=IGNORE_INDEX, size=batch.size, backend=cfg.loss_backend
         )
     ce = isf.unbiased_cross_entropy(

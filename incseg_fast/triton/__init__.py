@@ -20,7 +20,7 @@ from .attention import (
 )
 from .logit_losses import logit_losses_bwd, logit_losses_fwd
 from .pod import local_pod_backward, local_pod_forward
-from .pseudo_labels import entropy_histogram, entropy_pseudo_labels
+from .pseudo_labels import entropy_histogram, entropy_pseudo_labels, entropy_pseudo_labels_
 from .sigmoid_losses import sigmoid_losses_bwd, sigmoid_losses_fwd
 
 __all__ = ["is_available"]
@@ -35,6 +35,7 @@ _KERNELS = {
     "local_pod_forward": local_pod_forward,
     "local_pod_backward": local_pod_backward,
     "entropy_pseudo_labels": entropy_pseudo_labels,
+    "entropy_pseudo_labels_": entropy_pseudo_labels_,
     "entropy_histogram": entropy_histogram,
     "sigmoid_losses_fwd": sigmoid_losses_fwd,
     "sigmoid_losses_bwd": sigmoid_losses_bwd,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _launch
 
-__all__ = ["entropy_pseudo_labels", "entropy_histogram"]
+__all__ = ["entropy_pseudo_labels", "entropy_pseudo_labels_", "entropy_histogram"]
 
 
 @triton.jit
@@ -179,23 +179,38 @@ def _geometry(y, labels, size):
     return grid, (Co, H, W, yh, yw, inv_log_hi, inv_log_lo), meta
 
 
-def entropy_pseudo_labels(y, labels, thresholds, *, ignore_index, size=None):
-    """The kernel of incseg_fast_triton::entropy_pseudo_labels: (new labels int64, adaptive factor float32)."""
-    _check(y, labels)
-    y, labels = y.contiguous(), labels.contiguous()
+def _pseudo_labels_into(y, labels, thresholds, out, *, ignore_index, size):
+    """The pseudo-labels into out (int64, contiguous; may be labels itself: each program loads its
+    pixels' labels before it stores theirs); returns the adaptive factor."""
     if thresholds.shape != (y.shape[1],) or thresholds.dtype != torch.float32:
         raise ValueError(
             f"thresholds must be float32 (Co,) = ({y.shape[1]},), got {thresholds.dtype} {tuple(thresholds.shape)}"
         )
     acc_torch, _ = _launch.accumulator_dtype(y.dtype)
     grid, args, meta = _geometry(y, labels, size)
-    out = torch.empty(labels.shape, dtype=torch.int64, device=labels.device)
     counts = torch.zeros((grid[1], grid[0], 2), dtype=torch.int32, device=labels.device)
     if out.numel() > 0:
         thresholds = thresholds.to(acc_torch).contiguous()
         _pseudo_labels_kernel[grid](y, labels, thresholds, out, counts, *args, ignore_index, **meta)
     per_image = counts.sum(dim=1, dtype=torch.int64).double()
-    return out, (per_image[:, 0] / (per_image[:, 1] + 1e-6)).float()
+    return (per_image[:, 0] / (per_image[:, 1] + 1e-6)).float()
+
+
+def entropy_pseudo_labels(y, labels, thresholds, *, ignore_index, size=None):
+    """The kernel of incseg_fast_triton::entropy_pseudo_labels: (new labels int64, adaptive factor float32)."""
+    _check(y, labels)
+    y, labels = y.contiguous(), labels.contiguous()
+    out = torch.empty(labels.shape, dtype=torch.int64, device=labels.device)
+    return out, _pseudo_labels_into(y, labels, thresholds, out, ignore_index=ignore_index, size=size)
+
+
+def entropy_pseudo_labels_(y, labels, thresholds, *, ignore_index, size=None):
+    """The kernel of incseg_fast_triton::entropy_pseudo_labels_: the new labels written into labels
+    (int64, contiguous); returns the adaptive factor."""
+    _check(y, labels)
+    if labels.dtype != torch.int64 or not labels.is_contiguous():
+        raise ValueError(f"labels must be int64 and contiguous to take the pseudo-labels in place, got {labels.dtype}")
+    return _pseudo_labels_into(y.contiguous(), labels, thresholds, labels, ignore_index=ignore_index, size=size)
 
 
 def entropy_histogram(y, labels, *, bins, ignore_index, size=None):
