@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="synthetic 15-5 disjoint: ft vs mib, caf and plop (--methods: any incremental method) vs joint on CPU",
+        help="synthetic 15-5 disjoint: ft vs mib, caf, plop, ssul, dkd (--methods: any incremental one) vs joint, CPU",
         description="Runs the synthetic 15-5 disjoint task with the methods below and (not "
         "with --quick) the joint upper bound, prints the old/new/all mIoU table and writes "
         "results.json, results.csv, results.md and miou.png.",

@@ -29,7 +29,7 @@ def test_quick_demo_makes_the_point(tmp_path, capsys):
     assert str(out.resolve()) in printed
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib", "caf", "plop"}
+    assert set(results) == {"ft", "mib", "caf", "plop", "ssul", "dkd"}
     for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1]
         for e in entries:
@@ -68,7 +68,7 @@ def test_demo_task_15_1_runs_six_steps_and_draws_them(tmp_path, capsys, monkeypa
     printed = capsys.readouterr().out
     assert "synthetic 15-1 disjoint" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"ft", "mib", "caf", "plop"}  # the default methods, on every task
+    assert set(results) == {"ft", "mib", "caf", "plop", "ssul", "dkd"}  # the default methods, on every task
     for entries in results.values():
         assert [e["step"] for e in entries] == [0, 1, 2, 3, 4, 5]
     assert "| old (0-15) | new (16-20) |" in (out / "results.md").read_text()

@@ -1,4 +1,4 @@
-"""``incseg-fast demo``: the synthetic 15-5 disjoint task on CPU, fine-tuning vs MiB, CAF and PLOP vs joint.
+"""``incseg-fast demo``: the synthetic 15-5 disjoint task on CPU, fine-tuning vs MiB, CAF, PLOP, SSUL, DKD, joint.
 
 Fine-tuning learns the new classes from images where the old ones are labelled background,
 and forgets them; MiB's unbiased losses and balanced initialisation keep them. Step 0 is
@@ -66,7 +66,7 @@ QUICK = dict(
 )
 
 
-DEFAULT_METHODS = ("ft", "mib", "caf", "plop")
+DEFAULT_METHODS = ("ft", "mib", "caf", "plop", "ssul", "dkd")
 
 
 def default_out(quick: bool, task: str, seeds: bool = False) -> str:
