@@ -131,9 +131,10 @@ class FileSegmentation(Dataset):
         problems = []
         for i in indices:
             try:
-                self._check_pair(*self.pairs[i])
+                image_path, label_path = self.pairs[i]
+                self._check_companion(label_path, image_path, "label", _check_label_mode)
                 if self.saliency_paths is not None:
-                    self._check_saliency(self.saliency_paths[i], self.pairs[i][0])
+                    self._check_companion(self.saliency_paths[i], image_path, "saliency map", _check_saliency_mode)
             except DataFileError as error:
                 problems.append(str(error))
         if problems:
@@ -141,24 +142,14 @@ class FileSegmentation(Dataset):
             raise DataFileError(problems[0] + more)
 
     @staticmethod
-    def _check_pair(image_path, label_path):
+    def _check_companion(path, image_path, what, check_mode):
+        """A file that goes with an image (its label, its saliency map): readable, of a mode that
+        check_mode accepts, and the image's size."""
         (width, height), _ = inspect_file(image_path, "image")
-        label_size, mode = inspect_file(label_path, "label")
-        _check_label_mode(label_path, mode)
-        if label_size != (width, height):
-            raise DataFileError(
-                f"label {label_path} is {label_size[1]}x{label_size[0]} but its image {image_path} is {height}x{width}"
-            )
-
-    @staticmethod
-    def _check_saliency(saliency_path, image_path):
-        (width, height), _ = inspect_file(image_path, "image")
-        size, mode = inspect_file(saliency_path, "saliency map")
-        _check_saliency_mode(saliency_path, mode)
+        size, mode = inspect_file(path, what)
+        check_mode(path, mode)
         if size != (width, height):
-            raise DataFileError(
-                f"saliency map {saliency_path} is {size[1]}x{size[0]} but its image {image_path} is {height}x{width}"
-            )
+            raise DataFileError(f"{what} {path} is {size[1]}x{size[0]} but its image {image_path} is {height}x{width}")
 
     def _saliency(self, i, shape):
         saliency = load_saliency(self.saliency_paths[i])
