@@ -79,8 +79,9 @@ def test_demo_task_15_1_runs_six_steps_and_draws_them(tmp_path, capsys, monkeypa
     from incseg_fast.train.pictures import DPI, PANEL_INCHES
 
     widths = [image.imread(out / f"predictions_step{step}.png").shape[1] for step in (0, 1)]
-    # image, ground truth, then one column per method (step 0: a single column)
-    assert widths == [round(DPI * PANEL_INCHES * 3), round(DPI * PANEL_INCHES * (2 + len(demo.DEFAULT_METHODS)))]
+    # image, ground truth, then a column per method; at step 0 one column for ft's, which the softmax
+    # methods share, and one each for ssul's and dkd's own
+    assert widths == [round(DPI * PANEL_INCHES * 5), round(DPI * PANEL_INCHES * (2 + len(demo.DEFAULT_METHODS)))]
     assert f"{(out / 'predictions_step5.png').resolve()}" in printed
 
 

@@ -220,12 +220,16 @@ def run_demo(
     return report
 
 
+def _shares_ft_step0(method: str) -> bool:
+    """The incremental softmax methods start from ft's step 0; the sigmoid ones train their own."""
+    return METHODS[method].incremental and METHODS[method].output == "softmax"
+
+
 def _method_config(base: TrainConfig, method: str, out: Path) -> TrainConfig:
     cfg = dataclasses.replace(base, method=method)
     if method == "joint":  # one step: the incremental steps' settings do not apply
         cfg.lr_incremental = cfg.epochs_incremental = None
-    shares_step0 = METHODS[method].incremental and METHODS[method].output == "softmax"
-    if method != "ft" and shares_step0:  # ft trains the step 0 they share
+    if method != "ft" and _shares_ft_step0(method):  # ft trains the step 0 they share
         cfg.step0_checkpoint = str(out / "ft" / "step0.pt")
     return cfg
 
@@ -241,8 +245,9 @@ def _draw_predictions(cfg: TrainConfig, out: Path, steps: int) -> tuple[list[Pat
             checkpoint = final_checkpoints(out / method).get(step)
             if checkpoint is not None:
                 columns[method] = checkpoint
-        if step == 0 and "ft" in columns:  # every incremental method starts from ft's step 0
-            columns = {"every method": columns["ft"]}
+        if step == 0 and "ft" in columns:  # one column for the methods that share ft's step 0
+            own = {m: c for m, c in columns.items() if METHODS[m].incremental and not _shares_ft_step0(m)}
+            columns = {"ft and the softmax methods": columns["ft"], **own}
         path = out / f"predictions_step{step}.png"
         message = write_predictions(cfg, step, columns, path)
         if message:
